@@ -1,0 +1,1 @@
+"""The ``unseg`` command line: argument parsing only; each command calls one library function."""

@@ -1,0 +1,11 @@
+"""`unseg discover`: placeholder registered until the command is implemented."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `discover` command to the parser."""
+    p = sub.add_parser("discover", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(NotImplementedError("discover")))

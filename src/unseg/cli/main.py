@@ -1,0 +1,64 @@
+"""Entry point of the ``unseg`` command: builds the parser from the command modules and runs one.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func=callable(args) -> int`` as the parser default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from unseg import __version__
+from unseg.errors import UnsegError
+from unseg.utils.progress import set_progress
+
+COMMAND_MODULES = (
+    "unseg.cli.backbones",
+    "unseg.cli.features",
+    "unseg.cli.fit",
+    "unseg.cli.predict",
+    "unseg.cli.segment",
+    "unseg.cli.discover",
+    "unseg.cli.evaluate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``unseg`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="unseg",
+        description="Unsupervised image segmentation on frozen self-supervised backbones.",
+    )
+    parser.add_argument("--version", action="version", version=f"unseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (0 ok, 1 some inputs failed, 2 error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    set_progress(not args.quiet and sys.stderr.isatty())
+    try:
+        return int(args.func(args) or 0)
+    except UnsegError as exc:
+        print(f"unseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unseg: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

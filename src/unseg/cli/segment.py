@@ -1,0 +1,11 @@
+"""`unseg segment`: placeholder registered until the command is implemented."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `segment` command to the parser."""
+    p = sub.add_parser("segment", help="(not implemented yet)")
+    p.set_defaults(func=lambda args: (_ for _ in ()).throw(NotImplementedError("segment")))

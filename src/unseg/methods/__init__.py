@@ -1,0 +1,1 @@
+"""Methods: cosine k-means, PriMaPs-EM, the saliency heads, linear probe."""

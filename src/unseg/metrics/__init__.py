@@ -1,0 +1,1 @@
+"""Metrics: semantic (Hungarian), saliency (Acc/IoU/maxFβ/MAE), CorLoc."""

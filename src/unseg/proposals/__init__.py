@@ -1,0 +1,1 @@
+"""Mask proposals: PriMaPs (principal mask proposals) and spectral bipartition."""

@@ -1,0 +1,1 @@
+"""Refinement: guided filter and dense CRF."""

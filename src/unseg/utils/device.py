@@ -1,0 +1,23 @@
+"""Device selection and seeding: CUDA when present, CPU otherwise, deterministic given a seed."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Return ``device`` as a ``torch.device``; ``None`` or ``"auto"`` picks CUDA if available."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU ``torch.Generator`` seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))  # noqa: NPY002 (third-party code uses the global RNG)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,68 @@
+"""Atomic writes: every file unseg writes appears whole or not at all (temp file + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> None:
+    """Call ``writer(tmp_path)`` then atomically move the result to ``path``."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_png_atomic(
+    path: str | Path, array: np.ndarray, palette: list[int] | None = None
+) -> None:
+    """Save a uint8 ``[H, W]`` (optionally palettised) or ``[H, W, 3]`` array as PNG atomically."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"PNG arrays must be uint8, got {array.dtype}")
+    img = Image.fromarray(array)
+    if palette is not None:
+        if array.ndim != 2:
+            raise ValueError("a palette needs a single-channel [H, W] array")
+        img = img.convert("P")
+        img.putpalette(palette)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def save_jpeg_atomic(path: str | Path, array: np.ndarray, quality: int = 90) -> None:
+    """Save a uint8 ``[H, W, 3]`` array as JPEG atomically."""
+    img = Image.fromarray(array)
+    atomic_write(path, lambda p: img.save(p, format="JPEG", quality=quality))
