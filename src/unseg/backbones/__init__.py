@@ -1,23 +1,39 @@
-"""Backbones: registry, DINO/DINOv2 ViTs, EfficientNet-Lite0, weight files."""
+"""Backbones: registry, DINO/DINOv2 ViTs, EfficientNet-Lite0, weight files.
 
+Importing this package registers every named backbone.
+"""
+
+from unseg.backbones import efficientnet, vit
 from unseg.backbones.base import (
     Backbone,
     BackboneSpec,
     FeatureKind,
+    SizePolicy,
     WeightsSpec,
     build_backbone,
     get_spec,
     list_backbones,
     register_backbone,
 )
+from unseg.backbones.create import create_backbone, default_backbone_name, default_backbone_reason
+from unseg.backbones.weights import WeightsStatus, unseg_home, weights_status
 
 __all__ = [
     "Backbone",
     "BackboneSpec",
     "FeatureKind",
+    "SizePolicy",
     "WeightsSpec",
+    "WeightsStatus",
     "build_backbone",
+    "create_backbone",
+    "default_backbone_name",
+    "default_backbone_reason",
+    "efficientnet",
     "get_spec",
     "list_backbones",
     "register_backbone",
+    "unseg_home",
+    "vit",
+    "weights_status",
 ]

@@ -6,6 +6,12 @@ to dense feature maps ``[B, C, H / stride, W / stride]``, of one of two kinds:
 - ``"tokens"``: the last block's output after the final norm (ViTs), or a stage output (CNNs);
 - ``"keys"``: the last block's attention keys, heads concatenated (ViTs). CNN backbones have no
   attention; they return their ``"tokens"`` map for ``"keys"`` and say so in ``spec.keys_note``.
+
+Input sizes: H and W must be multiples of ``stride``. What happens otherwise is the module's
+``size_policy`` (set by ``create_backbone``): ``"error"`` (default) raises ``UnsegError``;
+``"pad"`` pads bottom/right by edge replication up to the next multiple (the output then has
+``ceil(H / stride)`` rows); ``"resize"`` resizes bilinearly to the nearest multiple (at least one
+stride), so the output has ``round(H / stride)`` rows.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from unseg.errors import UnsegError
 
 FeatureKind = Literal["tokens", "keys"]
 SizePolicy = Literal["error", "pad", "resize"]
+SIZE_POLICIES: tuple[str, ...] = ("error", "pad", "resize")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class Backbone(nn.Module):
     """Base class: subclasses implement :meth:`_features` on normalised input."""
 
     spec: BackboneSpec
+    size_policy: SizePolicy = "error"
+    weights_sha256: str | None = None
 
     def __init__(self, spec: BackboneSpec) -> None:
         super().__init__()
@@ -77,7 +86,29 @@ class Backbone(nn.Module):
         """``[B, 3, H, W]`` in ``[0, 1]`` → ``[B, C, H // stride, W // stride]``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise UnsegError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        return self._features(self.normalize(images), kind)
+        if kind not in ("tokens", "keys"):
+            raise UnsegError(f"unknown feature kind {kind!r}; use 'tokens' or 'keys'")
+        return self._features(self.normalize(self.fit_size(images)), kind)
+
+    def fit_size(self, images: torch.Tensor) -> torch.Tensor:
+        """Apply ``size_policy`` so that H and W become multiples of ``stride``."""
+        h, w = images.shape[-2:]
+        s = self.stride
+        if h % s == 0 and w % s == 0:
+            return images
+        if self.size_policy == "pad":
+            pad = (0, (-w) % s, 0, (-h) % s)
+            return torch.nn.functional.pad(images, pad, mode="replicate")
+        if self.size_policy == "resize":
+            size = (max(s, round(h / s) * s), max(s, round(w / s) * s))
+            return torch.nn.functional.interpolate(
+                images, size=size, mode="bilinear", align_corners=False
+            )
+        raise UnsegError(
+            f"{self.spec.name}: input size {h}x{w} is not a multiple of the stride {s}; "
+            f"resize it (e.g. to {max(s, round(h / s) * s)}x{max(s, round(w / s) * s)}) "
+            "or use size_policy 'pad' or 'resize'"
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features` with ``kind="tokens"``."""
