@@ -58,7 +58,8 @@ def test_matches_opencv_on_real_images_interior_and_border():
         assert np.abs(ours - ref).mean() < 2e-3
         pad = 3 * R
         mirrored = _ours(
-            np.pad(guide, pad, mode="symmetric"), np.pad(mask, pad, mode="symmetric"),
+            np.pad(guide, pad, mode="symmetric"),
+            np.pad(mask, pad, mode="symmetric"),
             torch.float64,
         )[pad:-pad, pad:-pad]
         assert np.abs(mirrored - ref).max() < 1e-4
