@@ -61,5 +61,6 @@ def default_backbone_reason() -> str:
         return f"default backbone: {PREFERRED} (weights cached in {unseg_home() / 'weights'})"
     return (
         f"default backbone: {FALLBACK}: DINO weights not found in {unseg_home() / 'weights'} "
-        f"(put them there or run `unseg backbones` to see the URLs)"
+        f"(put {get_spec(PREFERRED).weights.filename} there to use {PREFERRED}; "
+        "`unseg backbones dino*` lists the URLs)"
     )
