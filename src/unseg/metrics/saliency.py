@@ -1,0 +1,169 @@
+"""Unsupervised saliency metrics: Acc and IoU at 0.5, maxFβ over 255 thresholds, MAE.
+
+Definitions (docs/evaluation.md): ground truth binarised at 128 (``v >= 128``, ``v/255 > 0.5``);
+predictions are foreground probabilities in [0, 1] at the ground truth's size, taken as they are
+(no min-max rescaling). Thresholds ``t_k = k/255``, ``k = 0..254``, binarise ``p > t_k``; an empty
+prediction has precision 1, an empty ground truth recall 1. ``curve`` mode averages P_t and R_t
+over the images and maximises F over t; ``image-mean`` averages F per image and threshold.
+Acc, IoU (``p > 0.5``) and MAE are averaged over images; IoU of an empty prediction against an
+empty ground truth is 1.
+
+maxFβ is computed from a 256-bin histogram per image: ``bin(p)`` is the number of thresholds
+below ``p``, so ``p > t_k`` exactly when ``bin(p) > k`` and reverse cumulative sums give TP and FP
+for all thresholds at once. For 8-bit inputs ``bin(v/255) = v``; for float inputs the bin is
+found by a search in the float64 thresholds, so the result equals the direct definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+FbetaMode = Literal["curve", "image-mean"]
+NUM_THRESHOLDS = 255
+THRESHOLDS = np.arange(NUM_THRESHOLDS, dtype=np.float64) / 255.0
+BETA2 = 0.3
+FOUND_BETA2 = 0.09  # FOUND/SelfMask code: (1 + beta**2) with beta = 0.3
+
+
+def binarize_gt(gt: np.ndarray) -> np.ndarray:
+    """Binary ground truth ``[H, W]`` bool from an 8-bit mask (``v >= 128``) or a bool mask."""
+    gt = np.asarray(gt)
+    return gt if gt.dtype == bool else gt >= 128
+
+
+def as_probability(pred: np.ndarray) -> np.ndarray:
+    """A prediction as probabilities: uint8 ``v`` → ``v / 255`` (float64); floats unchanged."""
+    pred = np.asarray(pred)
+    if pred.dtype == np.uint8:
+        return pred / 255.0
+    if pred.dtype == bool:
+        return pred.astype(np.float64)
+    return pred.astype(np.float64, copy=False)
+
+
+def threshold_bins(pred: np.ndarray) -> np.ndarray:
+    """Per pixel, how many thresholds ``t_k`` lie strictly below ``p`` (0..255), int64 ``[H, W]``.
+
+    ``p > t_k`` if and only if ``bin > k``. uint8 inputs are read as ``v / 255``.
+    """
+    pred = np.asarray(pred)
+    if pred.dtype == np.uint8:
+        return pred.astype(np.int64)
+    p = as_probability(pred)
+    return np.searchsorted(THRESHOLDS, p, side="left").astype(np.int64)
+
+
+def fbeta(precision: np.ndarray, recall: np.ndarray, beta2: float) -> np.ndarray:
+    """``(1+β²)PR / (β²P + R)`` elementwise, 0 where P = R = 0."""
+    num = (1.0 + beta2) * precision * recall
+    den = beta2 * precision + recall
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def precision_recall(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall ``[255]`` of one image at the thresholds ``k/255``.
+
+    ``pred`` ``[H, W]`` uint8 (v/255) or float in [0, 1]; ``gt`` ``[H, W]`` bool or 8-bit.
+    """
+    bins = threshold_bins(pred).ravel()
+    fg = binarize_gt(gt).ravel()
+    hist = np.bincount(bins + 256 * fg, minlength=512)
+    bg_hist, fg_hist = hist[:256], hist[256:]
+    # predicted positives at t_k: pixels with bin > k, i.e. suffix sums from bin k+1
+    tp = np.cumsum(fg_hist[::-1])[::-1][1:]
+    fp = np.cumsum(bg_hist[::-1])[::-1][1:]
+    pos = tp + fp
+    n_fg = int(fg_hist.sum())
+    precision = np.divide(tp, pos, out=np.ones(NUM_THRESHOLDS), where=pos > 0)
+    recall = tp / n_fg if n_fg else np.ones(NUM_THRESHOLDS)
+    return precision, recall
+
+
+def binary_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
+    """Acc and IoU of ``p > 0.5``, and MAE, for one image."""
+    p = as_probability(pred)
+    fg = binarize_gt(gt)
+    binary = p > 0.5
+    inter = np.count_nonzero(binary & fg)
+    union = np.count_nonzero(binary | fg)
+    acc = float(np.count_nonzero(binary == fg) / fg.size)
+    iou = float(inter / union) if union else 1.0
+    mae = float(np.abs(p - fg).mean())
+    return acc, iou, mae
+
+
+@dataclass
+class SaliencyScores:
+    """Dataset-level saliency scores (fractions in [0, 1])."""
+
+    acc: float
+    iou: float
+    max_fbeta: float
+    mae: float
+    n_images: int
+    fbeta_mode: str
+    beta2: float
+    best_threshold: float
+
+
+class SaliencyMeter:
+    """Streaming saliency evaluation: call :meth:`update` per image, then :meth:`scores`."""
+
+    def __init__(self, beta2: float = BETA2, fbeta_mode: FbetaMode = "curve") -> None:
+        if fbeta_mode not in ("curve", "image-mean"):
+            raise ValueError(f"fbeta_mode must be 'curve' or 'image-mean', got {fbeta_mode!r}")
+        if beta2 <= 0:
+            raise ValueError(f"beta2 must be > 0, got {beta2}")
+        self.beta2 = beta2
+        self.fbeta_mode = fbeta_mode
+        self.sum_precision = np.zeros(NUM_THRESHOLDS)
+        self.sum_recall = np.zeros(NUM_THRESHOLDS)
+        self.sum_f = np.zeros(NUM_THRESHOLDS)
+        self.sum_acc = self.sum_iou = self.sum_mae = 0.0
+        self.n_images = 0
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Add one image: ``pred`` ``[H, W]`` (uint8 or float in [0, 1]), ``gt`` same shape."""
+        pred = np.asarray(pred)
+        if pred.shape != np.shape(gt):
+            raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {np.shape(gt)}")
+        if pred.dtype != np.uint8 and pred.size and (pred.min() < 0 or pred.max() > 1):
+            raise ValueError("float predictions must lie in [0, 1]")
+        precision, recall = precision_recall(pred, gt)
+        self.sum_precision += precision
+        self.sum_recall += recall
+        self.sum_f += fbeta(precision, recall, self.beta2)
+        acc, iou, mae = binary_scores(pred, gt)
+        self.sum_acc += acc
+        self.sum_iou += iou
+        self.sum_mae += mae
+        self.n_images += 1
+
+    def fbeta_curve(self) -> np.ndarray:
+        """Fβ at each threshold ``[255]`` in the meter's mode."""
+        n = max(self.n_images, 1)
+        if self.fbeta_mode == "curve":
+            return fbeta(self.sum_precision / n, self.sum_recall / n, self.beta2)
+        return self.sum_f / n
+
+    def scores(self) -> SaliencyScores:
+        """The dataset-level scores (NaN when no image was added)."""
+        n = self.n_images
+        if n == 0:
+            nan = float("nan")
+            return SaliencyScores(nan, nan, nan, nan, 0, self.fbeta_mode, self.beta2, nan)
+        curve = self.fbeta_curve()
+        best = int(np.argmax(curve))
+        return SaliencyScores(
+            acc=self.sum_acc / n,
+            iou=self.sum_iou / n,
+            max_fbeta=float(curve[best]),
+            mae=self.sum_mae / n,
+            n_images=n,
+            fbeta_mode=self.fbeta_mode,
+            beta2=self.beta2,
+            best_threshold=float(THRESHOLDS[best]),
+        )

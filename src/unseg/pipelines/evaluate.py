@@ -1,0 +1,505 @@
+"""`unseg evaluate`: match prediction files to ground truth by stem, read them, score them.
+
+One function per task (:func:`evaluate_semantic`, :func:`evaluate_saliency`,
+:func:`evaluate_corloc`), each returning a result dataclass with :meth:`to_dict`. Ground truth
+may be a plain folder or a dataset root in its official layout (``unseg.data.layouts``).
+
+Missing or extra predictions and predictions that cannot be used (unreadable, or a size that is
+not a rescaling of the ground truth's) raise :class:`~unseg.errors.UnsegError` listing the files,
+unless ``allow_missing`` is set: then missing/unusable predictions count as all wrong (semantic),
+an all-zero map (saliency) or a miss (CorLoc), extra ones are ignored, and all are reported.
+Ground-truth problems (unreadable files, labels >= K other than the ignore index) always raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from unseg.data.image import IMAGE_EXTENSIONS, list_images, load_label
+from unseg.data.layouts import DatasetLayout, Task, find_layout
+from unseg.data.voc import parse_voc_xml
+from unseg.errors import InputFileError, ManyFilesError, UnsegError
+from unseg.metrics.corloc import is_correct, largest_component_box
+from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter
+from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
+from unseg.utils.progress import progress
+
+logger = logging.getLogger(__name__)
+
+BOXES_FILE = "boxes.json"
+
+
+@dataclass
+class Pairing:
+    """Ground-truth files matched to prediction files by stem."""
+
+    gt: dict[str, Path]
+    pred: dict[str, Path]
+    layout: DatasetLayout | None
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Problems:
+    """Predictions that could not be used, by stem, with the reason."""
+
+    unusable: list[tuple[Path, str]] = field(default_factory=list)
+
+    def add(self, path: Path, problem: str) -> None:
+        logger.warning("cannot use %s: %s", path, problem)
+        self.unusable.append((path, problem))
+
+
+# --------------------------------------------------------------------------- file matching
+
+
+def _stem(path: Path, suffix: str) -> str:
+    """File stem, with a layout's multi-part suffix (``_gtFine_labelIds.png``) removed."""
+    name = path.name
+    if suffix and name.endswith(suffix):
+        return name[: -len(suffix)]
+    return path.stem
+
+
+def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    dupes: list[Path] = []
+    for p in paths:
+        stem = next((_stem(p, s) for s in suffixes if s and p.name.endswith(s)), p.stem)
+        if stem in out:
+            dupes.append(p)
+        else:
+            out[stem] = p
+    if dupes:
+        raise ManyFilesError(f"several {what} files share a stem", dupes)
+    return out
+
+
+def _read_split(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(path, f"cannot read split file ({exc})") from None
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def _gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
+    """Ground-truth files by stem, from a dataset root in its layout or a plain folder."""
+    layout = find_layout(gt, task)
+    if layout is None:
+        if task == "boxes":
+            if not gt.is_dir():
+                raise UnsegError(f"{gt}: no such folder")
+            files = sorted(gt.glob("*.xml"))
+            if not files:
+                raise UnsegError(f"{gt}: no .xml annotations found")
+        else:
+            files = list_images(gt, recursive=False)
+        return _by_stem(files, (), "ground-truth"), None
+    root = layout.gt_path
+    if not root.is_dir():
+        raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
+    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    if layout.gt_suffix.endswith(".mat"):
+        raise UnsegError(f"{gt}: {layout.name} .mat ground truth is not supported by evaluate")
+    found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
+    split = layout.split_path
+    if split is not None and split.is_file():
+        stems = _read_split(split)
+        absent = [s for s in stems if s not in found]
+        if absent:
+            raise ManyFilesError(f"{split}: listed images without ground truth in {root}", absent)
+        found = {s: found[s] for s in stems}
+    if not found:
+        raise UnsegError(f"{gt}: no ground-truth files found in {root}")
+    logger.info("%s: %s layout, %d ground-truth files", gt, layout.name, len(found))
+    return found, layout
+
+
+def pair_files(
+    pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
+) -> Pairing:
+    """Match prediction files (``pred`` folder, non-recursive) to ground truth by stem.
+
+    Raises :class:`UnsegError` listing missing and extra predictions unless ``allow_missing``.
+    """
+    gt_map, layout = _gt_files(Path(gt), task)
+    pred = Path(pred)
+    if not pred.is_dir():
+        raise UnsegError(f"{pred}: no such folder of predictions")
+    files = sorted(
+        p for p in pred.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+    suffixes = (layout.image_suffix,) if layout is not None else ()
+    pred_map = _by_stem(files, suffixes, "prediction")
+    missing = [s for s in gt_map if s not in pred_map]
+    extra = sorted(s for s in pred_map if s not in gt_map)
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            gts = [gt_map[s] for s in missing]
+            parts.append(str(ManyFilesError(f"no prediction in {pred} for", gts)))
+        if extra:
+            parts.append(str(ManyFilesError("predictions without ground truth", [
+                pred_map[s] for s in extra])))
+        raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
+    if missing:
+        logger.warning("%d ground-truth file(s) have no prediction", len(missing))
+    if extra:
+        logger.warning("%d prediction(s) have no ground truth and are ignored", len(extra))
+    return Pairing(gt_map, {s: pred_map[s] for s in gt_map if s in pred_map}, layout,
+                   missing, extra)
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def resizable(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """True when ``src`` ``(h, w)`` is a rescaling of ``dst`` (aspect ratio equal to a pixel)."""
+    (sh, sw), (dh, dw) = src, dst
+    if min(sh, sw, dh, dw) <= 0:
+        return False
+    return abs(sw * dh / sh - dw) <= 1.0 and abs(sh * dw / sw - dh) <= 1.0
+
+
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map ``[h, w]`` to ``size`` ``(H, W)`` (any dtype),
+    sampling source pixel ``floor(i * h / H)`` as OpenCV and PyTorch's ``nearest`` do."""
+    h, w = labels.shape
+    rows = np.minimum((np.arange(size[0]) * h) // size[0], h - 1)
+    cols = np.minimum((np.arange(size[1]) * w) // size[1], w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (half-pixel centres) of an 8-bit map ``[h, w]`` to probabilities
+    ``[H, W]`` float64 in [0, 1]."""
+    p = pred.astype(np.float64) / 255.0
+    out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _unusable_error(problems: _Problems) -> UnsegError:
+    by_problem: dict[str, list[Path]] = {}
+    for path, problem in problems.unusable:
+        by_problem.setdefault(problem.split(" (")[0], []).append(path)
+    parts = [str(ManyFilesError(problem, paths)) for problem, paths in by_problem.items()]
+    return UnsegError("; ".join(parts) + " (use --allow-missing to count them as wrong)")
+
+
+def _load_pred(path: Path, gt_shape: tuple[int, int], problems: _Problems) -> np.ndarray | None:
+    try:
+        pred = load_label(path)
+    except InputFileError as exc:
+        problems.add(path, f"unreadable prediction ({exc.problem})")
+        return None
+    if pred.shape != gt_shape and not resizable(pred.shape, gt_shape):
+        problems.add(path, f"prediction size cannot be resized to the ground truth's "
+                           f"({pred.shape[1]}x{pred.shape[0]} vs {gt_shape[1]}x{gt_shape[0]})")
+        return None
+    return pred
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+@dataclass
+class SemanticResult:
+    """``unseg evaluate semantic`` output; rates are fractions in [0, 1]."""
+
+    acc: float
+    miou: float
+    per_class_iou: list[float | None]
+    assignment: list[int]
+    n_images: int
+    num_classes: int
+    ignore_index: int | None
+    match: str
+    n_missing: int = 0
+    missing: list[str] = field(default_factory=list)
+    n_extra: int = 0
+    dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN IoUs of absent classes become ``None``)."""
+        return asdict(self)
+
+
+def evaluate_semantic(
+    pred: str | Path,
+    gt: str | Path,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+    match: MatchMode = "pixels",
+    allow_missing: bool = False,
+) -> SemanticResult:
+    """Hungarian-matched pixel accuracy and mIoU of label PNGs in ``pred`` against ``gt``.
+
+    ``num_classes`` defaults to the dataset layout's. Predictions are resized (nearest) to the
+    ground truth's size; a predicted ``ignore_index`` counts as wrong (see
+    :mod:`unseg.metrics.semantic`).
+    """
+    pairing = pair_files(pred, gt, "semantic", allow_missing)
+    if num_classes is None:
+        if pairing.layout is None or pairing.layout.num_classes is None:
+            raise UnsegError("give --num-classes (the ground truth is not a known dataset layout)")
+        num_classes = pairing.layout.num_classes
+    if num_classes < 1:
+        raise UnsegError(f"--num-classes must be >= 1, got {num_classes}")
+    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
+    problems = _Problems()
+    bad_gt: list[Path] = []
+    missing = list(pairing.missing)
+    for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="semantic"):
+        labels = load_label(gt_path)
+        valid = labels if ignore_index is None else labels[labels != ignore_index]
+        if valid.size and (valid.min() < 0 or valid.max() >= num_classes):
+            bad_gt.append(gt_path)
+            continue
+        if bad_gt:
+            continue
+        pred_path = pairing.pred.get(stem)
+        p = None if pred_path is None else _load_pred(pred_path, labels.shape, problems)
+        if p is None:
+            if pred_path is not None:
+                missing.append(stem)
+            conf.add_missing(labels)
+            continue
+        if p.shape != labels.shape:
+            p = resize_nearest(p, labels.shape)
+        conf.update(p, labels)
+    if bad_gt:
+        raise ManyFilesError(
+            f"ground-truth labels >= {num_classes} (other than the ignore index {ignore_index})",
+            bad_gt,
+        )
+    if problems.unusable and not allow_missing:
+        raise _unusable_error(problems)
+    scores = semantic_scores(conf, match)
+    return SemanticResult(
+        acc=scores.acc,
+        miou=scores.miou,
+        per_class_iou=[None if np.isnan(v) else v for v in scores.per_class_iou],
+        assignment=scores.assignment,
+        n_images=conf.n_images,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        match=match,
+        n_missing=len(missing),
+        missing=missing,
+        n_extra=len(pairing.extra),
+        dataset=None if pairing.layout is None else pairing.layout.name,
+    )
+
+
+# --------------------------------------------------------------------------- saliency
+
+
+@dataclass
+class SaliencyResult:
+    """``unseg evaluate saliency`` output; rates are fractions in [0, 1]."""
+
+    acc: float
+    iou: float
+    max_fbeta: float
+    mae: float
+    n_images: int
+    fbeta_mode: str
+    beta2: float
+    best_threshold: float
+    n_missing: int = 0
+    missing: list[str] = field(default_factory=list)
+    n_extra: int = 0
+    dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def _as_8bit(pred: np.ndarray, path: Path) -> np.ndarray:
+    if pred.dtype == np.uint8:
+        return pred
+    if pred.dtype == bool:
+        return pred.astype(np.uint8) * 255
+    if np.issubdtype(pred.dtype, np.integer) and pred.min() >= 0 and pred.max() <= 255:
+        return pred.astype(np.uint8)
+    raise InputFileError(path, f"saliency predictions must be 8-bit (0-255), got {pred.dtype}")
+
+
+def evaluate_saliency(
+    pred: str | Path,
+    gt: str | Path,
+    fbeta_mode: FbetaMode = "curve",
+    beta2: float = BETA2,
+    allow_missing: bool = False,
+) -> SaliencyResult:
+    """Acc, IoU, maxFβ and MAE of 8-bit saliency PNGs in ``pred`` against masks in ``gt``.
+
+    Predictions are ``v / 255`` as they are (no min-max rescaling), resized bilinearly to the
+    ground truth's size when they differ; ground truth is binarised at 128.
+    """
+    pairing = pair_files(pred, gt, "saliency", allow_missing)
+    meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
+    problems = _Problems()
+    missing = list(pairing.missing)
+    for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="saliency"):
+        mask = load_label(gt_path)
+        pred_path = pairing.pred.get(stem)
+        p = None if pred_path is None else _load_pred(pred_path, mask.shape, problems)
+        if p is not None:
+            try:
+                p = _as_8bit(p, pred_path)
+            except InputFileError as exc:
+                problems.add(pred_path, exc.problem)
+                p = None
+        if p is None:
+            if pred_path is not None:
+                missing.append(stem)
+            p = np.zeros(mask.shape, dtype=np.uint8)
+        elif p.shape != mask.shape:
+            p = resize_probability(p, mask.shape)
+        meter.update(p, mask)
+    if problems.unusable and not allow_missing:
+        raise _unusable_error(problems)
+    s = meter.scores()
+    return SaliencyResult(
+        acc=s.acc, iou=s.iou, max_fbeta=s.max_fbeta, mae=s.mae, n_images=s.n_images,
+        fbeta_mode=s.fbeta_mode, beta2=s.beta2, best_threshold=s.best_threshold,
+        n_missing=len(missing), missing=missing, n_extra=len(pairing.extra),
+        dataset=None if pairing.layout is None else pairing.layout.name,
+    )
+
+
+# --------------------------------------------------------------------------- CorLoc
+
+
+@dataclass
+class CorLocResult:
+    """``unseg evaluate corloc`` output; ``corloc`` is a fraction in [0, 1]."""
+
+    corloc: float
+    n_images: int
+    n_correct: int
+    source: str
+    n_missing: int = 0
+    missing: list[str] = field(default_factory=list)
+    n_extra: int = 0
+    dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def _read_boxes_json(path: Path) -> dict[str, list[float] | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"cannot read boxes JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(path, "must map image stem -> [x0, y0, x1, y1]")
+    bad = [
+        k for k, v in data.items()
+        if v is not None and not (
+            isinstance(v, list) and len(v) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        )
+    ]
+    if bad:
+        raise InputFileError(
+            path, f"{len(bad)} entries are not [x0, y0, x1, y1] or null: {', '.join(bad[:10])}"
+        )
+    return data
+
+
+def _mask_box(pred_path: Path, size: tuple[int, int], problems: _Problems) -> list[float] | None:
+    """Box of the largest component of a mask, rescaled to the annotation's ``size`` (h, w)."""
+    try:
+        mask = load_label(pred_path)
+    except InputFileError as exc:
+        problems.add(pred_path, f"unreadable prediction ({exc.problem})")
+        return None
+    if mask.shape != size and not resizable(mask.shape, size):
+        problems.add(pred_path, f"prediction size cannot be resized to the annotation's "
+                                f"({mask.shape[1]}x{mask.shape[0]} vs {size[1]}x{size[0]})")
+        return None
+    binary = mask > 0 if mask.size and mask.max() <= 1 else mask >= 128
+    box = largest_component_box(binary)
+    if box is None:
+        return None
+    sy, sx = size[0] / mask.shape[0], size[1] / mask.shape[1]
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def evaluate_corloc(
+    pred: str | Path, annotations: str | Path, allow_missing: bool = False
+) -> CorLocResult:
+    """CorLoc of one box per image against VOC XML annotations.
+
+    ``pred`` is a folder of masks (the box of each mask's largest connected component, with
+    8-bit foreground ``>= 128``, or ``> 0`` for 0/1 masks), or a ``boxes.json`` (the file or a
+    folder holding it) mapping image stem → ``[x0, y0, x1, y1]`` (pixel-edge coordinates,
+    ``x1``/``y1`` exclusive) or ``null``. Empty masks and ``null`` boxes are misses.
+    """
+    pred = Path(pred)
+    json_path = pred if pred.is_file() else pred / BOXES_FILE
+    boxes: dict[str, list[float] | None] | None = None
+    if json_path.is_file():
+        boxes = _read_boxes_json(json_path)
+        gt_map, layout = _gt_files(Path(annotations), "boxes")
+        missing = [s for s in gt_map if s not in boxes]
+        extra = sorted(s for s in boxes if s not in gt_map)
+        if (missing or extra) and not allow_missing:
+            parts = []
+            if missing:
+                parts.append(f"{json_path}: no box for {len(missing)} image(s): "
+                             f"{', '.join(missing[:10])}")
+            if extra:
+                parts.append(f"{json_path}: {len(extra)} box(es) for images without annotation: "
+                             f"{', '.join(extra[:10])}")
+            raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
+        pairing = Pairing(gt_map, {}, layout, missing, extra)
+    else:
+        pairing = pair_files(pred, annotations, "boxes", allow_missing)
+    problems = _Problems()
+    missing = list(pairing.missing)
+    n_correct = 0
+    for stem, xml_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="corloc"):
+        (height, width), gt_boxes, _ = parse_voc_xml(xml_path)
+        if boxes is not None:
+            box = boxes.get(stem)
+        else:
+            pred_path = pairing.pred.get(stem)
+            box = None
+            if pred_path is not None:
+                before = len(problems.unusable)
+                box = _mask_box(pred_path, (height, width), problems)
+                if len(problems.unusable) > before:
+                    missing.append(stem)
+        if is_correct(box, gt_boxes):
+            n_correct += 1
+    if problems.unusable and not allow_missing:
+        raise _unusable_error(problems)
+    n = len(pairing.gt)
+    return CorLocResult(
+        corloc=n_correct / n if n else float("nan"),
+        n_images=n,
+        n_correct=n_correct,
+        source="boxes.json" if boxes is not None else "masks",
+        n_missing=len(missing),
+        missing=missing,
+        n_extra=len(pairing.extra),
+        dataset=None if pairing.layout is None else pairing.layout.name,
+    )
