@@ -35,6 +35,7 @@ from unseg.data.image import load_image
 from unseg.errors import UnsegError
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
+from unseg.utils.device import resolve_device
 from unseg.utils.io import atomic_write, write_json_atomic
 from unseg.utils.progress import progress
 
@@ -198,11 +199,11 @@ def backbone_weights_sha256(backbone: Backbone) -> str:
     return h.hexdigest()
 
 
-def cache_key(
+def cache_setting(
     backbone: Backbone, size: int, crop: bool, kind: FeatureKind, dtype: torch.dtype
-) -> str:
-    """Short hash naming the cache folder of one extraction setting."""
-    spec = {
+) -> dict:
+    """What the features depend on besides the image: backbone, weights, size, crop, kind, dtype."""
+    return {
         "format": CACHE_FORMAT,
         "backbone": backbone.spec.name,
         "weights_sha256": backbone_weights_sha256(backbone),
@@ -211,7 +212,11 @@ def cache_key(
         "kind": kind,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(setting: dict) -> str:
+    """Short hash of a :func:`cache_setting`, naming its cache folder."""
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -337,8 +342,8 @@ def extract_features(
     rank, world = dist.rank(), dist.world_size()
     if world > 1 and cache_dir is None:
         raise UnsegError("a multi-process run needs a cache_dir to share the features through")
-    key = cache_key(backbone, size, crop, kind, dtype)
-    cache = Path(cache_dir) / key if cache_dir is not None else None
+    setting = cache_setting(backbone, size, crop, kind, dtype)
+    cache = Path(cache_dir) / cache_key(setting) if cache_dir is not None else None
 
     mine = dist.shard(list(range(len(paths))), rank, world)
     items, failed = _scan([paths[i] for i in mine], size, stride, crop)
@@ -384,13 +389,9 @@ def extract_features(
     tensors = {}
     if cache is None:
         tensors = {rec.sha256: feats[i][0] for i, (_, rec) in records.items()}
-    elif rank == 0:
-        info = {
-            "format": CACHE_FORMAT, "backbone": backbone.spec.name, "size": size, "crop": crop,
-            "kind": kind, "dtype": str(dtype).removeprefix("torch."),
-            "weights_sha256": backbone_weights_sha256(backbone),
-        }
-        _merge_index(cache / "index.json", info, ordered)
+    else:
+        if rank == 0:
+            _merge_index(cache / "index.json", setting, ordered)
         report.written.extend(cache / f"{r.sha256}.safetensors" for r in ordered.values())
     dist.barrier()
     stats = {
@@ -437,7 +438,8 @@ def _compute(
     autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     out: dict[int, tuple[torch.Tensor, tuple[int, int, int]]] = {}
     failed: list[tuple[Path, str]] = []
-    for idx, images, bad in progress(loader, total=len(batches), desc="features"):
+    steps = progress(loader, total=len(batches), desc="features") if dist.is_main() else loader
+    for idx, images, bad in steps:
         failed += [(todo[i].path, problem) for i, problem in bad]
         if images is None:
             continue
@@ -452,3 +454,40 @@ def _compute(
                 _save_features(cache / f"{item.sha256}.safetensors", fi)
             out[item.index] = (fi if cache is None else torch.empty(0), tuple(fi.shape))
     return out, failed
+
+
+def extract_dataset(
+    data: str | Path,
+    out: str | Path,
+    *,
+    backbone: str,
+    weights: str | Path | None = None,
+    size: int = 320,
+    kind: FeatureKind = "tokens",
+    batch_size: int = 8,
+    crop: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    num_workers: int | None = None,
+) -> FeatureSet:
+    """Cache the features of the images of ``data`` (dataset root, folder or file) under ``out``.
+
+    Joins the torchrun process group when launched by torchrun (each rank on its own GPU when
+    CUDA is used) and leaves it at the end; a single process needs no launcher.
+    """
+    from unseg.backbones import create_backbone
+    from unseg.data.datasets import dataset_images
+
+    dev = resolve_device(device)
+    _, world = dist.init_distributed(dev)
+    try:
+        if world > 1 and dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        paths = dataset_images(data)
+        model = create_backbone(backbone, weights=weights, device=dev)
+        return extract_features(
+            paths, model, size=size, kind=kind, batch_size=batch_size, crop=crop,
+            cache_dir=out, dtype=dtype, num_workers=num_workers,
+        )
+    finally:
+        dist.cleanup()

@@ -1,11 +1,70 @@
-"""`unseg features`: placeholder registered until the command is implemented."""
+"""`unseg features DATA --backbone NAME --out DIR`: cache dense features of a folder or dataset.
+
+Runs alone or under ``torchrun --nproc_per_node=N`` (the images are split across processes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
+
+from unseg.backbones import default_backbone_name, default_backbone_reason
+from unseg.features import extract_dataset
+from unseg.utils import dist
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the `features` command to the parser."""
-    p = sub.add_parser("features", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(NotImplementedError("features")))
+    """Add the ``features`` command."""
+    p = sub.add_parser(
+        "features",
+        help="extract and cache dense backbone features (torchrun splits the images)",
+    )
+    p.add_argument("data", help="dataset root, image folder (searched recursively) or image file")
+    p.add_argument("--out", required=True, help="cache folder (reused: cached images are skipped)")
+    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
+    p.add_argument("--weights", default=None, help="weights file for the backbone")
+    p.add_argument("--size", type=int, default=320, help="short side in pixels (default 320)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
+    p.add_argument("--kind", choices=["tokens", "keys"], default="tokens", help="feature kind")
+    p.add_argument("--crop", action="store_true", help="centre-crop to size x size")
+    p.add_argument("--workers", type=int, default=None, help="data-loader workers")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    backbone = args.backbone
+    main = dist.is_main_env()
+    if backbone is None:
+        backbone = default_backbone_name()
+        if main:
+            print(f"unseg features: {default_backbone_reason()}", file=sys.stderr)
+    elif main:
+        print(f"unseg features: backbone {backbone} (from --backbone)", file=sys.stderr)
+    fs = extract_dataset(
+        args.data,
+        args.out,
+        backbone=backbone,
+        weights=args.weights,
+        size=args.size,
+        kind=args.kind,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        num_workers=args.workers,
+    )
+    if main:
+        s = fs.stats
+        print(
+            f"{s['images']} images: {s['computed']} computed, {s['cached']} from cache, "
+            f"{s['failed']} failed; features in {fs.cache_dir}"
+        )
+        for path, problem in fs.report.failed:
+            print(f"failed: {path}: {problem}", file=sys.stderr)
+    return 0 if fs.report.ok else 1

@@ -54,6 +54,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def is_main_env() -> bool:
+    """True unless torchrun's environment names a rank other than 0 (usable before init)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def barrier() -> None:
     """Wait for all processes; no-op in a single process."""
     if is_distributed():
