@@ -113,7 +113,8 @@ def hungarian_match(
 ) -> np.ndarray:
     """One-to-one assignment of predicted ids to classes, ``[P]`` with -1 for unmatched ids.
 
-    ``match="pixels"`` maximises the matched pixel count; ``"iou"`` the summed IoU.
+    ``match="pixels"`` maximises the matched pixel count; ``"iou"`` the summed IoU. Ids that
+    never occur (empty rows) are reported unmatched; they change no score either way.
     """
     matrix = np.asarray(matrix)
     if match == "pixels":
@@ -125,6 +126,7 @@ def hungarian_match(
     rows, cols = linear_sum_assignment(score, maximize=True)
     assignment = np.full(matrix.shape[0], -1, dtype=np.int64)
     assignment[rows] = cols
+    assignment[matrix.sum(axis=1) == 0] = -1
     return assignment
 
 
