@@ -1,0 +1,196 @@
+"""Image/label transforms in torch with identical geometry for both.
+
+Every function takes ``image`` float ``[3, H, W]`` (values in ``[0, 1]``), ``label`` ``[H, W]``
+(any integer or bool dtype) or ``None``, and an optional ``torch.Generator`` for the random ones,
+and returns ``(image, label)``. Images are resampled bilinearly (antialiased when shrinking),
+labels with nearest neighbour (``nearest-exact``: the same pixel-centre convention as the image).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Pair = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _resize_pair(
+    image: torch.Tensor, label: torch.Tensor | None, size: tuple[int, int]
+) -> Pair:
+    """Resize image (bilinear, antialiased) and label (nearest) to ``size = (H, W)``."""
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    if label is not None and tuple(label.shape[-2:]) != tuple(size):
+        dtype = label.dtype
+        lab = label[None, None].to(torch.float32)
+        label = F.interpolate(lab, size=size, mode="nearest-exact")[0, 0].to(dtype)
+    return image, label
+
+
+def _check(image: torch.Tensor, label: torch.Tensor | None) -> None:
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+    if label is not None and tuple(label.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"label {tuple(label.shape)} must match image {tuple(image.shape[1:])}")
+
+
+def _uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def resize_short_side(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    size: int,
+    generator: torch.Generator | None = None,
+) -> Pair:
+    """Resize so the short side is ``size`` (long side proportional, rounded)."""
+    _check(image, label)
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    return _resize_pair(image, label, (max(1, round(h * scale)), max(1, round(w * scale))))
+
+
+def center_crop(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    size: int | tuple[int, int],
+    generator: torch.Generator | None = None,
+) -> Pair:
+    """Crop the central ``size`` (``int`` or ``(H, W)``); the image must be at least that big."""
+    _check(image, label)
+    th, tw = (size, size) if isinstance(size, int) else size
+    h, w = image.shape[-2:]
+    if th > h or tw > w:
+        raise ValueError(f"crop {th}x{tw} larger than image {h}x{w}")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return _crop(image, label, top, left, th, tw)
+
+
+def _crop(
+    image: torch.Tensor, label: torch.Tensor | None, top: int, left: int, h: int, w: int
+) -> Pair:
+    image = image[:, top : top + h, left : left + w]
+    if label is not None:
+        label = label[top : top + h, left : left + w]
+    return image, label
+
+
+def hflip(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    p: float = 0.5,
+) -> Pair:
+    """Mirror left-right with probability ``p`` (``p=1``: always)."""
+    _check(image, label)
+    if p < 1.0 and _uniform(generator) >= p:
+        return image, label
+    return image.flip(-1), None if label is None else label.flip(-1)
+
+
+def random_resized_crop(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    generator: torch.Generator | None,
+    size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Pair:
+    """Crop a random area fraction ``scale`` with aspect ``ratio``, resized to ``size``.
+
+    Sampling as torchvision's RandomResizedCrop: ten tries, then a central crop.
+    """
+    _check(image, label)
+    out = (size, size) if isinstance(size, int) else size
+    h, w = image.shape[-2:]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, *log_ratio))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+            break
+    else:
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, round(w / ratio[0])
+        elif in_ratio > ratio[1]:
+            ch, cw = h, round(h * ratio[1])
+        else:
+            cw, ch = w, h
+        top, left = (h - ch) // 2, (w - cw) // 2
+    image, label = _crop(image, label, top, left, ch, cw)
+    return _resize_pair(image, label, out)
+
+
+def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    """RGB ``[3, H, W]`` in ``[0, 1]`` → HSV with hue in ``[0, 1)``."""
+    r, g, b = image
+    maxc, _ = image.max(0)
+    minc, _ = image.min(0)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), 0.0)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    h, s, v = hsv
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack(
+        [
+            torch.stack([v, q, p, p, t, v]),
+            torch.stack([t, v, v, q, p, p]),
+            torch.stack([p, p, t, v, v, q]),
+        ]
+    )  # [3 channels, 6 sectors, H, W]
+    return table.gather(1, i[None, None].expand(3, 1, *i.shape))[:, 0]
+
+
+def _grey(image: torch.Tensor) -> torch.Tensor:
+    return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+
+
+def color_jitter(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    generator: torch.Generator | None,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+) -> Pair:
+    """Random brightness, contrast, saturation (factors in ``[1-x, 1+x]``) and hue shift
+    (in ``[-hue, hue]`` turns), applied in that order; the label is returned unchanged."""
+    _check(image, label)
+    if brightness > 0:
+        image = (image * _uniform(generator, 1 - brightness, 1 + brightness)).clamp(0, 1)
+    if contrast > 0:
+        mean = _grey(image).mean()
+        factor = _uniform(generator, 1 - contrast, 1 + contrast)
+        image = (mean + factor * (image - mean)).clamp(0, 1)
+    if saturation > 0:
+        grey = _grey(image)
+        factor = _uniform(generator, 1 - saturation, 1 + saturation)
+        image = (grey + factor * (image - grey)).clamp(0, 1)
+    if hue > 0:
+        hsv = rgb_to_hsv(image)
+        hsv = torch.stack([(hsv[0] + _uniform(generator, -hue, hue)) % 1.0, hsv[1], hsv[2]])
+        image = hsv_to_rgb(hsv).clamp(0, 1)
+    return image, label
