@@ -37,11 +37,14 @@ def create_backbone(
     if size_policy not in SIZE_POLICIES:
         raise UnsegError(f"unknown size policy {size_policy!r}; use one of {SIZE_POLICIES}")
     spec = get_spec(name)
-    model = build_backbone(name)
     digest = None
+    state = None
     if pretrained or weights is not None:
         path, digest = resolve_weights(spec, weights)
-        load_strict(model, read_state_dict(path), str(path))
+        state = read_state_dict(path)
+    model = build_backbone(name)
+    if state is not None:
+        load_strict(model, state, str(path))
     model.requires_grad_(False)
     model.eval()
     model.size_policy = size_policy
