@@ -1,0 +1,226 @@
+"""`unseg evaluate`: JSON contract, table, and every error path (message + non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unseg.cli.main import main
+from unseg.data.image import load_label
+from unseg.utils.io import save_png_atomic
+
+K = 3
+
+
+def _labels(rng: np.random.Generator, shape=(12, 16)) -> np.ndarray:
+    return rng.integers(0, K, size=shape).astype(np.uint8)
+
+
+@pytest.fixture
+def semantic(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path]:
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    perm = np.array([2, 0, 1])
+    for i in range(4):
+        labels = _labels(rng)
+        labels[0, :4] = 255
+        save_png_atomic(gt / f"img{i}.png", labels)
+        save_png_atomic(pred / f"img{i}.png", perm[np.minimum(labels, K - 1)].astype(np.uint8))
+    return pred, gt
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["-q", "evaluate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_semantic_json_contract(semantic, tmp_path: Path, capsys) -> None:
+    pred, gt = semantic
+    out_json = tmp_path / "r.json"
+    code, out, _ = _run(
+        ["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3",
+         "--json", str(out_json)], capsys,
+    )
+    assert code == 0
+    assert "mIoU" in out and "1.0000" in out
+    r = json.loads(out_json.read_text())
+    assert {"acc", "miou", "per_class_iou", "assignment", "n_images"} <= r.keys()
+    assert (r["acc"], r["miou"], r["n_images"]) == (1.0, 1.0, 4)
+    assert r["per_class_iou"] == [1.0, 1.0, 1.0]
+    assert r["assignment"] == [1, 2, 0]
+    code, _, _ = _run(
+        ["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3",
+         "--match", "iou", "--json", str(out_json)], capsys,
+    )
+    assert code == 0 and json.loads(out_json.read_text())["match"] == "iou"
+
+
+def test_semantic_missing_prediction(semantic, tmp_path: Path, capsys) -> None:
+    pred, gt = semantic
+    (pred / "img2.png").unlink()
+    args = ["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3"]
+    code, _, err = _run(args, capsys)
+    assert code == 2
+    assert "no prediction" in err and "img2.png" in err and "--allow-missing" in err
+    out_json = tmp_path / "r.json"
+    code, out, _ = _run([*args, "--allow-missing", "--json", str(out_json)], capsys)
+    assert code == 1  # scored, but some inputs were missing
+    r = json.loads(out_json.read_text())
+    assert r["n_missing"] == 1 and r["missing"] == ["img2"] and r["n_images"] == 4
+    assert r["acc"] == pytest.approx(3 / 4)  # 3 of 4 equal-sized images fully right
+    assert "missing" in out
+
+
+def test_semantic_extra_prediction(semantic, capsys) -> None:
+    pred, gt = semantic
+    save_png_atomic(pred / "stray.png", np.zeros((12, 16), np.uint8))
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt),
+                         "--num-classes", "3"], capsys)
+    assert code == 2 and "without ground truth" in err and "stray.png" in err
+
+
+def test_semantic_label_out_of_range(semantic, capsys) -> None:
+    pred, gt = semantic
+    bad = np.full((12, 16), 7, np.uint8)
+    save_png_atomic(gt / "img1.png", bad)
+    for extra in ([], ["--allow-missing"]):
+        code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt),
+                             "--num-classes", "3", *extra], capsys)
+        assert code == 2 and "labels >= 3" in err and "img1.png" in err
+
+
+def test_semantic_size_mismatch(semantic, capsys) -> None:
+    pred, gt = semantic
+    args = ["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3"]
+    # a clean 2x upscale is resized (nearest) and still scores 1.0
+    up = np.repeat(np.repeat(load_label(pred / "img0.png"), 2, axis=0), 2, axis=1)
+    save_png_atomic(pred / "img0.png", up)
+    assert _run(args, capsys)[0] == 0
+    save_png_atomic(pred / "img0.png", np.zeros((12, 12), np.uint8))
+    code, _, err = _run(args, capsys)
+    assert code == 2 and "cannot be resized" in err and "img0.png" in err
+
+
+def test_first_ten_and_count(tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    pred.mkdir()
+    for i in range(13):
+        save_png_atomic(gt / f"m{i:02d}.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt),
+                         "--num-classes", "3"], capsys)
+    assert code == 2
+    assert "13 file(s)" in err and "(and 3 more)" in err
+    assert "m09.png" in err and "m10.png" not in err
+
+
+def test_semantic_needs_num_classes_for_plain_folders(semantic, capsys) -> None:
+    pred, gt = semantic
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt)], capsys)
+    assert code == 2 and "--num-classes" in err
+
+
+@pytest.fixture
+def saliency(tmp_path: Path) -> tuple[Path, Path]:
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for i in range(3):
+        mask = np.zeros((20, 30), np.uint8)
+        mask[5:15, 5 + i : 20 + i] = 255
+        save_png_atomic(gt / f"s{i}.png", mask)
+        save_png_atomic(pred / f"s{i}.png", mask)
+    return pred, gt
+
+
+def test_saliency_json_contract_and_modes(saliency, tmp_path: Path, capsys) -> None:
+    pred, gt = saliency
+    out_json = tmp_path / "s.json"
+    for mode, beta2 in (("curve", "0.3"), ("image-mean", "0.09")):
+        code, out, _ = _run(["saliency", "--pred", str(pred), "--gt", str(gt), "--fbeta-mode",
+                             mode, "--beta2", beta2, "--json", str(out_json)], capsys)
+        assert code == 0 and "maxFβ" in out
+        r = json.loads(out_json.read_text())
+        assert {"acc", "iou", "max_fbeta", "mae", "n_images", "fbeta_mode", "beta2"} <= r.keys()
+        assert (r["acc"], r["iou"], r["max_fbeta"], r["mae"]) == (1.0, 1.0, 1.0, 0.0)
+        assert (r["fbeta_mode"], r["beta2"], r["n_images"]) == (mode, float(beta2), 3)
+
+
+def test_saliency_resizes_prediction_to_ground_truth(saliency, tmp_path: Path, capsys) -> None:
+    pred, gt = saliency
+    big = np.zeros((40, 60), np.uint8)
+    big[10:30, 10:40] = 255
+    save_png_atomic(pred / "s0.png", big)
+    out_json = tmp_path / "s.json"
+    code, _, _ = _run(["saliency", "--pred", str(pred), "--gt", str(gt), "--json",
+                       str(out_json)], capsys)
+    assert code == 0
+    assert json.loads(out_json.read_text())["iou"] == pytest.approx(1.0)
+
+
+def test_saliency_errors_and_allow_missing(saliency, tmp_path: Path, capsys) -> None:
+    pred, gt = saliency
+    args = ["saliency", "--pred", str(pred), "--gt", str(gt)]
+    (pred / "s1.png").write_bytes(b"not a png")
+    code, _, err = _run(args, capsys)
+    assert code == 2 and "unreadable prediction" in err and "s1.png" in err
+    (pred / "s1.png").unlink()
+    code, _, err = _run(args, capsys)
+    assert code == 2 and "s1.png" in err
+    out_json = tmp_path / "s.json"
+    code, _, _ = _run([*args, "--allow-missing", "--json", str(out_json)], capsys)
+    r = json.loads(out_json.read_text())
+    # the missing one is an all-zero map: IoU 0 for that image, Acc 1 - 150/600
+    assert code == 1 and r["n_missing"] == 1 and r["n_images"] == 3
+    assert r["iou"] == pytest.approx(2 / 3)
+    assert r["acc"] == pytest.approx((2 + 1 - 150 / 600) / 3)
+
+
+def test_missing_folders_are_clear_errors(saliency, tmp_path: Path, capsys) -> None:
+    _, gt = saliency
+    code, _, err = _run(["saliency", "--pred", str(tmp_path / "nope"), "--gt", str(gt)], capsys)
+    assert code == 2 and "nope: no such folder of predictions" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(["saliency", "--pred", str(gt), "--gt", str(empty)], capsys)
+    assert code == 2 and "no images found" in err
+    code, _, err = _run(["corloc", "--pred", str(tmp_path), "--annotations",
+                         str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "nothing" in err
+
+
+def _xml(path: Path, box: tuple[int, int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "<annotation><size><width>50</width><height>40</height><depth>3</depth></size>"
+        f"<object><name>dog</name><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+        f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object></annotation>"
+    )
+
+
+def test_corloc_json_and_errors(tmp_path: Path, capsys) -> None:
+    ann = tmp_path / "ann"
+    _xml(ann / "x.xml", (1, 1, 20, 20))
+    _xml(ann / "y.xml", (21, 11, 50, 40))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"x": [0, 0, 20, 20], "y": [0, 0, 10, 10]}))
+    out_json = tmp_path / "c.json"
+    code, out, _ = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
+                         "--json", str(out_json)], capsys)
+    r = json.loads(out_json.read_text())
+    assert code == 0 and "CorLoc" in out
+    assert (r["corloc"], r["n_images"]) == (0.5, 2)
+    boxes.write_text(json.dumps({"x": [0, 0, 20, 20]}))
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    assert code == 2 and "no box for 1 image" in err and "y" in err
+    boxes.write_text(json.dumps({"x": [0, 0, 20], "y": "box"}))
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    assert code == 2 and "boxes.json" in err and "not [x0, y0, x1, y1]" in err
+    masks = tmp_path / "masks"
+    save_png_atomic(masks / "x.png", np.zeros((40, 50), np.uint8))
+    code, _, err = _run(["corloc", "--pred", str(masks), "--annotations", str(ann)], capsys)
+    assert code == 2 and "y.xml" in err
+    code, _, _ = _run(["corloc", "--pred", str(masks), "--annotations", str(ann),
+                       "--allow-missing", "--json", str(out_json)], capsys)
+    r = json.loads(out_json.read_text())
+    assert code == 1 and (r["corloc"], r["n_missing"]) == (0.0, 1)
