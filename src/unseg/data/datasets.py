@@ -106,7 +106,7 @@ def read_split(path: Path) -> list[str]:
 
 
 def layout_stems(layout: DatasetLayout, split_file: str | Path | None = None) -> list[str]:
-    """Stems of the layout's samples: from ``split_file``, the layout's split file, or GT files.
+    """Stems of the layout's samples: from ``split_file``, the layout's split file, or images.
 
     Cityscapes-style recursive layouts give stems like ``"frankfurt/frankfurt_000000_000294"``.
     """
@@ -115,11 +115,11 @@ def layout_stems(layout: DatasetLayout, split_file: str | Path | None = None) ->
         if not split.is_file():
             raise InputFileError(split, f"split file of {layout.name} not found")
         return read_split(split)
-    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
-    gts = sorted(layout.gt_path.glob(pattern))
-    if not gts:
-        raise UnsegError(f"{layout.gt_path}: no ground truth files (*{layout.gt_suffix})")
-    return [str(p.relative_to(layout.gt_path))[: -len(layout.gt_suffix)] for p in gts]
+    suffix = layout.image_suffix
+    images = sorted(layout.image_path.glob(f"*/*{suffix}" if layout.recursive else f"*{suffix}"))
+    if not images:
+        raise UnsegError(f"{layout.image_path}: no images (*{suffix})")
+    return [str(p.relative_to(layout.image_path))[: -len(suffix)] for p in images]
 
 
 def layout_pairs(
