@@ -41,13 +41,19 @@ def reg4():
 
 def test_registry_has_every_backbone_with_documented_facts():
     assert sorted(s.name for s in list_backbones()) == sorted(ALL)
-    facts = {"dino_vits8": (8, 384), "dino_vitb16": (16, 768), "dinov2_vitb14_reg4": (14, 768),
-             "efficientnet_lite0": (16, 432)}
+    facts = {
+        "dino_vits8": (8, 384),
+        "dino_vitb16": (16, 768),
+        "dinov2_vitb14_reg4": (14, 768),
+        "efficientnet_lite0": (16, 432),
+    }
     for name, (stride, dim) in facts.items():
         spec = get_spec(name)
         assert (spec.stride, spec.dim) == (stride, dim)
     assert [s.name for s in list_backbones("dinov2*reg4")] == [
-        "dinov2_vitb14_reg4", "dinov2_vits14_reg4"]
+        "dinov2_vitb14_reg4",
+        "dinov2_vits14_reg4",
+    ]
 
 
 def test_create_backbone_is_frozen_eval_and_random_without_pretrained(vits16):
@@ -62,8 +68,13 @@ def test_create_backbone_is_frozen_eval_and_random_without_pretrained(vits16):
 
 @pytest.mark.parametrize(
     ("name", "hw"),
-    [("dino_vits16", (64, 96)), ("dino_vits8", (40, 24)), ("dinov2_vits14", (56, 28)),
-     ("dinov2_vits14_reg4", (42, 70)), ("dino_vitb16", (48, 32))],
+    [
+        ("dino_vits16", (64, 96)),
+        ("dino_vits8", (40, 24)),
+        ("dinov2_vits14", (56, 28)),
+        ("dinov2_vits14_reg4", (42, 70)),
+        ("dino_vitb16", (48, 32)),
+    ],
 )
 def test_feature_shapes_for_several_sizes(name, hw):
     torch.manual_seed(0)
@@ -81,7 +92,8 @@ def test_feature_shapes_for_several_sizes(name, hw):
 def _cubic(t: np.ndarray, a: float) -> np.ndarray:
     t = np.abs(t)
     return np.where(
-        t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+        t <= 1,
+        (a + 2) * t**3 - (a + 3) * t**2 + 1,
         np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0),
     )
 

@@ -64,8 +64,9 @@ def test_dense_features_are_stage_outputs(model):
     assert feats.shape == (2, 432, 6, 10)
     assert s16.shape == (2, 112, 6, 10) and s32.shape == (2, 320, 3, 5)
     torch.testing.assert_close(feats[:, :112], s16)
-    torch.testing.assert_close(feats[:, 112:].mean(dim=(2, 3)), s32.mean(dim=(2, 3)), atol=0.05,
-                               rtol=0.05)
+    torch.testing.assert_close(
+        feats[:, 112:].mean(dim=(2, 3)), s32.mean(dim=(2, 3)), atol=0.05, rtol=0.05
+    )
     torch.testing.assert_close(keys, feats)
     assert "no attention" in model.spec.keys_note
 
@@ -78,8 +79,9 @@ def test_same_padding_matches_tensorflow_rule(size, kernel, stride):
     out_size = -(-size // stride)
     total = max((out_size - 1) * stride + kernel - size, 0)
     before = total // 2  # TensorFlow: the odd pixel goes after (bottom/right)
-    ref = F.conv2d(F.pad(x, (before, total - before, before, total - before)), conv.weight,
-                   stride=stride)
+    ref = F.conv2d(
+        F.pad(x, (before, total - before, before, total - before)), conv.weight, stride=stride
+    )
     out = conv(x)
     assert out.shape[-1] == out_size
     torch.testing.assert_close(out, ref)

@@ -42,12 +42,18 @@ def official_dino_state(dim: int, patch: int, grid: int, depth: int = 12, v2_reg
     for i in range(depth):
         b = f"blocks.{i}."
         sd |= {
-            b + "norm1.weight": r(dim), b + "norm1.bias": r(dim),
-            b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
-            b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
-            b + "norm2.weight": r(dim), b + "norm2.bias": r(dim),
-            b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
-            b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim),
+            b + "norm1.weight": r(dim),
+            b + "norm1.bias": r(dim),
+            b + "attn.qkv.weight": r(3 * dim, dim),
+            b + "attn.qkv.bias": r(3 * dim),
+            b + "attn.proj.weight": r(dim, dim),
+            b + "attn.proj.bias": r(dim),
+            b + "norm2.weight": r(dim),
+            b + "norm2.bias": r(dim),
+            b + "mlp.fc1.weight": r(4 * dim, dim),
+            b + "mlp.fc1.bias": r(4 * dim),
+            b + "mlp.fc2.weight": r(dim, 4 * dim),
+            b + "mlp.fc2.bias": r(dim),
         }
         if v2_regs >= 0:
             sd |= {b + "ls1.gamma": r(dim), b + "ls2.gamma": r(dim)}
@@ -171,7 +177,12 @@ def test_cache_is_used_and_its_hash_recorded_then_verified(home):
 
 def _file_spec(src, sha=None) -> BackboneSpec:
     return BackboneSpec(
-        name="toy", family="test", stride=1, dim=1, mean=(0, 0, 0), std=(1, 1, 1),
+        name="toy",
+        family="test",
+        stride=1,
+        dim=1,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
         weights=WeightsSpec(url=src.resolve().as_uri(), filename="toy.pth", sha256=sha),
     )
 

@@ -53,7 +53,7 @@ def create_backbone(
 
 
 def default_backbone_name() -> str:
-    """"dino_vits8" when its weights are in the cache, else "efficientnet_lite0"."""
+    """Return "dino_vits8" when its weights are in the cache, else "efficientnet_lite0"."""
     return PREFERRED if weights_status(get_spec(PREFERRED)).status == "cached" else FALLBACK
 
 

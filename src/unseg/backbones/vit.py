@@ -157,9 +157,7 @@ class VisionTransformer(Backbone):
             self.register_tokens = nn.Parameter(torch.zeros(1, cfg.registers, d))
         if cfg.mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, d))
-        self.blocks = nn.ModuleList(
-            Block(d, cfg.heads, cfg.layerscale) for _ in range(cfg.depth)
-        )
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.layerscale) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self._init_weights()
 

