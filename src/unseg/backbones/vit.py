@@ -162,12 +162,13 @@ class VisionTransformer(Backbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        # N(0, 0.02): the official trunc_normal_(std=0.02) truncates at +-2 (absolute), i.e. ~never
         for p in (self.cls_token, self.pos_embed, getattr(self, "register_tokens", None)):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
