@@ -1,0 +1,320 @@
+"""Feature extraction: sizes, batching, content-addressed cache, resuming, bad files, torchrun."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_data
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from unseg.backbones.base import Backbone, BackboneSpec
+from unseg.data.image import load_image
+from unseg.features import (
+    FeatureSet,
+    extract_features,
+    prepare_image,
+    target_size,
+)
+from unseg.utils import dist
+
+TESTS = Path(__file__).resolve().parent
+SIZES = [(40, 60), (60, 40), (40, 60), (50, 50), (33, 47), (40, 60)]
+
+
+class TinyBackbone(Backbone):
+    """A stride-8 patch conv with seeded weights that counts its calls."""
+
+    def __init__(self, seed: int = 0, fail_after: int | None = None) -> None:
+        super().__init__(BackboneSpec("tiny-test", "test", 8, 4, (0.5,) * 3, (0.25,) * 3))
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 4, 8, 8)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.1)
+            self.conv.bias.zero_()
+        self.calls = 0
+        self.images = 0
+        self.fail_after = fail_after
+
+    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.images += x.shape[0]
+        out = self.conv(x)
+        return out if kind == "tokens" else -out
+
+
+def make_images(root: Path, sizes=SIZES) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = root / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def cache_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+def test_target_size_hand_values():
+    assert target_size(400, 267, 320, 16) == (480, 320)
+    assert target_size(300, 400, 320, 14) == (322, 420)
+    assert target_size(300, 400, 320, 14, crop=True) == (322, 322)
+    assert target_size(10, 2000, 320, 8) == (320, 64000)
+    assert target_size(3, 4, 2, 8) == (8, 8)  # never below one stride
+
+
+def test_prepare_image_close_to_pil_and_crop_is_central(rng):
+    arr = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    x = prepare_image(arr, 32, 8)
+    assert x.shape == (3, 32, 48) and x.dtype == torch.float32
+    ref = np.asarray(Image.fromarray(arr).resize((48, 32), Image.BILINEAR), dtype=float)
+    assert np.abs(x.permute(1, 2, 0).numpy() * 255 - ref).mean() < 1.0
+    c = prepare_image(arr, 32, 8, crop=True)
+    assert c.shape == (3, 32, 32)
+    assert torch.allclose(c, x[:, :, 8:40], atol=1e-6)
+
+
+def test_features_equal_direct_model_call(tmp_path):
+    paths = make_images(tmp_path / "im")
+    model = TinyBackbone()
+    fs = extract_features(paths, model, size=32, batch_size=4, num_workers=0)
+    assert isinstance(fs, FeatureSet) and fs.paths == paths and len(fs) == len(paths)
+    for p in paths:
+        x = prepare_image(load_image(p), 32, 8)
+        ref = model.forward_features(x[None])[0]
+        assert torch.allclose(fs[p], ref, atol=1e-6)
+        h, w = Image.open(p).size[::-1]
+        assert fs.original_size(p) == (h, w)
+        assert fs.image_size(p) == tuple(x.shape[1:])
+        assert fs.shape_of(p) == (4, x.shape[1] // 8, x.shape[2] // 8) == tuple(fs[p].shape)
+    assert fs.report.ok
+
+
+def test_images_of_one_shape_share_batches(tmp_path):
+    paths = make_images(tmp_path / "im")
+    model = TinyBackbone()
+    extract_features(paths, model, size=32, batch_size=8, num_workers=0)
+    shapes = {target_size(h, w, 32, 8) for h, w in SIZES}
+    assert model.calls == len(shapes) and model.images == len(paths)
+    model = TinyBackbone()
+    extract_features(paths, model, size=32, batch_size=2, num_workers=0)
+    assert model.calls == 4  # three (40, 60) images → 2 batches, plus one per other shape
+
+
+def test_second_run_computes_nothing(tmp_path):
+    paths = make_images(tmp_path / "im")
+    model = TinyBackbone()
+    first = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=2)
+    assert model.images == len(paths) and first.stats["computed"] == len(paths)
+    model.calls = model.images = 0
+    second = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=2)
+    assert model.calls == 0
+    assert second.stats == {"images": 6, "computed": 0, "cached": 6, "failed": 0}
+    for p in paths:
+        assert torch.equal(first[p], second[p])
+    index = json.loads(next((tmp_path / "c").glob("*/index.json")).read_text())
+    assert set(index["images"]) == {str(p) for p in paths}
+    assert index["backbone"] == "tiny-test" and index["size"] == 32
+
+
+def test_cache_is_keyed_by_content_and_setting(tmp_path):
+    paths = make_images(tmp_path / "im")
+    cache = tmp_path / "c"
+    model = TinyBackbone()
+    extract_features(paths, model, size=32, cache_dir=cache, num_workers=0)
+    # same bytes under another name: a cache hit
+    copy = tmp_path / "renamed.jpg"
+    copy.write_bytes(paths[0].read_bytes())
+    model.images = 0
+    fs = extract_features([copy], model, size=32, cache_dir=cache, num_workers=0)
+    assert model.images == 0 and fs.stats["cached"] == 1
+    # another size, kind, dtype, crop, or other weights: computed again into its own folder
+    for kw, m in [
+        ({"size": 40}, model),
+        ({"kind": "keys"}, model),
+        ({"dtype": torch.float16}, model),
+        ({"crop": True}, model),
+        ({}, TinyBackbone(seed=1)),
+    ]:
+        m.images = 0
+        extract_features(paths[:1], m, **{"size": 32, **kw}, cache_dir=cache, num_workers=0)
+        assert m.images == 1, kw
+    assert len(list(cache.iterdir())) == 6
+
+
+def test_in_memory_equals_cached_and_dtype(tmp_path):
+    paths = make_images(tmp_path / "im")
+    mem = extract_features(paths, TinyBackbone(), size=32, num_workers=0)
+    half = extract_features(
+        paths, TinyBackbone(), size=32, cache_dir=tmp_path / "c", dtype=torch.float16,
+        num_workers=0,
+    )
+    for p in paths:
+        assert half[p].dtype == torch.float16
+        assert torch.allclose(half[p].float(), mem[p], atol=1e-2)
+    keys = extract_features(paths, TinyBackbone(), size=32, kind="keys", num_workers=0)
+    assert torch.equal(keys[paths[0]], -mem[paths[0]])
+
+
+def _broken(tmp_path: Path) -> dict[str, Path]:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad = {
+        "empty": tmp_path / "empty.jpg",
+        "truncated": tmp_path / "truncated.jpg",
+        "text": tmp_path / "text.png",
+        "missing": tmp_path / "missing.jpg",
+    }
+    bad["empty"].write_bytes(b"")
+    bad["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    bad["text"].write_text("not an image")
+    return bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_are_reported_and_skipped(tmp_path, workers):
+    paths = make_images(tmp_path / "im")
+    bad = _broken(tmp_path)
+    inputs = [paths[0], *bad.values(), *paths[1:]]
+    fs = extract_features(inputs, TinyBackbone(), size=32, cache_dir=tmp_path / "c",
+                          num_workers=workers)
+    assert fs.paths == paths
+    failed = dict(fs.report.failed)
+    assert set(failed) == set(bad.values())
+    assert "empty" in failed[bad["empty"]] and "no such file" in failed[bad["missing"]]
+    assert "truncated" in failed[bad["truncated"]]
+    assert fs.stats["failed"] == 4 and len(cache_files(tmp_path / "c")) == len(paths)
+
+
+def test_interrupted_run_resumes_without_partial_files(tmp_path):
+    paths = make_images(tmp_path / "im")
+    cache = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(paths, TinyBackbone(fail_after=2), size=32, batch_size=1,
+                         cache_dir=cache, num_workers=0)
+    done = cache_files(cache)
+    assert len(done) == 2
+    assert [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".safetensors"] == []
+    for f in done:
+        assert load_file(f)["features"].shape[0] == 4  # whole, readable files
+    model = TinyBackbone()
+    fs = extract_features(paths, model, size=32, batch_size=1, cache_dir=cache, num_workers=0)
+    assert model.images == len(paths) - 2
+    assert fs.stats["computed"] == len(paths) - 2 and fs.stats["cached"] == 2
+    ref = extract_features(paths, TinyBackbone(), size=32, num_workers=0)
+    for p in paths:
+        assert torch.allclose(fs[p], ref[p], atol=1e-6)
+
+
+def test_shard_is_a_partition():
+    items = list(range(11))
+    shards = [dist.shard(items, r, 3) for r in range(3)]
+    assert sorted(x for s in shards for x in s) == items and all(shards)
+    assert dist.init_distributed() == (0, 1) and dist.is_main()
+    with pytest.raises(ValueError):
+        dist.shard(items, 3, 3)
+
+
+RANK_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_features import TinyBackbone
+from unseg.features import extract_features
+from unseg.utils import dist
+rank, world = dist.init_distributed()
+model = TinyBackbone()
+fs = extract_features(sys.argv[3:], model, size=32, batch_size=2, cache_dir=sys.argv[2],
+                      num_workers=0)
+print("RESULT " + json.dumps({"rank": rank, "world": world, "images": model.images,
+                              "stats": fs.stats, "failed": [str(p) for p, _ in fs.report.failed]}))
+dist.cleanup()
+"""
+
+
+def test_two_processes_equal_one(tmp_path):
+    paths = make_images(tmp_path / "im")
+    bad = _broken(tmp_path)["truncated"]
+    inputs = [*paths, bad]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(script), str(TESTS), str(tmp_path / "two"), *map(str, inputs),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [
+        json.loads(line[len("RESULT "):])
+        for line in proc.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    assert sorted(r["rank"] for r in results) == [0, 1] and {r["world"] for r in results} == {2}
+    assert all(r["images"] > 0 for r in results)  # the work was split
+    assert sum(r["images"] for r in results) == len(paths)
+    assert all(r["stats"] == results[0]["stats"] for r in results)
+    assert all(r["failed"] == [str(bad)] for r in results)
+
+    one = extract_features(inputs, TinyBackbone(), size=32, batch_size=2,
+                           cache_dir=tmp_path / "one", num_workers=0)
+    assert one.stats == results[0]["stats"]
+    files_one = cache_files(tmp_path / "one")
+    files_two = cache_files(tmp_path / "two")
+    assert [f.relative_to(tmp_path / "one") for f in files_one] == [
+        f.relative_to(tmp_path / "two") for f in files_two
+    ]
+    for a, b in zip(files_one, files_two, strict=True):
+        assert torch.allclose(load_file(a)["features"], load_file(b)["features"], atol=1e-6)
+    idx_one = json.loads(next((tmp_path / "one").glob("*/index.json")).read_text())
+    idx_two = json.loads(next((tmp_path / "two").glob("*/index.json")).read_text())
+    assert idx_one == idx_two
+
+
+@pytest.mark.realdata
+def test_efficientnet_lite0_on_real_images(tmp_path):
+    from unseg.backbones import create_backbone
+
+    images = shared_data("ECSSD") / "images"
+    paths = [images / "0001.jpg", images / "0002.jpg"]
+    model = create_backbone("efficientnet_lite0", device="cpu")
+    fs = extract_features(paths, model, size=320, cache_dir=tmp_path / "c", num_workers=0)
+    for p in paths:
+        h, w = fs.image_size(p)
+        assert min(h, w) == 320 and h % 16 == 0 and w % 16 == 0
+        assert fs[p].shape == (432, h // 16, w // 16) and torch.isfinite(fs[p]).all()
+    again = extract_features(paths, model, size=320, cache_dir=tmp_path / "c", num_workers=0)
+    assert again.stats["computed"] == 0
+
+
+@pytest.mark.realdata
+def test_cli_features_summary_and_exit_code(tmp_path, capsys):
+    from unseg.cli.main import main
+
+    images = shared_data("ECSSD") / "images"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("0001.jpg", "0002.jpg"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    args = ["-q", "features", str(folder), "--backbone", "efficientnet_lite0",
+            "--out", str(tmp_path / "out"), "--workers", "0"]
+    assert main(args) == 0
+    assert "2 images: 2 computed, 0 from cache, 0 failed" in capsys.readouterr().out
+    (folder / "broken.jpg").write_text("nope")
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "3 images: 0 computed, 2 from cache, 1 failed" in captured.out
+    assert "broken.jpg" in captured.err and "efficientnet_lite0" in captured.err
