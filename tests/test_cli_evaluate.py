@@ -224,3 +224,13 @@ def test_corloc_json_and_errors(tmp_path: Path, capsys) -> None:
                        "--allow-missing", "--json", str(out_json)], capsys)
     r = json.loads(out_json.read_text())
     assert code == 1 and (r["corloc"], r["n_missing"]) == (0.0, 1)
+
+
+def test_resizable_accepts_rescalings_only() -> None:
+    from unseg.pipelines.evaluate import resizable
+
+    assert resizable((24, 32), (12, 16))  # exact 2x
+    assert resizable((133, 200), (267, 400))  # floor(267 / 2) rows: one pixel of rounding
+    assert resizable((400, 1600), (100, 401))
+    assert not resizable((12, 12), (12, 16))  # another aspect ratio
+    assert not resizable((320, 320), (375, 500))  # a centre crop

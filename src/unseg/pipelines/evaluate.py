@@ -165,12 +165,18 @@ def pair_files(
 # --------------------------------------------------------------------------- resizing
 
 
-def resizable(src: tuple[int, int], dst: tuple[int, int]) -> bool:
-    """True when ``src`` ``(h, w)`` is a rescaling of ``dst`` (aspect ratio equal to a pixel)."""
+def _scales_to(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """Some scale ``s`` makes ``src ≈ s * dst`` to within one pixel of ``src`` on both sides."""
     (sh, sw), (dh, dw) = src, dst
-    if min(sh, sw, dh, dw) <= 0:
+    return max((sh - 1) / dh, (sw - 1) / dw) <= min((sh + 1) / dh, (sw + 1) / dw)
+
+
+def resizable(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """True when ``src`` ``(h, w)`` is a rescaling of ``dst`` (the same aspect ratio up to one
+    pixel of rounding in the smaller or the larger of the two)."""
+    if min(*src, *dst) <= 0:
         return False
-    return abs(sw * dh / sh - dw) <= 1.0 and abs(sh * dw / sw - dh) <= 1.0
+    return _scales_to(src, dst) or _scales_to(dst, src)
 
 
 def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
