@@ -234,3 +234,20 @@ def test_resizable_accepts_rescalings_only() -> None:
     assert resizable((400, 1600), (100, 401))
     assert not resizable((12, 12), (12, 16))  # another aspect ratio
     assert not resizable((320, 320), (375, 500))  # a centre crop
+
+
+def test_cityscapes_root_maps_label_ids(tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    root = tmp_path / "cityscapes"
+    ids = rng.integers(0, 34, size=(8, 16)).astype(np.uint8)  # 0..6 are void → ignore
+    save_png_atomic(root / "leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png",
+                    np.zeros((8, 16, 3), np.uint8))
+    save_png_atomic(root / "gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png", ids)
+    classes = np.where(ids >= 7, ids.astype(int) - 7, 255).astype(np.uint8)
+    pred = tmp_path / "pred"
+    save_png_atomic(pred / "aachen_000000_000019_leftImg8bit.png", classes)
+    out_json = tmp_path / "r.json"
+    code, _, _ = _run(["semantic", "--pred", str(pred), "--gt", str(root), "--json",
+                       str(out_json)], capsys)
+    r = json.loads(out_json.read_text())
+    assert code == 0 and r["dataset"] == "Cityscapes-27" and r["num_classes"] == 27
+    assert (r["acc"], r["miou"], r["n_images"]) == (1.0, 1.0, 1)

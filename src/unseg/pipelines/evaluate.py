@@ -23,8 +23,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from unseg.data.datasets import (
+    CITYSCAPES_FIRST_ID,
+    COCOSTUFF_FINE_TO_27,
+    map_labels,
+    read_split,
+)
 from unseg.data.image import IMAGE_EXTENSIONS, list_images, load_label
-from unseg.data.layouts import DatasetLayout, Task, find_layout
+from unseg.data.layouts import IGNORE_INDEX, DatasetLayout, Task, find_layout
 from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.metrics.corloc import is_correct, largest_component_box
@@ -84,12 +90,18 @@ def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dic
     return out
 
 
-def _read_split(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(path, f"cannot read split file ({exc})") from None
-    return [line.split()[0] for line in lines if line.strip()]
+def _label_lut(layout: DatasetLayout | None) -> np.ndarray | None:
+    """Raw ground-truth value → class id table for layouts whose PNGs hold raw ids (else None)."""
+    name = None if layout is None else layout.name
+    if name == "COCO-Stuff-27":
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[: len(COCOSTUFF_FINE_TO_27)] = COCOSTUFF_FINE_TO_27
+        return lut
+    if name == "Cityscapes-27":
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[CITYSCAPES_FIRST_ID:34] = np.arange(34 - CITYSCAPES_FIRST_ID)
+        return lut
+    return None
 
 
 def _gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
@@ -115,7 +127,7 @@ def _gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | No
     found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
     split = layout.split_path
     if split is not None and split.is_file():
-        stems = _read_split(split)
+        stems = read_split(split)
         absent = [s for s in stems if s not in found]
         if absent:
             raise ManyFilesError(f"{split}: listed images without ground truth in {root}", absent)
@@ -252,9 +264,9 @@ def evaluate_semantic(
 ) -> SemanticResult:
     """Hungarian-matched pixel accuracy and mIoU of label PNGs in ``pred`` against ``gt``.
 
-    ``num_classes`` defaults to the dataset layout's. Predictions are resized (nearest) to the
-    ground truth's size; a predicted ``ignore_index`` counts as wrong (see
-    :mod:`unseg.metrics.semantic`).
+    ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
+    mapped to their 27 classes as in STEGO. Predictions are resized (nearest) to the ground
+    truth's size; a predicted ``ignore_index`` counts as wrong (see :mod:`unseg.metrics.semantic`).
     """
     pairing = pair_files(pred, gt, "semantic", allow_missing)
     if num_classes is None:
@@ -263,12 +275,18 @@ def evaluate_semantic(
         num_classes = pairing.layout.num_classes
     if num_classes < 1:
         raise UnsegError(f"--num-classes must be >= 1, got {num_classes}")
+    lut = _label_lut(pairing.layout)
+    if lut is not None and ignore_index != IGNORE_INDEX:
+        raise UnsegError(f"{pairing.layout.name} maps void labels to {IGNORE_INDEX}; "
+                         f"--ignore-index must be {IGNORE_INDEX}")
     conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
     problems = _Problems()
     bad_gt: list[Path] = []
     missing = list(pairing.missing)
     for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="semantic"):
         labels = load_label(gt_path)
+        if lut is not None:
+            labels = map_labels(labels, lut).numpy()
         valid = labels if ignore_index is None else labels[labels != ignore_index]
         if valid.size and (valid.min() < 0 or valid.max() >= num_classes):
             bad_gt.append(gt_path)
