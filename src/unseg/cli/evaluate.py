@@ -72,7 +72,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     p.add_argument(
         "--allow-missing", action="store_true",
-        help="score even if predictions are missing or unusable (they count as wrong)",
+        help="score even if predictions are missing or unusable: they count as wrong and are "
+        "reported (exit status 1)",
     )
 
 

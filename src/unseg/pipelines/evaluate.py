@@ -378,6 +378,7 @@ def evaluate_saliency(
     meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
     problems = _Problems()
     missing = list(pairing.missing)
+    n_binary01 = 0
     for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="saliency"):
         mask = load_label(gt_path)
         pred_path = pairing.pred.get(stem)
@@ -392,11 +393,18 @@ def evaluate_saliency(
             if pred_path is not None:
                 missing.append(stem)
             p = np.zeros(mask.shape, dtype=np.uint8)
-        elif p.shape != mask.shape:
-            p = resize_probability(p, mask.shape)
+        else:
+            n_binary01 += bool(p.max() == 1)
+            if p.shape != mask.shape:
+                p = resize_probability(p, mask.shape)
         meter.update(p, mask)
     if problems.unusable and not allow_missing:
         raise _unusable_error(problems)
+    if n_binary01:
+        logger.warning(
+            "%d prediction(s) hold only the values 0 and 1: they are read as v/255 (almost "
+            "background); save binary masks as 0/255", n_binary01,
+        )
     s = meter.scores()
     return SaliencyResult(
         acc=s.acc, iou=s.iou, max_fbeta=s.max_fbeta, mae=s.mae, n_images=s.n_images,
