@@ -22,6 +22,7 @@ from unseg.data.image import load_image
 from unseg.features import (
     FeatureSet,
     extract_features,
+    load_cache,
     prepare_image,
     target_size,
 )
@@ -129,6 +130,10 @@ def test_second_run_computes_nothing(tmp_path):
     index = json.loads(next((tmp_path / "c").glob("*/index.json")).read_text())
     assert set(index["images"]) == {str(p) for p in paths}
     assert index["backbone"] == "tiny-test" and index["size"] == 32
+    reopened = load_cache(second.cache_dir)
+    assert set(reopened.paths) == set(paths)
+    for p in paths:
+        assert reopened.record(p) == second.record(p) and torch.equal(reopened[p], first[p])
 
 
 def test_cache_is_keyed_by_content_and_setting(tmp_path):

@@ -131,6 +131,19 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
         return len(self._records)
 
 
+def load_cache(folder: str | Path) -> FeatureSet:
+    """The features stored in one cache folder (``cache_dir/<key>``, read from its index.json)."""
+    folder = Path(folder)
+    index = folder / "index.json"
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsegError(f"{index}: not a readable feature-cache index ({exc})") from None
+    records = {Path(p): FeatureRecord.from_json(d) for p, d in entries.items()}
+    stats = {"images": len(records), "computed": 0, "cached": len(records), "failed": 0}
+    return FeatureSet(records, BatchReport(), folder, stats=stats)
+
+
 def target_size(
     height: int, width: int, size: int, stride: int, crop: bool = False
 ) -> tuple[int, int]:
