@@ -45,6 +45,16 @@ def test_uint8_bins_are_the_values() -> None:
     np.testing.assert_array_equal(threshold_bins(v / 255.0), v)
 
 
+def test_float_bins_equal_a_search_in_the_thresholds(rng: np.random.Generator) -> None:
+    t = np.arange(255) / 255.0
+    vals = np.concatenate([
+        rng.random(200_000), t, np.nextafter(t, 2), np.nextafter(t, -1), [0.0, 1.0],
+        t.astype(np.float32).astype(np.float64), np.arange(256) / 255.0 * (1 - 1e-16),
+    ])
+    vals = np.clip(vals, 0, 1)
+    np.testing.assert_array_equal(threshold_bins(vals), np.searchsorted(t, vals, side="left"))
+
+
 def test_histogram_equals_direct_loop_for_resized_float_predictions(
     rng: np.random.Generator,
 ) -> None:
@@ -135,6 +145,8 @@ def test_predictions_are_not_rescaled() -> None:
 def test_meter_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="shape"):
         SaliencyMeter().update(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        SaliencyMeter().update(np.full((2, 2), np.nan), np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         SaliencyMeter().update(np.full((2, 2), 2.0), np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="fbeta_mode"):

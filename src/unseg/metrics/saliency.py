@@ -11,7 +11,8 @@ empty ground truth is 1.
 maxFβ is computed from a 256-bin histogram per image: ``bin(p)`` is the number of thresholds
 below ``p``, so ``p > t_k`` exactly when ``bin(p) > k`` and reverse cumulative sums give TP and FP
 for all thresholds at once. For 8-bit inputs ``bin(v/255) = v``; for float inputs the bin is
-found by a search in the float64 thresholds, so the result equals the direct definition.
+``ceil(255 p)`` checked against the float64 thresholds, so the result equals the direct
+definition.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FbetaMode = Literal["curve", "image-mean"]
 NUM_THRESHOLDS = 255
 THRESHOLDS = np.arange(NUM_THRESHOLDS, dtype=np.float64) / 255.0
 BETA2 = 0.3
+_THRESHOLDS_EXT = np.append(THRESHOLDS, np.inf)  # t[255] = inf: nothing lies above it
 FOUND_BETA2 = 0.09  # FOUND/SelfMask code: (1 + beta**2) with beta = 0.3
 
 
@@ -53,7 +55,12 @@ def threshold_bins(pred: np.ndarray) -> np.ndarray:
     if pred.dtype == np.uint8:
         return pred.astype(np.int64)
     p = as_probability(pred)
-    return np.searchsorted(THRESHOLDS, p, side="left").astype(np.int64)
+    bins = np.clip(np.ceil(p * 255.0), 0, 255).astype(np.int64)
+    # ceil(255 p) can be off by one from the exact count where rounding meets a threshold:
+    # enforce t[bins - 1] < p <= t[bins] against the float64 thresholds themselves
+    bins -= (bins > 0) & (p <= _THRESHOLDS_EXT[bins - 1])
+    bins += (bins < NUM_THRESHOLDS) & (p > _THRESHOLDS_EXT[bins])
+    return bins
 
 
 def fbeta(precision: np.ndarray, recall: np.ndarray, beta2: float) -> np.ndarray:
@@ -130,8 +137,10 @@ class SaliencyMeter:
         pred = np.asarray(pred)
         if pred.shape != np.shape(gt):
             raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {np.shape(gt)}")
-        if pred.dtype != np.uint8 and pred.size and (pred.min() < 0 or pred.max() > 1):
-            raise ValueError("float predictions must lie in [0, 1]")
+        if pred.dtype != np.uint8 and pred.size and not (
+            np.isfinite(pred).all() and pred.min() >= 0 and pred.max() <= 1
+        ):
+            raise ValueError("float predictions must lie in [0, 1] (and not be NaN)")
         precision, recall = precision_recall(pred, gt)
         self.sum_precision += precision
         self.sum_recall += recall
