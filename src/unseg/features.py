@@ -284,9 +284,10 @@ def _shape_batches(items: list[_Item], batch_size: int) -> list[list[int]]:
 
 
 def _default_workers(n_items: int, batch_size: int) -> int:
+    """No workers for a single batch; else the CPUs this rank may use, less one, at most 8."""
     if n_items <= batch_size:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, (os.cpu_count() or 2) // dist.world_size() - 1))
 
 
 def _scan(
