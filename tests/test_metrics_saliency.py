@@ -209,3 +209,18 @@ def test_against_pysodmetrics_on_ecssd(soft: bool) -> None:
     assert curve.scores().mae == pytest.approx(mae.get_results()["mae"], abs=1e-12)
     assert curve.scores().max_fbeta < 1.0  # the perturbation really perturbs
 
+
+
+def test_uint8_histogram_path_equals_direct_scores(rng: np.random.Generator) -> None:
+    for _ in range(20):
+        gt = (rng.random((23, 31)) < rng.uniform(0, 1)).astype(np.uint8) * 255
+        pred = rng.integers(0, 256, size=gt.shape).astype(np.uint8)
+        if rng.random() < 0.3:
+            pred = np.where(rng.random(gt.shape) < 0.5, 0, 255).astype(np.uint8)
+        fast, direct = SaliencyMeter(), SaliencyMeter()
+        fast.update(pred, gt)  # uint8: Acc/IoU/MAE from the histograms
+        direct.update(pred / 255.0, gt)  # float: the direct definitions
+        a, b = fast.scores(), direct.scores()
+        assert (a.acc, a.iou) == (b.acc, b.iou)
+        assert a.mae == pytest.approx(b.mae, abs=1e-12)
+        assert a.max_fbeta == b.max_fbeta

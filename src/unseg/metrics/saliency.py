@@ -70,15 +70,15 @@ def fbeta(precision: np.ndarray, recall: np.ndarray, beta2: float) -> np.ndarray
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
 
 
-def precision_recall(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall ``[255]`` of one image at the thresholds ``k/255``.
-
-    ``pred`` ``[H, W]`` uint8 (v/255) or float in [0, 1]; ``gt`` ``[H, W]`` bool or 8-bit.
-    """
+def _histograms(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Background and foreground histograms ``[256]`` of the threshold bins of one image."""
     bins = threshold_bins(pred).ravel()
     fg = binarize_gt(gt).ravel()
     hist = np.bincount(bins + 256 * fg, minlength=512)
-    bg_hist, fg_hist = hist[:256], hist[256:]
+    return hist[:256], hist[256:]
+
+
+def _pr_from_histograms(bg_hist: np.ndarray, fg_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # predicted positives at t_k: pixels with bin > k, i.e. suffix sums from bin k+1
     tp = np.cumsum(fg_hist[::-1])[::-1][1:]
     fp = np.cumsum(bg_hist[::-1])[::-1][1:]
@@ -87,6 +87,27 @@ def precision_recall(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
     precision = np.divide(tp, pos, out=np.ones(NUM_THRESHOLDS), where=pos > 0)
     recall = tp / n_fg if n_fg else np.ones(NUM_THRESHOLDS)
     return precision, recall
+
+
+def precision_recall(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall ``[255]`` of one image at the thresholds ``k/255``.
+
+    ``pred`` ``[H, W]`` uint8 (v/255) or float in [0, 1]; ``gt`` ``[H, W]`` bool or 8-bit.
+    """
+    return _pr_from_histograms(*_histograms(pred, gt))
+
+
+def _binary_scores_uint8(bg_hist: np.ndarray, fg_hist: np.ndarray) -> tuple[float, float, float]:
+    """Acc, IoU and MAE of an 8-bit prediction from its histograms (``v/255 > 0.5``: v >= 128)."""
+    n = int(bg_hist.sum() + fg_hist.sum())
+    tp, fp = int(fg_hist[128:].sum()), int(bg_hist[128:].sum())
+    n_fg = int(fg_hist.sum())
+    union = n_fg + fp
+    acc = (tp + int(bg_hist[:128].sum())) / n
+    iou = tp / union if union else 1.0
+    v = np.arange(256)
+    mae = float(fg_hist @ (255 - v) + bg_hist @ v) / 255.0 / n
+    return acc, iou, mae
 
 
 def binary_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
@@ -141,11 +162,15 @@ class SaliencyMeter:
             np.isfinite(pred).all() and pred.min() >= 0 and pred.max() <= 1
         ):
             raise ValueError("float predictions must lie in [0, 1] (and not be NaN)")
-        precision, recall = precision_recall(pred, gt)
+        hists = _histograms(pred, gt)
+        precision, recall = _pr_from_histograms(*hists)
         self.sum_precision += precision
         self.sum_recall += recall
         self.sum_f += fbeta(precision, recall, self.beta2)
-        acc, iou, mae = binary_scores(pred, gt)
+        if pred.dtype == np.uint8:
+            acc, iou, mae = _binary_scores_uint8(*hists)
+        else:
+            acc, iou, mae = binary_scores(pred, gt)
         self.sum_acc += acc
         self.sum_iou += iou
         self.sum_mae += mae
