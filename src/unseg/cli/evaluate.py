@@ -117,8 +117,10 @@ def _semantic(args: argparse.Namespace) -> int:
     rows: list[tuple[str, Any]] = [
         ("pixel acc", r.acc), ("mIoU", r.miou), ("match", r.match), ("classes", r.num_classes),
     ]
+    names = r.class_names or [str(c) for c in range(r.num_classes)]
     rows += [
-        (f"IoU class {c}", "absent" if v is None else v) for c, v in enumerate(r.per_class_iou)
+        (f"IoU {name}", "absent" if v is None else v)
+        for name, v in zip(names, r.per_class_iou, strict=True)
     ]
     return _finish(args, r, rows)
 

@@ -24,8 +24,12 @@ import cv2
 import numpy as np
 
 from unseg.data.datasets import (
+    CITYSCAPES27_CLASSES,
     CITYSCAPES_FIRST_ID,
+    COCOSTUFF27_CLASSES,
     COCOSTUFF_FINE_TO_27,
+    POTSDAM3_CLASSES,
+    VOC_CLASSES,
     map_labels,
     read_split,
 )
@@ -41,6 +45,13 @@ from unseg.utils.progress import progress
 logger = logging.getLogger(__name__)
 
 BOXES_FILE = "boxes.json"
+CLASS_NAMES = {
+    "VOC2012": VOC_CLASSES,
+    "VOC2007": VOC_CLASSES,
+    "COCO-Stuff-27": COCOSTUFF27_CLASSES,
+    "Cityscapes-27": CITYSCAPES27_CLASSES,
+    "Potsdam-3": POTSDAM3_CLASSES,
+}
 
 
 @dataclass
@@ -248,9 +259,10 @@ class SemanticResult:
     missing: list[str] = field(default_factory=list)
     n_extra: int = 0
     dataset: str | None = None
+    class_names: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (NaN IoUs of absent classes become ``None``)."""
+        """JSON-ready dict (absent classes have IoU ``None``)."""
         return asdict(self)
 
 
@@ -311,6 +323,8 @@ def evaluate_semantic(
     if problems.unusable and not allow_missing:
         raise _unusable_error(problems)
     scores = semantic_scores(conf, match)
+    dataset = None if pairing.layout is None else pairing.layout.name
+    names = CLASS_NAMES.get(dataset or "")
     return SemanticResult(
         acc=scores.acc,
         miou=scores.miou,
@@ -323,7 +337,8 @@ def evaluate_semantic(
         n_missing=len(missing),
         missing=missing,
         n_extra=len(pairing.extra),
-        dataset=None if pairing.layout is None else pairing.layout.name,
+        dataset=dataset,
+        class_names=list(names) if names is not None and len(names) == num_classes else None,
     )
 
 
