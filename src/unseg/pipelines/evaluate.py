@@ -67,7 +67,7 @@ class Pairing:
 
 @dataclass
 class _Problems:
-    """Predictions that could not be used, by stem, with the reason."""
+    """Predictions that could not be used (path and reason)."""
 
     unusable: list[tuple[Path, str]] = field(default_factory=list)
 
@@ -131,10 +131,10 @@ def _gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | No
     root = layout.gt_path
     if not root.is_dir():
         raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
-    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
     if layout.gt_suffix.endswith(".mat"):
         raise UnsegError(f"{gt}: {layout.name} .mat ground truth is not supported by evaluate")
+    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
     found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
     split = layout.split_path
     if split is not None and split.is_file():
