@@ -1,0 +1,213 @@
+"""The trainable saliency head (SEMPART-style base of the Boosting paper), scikit-learn style.
+
+Trained without labels on frozen patch features (attention keys) and the images:
+
+- base loss: soft normalized cut (affinity 1 where key cosine > τ = 0.4, ε = 1e-6 elsewhere) of
+  the fine prediction max-pooled to patch resolution, plus ``weight_coarse`` × the same loss on
+  the coarse (patch-level) prediction, plus ``weight_agree`` × the squared difference between
+  the coarse prediction and the fine one average-pooled to patches (the max-pooled cut alone
+  is satisfied by one bright pixel per patch; SEMPART couples its coarse and fine masks too);
+- border prior (our addition, ``weight_border``): the mean foreground probability of the outer
+  ring of patches minus the mean over all patches. The cut is symmetric in foreground and
+  background; this small term fixes which side the head calls foreground (objects rarely fill
+  the image border) and is zero for constant maps, so it does not pull towards an empty mask;
+- multi-scale consistency (``multiscale=True``, the Boosting trick): see
+  :mod:`unseg.methods.multiscale`; weight 0.01 for the MSE and 0.01 for the cut on the crop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from unseg.errors import UnsegError
+from unseg.methods.multiscale import consistency_loss, crop_resize, sample_crops
+from unseg.methods.ncut import key_affinity, soft_ncut_loss
+from unseg.methods.saliency_head import SaliencyHeadNet
+from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.utils.device import resolve_device
+from unseg.utils.progress import progress
+
+logger = logging.getLogger(__name__)
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SaliencyHeadConfig:
+    """Training and inference settings; defaults are the Boosting/SEMPART reference values."""
+
+    image_size: int = 320
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 30
+    tau: float = 0.4
+    eps: float = 1e-6
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    weight_coarse: float = 1.0
+    weight_agree: float = 1.0
+    weight_border: float = 0.1
+    multiscale: bool = False
+    crop_scale: tuple[float, float] = (0.5, 0.5)
+    fixed_crop: bool = False
+    weight_consistency: float = 0.01
+    weight_crop_ncut: float = 0.01
+    guided_filter: bool = True
+    guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
+    seed: int = 0
+
+
+def border_prior(probs: torch.Tensor) -> torch.Tensor:
+    """Mean of ``probs`` ``[B, 1, h, w]`` over the outer ring of cells minus its mean over all
+    cells (scalar in ``[-1, 1]``; 0 for a constant map, so it never favours an empty mask)."""
+    ring = torch.ones_like(probs[0, 0], dtype=torch.bool)
+    if min(ring.shape) > 2:
+        ring[1:-1, 1:-1] = False
+    return (probs[..., ring].mean(dim=-1) - probs.flatten(1).mean(dim=-1, keepdim=True)).mean()
+
+
+class SaliencyHead:
+    """Estimator: ``fit(features, images)`` then ``predict_proba(features, images)``."""
+
+    def __init__(self, config: SaliencyHeadConfig | None = None) -> None:
+        self.config = config or SaliencyHeadConfig()
+        self.net: SaliencyHeadNet | None = None
+        self.history: list[float] = []
+
+    def _build(self, in_dim: int, stride: int) -> SaliencyHeadNet:
+        c = self.config
+        return SaliencyHeadNet(in_dim, stride, c.dim, c.layers, c.heads)
+
+    def base_loss(
+        self, coarse: torch.Tensor, fine: torch.Tensor, affinity: torch.Tensor
+    ) -> torch.Tensor:
+        """Soft-NCut of the max-pooled fine and the coarse prediction, plus the border prior."""
+        c = self.config
+        h, w = coarse.shape[-2:]
+        pooled = F.adaptive_max_pool2d(torch.sigmoid(fine), (h, w))
+        loss = soft_ncut_loss(pooled.flatten(1), affinity)
+        coarse_p = torch.sigmoid(coarse)
+        if c.weight_coarse:
+            loss = loss + c.weight_coarse * soft_ncut_loss(coarse_p.flatten(1), affinity)
+        if c.weight_agree:
+            mean_fine = F.adaptive_avg_pool2d(torch.sigmoid(fine), (h, w))
+            loss = loss + c.weight_agree * F.mse_loss(mean_fine, coarse_p)
+        if c.weight_border:
+            loss = loss + c.weight_border * border_prior(pooled)
+        return loss
+
+    def fit(
+        self,
+        features: torch.Tensor,
+        images: torch.Tensor,
+        stride: int,
+        crop_features: FeatureFn | None = None,
+        device: str | torch.device | None = None,
+    ) -> SaliencyHead:
+        """Train on ``features`` ``[N, C, h, w]`` and ``images`` ``[N, 3, H, W]`` (uint8 or [0,1]).
+
+        ``crop_features`` (images ``[B, 3, H, W]`` → features ``[B, C, h, w]``, the frozen
+        backbone) is needed for multi-scale consistency, to see the resized crops.
+        """
+        c = self.config
+        if features.ndim != 4 or images.ndim != 4 or features.shape[0] != images.shape[0]:
+            raise UnsegError(
+                f"need features [N, C, h, w] and images [N, 3, H, W] for the same N; got "
+                f"{tuple(features.shape)} and {tuple(images.shape)}"
+            )
+        if c.multiscale and crop_features is None:
+            raise UnsegError("multi-scale consistency needs the backbone (crop_features)")
+        dev = resolve_device(device)
+        gen = torch.Generator().manual_seed(c.seed)
+        torch.manual_seed(c.seed)
+        self.net = self._build(features.shape[1], stride).to(dev)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
+        n = features.shape[0]
+        self.history = []
+        for epoch in range(c.epochs):
+            order = torch.randperm(n, generator=gen)
+            total, steps = 0.0, 0
+            batches = [order[i : i + c.batch_size] for i in range(0, n, c.batch_size)]
+            for idx in progress(batches, total=len(batches), desc=f"epoch {epoch + 1}"):
+                feats = features[idx].to(dev, torch.float32)
+                imgs = _as_float(images[idx]).to(dev)
+                loss = self._step_loss(feats, imgs, gen, crop_features)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+            self.history.append(total / max(steps, 1))
+            logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history[-1])
+        self.net.eval()
+        return self
+
+    def _step_loss(
+        self,
+        feats: torch.Tensor,
+        imgs: torch.Tensor,
+        gen: torch.Generator,
+        crop_features: FeatureFn | None,
+    ) -> torch.Tensor:
+        c = self.config
+        assert self.net is not None
+        coarse, fine = self.net(feats, imgs)
+        loss = self.base_loss(coarse, fine, key_affinity(feats, c.tau, c.eps))
+        if not c.multiscale:
+            return loss
+        assert crop_features is not None
+        boxes = sample_crops(feats.shape[0], tuple(c.crop_scale), gen, c.fixed_crop)
+        crop_imgs = crop_resize(imgs, boxes, tuple(imgs.shape[-2:]))
+        with torch.no_grad():
+            crop_feats = crop_features(crop_imgs).to(feats.dtype)
+        c_coarse, c_fine = self.net(crop_feats, crop_imgs)
+        crop_loss = self.base_loss(c_coarse, c_fine, key_affinity(crop_feats, c.tau, c.eps))
+        cons = consistency_loss(
+            torch.sigmoid(fine), torch.sigmoid(c_fine), crop_imgs, boxes, c.guided
+        )
+        return loss + c.weight_crop_ncut * crop_loss + c.weight_consistency * cons
+
+    @torch.no_grad()
+    def predict_proba(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Foreground probabilities ``[B, 1, H, W]`` (no guided filter) for ``[B, C, h, w]``
+        features and their ``[B, 3, H, W]`` images."""
+        if self.net is None:
+            raise UnsegError("the saliency head is not fitted")
+        dev = next(self.net.parameters()).device
+        _, fine = self.net(features.to(dev, torch.float32), _as_float(images).to(dev))
+        return torch.sigmoid(fine)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The network's weights, for :func:`unseg.runs.save_run`."""
+        if self.net is None:
+            raise UnsegError("the saliency head is not fitted")
+        return dict(self.net.state_dict())
+
+    @classmethod
+    def from_state(
+        cls,
+        config: SaliencyHeadConfig,
+        in_dim: int,
+        stride: int,
+        tensors: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> SaliencyHead:
+        """Rebuild a fitted head from its config and saved weights."""
+        head = cls(config)
+        net = head._build(in_dim, stride)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise UnsegError(f"saved saliency-head weights do not fit its config: {exc}") from None
+        head.net = net.to(resolve_device(device)).eval()
+        return head
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
