@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,20 @@ class SaliencyHeadConfig:
     guided_filter: bool = True
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
     seed: int = 0
+
+
+def config_from_dict(d: dict[str, Any]) -> SaliencyHeadConfig:
+    """Inverse of ``dataclasses.asdict`` for :class:`SaliencyHeadConfig` (as saved in runs)."""
+    known = {f.name for f in fields(SaliencyHeadConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UnsegError(f"unknown saliency-head settings: {', '.join(unknown)}")
+    d = dict(d)
+    if "guided" in d:
+        d["guided"] = GuidedFilterConfig(**d["guided"])
+    if "crop_scale" in d:
+        d["crop_scale"] = tuple(d["crop_scale"])
+    return SaliencyHeadConfig(**d)
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,336 @@
+"""Object discovery pipelines: spectral (training-free) or the trained saliency head.
+
+Outputs of every prediction: ``OUT/masks/<stem>.png``, the 8-bit foreground probability at the
+input image's own size, and ``OUT/boxes.json`` mapping each stem to ``[x0, y0, x1, y1]``, the
+box of the largest 4-connected component of the mask (8-bit value >= 128, i.e. ``p > 0.5``),
+or ``null`` when the mask is empty.
+
+Per image: resized so the short side is 320 (sides multiples of the stride, as for the
+features), attention keys from the frozen backbone, then
+
+- ``spectral``: TokenCut bipartition on the patch grid, expanded to the image (nearest);
+- ``head``: the saliency head's probability at the resized size, upsampled bilinearly;
+
+and, if enabled, the guided filter at the image's full resolution guided by the image itself.
+
+Run folder of the head (``unseg.runs``, method ``saliency-head``): the head's config, the
+backbone name and weights sha256, the feature channels and stride, and the network weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unseg.backbones import create_backbone, default_backbone_name, default_backbone_reason
+from unseg.backbones.base import Backbone
+from unseg.data.image import list_images, load_image
+from unseg.errors import InputFileError, UnsegError
+from unseg.features import backbone_weights_sha256, extract_features, prepare_image, target_size
+from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, config_from_dict
+from unseg.metrics.corloc import largest_component_box
+from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
+from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
+from unseg.runs import load_run, save_run
+from unseg.utils.batch import BatchReport
+from unseg.utils.device import resolve_device, seed_everything
+from unseg.utils.io import save_png_atomic, write_json_atomic
+from unseg.utils.progress import progress
+
+logger = logging.getLogger(__name__)
+
+METHOD = "saliency-head"
+BOXES_FILE = "boxes.json"
+MASKS_DIR = "masks"
+MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
+
+DiscoverMethod = Literal["spectral", "head"]
+ProbFn = Callable[[np.ndarray], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    """What a fit did: the run folder, the failures, and training facts."""
+
+    run_dir: Path
+    report: BatchReport
+    n_images: int
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_backbone_name(name: str | None) -> str:
+    """``name``, or the default backbone (saying on stderr which one and why)."""
+    if name:
+        return name
+    print(f"unseg: {default_backbone_reason()}", file=sys.stderr)
+    return default_backbone_name()
+
+
+def _check_grid(path: Path, image: np.ndarray, size: int, stride: int) -> None:
+    h, w = target_size(image.shape[0], image.shape[1], size, stride)
+    if (h // stride) * (w // stride) > MAX_PATCHES:
+        raise InputFileError(
+            path,
+            f"aspect ratio {image.shape[1]}x{image.shape[0]} too extreme: its short side at "
+            f"{size} px needs {(h // stride) * (w // stride)} patches (at most {MAX_PATCHES})",
+        )
+
+
+@torch.inference_mode()
+def _keys(backbone: Backbone, image: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized image ``[1, 3, H', W']`` and its keys ``[1, C, H'/s, W'/s]`` on the model device."""
+    dev = next(backbone.parameters()).device
+    x = prepare_image(image, size, backbone.stride).to(dev)[None]
+    return x, backbone.forward_features(x, "keys").float()
+
+
+def spectral_prob_fn(backbone: Backbone, size: int, config: SpectralConfig) -> ProbFn:
+    """uint8 image ``[H, W, 3]`` → TokenCut mask ``[H, W]`` in {0, 1} (float, nearest)."""
+
+    def prob(image: np.ndarray) -> torch.Tensor:
+        _, keys = _keys(backbone, image, size)
+        mask = ncut_bipartition(keys[0].cpu(), config).mask
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return F.interpolate(m, size=image.shape[:2], mode="nearest")[0, 0]
+
+    return prob
+
+
+def head_prob_fn(backbone: Backbone, head: SaliencyHead, size: int) -> ProbFn:
+    """uint8 image ``[H, W, 3]`` → head probability ``[H, W]`` (bilinear from the resized size)."""
+
+    def prob(image: np.ndarray) -> torch.Tensor:
+        x, keys = _keys(backbone, image, size)
+        p = head.predict_proba(keys, x).float().cpu()
+        return F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+
+    return prob
+
+
+@torch.inference_mode()
+def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> torch.Tensor:
+    img = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0)
+    return refine_masks(prob[None, None], img[None], gf)[0, 0]
+
+
+def predict_masks(
+    paths: list[Path],
+    out_dir: str | Path,
+    prob_fn: ProbFn,
+    guided: GuidedFilterConfig | None,
+    size: int,
+    stride: int,
+) -> BatchReport:
+    """Write ``masks/<stem>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
+
+    ``guided`` None: no guided filter. Bad files and duplicate stems are reported and skipped.
+    """
+    out_dir = Path(out_dir)
+    report = BatchReport()
+    boxes: dict[str, list[float] | None] = {}
+    seen: dict[str, Path] = {}
+    for i, path in enumerate(progress(paths, total=len(paths), desc="discover")):
+        if path.stem in seen:
+            report.fail(path, f"same stem as {seen[path.stem]}; its mask would be overwritten")
+            continue
+        try:
+            image = load_image(path)
+            _check_grid(path, image, size, stride)
+            prob = prob_fn(image)
+        except InputFileError as exc:
+            report.fail(path, exc.problem)
+            continue
+        if guided is not None:
+            prob = _refine(prob, image, guided)
+        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+        target = out_dir / MASKS_DIR / f"{path.stem}.png"
+        save_png_atomic(target, mask8)
+        seen[path.stem] = path
+        box = largest_component_box(mask8 >= 128)
+        boxes[path.stem] = None if box is None else [float(v) for v in box]
+        report.written.append(target)
+        if (i + 1) % 50 == 0:
+            write_json_atomic(out_dir / BOXES_FILE, boxes)
+    write_json_atomic(out_dir / BOXES_FILE, boxes)
+    return report
+
+
+def _training_tensors(
+    paths: list[Path],
+    backbone: Backbone,
+    size: int,
+    batch_size: int,
+    cache_dir: Path | None,
+    report: BatchReport,
+) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """Keys ``[N, C, h, w]`` (float16) and uint8 images ``[N, 3, S, S]`` (centre crops)."""
+    feats = extract_features(
+        paths,
+        backbone,
+        size=size,
+        kind="keys",
+        batch_size=batch_size,
+        crop=True,
+        cache_dir=cache_dir,
+        report=report,
+    )
+    keys, images, used = [], [], []
+    for p in progress(feats.paths, total=len(feats.paths), desc="training images"):
+        try:
+            img = prepare_image(load_image(p), size, backbone.stride, crop=True)
+        except InputFileError as exc:
+            report.fail(p, exc.problem)
+            continue
+        keys.append(feats[p].to(torch.float16))
+        images.append((img * 255.0).round().to(torch.uint8))
+        used.append(p)
+    if not used:
+        raise UnsegError("no usable training images (see the warnings above)")
+    return torch.stack(keys), torch.stack(images), used
+
+
+def fit_saliency(
+    images: str | Path,
+    run_dir: str | Path,
+    config: SaliencyHeadConfig | None = None,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> FitResult:
+    """Train the saliency head on every image under ``images`` and save it in ``run_dir``."""
+    cfg = config or SaliencyHeadConfig()
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    seed_everything(cfg.seed)
+    name = resolve_backbone_name(backbone)
+    model = create_backbone(name, weights=weights, device=dev)
+    report = BatchReport()
+    cache = Path(cache_dir) if cache_dir is not None else None
+    keys, imgs, used = _training_tensors(
+        list_images(images), model, cfg.image_size, cfg.batch_size, cache, report
+    )
+    logger.info("training the saliency head on %d images (%s keys)", len(used), name)
+
+    def crop_keys(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(x, "keys")
+
+    head = SaliencyHead(cfg).fit(keys, imgs, model.stride, crop_keys, dev)
+    facts = {"n_images": len(used), "loss_history": head.history}
+    save_run(
+        run_dir,
+        METHOD,
+        cfg,
+        head.state_tensors(),
+        extra={
+            "backbone": name,
+            "weights_sha256": backbone_weights_sha256(model),
+            "in_dim": int(keys.shape[1]),
+            "stride": int(model.stride),
+            "training": facts,
+        },
+    )
+    return FitResult(run_dir, report, len(used), facts)
+
+
+def _load_head(run_dir: Path, device: torch.device) -> tuple[SaliencyHead, Backbone, dict]:
+    meta, tensors = load_run(run_dir, METHOD)
+    missing = [k for k in ("backbone", "weights_sha256", "in_dim", "stride") if k not in meta]
+    if missing:
+        raise UnsegError(f"{run_dir}: incomplete {METHOD} run (missing {', '.join(missing)})")
+    model = create_backbone(meta["backbone"], device=device)
+    sha = backbone_weights_sha256(model)
+    if meta["weights_sha256"] and sha != meta["weights_sha256"]:
+        raise UnsegError(
+            f"{run_dir}: fitted with {meta['backbone']} weights sha256 "
+            f"{meta['weights_sha256'][:12]}…, but the weights found now have {sha[:12]}…; "
+            "use the same weights or refit"
+        )
+    if model.stride != meta["stride"]:
+        raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")
+    cfg = config_from_dict(meta["config"])
+    head = SaliencyHead.from_state(cfg, int(meta["in_dim"]), int(meta["stride"]), tensors, device)
+    return head, model, meta
+
+
+def _guided_settings(
+    cfg: SaliencyHeadConfig, overrides: dict[str, Any]
+) -> GuidedFilterConfig | None:
+    use = bool(overrides.get("guided_filter", cfg.guided_filter))
+    if not use:
+        return None
+    gf = GuidedFilterConfig(**asdict(cfg.guided))
+    if overrides.get("guide"):
+        gf.guide = overrides["guide"]
+    return gf
+
+
+def predict_run(
+    run_dir: str | Path,
+    images: str | Path,
+    out_dir: str | Path,
+    overrides: dict[str, Any],
+    device: str | None,
+) -> BatchReport:
+    """``unseg predict`` for ``saliency-head`` runs; ``overrides``: ``guided_filter``, ``guide``."""
+    dev = resolve_device(device)
+    head, model, _ = _load_head(Path(run_dir), dev)
+    cfg = head.config
+    return predict_masks(
+        list_images(images),
+        out_dir,
+        head_prob_fn(model, head, cfg.image_size),
+        _guided_settings(cfg, overrides),
+        cfg.image_size,
+        model.stride,
+    )
+
+
+def discover(
+    images: str | Path,
+    out_dir: str | Path,
+    method: DiscoverMethod = "spectral",
+    backbone: str | None = None,
+    train_images: str | Path | None = None,
+    config: SaliencyHeadConfig | None = None,
+    spectral: SpectralConfig | None = None,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> BatchReport:
+    """``unseg discover``: masks and boxes for every image under ``images``.
+
+    ``head`` first trains the head on ``train_images`` (default: ``images`` themselves, no
+    labels used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and
+    its guide come from ``config`` for both methods.
+    """
+    cfg = config or SaliencyHeadConfig()
+    out_dir = Path(out_dir)
+    paths = list_images(images)
+    gf = GuidedFilterConfig(**asdict(cfg.guided)) if cfg.guided_filter else None
+    if method == "spectral":
+        dev = resolve_device(device)
+        model = create_backbone(resolve_backbone_name(backbone), device=dev)
+        fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
+        return predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride)
+    if method != "head":
+        raise UnsegError(f"unknown discovery method {method!r}; use 'spectral' or 'head'")
+    fit = fit_saliency(
+        train_images if train_images is not None else images,
+        out_dir / "run",
+        cfg,
+        backbone,
+        device=device,
+        cache_dir=cache_dir,
+    )
+    report = predict_run(fit.run_dir, images, out_dir, {}, device)
+    failed = {str(p): (p, m) for p, m in fit.report.failed + report.failed}
+    report.failed = list(failed.values())
+    return report
