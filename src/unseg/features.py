@@ -30,7 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from unseg.backbones import create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
+from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
 from unseg.errors import UnsegError
 from unseg.utils import dist
@@ -489,9 +491,6 @@ def extract_dataset(
     Joins the torchrun process group when launched by torchrun (each rank on its own GPU when
     CUDA is used) and leaves it at the end; a single process needs no launcher.
     """
-    from unseg.backbones import create_backbone
-    from unseg.data.datasets import dataset_images
-
     dev = resolve_device(device)
     _, world = dist.init_distributed(dev)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from unseg.data.image import list_images, load_image, load_label
@@ -284,8 +285,6 @@ class Cityscapes27(_PairedDataset):
 
 
 def _load_mat(path: Path, key: str) -> np.ndarray:
-    from scipy.io import loadmat
-
     try:
         data = loadmat(path)
     except (OSError, ValueError, TypeError) as exc:
