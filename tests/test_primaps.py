@@ -153,3 +153,12 @@ def test_crf_path_runs_and_keeps_regions() -> None:
 def test_bad_feature_shape_is_a_clear_error() -> None:
     with pytest.raises(UnsegError, match=r"\[C, h, w\]"):
         principal_masks(torch.zeros(4, 4))
+
+
+def test_incremental_exact_solver_gives_the_reference_solvers_proposals() -> None:
+    feats, _ = planted()
+    fast = principal_masks(feats, PriMaPsConfig(solver="eigh"))
+    torch.manual_seed(0)
+    ref = principal_masks(feats, PriMaPsConfig(solver="lowrank", lowrank_niter=100))
+    assert fast.masks.shape == ref.masks.shape
+    torch.testing.assert_close(fast.masks, ref.masks, atol=1e-5, rtol=0)

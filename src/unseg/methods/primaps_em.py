@@ -91,7 +91,8 @@ def e_step(
 ) -> torch.Tensor:
     """Pseudo-labels: the mode of ``predictions`` inside each proposal (same shapes, int64).
 
-    Pixels where ``proposals == ignore_index`` stay ``ignore_index``; ties go to the smallest id.
+    Proposal ids are non-negative integers (any, not necessarily contiguous); pixels where
+    ``proposals == ignore_index`` stay ``ignore_index``; ties go to the smallest class id.
     """
     if predictions.shape != proposals.shape:
         raise UnsegError(f"shapes differ: {tuple(predictions.shape)} vs {tuple(proposals.shape)}")
@@ -100,7 +101,8 @@ def e_step(
     if not bool(valid.any()):
         return out
     pid = proposals[valid]
-    _, pid = torch.unique(pid, return_inverse=True)
+    if int(pid.min()) < 0:
+        raise UnsegError("proposal ids must be non-negative (apart from the ignore index)")
     n = int(pid.max()) + 1
     counts = torch.bincount(pid * num_classes + predictions[valid], minlength=n * num_classes)
     mode = counts.view(n, num_classes).argmax(dim=1)
@@ -123,9 +125,9 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
 
     Each direction's sign is chosen so that its largest projection is positive.
     """
-    xc = (x - x.mean(dim=0, keepdim=True)).double()
-    _, vecs = torch.linalg.eigh(xc.T @ xc)
-    dirs = vecs[:, -k:].flip(1).T  # descending eigenvalues
+    xc = x.float() - x.float().mean(dim=0, keepdim=True)
+    _, vecs = torch.linalg.eigh((xc.T @ xc).double())
+    dirs = vecs[:, -k:].flip(1).T.float()  # descending eigenvalues
     proj = xc @ dirs.T
     flip = proj.max(dim=0).values < -proj.min(dim=0).values
     dirs[flip] = -dirs[flip]
@@ -246,22 +248,15 @@ class PriMaPsEM:
     ) -> float:
         cfg = self.config
         k = cfg.num_classes
-        dim = running.shape[1]
         with torch.no_grad():
-            targets = []
-            offset = 0
-            for x, lab in zip(xs, labels, strict=True):
-                pred = (x @ F.normalize(momentum, dim=1).T).argmax(dim=1)
-                # proposal ids are per image: shift them so images never share one
-                shifted = torch.where(lab == cfg.ignore_index, lab, lab + offset)
-                shifted[lab == cfg.ignore_index] = -1
-                offset += int(lab.max()) + 1 if lab.numel() else 0
-                t = e_step(pred, shifted, k, ignore_index=-1)
-                t[t == -1] = cfg.ignore_index
-                targets.append(t)
-        x_s = torch.cat(xs_student) if xs_student else running.new_zeros((0, dim))
+            w_m = F.normalize(momentum, dim=1)
+            targets = [
+                e_step((x @ w_m.T).argmax(dim=1), lab, k, cfg.ignore_index)
+                for x, lab in zip(xs, labels, strict=True)
+            ]
+        w = F.normalize(running, dim=1)
+        logits = torch.cat([x @ w.T for x in xs_student]) if xs_student else w.new_zeros((0, k))
         y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-        logits = x_s @ F.normalize(running, dim=1).T
         probs = logits.detach().softmax(dim=1)
         stats = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])
         if dist.is_distributed():

@@ -23,8 +23,9 @@ Details the paper leaves open, fixed here and documented:
   dissimilar one is dissimilar (``max cos >= -min cos``): the anchor is the most extreme feature
   along the axis. The reference re-implementation in ``bench/primaps.py`` uses the same rule.
 - *Solver.* ``solver="eigh"`` (default) takes the top eigenvector of the centred C×C covariance
-  (or of the n×n Gram matrix when fewer positions than channels remain), which is exact;
-  ``solver="lowrank"`` is the reference's ``torch.pca_lowrank(q=3, niter=100)``.
+  of the available features, converged to machine precision (Lanczos on CPU, ``eigh`` on GPU);
+  the covariance is updated as positions are removed rather than recomputed.
+  ``solver="lowrank"`` is the reference's ``torch.pca_lowrank(q=3, niter=100)`` every time.
 - *Empty proposals* (an anchor whose feature is the zero vector) are not kept: they would be
   an all-zero channel competing in the softmax. They still count as iterations for the
   unchanged-set rule, which is how that rule can fire.
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
-from unseg.refine.crf import CRFConfig, CRFPool
+from unseg.refine.crf import CRFConfig, CRFPool, dense_crf
 
 StopReason = Literal["coverage", "unchanged"]
 
@@ -69,6 +70,25 @@ class Proposals:
     iterations: int
 
 
+def top_eigenvector(matrix: torch.Tensor) -> torch.Tensor:
+    """Unit eigenvector ``[C]`` of the largest eigenvalue of symmetric ``matrix [C, C]``.
+
+    On CPU: Lanczos (ARPACK ``eigsh``, fixed start vector, machine precision); elsewhere, or if
+    ARPACK does not converge: ``torch.linalg.eigh``.
+    """
+    if matrix.device.type == "cpu" and matrix.shape[0] > 2:
+        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+        a = matrix.double().numpy()
+        try:
+            _, vec = eigsh(a, k=1, which="LA", v0=np.ones(a.shape[0]), tol=0)
+            return F.normalize(torch.from_numpy(vec[:, 0]).to(matrix.dtype), dim=0)
+        except ArpackNoConvergence:
+            pass
+    _, vecs = torch.linalg.eigh(matrix)
+    return F.normalize(vecs[:, -1], dim=0)
+
+
 def first_principal_direction(
     x: torch.Tensor, solver: Literal["eigh", "lowrank"] = "eigh", niter: int = 100
 ) -> torch.Tensor:
@@ -80,13 +100,33 @@ def first_principal_direction(
         _, _, v = torch.pca_lowrank(x, q=q, niter=niter, center=True)
         return F.normalize(v[:, 0], dim=0)
     xc = (x - x.mean(dim=0, keepdim=True)).double()
-    if xc.shape[0] < xc.shape[1]:
-        _, vecs = torch.linalg.eigh(xc @ xc.T)
-        v = xc.T @ vecs[:, -1]
-    else:
-        _, vecs = torch.linalg.eigh(xc.T @ xc)
-        v = vecs[:, -1]
-    return F.normalize(v.to(x.dtype), dim=0)
+    return top_eigenvector(xc.T @ xc).to(x.dtype)
+
+
+class _AvailableCovariance:
+    """Scatter matrix and sum of the available rows, updated as rows are removed.
+
+    All removals together cost one pass over the rows, so every iteration's centred covariance
+    comes at ``O(C^2)`` instead of ``O(n C^2)``.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        x64 = x.double()
+        self.scatter = x64.T @ x64
+        self.total = x64.sum(dim=0)
+        self.count = x.shape[0]
+        self._x = x
+
+    def remove(self, rows: torch.Tensor) -> None:
+        r = self._x[rows].double()
+        self.scatter -= r.T @ r
+        self.total -= r.sum(dim=0)
+        self.count -= r.shape[0]
+
+    def direction(self) -> torch.Tensor:
+        mean = self.total / self.count
+        cov = self.scatter - self.count * torch.outer(mean, mean)
+        return top_eigenvector(cov).to(self._x.dtype)
 
 
 def _similarity(v: torch.Tensor, unit: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -108,10 +148,14 @@ def principal_masks(features: torch.Tensor, config: PriMaPsConfig | None = None)
     masks: list[torch.Tensor] = []
     iterations = 0
     stop: StopReason = "coverage"
+    cov = _AvailableCovariance(flat) if config.solver == "eigh" else None
     while (total - int(available.sum())) / total < config.coverage:
         iterations += 1
         idx = available.nonzero()[:, 0]
-        v = first_principal_direction(flat[idx], config.solver, config.lowrank_niter)
+        if cov is not None:
+            v = cov.direction()
+        else:
+            v = first_principal_direction(flat[idx], config.solver, config.lowrank_niter)
         sim_avail = unit[idx] @ v
         if sim_avail.max() < -sim_avail.min():
             sim_avail = -sim_avail
@@ -121,7 +165,10 @@ def principal_masks(features: torch.Tensor, config: PriMaPsConfig | None = None)
         if peak > 0:
             sim = torch.where(sim >= config.threshold * peak, sim / peak, torch.zeros_like(sim))
             masks.append(sim.reshape(height, width))
-            available = available & ~(sim > 0)
+            taken = available & (sim > 0)
+            if cov is not None:
+                cov.remove(taken.nonzero()[:, 0])
+            available = available & ~taken
         history.append(available.clone())
         if len(history) >= config.patience and all(
             torch.equal(history[-1], h) for h in history[-config.patience :]
@@ -175,28 +222,47 @@ def ids_from_argmax(argmax: torch.Tensor, ignore_index: int = 255) -> torch.Tens
     return out
 
 
+def pseudo_labels_one(
+    image: np.ndarray,
+    features: torch.Tensor,
+    config: PriMaPsConfig | None = None,
+    crf_config: CRFConfig | None = None,
+) -> torch.Tensor:
+    """PriMaPs pseudo-label ``[H, W]`` (int64) of one image: proposals, CRF, background → ignore.
+
+    ``image`` is uint8 RGB ``[H, W, 3]`` (the output resolution), ``features`` ``[C, h, w]``.
+    """
+    config = config or PriMaPsConfig()
+    log_probs = proposal_log_probs(principal_masks(features, config).masks, config)
+    if not config.crf:
+        return labels_from_log_probs(log_probs, image.shape[:2], config.ignore_index)
+    marginals = dense_crf(image, log_probs.cpu(), crf_config)
+    return ids_from_argmax(torch.from_numpy(marginals).argmax(dim=0), config.ignore_index)
+
+
+def _pseudo_task(
+    args: tuple[np.ndarray, torch.Tensor, PriMaPsConfig, CRFConfig | None],
+) -> torch.Tensor:
+    return pseudo_labels_one(*args)
+
+
 def primaps_pseudo_labels(
     images: list[np.ndarray],
     features: list[torch.Tensor],
     config: PriMaPsConfig | None = None,
     crf_config: CRFConfig | None = None,
     num_workers: int = 1,
+    pool: CRFPool | None = None,
 ) -> list[torch.Tensor]:
-    """PriMaPs pseudo-labels for several images (CRF across ``num_workers`` processes).
+    """:func:`pseudo_labels_one` for several images, spread over ``num_workers`` processes.
 
-    ``images[i]`` is uint8 RGB ``[H, W, 3]`` (the resolution of the output), ``features[i]`` is
-    ``[C, h, w]``. Returns int64 ``[H, W]`` maps: proposal ids and ``config.ignore_index``.
+    An open ``pool`` is used instead of starting one.
     """
     config = config or PriMaPsConfig()
-    log_probs = [proposal_log_probs(principal_masks(f, config).masks, config) for f in features]
-    sizes = [(img.shape[0], img.shape[1]) for img in images]
-    if not config.crf:
-        return [
-            labels_from_log_probs(lp, size, config.ignore_index)
-            for lp, size in zip(log_probs, sizes, strict=True)
-        ]
-    with CRFPool(num_workers, crf_config) as pool:
-        marginals = pool.map(images, [lp.cpu() for lp in log_probs])
-    return [
-        ids_from_argmax(torch.from_numpy(m).argmax(dim=0), config.ignore_index) for m in marginals
-    ]
+    if len(images) != len(features):
+        raise UnsegError(f"{len(images)} images but {len(features)} feature maps")
+    tasks = [(img, f.cpu(), config, crf_config) for img, f in zip(images, features, strict=True)]
+    if pool is not None:
+        return pool.map_fn(_pseudo_task, tasks)
+    with CRFPool(num_workers, crf_config) as own:
+        return own.map_fn(_pseudo_task, tasks)

@@ -10,15 +10,20 @@ kernel uses one ``srgb`` for all three channels, so the channel order does not c
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
+
+T = TypeVar("T")
+_SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
         raise UnsegError(f"CRF image must be [H, W, 3], got {image.shape}")
     if image.dtype != np.uint8:
         raise UnsegError(f"CRF image must be uint8 RGB, got {image.dtype}")
-    return np.ascontiguousarray(image)
+    return np.require(image, np.uint8, ["C", "W"])  # pydensecrf needs a writable C array
 
 
 def dense_crf(
@@ -84,7 +89,9 @@ def _crf_task(args: tuple[np.ndarray, np.ndarray, CRFConfig]) -> np.ndarray:
 class CRFPool:
     """A reusable pool of ``num_workers`` spawn-started processes that run :func:`dense_crf`.
 
-    Use as a context manager; with ``num_workers <= 1`` everything runs in this process.
+    Use as a context manager; with ``num_workers <= 1`` everything runs in this process. Each
+    worker runs single-threaded (torch, OpenMP and BLAS), so that the processes do not fight
+    over the cores.
     """
 
     def __init__(self, num_workers: int = 1, config: CRFConfig | None = None) -> None:
@@ -95,7 +102,16 @@ class CRFPool:
     def __enter__(self) -> CRFPool:
         if self.num_workers > 1:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.num_workers, initializer=_worker_init)
+            saved = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
+            os.environ.update(dict.fromkeys(_SINGLE_THREAD_ENV, "1"))
+            try:
+                self._pool = ctx.Pool(self.num_workers, initializer=_worker_init)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,9 +130,13 @@ class CRFPool:
             (_check_image(img), np.asarray(torch.as_tensor(lg, dtype=torch.float32)), self.config)
             for img, lg in zip(images, logits, strict=True)
         ]
+        return self.map_fn(_crf_task, tasks)
+
+    def map_fn(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        """``[fn(item) for item in items]`` across the workers (``fn`` a module-level function)."""
         if self._pool is None:
-            return [_crf_task(t) for t in tasks]
-        return self._pool.map(_crf_task, tasks, chunksize=1)
+            return [fn(item) for item in items]
+        return self._pool.map(fn, items, chunksize=1)
 
 
 def dense_crf_batch(

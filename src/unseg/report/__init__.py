@@ -1,0 +1,1 @@
+"""Human-facing outputs: label palettes and image/mask overlays."""
