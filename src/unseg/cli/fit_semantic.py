@@ -1,9 +1,82 @@
-"""Placeholder until the method's fit command is implemented."""
+"""`unseg fit primaps-em|kmeans DATA --num-classes K --out RUN`: fit semantic class prototypes."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from unseg.pipelines.semantic import fit_semantic
+from unseg.utils import dist
+
+
+def add_backbone_argument(p: argparse.ArgumentParser) -> None:
+    """``--backbone`` with the default announced on stderr (see :func:`resolve_backbone`)."""
+    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
+
+
+def resolve_backbone(name: str | None, command: str) -> str:
+    """``name``, or the default backbone; says on stderr which one is used and why."""
+    from unseg.backbones import default_backbone_name, default_backbone_reason
+
+    main = dist.is_main_env()
+    if name is None:
+        name = default_backbone_name()
+        if main:
+            print(f"unseg {command}: {default_backbone_reason()}", file=sys.stderr)
+    elif main:
+        print(f"unseg {command}: backbone {name} (from --backbone)", file=sys.stderr)
+    return name
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by the semantic fit commands and ``unseg segment``."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="PriMaPs-EM epochs (paper: 50)")
+    budget.add_argument("--steps", type=int, default=None, help="PriMaPs-EM steps instead")
+    p.add_argument(
+        "--crf", action=argparse.BooleanOptionalAction, default=True,
+        help="dense CRF at prediction time (default: on; stored in the run)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
+    p.add_argument(
+        "--label-factor", type=int, default=2,
+        help="features are upsampled by this factor for training and prediction (default 2)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="PriMaPs/CRF processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
 
 
 def register(methods: argparse._SubParsersAction) -> None:
-    """Add this family's `unseg fit` subcommands."""
+    """Add ``unseg fit primaps-em`` and ``unseg fit kmeans``."""
+    helps = {
+        "primaps-em": "PriMaPs-EM: class prototypes fitted to principal mask proposals",
+        "kmeans": "cosine k-means of the backbone features (the baseline)",
+    }
+    for method, text in helps.items():
+        p = methods.add_parser(method, help=text)
+        p.add_argument("data", help="dataset root, image folder (recursive) or image file")
+        p.add_argument("--num-classes", "-k", type=int, required=True, help="number of classes K")
+        p.add_argument("--out", required=True, help="run folder to write")
+        add_backbone_argument(p)
+        add_training_arguments(p)
+        p.set_defaults(func=_run, semantic_method=method)
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = fit_semantic(
+        args.data,
+        args.out,
+        args.semantic_method,
+        args.num_classes,
+        resolve_backbone(args.backbone, f"fit {args.semantic_method}"),
+        size=args.size,
+        epochs=args.epochs,
+        steps=args.steps,
+        crf=args.crf,
+        label_factor=args.label_factor,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.workers,
+    )
+    return 0 if result.report.ok else 1

@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from unseg.backbones import create_backbone
+from unseg.backbones import create_backbone, default_backbone_name
 from unseg.backbones.base import Backbone
+from unseg.data.datasets import dataset_images
 from unseg.data.image import list_images, load_image
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import FeatureSet, backbone_weights_sha256, extract_features, prepare_image
@@ -49,6 +52,24 @@ logger = logging.getLogger(__name__)
 Method = Literal["primaps-em", "kmeans"]
 METHODS: tuple[str, ...] = ("primaps-em", "kmeans")
 CHUNK = 16  # images per CRF round
+# `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
+# sky, ground, object) rather than a dataset's 21 or 27.
+DEFAULT_SEGMENT_CLASSES = 5
+
+
+@contextmanager
+def _distributed(device: torch.device) -> Iterator[torch.device]:
+    """Join the torchrun process group if launched by torchrun (and not joined yet); yields the
+    device of this rank; leaves the group at the end if it joined it here."""
+    joined_here = not dist.is_distributed()
+    _, world = dist.init_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        yield device
+    finally:
+        if joined_here and world > 1:
+            dist.cleanup()
 
 
 @dataclass(frozen=True)
@@ -161,19 +182,34 @@ def fit_semantic(
     ``crf`` and ``flip`` are stored as the run's prediction defaults (PriMaPs pseudo-labels always
     use the CRF, as the paper). ``label_factor``: feature upsampling for training and prediction.
     """
-    from unseg.data.datasets import dataset_images
-
     if method not in METHODS:
         raise UnsegError(f"unknown semantic method {method!r}; use one of {', '.join(METHODS)}")
     if num_classes < 2:
         raise UnsegError(f"--num-classes must be at least 2, got {num_classes}")
     if label_factor < 1:
         raise UnsegError(f"label factor must be >= 1, got {label_factor}")
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    _, world = dist.init_distributed(dev)
-    if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
+    with _distributed(resolve_device(device)) as dev:
+        return _fit(
+            data, Path(run_dir), method, num_classes, backbone, size, epochs, steps,
+            PredictSettings(flip=flip, crf=crf, label_factor=label_factor), seed, dev,
+            num_workers,
+        )
+
+
+def _fit(
+    data: str | Path,
+    run_dir: Path,
+    method: Method,
+    num_classes: int,
+    backbone: str,
+    size: int,
+    epochs: int | None,
+    steps: int | None,
+    settings: PredictSettings,
+    seed: int,
+    dev: torch.device,
+    num_workers: int | None,
+) -> FitResult:
     seed_everything(seed)
     workers = num_workers or default_workers()
     paths = dataset_images(data)
@@ -185,7 +221,6 @@ def fit_semantic(
     if not good:
         raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
     feature_list = [feats[p] for p in good]
-    settings = PredictSettings(flip=flip, crf=crf, label_factor=label_factor)
     facts: dict[str, Any] = {}
     if method == "kmeans":
         cfg_km = KMeansConfig(num_classes=num_classes, seed=seed)
@@ -199,9 +234,9 @@ def fit_semantic(
             num_classes=num_classes,
             epochs=PriMaPsEMConfig.epochs if epochs is None else epochs,
             steps=steps,
-            label_factor=label_factor,
-            flip=flip,
-            crf=crf,
+            label_factor=settings.label_factor,
+            flip=settings.flip,
+            crf=settings.crf,
             seed=seed,
         )
         pcfg = PriMaPsConfig()
@@ -312,9 +347,23 @@ def predict_images(
     Optional JPEG overlays in ``overlay_dir``. Broken images are reported and skipped. Under
     torchrun each rank predicts its share.
     """
-    run_dir, root, out_dir = Path(run_dir), Path(images), Path(out_dir)
-    dev = resolve_device(device)
-    run = _load_for_prediction(run_dir, overrides or {}, dev)
+    with _distributed(resolve_device(device)) as dev:
+        return _predict(
+            Path(run_dir), Path(images), Path(out_dir), overrides or {}, dev,
+            None if overlay_dir is None else Path(overlay_dir), num_workers,
+        )
+
+
+def _predict(
+    run_dir: Path,
+    root: Path,
+    out_dir: Path,
+    overrides: dict[str, Any],
+    dev: torch.device,
+    overlay_dir: Path | None,
+    num_workers: int | None,
+) -> BatchReport:
+    run = _load_for_prediction(run_dir, overrides, dev)
     paths = dist.shard(list_images(root), dist.rank(), dist.world_size())
     report = BatchReport()
     palette = png_palette()
@@ -344,7 +393,7 @@ def predict_images(
                 save_png_atomic(target, lab8, palette=palette)
                 report.written.append(target)
                 if overlay_dir is not None:
-                    jpg = (Path(overlay_dir) / _output_name(p, root)).with_suffix(".jpg")
+                    jpg = (overlay_dir / _output_name(p, root)).with_suffix(".jpg")
                     save_jpeg_atomic(jpg, overlay(img, lab8))
     if dist.is_distributed():
         parts = dist.all_gather_objects((report.written, report.failed))
@@ -370,26 +419,33 @@ def segment(
     images: str | Path,
     out_dir: str | Path,
     method: Method = "primaps-em",
-    num_classes: int = 5,
+    num_classes: int = DEFAULT_SEGMENT_CLASSES,
     backbone: str | None = None,
     *,
-    crf: bool = True,
-    seed: int = 0,
+    size: int = 320,
     epochs: int | None = None,
     steps: int | None = None,
+    crf: bool = True,
+    label_factor: int = 2,
+    seed: int = 0,
     device: str | None = None,
+    num_workers: int | None = None,
 ) -> BatchReport:
-    """Fit on ``images`` and predict them: ``out_dir/{run,masks,overlays}``."""
-    from unseg.backbones import default_backbone_name
+    """Fit on ``images`` and predict them: ``out_dir/run``, ``out_dir/masks``, ``out_dir/overlays``.
 
+    Returns the prediction's report, with the images the fit could not use among the failures.
+    """
     out_dir = Path(out_dir)
-    fit = fit_semantic(
-        images, out_dir / "run", method, num_classes, backbone or default_backbone_name(),
-        epochs=epochs, steps=steps, crf=crf, seed=seed, device=device,
-    )
-    report = predict_images(
-        out_dir / "run", images, out_dir / "masks", {}, device, overlay_dir=out_dir / "overlays"
-    )
+    with _distributed(resolve_device(device)) as dev:
+        fit = fit_semantic(
+            images, out_dir / "run", method, num_classes, backbone or default_backbone_name(),
+            size=size, epochs=epochs, steps=steps, crf=crf, label_factor=label_factor,
+            seed=seed, device=str(dev), num_workers=num_workers,
+        )
+        report = predict_images(
+            out_dir / "run", images, out_dir / "masks", {}, str(dev),
+            overlay_dir=out_dir / "overlays", num_workers=num_workers,
+        )
     seen = {p for p, _ in report.failed}
     report.failed = [f for f in fit.report.failed if f[0] not in seen] + report.failed
     return report
