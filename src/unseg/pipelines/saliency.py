@@ -241,7 +241,7 @@ def fit_saliency(
     return FitResult(run_dir, report, len(used), facts)
 
 
-def _load_head(run_dir: Path, device: torch.device) -> tuple[SaliencyHead, Backbone, dict]:
+def load_head(run_dir: Path, device: torch.device) -> tuple[SaliencyHead, Backbone, dict]:
     meta, tensors = load_run(run_dir, METHOD)
     missing = [k for k in ("backbone", "weights_sha256", "in_dim", "stride") if k not in meta]
     if missing:
@@ -282,7 +282,7 @@ def predict_run(
 ) -> BatchReport:
     """``unseg predict`` for ``saliency-head`` runs; ``overrides``: ``guided_filter``, ``guide``."""
     dev = resolve_device(device)
-    head, model, _ = _load_head(Path(run_dir), dev)
+    head, model, _ = load_head(Path(run_dir), dev)
     cfg = head.config
     return predict_masks(
         list_images(images),
