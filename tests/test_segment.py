@@ -1,0 +1,148 @@
+"""Semantic pipeline end to end: segment, save → load → predict, seeds, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from unseg.cli.main import main
+from unseg.errors import UnsegError
+from unseg.pipelines.semantic import fit_semantic, predict_images, predict_run, segment
+from unseg.runs import save_run
+
+BACKBONE = "efficientnet_lite0"
+FAST = {"size": 64, "steps": 12, "num_workers": 1}
+
+
+def write_images(folder: Path, n: int = 3) -> list[Path]:
+    """Photos-like synthetic images: coloured regions with texture, different sizes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = 64 + 16 * i, 96
+        img = np.zeros((h, w, 3), np.uint8)
+        img[: h // 2] = (40, 90, 200)  # sky
+        img[h // 2 :] = (60, 140, 50)  # grass
+        img[h // 3 : 2 * h // 3, w // 3 : w // 2] = (200, 40, 40)  # an object
+        img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+        p = folder / f"img{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("seg")
+    images = root / "images"
+    write_images(images)
+    out = root / "out"
+    report = segment(images, out, "primaps-em", 3, BACKBONE, **FAST)
+    assert report.ok and len(report.written) == 3
+    return images, out
+
+
+def test_segment_writes_masks_overlays_and_a_run(segmented: tuple[Path, Path]) -> None:
+    images, out = segmented
+    for src in sorted(images.glob("*.png")):
+        mask = Image.open(out / "masks" / src.name)
+        assert mask.mode == "P" and mask.getpalette() is not None
+        arr = np.asarray(mask)
+        assert arr.shape == np.asarray(Image.open(src)).shape[:2]
+        assert arr.max() < 3
+        overlay = Image.open((out / "overlays" / src.name).with_suffix(".jpg"))
+        assert overlay.size == mask.size
+    meta = json.loads((out / "run" / "config.json").read_text())
+    assert meta["method"] == "primaps-em" and meta["backbone"] == BACKBONE
+    assert meta["num_classes"] == 3 and meta["feature_dim"] == 432
+    assert len(meta["weights_sha256"]) == 64
+    assert meta["config"]["lr"] == 5e-3 and meta["config"]["ema_decay"] == 0.98
+    assert any((out / "run" / "cache" / "primaps").rglob("*.safetensors"))
+
+
+def test_save_load_predict_gives_identical_masks(segmented: tuple[Path, Path], tmp_path: Path):
+    images, out = segmented
+    report = predict_run(out / "run", images, tmp_path / "again", {}, None)
+    assert report.ok
+    for src in sorted(images.glob("*.png")):
+        a = np.asarray(Image.open(out / "masks" / src.name))
+        b = np.asarray(Image.open(tmp_path / "again" / src.name))
+        assert np.array_equal(a, b)
+
+
+def test_crf_override_changes_only_refinement(segmented: tuple[Path, Path], tmp_path: Path):
+    images, out = segmented
+    assert predict_run(out / "run", images, tmp_path / "nocrf", {"crf": False}, None).ok
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "nocrf").glob("*.png"))]
+    assert len(masks) == 3 and all(m.max() < 3 for m in masks)
+
+
+def test_fixed_seed_gives_identical_runs(segmented: tuple[Path, Path], tmp_path: Path) -> None:
+    images, out = segmented
+    fit_semantic(images, tmp_path / "again", "primaps-em", 3, BACKBONE, **FAST)
+    wa = load_file(out / "run" / "weights.safetensors")
+    wb = load_file(tmp_path / "again" / "weights.safetensors")
+    assert wa.keys() == wb.keys() == {"prototypes", "running"}
+    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+
+def test_broken_and_tiny_images_are_reported_and_the_rest_finished(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_images(images, n=2)
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "tiny.png")
+    report = segment(images, tmp_path / "out", "primaps-em", 3, BACKBONE, **FAST)
+    failed = {p.name: why for p, why in report.failed}
+    assert set(failed) == {"broken.jpg", "tiny.png"}
+    assert "patch" in failed["tiny.png"]
+    assert sorted(p.name for p in report.written) == ["img0.png", "img1.png"]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_images(images, n=1)
+    with pytest.raises(UnsegError, match="at least 2"):
+        fit_semantic(images, tmp_path / "r", "kmeans", 1, BACKBONE, **FAST)
+    with pytest.raises(UnsegError, match="larger than the number of feature vectors"):
+        fit_semantic(images, tmp_path / "r", "kmeans", 500, BACKBONE, **FAST)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsegError, match="no images found"):
+        fit_semantic(tmp_path / "empty", tmp_path / "r", "primaps-em", 3, BACKBONE, **FAST)
+    save_run(tmp_path / "other", "saliency-head", {"x": 1}, {"w": np.zeros(1)} and {})
+    with pytest.raises(UnsegError, match="'saliency-head' model"):
+        predict_images(tmp_path / "other", images, tmp_path / "o")
+    run = tmp_path / "oldrun"
+    save_run(run, "kmeans", {"num_classes": 3}, {})
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["format_version"] = 99
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsegError, match="format version"):
+        predict_images(run, images, tmp_path / "o")
+    incomplete = tmp_path / "incomplete"
+    save_run(incomplete, "kmeans", {"num_classes": 3}, {})
+    with pytest.raises(UnsegError, match="incomplete kmeans run"):
+        predict_images(incomplete, images, tmp_path / "o")
+
+
+def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_images(images, n=2)
+    args = ["-q", "segment", str(images), "--backbone", BACKBONE, "--size", "64", "--workers", "1",
+            "-k", "3", "--method", "kmeans", "--no-crf"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+    meta = json.loads((tmp_path / "ok" / "run" / "config.json").read_text())
+    assert meta["method"] == "kmeans" and meta["predict"]["crf"] is False
+    assert set(load_file(tmp_path / "ok" / "run" / "weights.safetensors")) == {"prototypes"}
+    (images / "broken.png").write_bytes(b"\x89PNG broken")
+    # a broken image: reported, exit status 1, the others predicted
+    assert main(["-q", "predict", str(tmp_path / "ok" / "run"), str(images), "--out",
+                 str(tmp_path / "p")]) == 1
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["img0.png", "img1.png"]
+    assert main(["-q", "fit", "kmeans", str(images), "-k", "1", "--out", str(tmp_path / "x"),
+                 "--backbone", BACKBONE]) == 2
