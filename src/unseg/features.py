@@ -19,6 +19,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,17 +164,17 @@ def target_size(
     return snap(height * size / short), snap(width * size / short)
 
 
-def prepare_image(
+def resize_image(
     image: np.ndarray, size: int, stride: int, crop: bool = False
 ) -> torch.Tensor:
-    """uint8 RGB ``[H, W, 3]`` → float ``[3, H', W']`` in ``[0, 1]`` at :func:`target_size`.
+    """uint8 RGB ``[H, W, 3]`` → uint8 ``[3, H', W']`` at :func:`target_size`.
 
-    Bilinear with antialiasing; ``crop=True`` resizes the short side to the square side and
-    centre-crops.
+    Bilinear with antialiasing (torch's fast uint8 path); ``crop=True`` resizes the short side
+    to the square side and centre-crops.
     """
     h, w = image.shape[:2]
     pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))
-    x = pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    x = pixels.permute(2, 0, 1).unsqueeze(0)
     th, tw = target_size(h, w, size, stride, crop)
     if crop:
         scale = th / min(h, w)
@@ -183,7 +184,14 @@ def prepare_image(
         x = x[..., top : top + th, left : left + tw]
     else:
         x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
-    return x.squeeze(0).clamp_(0.0, 1.0).contiguous()
+    return x.squeeze(0).contiguous()
+
+
+def prepare_image(
+    image: np.ndarray, size: int, stride: int, crop: bool = False
+) -> torch.Tensor:
+    """uint8 RGB ``[H, W, 3]`` → float ``[3, H', W']`` in ``[0, 1]``: :func:`resize_image` / 255."""
+    return resize_image(image, size, stride, crop).float().div_(255.0)
 
 
 def _file_sha256(path: Path) -> str:
@@ -256,7 +264,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         item = self.items[i]
         try:
-            image = prepare_image(load_image(item.path), self.size, self.stride, self.crop)
+            image = resize_image(load_image(item.path), self.size, self.stride, self.crop)
         except UnsegError as exc:
             return i, None, getattr(exc, "problem", str(exc))
         if tuple(image.shape[1:]) != item.image_size:
@@ -285,9 +293,9 @@ def _shape_batches(items: list[_Item], batch_size: int) -> list[list[int]]:
     ]
 
 
-def _default_workers(n_items: int, batch_size: int) -> int:
-    """No workers for a single batch; else the CPUs this rank may use, less one, at most 8."""
-    if n_items <= batch_size:
+def _default_workers(n_items: int) -> int:
+    """No workers for one or two images; else the CPUs this rank may use, less one, at most 8."""
+    if n_items <= 2:
         return 0
     return max(1, min(8, (os.cpu_count() or 2) // dist.world_size() - 1))
 
@@ -440,7 +448,7 @@ def _compute(
     num_workers: int | None,
 ) -> tuple[dict[int, tuple[torch.Tensor, tuple[int, int, int]]], list[tuple[Path, str]]]:
     """Run the backbone over ``todo``; returns features by input index and the failures."""
-    workers = _default_workers(len(todo), batch_size) if num_workers is None else num_workers
+    workers = _default_workers(len(todo)) if num_workers is None else num_workers
     batches = _shape_batches(todo, batch_size)
     loader = DataLoader(
         _ImageDataset(todo, size, stride, crop),
@@ -455,21 +463,36 @@ def _compute(
     out: dict[int, tuple[torch.Tensor, tuple[int, int, int]]] = {}
     failed: list[tuple[Path, str]] = []
     steps = progress(loader, total=len(batches), desc="features") if dist.is_main() else loader
-    for idx, images, bad in steps:
-        failed += [(todo[i].path, problem) for i, problem in bad]
-        if images is None:
-            continue
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            f = backbone.forward_features(images, kind)
-        f = f.to("cpu", dtype)
-        for j, i in enumerate(idx):
-            item = todo[i]
-            fi = f[j].clone()
-            if cache is not None:
-                _save_features(cache / f"{item.sha256}.safetensors", fi)
-            out[item.index] = (fi if cache is None else torch.empty(0), tuple(fi.shape))
+    # Cache files are written by one background thread while the model runs on the next batch.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unseg-cache") as writer:
+        pending: list[Future] = []
+        for idx, images, bad in steps:
+            failed += [(todo[i].path, problem) for i, problem in bad]
+            if images is None:
+                continue
+            images = images.to(device, non_blocking=True).float().div_(255.0)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                f = backbone.forward_features(images, kind)
+            f = f.to("cpu", dtype)
+            for j, i in enumerate(idx):
+                item = todo[i]
+                fi = f[j].clone()
+                if cache is not None:
+                    path = cache / f"{item.sha256}.safetensors"
+                    pending.append(writer.submit(_save_features, path, fi))
+                out[item.index] = (fi if cache is None else torch.empty(0), tuple(fi.shape))
+            pending = [job for job in pending if not _done(job)]
+        for job in pending:
+            job.result()
     return out, failed
+
+
+def _done(job: Future) -> bool:
+    """True once ``job`` finished; re-raises its exception (a failed cache write stops the run)."""
+    if job.done():
+        job.result()
+        return True
+    return False
 
 
 def extract_dataset(
