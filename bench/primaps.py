@@ -1,0 +1,225 @@
+"""PriMaPs speed: proposals (no CRF) and dense CRF per image, against the reference loop.
+
+At 320x320 with dino_vits8-sized features (40x40x384), on two feature sources:
+
+- ``synthetic``: piecewise-constant Voronoi layouts (8-14 regions per image) whose class vectors
+  share a common mean direction (as ViT tokens do), plus smooth and per-pixel noise;
+- ``real``: EfficientNet-Lite0 stride-16 features of the bundled photos at 640x640 (a 40x40
+  grid), projected to 384 channels by a fixed random orthonormal matrix.
+
+The reference loop is re-implemented here from its description (``torch.pca_lowrank(q=3,
+niter=100)`` on the available raw features at every proposal, cosine similarity, re-anchoring,
+threshold, median filter, gain, background, log-softmax) with the same sign rule as unseg (see
+``unseg.proposals.primaps``); the share of identical pre-CRF labels compares the two at 320x320.
+CRF throughput is measured with 1 and 2 worker processes on the same inputs, after warm-up.
+
+Prints one JSON object. ``python bench/primaps.py [--images N] [--repeat R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unseg.proposals.primaps import (
+    PriMaPsConfig,
+    ids_from_argmax,
+    labels_from_log_probs,
+    principal_masks,
+    proposal_log_probs,
+)
+from unseg.refine.crf import CRFPool
+
+SIZE = 320
+GRID = 40
+DIM = 384
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+def synthetic_features(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` structured feature maps ``[384, 40, 40]`` (Voronoi regions of shared classes)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(DIM, generator=g) * 1.5
+    classes = torch.randn(20, DIM, generator=g) * 2.0 + common
+    yy, xx = torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij")
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(8, 15, (1,), generator=g))
+        seeds = torch.rand(k, 2, generator=g) * GRID
+        d = (yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2
+        region = d.argmin(0)
+        cls = torch.randint(0, 20, (k,), generator=g)[region]
+        smooth = F.interpolate(torch.randn(1, DIM, 5, 5, generator=g), size=(GRID, GRID),
+                               mode="bilinear", align_corners=False)[0]
+        f = classes[cls].permute(2, 0, 1) + 0.6 * smooth + 0.8 * torch.randn(DIM, GRID, GRID,
+                                                                             generator=g)
+        out.append(f.contiguous())
+    return out
+
+
+def real_features() -> list[torch.Tensor]:
+    """EfficientNet-Lite0 features of the sample photos on a 40x40 grid, projected to 384-d."""
+    from unseg.backbones import create_backbone
+    from unseg.data.image import load_image
+    from unseg.features import prepare_image
+
+    model = create_backbone("efficientnet_lite0", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    proj, _ = torch.linalg.qr(torch.randn(model.dim, DIM, generator=g))
+    feats = []
+    with torch.inference_mode():
+        for p in sorted(EXAMPLES.glob("*.jpg")):
+            x = prepare_image(load_image(p), GRID * model.stride, model.stride, crop=True)
+            f = model.forward_features(x[None])[0]
+            feats.append(torch.einsum("chw,cd->dhw", f, proj).contiguous())
+    return feats
+
+
+def reference_labels(features: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Pre-CRF labels ``[320, 320]`` from a straightforward re-implementation of the reference."""
+    torch.manual_seed(seed)
+    c, h, w = features.shape
+    unit = F.normalize(features, dim=0)
+    avail = torch.ones(h, w, dtype=torch.bool)
+    memory: list[torch.Tensor] = []
+    masks = []
+    while (~avail).sum() / avail.numel() < 0.95:
+        _, _, v = torch.pca_lowrank(features[:, avail].T, q=3, niter=100)
+        v = v[:, 0]
+        sim = torch.einsum("c,cij->ij", v, unit)
+        sim[~avail] = 0
+        if sim[avail].max() < -sim[avail].min():  # unseg's sign rule (see module docstring)
+            sim = -sim
+        masked = torch.where(avail, sim, torch.full_like(sim, -2.0))
+        anchor = unit.reshape(c, -1)[:, int(masked.argmax())]
+        sim = torch.einsum("c,cij->ij", anchor, unit)
+        sim[~avail] = 0
+        peak = sim.max()
+        if peak > 0:
+            sim[sim < 0.4 * peak] = 0
+            sim = sim / peak
+            masks.append(sim.clone())
+            avail[sim > 0] = False
+        memory.insert(0, avail.clone())
+        if len(memory) > 3:
+            memory.pop()
+            if all(torch.equal(memory[0], m) for m in memory):
+                break
+    stack = torch.stack(masks)[None]
+    padded = F.pad(stack, (1, 1, 1, 1), mode="reflect")
+    med = padded.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*stack.shape, 9).median(-1).values[0]
+    med = (med * 10).clamp(0, 1)
+    bg = (med[med != 0].mean() - med.sum(0)).clamp(0, 1)[None]
+    lp = torch.log_softmax(torch.cat([bg, med]), dim=0)
+    up = F.interpolate(lp[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    return ids_from_argmax(up.argmax(0))
+
+
+def fast_log_probs(features: torch.Tensor) -> torch.Tensor:
+    return proposal_log_probs(principal_masks(features, PriMaPsConfig()).masks)
+
+
+def crf_images(n: int) -> list[np.ndarray]:
+    """``n`` real 320x320 RGB images (the sample photos, repeated and flipped)."""
+    from unseg.data.image import load_image
+    from unseg.features import prepare_image
+
+    base = [
+        (prepare_image(load_image(p), SIZE, 8, crop=True) * 255).round().byte().permute(1, 2, 0)
+        for p in sorted(EXAMPLES.glob("*.jpg"))
+    ]
+    out = []
+    for i in range(n):
+        img = base[i % len(base)].numpy()
+        out.append(np.ascontiguousarray(img[:, ::-1] if (i // len(base)) % 2 else img))
+    return out
+
+
+def bench_source(name: str, feats: list[torch.Tensor], repeat: int) -> dict:
+    """Timings and label agreement of the fast loop vs the reference on one feature source."""
+    fast_s, ref_s, same, total, counts = 0.0, 0.0, 0, 0, []
+    for f in feats:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            lp = fast_log_probs(f)
+            fast_s += time.perf_counter() - t
+        fast = labels_from_log_probs(lp, (SIZE, SIZE))
+        t = time.perf_counter()
+        ref = reference_labels(f)
+        ref_s += time.perf_counter() - t
+        # proposal ids come in the same order from both loops: compare them directly
+        same += int((fast == ref).sum())
+        total += fast.numel()
+        counts.append(lp.shape[0] - 1)
+    n = len(feats)
+    fast_ms = 1000 * fast_s / (n * repeat)
+    ref_ms = 1000 * ref_s / n
+    return {
+        "source": name,
+        "images": n,
+        "proposals_per_image": float(np.mean(counts)),
+        "proposals_ms_per_image": round(fast_ms, 2),
+        "reference_ms_per_image": round(ref_ms, 2),
+        "speedup": round(ref_ms / fast_ms, 2),
+        "identical_pre_crf_labels": round(same / total, 5),
+    }
+
+
+def bench_crf(feats: list[torch.Tensor], n_images: int) -> dict:
+    images = crf_images(n_images)
+    logits = [fast_log_probs(feats[i % len(feats)]) for i in range(n_images)]
+    labels = float(np.mean([len(x) for x in logits]))
+    result: dict = {"images": n_images, "labels_per_image": labels}
+    for workers in (1, 2):
+        with CRFPool(workers) as pool:
+            pool.map(images[:workers], logits[:workers])  # warm-up (process start, imports)
+            t = time.perf_counter()
+            pool.map(images, logits)
+            elapsed = time.perf_counter() - t
+        result[f"ms_per_image_{workers}_process"] = round(1000 * elapsed / n_images, 2)
+    result["throughput_2_vs_1"] = round(
+        result["ms_per_image_1_process"] / result["ms_per_image_2_process"], 2
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of the fast loop")
+    parser.add_argument("--crf-images", type=int, default=8, help="images for the CRF timing")
+    args = parser.parse_args()
+    synthetic = synthetic_features(args.images)
+    real = real_features()
+    out = {
+        "benchmark": "primaps",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
+            "load_average": list(os.getloadavg()),
+        },
+        "image_size": [SIZE, SIZE],
+        "feature_shape": [DIM, GRID, GRID],
+        "proposals": [
+            bench_source("synthetic", synthetic, args.repeat),
+            bench_source("real", real, args.repeat),
+        ],
+        "crf": bench_crf(synthetic + real, args.crf_images),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
