@@ -1,0 +1,215 @@
+"""`unseg discover`, `unseg fit saliency` and `unseg predict` end to end, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import unseg.pipelines.saliency as saliency_pipeline
+from unseg.backbones import (
+    Backbone,
+    BackboneSpec,
+    build_backbone,
+    list_backbones,
+    register_backbone,
+)
+from unseg.cli.main import main
+from unseg.data.image import load_label
+from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
+from unseg.refine.guided_filter import GuidedFilterConfig
+
+BACKBONE = "tiny_test16"
+
+
+class _Tiny(Backbone):
+    """A stand-in backbone (stride 16, 6 channels): the mean normalised colour of each patch and
+    its negation, so patches of different colours have negative cosine similarity."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__(spec)
+        self.proj = torch.nn.Conv2d(3, 6, 1, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.cat([torch.eye(3), -torch.eye(3)]).view(6, 3, 1, 1))
+
+    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return self.proj(F.avg_pool2d(x, 16))
+
+
+@pytest.fixture(autouse=True)
+def tiny_backbone(monkeypatch):
+    """``create_backbone`` in the pipeline builds the stand-in (no weight files involved)."""
+    if not list_backbones(BACKBONE):
+        spec = BackboneSpec(BACKBONE, "test", 16, 6, (0.5,) * 3, (0.5,) * 3)
+        register_backbone(spec, _Tiny)
+
+    def create(name, weights=None, device=None, **kwargs):
+        return build_backbone(name).requires_grad_(False).eval()
+
+    monkeypatch.setattr(saliency_pipeline, "create_backbone", create)
+
+
+def _square(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = (40 + 20 * rng.random((h, w, 3))).astype(np.uint8)
+    img[h // 4 : h // 2 + 10, w // 3 : w // 3 + h // 3] = (230, 220, 40)
+    return img
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    for i, (h, w) in enumerate([(96, 128), (120, 90), (100, 100)]):
+        Image.fromarray(_square(h, w, i)).save(d / f"img{i}.png")
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(d / "blank.png")
+    Image.fromarray(_square(12, 9, 5)).save(d / "tiny.png")  # smaller than one patch
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    return d
+
+
+def _check_outputs(out, folder, expect_failed=("broken",)):
+    boxes = json.loads((out / BOXES_FILE).read_text())
+    for p in folder.iterdir():
+        if p.stem in expect_failed:
+            assert p.stem not in boxes
+            continue
+        mask = load_label(out / MASKS_DIR / f"{p.stem}.png")
+        h, w = np.asarray(Image.open(p)).shape[:2]
+        assert mask.shape == (h, w) and mask.dtype == np.uint8
+        box = boxes[p.stem]
+        if box is None:
+            assert (mask < 128).all()
+        else:
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            assert (mask[int(y0) : int(y1), int(x0) : int(x1)] >= 128).any()
+    return boxes
+
+
+@pytest.mark.parametrize("gf", ["--guided-filter", "--no-guided-filter"])
+def test_discover_spectral(folder, tmp_path, gf, capsys):
+    out = tmp_path / "out"
+    code = main(["-q", "discover", str(folder), "--out", str(out), "--backbone", BACKBONE, gf])
+    assert code == 1  # the broken file is reported, the rest are written
+    boxes = _check_outputs(out, folder)
+    assert boxes["img0"] is not None
+
+
+def test_discover_says_which_default_backbone(folder, tmp_path, capsys, monkeypatch):
+    """The real default backbone (pretrained weights, offline) on one image."""
+    monkeypatch.undo()
+    img = folder / "img0.png"
+    assert main(["-q", "discover", str(img), "--out", str(tmp_path / "o")]) == 0
+    assert "default backbone" in capsys.readouterr().err
+    assert (tmp_path / "o" / MASKS_DIR / "img0.png").is_file()
+
+
+def test_all_background_gives_empty_mask_and_null_box(folder, tmp_path):
+    paths = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+    report = predict_masks(
+        paths, tmp_path / "o", lambda im: torch.zeros(im.shape[:2]), GuidedFilterConfig(), 320, 16
+    )
+    assert report.ok
+    boxes = json.loads((tmp_path / "o" / BOXES_FILE).read_text())
+    assert set(boxes) == {p.stem for p in paths} and all(v is None for v in boxes.values())
+    assert all(load_label(tmp_path / "o" / MASKS_DIR / f"{p.stem}.png").max() == 0 for p in paths)
+
+
+def test_extreme_aspect_and_duplicate_stems_are_reported(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(_square(40, 40, 0)).save(d / "a.png")
+    Image.fromarray(_square(40, 40, 1)).save(d / "sub" / "a.png")
+    Image.fromarray(np.zeros((4, 2000, 3), np.uint8)).save(d / "strip.png")
+    report = predict_masks(
+        sorted(d.rglob("*.png")), tmp_path / "o", lambda im: torch.ones(im.shape[:2]), None, 320, 16
+    )
+    problems = {p.name if p.parent.name != "sub" else "sub/a.png": m for p, m in report.failed}
+    assert set(problems) == {"sub/a.png", "strip.png"}
+    assert "same stem" in problems["sub/a.png"] and "aspect ratio" in problems["strip.png"]
+
+
+def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "-q",
+        "fit",
+        "saliency",
+        str(folder),
+        "--out",
+        str(run),
+        "--backbone",
+        BACKBONE,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--size",
+        "64",
+        "--multiscale",
+        "--lr",
+        "1e-3",
+    ]
+    assert main(args) == 1  # broken.jpg reported
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["method"] == "saliency-head" and meta["backbone"] == BACKBONE
+    assert len(meta["weights_sha256"]) == 64
+    assert meta["config"]["multiscale"] is True and meta["config"]["lr"] == 1e-3
+    assert meta["training"]["n_images"] == 5
+    out = tmp_path / "pred"
+    code = main(["-q", "predict", str(run), str(folder), "--out", str(out), "--guide", "luma"])
+    assert code == 1
+    _check_outputs(out, folder)
+    out2 = tmp_path / "pred2"
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(run),
+                str(folder / "img1.png"),
+                "--out",
+                str(out2),
+                "--no-guided-filter",
+            ]
+        )
+        == 0
+    )
+    a = load_label(out / MASKS_DIR / "img1.png").astype(int)
+    b = load_label(out2 / MASKS_DIR / "img1.png").astype(int)
+    assert a.shape == b.shape and (a != b).any()  # the filter changed something
+
+
+def test_discover_head_trains_into_out_run(folder, tmp_path):
+    img = folder / "img0.png"
+    out = tmp_path / "o"
+    code = main(
+        [
+            "-q",
+            "discover",
+            str(img),
+            "--out",
+            str(out),
+            "--method",
+            "head",
+            "--backbone",
+            BACKBONE,
+            "--epochs",
+            "1",
+            "--train-images",
+            str(folder),
+        ]
+    )
+    assert code == 1  # broken.jpg in the training folder is reported
+    assert (out / "run" / "config.json").is_file() and (out / MASKS_DIR / "img0.png").is_file()
+
+
+def test_predict_rejects_other_runs(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["predict"])
+    assert main(["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
