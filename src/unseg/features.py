@@ -44,7 +44,7 @@ from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images resized in uint8
 _EXIF_ORIENTATION = 0x0112
 _CHUNK = 1 << 20
 
