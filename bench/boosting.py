@@ -5,7 +5,10 @@ on one 320x320 mask and on one full-size ECSSD image, for radii 2, 9 and 32, bes
 ``dino_vits8`` forward at 320x320 (random weights) in the same process. Median of ``--repeats``
 runs after one warm-up. Prints JSON.
 
-    .venv/bin/python bench/boosting.py
+    .venv/bin/python bench/boosting.py [--threads 1]
+
+On a busy shared CPU, several torch threads per process make the filter's many small ops wait
+on the scheduler; ``--threads 1`` measures the arithmetic cost.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as set)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)
 
