@@ -118,6 +118,7 @@ def main() -> int:
     ap.add_argument("--train-n", type=int, default=422)
     ap.add_argument("--tasks", nargs="+", default=["saliency", "corloc"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-spectral", action="store_true", help="only the head rows")
     ap.add_argument("--limit", type=int, default=None, help="smoke test: first N images only")
     args = ap.parse_args()
     out = Path(args.out)
@@ -145,8 +146,9 @@ def main() -> int:
             link = train_dir / p.name
             if not link.exists():
                 link.symlink_to(p)
-        fn = spectral_prob_fn(backbone, size, SpectralConfig())
-        _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
+        if not args.no_spectral:
+            fn = spectral_prob_fn(backbone, size, SpectralConfig())
+            _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
         for ms in (False, True):
             cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, multiscale=ms, seed=args.seed)
             name = "head + multi-scale" if ms else "head"
