@@ -137,3 +137,17 @@ def test_bad_inputs() -> None:
         PriMaPsEM().fit(feats, [])
     with pytest.raises(UnsegError, match="before fit"):
         PriMaPsEM().predict(feats[0], (6, 12))
+
+
+def test_cosine_logits_equal_normalising_the_upsampled_features() -> None:
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(16, 5, 7, generator=g) + 1.0
+    w = torch.randn(3, 16, generator=g)
+    up = torch.nn.functional.interpolate(f[None], size=(15, 21), mode="bilinear",
+                                         align_corners=False)
+    naive = torch.einsum(
+        "kc,chw->khw",
+        torch.nn.functional.normalize(w, dim=1),
+        torch.nn.functional.normalize(up, dim=1)[0],
+    )
+    torch.testing.assert_close(cosine_logits(f, w, factor=3), naive, atol=1e-5, rtol=1e-5)

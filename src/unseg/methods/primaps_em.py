@@ -69,21 +69,36 @@ class PriMaPsEMConfig:
     seed: int = 0
 
 
+def upsampled_norm(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel L2 norm ``[H, W]`` of ``features [C, h, w]`` upsampled bilinearly to ``size``."""
+    x = features.float()[None]
+    if tuple(size) != tuple(features.shape[1:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0].norm(dim=0).clamp_min(1e-12)
+
+
 def cosine_logits(
-    features: torch.Tensor, prototypes: torch.Tensor, factor: int = 1
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    factor: int = 1,
+    norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``.
 
-    Features are upsampled bilinearly by ``factor``, L2-normalised per pixel, and compared to
-    the L2-normalised rows of ``prototypes [K, C]``.
+    The value is that of features upsampled bilinearly by ``factor``, L2-normalised per pixel
+    and compared to the L2-normalised rows of ``prototypes [K, C]``. Computed without
+    materialising the upsampled features: upsampling is linear, so ``W·up(F) = up(W·F)`` (K
+    channels instead of C) divided by ``‖up(F)‖`` (``norm``, from :func:`upsampled_norm`,
+    computed here when not given).
     """
-    x = features.float()[None]
+    size = (features.shape[1] * factor, features.shape[2] * factor)
+    w = F.normalize(prototypes.float().to(features.device), dim=1)
+    lg = torch.einsum("kc,chw->khw", w, features.float())
     if factor != 1:
-        size = (features.shape[1] * factor, features.shape[2] * factor)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    x = F.normalize(x, dim=1)
-    w = F.normalize(prototypes.float().to(x.device), dim=1)
-    return torch.einsum("kc,chw->khw", w, x[0])
+        lg = F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0]
+    if norm is None:
+        norm = upsampled_norm(features, size)
+    return lg / norm
 
 
 def e_step(
@@ -132,6 +147,10 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     flip = proj.max(dim=0).values < -proj.min(dim=0).values
     dirs[flip] = -dirs[flip]
     return dirs.to(x.dtype)
+
+
+# per image: features, their upsampled norm, student features, their norm, factor, labels
+_View = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]
 
 
 def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -209,6 +228,15 @@ class PriMaPsEM:
         per_epoch = math.ceil(n / batch)
         total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
         rank, world = dist.rank(), dist.world_size()
+        factors = [self._factor(f, p) for f, p in zip(features, proposals, strict=True)]
+        sizes = [(f.shape[1] * r, f.shape[2] * r) for f, r in zip(features, factors, strict=True)]
+        labels = [_resize_labels(p, s).reshape(-1) for p, s in zip(proposals, sizes, strict=True)]
+        norms = [upsampled_norm(features[i], sizes[i]) for i in range(n)]
+        student_norms = (
+            None
+            if student_features is None
+            else [upsampled_norm(student_features[i], sizes[i]) for i in range(n)]
+        )
         order: list[int] = []
         self.history_ = []
         for step in progress(range(1, total + 1), total=total, desc="PriMaPs-EM"):
@@ -216,20 +244,18 @@ class PriMaPsEM:
                 order += torch.randperm(n, generator=gen).tolist()
             idx, order = order[:batch], order[batch:]
             mine = dist.shard(idx, rank, world)
-            xs, xs_student, labels = [], [], []
-            for i in mine:
-                f = features[i].to(device)
-                factor = self._factor(f, proposals[i])
-                size = (f.shape[1] * factor, f.shape[2] * factor)
-                lab = _resize_labels(proposals[i].to(device), size)
-                up = F.interpolate(f.float()[None], size=size, mode="bilinear", align_corners=False)
-                xs.append(F.normalize(up, dim=1)[0].reshape(f.shape[0], -1).T)
-                if student_features is not None:
-                    s = student_features[i].to(device).float()[None]
-                    s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
-                    xs_student.append(F.normalize(s, dim=1)[0].reshape(f.shape[0], -1).T)
-                labels.append(lab.reshape(-1))
-            loss_value = self._step(xs, xs_student or xs, labels, running, momentum, optim)
+            views = [
+                (
+                    features[i].to(device),
+                    norms[i].to(device),
+                    (features if student_features is None else student_features)[i].to(device),
+                    norms[i].to(device) if student_norms is None else student_norms[i].to(device),
+                    factors[i],
+                    labels[i].to(device),
+                )
+                for i in mine
+            ]
+            loss_value = self._step(views, running, momentum, optim)
             self.history_.append(loss_value)
             if step % cfg.ema_every == 0:
                 momentum = ema_update(momentum, running.detach(), cfg.ema_decay)
@@ -239,23 +265,27 @@ class PriMaPsEM:
 
     def _step(
         self,
-        xs: list[torch.Tensor],
-        xs_student: list[torch.Tensor],
-        labels: list[torch.Tensor],
+        views: list[_View],
         running: torch.Tensor,
         momentum: torch.Tensor,
         optim: torch.optim.Optimizer,
     ) -> float:
+        """One E+M step on ``views``: (features, norm, student features, student norm, factor,
+        proposal labels) per image."""
         cfg = self.config
         k = cfg.num_classes
         with torch.no_grad():
-            w_m = F.normalize(momentum, dim=1)
             targets = [
-                e_step((x @ w_m.T).argmax(dim=1), lab, k, cfg.ignore_index)
-                for x, lab in zip(xs, labels, strict=True)
+                e_step(
+                    cosine_logits(f, momentum, r, nrm).reshape(k, -1).argmax(dim=0),
+                    lab, k, cfg.ignore_index,
+                )
+                for f, nrm, _, _, r, lab in views
             ]
-        w = F.normalize(running, dim=1)
-        logits = torch.cat([x @ w.T for x in xs_student]) if xs_student else w.new_zeros((0, k))
+        logits_list = [
+            cosine_logits(fs, running, r, ns).reshape(k, -1).T for _, _, fs, ns, r, _ in views
+        ]
+        logits = torch.cat(logits_list) if logits_list else running.new_zeros((0, k))
         y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
         probs = logits.detach().softmax(dim=1)
         stats = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])
