@@ -146,3 +146,12 @@ def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["img0.png", "img1.png"]
     assert main(["-q", "fit", "kmeans", str(images), "-k", "1", "--out", str(tmp_path / "x"),
                  "--backbone", BACKBONE]) == 2
+
+
+def test_student_augmentations_train_on_another_view(segmented: tuple[Path, Path], tmp_path: Path):
+    images, out = segmented
+    fit_semantic(images, tmp_path / "s", "primaps-em", 3, BACKBONE, student_augs=True, **FAST)
+    meta = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert meta["config"]["student_augs"] is True
+    plain = load_file(out / "run" / "weights.safetensors")["running"]
+    assert not np.array_equal(load_file(tmp_path / "s" / "weights.safetensors")["running"], plain)

@@ -60,7 +60,12 @@ def register(methods: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True, help="run folder to write")
         add_backbone_argument(p)
         add_training_arguments(p)
-        p.set_defaults(func=_run, semantic_method=method)
+        if method == "primaps-em":
+            p.add_argument(
+                "--student-augs", action="store_true",
+                help="train θ on a photometrically augmented view (paper: optional; off)",
+            )
+        p.set_defaults(func=_run, semantic_method=method, student_augs=False)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -75,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         steps=args.steps,
         crf=args.crf,
         label_factor=args.label_factor,
+        student_augs=args.student_augs,
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,

@@ -32,6 +32,7 @@ from unseg.backbones import create_backbone, default_backbone_name
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.image import list_images, load_image
+from unseg.data.transforms import color_jitter
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import FeatureSet, backbone_weights_sha256, extract_features, prepare_image
 from unseg.methods.kmeans import CosineKMeans, KMeansConfig
@@ -117,6 +118,27 @@ def _too_small(feats: FeatureSet, stride: int, report: BatchReport) -> list[Path
     return keep
 
 
+@torch.no_grad()
+def student_features(
+    paths: list[Path], model: Backbone, size: int, seed: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Features ``[C, h, w]`` of one photometrically augmented view of each image (colour
+    jitter 0.4/0.4/0.4/0.1 and, with probability 0.2, greyscale), seeded per image order.
+
+    The reference draws a fresh augmentation every step; one fixed view per image keeps the
+    backbone out of the training loop (documented deviation).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in progress(paths, total=len(paths), desc="student views"):
+        x = prepare_image(load_image(p), size, model.stride)
+        x, _ = color_jitter(x, None, gen)
+        if torch.rand((), generator=gen) < 0.2:
+            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
+        out.append(model.forward_features(x[None].to(device), "tokens")[0].float().cpu())
+    return out
+
+
 def _pseudo_dir(run_dir: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
     key = json.dumps(
         {"features": str(feats.cache_dir), "primaps": asdict(cfg), "crf": asdict(crf)},
@@ -173,6 +195,7 @@ def fit_semantic(
     crf: bool = True,
     flip: bool = True,
     label_factor: int = 2,
+    student_augs: bool = False,
     seed: int = 0,
     device: str | None = None,
     num_workers: int | None = None,
@@ -181,6 +204,7 @@ def fit_semantic(
 
     ``crf`` and ``flip`` are stored as the run's prediction defaults (PriMaPs pseudo-labels always
     use the CRF, as the paper). ``label_factor``: feature upsampling for training and prediction.
+    ``student_augs``: PriMaPs-EM's θ trains on a photometrically augmented view.
     """
     if method not in METHODS:
         raise UnsegError(f"unknown semantic method {method!r}; use one of {', '.join(METHODS)}")
@@ -191,8 +215,8 @@ def fit_semantic(
     with _distributed(resolve_device(device)) as dev:
         return _fit(
             data, Path(run_dir), method, num_classes, backbone, size, epochs, steps,
-            PredictSettings(flip=flip, crf=crf, label_factor=label_factor), seed, dev,
-            num_workers,
+            PredictSettings(flip=flip, crf=crf, label_factor=label_factor), student_augs, seed,
+            dev, num_workers,
         )
 
 
@@ -206,6 +230,7 @@ def _fit(
     epochs: int | None,
     steps: int | None,
     settings: PredictSettings,
+    student_augs: bool,
     seed: int,
     dev: torch.device,
     num_workers: int | None,
@@ -237,6 +262,7 @@ def _fit(
             label_factor=settings.label_factor,
             flip=settings.flip,
             crf=settings.crf,
+            student_augs=student_augs,
             seed=seed,
         )
         pcfg = PriMaPsConfig()
@@ -245,7 +271,8 @@ def _fit(
             good, feats, _pseudo_dir(run_dir, feats, pcfg, crf_cfg), size, model.stride, pcfg,
             crf_cfg, workers,
         )
-        em = PriMaPsEM(cfg_em).fit(feature_list, pseudo, device=dev)
+        student = student_features(good, model, size, seed, dev) if student_augs else None
+        em = PriMaPsEM(cfg_em).fit(feature_list, pseudo, student, device=dev)
         config = cfg_em
         tensors = em.tensors()
         facts.update(steps=len(em.history_), final_loss=em.history_[-1] if em.history_ else None)
