@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unseg.cli.fit_semantic import resolve_backbone
 from unseg.methods.saliency import SaliencyHeadConfig
 from unseg.pipelines.saliency import discover
 from unseg.refine.guided_filter import GuidedFilterConfig
@@ -18,26 +19,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", help="image file or folder (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--method", choices=["spectral", "head"], default="spectral",
+        "--method",
+        choices=["spectral", "head"],
+        default="spectral",
         help="spectral: training-free TokenCut bipartition (default); head: train the "
         "saliency head first (its run is kept in OUT/run)",
     )
     p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
     p.add_argument(
-        "--train-images", default=None,
+        "--train-images",
+        default=None,
         help="images to train the head on (default: IMAGES themselves; no labels are used)",
     )
     p.add_argument("--epochs", type=int, default=None, help="head training epochs (default 30)")
     p.add_argument(
-        "--guided-filter", action=argparse.BooleanOptionalAction, default=True,
+        "--guided-filter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="guided-filter refinement of the masks (default: on)",
     )
     p.add_argument(
-        "--multiscale", action=argparse.BooleanOptionalAction, default=False,
+        "--multiscale",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="multi-scale consistency while training the head (default: off)",
     )
     p.add_argument(
-        "--guide", choices=["mean", "luma"], default="mean",
+        "--guide",
+        choices=["mean", "luma"],
+        default="mean",
         help="guided-filter guide: mean of RGB (reference code, default) or BT.601 luma",
     )
     p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
@@ -54,7 +64,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         cfg.epochs = args.epochs
     report = discover(
-        args.images, args.out, args.method, args.backbone, args.train_images, cfg,
-        device=args.device, cache_dir=args.cache_dir,
+        args.images,
+        args.out,
+        args.method,
+        resolve_backbone(args.backbone, "discover"),
+        args.train_images,
+        cfg,
+        device=args.device,
+        cache_dir=args.cache_dir,
     )
     return 0 if report.ok else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unseg.cli.fit_semantic import resolve_backbone
 from unseg.methods.saliency import SaliencyHeadConfig
 from unseg.pipelines.saliency import fit_saliency
 from unseg.refine.guided_filter import GuidedFilterConfig
@@ -25,19 +26,28 @@ def register(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
     p.add_argument("--size", type=int, default=_DEFAULTS.image_size, help="training crop side")
     p.add_argument(
-        "--multiscale", action=argparse.BooleanOptionalAction, default=False,
+        "--multiscale",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="multi-scale consistency (Boosting trick; default: off)",
     )
     p.add_argument(
-        "--crop-scale", type=float, nargs=2, default=list(_DEFAULTS.crop_scale),
-        metavar=("LO", "HI"), help="crop side as a fraction of the image side (0.5 0.5)",
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=list(_DEFAULTS.crop_scale),
+        metavar=("LO", "HI"),
+        help="crop side as a fraction of the image side (0.5 0.5)",
     )
     p.add_argument(
-        "--fixed-crop", action="store_true",
+        "--fixed-crop",
+        action="store_true",
         help="reproduce the reference code's near-fixed (top-left) crop, for comparison",
     )
     p.add_argument(
-        "--guided-filter", action=argparse.BooleanOptionalAction, default=True,
+        "--guided-filter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="guided filter at prediction time (default: on)",
     )
     p.add_argument("--guide", choices=["mean", "luma"], default="mean")
@@ -61,6 +71,12 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = fit_saliency(
-        args.images, args.out, cfg, args.backbone, args.weights, args.device, args.cache_dir
+        args.images,
+        args.out,
+        cfg,
+        resolve_backbone(args.backbone, "fit saliency"),
+        args.weights,
+        args.device,
+        args.cache_dir,
     )
     return 0 if result.report.ok else 1

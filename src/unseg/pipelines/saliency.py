@@ -20,7 +20,6 @@ backbone name and weights sha256, the feature channels and stride, and the netwo
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,10 +66,10 @@ class FitResult:
 
 
 def resolve_backbone_name(name: str | None) -> str:
-    """``name``, or the default backbone (saying on stderr which one and why)."""
+    """``name``, or the default backbone (logged; the CLI announces it on stderr)."""
     if name:
         return name
-    print(f"unseg: {default_backbone_reason()}", file=sys.stderr)
+    logger.info(default_backbone_reason())
     return default_backbone_name()
 
 
