@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,20 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     return dirs.to(x.dtype)
 
 
+@contextmanager
+def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads on CPU (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 # per image: features, their upsampled norm, student features, their norm, factor, labels
 _View = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]
 
@@ -232,33 +247,37 @@ class PriMaPsEM:
         sizes = [(f.shape[1] * r, f.shape[2] * r) for f, r in zip(features, factors, strict=True)]
         labels = [_resize_labels(p, s).reshape(-1) for p, s in zip(proposals, sizes, strict=True)]
         norms = [upsampled_norm(features[i], sizes[i]) for i in range(n)]
+        students = features if student_features is None else student_features
         student_norms = (
-            None
+            norms
             if student_features is None
             else [upsampled_norm(student_features[i], sizes[i]) for i in range(n)]
         )
         order: list[int] = []
         self.history_ = []
-        for step in progress(range(1, total + 1), total=total, desc="PriMaPs-EM"):
-            if len(order) < batch:
-                order += torch.randperm(n, generator=gen).tolist()
-            idx, order = order[:batch], order[batch:]
-            mine = dist.shard(idx, rank, world)
-            views = [
-                (
-                    features[i].to(device),
-                    norms[i].to(device),
-                    (features if student_features is None else student_features)[i].to(device),
-                    norms[i].to(device) if student_norms is None else student_norms[i].to(device),
-                    factors[i],
-                    labels[i].to(device),
-                )
-                for i in mine
-            ]
-            loss_value = self._step(views, running, momentum, optim)
-            self.history_.append(loss_value)
-            if step % cfg.ema_every == 0:
-                momentum = ema_update(momentum, running.detach(), cfg.ema_decay)
+        # the steps are many small ops on K-channel maps: on CPU one thread beats intra-op
+        # parallelism, by far on a loaded machine (idle threads spin-waiting for the cores)
+        with _cpu_threads(device, 1):
+            for step in progress(range(1, total + 1), total=total, desc="PriMaPs-EM"):
+                if len(order) < batch:
+                    order += torch.randperm(n, generator=gen).tolist()
+                idx, order = order[:batch], order[batch:]
+                mine = dist.shard(idx, rank, world)
+                views = [
+                    (
+                        features[i].to(device),
+                        norms[i].to(device),
+                        students[i].to(device),
+                        student_norms[i].to(device),
+                        factors[i],
+                        labels[i].to(device),
+                    )
+                    for i in mine
+                ]
+                loss_value = self._step(views, running, momentum, optim)
+                self.history_.append(loss_value)
+                if step % cfg.ema_every == 0:
+                    momentum = ema_update(momentum, running.detach(), cfg.ema_decay)
         self.running_ = running.detach().cpu()
         self.prototypes_ = momentum.cpu()
         return self
