@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from unseg.errors import UnsegError
 from unseg.methods.kmeans import CosineKMeans, KMeansConfig
 from unseg.utils import dist
+from unseg.utils.device import cpu_threads
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -150,20 +150,6 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     return dirs.to(x.dtype)
 
 
-@contextmanager
-def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads on CPU (restored afterwards)."""
-    if device.type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # per image: features, their upsampled norm, student features, their norm, factor, labels
 _View = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]
 
@@ -257,7 +243,7 @@ class PriMaPsEM:
         self.history_ = []
         # the steps are many small ops on K-channel maps: on CPU one thread beats intra-op
         # parallelism, by far on a loaded machine (idle threads spin-waiting for the cores)
-        with _cpu_threads(device, 1):
+        with cpu_threads(device, 1):
             for step in progress(range(1, total + 1), total=total, desc="PriMaPs-EM"):
                 if len(order) < batch:
                     order += torch.randperm(n, generator=gen).tolist()

@@ -44,7 +44,7 @@ from unseg.report.palette import png_palette
 from unseg.runs import load_run, save_run
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import resolve_device, seed_everything
+from unseg.utils.device import cpu_threads, resolve_device, seed_everything
 from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
 from unseg.utils.progress import progress
 
@@ -406,7 +406,10 @@ def _predict(
                             p, f"image {img.shape[1]}x{img.shape[0]} is smaller than one "
                             f"{run.backbone.stride}-pixel patch"
                         )
-                    loaded.append((p, img, predict_logits(run, img, dev)))
+                    # one intra-op thread: many mid-sized ops, and the CRF processes need the
+                    # cores; on a shared machine this is several times faster than two
+                    with cpu_threads(dev, 1):
+                        loaded.append((p, img, predict_logits(run, img, dev)))
                 except InputFileError as exc:
                     report.fail(p, exc.problem)
             if run.settings.crf:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -21,3 +23,21 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))  # noqa: NPY002 (third-party code uses the global RNG)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def cpu_threads(device: str | torch.device, n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads when ``device`` is the CPU (restored after).
+
+    For loops of small ops, or stages already parallel across processes, where intra-op threads
+    cost more than they give (they spin-wait for cores on a shared machine).
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
