@@ -151,3 +151,14 @@ def test_cosine_logits_equal_normalising_the_upsampled_features() -> None:
         torch.nn.functional.normalize(up, dim=1)[0],
     )
     torch.testing.assert_close(cosine_logits(f, w, factor=3), naive, atol=1e-5, rtol=1e-5)
+
+
+def test_logit_scale_multiplies_the_m_step_logits() -> None:
+    feats, props = blobs()
+    base = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=1, batch_size=6)).fit(feats, props)
+    hot = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=1, batch_size=6, logit_scale=10.0)).fit(
+        feats, props
+    )
+    assert PriMaPsEMConfig().logit_scale == 1.0
+    assert hot.history_[0] < base.history_[0]  # sharper logits on the same pseudo-labels
+    assert not torch.equal(hot.running_, base.running_)

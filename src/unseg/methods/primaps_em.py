@@ -63,6 +63,7 @@ class PriMaPsEMConfig:
     kmeans_passes: int = 2
     init_max_points: int = 200_000
     label_factor: int | None = None  # None: upsample features by the stride (paper)
+    logit_scale: float = 1.0  # M-step logits = scale x cosine (spec: 1, a unit-gain classifier)
     student_augs: bool = False
     flip: bool = True
     crf: bool = True
@@ -288,7 +289,8 @@ class PriMaPsEM:
                 for f, nrm, _, _, r, lab in views
             ]
         logits_list = [
-            cosine_logits(fs, running, r, ns).reshape(k, -1).T for _, _, fs, ns, r, _ in views
+            cfg.logit_scale * cosine_logits(fs, running, r, ns).reshape(k, -1).T
+            for _, _, fs, ns, r, _ in views
         ]
         logits = torch.cat(logits_list) if logits_list else running.new_zeros((0, k))
         y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
