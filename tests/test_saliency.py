@@ -161,3 +161,19 @@ def test_fit_needs_the_backbone_for_multiscale():
         SaliencyHead(SaliencyHeadConfig(multiscale=True)).fit(
             torch.zeros(2, 4, 2, 2), torch.zeros(2, 3, 32, 32), stride=16
         )
+
+
+def test_orient_undoes_an_inverted_cut():
+    gen = torch.Generator().manual_seed(0)
+    images, _ = _planted_images(16, gen)
+    feats = _colour_features(images)
+    cfg = SaliencyHeadConfig(epochs=12, lr=3e-3, batch_size=8, dim=16, layers=1, heads=2)
+    head = SaliencyHead(cfg).fit(feats, images, stride=8)
+    good = head.predict_proba(feats, images)
+    assert not head.orient(feats, images)  # already the right way round
+    head.net.polarity.neg_()  # simulate training that settled on the other side
+    torch.testing.assert_close(head.predict_proba(feats, images), 1 - good, atol=1e-5, rtol=0)
+    assert head.orient(feats, images)
+    torch.testing.assert_close(head.predict_proba(feats, images), good)
+    again = SaliencyHead.from_state(cfg, feats.shape[1], 8, head.state_tensors())
+    torch.testing.assert_close(again.predict_proba(feats, images), good)

@@ -11,6 +11,9 @@ Trained without labels on frozen patch features (attention keys) and the images:
   ring of patches minus the mean over all patches. The cut is symmetric in foreground and
   background; this small term fixes which side the head calls foreground (objects rarely fill
   the image border) and is zero for constant maps, so it does not pull towards an empty mask;
+- polarity: after training, :meth:`SaliencyHead.orient` negates the output once if the model
+  calls the border foreground on average over the training images (the prior alone does not
+  always win; see docs/results-boosting.md);
 - multi-scale consistency (``multiscale=True``, the Boosting trick): see
   :mod:`unseg.methods.multiscale`; weight 0.01 for the MSE and 0.01 for the cut on the crop.
 """
@@ -161,7 +164,31 @@ class SaliencyHead:
             self.history.append(total / max(steps, 1))
             logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history[-1])
         self.net.eval()
+        self.orient(features, images)
         return self
+
+    @torch.no_grad()
+    def orient(self, features: torch.Tensor, images: torch.Tensor) -> bool:
+        """Fix which side of the cut is foreground, once for the model; returns True if flipped.
+
+        The cut is symmetric, so training may settle on either side; if the coarse prediction
+        over ``features`` ``[N, C, h, w]`` is on average brighter on the border ring than over
+        the whole grid (:func:`border_prior` > 0), the output is negated from then on.
+        """
+        if self.net is None:
+            raise UnsegError("the saliency head is not fitted")
+        dev = next(self.net.parameters()).device
+        total, n = 0.0, features.shape[0]
+        for i in range(0, n, self.config.batch_size):
+            f = features[i : i + self.config.batch_size].to(dev, torch.float32)
+            x = _as_float(images[i : i + self.config.batch_size]).to(dev)
+            coarse, _ = self.net(f, x)
+            total += float(border_prior(torch.sigmoid(coarse))) * f.shape[0]
+        flipped = total / max(n, 1) > 0
+        if flipped:
+            self.net.polarity.neg_()
+            logger.info("the head's cut came out inverted (border brighter); output negated")
+        return flipped
 
     def _step_loss(
         self,

@@ -64,6 +64,8 @@ class SaliencyHeadNet(nn.Module):
         self.stages = nn.ModuleList(
             _Stage(cin, cout) for cin, cout in zip([chans[0], *chans[:-1]], chans, strict=True)
         )
+        # +1 or -1: which side of the learned cut is called foreground (set after training)
+        self.register_buffer("polarity", torch.ones(()))
 
     def forward(
         self, features: torch.Tensor, images: torch.Tensor
@@ -82,4 +84,4 @@ class SaliencyHeadNet(nn.Module):
             size = (big_h, big_w) if f == 1 else (max(h, big_h // f), max(w, big_w // f))
             image = F.interpolate(images, size=size, mode="area") if f > 1 else images
             hidden, logit = stage(hidden, logit, image)
-        return coarse, logit
+        return coarse * self.polarity, logit * self.polarity
