@@ -65,7 +65,11 @@ def register(methods: argparse._SubParsersAction) -> None:
                 "--student-augs", action="store_true",
                 help="train θ on a photometrically augmented view (paper: optional; off)",
             )
-        p.set_defaults(func=_run, semantic_method=method, student_augs=False)
+            p.add_argument(
+                "--logit-scale", type=float, default=1.0,
+                help="M-step logits = scale x cosine (default 1: the spec's unit-gain classifier)",
+            )
+        p.set_defaults(func=_run, semantic_method=method, student_augs=False, logit_scale=1.0)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         crf=args.crf,
         label_factor=args.label_factor,
         student_augs=args.student_augs,
+        logit_scale=args.logit_scale,
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,

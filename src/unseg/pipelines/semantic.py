@@ -141,7 +141,8 @@ def student_features(
 
 def _pseudo_dir(run_dir: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
     key = json.dumps(
-        {"features": str(feats.cache_dir), "primaps": asdict(cfg), "crf": asdict(crf)},
+        {"features": feats.cache_dir.name if feats.cache_dir else None, "primaps": asdict(cfg),
+         "crf": asdict(crf)},
         sort_keys=True,
     )
     return run_dir / "cache" / "primaps" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -196,6 +197,7 @@ def fit_semantic(
     flip: bool = True,
     label_factor: int = 2,
     student_augs: bool = False,
+    logit_scale: float = 1.0,
     seed: int = 0,
     device: str | None = None,
     num_workers: int | None = None,
@@ -204,7 +206,8 @@ def fit_semantic(
 
     ``crf`` and ``flip`` are stored as the run's prediction defaults (PriMaPs pseudo-labels always
     use the CRF, as the paper). ``label_factor``: feature upsampling for training and prediction.
-    ``student_augs``: PriMaPs-EM's θ trains on a photometrically augmented view.
+    ``student_augs``: PriMaPs-EM's θ trains on a photometrically augmented view;
+    ``logit_scale``: its M-step logits are ``logit_scale`` x cosine (spec: 1).
     """
     if method not in METHODS:
         raise UnsegError(f"unknown semantic method {method!r}; use one of {', '.join(METHODS)}")
@@ -215,8 +218,8 @@ def fit_semantic(
     with _distributed(resolve_device(device)) as dev:
         return _fit(
             data, Path(run_dir), method, num_classes, backbone, size, epochs, steps,
-            PredictSettings(flip=flip, crf=crf, label_factor=label_factor), student_augs, seed,
-            dev, num_workers,
+            PredictSettings(flip=flip, crf=crf, label_factor=label_factor), student_augs,
+            logit_scale, seed, dev, num_workers,
         )
 
 
@@ -231,6 +234,7 @@ def _fit(
     steps: int | None,
     settings: PredictSettings,
     student_augs: bool,
+    logit_scale: float,
     seed: int,
     dev: torch.device,
     num_workers: int | None,
@@ -263,6 +267,7 @@ def _fit(
             flip=settings.flip,
             crf=settings.crf,
             student_augs=student_augs,
+            logit_scale=logit_scale,
             seed=seed,
         )
         pcfg = PriMaPsConfig()
