@@ -18,6 +18,7 @@ from unseg.backbones import (
     list_backbones,
     register_backbone,
 )
+from unseg.backbones import create as backbones_create
 from unseg.cli.main import main
 from unseg.data.image import load_label
 from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
@@ -51,6 +52,7 @@ def tiny_backbone(monkeypatch):
         return build_backbone(name).requires_grad_(False).eval()
 
     monkeypatch.setattr(saliency_pipeline, "create_backbone", create)
+    monkeypatch.setattr(backbones_create, "create_backbone", create)  # used by predict
 
 
 def _square(h: int, w: int, seed: int) -> np.ndarray:

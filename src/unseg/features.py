@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from unseg.backbones import create_backbone
+from unseg.backbones import backbone_weights_sha256, create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
@@ -208,18 +208,6 @@ def _header_size(path: Path) -> tuple[int, int]:
         w, h = img.size
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
-def backbone_weights_sha256(backbone: Backbone) -> str:
-    """``backbone.weights_sha256`` when set, else a sha256 of its parameters and buffers."""
-    sha = getattr(backbone, "weights_sha256", None)
-    if sha:
-        return str(sha)
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def cache_setting(

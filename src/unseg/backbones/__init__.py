@@ -15,7 +15,13 @@ from unseg.backbones.base import (
     list_backbones,
     register_backbone,
 )
-from unseg.backbones.create import create_backbone, default_backbone_name, default_backbone_reason
+from unseg.backbones.create import (
+    backbone_weights_sha256,
+    create_backbone,
+    create_fitted_backbone,
+    default_backbone_name,
+    default_backbone_reason,
+)
 from unseg.backbones.weights import WeightsStatus, unseg_home, weights_status
 
 __all__ = [
@@ -25,8 +31,10 @@ __all__ = [
     "SizePolicy",
     "WeightsSpec",
     "WeightsStatus",
+    "backbone_weights_sha256",
     "build_backbone",
     "create_backbone",
+    "create_fitted_backbone",
     "default_backbone_name",
     "default_backbone_reason",
     "efficientnet",

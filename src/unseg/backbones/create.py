@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -67,3 +68,37 @@ def default_backbone_reason() -> str:
         f"(put {get_spec(PREFERRED).weights.filename} there to use {PREFERRED}; "
         "`unseg backbones dino*` lists the URLs)"
     )
+
+
+def backbone_weights_sha256(backbone: Backbone) -> str:
+    """``backbone.weights_sha256`` when set, else a sha256 of its parameters and buffers."""
+    sha = getattr(backbone, "weights_sha256", None)
+    if sha:
+        return str(sha)
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def create_fitted_backbone(
+    name: str,
+    fitted_sha256: str | None,
+    weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    source: str = "",
+) -> Backbone:
+    """The backbone a model was fitted on: ``create_backbone`` plus a check of its weights' hash.
+
+    ``fitted_sha256`` is the hash recorded at fit time (None: not checked); ``source`` names the
+    model (e.g. its run folder) in the error raised when the weights found now differ.
+    """
+    model = create_backbone(name, weights=weights, device=device)
+    sha = backbone_weights_sha256(model)
+    if fitted_sha256 and sha != fitted_sha256:
+        raise UnsegError(
+            f"{source}: fitted with {name} weights sha256 {fitted_sha256[:12]}…, but the weights "
+            f"found now have {sha[:12]}…; pass the same file with --weights, or refit"
+        )
+    return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.fit_semantic import resolve_backbone
+from unseg.cli.common import add_backbone_arguments, finish, resolve_backbone
 from unseg.methods.saliency import SaliencyHeadConfig
 from unseg.pipelines.saliency import discover
 from unseg.refine.guided_filter import GuidedFilterConfig
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="spectral: training-free TokenCut bipartition (default); head: train the "
         "saliency head first (its run is kept in OUT/run)",
     )
-    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
+    add_backbone_arguments(p)
     p.add_argument(
         "--train-images",
         default=None,
@@ -72,5 +72,6 @@ def _run(args: argparse.Namespace) -> int:
         cfg,
         device=args.device,
         cache_dir=args.cache_dir,
+        weights=args.weights,
     )
-    return 0 if report.ok else 1
+    return finish(report, f"{args.out}/masks (boxes in {args.out}/boxes.json)")

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from unseg.backbones import default_backbone_name, default_backbone_reason
+from unseg.cli.common import add_backbone_arguments, resolve_backbone
 from unseg.features import extract_dataset
 from unseg.utils import dist
 
@@ -25,8 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", help="dataset root, image folder (searched recursively) or image file")
     p.add_argument("--out", required=True, help="cache folder (reused: cached images are skipped)")
-    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
-    p.add_argument("--weights", default=None, help="weights file for the backbone")
+    add_backbone_arguments(p)
     p.add_argument("--size", type=int, default=320, help="short side in pixels (default 320)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
@@ -38,14 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    backbone = args.backbone
+    backbone = resolve_backbone(args.backbone, "features")
     main = dist.is_main_env()
-    if backbone is None:
-        backbone = default_backbone_name()
-        if main:
-            print(f"unseg features: {default_backbone_reason()}", file=sys.stderr)
-    elif main:
-        print(f"unseg features: backbone {backbone} (from --backbone)", file=sys.stderr)
     fs = extract_dataset(
         args.data,
         args.out,

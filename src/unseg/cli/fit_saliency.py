@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.fit_semantic import resolve_backbone
+from unseg.cli.common import add_backbone_arguments, resolve_backbone
 from unseg.methods.saliency import SaliencyHeadConfig
 from unseg.pipelines.saliency import fit_saliency
 from unseg.refine.guided_filter import GuidedFilterConfig
@@ -19,11 +19,18 @@ def register(methods: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", help="image file or folder (searched recursively)")
     p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
-    p.add_argument("--weights", default=None, help="backbone weights file (default: the cache)")
-    p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    add_backbone_arguments(p)
+    p.add_argument(
+        "--epochs", type=int, default=_DEFAULTS.epochs,
+        help=f"training epochs (paper: {_DEFAULTS.epochs})",
+    )
+    p.add_argument(
+        "--lr", type=float, default=_DEFAULTS.lr, help=f"AdamW learning rate ({_DEFAULTS.lr})"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=_DEFAULTS.batch_size,
+        help=f"images per step ({_DEFAULTS.batch_size})",
+    )
     p.add_argument("--size", type=int, default=_DEFAULTS.image_size, help="training crop side")
     p.add_argument(
         "--multiscale",
@@ -50,8 +57,11 @@ def register(methods: argparse._SubParsersAction) -> None:
         default=True,
         help="guided filter at prediction time (default: on)",
     )
-    p.add_argument("--guide", choices=["mean", "luma"], default="mean")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument(
+        "--guide", choices=["mean", "luma"], default="mean",
+        help="guided-filter guide: mean of RGB (reference code, default) or BT.601 luma",
+    )
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed")
     p.add_argument("--cache-dir", default=None, help="feature cache folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.set_defaults(func=_run)

@@ -3,29 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from unseg.cli.common import add_backbone_arguments, resolve_backbone
 from unseg.pipelines.semantic import fit_semantic
-from unseg.utils import dist
-
-
-def add_backbone_argument(p: argparse.ArgumentParser) -> None:
-    """``--backbone`` with the default announced on stderr (see :func:`resolve_backbone`)."""
-    p.add_argument("--backbone", default=None, help="backbone name (default: see stderr)")
-
-
-def resolve_backbone(name: str | None, command: str) -> str:
-    """``name``, or the default backbone; says on stderr which one is used and why."""
-    from unseg.backbones import default_backbone_name, default_backbone_reason
-
-    main = dist.is_main_env()
-    if name is None:
-        name = default_backbone_name()
-        if main:
-            print(f"unseg {command}: {default_backbone_reason()}", file=sys.stderr)
-    elif main:
-        print(f"unseg {command}: backbone {name} (from --backbone)", file=sys.stderr)
-    return name
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +38,7 @@ def register(methods: argparse._SubParsersAction) -> None:
         p.add_argument("data", help="dataset root, image folder (recursive) or image file")
         p.add_argument("--num-classes", "-k", type=int, required=True, help="number of classes K")
         p.add_argument("--out", required=True, help="run folder to write")
-        add_backbone_argument(p)
+        add_backbone_arguments(p)
         add_training_arguments(p)
         if method == "primaps-em":
             p.add_argument(
@@ -79,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         args.semantic_method,
         args.num_classes,
         resolve_backbone(args.backbone, f"fit {args.semantic_method}"),
+        weights=args.weights,
         size=args.size,
         epochs=args.epochs,
         steps=args.steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unseg.cli.common import finish
 from unseg.pipelines import predict_run
 
 
@@ -31,12 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="guided-filter guide (saliency runs; default: as fitted)",
     )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights file (default: the one the run was fitted with; hash-checked)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    given = {"crf": args.crf, "guided_filter": args.guided_filter, "guide": args.guide}
+    given = {
+        "crf": args.crf,
+        "guided_filter": args.guided_filter,
+        "guide": args.guide,
+        "weights": args.weights,
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = predict_run(args.run, args.images, args.out, overrides, device=args.device)
-    return 0 if report.ok else 1
+    return finish(report, str(args.out))

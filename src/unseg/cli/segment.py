@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.fit_semantic import add_backbone_argument, add_training_arguments, resolve_backbone
+from unseg.cli.common import add_backbone_arguments, finish, resolve_backbone
+from unseg.cli.fit_semantic import add_training_arguments
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, METHODS, segment
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num-classes", "-k", type=int, default=DEFAULT_SEGMENT_CLASSES,
         help=f"number of classes K (default {DEFAULT_SEGMENT_CLASSES})",
     )
-    add_backbone_argument(p)
+    add_backbone_arguments(p)
     add_training_arguments(p)
     p.set_defaults(func=_run)
 
@@ -36,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         args.method,
         args.num_classes,
         resolve_backbone(args.backbone, "segment"),
+        weights=args.weights,
         size=args.size,
         epochs=args.epochs,
         steps=args.steps,
@@ -45,4 +47,4 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.workers,
     )
-    return 0 if report.ok else 1
+    return finish(report, f"{args.out}/masks (overlays in {args.out}/overlays)")

@@ -29,7 +29,11 @@ def predict_run(
     overrides: dict[str, Any] | None = None,
     device: str | None = None,
 ) -> BatchReport:
-    """Predict a mask for every image under ``images`` with the run in ``run_dir``."""
+    """Predict a mask for every image under ``images`` with the run in ``run_dir``.
+
+    ``overrides`` may hold ``crf`` (semantic runs), ``guided_filter`` and ``guide`` (saliency
+    runs), and ``weights``: the backbone weights file, when the run's own is not found.
+    """
     meta, _ = load_run(run_dir)
     module = PREDICTORS.get(meta["method"])
     if module is None:

@@ -29,11 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import create_backbone, default_backbone_name, default_backbone_reason
+from unseg.backbones import (
+    backbone_weights_sha256,
+    create_backbone,
+    create_fitted_backbone,
+    default_backbone_name,
+    default_backbone_reason,
+)
 from unseg.backbones.base import Backbone
 from unseg.data.image import list_images, load_image
 from unseg.errors import InputFileError, UnsegError
-from unseg.features import backbone_weights_sha256, extract_features, prepare_image, target_size
+from unseg.features import extract_features, prepare_image, target_size
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, config_from_dict
 from unseg.metrics.corloc import largest_component_box
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -232,6 +238,7 @@ def fit_saliency(
         extra={
             "backbone": name,
             "weights_sha256": backbone_weights_sha256(model),
+            "weights_path": str(Path(weights).resolve()) if weights else None,
             "in_dim": int(keys.shape[1]),
             "stride": int(model.stride),
             "training": facts,
@@ -240,19 +247,21 @@ def fit_saliency(
     return FitResult(run_dir, report, len(used), facts)
 
 
-def load_head(run_dir: Path, device: torch.device) -> tuple[SaliencyHead, Backbone, dict]:
+def load_head(
+    run_dir: Path, device: torch.device, weights: str | Path | None = None
+) -> tuple[SaliencyHead, Backbone, dict]:
+    """The head of a ``saliency-head`` run, its backbone (hash-checked) and the run's meta."""
     meta, tensors = load_run(run_dir, METHOD)
     missing = [k for k in ("backbone", "weights_sha256", "in_dim", "stride") if k not in meta]
     if missing:
         raise UnsegError(f"{run_dir}: incomplete {METHOD} run (missing {', '.join(missing)})")
-    model = create_backbone(meta["backbone"], device=device)
-    sha = backbone_weights_sha256(model)
-    if meta["weights_sha256"] and sha != meta["weights_sha256"]:
-        raise UnsegError(
-            f"{run_dir}: fitted with {meta['backbone']} weights sha256 "
-            f"{meta['weights_sha256'][:12]}…, but the weights found now have {sha[:12]}…; "
-            "use the same weights or refit"
-        )
+    model = create_fitted_backbone(
+        meta["backbone"],
+        meta["weights_sha256"],
+        weights=weights or meta.get("weights_path"),
+        device=device,
+        source=str(run_dir),
+    )
     if model.stride != meta["stride"]:
         raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")
     cfg = config_from_dict(meta["config"])
@@ -281,7 +290,7 @@ def predict_run(
 ) -> BatchReport:
     """``unseg predict`` for ``saliency-head`` runs; ``overrides``: ``guided_filter``, ``guide``."""
     dev = resolve_device(device)
-    head, model, _ = load_head(Path(run_dir), dev)
+    head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
     return predict_masks(
         list_images(images),
@@ -303,12 +312,13 @@ def discover(
     spectral: SpectralConfig | None = None,
     device: str | None = None,
     cache_dir: str | Path | None = None,
+    weights: str | Path | None = None,
 ) -> BatchReport:
     """``unseg discover``: masks and boxes for every image under ``images``.
 
     ``head`` first trains the head on ``train_images`` (default: ``images`` themselves, no
     labels used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and
-    its guide come from ``config`` for both methods.
+    its guide come from ``config`` for both methods. ``weights``: explicit backbone weights.
     """
     cfg = config or SaliencyHeadConfig()
     out_dir = Path(out_dir)
@@ -316,7 +326,7 @@ def discover(
     gf = GuidedFilterConfig(**asdict(cfg.guided)) if cfg.guided_filter else None
     if method == "spectral":
         dev = resolve_device(device)
-        model = create_backbone(resolve_backbone_name(backbone), device=dev)
+        model = create_backbone(resolve_backbone_name(backbone), weights=weights, device=dev)
         fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
         return predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride)
     if method != "head":
@@ -326,6 +336,7 @@ def discover(
         out_dir / "run",
         cfg,
         backbone,
+        weights,
         device=device,
         cache_dir=cache_dir,
     )

@@ -28,13 +28,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from unseg.backbones import create_backbone, default_backbone_name
+from unseg.backbones import (
+    backbone_weights_sha256,
+    create_backbone,
+    create_fitted_backbone,
+    default_backbone_name,
+)
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.image import list_images, load_image
 from unseg.data.transforms import color_jitter
 from unseg.errors import InputFileError, UnsegError
-from unseg.features import FeatureSet, backbone_weights_sha256, extract_features, prepare_image
+from unseg.features import FeatureSet, extract_features, prepare_image
 from unseg.methods.kmeans import CosineKMeans, KMeansConfig
 from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig, cosine_logits
 from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
@@ -190,6 +195,7 @@ def fit_semantic(
     num_classes: int,
     backbone: str,
     *,
+    weights: str | Path | None = None,
     size: int = 320,
     epochs: int | None = None,
     steps: int | None = None,
@@ -208,6 +214,7 @@ def fit_semantic(
     use the CRF, as the paper). ``label_factor``: feature upsampling for training and prediction.
     ``student_augs``: PriMaPs-EM's θ trains on a photometrically augmented view;
     ``logit_scale``: its M-step logits are ``logit_scale`` x cosine (spec: 1).
+    ``weights``: an explicit backbone weights file (recorded in the run for prediction).
     """
     if method not in METHODS:
         raise UnsegError(f"unknown semantic method {method!r}; use one of {', '.join(METHODS)}")
@@ -217,7 +224,7 @@ def fit_semantic(
         raise UnsegError(f"label factor must be >= 1, got {label_factor}")
     with _distributed(resolve_device(device)) as dev:
         return _fit(
-            data, Path(run_dir), method, num_classes, backbone, size, epochs, steps,
+            data, Path(run_dir), method, num_classes, backbone, weights, size, epochs, steps,
             PredictSettings(flip=flip, crf=crf, label_factor=label_factor), student_augs,
             logit_scale, seed, dev, num_workers,
         )
@@ -229,6 +236,7 @@ def _fit(
     method: Method,
     num_classes: int,
     backbone: str,
+    weights: str | Path | None,
     size: int,
     epochs: int | None,
     steps: int | None,
@@ -242,7 +250,7 @@ def _fit(
     seed_everything(seed)
     workers = num_workers or default_workers()
     paths = dataset_images(data)
-    model = create_backbone(backbone, device=dev)
+    model = create_backbone(backbone, weights=weights, device=dev)
     report = BatchReport()
     feats = extract_features(paths, model, size=size, cache_dir=run_dir / "cache" / "features",
                              report=report)
@@ -291,6 +299,7 @@ def _fit(
             extra={
                 "backbone": model.spec.name,
                 "weights_sha256": backbone_weights_sha256(model),
+                "weights_path": str(Path(weights).resolve()) if weights else None,
                 "feature_size": size,
                 "feature_dim": int(feature_list[0].shape[0]),
                 "stride": model.stride,
@@ -326,14 +335,13 @@ def _load_for_prediction(
     if missing or "prototypes" not in tensors:
         what = ", ".join(missing) if missing else "tensor 'prototypes'"
         raise UnsegError(f"{run_dir}: incomplete {meta['method']} run (missing {what}); refit it")
-    model = create_backbone(meta["backbone"], device=device)
-    sha = backbone_weights_sha256(model)
-    if meta["weights_sha256"] and sha != meta["weights_sha256"]:
-        raise UnsegError(
-            f"{run_dir}: fitted with {meta['backbone']} weights sha256 "
-            f"{meta['weights_sha256'][:12]}…, but the weights found now have {sha[:12]}…; "
-            "use the same weights or refit"
-        )
+    model = create_fitted_backbone(
+        meta["backbone"],
+        meta["weights_sha256"],
+        weights=overrides.get("weights") or meta.get("weights_path"),
+        device=device,
+        source=str(run_dir),
+    )
     settings = PredictSettings(**meta["predict"])
     if "crf" in overrides:
         settings = PredictSettings(settings.flip, bool(overrides["crf"]), settings.label_factor)
@@ -457,6 +465,7 @@ def segment(
     num_classes: int = DEFAULT_SEGMENT_CLASSES,
     backbone: str | None = None,
     *,
+    weights: str | Path | None = None,
     size: int = 320,
     epochs: int | None = None,
     steps: int | None = None,
@@ -474,8 +483,8 @@ def segment(
     with _distributed(resolve_device(device)) as dev:
         fit = fit_semantic(
             images, out_dir / "run", method, num_classes, backbone or default_backbone_name(),
-            size=size, epochs=epochs, steps=steps, crf=crf, label_factor=label_factor,
-            seed=seed, device=str(dev), num_workers=num_workers,
+            weights=weights, size=size, epochs=epochs, steps=steps, crf=crf,
+            label_factor=label_factor, seed=seed, device=str(dev), num_workers=num_workers,
         )
         report = predict_images(
             out_dir / "run", images, out_dir / "masks", {}, str(dev),

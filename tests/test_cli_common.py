@@ -1,0 +1,47 @@
+"""Shared CLI contract: every command that takes --backbone takes --weights; fitted runs check
+that their backbone weights are the ones they were fitted with."""
+
+from __future__ import annotations
+
+import pytest
+
+from unseg.backbones import backbone_weights_sha256, create_backbone, create_fitted_backbone
+from unseg.cli.main import build_parser
+from unseg.errors import UnsegError
+
+COMMANDS = [
+    ["features", "d", "--out", "o"],
+    ["fit", "primaps-em", "d", "-k", "3", "--out", "o"],
+    ["fit", "kmeans", "d", "-k", "3", "--out", "o"],
+    ["fit", "saliency", "d", "--out", "o"],
+    ["segment", "d", "--out", "o"],
+    ["discover", "d", "--out", "o"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_backbone_commands_take_weights(argv):
+    args = build_parser().parse_args([*argv, "--backbone", "dino_vits8", "--weights", "w.pth"])
+    assert args.backbone == "dino_vits8" and args.weights == "w.pth"
+
+
+def test_predict_takes_weights():
+    args = build_parser().parse_args(["predict", "run", "imgs", "--out", "o", "--weights", "w"])
+    assert args.weights == "w"
+
+
+def test_fitted_backbone_hash_is_checked():
+    model = create_backbone("efficientnet_lite0", device="cpu")
+    sha = backbone_weights_sha256(model)
+    same = create_fitted_backbone("efficientnet_lite0", sha, device="cpu", source="runs/a")
+    assert backbone_weights_sha256(same) == sha
+    with pytest.raises(UnsegError, match=r"runs/a: fitted with efficientnet_lite0 .*--weights"):
+        create_fitted_backbone("efficientnet_lite0", "0" * 64, device="cpu", source="runs/a")
+
+
+def test_random_backbones_are_fingerprinted_by_their_parameters():
+    a = create_backbone("dino_vits16", pretrained=False)
+    b = create_backbone("dino_vits16", pretrained=False)
+    assert a.weights_sha256 is None
+    assert backbone_weights_sha256(a) == backbone_weights_sha256(a)
+    assert backbone_weights_sha256(a) != backbone_weights_sha256(b)
