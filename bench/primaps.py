@@ -178,13 +178,19 @@ def bench_crf(feats: list[torch.Tensor], n_images: int) -> dict:
     logits = [fast_log_probs(feats[i % len(feats)]) for i in range(n_images)]
     labels = float(np.mean([len(x) for x in logits]))
     result: dict = {"images": n_images, "labels_per_image": labels}
+    # one process means one core: the pool's workers run single-threaded, so the in-process
+    # baseline must too (else torch's intra-op threads give it the second core as well)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for workers in (1, 2):
         with CRFPool(workers) as pool:
-            pool.map(images[:workers], logits[:workers])  # warm-up (process start, imports)
+            # warm-up: enough tasks that every worker has started and run one
+            pool.map(images[: 4 * workers], logits[: 4 * workers])
             t = time.perf_counter()
             pool.map(images, logits)
             elapsed = time.perf_counter() - t
         result[f"ms_per_image_{workers}_process"] = round(1000 * elapsed / n_images, 2)
+    torch.set_num_threads(threads)
     result["throughput_2_vs_1"] = round(
         result["ms_per_image_1_process"] / result["ms_per_image_2_process"], 2
     )
@@ -195,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the fast loop")
-    parser.add_argument("--crf-images", type=int, default=8, help="images for the CRF timing")
+    parser.add_argument("--crf-images", type=int, default=16, help="images for the CRF timing")
     args = parser.parse_args()
     synthetic = synthetic_features(args.images)
     real = real_features()

@@ -79,6 +79,7 @@ def dense_crf(
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+    import pydensecrf.densecrf  # noqa: F401  (load the extension before the first task)
 
 
 def _crf_task(args: tuple[np.ndarray, np.ndarray, CRFConfig]) -> np.ndarray:
