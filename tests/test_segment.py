@@ -155,3 +155,33 @@ def test_student_augmentations_train_on_another_view(segmented: tuple[Path, Path
     assert meta["config"]["student_augs"] is True
     plain = load_file(out / "run" / "weights.safetensors")["running"]
     assert not np.array_equal(load_file(tmp_path / "s" / "weights.safetensors")["running"], plain)
+
+
+def test_torchrun_two_processes_fit_like_one(segmented: tuple[Path, Path], tmp_path: Path):
+    """Features, pseudo-labels and the EM training (DDP) split across 2 gloo processes give the
+    prototypes of a single-process fit, and the masks predicted from both runs agree."""
+    import os
+    import subprocess
+    import sys
+
+    images, out = segmented
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "unseg.cli.main", "-q", "fit", "primaps-em", str(images), "-k", "3",
+        "--out", str(tmp_path / "ddp"), "--backbone", BACKBONE, "--size", str(FAST["size"]),
+        "--steps", str(FAST["steps"]), "--workers", "1", "--device", "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(out / "run" / "weights.safetensors")
+    two = load_file(tmp_path / "ddp" / "weights.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-4)
+    report = predict_run(tmp_path / "ddp", images, tmp_path / "pred", {"crf": True}, "cpu")
+    assert report.ok
+    for p in sorted((out / "masks").glob("*.png")):
+        a = np.asarray(Image.open(p))
+        b = np.asarray(Image.open(tmp_path / "pred" / p.name))
+        assert (a == b).mean() > 0.99
