@@ -38,7 +38,7 @@ from unseg.data.layouts import IGNORE_INDEX, DatasetLayout, Task, find_layout
 from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.metrics.corloc import is_correct, largest_component_box
-from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter
+from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
 from unseg.utils.progress import progress
 
@@ -346,17 +346,10 @@ def evaluate_semantic(
 
 
 @dataclass
-class SaliencyResult:
-    """``unseg evaluate saliency`` output; rates are fractions in [0, 1]."""
+class SaliencyResult(SaliencyScores):
+    """``unseg evaluate saliency`` output: the metric's scores (fractions in [0, 1]) and what
+    the file matching found."""
 
-    acc: float
-    iou: float
-    max_fbeta: float
-    mae: float
-    n_images: int
-    fbeta_mode: str
-    beta2: float
-    best_threshold: float
     n_missing: int = 0
     missing: list[str] = field(default_factory=list)
     n_extra: int = 0
@@ -420,10 +413,8 @@ def evaluate_saliency(
             "%d prediction(s) hold only the values 0 and 1: they are read as v/255 (almost "
             "background); save binary masks as 0/255", n_binary01,
         )
-    s = meter.scores()
     return SaliencyResult(
-        acc=s.acc, iou=s.iou, max_fbeta=s.max_fbeta, mae=s.mae, n_images=s.n_images,
-        fbeta_mode=s.fbeta_mode, beta2=s.beta2, best_threshold=s.best_threshold,
+        **asdict(meter.scores()),
         n_missing=len(missing), missing=missing, n_extra=len(pairing.extra),
         dataset=None if pairing.layout is None else pairing.layout.name,
     )
