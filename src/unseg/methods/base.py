@@ -1,0 +1,80 @@
+"""The estimator contract every method follows (scikit-learn's habit, on tensors).
+
+- ``__init__(config=None, device=None)`` only stores its arguments; ``config`` is a frozen
+  dataclass whose defaults are the paper's values.
+- ``fit(inputs: FitInputs) -> self``: everything a method may need of the training images comes
+  in one :class:`FitInputs`; a method reads the fields it needs and raises ``UnsegError`` naming
+  a missing one. Training losses per step or epoch go to ``history_``.
+- ``state_dict() -> dict[str, Tensor]`` and ``from_state(config, state, device=None)``: the
+  fitted state, saved as safetensors next to the config, reloads to an estimator that predicts
+  identically.
+- Semantic estimators (:class:`SemanticEstimator`) also give ``logits(features, factor)`` and
+  ``predict(features, size, factor)`` for one image's features.
+
+Estimators run on ``device`` (``None``: the CPU) and move what they are given there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class FitInputs:
+    """What a method may be fitted on; one entry per training image, in the same order.
+
+    - ``features``: dense features ``[C, h, w]`` (float), always given;
+    - ``images``: the uint8 RGB image ``[3, H, W]`` the features were computed on;
+    - ``proposals``: mask-proposal ids ``[H', W']`` (int64, 255 = none), e.g. PriMaPs;
+    - ``student_features``: features ``[C, h, w]`` of a photometrically augmented view.
+    """
+
+    features: Sequence[torch.Tensor]
+    images: Sequence[torch.Tensor] | None = None
+    proposals: Sequence[torch.Tensor] | None = None
+    student_features: Sequence[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """What every registered method implements."""
+
+    config: Any
+    history_: list[float]
+
+    def fit(self, inputs: FitInputs) -> Estimator:
+        """Fit on ``inputs``; returns ``self``."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted state (CPU tensors)."""
+        ...
+
+    @classmethod
+    def from_state(
+        cls, config: Any, state: dict[str, torch.Tensor], device: str | torch.device | None = None
+    ) -> Estimator:
+        """A fitted estimator rebuilt from :meth:`state_dict`'s output."""
+        ...
+
+
+@runtime_checkable
+class SemanticEstimator(Estimator, Protocol):
+    """A method that gives K class scores per pixel."""
+
+    def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
+        """Class scores ``[K, h·factor, w·factor]`` for one image's ``features [C, h, w]``."""
+        ...
+
+    def predict(
+        self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
+    ) -> torch.Tensor:
+        """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
+        ...
