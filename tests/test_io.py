@@ -1,0 +1,28 @@
+"""The atomic writer: outputs get the mode a plain ``open()`` would give them."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from unseg.utils.io import file_mode, save_png_atomic, write_bytes_atomic, write_json_atomic
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_of_a_plain_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # the reference: what open() creates under this umask
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        write_bytes_atomic(tmp_path / "b.bin", b"x")
+        save_png_atomic(tmp_path / "c.png", np.zeros((2, 2), np.uint8))
+        expected = stat.S_IMODE(plain.stat().st_mode)
+        assert expected == 0o666 & ~umask == file_mode()
+        for name in ("a.json", "b.bin", "c.png"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+    finally:
+        os.umask(old)
