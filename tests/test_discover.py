@@ -215,3 +215,30 @@ def test_predict_rejects_other_runs(tmp_path):
     with pytest.raises(SystemExit):
         main(["predict"])
     assert main(["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def _saliency_dataset(root):
+    """An ECSSD-layout root: photos in images/, their masks (same stems) in ground_truth_mask/."""
+    (root / "images").mkdir(parents=True)
+    (root / "ground_truth_mask").mkdir()
+    for i in range(2):
+        Image.fromarray(_square(96, 128, i)).save(root / "images" / f"{i:04d}.jpg")
+        mask = np.zeros((96, 128), np.uint8)
+        Image.fromarray(mask).save(root / "ground_truth_mask" / f"{i:04d}.png")
+    return root
+
+
+def test_discover_and_fit_read_a_dataset_root_through_its_layout(tmp_path):
+    """The ground-truth masks of a dataset root are not photos: every command lists its images
+    through the layout, as `fit` and `features` do."""
+    root = _saliency_dataset(tmp_path / "ECSSD")
+    out = tmp_path / "o"
+    assert main(["-q", "discover", str(root), "--out", str(out), "--backbone", BACKBONE]) == 0
+    assert sorted(p.name for p in (out / MASKS_DIR).iterdir()) == ["0000.png", "0001.png"]
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "saliency", str(root), "--out", str(run), "--backbone", BACKBONE,
+                 "--epochs", "1", "--size", "64"]) == 0
+    assert json.loads((run / "config.json").read_text())["training"]["n_images"] == 2
+    assert main(["-q", "predict", str(run), str(root), "--out", str(tmp_path / "p")]) == 0
+    assert sorted(p.name for p in (tmp_path / "p" / MASKS_DIR).iterdir()) == [
+        "0000.png", "0001.png"]

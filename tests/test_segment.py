@@ -185,3 +185,19 @@ def test_torchrun_two_processes_fit_like_one(segmented: tuple[Path, Path], tmp_p
         a = np.asarray(Image.open(p))
         b = np.asarray(Image.open(tmp_path / "pred" / p.name))
         assert (a == b).mean() > 0.99
+
+
+def test_predict_reads_a_dataset_root_through_its_layout(segmented: tuple[Path, Path], tmp_path):
+    """Predicting on a dataset root writes one mask per photo, named as the photo, and none for
+    its ground-truth masks."""
+    images, out = segmented
+    root = tmp_path / "ECSSD"
+    (root / "images").mkdir(parents=True)
+    (root / "ground_truth_mask").mkdir()
+    for src in sorted(images.glob("*.png")):
+        Image.open(src).convert("RGB").save(root / "images" / f"{src.stem}.jpg")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "ground_truth_mask" / src.name)
+    report = predict_run(out / "run", root, tmp_path / "p", {"crf": False}, None)
+    assert report.ok
+    written = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*.png"))
+    assert written == ["img0.png", "img1.png", "img2.png"]

@@ -37,7 +37,8 @@ from unseg.backbones import (
     default_backbone_reason,
 )
 from unseg.backbones.base import Backbone
-from unseg.data.image import list_images, load_image
+from unseg.data.datasets import dataset_images
+from unseg.data.image import load_image
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features, prepare_image, target_size
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, config_from_dict
@@ -221,7 +222,7 @@ def fit_saliency(
     report = BatchReport()
     cache = Path(cache_dir) if cache_dir is not None else None
     keys, imgs, used = _training_tensors(
-        list_images(images), model, cfg.image_size, cfg.batch_size, cache, report
+        dataset_images(images), model, cfg.image_size, cfg.batch_size, cache, report
     )
     logger.info("training the saliency head on %d images (%s keys)", len(used), name)
 
@@ -293,7 +294,7 @@ def predict_run(
     head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
     return predict_masks(
-        list_images(images),
+        dataset_images(images),
         out_dir,
         head_prob_fn(model, head, cfg.image_size),
         _guided_settings(cfg, overrides),
@@ -322,7 +323,7 @@ def discover(
     """
     cfg = config or SaliencyHeadConfig()
     out_dir = Path(out_dir)
-    paths = list_images(images)
+    paths = dataset_images(images)
     gf = GuidedFilterConfig(**asdict(cfg.guided)) if cfg.guided_filter else None
     if method == "spectral":
         dev = resolve_device(device)

@@ -36,7 +36,8 @@ from unseg.backbones import (
 )
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
-from unseg.data.image import list_images, load_image
+from unseg.data.image import load_image
+from unseg.data.layouts import resolve_image_dir
 from unseg.data.transforms import color_jitter
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import FeatureSet, extract_features, prepare_image
@@ -404,7 +405,8 @@ def _predict(
     num_workers: int | None,
 ) -> BatchReport:
     run = _load_for_prediction(run_dir, overrides, dev)
-    paths = dist.shard(list_images(root), dist.rank(), dist.world_size())
+    paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
+    names_root = resolve_image_dir(root)
     report = BatchReport()
     palette = png_palette()
     workers = (num_workers or default_workers()) if run.settings.crf else 1
@@ -432,11 +434,11 @@ def _predict(
                 labels = [lg.argmax(0).numpy() for _, _, lg in loaded]
             for (p, img, _), lab in zip(loaded, labels, strict=True):
                 lab8 = lab.astype(np.uint8)
-                target = out_dir / _output_name(p, root)
+                target = out_dir / _output_name(p, names_root)
                 save_png_atomic(target, lab8, palette=palette)
                 report.written.append(target)
                 if overlay_dir is not None:
-                    jpg = (overlay_dir / _output_name(p, root)).with_suffix(".jpg")
+                    jpg = (overlay_dir / _output_name(p, names_root)).with_suffix(".jpg")
                     save_jpeg_atomic(jpg, overlay(img, lab8))
     if dist.is_distributed():
         parts = dist.all_gather_objects((report.written, report.failed))
