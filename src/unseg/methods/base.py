@@ -30,13 +30,16 @@ class FitInputs:
     - ``features``: dense features ``[C, h, w]`` (float), always given;
     - ``images``: the uint8 RGB image ``[3, H, W]`` the features were computed on;
     - ``proposals``: mask-proposal ids ``[H', W']`` (int64, 255 = none), e.g. PriMaPs;
-    - ``student_features``: features ``[C, h, w]`` of a photometrically augmented view.
+    - ``student_features``: features ``[C, h, w]`` of a photometrically augmented view;
+    - ``masks``: saliency mask proposals ``[H, W]`` (bool, or float in ``[0, 1]``) at the image's
+      size, e.g. from :mod:`unseg.proposals.saliency_masks` (MaskContrast).
     """
 
     features: Sequence[torch.Tensor]
     images: Sequence[torch.Tensor] | None = None
     proposals: Sequence[torch.Tensor] | None = None
     student_features: Sequence[torch.Tensor] | None = None
+    masks: Sequence[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.features)
