@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -110,7 +111,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(UnsegError, match="at least 2"):
         fit_semantic(images, tmp_path / "r", "kmeans", 1, BACKBONE, **FAST)
     with pytest.raises(UnsegError, match="larger than the number of feature vectors"):
-        fit_semantic(images, tmp_path / "r", "kmeans", 500, BACKBONE, **FAST)
+        fit_semantic(images, tmp_path / "r", "kmeans", 200, BACKBONE, **FAST)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnsegError, match="no images found"):
         fit_semantic(tmp_path / "empty", tmp_path / "r", "primaps-em", 3, BACKBONE, **FAST)
@@ -201,3 +202,16 @@ def test_predict_reads_a_dataset_root_through_its_layout(segmented: tuple[Path, 
     assert report.ok
     written = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*.png"))
     assert written == ["img0.png", "img1.png", "img2.png"]
+
+
+def test_more_classes_than_a_label_png_holds_are_refused(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_images(images, n=1)
+    with pytest.raises(UnsegError, match="at most 256"):
+        fit_semantic(images, tmp_path / "r", "kmeans", 300, BACKBONE, **FAST)
+    run = tmp_path / "big"
+    save_run(run, "kmeans", {"num_classes": 300}, {"prototypes": torch.zeros(300, 432)}, extra={
+        "backbone": BACKBONE, "weights_sha256": "0" * 64, "feature_size": 64,
+        "num_classes": 300, "predict": {"flip": False, "crf": False, "label_factor": 1}})
+    with pytest.raises(UnsegError, match="at most 256"):
+        predict_images(run, images, tmp_path / "o")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +37,7 @@ from unseg.data.image import load_image
 from unseg.errors import UnsegError
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import resolve_device
+from unseg.utils.device import cpu_count, resolve_device
 from unseg.utils.io import atomic_write, write_json_atomic
 from unseg.utils.progress import progress
 
@@ -285,7 +284,7 @@ def _default_workers(n_items: int) -> int:
     """No workers for one or two images; else the CPUs this rank may use, less one, at most 8."""
     if n_items <= 2:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // dist.world_size() - 1))
+    return max(1, min(8, cpu_count() // dist.world_size() - 1))
 
 
 def _scan(
@@ -502,16 +501,10 @@ def extract_dataset(
     Joins the torchrun process group when launched by torchrun (each rank on its own GPU when
     CUDA is used) and leaves it at the end; a single process needs no launcher.
     """
-    dev = resolve_device(device)
-    _, world = dist.init_distributed(dev)
-    try:
-        if world > 1 and dev.type == "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
+    with dist.joined(resolve_device(device)) as dev:
         paths = dataset_images(data)
         model = create_backbone(backbone, weights=weights, device=dev)
         return extract_features(
             paths, model, size=size, kind=kind, batch_size=batch_size, crop=crop,
             cache_dir=out, dtype=dtype, num_workers=num_workers,
         )
-    finally:
-        dist.cleanup()

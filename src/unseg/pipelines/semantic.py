@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +47,7 @@ from unseg.report.palette import png_palette
 from unseg.runs import load_run, save_run
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import cpu_threads, resolve_device, seed_everything
+from unseg.utils.device import cpu_count, cpu_threads, resolve_device, seed_everything
 from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
 from unseg.utils.progress import progress
 
@@ -59,24 +56,10 @@ logger = logging.getLogger(__name__)
 Method = Literal["primaps-em", "kmeans"]
 METHODS: tuple[str, ...] = ("primaps-em", "kmeans")
 CHUNK = 16  # images per CRF round
+MAX_CLASSES = 256  # label PNGs are 8-bit palette images
 # `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
 # sky, ground, object) rather than a dataset's 21 or 27.
 DEFAULT_SEGMENT_CLASSES = 5
-
-
-@contextmanager
-def _distributed(device: torch.device) -> Iterator[torch.device]:
-    """Join the torchrun process group if launched by torchrun (and not joined yet); yields the
-    device of this rank; leaves the group at the end if it joined it here."""
-    joined_here = not dist.is_distributed()
-    _, world = dist.init_distributed(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    try:
-        yield device
-    finally:
-        if joined_here and world > 1:
-            dist.cleanup()
 
 
 @dataclass(frozen=True)
@@ -99,12 +82,9 @@ class FitResult:
 
 
 def default_workers() -> int:
-    """CRF processes: the CPU cores this process may use, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    """CRF processes of this rank: its share of the CPU cores among the torchrun ranks, at most
+    8."""
+    return max(1, min(8, cpu_count() // dist.world_size()))
 
 
 def _image_for_features(path: Path, size: int, stride: int) -> np.ndarray:
@@ -221,9 +201,14 @@ def fit_semantic(
         raise UnsegError(f"unknown semantic method {method!r}; use one of {', '.join(METHODS)}")
     if num_classes < 2:
         raise UnsegError(f"--num-classes must be at least 2, got {num_classes}")
+    if num_classes > MAX_CLASSES:
+        raise UnsegError(
+            f"--num-classes {num_classes}: masks are 8-bit palette PNGs, at most {MAX_CLASSES} "
+            "classes"
+        )
     if label_factor < 1:
         raise UnsegError(f"label factor must be >= 1, got {label_factor}")
-    with _distributed(resolve_device(device)) as dev:
+    with dist.joined(resolve_device(device)) as dev:
         return _fit(
             data, Path(run_dir), method, num_classes, backbone, weights, size, epochs, steps,
             PredictSettings(flip=flip, crf=crf, label_factor=label_factor), student_augs,
@@ -336,6 +321,11 @@ def _load_for_prediction(
     if missing or "prototypes" not in tensors:
         what = ", ".join(missing) if missing else "tensor 'prototypes'"
         raise UnsegError(f"{run_dir}: incomplete {meta['method']} run (missing {what}); refit it")
+    if int(meta["num_classes"]) > MAX_CLASSES:
+        raise UnsegError(
+            f"{run_dir}: {meta['num_classes']} classes do not fit the 8-bit label PNGs "
+            f"(at most {MAX_CLASSES})"
+        )
     model = create_fitted_backbone(
         meta["backbone"],
         meta["weights_sha256"],
@@ -388,7 +378,7 @@ def predict_images(
     Optional JPEG overlays in ``overlay_dir``. Broken images are reported and skipped. Under
     torchrun each rank predicts its share.
     """
-    with _distributed(resolve_device(device)) as dev:
+    with dist.joined(resolve_device(device)) as dev:
         return _predict(
             Path(run_dir), Path(images), Path(out_dir), overrides or {}, dev,
             None if overlay_dir is None else Path(overlay_dir), num_workers,
@@ -482,7 +472,7 @@ def segment(
     Returns the prediction's report, with the images the fit could not use among the failures.
     """
     out_dir = Path(out_dir)
-    with _distributed(resolve_device(device)) as dev:
+    with dist.joined(resolve_device(device)) as dev:
         fit = fit_semantic(
             images, out_dir / "run", method, num_classes, backbone or default_backbone_name(),
             weights=weights, size=size, epochs=epochs, steps=steps, crf=crf,

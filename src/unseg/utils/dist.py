@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -85,3 +86,19 @@ def cleanup() -> None:
     """Leave the process group if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def joined(device: torch.device) -> Iterator[torch.device]:
+    """Join the torchrun process group for the block if launched by torchrun and not in one yet;
+    yields this rank's device (``cuda:LOCAL_RANK`` under CUDA). Leaves the group at the end only
+    if it joined it here: a caller's own group is never destroyed."""
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    _, world = init_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        yield device
+    finally:
+        if joined_here and world > 1:
+            cleanup()
