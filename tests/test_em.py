@@ -1,22 +1,59 @@
-"""PriMaPs-EM step semantics on hand-made cases, initialisation, fitting and determinism."""
+"""PriMaPs-EM: step semantics by hand, the reference classifier (gain, EMA warm-up, focal loss),
+the estimator contract, and recovery of planted classes against k-means."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 
 from unseg.errors import UnsegError
+from unseg.methods.base import FitInputs, SemanticEstimator
+from unseg.methods.kmeans import KMeans, KMeansConfig, cosine_logits
 from unseg.methods.primaps_em import (
     PriMaPsEM,
     PriMaPsEMConfig,
-    cosine_logits,
     e_step,
+    ema_decay,
     ema_update,
+    focal_loss_terms,
     focal_weights,
     pca_directions,
+    prototype_logits,
 )
+
+
+def blobs(
+    n_images: int = 6, seed: int = 0, classes: list | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Images of 3 planted classes (thirds, random order); proposals = thirds at twice the
+    feature resolution; ``classes`` gets each image's class map ``[6, 12]``."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 16, generator=g) * 2
+    feats, props = [], []
+    for _ in range(n_images):
+        perm = torch.randperm(3, generator=g)
+        cls = perm.repeat_interleave(4)[None].expand(6, 12)
+        f = centers[cls].permute(2, 0, 1) + 0.3 * torch.randn(16, 6, 12, generator=g)
+        feats.append(f.contiguous())
+        if classes is not None:
+            classes.append(cls.numpy())
+        p = torch.arange(3).repeat_interleave(8)[None].expand(12, 24).clone()  # factor 2
+        p[:, :2] = 255
+        props.append(p)
+    return feats, props
+
+
+def fit(feats, props, student=None, **kw) -> PriMaPsEM:
+    cfg = PriMaPsEMConfig(**{"num_classes": 3, "batch_size": 4, **kw})
+    return PriMaPsEM(cfg).fit(FitInputs(feats, proposals=props, student_features=student))
+
+
+# ------------------------------------------------------------------------ step semantics
 
 
 def test_e_step_takes_the_mode_inside_each_proposal_and_keeps_ignore() -> None:
@@ -42,80 +79,213 @@ def test_focal_weights_by_hand() -> None:
     torch.testing.assert_close(w, torch.tensor([(1 - 0.7) ** 2, (1 - 0.25) ** 2, (1 - 0.05) ** 2]))
 
 
-def test_ema_arithmetic() -> None:
+def test_focal_loss_against_a_loop_over_classes_and_pixels() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 4, (50,), generator=g)
+    y[::7] = 255
+    per_pixel, count = focal_loss_terms(logits, y, gamma=2.0)
+    lg = logits.numpy()
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    weights = []
+    for k in range(4):  # mean confidence of class k over ALL pixels, ignored ones included
+        weights.append((1.0 - sum(p[i, k] for i in range(50)) / 50) ** 2)
+    direct = []
+    for i in range(50):
+        yi = int(y[i])
+        direct.append(0.0 if yi == 255 else -weights[yi] * np.log(p[i, yi]))
+    assert float(count) == 50
+    np.testing.assert_allclose(per_pixel.numpy(), direct, rtol=1e-10)
+    np.testing.assert_allclose(float(per_pixel.sum() / count), np.mean(direct), rtol=1e-10)
+
+
+def test_ema_arithmetic_and_warm_up_decay() -> None:
     m = torch.tensor([[1.0, 0.0]])
     r = torch.tensor([[0.0, 1.0]])
     torch.testing.assert_close(ema_update(m, r, 0.98), torch.tensor([[0.98, 0.02]]))
+    assert [ema_decay(k) for k in (1, 2, 3, 4)] == pytest.approx([0.0, 0.5, 2 / 3, 0.75])
+    assert ema_decay(50) == pytest.approx(0.98) and ema_decay(51) == 0.98
+    assert ema_decay(500) == 0.98 and ema_decay(10, ceiling=0.5) == 0.5
+    with pytest.raises(UnsegError, match="from 1"):
+        ema_decay(0)
 
 
-def test_ema_happens_every_ten_steps_with_decay_098() -> None:
+# ------------------------------------------------------------- the reference classifier
+
+
+def test_reference_logits_equal_the_weight_normalised_conv_on_upsampled_raw_features() -> None:
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(16, 5, 7, generator=g) + 1.0
+    v = torch.randn(3, 16, generator=g)
+    gain = torch.tensor([0.5, 1.0, 2.0])
+    up = F.interpolate(f[None], size=(15, 21), mode="bilinear", align_corners=False)[0]
+    conv = torch.nn.utils.parametrizations.weight_norm(
+        torch.nn.Conv2d(16, 3, 1, bias=False), dim=0
+    )
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.copy_(gain[:, None, None, None])
+        conv.parametrizations.weight.original1.copy_(v[:, :, None, None])
+        naive = conv(up[None])[0]
+    got = prototype_logits(f, v, gain, "reference", factor=3)
+    torch.testing.assert_close(got, naive, atol=1e-5, rtol=1e-5)
+    cos = prototype_logits(f, v, gain, "cosine", factor=3)
+    torch.testing.assert_close(cos, naive / up.norm(dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_logits_equal_normalising_the_upsampled_features() -> None:
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(16, 5, 7, generator=g) + 1.0
+    w = torch.randn(3, 16, generator=g)
+    up = F.interpolate(f[None], size=(15, 21), mode="bilinear", align_corners=False)
+    naive = torch.einsum("kc,chw->khw", F.normalize(w, dim=1), F.normalize(up, dim=1)[0])
+    torch.testing.assert_close(cosine_logits(f, w, factor=3), naive, atol=1e-5, rtol=1e-5)
+    one = prototype_logits(f, w, torch.ones(3), "cosine", factor=3)
+    torch.testing.assert_close(one, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_the_gain_receives_its_analytic_gradient_and_is_trained() -> None:
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(8, 4, 4, generator=g)
+    v = torch.randn(3, 8, generator=g)
+    gain = torch.ones(3, requires_grad=True)
+    prototype_logits(f, v, gain, "reference").sum().backward()
+    # d/dg_k Σ_pixels g_k⟨v̂_k, f⟩ = Σ_pixels ⟨v̂_k, f⟩
+    expect = (F.normalize(v, dim=1) @ f.reshape(8, -1)).sum(1)
+    torch.testing.assert_close(gain.grad, expect)
+    feats, props = blobs()
+    ref = fit(feats, props, steps=5)
+    assert not torch.allclose(ref.running_gain_, torch.ones(3))
+    cos = fit(feats, props, steps=5, classifier="cosine")
+    assert torch.equal(cos.running_gain_, torch.ones(3))  # unit gain: not trained
+    assert not torch.equal(cos.running_, ref.running_)
+
+
+def test_momentum_follows_the_warm_up_ema_of_direction_and_gain() -> None:
     feats, props = blobs()
     init = PriMaPsEM(PriMaPsEMConfig(num_classes=3)).initialise(
         feats, torch.Generator().manual_seed(0)
     )
-    nine = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=9, batch_size=4)).fit(feats, props)
-    torch.testing.assert_close(nine.prototypes_, init)  # no EMA update before step 10
-    assert not torch.allclose(nine.running_, init)
-    ten = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=10, batch_size=4)).fit(feats, props)
-    torch.testing.assert_close(ten.prototypes_, 0.98 * init + 0.02 * ten.running_)
+    # steps are 0-based; updates after steps 10, 20, 30 with decays 0, 1/2, 2/3
+    ten = fit(feats, props, steps=10)
+    torch.testing.assert_close(ten.prototypes_, init)
+    assert torch.equal(ten.gain_, torch.ones(3))
+    assert not torch.allclose(ten.running_gain_, torch.ones(3))
+    first = fit(feats, props, steps=11)  # θ after step 10 = first.running_
+    torch.testing.assert_close(first.prototypes_, first.running_)
+    torch.testing.assert_close(first.gain_, first.running_gain_)
+    second = fit(feats, props, steps=21)
+    v2 = 0.5 * first.running_ + 0.5 * second.running_
+    g2 = 0.5 * first.running_gain_ + 0.5 * second.running_gain_
+    torch.testing.assert_close(second.prototypes_, v2)
+    torch.testing.assert_close(second.gain_, g2)
+    third = fit(feats, props, steps=31)
+    torch.testing.assert_close(third.prototypes_, 2 / 3 * v2 + 1 / 3 * third.running_)
+    torch.testing.assert_close(third.gain_, 2 / 3 * g2 + 1 / 3 * third.running_gain_)
+    assert not torch.allclose(third.prototypes_, third.running_)
 
 
-def blobs(
-    n_images: int = 6, seed: int = 0, classes: list | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Images of 3 planted classes (thirds, random order); proposals = thirds; ``classes`` gets
-    each image's class map ``[6, 12]``."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, 16, generator=g) * 2
-    feats, props = [], []
-    for _ in range(n_images):
-        perm = torch.randperm(3, generator=g)
-        cls = perm.repeat_interleave(4)[None].expand(6, 12)
-        f = centers[cls].permute(2, 0, 1) + 0.3 * torch.randn(16, 6, 12, generator=g)
-        feats.append(f.contiguous())
-        if classes is not None:
-            classes.append(cls.numpy())
-        p = torch.arange(3).repeat_interleave(8)[None].expand(12, 24).clone()  # factor 2
-        p[:, :2] = 255
-        props.append(p)
-    return feats, props
+def test_first_loss_is_the_direct_per_pixel_focal_loss_of_the_initialisation() -> None:
+    feats, props = blobs(n_images=2)
+    student = [f * 1.5 + 0.2 for f in feats]
+    model = fit(feats, props, student, steps=1, batch_size=2)
+    init = model.initialise(feats, torch.Generator().manual_seed(0))
+    unit = F.normalize(init, dim=1).numpy()
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(0)).tolist()
+    logits, labels = [], []
+    for i in order:  # pixel by pixel, on explicitly upsampled features
+        clean = F.interpolate(feats[i][None], size=(12, 24), mode="bilinear")[0].numpy()
+        stud = F.interpolate(student[i][None], size=(12, 24), mode="bilinear")[0].numpy()
+        pred = np.einsum("kc,chw->khw", unit, clean).argmax(0)
+        prop = props[i].numpy()
+        lab = np.full(prop.shape, 255)
+        for pid in np.unique(prop[prop != 255]):
+            lab[prop == pid] = np.bincount(pred[prop == pid], minlength=3).argmax()
+        logits.append(np.einsum("kc,chw->khw", unit, stud).reshape(3, -1).T)
+        labels.append(lab.ravel())
+    lg, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    w = (1 - p.mean(0)) ** 2
+    loss = [0.0 if t == 255 else -w[t] * np.log(p[j, t]) for j, t in enumerate(y)]
+    assert model.history_[0] == pytest.approx(float(np.mean(loss)), rel=1e-4)
+
+
+# ---------------------------------------------------------------- the estimator contract
 
 
 def test_fit_recovers_planted_classes_and_predicts_at_any_size() -> None:
     classes: list = []
     feats, props = blobs(classes=classes)
-    model = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=30, batch_size=4)).fit(feats, props)
-    assert model.prototypes_.shape == (3, 16)
-    g = torch.Generator().manual_seed(0)
+    model = fit(feats, props, steps=30)
+    assert isinstance(model, SemanticEstimator)
+    assert model.prototypes_.shape == (3, 16) and model.gain_.shape == (3,)
     preds = []
     for f in feats:
         pred = model.predict(f, size=(24, 48), factor=2)
         assert pred.shape == (24, 48) and pred.dtype == torch.int64
+        assert model.logits(f, factor=2).shape == (3, 12, 24)
         preds.append(pred.numpy().ravel())
-        lab = cosine_logits(f, torch.randn(3, 16, generator=g)).shape
-        assert lab == (3, 6, 12)
     truth = [np.kron(c, np.ones((4, 4), dtype=np.int64)).ravel() for c in classes]
     assert adjusted_rand_score(np.concatenate(truth), np.concatenate(preds)) > 0.95
     assert all(np.isfinite(model.history_))
 
 
+@pytest.mark.parametrize("classifier", ["reference", "cosine"])
+def test_state_dict_round_trip_predicts_identically(classifier: str, tmp_path) -> None:
+    feats, props = blobs()
+    cfg = PriMaPsEMConfig(num_classes=3, steps=12, batch_size=4, classifier=classifier,
+                          center=True)
+    model = PriMaPsEM(cfg).fit(FitInputs(feats, proposals=props))
+    state = model.state_dict()
+    assert set(state) == {"prototypes", "gain", "running", "running_gain", "mean"}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    again = PriMaPsEM.from_state(cfg, load_file(str(tmp_path / "w.safetensors")), device="cpu")
+    for f in feats:
+        assert torch.equal(again.logits(f, 2), model.logits(f, 2))
+        assert torch.equal(again.predict(f, (13, 29), 2), model.predict(f, (13, 29), 2))
+    del state["mean"]
+    with pytest.raises(UnsegError, match="lacks tensor 'mean'"):
+        PriMaPsEM.from_state(cfg, state)
+    with pytest.raises(UnsegError, match="do not fit K=4"):
+        PriMaPsEM.from_state(PriMaPsEMConfig(num_classes=4), model.state_dict())
+
+
+def test_center_subtracts_the_fitted_mean_and_ignores_a_common_shift() -> None:
+    feats, props = blobs()
+    model = fit(feats, props, steps=12, center=True)
+    stacked = np.concatenate([f.numpy().reshape(16, -1) for f in feats], axis=1)
+    np.testing.assert_allclose(model.mean_.numpy(), stacked.mean(1), rtol=1e-5, atol=1e-6)
+    f = feats[0]
+    expect = prototype_logits(f - model.mean_[:, None, None], model.prototypes_, model.gain_,
+                              "reference", 2)
+    torch.testing.assert_close(model.logits(f, 2), expect)
+    assert "mean" not in fit(feats, props, steps=1).state_dict()
+    shift = torch.linspace(-3, 3, 16)[:, None, None]
+    moved = fit([x + shift for x in feats], props, steps=12, center=True)
+    torch.testing.assert_close(moved.prototypes_, model.prototypes_, atol=1e-4, rtol=1e-4)
+    for x in feats:
+        assert torch.equal(moved.predict(x + shift, (6, 12)), model.predict(x, (6, 12)))
+
+
 def test_fixed_seed_gives_identical_runs() -> None:
     feats, props = blobs()
-    cfg = PriMaPsEMConfig(num_classes=3, steps=12, batch_size=4, seed=7)
-    a = PriMaPsEM(cfg).fit(feats, props)
-    b = PriMaPsEM(cfg).fit(feats, props)
-    assert torch.equal(a.prototypes_, b.prototypes_)
-    assert torch.equal(a.running_, b.running_)
+    a = fit(feats, props, steps=12, seed=7)
+    b = fit(feats, props, steps=12, seed=7)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key])
     assert a.history_ == b.history_
 
 
 def test_student_features_train_theta_but_e_step_uses_clean_view() -> None:
     feats, props = blobs()
     student = [f + 0.05 for f in feats]
-    cfg = PriMaPsEMConfig(num_classes=3, steps=5, batch_size=4)
-    a = PriMaPsEM(cfg).fit(feats, props)
-    b = PriMaPsEM(cfg).fit(feats, props, student_features=student)
+    a = fit(feats, props, steps=5)
+    b = fit(feats, props, student, steps=5)
     assert not torch.equal(a.running_, b.running_)
+    # with the clean view as student, passing it explicitly changes nothing
+    c = fit(feats, props, list(feats), steps=5)
+    assert torch.equal(a.running_, c.running_) and a.history_ == c.history_
 
 
 def test_pca_directions_match_numpy_svd() -> None:
@@ -130,35 +300,63 @@ def test_pca_directions_match_numpy_svd() -> None:
 def test_bad_inputs() -> None:
     feats, props = blobs(n_images=1)
     with pytest.raises(UnsegError, match="at least 2"):
-        PriMaPsEM(PriMaPsEMConfig(num_classes=1)).fit(feats, props)
+        fit(feats, props, num_classes=1)
     with pytest.raises(UnsegError, match="larger than the number of feature vectors"):
-        PriMaPsEM(PriMaPsEMConfig(num_classes=100)).fit(feats, props)
+        fit(feats, props, num_classes=100)
     with pytest.raises(UnsegError, match="1 feature maps but 0"):
-        PriMaPsEM().fit(feats, [])
+        PriMaPsEM().fit(FitInputs(feats, proposals=[]))
+    with pytest.raises(UnsegError, match=r"needs FitInputs\.proposals"):
+        PriMaPsEM().fit(FitInputs(feats))
+    with pytest.raises(UnsegError, match="unknown classifier"):
+        fit(feats, props, classifier="linear")
+    with pytest.raises(UnsegError, match="one to one"):
+        fit(feats, props, feats + feats)
     with pytest.raises(UnsegError, match="before fit"):
         PriMaPsEM().predict(feats[0], (6, 12))
+    with pytest.raises(UnsegError, match="not been fitted"):
+        PriMaPsEM().state_dict()
 
 
-def test_cosine_logits_equal_normalising_the_upsampled_features() -> None:
-    g = torch.Generator().manual_seed(4)
-    f = torch.randn(16, 5, 7, generator=g) + 1.0
-    w = torch.randn(3, 16, generator=g)
-    up = torch.nn.functional.interpolate(f[None], size=(15, 21), mode="bilinear",
-                                         align_corners=False)
-    naive = torch.einsum(
-        "kc,chw->khw",
-        torch.nn.functional.normalize(w, dim=1),
-        torch.nn.functional.normalize(up, dim=1)[0],
-    )
-    torch.testing.assert_close(cosine_logits(f, w, factor=3), naive, atol=1e-5, rtol=1e-5)
+# ------------------------------------------------------- planted classes against k-means
 
 
-def test_logit_scale_multiplies_the_m_step_logits() -> None:
-    feats, props = blobs()
-    base = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=1, batch_size=6)).fit(feats, props)
-    hot = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=1, batch_size=6, logit_scale=10.0)).fit(
-        feats, props
-    )
-    assert PriMaPsEMConfig().logit_scale == 1.0
-    assert hot.history_[0] < base.history_[0]  # sharper logits on the same pseudo-labels
-    assert not torch.equal(hot.running_, base.running_)
+def planted(seed: int, k: int = 4, dim: int = 16, noise: float = 1.2, n_images: int = 16):
+    """Features of ``k`` planted classes sharing a large common component, one class per
+    quadrant of each 8x8 map plus isotropic noise; proposals = the quadrants at twice the
+    resolution (top row ignored); returns (features, proposals, class maps)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, dim, generator=g) + 3.0 * torch.randn(dim, generator=g)
+    quadrant = torch.arange(4).view(2, 2).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    feats, props, truth = [], [], []
+    for _ in range(n_images):
+        cls = torch.randint(0, k, (4,), generator=g)[quadrant]
+        feats.append(centers[cls].permute(2, 0, 1) + noise * torch.randn(dim, 8, 8, generator=g))
+        p = quadrant.repeat_interleave(2, 0).repeat_interleave(2, 1).clone()
+        p[0] = 255
+        props.append(p)
+        truth.append(cls.numpy())
+    return feats, props, truth
+
+
+def matched_accuracy(truth: list[np.ndarray], pred: list[np.ndarray], k: int) -> float:
+    """Pixel accuracy after the Hungarian matching of predicted ids to classes."""
+    t = np.concatenate([x.ravel() for x in truth])
+    p = np.concatenate([x.ravel() for x in pred])
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (t, p), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    return float(confusion[rows, cols].sum() / confusion.sum())
+
+
+def test_reference_em_recovers_planted_classes_at_least_as_well_as_kmeans() -> None:
+    em_acc, km_acc = [], []
+    for seed in range(3):
+        feats, props, truth = planted(seed)
+        km = KMeans(KMeansConfig(num_classes=4, seed=0)).fit(FitInputs(feats))
+        em = PriMaPsEM(PriMaPsEMConfig(num_classes=4, steps=60, batch_size=8)).fit(
+            FitInputs(feats, proposals=props)
+        )
+        km_acc.append(matched_accuracy(truth, [km.predict(f, (8, 8)).numpy() for f in feats], 4))
+        em_acc.append(matched_accuracy(truth, [em.predict(f, (8, 8)).numpy() for f in feats], 4))
+    assert np.mean(em_acc) >= np.mean(km_acc)
+    assert min(em_acc) > 0.9

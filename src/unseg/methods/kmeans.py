@@ -1,31 +1,41 @@
-"""Cosine (spherical) k-means in torch: k-means++ seeding, restarts, chunked so memory stays flat.
+"""Cosine (spherical) k-means: the row clusterer and the semantic k-means method.
 
-Points and centres live on the unit sphere; a point's cost is ``1 - cos(x, c)`` and a centre is
-the normalised mean of its points. Distances are computed ``chunk_size`` rows at a time, so the
-extra memory is ``chunk_size x K`` whatever the number of points. This is the baseline every
-PriMaPs-EM table compares against, and the second half of PriMaPs-EM's initialisation.
+:class:`CosineKMeans` clusters rows ``[N, C]``: k-means++ seeding, restarts, chunked so memory
+stays flat. Points and centres live on the unit sphere; a point's cost is ``1 - cos(x, c)`` and a
+centre is the normalised mean of its points. Distances are computed ``chunk_size`` rows at a
+time, so the extra memory is ``chunk_size x K`` whatever the number of points. It is the second
+half of PriMaPs-EM's initialisation.
+
+:class:`KMeans` is the k-means *method* under the estimator contract (``unseg.methods.base``):
+cosine k-means of every feature vector of the training images (optionally after subtracting
+their mean feature, a statistic of the fit kept in the state), cosine logits to the centres.
+This is the baseline every PriMaPs-EM table compares against.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
+from unseg.methods.base import FitInputs
 
 
 @dataclass(frozen=True)
 class KMeansConfig:
-    """Cosine k-means settings."""
+    """Cosine k-means settings (``center`` is read by :class:`KMeans` only: subtract the
+    training images' mean feature before clustering and before the logits)."""
 
     num_classes: int = 27
     n_init: int = 3
     max_iter: int = 100
     tol: float = 1e-6
     chunk_size: int = 65536
+    center: bool = False
     seed: int = 0
 
 
@@ -140,3 +150,156 @@ class CosineKMeans:
             raise UnsegError("CosineKMeans.predict called before fit")
         xn = F.normalize(x.float(), dim=1)
         return _best_similarity(xn, self.centers_.to(xn.device), self.config.chunk_size)[1]
+
+
+# ------------------------------------------------------------------ dense logits of prototypes
+
+
+def upsampled_norm(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel L2 norm ``[H, W]`` of ``features [C, h, w]`` upsampled bilinearly to ``size``."""
+    x = features.float()[None]
+    if tuple(size) != tuple(features.shape[1:]):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0].norm(dim=0).clamp_min(1e-12)
+
+
+def linear_logits(
+    features: torch.Tensor, weight: torch.Tensor, factor: int = 1
+) -> torch.Tensor:
+    """``weight [K, C]`` applied to ``features [C, h, w]`` upsampled bilinearly by ``factor``:
+    ``[K, h·factor, w·factor]``, computed as ``up(W·F)`` (upsampling is linear, so this equals
+    ``W·up(F)`` without materialising the C-channel upsampled map)."""
+    lg = torch.einsum("kc,chw->khw", weight.float().to(features.device), features.float())
+    if factor != 1:
+        size = (features.shape[1] * factor, features.shape[2] * factor)
+        lg = F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0]
+    return lg
+
+
+def cosine_logits(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    factor: int = 1,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``.
+
+    The value is that of features upsampled bilinearly by ``factor``, L2-normalised per pixel
+    and compared to the L2-normalised rows of ``prototypes [K, C]``: :func:`linear_logits` of
+    the unit rows divided by ``‖up(F)‖`` (``norm``, from :func:`upsampled_norm`, computed here
+    when not given).
+    """
+    lg = linear_logits(features, F.normalize(prototypes.float(), dim=1), factor)
+    if norm is None:
+        norm = upsampled_norm(features, (lg.shape[1], lg.shape[2]))
+    return lg / norm.to(lg.device)
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class ids ``[H, W]`` (int64): ``logits [K, h, w]`` upsampled bilinearly to ``size``."""
+    lg = logits[None]
+    if tuple(size) != tuple(logits.shape[1:]):
+        lg = F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False)
+    return lg[0].argmax(0)
+
+
+def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
+    accumulation, returned as float32)."""
+    if not features:
+        raise UnsegError("no feature maps to average")
+    total = sum(f.double().sum(dim=(1, 2)) for f in features)
+    count = sum(f.shape[1] * f.shape[2] for f in features)
+    return (total / count).float()
+
+
+def feature_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All feature vectors ``[N, C]`` of ``features[i] [C, h, w]``, image after image."""
+    return torch.cat([f.float().reshape(f.shape[0], -1).T for f in features])
+
+
+def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """``features [C, h, w]`` minus ``mean [C]`` (unchanged when ``mean`` is None)."""
+    if mean is None:
+        return features
+    return features.float() - mean.to(features.device)[:, None, None]
+
+
+class KMeans:
+    """The semantic k-means method: cosine k-means of the training images' feature vectors.
+
+    ``fit(FitInputs)`` reads ``features``; the state is ``prototypes [K, C]`` (unit centres)
+    and, with ``center``, ``mean [C]``; ``logits`` are the cosine logits of the (centred)
+    features to the centres.
+    """
+
+    def __init__(
+        self, config: KMeansConfig | None = None, device: str | torch.device | None = None
+    ) -> None:
+        self.config = config or KMeansConfig()
+        self.device = torch.device(device or "cpu")
+        self.prototypes_: torch.Tensor | None = None
+        self.mean_: torch.Tensor | None = None
+        self.inertia_: float | None = None
+        self.history_: list[float] = []
+
+    def fit(self, inputs: FitInputs) -> KMeans:
+        """Cluster every feature vector of ``inputs.features[i] [C, h, w]``; returns ``self``."""
+        if not len(inputs):
+            raise UnsegError("k-means needs at least one feature map (FitInputs.features is empty)")
+        feats = [f.to(self.device) for f in inputs.features]
+        self.mean_ = feature_mean(feats).to(self.device) if self.config.center else None
+        rows = feature_rows([center_features(f, self.mean_) for f in feats])
+        km = CosineKMeans(self.config).fit(rows)
+        assert km.centers_ is not None and km.inertia_ is not None
+        self.prototypes_, self.inertia_ = km.centers_, km.inertia_
+        self.history_ = [km.inertia_]
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``prototypes [K, C]`` and, with ``center``, ``mean [C]`` (CPU tensors)."""
+        if self.prototypes_ is None:
+            raise UnsegError("KMeans has not been fitted")
+        state = {"prototypes": self.prototypes_.cpu()}
+        if self.mean_ is not None:
+            state["mean"] = self.mean_.cpu()
+        return state
+
+    @classmethod
+    def from_state(
+        cls,
+        config: KMeansConfig,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> KMeans:
+        """A fitted :class:`KMeans` rebuilt from :meth:`state_dict`'s output."""
+        model = cls(config, device)
+        model.prototypes_ = state_tensor(state, "prototypes", "k-means").to(model.device)
+        k = config.num_classes
+        if model.prototypes_.ndim != 2 or model.prototypes_.shape[0] != k:
+            raise UnsegError(
+                f"k-means prototypes {tuple(model.prototypes_.shape)} do not fit K={k}"
+            )
+        if config.center:
+            model.mean_ = state_tensor(state, "mean", "k-means").to(model.device)
+        return model
+
+    def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
+        """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]`` to the centres."""
+        if self.prototypes_ is None:
+            raise UnsegError("KMeans.predict called before fit")
+        x = center_features(features.to(self.device), self.mean_)
+        return cosine_logits(x, self.prototypes_, factor)
+
+    def predict(
+        self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
+    ) -> torch.Tensor:
+        """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
+        return upsampled_argmax(self.logits(features, factor), size)
+
+
+def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    """``state[key]`` as float32, or a clear error naming the missing tensor."""
+    if key not in state:
+        raise UnsegError(f"{what} state lacks tensor '{key}'")
+    return state[key].float()

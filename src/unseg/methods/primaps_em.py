@@ -1,32 +1,38 @@
 """PriMaPs-EM: class prototypes fitted to PriMaPs pseudo-labels by stochastic EM (methods.md §3).
 
-Two cosine classifiers over K classes (unit-norm prototype rows applied to L2-normalised
-features): the *running* prototypes θ, trained by Adam, and the *momentum* prototypes θ_m, an
-EMA of θ that makes the E-step and the final prediction.
+Two classifiers over K classes, each a direction ``v [K, C]`` and a per-class gain ``g [K]``:
+the *running* prototypes θ, trained by Adam, and the *momentum* prototypes θ_m, an EMA copy of θ
+that makes the E-step and the final prediction. ``classifier`` chooses their form:
+
+- ``"reference"`` (the reference code): a weight-normalised 1x1 conv without bias,
+  ``logit_k = g_k·⟨v_k/‖v_k‖, f⟩`` on the raw features f (their norm acts as a temperature);
+  v and g are both trained.
+- ``"cosine"``: the unit-gain cosine classifier ``⟨v_k/‖v_k‖, f/‖f‖⟩``; only v is trained
+  (g stays 1).
 
 One step on a batch of images:
 
-- E-step: θ_m's argmax at every pixel; inside each PriMaPs proposal its mode (ties → the
-  smallest class id) becomes the pseudo-label of the whole proposal; ignore pixels stay ignored.
-- M-step: Adam on the focal-weighted cross-entropy of θ (on the student features when given)
-  against those labels; class weight ``(1 - mean softmax confidence of the class)^gamma`` over the
-  batch's pixels, summed over labelled pixels and divided by *all* pixels (the reference's
-  ``reduction="none"`` then ``.mean()``).
-- every ``ema_every`` steps: ``θ_m ← decay·θ_m + (1 − decay)·θ`` on the stored (un-normalised)
-  weights, as the reference's EMA of the weight-norm parameters.
+- E-step: θ_m's argmax at every pixel of the clean view; inside each PriMaPs proposal its mode
+  (ties → the smallest class id) becomes the pseudo-label of the whole proposal; pixels outside
+  every proposal are ignored.
+- M-step: Adam on the focal-weighted cross-entropy of θ on the student view (the clean view
+  when no student features are given): class weight ``(1 - c_k)^gamma`` with c_k the mean of
+  θ's detached softmax over *all* pixels of the batch; the per-pixel loss (0 at ignored pixels)
+  is averaged over all pixels (the reference's ``reduction="none"`` then ``.mean()``).
+- after the M-step of (0-based) step s, when ``s > 0 and s % ema_every == 0``: the k-th update
+  ``θ_m ← d·θ_m + (1 − d)·θ`` on (v, g) with ``d = min(ema_decay, 1 − 1/k)`` (the first copies θ).
 
-Initialisation: the top-K principal directions of the (centred, raw) features (exact ``eigh`` of
-the C×C covariance instead of the reference's ``pca_lowrank(q=2K, niter=200)`` whose first K
-columns it keeps), then ``kmeans_passes`` passes of cosine k-means from them; θ and θ_m start
-there.
+Initialisation: the top-K principal directions of the centred features (exact ``eigh`` of the
+C×C covariance instead of the reference's ``pca_lowrank(q=2K, niter=200)``), ``g = 1``, then
+``kmeans_passes`` passes of cosine k-means from them; θ and θ_m start there.
+
+``center``: subtract the training images' mean feature (fitted in ``fit``, kept in the state as
+``mean``) before everything, at prediction too.
 
 Deviations for CPU budgets (all parameters): features are upsampled by ``label_factor``
-(default: the backbone stride, i.e. the paper's full label resolution) rather than always to the
-image size; each step uses whole images at their extraction size (the reference uses 320×320
+(default: the backbone stride, i.e. the paper's full label resolution) rather than always to
+320x320; each step uses whole images at their extraction size (the reference uses 320×320
 random resized crops); the step budget is ``steps`` or ``epochs`` over the images.
-
-Where the reference differs from the spec: its θ is a weight-normalised 1x1 conv with a
-*trainable* gain applied to *un-normalised* features. The spec's cosine classifier is used here.
 """
 
 from __future__ import annotations
@@ -35,22 +41,44 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
-from unseg.methods.kmeans import CosineKMeans, KMeansConfig
+from unseg.methods.base import FitInputs
+from unseg.methods.kmeans import (
+    CosineKMeans,
+    KMeansConfig,
+    center_features,
+    feature_mean,
+    feature_rows,
+    linear_logits,
+    state_tensor,
+    upsampled_argmax,
+    upsampled_norm,
+)
+from unseg.methods.kmeans import (
+    cosine_logits as cosine_logits,  # re-exported: the semantic pipeline imports it from here
+)
 from unseg.utils import dist
 from unseg.utils.device import cpu_threads
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
+Classifier = Literal["reference", "cosine"]
+CLASSIFIERS: tuple[str, ...] = ("reference", "cosine")
+
 
 @dataclass(frozen=True)
 class PriMaPsEMConfig:
-    """PriMaPs-EM settings; defaults are the paper's values except where noted."""
+    """PriMaPs-EM settings; defaults are the paper's values except where noted.
+
+    ``student_augs``, ``flip`` and ``crf`` are read by the pipelines (how the student view is
+    made, how prediction runs); the estimator takes the student features it is given.
+    """
 
     num_classes: int = 27
     epochs: int = 50
@@ -58,49 +86,41 @@ class PriMaPsEMConfig:
     batch_size: int = 32
     lr: float = 5e-3
     focal_gamma: float = 2.0
-    ema_decay: float = 0.98
+    ema_decay: float = 0.98  # the warm-up decay's ceiling
     ema_every: int = 10
     kmeans_passes: int = 2
     init_max_points: int = 200_000
     label_factor: int | None = None  # None: upsample features by the stride (paper)
-    logit_scale: float = 1.0  # M-step logits = scale x cosine (spec: 1, a unit-gain classifier)
-    student_augs: bool = False
+    classifier: Classifier = "reference"
+    center: bool = False
+    student_augs: bool = True
     flip: bool = True
     crf: bool = True
     ignore_index: int = 255
     seed: int = 0
 
 
-def upsampled_norm(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Per-pixel L2 norm ``[H, W]`` of ``features [C, h, w]`` upsampled bilinearly to ``size``."""
-    x = features.float()[None]
-    if tuple(size) != tuple(features.shape[1:]):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x[0].norm(dim=0).clamp_min(1e-12)
-
-
-def cosine_logits(
+def prototype_logits(
     features: torch.Tensor,
-    prototypes: torch.Tensor,
+    direction: torch.Tensor,
+    gain: torch.Tensor,
+    classifier: Classifier,
     factor: int = 1,
     norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``.
+    """Logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]`` upsampled by ``factor``.
 
-    The value is that of features upsampled bilinearly by ``factor``, L2-normalised per pixel
-    and compared to the L2-normalised rows of ``prototypes [K, C]``. Computed without
-    materialising the upsampled features: upsampling is linear, so ``W·up(F) = up(W·F)`` (K
-    channels instead of C) divided by ``‖up(F)‖`` (``norm``, from :func:`upsampled_norm`,
-    computed here when not given).
+    ``"reference"``: ``g_k·⟨v_k/‖v_k‖, up(F)⟩``; ``"cosine"``: the same divided by ``‖up(F)‖``
+    (``norm``, computed when not given). ``direction [K, C]``, ``gain [K]``; differentiable in
+    both.
     """
-    size = (features.shape[1] * factor, features.shape[2] * factor)
-    w = F.normalize(prototypes.float().to(features.device), dim=1)
-    lg = torch.einsum("kc,chw->khw", w, features.float())
-    if factor != 1:
-        lg = F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0]
-    if norm is None:
-        norm = upsampled_norm(features, size)
-    return lg / norm
+    weight = gain[:, None] * F.normalize(direction, dim=1)
+    lg = linear_logits(features, weight, factor)
+    if classifier == "cosine":
+        if norm is None:
+            norm = upsampled_norm(features, (lg.shape[1], lg.shape[2]))
+        lg = lg / norm
+    return lg
 
 
 def e_step(
@@ -132,6 +152,13 @@ def focal_weights(probs: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     return (1.0 - probs.mean(dim=0)) ** gamma
 
 
+def ema_decay(update: int, ceiling: float = 0.98) -> float:
+    """Decay of the ``update``-th EMA update (1-based): ``min(ceiling, 1 − 1/update)``."""
+    if update < 1:
+        raise UnsegError(f"EMA updates are counted from 1, got {update}")
+    return min(ceiling, 1.0 - 1.0 / update)
+
+
 def ema_update(momentum: torch.Tensor, running: torch.Tensor, decay: float) -> torch.Tensor:
     """``decay·momentum + (1 − decay)·running`` (a new tensor)."""
     return decay * momentum + (1.0 - decay) * running
@@ -151,8 +178,17 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     return dirs.to(x.dtype)
 
 
-# per image: features, their upsampled norm, student features, their norm, factor, labels
-_View = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]
+@dataclass
+class _View:
+    """One training image at label resolution: clean and student features, their upsampled
+    norms (cosine classifier only), the upsampling factor and the flattened proposal ids."""
+
+    clean: torch.Tensor
+    clean_norm: torch.Tensor | None
+    student: torch.Tensor
+    student_norm: torch.Tensor | None
+    factor: int
+    proposals: torch.Tensor
 
 
 def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -165,14 +201,21 @@ def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class PriMaPsEM:
     """PriMaPs-EM estimator on precomputed features and PriMaPs pseudo-labels.
 
-    ``fit(features, proposals)``; ``predict(features, size)``; the fitted state is
-    ``prototypes_`` (θ_m, ``[K, C]``) and ``running_`` (θ).
+    ``fit(FitInputs(features, proposals=..., student_features=...))``; fitted state: θ_m's
+    ``prototypes_ [K, C]`` and ``gain_ [K]``, θ's ``running_`` and ``running_gain_``, and with
+    ``center`` the ``mean_ [C]``.
     """
 
-    def __init__(self, config: PriMaPsEMConfig | None = None) -> None:
+    def __init__(
+        self, config: PriMaPsEMConfig | None = None, device: str | torch.device | None = None
+    ) -> None:
         self.config = config or PriMaPsEMConfig()
+        self.device = torch.device(device or "cpu")
         self.prototypes_: torch.Tensor | None = None
+        self.gain_: torch.Tensor | None = None
         self.running_: torch.Tensor | None = None
+        self.running_gain_: torch.Tensor | None = None
+        self.mean_: torch.Tensor | None = None
         self.history_: list[float] = []
 
     # ------------------------------------------------------------------ fitting
@@ -182,9 +225,10 @@ class PriMaPsEM:
         return max(1, labels.shape[-2] // features.shape[-2])
 
     def initialise(self, features: Sequence[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-        """PCA + cosine k-means prototypes ``[K, C]`` from the images' feature vectors."""
+        """PCA + cosine k-means directions ``[K, C]`` (unit rows) from the images' feature
+        vectors ``features[i] [C, h, w]`` (already centred when ``center``)."""
         k = self.config.num_classes
-        rows = torch.cat([f.reshape(f.shape[0], -1).T for f in features]).float()
+        rows = feature_rows(features)
         if k < 2:
             raise UnsegError(f"number of classes must be at least 2, got {k}")
         if k > rows.shape[0]:
@@ -194,7 +238,7 @@ class PriMaPsEM:
             )
         if rows.shape[0] > self.config.init_max_points:
             pick = torch.randperm(rows.shape[0], generator=gen)[: self.config.init_max_points]
-            rows = rows[pick]
+            rows = rows[pick.to(rows.device)]
         init = pca_directions(rows, min(k, rows.shape[1]))
         if init.shape[0] < k:  # fewer channels than classes: pad with k-means++ picks
             extra = CosineKMeans(KMeansConfig(num_classes=k, n_init=1, seed=self.config.seed))
@@ -202,147 +246,211 @@ class PriMaPsEM:
         km = CosineKMeans(KMeansConfig(num_classes=k, seed=self.config.seed))
         return km.fit(rows, init=init, max_iter=self.config.kmeans_passes).centers_
 
-    def fit(
-        self,
-        features: Sequence[torch.Tensor],
-        proposals: Sequence[torch.Tensor],
-        student_features: Sequence[torch.Tensor] | None = None,
-        device: torch.device | str | None = None,
-    ) -> PriMaPsEM:
-        """Fit on ``features[i] [C, h, w]`` and PriMaPs ``proposals[i] [H, W]`` (int64, ignore).
-
-        Under torchrun every rank passes the same lists; each computes its share of every batch
-        and gradients (and focal statistics) are averaged across ranks.
-        """
+    def _check(self, inputs: FitInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Features and proposals of ``inputs``, or a clear error."""
         cfg = self.config
+        if cfg.classifier not in CLASSIFIERS:
+            raise UnsegError(f"unknown classifier {cfg.classifier!r}; choose from {CLASSIFIERS}")
+        if inputs.proposals is None:
+            raise UnsegError("PriMaPs-EM needs FitInputs.proposals (PriMaPs pseudo-labels)")
+        features, proposals = list(inputs.features), list(inputs.proposals)
         if len(features) != len(proposals) or not features:
             raise UnsegError(f"{len(features)} feature maps but {len(proposals)} label maps")
-        if student_features is not None and len(student_features) != len(features):
+        student = inputs.student_features
+        if student is not None and len(student) != len(features):
             raise UnsegError("student_features must match features one to one")
-        device = torch.device(device or "cpu")
+        return features, proposals
+
+    def _views(
+        self,
+        features: list[torch.Tensor],
+        proposals: list[torch.Tensor],
+        student: Sequence[torch.Tensor] | None,
+    ) -> list[_View]:
+        cosine = self.config.classifier == "cosine"
+        views = []
+        for i, (f, p) in enumerate(zip(features, proposals, strict=True)):
+            r = self._factor(f, p)
+            size = (f.shape[1] * r, f.shape[2] * r)
+            clean = center_features(f.to(self.device).float(), self.mean_)
+            if student is None:
+                stud = clean
+            else:
+                stud = center_features(student[i].to(self.device).float(), self.mean_)
+            cn = upsampled_norm(clean, size) if cosine else None
+            sn = (cn if student is None else upsampled_norm(stud, size)) if cosine else None
+            labels = _resize_labels(p.to(self.device), size).reshape(-1)
+            views.append(_View(clean, cn, stud, sn, r, labels))
+        return views
+
+    def fit(self, inputs: FitInputs) -> PriMaPsEM:
+        """Fit on ``features[i] [C, h, w]``, PriMaPs ``proposals[i] [H, W]`` (int64, 255 =
+        none) and optional ``student_features[i] [C, h, w]``; returns ``self``.
+
+        Under torchrun every rank passes the same inputs; each computes its share of every
+        batch, and gradients, focal statistics and the logged loss are summed across ranks.
+        """
+        cfg = self.config
+        features, proposals = self._check(inputs)
         gen = torch.Generator().manual_seed(cfg.seed)
-        init = self.initialise(features, gen).to(device)
-        running = init.clone().requires_grad_(True)
-        momentum = init.clone()
-        optim = torch.optim.Adam([running], lr=cfg.lr)
-        n = len(features)
+        self.mean_ = feature_mean(features).to(self.device) if cfg.center else None
+        views = self._views(features, proposals, inputs.student_features)
+        init = self.initialise([v.clean for v in views], gen).to(self.device)
+        direction = init.clone().requires_grad_(True)
+        gain = torch.ones(cfg.num_classes, device=self.device)
+        params = [direction]
+        if cfg.classifier == "reference":
+            gain.requires_grad_(True)
+            params.append(gain)
+        momentum = (init.clone(), gain.detach().clone())
+        optim = torch.optim.Adam(params, lr=cfg.lr)
+        n = len(views)
         batch = min(cfg.batch_size, n)
-        per_epoch = math.ceil(n / batch)
-        total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / batch)
         rank, world = dist.rank(), dist.world_size()
-        factors = [self._factor(f, p) for f, p in zip(features, proposals, strict=True)]
-        sizes = [(f.shape[1] * r, f.shape[2] * r) for f, r in zip(features, factors, strict=True)]
-        labels = [_resize_labels(p, s).reshape(-1) for p, s in zip(proposals, sizes, strict=True)]
-        norms = [upsampled_norm(features[i], sizes[i]) for i in range(n)]
-        students = features if student_features is None else student_features
-        student_norms = (
-            norms
-            if student_features is None
-            else [upsampled_norm(student_features[i], sizes[i]) for i in range(n)]
-        )
         order: list[int] = []
+        updates = 0
         self.history_ = []
         # the steps are many small ops on K-channel maps: on CPU one thread beats intra-op
         # parallelism, by far on a loaded machine (idle threads spin-waiting for the cores)
-        with cpu_threads(device, 1):
-            for step in progress(range(1, total + 1), total=total, desc="PriMaPs-EM"):
+        with cpu_threads(self.device, 1):
+            for step in progress(range(total), total=total, desc="PriMaPs-EM"):
                 if len(order) < batch:
                     order += torch.randperm(n, generator=gen).tolist()
                 idx, order = order[:batch], order[batch:]
-                mine = dist.shard(idx, rank, world)
-                views = [
-                    (
-                        features[i].to(device),
-                        norms[i].to(device),
-                        students[i].to(device),
-                        student_norms[i].to(device),
-                        factors[i],
-                        labels[i].to(device),
+                mine = [views[i] for i in dist.shard(idx, rank, world)]
+                self.history_.append(self._step(mine, params, momentum, optim))
+                if step > 0 and step % cfg.ema_every == 0:
+                    updates += 1
+                    d = ema_decay(updates, cfg.ema_decay)
+                    momentum = (
+                        ema_update(momentum[0], direction.detach(), d),
+                        ema_update(momentum[1], gain.detach(), d),
                     )
-                    for i in mine
-                ]
-                loss_value = self._step(views, running, momentum, optim)
-                self.history_.append(loss_value)
-                if step % cfg.ema_every == 0:
-                    momentum = ema_update(momentum, running.detach(), cfg.ema_decay)
-        self.running_ = running.detach().cpu()
-        self.prototypes_ = momentum.cpu()
+        self.running_, self.running_gain_ = direction.detach(), gain.detach()
+        self.prototypes_, self.gain_ = momentum
         return self
 
     def _step(
         self,
         views: list[_View],
-        running: torch.Tensor,
-        momentum: torch.Tensor,
+        params: list[torch.Tensor],
+        momentum: tuple[torch.Tensor, torch.Tensor],
         optim: torch.optim.Optimizer,
     ) -> float:
-        """One E+M step on ``views``: (features, norm, student features, student norm, factor,
-        proposal labels) per image."""
+        """One E+M step on this rank's ``views``; returns the batch's loss (all ranks)."""
         cfg = self.config
         k = cfg.num_classes
+        direction = params[0]
+        gain = params[1] if len(params) > 1 else torch.ones(k, device=direction.device)
         with torch.no_grad():
             targets = [
                 e_step(
-                    cosine_logits(f, momentum, r, nrm).reshape(k, -1).argmax(dim=0),
-                    lab, k, cfg.ignore_index,
+                    prototype_logits(
+                        v.clean, momentum[0], momentum[1], cfg.classifier, v.factor, v.clean_norm
+                    ).reshape(k, -1).argmax(dim=0),
+                    v.proposals, k, cfg.ignore_index,
                 )
-                for f, nrm, _, _, r, lab in views
+                for v in views
             ]
         logits_list = [
-            cfg.logit_scale * cosine_logits(fs, running, r, ns).reshape(k, -1).T
-            for _, _, fs, ns, r, _ in views
+            prototype_logits(
+                v.student, direction, gain, cfg.classifier, v.factor, v.student_norm
+            ).reshape(k, -1).T
+            for v in views
         ]
-        logits = torch.cat(logits_list) if logits_list else running.new_zeros((0, k))
+        logits = torch.cat(logits_list) if logits_list else direction.new_zeros((0, k))
         y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-        probs = logits.detach().softmax(dim=1)
-        stats = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])
-        if dist.is_distributed():
-            torch.distributed.all_reduce(stats)
-        count = stats[-1].clamp_min(1)
-        weight = (1.0 - stats[:-1] / count) ** cfg.focal_gamma
-        per_pixel = F.cross_entropy(
-            logits, y, weight=weight, ignore_index=cfg.ignore_index, reduction="none"
-        )
+        per_pixel, count = focal_loss_terms(logits, y, cfg.focal_gamma, cfg.ignore_index)
         loss = per_pixel.sum() / count
         optim.zero_grad(set_to_none=False)
-        if running.grad is None:
-            running.grad = torch.zeros_like(running)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if per_pixel.numel():
             loss.backward()
+        value = loss.detach().reshape(1).clone()
         if dist.is_distributed():
-            torch.distributed.all_reduce(running.grad)
+            for p in params:
+                assert p.grad is not None
+                torch.distributed.all_reduce(p.grad)
+            torch.distributed.all_reduce(value)
         optim.step()
-        return float(loss.detach())
+        return float(value)
 
     # --------------------------------------------------------------- prediction
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
-        """θ_m's cosine logits ``[K, h·factor, w·factor]`` for ``features [C, h, w]``."""
-        if self.prototypes_ is None:
+        """θ_m's logits ``[K, h·factor, w·factor]`` for ``features [C, h, w]``."""
+        if self.prototypes_ is None or self.gain_ is None:
             raise UnsegError("PriMaPsEM.predict called before fit")
-        return cosine_logits(features, self.prototypes_, factor)
+        x = center_features(features.to(self.device).float(), self.mean_)
+        with torch.no_grad():
+            return prototype_logits(x, self.prototypes_, self.gain_, self.config.classifier, factor)
 
     def predict(
         self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): θ_m's logits upsampled bilinearly to ``size``, argmax."""
-        lg = self.logits(features, factor)[None]
-        return F.interpolate(lg, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+        return upsampled_argmax(self.logits(features, factor), size)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The fitted state for ``unseg.runs.save_run``."""
-        if self.prototypes_ is None or self.running_ is None:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """θ_m (``prototypes [K, C]``, ``gain [K]``), θ (``running``, ``running_gain``) and,
+        with ``center``, ``mean [C]`` (CPU tensors)."""
+        if self.prototypes_ is None or self.gain_ is None or self.running_ is None:
             raise UnsegError("PriMaPsEM has not been fitted")
-        return {"prototypes": self.prototypes_, "running": self.running_}
+        assert self.running_gain_ is not None
+        state = {
+            "prototypes": self.prototypes_.cpu(),
+            "gain": self.gain_.cpu(),
+            "running": self.running_.cpu(),
+            "running_gain": self.running_gain_.cpu(),
+        }
+        if self.mean_ is not None:
+            state["mean"] = self.mean_.cpu()
+        return state
 
     @classmethod
-    def from_tensors(
-        cls, config: PriMaPsEMConfig, tensors: dict[str, torch.Tensor]
+    def from_state(
+        cls,
+        config: PriMaPsEMConfig,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
     ) -> PriMaPsEM:
-        """Rebuild a fitted estimator from :meth:`tensors`' output."""
-        model = cls(config)
-        try:
-            model.prototypes_ = tensors["prototypes"].float()
-            model.running_ = tensors["running"].float()
-        except KeyError as exc:
-            raise UnsegError(f"PriMaPs-EM weights lack tensor {exc}") from None
+        """A fitted estimator rebuilt from :meth:`state_dict`'s output."""
+        model = cls(config, device)
+        get = {key: state_tensor(state, key, "PriMaPs-EM").to(model.device)
+               for key in ("prototypes", "gain", "running", "running_gain")}
+        k = config.num_classes
+        if get["prototypes"].ndim != 2 or get["prototypes"].shape[0] != k or get[
+            "gain"
+        ].shape != (k,):
+            raise UnsegError(
+                f"PriMaPs-EM prototypes {tuple(get['prototypes'].shape)} / gain "
+                f"{tuple(get['gain'].shape)} do not fit K={k}"
+            )
+        model.prototypes_, model.gain_ = get["prototypes"], get["gain"]
+        model.running_, model.running_gain_ = get["running"], get["running_gain"]
+        if config.center:
+            model.mean_ = state_tensor(state, "mean", "PriMaPs-EM").to(model.device)
         return model
+
+
+def focal_loss_terms(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel focal-weighted cross-entropy ``[P]`` (0 at ignored pixels) of ``logits [P, K]``
+    against ``targets [P]``, and the pixel count to divide their sum by.
+
+    The class weights :func:`focal_weights` use the detached softmax of every pixel; under
+    torchrun their statistics and the count are summed over all ranks first.
+    """
+    probs = logits.detach().softmax(dim=1)
+    stats = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])
+    if dist.is_distributed():
+        torch.distributed.all_reduce(stats)
+    count = stats[-1].clamp_min(1)
+    weight = (1.0 - stats[:-1] / count) ** gamma
+    per_pixel = F.cross_entropy(
+        logits, targets, weight=weight, ignore_index=ignore_index, reduction="none"
+    )
+    return per_pixel, count
