@@ -1,15 +1,18 @@
-"""Cosine k-means against scikit-learn, seeding, chunking, determinism and bad input."""
+"""Cosine k-means against scikit-learn, seeding, chunking, determinism and bad input; the
+semantic k-means method under the estimator contract."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.cluster import KMeans
+from safetensors.torch import load_file, save_file
+from sklearn.cluster import KMeans as SkKMeans
 from sklearn.metrics import adjusted_rand_score
 
 from unseg.errors import UnsegError
-from unseg.methods.kmeans import CosineKMeans, KMeansConfig
+from unseg.methods.base import FitInputs, SemanticEstimator
+from unseg.methods.kmeans import CosineKMeans, KMeans, KMeansConfig
 
 
 def sphere_blobs(n: int = 3000, k: int = 6, dim: int = 16, noise: float = 0.25, seed: int = 0):
@@ -31,7 +34,7 @@ def test_matches_scikit_learn_inertia_within_one_percent() -> None:
     x, truth = sphere_blobs()
     ours = CosineKMeans(KMeansConfig(num_classes=6, n_init=3, seed=0)).fit(torch.from_numpy(x))
     pred = ours.predict(torch.from_numpy(x)).numpy()
-    ref = KMeans(n_clusters=6, n_init=5, random_state=0).fit(x)
+    ref = SkKMeans(n_clusters=6, n_init=5, random_state=0).fit(x)
     # on unit vectors, a partition's Euclidean SSE is what scikit-learn minimises
     assert sse(x, pred) <= ref.inertia_ * 1.01
     assert adjusted_rand_score(ref.labels_, pred) > 0.98
@@ -81,3 +84,66 @@ def test_bad_input_is_a_clear_error() -> None:
         CosineKMeans(KMeansConfig(num_classes=11)).fit(x)
     with pytest.raises(UnsegError, match="before fit"):
         CosineKMeans().predict(x)
+
+
+def feature_maps(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` maps ``[8, 5, 6]`` of three planted directions plus noise, far from the origin."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 8, generator=g) + 4.0
+    return [
+        centers[torch.randint(0, 3, (5, 6), generator=g)].permute(2, 0, 1)
+        + 0.2 * torch.randn(8, 5, 6, generator=g)
+        for _ in range(n)
+    ]
+
+
+def test_kmeans_method_clusters_every_feature_vector_like_the_row_clusterer() -> None:
+    maps = feature_maps()
+    cfg = KMeansConfig(num_classes=3, seed=2)
+    model = KMeans(cfg).fit(FitInputs(maps))
+    assert isinstance(model, SemanticEstimator)
+    rows = torch.cat([m.reshape(8, -1).T for m in maps])
+    ref = CosineKMeans(cfg).fit(rows)
+    torch.testing.assert_close(model.prototypes_, ref.centers_)
+    assert model.history_ == [ref.inertia_]
+    # logits: cosine of each (upsampled) feature vector to each centre, by brute force
+    f = maps[1]
+    up = torch.nn.functional.interpolate(f[None], scale_factor=2, mode="bilinear")[0]
+    c = ref.centers_.numpy()
+    x = up.numpy().reshape(8, -1).T
+    unit = c / np.linalg.norm(c, axis=1)[:, None]
+    brute = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ unit.T
+    np.testing.assert_allclose(model.logits(f, 2).numpy().reshape(3, -1).T, brute, atol=1e-5)
+    pred = model.predict(f, (5, 6))
+    assert torch.equal(pred.reshape(-1), ref.predict(f.reshape(8, -1).T))
+
+
+def test_kmeans_center_subtracts_the_fitted_mean_everywhere() -> None:
+    maps = feature_maps()
+    model = KMeans(KMeansConfig(num_classes=3, center=True)).fit(FitInputs(maps))
+    stacked = np.concatenate([m.numpy().reshape(8, -1) for m in maps], axis=1)
+    np.testing.assert_allclose(model.mean_.numpy(), stacked.mean(1), rtol=1e-5)
+    centred = [m - model.mean_[:, None, None] for m in maps]
+    plain = KMeans(KMeansConfig(num_classes=3)).fit(FitInputs(centred))
+    torch.testing.assert_close(model.prototypes_, plain.prototypes_)
+    torch.testing.assert_close(model.logits(maps[0], 2), plain.logits(centred[0], 2))
+    assert "mean" not in plain.state_dict()
+
+
+def test_kmeans_state_round_trip_predicts_identically(tmp_path) -> None:
+    maps = feature_maps()
+    cfg = KMeansConfig(num_classes=3, center=True)
+    model = KMeans(cfg).fit(FitInputs(maps))
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    again = KMeans.from_state(cfg, load_file(str(tmp_path / "w.safetensors")), device="cpu")
+    for m in maps:
+        assert torch.equal(again.logits(m, 3), model.logits(m, 3))
+        assert torch.equal(again.predict(m, (11, 13)), model.predict(m, (11, 13)))
+    with pytest.raises(UnsegError, match="lacks tensor 'mean'"):
+        KMeans.from_state(cfg, {"prototypes": model.prototypes_})
+    with pytest.raises(UnsegError, match="do not fit K=4"):
+        KMeans.from_state(KMeansConfig(num_classes=4), model.state_dict())
+    with pytest.raises(UnsegError, match="before fit"):
+        KMeans().predict(maps[0], (5, 6))
+    with pytest.raises(UnsegError, match="at least one feature map"):
+        KMeans().fit(FitInputs([]))
