@@ -1,0 +1,177 @@
+"""What a run or output folder holds: its masks, overlays, boxes, run record and source images.
+
+Layouts read (as the commands write them):
+
+- ``segment`` / ``discover``: ``OUT/masks/**.png``, ``OUT/overlays/**.jpg`` (segment),
+  ``OUT/boxes.json`` (discover), ``OUT/run/config.json`` (fitted model, when there is one);
+- ``predict``: PNGs directly in ``OUT`` (with ``boxes.json`` for saliency runs);
+- ``fit``: a bare run folder (``config.json`` + ``weights.safetensors``), reported without masks.
+
+A run folder given as ``OUT/run`` stands for ``OUT``. The kind of masks is the run's (a saliency
+method writes 8-bit probabilities, the others label PNGs); without a run it is read off the
+files: ``boxes.json`` or a greyscale PNG means saliency, a palette PNG semantic labels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from unseg.data.image import IMAGE_EXTENSIONS, list_images
+from unseg.data.layouts import resolve_image_dir
+from unseg.errors import InputFileError, UnsegError
+
+Kind = Literal["semantic", "saliency"]
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+BOXES_FILE = "boxes.json"
+SKIPPED_DIRS = ("run", "overlays")
+
+
+@dataclass
+class RunOutputs:
+    """The pieces of one run's output folder (absent pieces are ``None`` / empty)."""
+
+    output_dir: Path
+    kind: Kind
+    masks_dir: Path | None = None
+    masks: list[Path] = field(default_factory=list)
+    overlays_dir: Path | None = None
+    boxes_file: Path | None = None
+    run_dir: Path | None = None
+    config: dict[str, Any] | None = None
+    images_root: Path | None = None
+
+    def mask_key(self, mask: Path) -> str:
+        """The mask's path relative to the masks folder, without suffix (``sub/name``)."""
+        if self.masks_dir is None:
+            raise ValueError(f"{self.output_dir}: no masks folder")
+        return mask.relative_to(self.masks_dir).with_suffix("").as_posix()
+
+
+def _is_run(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"cannot read the run's configuration ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(path, "not a run configuration (expected a JSON object)")
+    return data
+
+
+def _list_masks(masks_dir: Path, nested_outputs: bool) -> list[Path]:
+    masks = []
+    for p in sorted(masks_dir.rglob("*.png")):
+        parts = p.relative_to(masks_dir).parts
+        if any(part.startswith(".") for part in parts):
+            continue
+        if nested_outputs and len(parts) > 1 and parts[0] in SKIPPED_DIRS:
+            continue
+        if p.is_file():
+            masks.append(p)
+    return masks
+
+
+def _kind_from_files(masks: list[Path], boxes: Path | None) -> Kind:
+    if boxes is not None or not masks:
+        return "saliency" if boxes is not None else "semantic"
+    try:
+        with Image.open(masks[0]) as img:
+            mode = img.mode
+    except OSError as exc:
+        raise InputFileError(masks[0], f"unreadable mask ({exc})") from None
+    return "semantic" if mode == "P" else "saliency"
+
+
+def _images_from_record(config: dict[str, Any] | None) -> Path | None:
+    value = None if config is None else config.get("images")
+    if isinstance(value, str) and Path(value).exists():
+        return Path(value)
+    return None
+
+
+def find_outputs(path: str | Path, images: str | Path | None = None) -> RunOutputs:
+    """Read the folder ``path`` (a run or a command's output folder) as :class:`RunOutputs`.
+
+    ``images`` is the folder of original images; default: the ``images`` path the run's
+    ``config.json`` records, when it records one that exists. Raises :class:`UnsegError` for a
+    folder that holds neither masks nor a run.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UnsegError(f"{path}: no such folder (expected a run or an output folder)")
+    output_dir, run_dir = path, None
+    if _is_run(path):
+        run_dir = path
+        if (path.parent / "masks").is_dir():
+            output_dir = path.parent
+    elif _is_run(path / "run"):
+        run_dir = path / "run"
+    masks_dir: Path | None = output_dir / "masks"
+    masks = _list_masks(masks_dir, False) if masks_dir.is_dir() else []
+    if not masks and output_dir != run_dir:
+        masks = _list_masks(output_dir, True)
+        masks_dir = output_dir if masks else None
+    if not masks and run_dir is None:
+        raise UnsegError(
+            f"{path}: neither masks (masks/*.png or *.png) nor a run (config.json and "
+            f"{WEIGHTS_FILE}) found; give the folder a command wrote"
+        )
+    config = None if run_dir is None else _read_config(run_dir)
+    boxes = output_dir / BOXES_FILE
+    boxes_file = boxes if boxes.is_file() else None
+    method = "" if config is None else str(config.get("method", ""))
+    kind: Kind = "saliency" if "saliency" in method else "semantic"
+    if not method:
+        kind = _kind_from_files(masks, boxes_file)
+    overlays = output_dir / "overlays"
+    if images is not None:
+        if not Path(images).exists():
+            raise UnsegError(f"{images}: no such image folder")
+        images_root: Path | None = resolve_image_dir(images)
+    else:
+        images_root = _images_from_record(config)
+    return RunOutputs(
+        output_dir=output_dir,
+        kind=kind,
+        masks_dir=masks_dir,
+        masks=masks,
+        overlays_dir=overlays if overlays.is_dir() else None,
+        boxes_file=boxes_file,
+        run_dir=run_dir,
+        config=config,
+        images_root=images_root,
+    )
+
+
+def match_images(outputs: RunOutputs) -> dict[str, Path]:
+    """Original image of each mask, by mask key (:meth:`RunOutputs.mask_key`); masks whose
+    image is not found are left out. Matched by relative path first, then by file stem."""
+    if outputs.images_root is None or outputs.masks_dir is None:
+        return {}
+    root = outputs.images_root
+    files = list_images(root) if root.is_dir() else [root]
+    by_rel: dict[str, Path] = {}
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
+        by_rel.setdefault(str(Path(rel).with_suffix("")), f)
+        by_stem.setdefault(f.stem, f)
+    found: dict[str, Path] = {}
+    for mask in outputs.masks:
+        key = outputs.mask_key(mask)
+        image = by_rel.get(key) or by_stem.get(Path(key).name)
+        if image is not None:
+            found[key] = image
+    return found
