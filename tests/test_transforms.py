@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import colorsys
 
+import cv2
 import kornia
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from unseg.data.transforms import (
     center_crop,
     color_jitter,
+    gaussian_blur,
     hflip,
     hsv_to_rgb,
     random_resized_crop,
     resize_short_side,
     rgb_to_hsv,
+    student_view,
 )
 
 BLOCK = 12
@@ -164,3 +168,59 @@ def test_hue_shift_matches_colorsys():
     h, s, v = colorsys.rgb_to_hsv(*image[:, 1, 2].tolist())
     ref = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
     assert np.allclose(out[:, 1, 2].tolist(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
+def test_gaussian_blur_matches_opencv(sigma: float):
+    image = torch.rand(3, 37, 50, generator=torch.Generator().manual_seed(1))
+    out = gaussian_blur(image, sigma, 21)
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    ref = cv2.GaussianBlur(hwc, (21, 21), sigmaX=sigma, sigmaY=sigma,
+                           borderType=cv2.BORDER_REFLECT_101)
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+
+def test_gaussian_blur_on_images_smaller_than_the_kernel_matches_scipy():
+    image = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = gaussian_blur(image, 1.5, 21)
+    # truncate = radius / sigma gives scipy's kernel radius 10; "mirror" is reflect-101
+    ref = gaussian_filter(image.numpy(), sigma=(0, 1.5, 1.5), mode="mirror", truncate=10 / 1.5)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-10)
+    flat = gaussian_blur(torch.full((3, 1, 5), 0.3), 2.0)
+    torch.testing.assert_close(flat, torch.full((3, 1, 5), 0.3))
+
+
+def test_student_view_is_seeded_and_leaves_geometry_unchanged():
+    image, _, _ = blocks()
+    views = [student_view(image, torch.Generator().manual_seed(s)) for s in range(8)]
+    again = [student_view(image, torch.Generator().manual_seed(s)) for s in range(8)]
+    for a, b in zip(views, again, strict=True):
+        assert torch.equal(a, b)
+        assert a.shape == image.shape and a.dtype == image.dtype
+        assert 0 <= a.min() and a.max() <= 1
+    assert not torch.equal(views[0], views[1])
+    for s in range(8):  # photometric only: it commutes with mirroring and transposing
+        flipped = student_view(image.flip(-1), torch.Generator().manual_seed(s))
+        torch.testing.assert_close(flipped, views[s].flip(-1), atol=1e-6, rtol=0)
+        turned = student_view(image.transpose(1, 2), torch.Generator().manual_seed(s))
+        torch.testing.assert_close(turned, views[s].transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_student_view_branch_frequencies():
+    """Blur always; jitter with probability ½·0.3, greyscale with ½·0.1, else the blur alone."""
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(6))
+    n = 600
+    counts = {"blur": 0, "jitter": 0, "grey": 0}
+    for s in range(n):
+        sigma = 0.1 + 1.9 * torch.rand((), generator=torch.Generator().manual_seed(s)).item()
+        blurred = gaussian_blur(image, sigma)
+        out = student_view(image, torch.Generator().manual_seed(s))
+        if torch.equal(out, blurred):
+            counts["blur"] += 1
+        elif torch.equal(out[0], out[1]) and torch.equal(out[1], out[2]):
+            counts["grey"] += 1
+        else:
+            counts["jitter"] += 1
+    assert abs(counts["jitter"] / n - 0.15) < 0.06
+    assert abs(counts["grey"] / n - 0.05) < 0.035
+    assert counts["blur"] + counts["jitter"] + counts["grey"] == n

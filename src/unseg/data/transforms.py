@@ -194,3 +194,59 @@ def color_jitter(
         hsv = torch.stack([(hsv[0] + _uniform(generator, -hue, hue)) % 1.0, hsv[1], hsv[2]])
         image = hsv_to_rgb(hsv).clamp(0, 1)
     return image, label
+
+
+def _mirror_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices ``[n + 2·radius]`` of positions ``-radius … n-1+radius`` mirrored into ``[0, n)``
+    without repeating the edge (``d c b | a b c d | c b a``), as often as needed."""
+    i = torch.arange(-radius, n + radius, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.abs() % period
+    return torch.where(i >= n, period - i, i)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = 21) -> torch.Tensor:
+    """Gaussian blur of ``image [C, H, W]`` (float) → ``[C, H, W]``.
+
+    Separable ``kernel_size``-tap kernel ``exp(-x²/2σ²)`` (normalised) along each axis; borders
+    mirrored without repeating the edge pixel (torchvision's ``reflect``, OpenCV's
+    ``BORDER_REFLECT_101``), at any image size.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel size must be odd and positive, got {kernel_size}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    radius = kernel_size // 2
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(image.dtype).to(image.device)
+    c = image.shape[0]
+    out = image[None]
+    for dim, shape in ((2, (c, 1, kernel_size, 1)), (3, (c, 1, 1, kernel_size))):
+        padded = out.index_select(dim, _mirror_index(out.shape[dim], radius, image.device))
+        out = F.conv2d(padded, kernel.view(1, 1, *shape[2:]).expand(shape), groups=c)
+    return out[0]
+
+
+def student_view(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PriMaPs-EM's student view of ``image [3, H, W]`` in ``[0, 1]`` → ``[3, H, W]``.
+
+    As the reference (methods.md §3): Gaussian blur (kernel 21, σ ~ U(0.1, 2)); then with
+    probability ½ colour jitter 0.1 (brightness, contrast, saturation, hue, in random order)
+    applied with probability 0.3, otherwise greyscale with probability 0.1. Photometric only:
+    the geometry is unchanged. (The reference applies it to the ImageNet-normalised tensor; here
+    it acts on the ``[0, 1]`` image, as colour jitter is defined.)
+    """
+    _check(image, None)
+    out = gaussian_blur(image, _uniform(generator, 0.1, 2.0), 21)
+    if _uniform(generator) < 0.5:
+        if _uniform(generator) < 0.3:
+            names = ("brightness", "contrast", "saturation", "hue")
+            for j in torch.randperm(4, generator=generator).tolist():
+                amounts = {name: 0.1 if i == j else 0.0 for i, name in enumerate(names)}
+                out, _ = color_jitter(out, None, generator, **amounts)
+    elif _uniform(generator) < 0.1:
+        out = _grey(out).expand(3, -1, -1).clone()
+    return out
