@@ -29,7 +29,8 @@ import torch
 
 from unseg.backbones import create_backbone
 from unseg.data.image import list_images, load_image
-from unseg.features import extract_features, prepare_image
+from unseg.data.resize import prepare_image
+from unseg.features import extract_features
 from unseg.utils.device import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]

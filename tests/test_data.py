@@ -12,7 +12,6 @@ from PIL import Image
 from scipy.io import savemat
 
 from unseg.data.datasets import (
-    COCOSTUFF_FINE_TO_27,
     Cityscapes27,
     COCOStuff27,
     ImageFolder,
@@ -22,6 +21,7 @@ from unseg.data.datasets import (
     VOCSegmentation,
     dataset_images,
 )
+from unseg.data.labels import COCOSTUFF_FINE_TO_27
 from unseg.data.layouts import LAYOUTS, find_layout, resolve_image_dir
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 

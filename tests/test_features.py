@@ -19,13 +19,8 @@ from torch import nn
 
 from unseg.backbones.base import Backbone, BackboneSpec
 from unseg.data.image import load_image
-from unseg.features import (
-    FeatureSet,
-    extract_features,
-    load_cache,
-    prepare_image,
-    target_size,
-)
+from unseg.data.resize import prepare_image, target_size
+from unseg.features import FeatureSet, extract_features, load_cache
 from unseg.utils import dist
 
 TESTS = Path(__file__).resolve().parent

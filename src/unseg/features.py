@@ -1,7 +1,7 @@
 """Batched dense-feature extraction with a content-addressed on-disk cache and torchrun sharding.
 
-Images are resized so the short side is ``size`` (long side proportional), both sides rounded
-to the nearest multiple of the backbone stride (``crop=True``: then centre-cropped to a square).
+Images are resized as :mod:`unseg.data.resize` says (short side ``size``, sides multiples of
+the backbone stride; ``crop=True``: a centre square).
 Decoding and resizing run in DataLoader workers; images of the same resized shape are batched.
 
 The cache lives in ``cache_dir/<key>/`` where ``key`` hashes (backbone name, weights sha256,
@@ -12,19 +12,15 @@ second run computes nothing. ``index.json`` beside them maps image paths to thei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -34,18 +30,25 @@ from unseg.backbones import backbone_weights_sha256, create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
+from unseg.data.resize import prepare_image, resize_image, target_size
 from unseg.errors import UnsegError
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device
+from unseg.utils.hashing import file_sha256, settings_key
 from unseg.utils.io import atomic_write, write_json_atomic
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
+# the image-resizing helpers stay importable from here, where callers have long found them
+__all__ = [
+    "FeatureRecord", "FeatureSet", "cache_key", "cache_setting", "extract_dataset",
+    "extract_features", "load_cache", "prepare_image", "resize_image", "target_size",
+]
+
 CACHE_FORMAT = 2  # 2: images resized in uint8
 _EXIF_ORIENTATION = 0x0112
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -146,61 +149,6 @@ def load_cache(folder: str | Path) -> FeatureSet:
     return FeatureSet(records, BatchReport(), folder, stats=stats)
 
 
-def target_size(
-    height: int, width: int, size: int, stride: int, crop: bool = False
-) -> tuple[int, int]:
-    """Resized ``(H, W)``: short side ``size``, both sides rounded to multiples of ``stride``.
-
-    With ``crop=True`` the result is the square ``(s, s)`` with ``s = size`` rounded to stride.
-    """
-    def snap(x: float) -> int:
-        return max(stride, math.floor(x / stride + 0.5) * stride)
-
-    if crop:
-        s = snap(size)
-        return s, s
-    short = min(height, width)
-    return snap(height * size / short), snap(width * size / short)
-
-
-def resize_image(
-    image: np.ndarray, size: int, stride: int, crop: bool = False
-) -> torch.Tensor:
-    """uint8 RGB ``[H, W, 3]`` → uint8 ``[3, H', W']`` at :func:`target_size`.
-
-    Bilinear with antialiasing (torch's fast uint8 path); ``crop=True`` resizes the short side
-    to the square side and centre-crops.
-    """
-    h, w = image.shape[:2]
-    pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))
-    x = pixels.permute(2, 0, 1).unsqueeze(0)
-    th, tw = target_size(h, w, size, stride, crop)
-    if crop:
-        scale = th / min(h, w)
-        rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (rh - th) // 2, (rw - tw) // 2
-        x = x[..., top : top + th, left : left + tw]
-    else:
-        x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
-    return x.squeeze(0).contiguous()
-
-
-def prepare_image(
-    image: np.ndarray, size: int, stride: int, crop: bool = False
-) -> torch.Tensor:
-    """uint8 RGB ``[H, W, 3]`` → float ``[3, H', W']`` in ``[0, 1]``: :func:`resize_image` / 255."""
-    return resize_image(image, size, stride, crop).float().div_(255.0)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _header_size(path: Path) -> tuple[int, int]:
     """``(H, W)`` after EXIF orientation, from the header only (no decoding)."""
     with Image.open(path) as img:
@@ -226,7 +174,7 @@ def cache_setting(
 
 def cache_key(setting: dict) -> str:
     """Short hash of a :func:`cache_setting`, naming its cache folder."""
-    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(setting)
 
 
 @dataclass(frozen=True)
@@ -301,7 +249,7 @@ def _scan(
             failed.append((path, "empty file (0 bytes)"))
             continue
         try:
-            sha = _file_sha256(path)
+            sha = file_sha256(path)
             h, w = _header_size(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             failed.append((path, f"not an image file Pillow can read ({exc})"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from unseg.backbones import default_backbone_name, default_backbone_reason
+from unseg.pipelines.backbone import choose_backbone
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 
@@ -22,14 +22,10 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_backbone(name: str | None, command: str) -> str:
     """``name``, or the default backbone; says on stderr which one is used and why."""
-    main = dist.is_main_env()
-    if name is None:
-        name = default_backbone_name()
-        if main:
-            print(f"unseg {command}: {default_backbone_reason()}", file=sys.stderr)
-    elif main:
-        print(f"unseg {command}: backbone {name} (from --backbone)", file=sys.stderr)
-    return name
+    chosen, why = choose_backbone(name)
+    if dist.is_main_env():
+        print(f"unseg {command}: {why}", file=sys.stderr)
+    return chosen
 
 
 def finish(report: BatchReport, where: str) -> int:

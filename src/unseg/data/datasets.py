@@ -19,68 +19,20 @@ from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from unseg.data.image import list_images, load_image, load_label
-from unseg.data.layouts import IGNORE_INDEX, DatasetLayout, Task, find_layout
+from unseg.data.labels import (
+    CITYSCAPES27_CLASSES,
+    COCOSTUFF27_CLASSES,
+    POTSDAM3_CLASSES,
+    VOC_CLASSES,
+    label_lut,
+    map_labels,
+)
+from unseg.data.layouts import DatasetLayout, Task, find_layout
 from unseg.data.voc import read_voc_annotation
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-COCOSTUFF27_CLASSES = (
-    "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal",
-    "outdoor", "person", "sports", "vehicle", "ceiling", "floor", "food-stuff",
-    "furniture-stuff", "rawmaterial", "textile", "wall", "window", "building", "ground", "plant",
-    "sky", "solid", "structural", "water",
-)
-# COCO-Stuff fine label (0..181 in the stuffthingmaps PNGs) → 27 coarse classes, as in STEGO.
-COCOSTUFF_FINE_TO_27 = (
-    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
-    6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5,
-    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0,
-    1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16, 13, 12, 12,
-    17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26, 14, 14, 15, 22, 21, 21,
-    24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21,
-    24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18,
-    18, 18, 18, 18, 18, 26, 26, 19, 19, 24,
-)
-CITYSCAPES27_CLASSES = (
-    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
-    "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
-    "motorcycle", "bicycle",
-)
-CITYSCAPES_FIRST_ID = 7  # label ids 0..6 are void; 7..33 become classes 0..26 (STEGO)
-POTSDAM3_CLASSES = ("roads and cars", "buildings and clutter", "trees and vegetation")
-POTSDAM_FINE_TO_3 = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
-
-
-def _lut(mapping: dict[int, int] | Sequence[int], size: int = 256) -> np.ndarray:
-    """A uint8 lookup table sending unmapped values to the ignore index."""
-    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
-    items = mapping.items() if isinstance(mapping, dict) else enumerate(mapping)
-    for src, dst in items:
-        lut[src] = dst
-    return lut
-
-
-_COCO_LUT = _lut(COCOSTUFF_FINE_TO_27)
-_CITYSCAPES_LUT = _lut({i: i - CITYSCAPES_FIRST_ID for i in range(CITYSCAPES_FIRST_ID, 34)})
-_POTSDAM_LUT = _lut(POTSDAM_FINE_TO_3)
-
-
-def map_labels(raw: np.ndarray, lut: np.ndarray) -> torch.Tensor:
-    """Raw label values ``[H, W]`` → long ``[H, W]`` through ``lut`` (out of range → ignore)."""
-    raw = np.asarray(raw).astype(np.int64)
-    out = np.full(raw.shape, IGNORE_INDEX, dtype=np.int64)
-    inside = (raw >= 0) & (raw < len(lut))
-    out[inside] = lut[raw[inside]]
-    return torch.from_numpy(out)
-
 
 def _image_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -270,7 +222,7 @@ class COCOStuff27(_PairedDataset):
     classes = COCOSTUFF27_CLASSES
 
     def _target(self, path: Path) -> Sample:
-        return {"label": map_labels(load_label(path), _COCO_LUT)}
+        return {"label": map_labels(load_label(path), label_lut("COCO-Stuff-27"))}
 
 
 class Cityscapes27(_PairedDataset):
@@ -281,7 +233,7 @@ class Cityscapes27(_PairedDataset):
     classes = CITYSCAPES27_CLASSES
 
     def _target(self, path: Path) -> Sample:
-        return {"label": map_labels(load_label(path), _CITYSCAPES_LUT)}
+        return {"label": map_labels(load_label(path), label_lut("Cityscapes-27"))}
 
 
 def _load_mat(path: Path, key: str) -> np.ndarray:
@@ -313,4 +265,4 @@ class Potsdam3(_PairedDataset):
         return _image_tensor(rgb)
 
     def _target(self, path: Path) -> Sample:
-        return {"label": map_labels(_load_mat(path, "gt"), _POTSDAM_LUT)}
+        return {"label": map_labels(_load_mat(path, "gt"), label_lut("Potsdam-3"))}

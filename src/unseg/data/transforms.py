@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from unseg.data.color import luma
+
 Pair = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -163,10 +165,6 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     return table.gather(1, i[None, None].expand(3, 1, *i.shape))[:, 0]
 
 
-def _grey(image: torch.Tensor) -> torch.Tensor:
-    return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
-
-
 def color_jitter(
     image: torch.Tensor,
     label: torch.Tensor | None,
@@ -182,11 +180,11 @@ def color_jitter(
     if brightness > 0:
         image = (image * _uniform(generator, 1 - brightness, 1 + brightness)).clamp(0, 1)
     if contrast > 0:
-        mean = _grey(image).mean()
+        mean = luma(image).mean()
         factor = _uniform(generator, 1 - contrast, 1 + contrast)
         image = (mean + factor * (image - mean)).clamp(0, 1)
     if saturation > 0:
-        grey = _grey(image)
+        grey = luma(image)
         factor = _uniform(generator, 1 - saturation, 1 + saturation)
         image = (grey + factor * (image - grey)).clamp(0, 1)
     if hue > 0:
@@ -248,5 +246,5 @@ def student_view(image: torch.Tensor, generator: torch.Generator | None = None) 
                 amounts = {name: 0.1 if i == j else 0.0 for i, name in enumerate(names)}
                 out, _ = color_jitter(out, None, generator, **amounts)
     elif _uniform(generator) < 0.1:
-        out = _grey(out).expand(3, -1, -1).clone()
+        out = luma(out).expand(3, -1, -1).clone()
     return out

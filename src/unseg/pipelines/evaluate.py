@@ -15,54 +15,27 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from unseg.data.datasets import (
-    CITYSCAPES27_CLASSES,
-    CITYSCAPES_FIRST_ID,
-    COCOSTUFF27_CLASSES,
-    COCOSTUFF_FINE_TO_27,
-    POTSDAM3_CLASSES,
-    VOC_CLASSES,
-    map_labels,
-    read_split,
-)
-from unseg.data.image import IMAGE_EXTENSIONS, list_images, load_label
-from unseg.data.layouts import IGNORE_INDEX, DatasetLayout, Task, find_layout
+from unseg.data.image import load_label
+from unseg.data.labels import CLASS_NAMES, label_lut, map_labels
+from unseg.data.layouts import IGNORE_INDEX
+from unseg.data.resize import resizable, resize_nearest, resize_probability
 from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.metrics.corloc import is_correct, largest_component_box
 from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
+from unseg.pipelines.pairing import Pairing, gt_files, pair_files
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
 BOXES_FILE = "boxes.json"
-CLASS_NAMES = {
-    "VOC2012": VOC_CLASSES,
-    "VOC2007": VOC_CLASSES,
-    "COCO-Stuff-27": COCOSTUFF27_CLASSES,
-    "Cityscapes-27": CITYSCAPES27_CLASSES,
-    "Potsdam-3": POTSDAM3_CLASSES,
-}
-
-
-@dataclass
-class Pairing:
-    """Ground-truth files matched to prediction files by stem."""
-
-    gt: dict[str, Path]
-    pred: dict[str, Path]
-    layout: DatasetLayout | None
-    missing: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,149 +47,6 @@ class _Problems:
     def add(self, path: Path, problem: str) -> None:
         logger.warning("cannot use %s: %s", path, problem)
         self.unusable.append((path, problem))
-
-
-# --------------------------------------------------------------------------- file matching
-
-
-def _stem(path: Path, suffix: str) -> str:
-    """File stem, with a layout's multi-part suffix (``_gtFine_labelIds.png``) removed."""
-    name = path.name
-    if suffix and name.endswith(suffix):
-        return name[: -len(suffix)]
-    return path.stem
-
-
-def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    dupes: list[Path] = []
-    for p in paths:
-        stem = next((_stem(p, s) for s in suffixes if s and p.name.endswith(s)), p.stem)
-        if stem in out:
-            dupes.append(p)
-        else:
-            out[stem] = p
-    if dupes:
-        raise ManyFilesError(f"several {what} files share a stem", dupes)
-    return out
-
-
-def _label_lut(layout: DatasetLayout | None) -> np.ndarray | None:
-    """Raw ground-truth value → class id table for layouts whose PNGs hold raw ids (else None)."""
-    name = None if layout is None else layout.name
-    if name == "COCO-Stuff-27":
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        lut[: len(COCOSTUFF_FINE_TO_27)] = COCOSTUFF_FINE_TO_27
-        return lut
-    if name == "Cityscapes-27":
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        lut[CITYSCAPES_FIRST_ID:34] = np.arange(34 - CITYSCAPES_FIRST_ID)
-        return lut
-    return None
-
-
-def _gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
-    """Ground-truth files by stem, from a dataset root in its layout or a plain folder."""
-    layout = find_layout(gt, task)
-    if layout is None:
-        if task == "boxes":
-            if not gt.is_dir():
-                raise UnsegError(f"{gt}: no such folder")
-            files = sorted(gt.glob("*.xml"))
-            if not files:
-                raise UnsegError(f"{gt}: no .xml annotations found")
-        else:
-            files = list_images(gt, recursive=False)
-        return _by_stem(files, (), "ground-truth"), None
-    root = layout.gt_path
-    if not root.is_dir():
-        raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
-    if layout.gt_suffix.endswith(".mat"):
-        raise UnsegError(f"{gt}: {layout.name} .mat ground truth is not supported by evaluate")
-    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
-    found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
-    split = layout.split_path
-    if split is not None and split.is_file():
-        stems = read_split(split)
-        absent = [s for s in stems if s not in found]
-        if absent:
-            raise ManyFilesError(f"{split}: listed images without ground truth in {root}", absent)
-        found = {s: found[s] for s in stems}
-    if not found:
-        raise UnsegError(f"{gt}: no ground-truth files found in {root}")
-    logger.info("%s: %s layout, %d ground-truth files", gt, layout.name, len(found))
-    return found, layout
-
-
-def pair_files(
-    pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
-) -> Pairing:
-    """Match prediction files (``pred`` folder, non-recursive) to ground truth by stem.
-
-    Raises :class:`UnsegError` listing missing and extra predictions unless ``allow_missing``.
-    """
-    gt_map, layout = _gt_files(Path(gt), task)
-    pred = Path(pred)
-    if not pred.is_dir():
-        raise UnsegError(f"{pred}: no such folder of predictions")
-    files = sorted(
-        p for p in pred.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-    suffixes = (layout.image_suffix,) if layout is not None else ()
-    pred_map = _by_stem(files, suffixes, "prediction")
-    missing = [s for s in gt_map if s not in pred_map]
-    extra = sorted(s for s in pred_map if s not in gt_map)
-    if (missing or extra) and not allow_missing:
-        parts = []
-        if missing:
-            gts = [gt_map[s] for s in missing]
-            parts.append(str(ManyFilesError(f"no prediction in {pred} for", gts)))
-        if extra:
-            parts.append(str(ManyFilesError("predictions without ground truth", [
-                pred_map[s] for s in extra])))
-        raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
-    if missing:
-        logger.warning("%d ground-truth file(s) have no prediction", len(missing))
-    if extra:
-        logger.warning("%d prediction(s) have no ground truth and are ignored", len(extra))
-    return Pairing(gt_map, {s: pred_map[s] for s in gt_map if s in pred_map}, layout,
-                   missing, extra)
-
-
-# --------------------------------------------------------------------------- resizing
-
-
-def _scales_to(src: tuple[int, int], dst: tuple[int, int]) -> bool:
-    """Some scale ``s`` makes ``src ≈ s * dst`` to within one pixel of ``src`` on both sides."""
-    (sh, sw), (dh, dw) = src, dst
-    return max((sh - 1) / dh, (sw - 1) / dw) <= min((sh + 1) / dh, (sw + 1) / dw)
-
-
-def resizable(src: tuple[int, int], dst: tuple[int, int]) -> bool:
-    """True when ``src`` ``(h, w)`` is a rescaling of ``dst`` (the same aspect ratio up to one
-    pixel of rounding in the smaller or the larger of the two)."""
-    if min(*src, *dst) <= 0:
-        return False
-    return _scales_to(src, dst) or _scales_to(dst, src)
-
-
-def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map ``[h, w]`` to ``size`` ``(H, W)`` (any dtype),
-    sampling source pixel ``floor(i * h / H)`` as OpenCV and PyTorch's ``nearest`` do."""
-    h, w = labels.shape
-    rows = np.minimum((np.arange(size[0]) * h) // size[0], h - 1)
-    cols = np.minimum((np.arange(size[1]) * w) // size[1], w - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
-def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (half-pixel centres) of an 8-bit map ``[h, w]`` to probabilities
-    ``[H, W]`` float64 in [0, 1]."""
-    p = pred.astype(np.float64) / 255.0
-    out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
 
 
 def _unusable_error(problems: _Problems) -> UnsegError:
@@ -287,7 +117,7 @@ def evaluate_semantic(
         num_classes = pairing.layout.num_classes
     if num_classes < 1:
         raise UnsegError(f"--num-classes must be >= 1, got {num_classes}")
-    lut = _label_lut(pairing.layout)
+    lut = label_lut(None if pairing.layout is None else pairing.layout.name)
     if lut is not None and ignore_index != IGNORE_INDEX:
         raise UnsegError(f"{pairing.layout.name} maps void labels to {IGNORE_INDEX}; "
                          f"--ignore-index must be {IGNORE_INDEX}")
@@ -496,7 +326,7 @@ def evaluate_corloc(
     boxes: dict[str, list[float] | None] | None = None
     if json_path.is_file():
         boxes = _read_boxes_json(json_path)
-        gt_map, layout = _gt_files(Path(annotations), "boxes")
+        gt_map, layout = gt_files(Path(annotations), "boxes")
         missing = [s for s in gt_map if s not in boxes]
         extra = sorted(s for s in boxes if s not in gt_map)
         if (missing or extra) and not allow_missing:

@@ -33,16 +33,16 @@ from unseg.backbones import (
     backbone_weights_sha256,
     create_backbone,
     create_fitted_backbone,
-    default_backbone_name,
-    default_backbone_reason,
 )
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
+from unseg.data.resize import prepare_image, target_size
 from unseg.errors import InputFileError, UnsegError
-from unseg.features import extract_features, prepare_image, target_size
+from unseg.features import extract_features
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, config_from_dict
 from unseg.metrics.corloc import largest_component_box
+from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.runs import load_run, save_run
@@ -70,14 +70,6 @@ class FitResult:
     report: BatchReport
     n_images: int
     facts: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_backbone_name(name: str | None) -> str:
-    """``name``, or the default backbone (logged; the CLI announces it on stderr)."""
-    if name:
-        return name
-    logger.info(default_backbone_reason())
-    return default_backbone_name()
 
 
 def _check_grid(path: Path, image: np.ndarray, size: int, stride: int) -> None:

@@ -13,8 +13,6 @@ CRF on the original image, argmax → palette PNG (pixel value = class id).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,24 +21,26 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from unseg.backbones import (
     backbone_weights_sha256,
     create_backbone,
     create_fitted_backbone,
-    default_backbone_name,
 )
 from unseg.backbones.base import Backbone
+from unseg.data.color import luma
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.resize import prepare_image
 from unseg.data.transforms import color_jitter
 from unseg.errors import InputFileError, UnsegError
-from unseg.features import FeatureSet, extract_features, prepare_image
+from unseg.features import FeatureSet, extract_features
 from unseg.methods.kmeans import CosineKMeans, KMeansConfig
 from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig, cosine_logits
-from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
+from unseg.pipelines.backbone import resolve_backbone_name
+from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
+from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFConfig, CRFPool
 from unseg.report.overlays import overlay
 from unseg.report.palette import png_palette
@@ -48,7 +48,7 @@ from unseg.runs import load_run, save_run
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, cpu_threads, resolve_device, seed_everything
-from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
+from unseg.utils.io import save_jpeg_atomic, save_png_atomic
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -87,12 +87,6 @@ def default_workers() -> int:
     return max(1, min(8, cpu_count() // dist.world_size()))
 
 
-def _image_for_features(path: Path, size: int, stride: int) -> np.ndarray:
-    """uint8 RGB ``[H', W', 3]`` of ``path`` resized exactly as for its features."""
-    x = prepare_image(load_image(path), size, stride)
-    return np.ascontiguousarray((x * 255.0).round().byte().permute(1, 2, 0).numpy())
-
-
 def _too_small(feats: FeatureSet, stride: int, report: BatchReport) -> list[Path]:
     keep = []
     for p in feats.paths:
@@ -120,53 +114,9 @@ def student_features(
         x = prepare_image(load_image(p), size, model.stride)
         x, _ = color_jitter(x, None, gen)
         if torch.rand((), generator=gen) < 0.2:
-            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
+            x = luma(x).expand(3, -1, -1)
         out.append(model.forward_features(x[None].to(device), "tokens")[0].float().cpu())
     return out
-
-
-def _pseudo_dir(run_dir: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
-    key = json.dumps(
-        {"features": feats.cache_dir.name if feats.cache_dir else None, "primaps": asdict(cfg),
-         "crf": asdict(crf)},
-        sort_keys=True,
-    )
-    return run_dir / "cache" / "primaps" / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def compute_pseudo_labels(
-    paths: list[Path],
-    feats: FeatureSet,
-    out_dir: Path,
-    size: int,
-    stride: int,
-    config: PriMaPsConfig,
-    crf_config: CRFConfig,
-    num_workers: int,
-) -> list[torch.Tensor]:
-    """PriMaPs pseudo-labels ``[H', W']`` (int64) of ``paths``, cached in ``out_dir``.
-
-    Under torchrun each rank computes its share of the missing ones; all ranks return all.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def file(p: Path) -> Path:
-        return out_dir / f"{feats.record(p).sha256}.safetensors"
-
-    todo = [p for p in paths if not file(p).is_file()]
-    mine = dist.shard(todo, dist.rank(), dist.world_size())
-    with CRFPool(num_workers, crf_config) as pool:
-        for start in progress(range(0, len(mine), CHUNK), desc="PriMaPs"):
-            chunk = mine[start : start + CHUNK]
-            images = [_image_for_features(p, size, stride) for p in chunk]
-            labels = primaps_pseudo_labels(
-                images, [feats[p] for p in chunk], config, crf_config, pool=pool
-            )
-            for p, lab in zip(chunk, labels, strict=True):
-                tensor = {"labels": lab.to(torch.int16).contiguous()}
-                atomic_write(file(p), lambda t, tensor=tensor: save_file(tensor, str(t)))
-    dist.barrier()
-    return [load_file(str(file(p)))["labels"].long() for p in paths]
 
 
 def fit_semantic(
@@ -267,7 +217,7 @@ def _fit(
         pcfg = PriMaPsConfig()
         crf_cfg = CRFConfig()
         pseudo = compute_pseudo_labels(
-            good, feats, _pseudo_dir(run_dir, feats, pcfg, crf_cfg), size, model.stride, pcfg,
+            good, feats, pseudo_label_dir(run_dir, feats, pcfg, crf_cfg), size, model.stride, pcfg,
             crf_cfg, workers,
         )
         student = student_features(good, model, size, seed, dev) if student_augs else None
@@ -474,7 +424,7 @@ def segment(
     out_dir = Path(out_dir)
     with dist.joined(resolve_device(device)) as dev:
         fit = fit_semantic(
-            images, out_dir / "run", method, num_classes, backbone or default_backbone_name(),
+            images, out_dir / "run", method, num_classes, resolve_backbone_name(backbone),
             weights=weights, size=size, epochs=epochs, steps=steps, crf=crf,
             label_factor=label_factor, seed=seed, device=str(dev), num_workers=num_workers,
         )

@@ -20,14 +20,12 @@ from typing import Literal
 
 import torch
 
+from unseg.data.color import luma
 from unseg.errors import UnsegError
 
 GuideMode = Literal["mean", "luma"]
 
 # ITU-R BT.601 luma weights
-_LUMA = (0.299, 0.587, 0.114)
-
-
 @dataclass
 class GuidedFilterConfig:
     """Guided-filter refinement as in the Boosting paper (radius 9, ε = 1e-3, mean-RGB guide)."""
@@ -103,8 +101,7 @@ def luminance(images: torch.Tensor, mode: GuideMode = "mean") -> torch.Tensor:
     if mode == "mean":
         return images.mean(dim=1, keepdim=True)
     if mode == "luma":
-        w = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return (images * w).sum(dim=1, keepdim=True)
+        return luma(images)
     raise UnsegError(f"unknown guide {mode!r}; use 'mean' or 'luma'")
 
 

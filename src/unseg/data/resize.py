@@ -1,0 +1,94 @@
+"""Resizing images for the backbone and label maps for scoring.
+
+Images: the short side to ``size``, both sides rounded to the nearest multiple of the backbone
+stride (``crop=True``: then centre-cropped to a square), bilinear with antialiasing in uint8.
+Label maps: nearest neighbour, and the test of whether one size is a rescaling of another.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def target_size(
+    height: int, width: int, size: int, stride: int, crop: bool = False
+) -> tuple[int, int]:
+    """Resized ``(H, W)``: short side ``size``, both sides rounded to multiples of ``stride``.
+
+    With ``crop=True`` the result is the square ``(s, s)`` with ``s = size`` rounded to stride.
+    """
+    def snap(x: float) -> int:
+        return max(stride, math.floor(x / stride + 0.5) * stride)
+
+    if crop:
+        s = snap(size)
+        return s, s
+    short = min(height, width)
+    return snap(height * size / short), snap(width * size / short)
+
+
+def resize_image(
+    image: np.ndarray, size: int, stride: int, crop: bool = False
+) -> torch.Tensor:
+    """uint8 RGB ``[H, W, 3]`` → uint8 ``[3, H', W']`` at :func:`target_size`.
+
+    Bilinear with antialiasing (torch's fast uint8 path); ``crop=True`` resizes the short side
+    to the square side and centre-crops.
+    """
+    h, w = image.shape[:2]
+    pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))
+    x = pixels.permute(2, 0, 1).unsqueeze(0)
+    th, tw = target_size(h, w, size, stride, crop)
+    if crop:
+        scale = th / min(h, w)
+        rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (rh - th) // 2, (rw - tw) // 2
+        x = x[..., top : top + th, left : left + tw]
+    else:
+        x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
+    return x.squeeze(0).contiguous()
+
+
+def prepare_image(
+    image: np.ndarray, size: int, stride: int, crop: bool = False
+) -> torch.Tensor:
+    """uint8 RGB ``[H, W, 3]`` → float ``[3, H', W']`` in ``[0, 1]``: :func:`resize_image` / 255."""
+    return resize_image(image, size, stride, crop).float().div_(255.0)
+
+
+
+def _scales_to(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """Some scale ``s`` makes ``src ≈ s * dst`` to within one pixel of ``src`` on both sides."""
+    (sh, sw), (dh, dw) = src, dst
+    return max((sh - 1) / dh, (sw - 1) / dw) <= min((sh + 1) / dh, (sw + 1) / dw)
+
+
+def resizable(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """True when ``src`` ``(h, w)`` is a rescaling of ``dst`` (the same aspect ratio up to one
+    pixel of rounding in the smaller or the larger of the two)."""
+    if min(*src, *dst) <= 0:
+        return False
+    return _scales_to(src, dst) or _scales_to(dst, src)
+
+
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map ``[h, w]`` to ``size`` ``(H, W)`` (any dtype),
+    sampling source pixel ``floor(i * h / H)`` as OpenCV and PyTorch's ``nearest`` do."""
+    h, w = labels.shape
+    rows = np.minimum((np.arange(size[0]) * h) // size[0], h - 1)
+    cols = np.minimum((np.arange(size[1]) * w) // size[1], w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (half-pixel centres) of an 8-bit map ``[h, w]`` to probabilities
+    ``[H, W]`` float64 in [0, 1]."""
+    p = pred.astype(np.float64) / 255.0
+    out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)

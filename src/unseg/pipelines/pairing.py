@@ -1,0 +1,122 @@
+"""Matching prediction files to ground truth by stem, from a plain folder or a dataset root.
+
+Ground truth may be a plain folder or a dataset root in its official layout
+(``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unseg.data.datasets import read_split
+from unseg.data.image import IMAGE_EXTENSIONS, list_images
+from unseg.data.layouts import DatasetLayout, Task, find_layout
+from unseg.errors import ManyFilesError, UnsegError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Pairing:
+    """Ground-truth files matched to prediction files by stem."""
+
+    gt: dict[str, Path]
+    pred: dict[str, Path]
+    layout: DatasetLayout | None
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+
+def _stem(path: Path, suffix: str) -> str:
+    """File stem, with a layout's multi-part suffix (``_gtFine_labelIds.png``) removed."""
+    name = path.name
+    if suffix and name.endswith(suffix):
+        return name[: -len(suffix)]
+    return path.stem
+
+
+def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    dupes: list[Path] = []
+    for p in paths:
+        stem = next((_stem(p, s) for s in suffixes if s and p.name.endswith(s)), p.stem)
+        if stem in out:
+            dupes.append(p)
+        else:
+            out[stem] = p
+    if dupes:
+        raise ManyFilesError(f"several {what} files share a stem", dupes)
+    return out
+
+
+def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
+    """Ground-truth files by stem, from a dataset root in its layout or a plain folder."""
+    layout = find_layout(gt, task)
+    if layout is None:
+        if task == "boxes":
+            if not gt.is_dir():
+                raise UnsegError(f"{gt}: no such folder")
+            files = sorted(gt.glob("*.xml"))
+            if not files:
+                raise UnsegError(f"{gt}: no .xml annotations found")
+        else:
+            files = list_images(gt, recursive=False)
+        return _by_stem(files, (), "ground-truth"), None
+    root = layout.gt_path
+    if not root.is_dir():
+        raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
+    if layout.gt_suffix.endswith(".mat"):
+        raise UnsegError(f"{gt}: {layout.name} .mat ground truth is not supported by evaluate")
+    pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
+    split = layout.split_path
+    if split is not None and split.is_file():
+        stems = read_split(split)
+        absent = [s for s in stems if s not in found]
+        if absent:
+            raise ManyFilesError(f"{split}: listed images without ground truth in {root}", absent)
+        found = {s: found[s] for s in stems}
+    if not found:
+        raise UnsegError(f"{gt}: no ground-truth files found in {root}")
+    logger.info("%s: %s layout, %d ground-truth files", gt, layout.name, len(found))
+    return found, layout
+
+
+def pair_files(
+    pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
+) -> Pairing:
+    """Match prediction files (``pred`` folder, non-recursive) to ground truth by stem.
+
+    Raises :class:`UnsegError` listing missing and extra predictions unless ``allow_missing``.
+    """
+    gt_map, layout = gt_files(Path(gt), task)
+    pred = Path(pred)
+    if not pred.is_dir():
+        raise UnsegError(f"{pred}: no such folder of predictions")
+    files = sorted(
+        p for p in pred.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+    suffixes = (layout.image_suffix,) if layout is not None else ()
+    pred_map = _by_stem(files, suffixes, "prediction")
+    missing = [s for s in gt_map if s not in pred_map]
+    extra = sorted(s for s in pred_map if s not in gt_map)
+    if (missing or extra) and not allow_missing:
+        parts = []
+        if missing:
+            gts = [gt_map[s] for s in missing]
+            parts.append(str(ManyFilesError(f"no prediction in {pred} for", gts)))
+        if extra:
+            parts.append(str(ManyFilesError("predictions without ground truth", [
+                pred_map[s] for s in extra])))
+        raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
+    if missing:
+        logger.warning("%d ground-truth file(s) have no prediction", len(missing))
+    if extra:
+        logger.warning("%d prediction(s) have no ground truth and are ignored", len(extra))
+    return Pairing(gt_map, {s: pred_map[s] for s in gt_map if s in pred_map}, layout,
+                   missing, extra)
