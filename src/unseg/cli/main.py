@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "unseg.cli.segment",
     "unseg.cli.discover",
     "unseg.cli.evaluate",
+    "unseg.cli.report",
 )
 
 

@@ -93,7 +93,7 @@ def saliency_overlay(
     out = (1.0 - weight) * image.astype(np.float32) + weight * SALIENCY_COLOR
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     if box is not None:
-        thick = max(2, round(max(image.shape[:2]) / 200))
+        thick = max(2, round(max(image.shape[:2]) / 120))
         x0, y0, x1, y1 = (round(v) for v in box)
         cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), BOX_COLOR, thick)
     return out
