@@ -290,6 +290,11 @@ def test_run_folder_stands_for_its_output_folder_and_predict_layout(tmp_path: Pa
     outputs = find_outputs(flat)
     assert outputs.masks_dir == flat and len(outputs.masks) == 3 and outputs.run_dir is None
     assert outputs.kind == "semantic"  # palette PNGs
+    page = write_report(flat, images=run["images"], run=run["out"] / "run").read_text()
+    assert "<td>backbone</td><td>fake</td>" in page  # `predict`: the run lives elsewhere
+    assert page.count('<article class="card">') == 3
+    with pytest.raises(UnsegError, match="not an unseg run folder"):
+        find_outputs(flat, run=run["images"])
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "readme.txt").write_text("no masks here")

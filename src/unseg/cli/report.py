@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the original images (default: the folder the run records, if any)",
     )
     p.add_argument(
+        "--run", default=None, metavar="DIR",
+        help="the run folder that made the masks, when it is not inside the folder "
+        "(`unseg predict RUN IMAGES --out DIR`)",
+    )
+    p.add_argument(
         "--gt", default=None, metavar="DIR",
         help="ground truth (label or mask PNGs, or a dataset root): adds metrics and charts",
     )
@@ -64,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         images=args.images,
         gt=args.gt,
         annotations=args.annotations,
+        run=args.run,
         out=args.out,
         num_classes=args.num_classes,
         match=args.match,

@@ -316,6 +316,7 @@ def write_report(
     gt: str | Path | None = None,
     *,
     annotations: str | Path | None = None,
+    run: str | Path | None = None,
     out: str | Path | None = None,
     num_classes: int | None = None,
     match: MatchMode = "pixels",
@@ -325,10 +326,11 @@ def write_report(
 
     ``images``: the original images (default: as the run records them); ``gt``: ground truth
     (label or mask PNGs, or a dataset root) for the metrics and charts; ``annotations``: VOC XML
-    for CorLoc of ``boxes.json``; ``out``: the page (default ``OUTPUT_DIR/report.html``).
+    for CorLoc of ``boxes.json``; ``run``: the run that made the masks when it is not in
+    ``output_dir`` (``unseg predict``); ``out``: the page (default ``OUTPUT_DIR/report.html``).
     The page is written atomically.
     """
-    outputs = find_outputs(output_dir, images)
+    outputs = find_outputs(output_dir, images, run)
     page = render_report(outputs, gt, annotations, num_classes, match, max_images)
     target = Path(out) if out is not None else outputs.output_dir / REPORT_FILE
     atomic_write(target, lambda p: p.write_text(page, encoding="utf-8"))

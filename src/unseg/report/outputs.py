@@ -99,23 +99,35 @@ def _images_from_record(config: dict[str, Any] | None) -> Path | None:
     return None
 
 
-def find_outputs(path: str | Path, images: str | Path | None = None) -> RunOutputs:
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """The output folder and run folder that ``path`` stands for (a run inside its output
+    folder stands for that folder)."""
+    if _is_run(path):
+        return (path.parent if (path.parent / "masks").is_dir() else path), path
+    if _is_run(path / "run"):
+        return path, path / "run"
+    return path, None
+
+
+def find_outputs(
+    path: str | Path, images: str | Path | None = None, run: str | Path | None = None
+) -> RunOutputs:
     """Read the folder ``path`` (a run or a command's output folder) as :class:`RunOutputs`.
 
     ``images`` is the folder of original images; default: the ``images`` path the run's
-    ``config.json`` records, when it records one that exists. Raises :class:`UnsegError` for a
-    folder that holds neither masks nor a run.
+    ``config.json`` records, when it records one that exists. ``run``: the run folder that
+    made the masks when it is not inside ``path`` (``unseg predict RUN IMAGES --out PATH``).
+    Raises :class:`UnsegError` for a folder that holds neither masks nor a run.
     """
     path = Path(path)
     if not path.is_dir():
         raise UnsegError(f"{path}: no such folder (expected a run or an output folder)")
-    output_dir, run_dir = path, None
-    if _is_run(path):
-        run_dir = path
-        if (path.parent / "masks").is_dir():
-            output_dir = path.parent
-    elif _is_run(path / "run"):
-        run_dir = path / "run"
+    if run is not None and not _is_run(Path(run)):
+        raise UnsegError(f"{run}: not an unseg run folder (expected {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE})")
+    output_dir, run_dir = _locate(path)
+    if run is not None:
+        run_dir = Path(run)
     masks_dir: Path | None = output_dir / "masks"
     masks = _list_masks(masks_dir, False) if masks_dir.is_dir() else []
     if not masks and output_dir != run_dir:
