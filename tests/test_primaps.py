@@ -50,7 +50,7 @@ def test_planted_clusters_are_recovered_as_proposals() -> None:
 def test_pseudo_labels_match_planted_regions_at_image_resolution() -> None:
     feats, regions = planted(size=16)
     image = np.zeros((64, 64, 3), dtype=np.uint8)
-    labels = primaps_pseudo_labels([image], [feats], PriMaPsConfig(crf=False))[0]
+    labels = primaps_pseudo_labels([image], [feats], PriMaPsConfig(refine="none"))[0]
     assert labels.shape == (64, 64) and labels.dtype == torch.int64
     truth = np.kron(regions, np.ones((4, 4), dtype=np.int64))
     keep = labels.numpy() != 255
@@ -143,7 +143,7 @@ def test_crf_path_runs_and_keeps_regions() -> None:
     feats, regions = planted(size=16)
     colours = np.array([[20, 20, 20], [200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
     image = np.ascontiguousarray(colours[np.kron(regions, np.ones((4, 4), dtype=np.int64))])
-    labels = primaps_pseudo_labels([image], [feats], PriMaPsConfig(crf=True))[0].numpy()
+    labels = primaps_pseudo_labels([image], [feats], PriMaPsConfig(refine="crf"))[0].numpy()
     truth = np.kron(regions, np.ones((4, 4), dtype=np.int64))
     keep = labels != 255
     assert keep.mean() > 0.8

@@ -12,8 +12,10 @@ The loop follows the reference (visinf/primaps ``primaps_modules/primaps.py``):
    last ``patience`` iterations.
 
 Then a 3x3 median filter (reflect padding, as the reference's ``MedianPool2d``), gain 10 and clamp
-to ``[0, 1]``, a background channel first, log-softmax, dense CRF at image size, argmax, and the
-background id becomes the ignore label.
+to ``[0, 1]``, a background channel first, log-softmax, refinement at the given image's size
+(``refine``: the dense CRF by default, as the paper; :mod:`unseg.refine.semantic`), argmax, and
+the background id becomes the ignore label. The pipelines give the image resized as for the
+features (the 320 short side, the reference's resolution).
 
 Details the paper leaves open, fixed here and documented:
 
@@ -41,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
-from unseg.refine.crf import CRFConfig, CRFPool, dense_crf
+from unseg.refine.crf import CRFConfig, CRFPool
+from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, Refine, RefineConfig, refine_logits
 
 StopReason = Literal["coverage", "unchanged"]
 
@@ -57,7 +60,7 @@ class PriMaPsConfig:
     gain: float = 10.0
     solver: Literal["eigh", "lowrank"] = "eigh"
     lowrank_niter: int = 100
-    crf: bool = True
+    refine: Refine = DEFAULT_PSEUDO_REFINE  # none | crf | guided | guided+crf
     ignore_index: int = 255
 
 
@@ -228,16 +231,19 @@ def pseudo_labels_one(
     config: PriMaPsConfig | None = None,
     crf_config: CRFConfig | None = None,
 ) -> torch.Tensor:
-    """PriMaPs pseudo-label ``[H, W]`` (int64) of one image: proposals, CRF, background → ignore.
+    """PriMaPs pseudo-label ``[H, W]`` (int64) of one image: proposals, refinement (the CRF by
+    default), background → ignore.
 
     ``image`` is uint8 RGB ``[H, W, 3]`` (the output resolution), ``features`` ``[C, h, w]``.
     """
     config = config or PriMaPsConfig()
     log_probs = proposal_log_probs(principal_masks(features, config).masks, config)
-    if not config.crf:
+    if config.refine == "none":
         return labels_from_log_probs(log_probs, image.shape[:2], config.ignore_index)
-    marginals = dense_crf(image, log_probs.cpu(), crf_config)
-    return ids_from_argmax(torch.from_numpy(marginals).argmax(dim=0), config.ignore_index)
+    up = F.interpolate(log_probs[None].cpu(), size=image.shape[:2], mode="bilinear",
+                       align_corners=False)[0]
+    refine = RefineConfig(config.refine, crf_config or CRFConfig())
+    return ids_from_argmax(refine_logits(up, image, refine).argmax(dim=0), config.ignore_index)
 
 
 def _pseudo_task(
