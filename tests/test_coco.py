@@ -179,3 +179,10 @@ def test_export_of_a_folder_without_masks_is_a_clear_error(tmp_path: Path) -> No
     (tmp_path / "nothing").mkdir()
     with pytest.raises(UnsegError, match="neither masks"):
         write_coco(tmp_path / "nothing")
+
+
+def test_export_names_a_corrupt_mask(tmp_path: Path) -> None:
+    out, _ = _semantic_out(tmp_path)
+    (out / "masks" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UnsegError, match=r"broken\.png"):
+        write_coco(out)

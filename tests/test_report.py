@@ -222,6 +222,14 @@ def test_report_without_ground_truth_or_timings(tmp_path: Path) -> None:
     assert 'id="config"' in page
 
 
+def test_a_corrupt_mask_is_left_out_of_the_gallery(tmp_path: Path) -> None:
+    run = _semantic_run(tmp_path)
+    (run["out"] / "masks" / "im1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    page = write_report(run["out"], images=run["images"]).read_text()
+    names = re.findall(r'<span class="name">([^<]+)</span>', page)
+    assert names == ["im0", "im2"]
+
+
 def test_gallery_cap_spreads_over_the_run(tmp_path: Path) -> None:
     run = _semantic_run(tmp_path, n=7)
     page = write_report(run["out"], images=run["images"], max_images=3).read_text()
