@@ -230,6 +230,17 @@ def test_a_corrupt_mask_is_left_out_of_the_gallery(tmp_path: Path) -> None:
     assert names == ["im0", "im2"]
 
 
+def test_a_bare_run_folder_gets_its_configuration(tmp_path: Path) -> None:
+    run = _semantic_run(tmp_path, timings={"fit": 2.0})
+    bare = tmp_path / "fitted"
+    shutil.copytree(run["out"] / "run", bare)
+    outputs = find_outputs(bare)
+    assert outputs.masks == [] and outputs.masks_dir is None and outputs.run_dir == bare
+    page = write_report(bare, gt=run["gt"]).read_text()
+    assert "This folder holds no masks." in page and 'id="timings"' in page
+    assert (bare / "report.html").is_file()
+
+
 def test_gallery_cap_spreads_over_the_run(tmp_path: Path) -> None:
     run = _semantic_run(tmp_path, n=7)
     page = write_report(run["out"], images=run["images"], max_images=3).read_text()

@@ -129,10 +129,12 @@ def find_outputs(
     if run is not None:
         run_dir = Path(run)
     masks_dir: Path | None = output_dir / "masks"
-    masks = _list_masks(masks_dir, False) if masks_dir.is_dir() else []
+    masks = _list_masks(output_dir / "masks", False) if masks_dir.is_dir() else []
     if not masks and output_dir != run_dir:
+        masks_dir = output_dir
         masks = _list_masks(output_dir, True)
-        masks_dir = output_dir if masks else None
+    if not masks:
+        masks_dir = None
     if not masks and run_dir is None:
         raise UnsegError(
             f"{path}: neither masks (masks/*.png or *.png) nor a run (config.json and "
