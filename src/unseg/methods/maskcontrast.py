@@ -155,7 +155,7 @@ def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
 def image_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class weights ``1/ln(1.02 + p_c)`` ``[num_classes]``, p_c = share of ``labels [P]``
     equal to c (the reference's E-Net weighting)."""
-    p = torch.bincount(labels, minlength=num_classes).float() / max(labels.numel(), 1)
+    p = torch.bincount(labels, minlength=num_classes).double() / max(labels.numel(), 1)
     return 1.0 / torch.log(1.02 + p)
 
 
@@ -178,7 +178,7 @@ def contrastive_loss(
         return query.sum() * 0.0
     labels = torch.arange(b, device=query.device)[:, None, None].expand_as(mask)[mask]
     logits = torch.cat([q @ prototypes.T, q @ queue.T], dim=1) / temperature
-    weight = image_weights(labels, logits.shape[1])
+    weight = image_weights(labels, logits.shape[1]).to(logits.dtype)
     return F.cross_entropy(logits, labels, weight=weight)
 
 
