@@ -276,6 +276,14 @@ def test_saliency_page_scores_and_per_image_iou(tmp_path: Path) -> None:
     assert "No run record" in page
 
 
+def test_malformed_boxes_are_not_drawn(tmp_path: Path) -> None:
+    run = _saliency_run(tmp_path)
+    write_json_atomic(run["out"] / "boxes.json", {"s0": [1, 2, 3, 4], "s1": "junk", "s2": None})
+    page = write_report(run["out"], images=run["images"]).read_text()
+    assert len(_tagged_uris(page, "mask and box")) == 1
+    assert len(_tagged_uris(page, "mask")) == 2
+
+
 def test_corloc_with_voc_annotations(tmp_path: Path) -> None:
     run = _saliency_run(tmp_path, n=2)
     ann = tmp_path / "ann"

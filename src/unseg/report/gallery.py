@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from unseg.data.image import load_image, load_label
+from unseg.data.labels import label_lut, map_labels
 from unseg.data.resize import resize_nearest
 from unseg.errors import InputFileError
 from unseg.metrics.saliency import binarize_gt
@@ -111,6 +112,9 @@ def _semantic_card(
     gt = _try_load(gt_path, label=True)
     if evaluation is not None and gt is not None:
         r = evaluation.result
+        lut_gt = label_lut(r.dataset)
+        if lut_gt is not None:
+            gt = map_labels(gt, lut_gt).numpy()
         colours = class_colors(r.assignment, r.num_classes, r.ignore_index)
         figures.append(_figure(data_uri(thumbnail(colorize(gt, colours), nearest=True), "png"),
                                "ground truth"))
@@ -135,6 +139,9 @@ def _saliency_card(
 ) -> tuple[list[str], str]:
     mask8 = load_label(mask).astype(np.uint8)
     box = boxes.get(mask.stem)
+    if not (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        box = None
     figures = []
     if image is not None:
         figures.append(_figure(data_uri(thumbnail(image)), "image"))
