@@ -13,7 +13,19 @@ threshold, median filter, gain, background, log-softmax) with the same sign rule
 ``unseg.proposals.primaps``); the share of identical pre-CRF labels compares the two at 320x320.
 CRF throughput is measured with 1 and 2 worker processes on the same inputs, after warm-up.
 
-Prints one JSON object. ``python bench/primaps.py [--images N] [--repeat R]``
+PriMaPs-EM (``em``): milliseconds per EM step (E-step + M-step + EMA) for the ``reference`` and
+``cosine`` classifiers, batch 32 of VOC-sized feature maps (an image of 500x375 at short side
+320 → 320x416 pixels; default tap: stride 32, 320 channels), K = 21, at label factor 2 (the
+pipeline's default) and at the full label resolution (factor = stride, the paper's). A step's
+time is the difference of two fits (1 and 1 + N steps; best of two each, after a warm-up fit)
+divided by N, so the initialisation is not counted.
+
+Semantic refinement (``refine``): ms/image at VOC size (500x375), K = 21 soft maps, for the dense
+CRF (``unseg.refine.crf``) and for the guided filter (``unseg.refine.guided_filter``, radius 9,
+ε 1e-3, luminance guide, including the softmax and upsampling of the logits), both single-threaded
+in this process on the bundled photos, and their ratio.
+
+Prints one JSON object. ``python bench/primaps.py [--images N] [--repeat R] [--only em,refine]``
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unseg.methods.base import FitInputs
+from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
 from unseg.proposals.primaps import (
     PriMaPsConfig,
     ids_from_argmax,
@@ -36,7 +50,8 @@ from unseg.proposals.primaps import (
     principal_masks,
     proposal_log_probs,
 )
-from unseg.refine.crf import CRFPool
+from unseg.refine.crf import CRFPool, dense_crf
+from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 
 SIZE = 320
 GRID = 40
@@ -197,15 +212,128 @@ def bench_crf(feats: list[torch.Tensor], n_images: int) -> dict:
     return result
 
 
+VOC_SIZE = (375, 500)  # H, W of a typical PASCAL VOC image
+EM_CLASSES = 21
+
+
+def em_inputs(
+    batch: int, dim: int, grid: tuple[int, int], factor: int, seed: int = 0
+) -> FitInputs:
+    """``batch`` feature maps ``[dim, *grid]`` of 21 planted classes (non-negative, as after a
+    ReLU6) and block proposals at ``factor`` times the grid (the top rows ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(EM_CLASSES, dim, generator=g) * 3.0
+    h, w = grid
+    feats, props = [], []
+    for _ in range(batch):
+        cells = torch.randint(0, EM_CLASSES, (3, 4), generator=g)
+        cls = F.interpolate(cells[None, None].float(), size=grid, mode="nearest")[0, 0].long()
+        noise = torch.randn(dim, h, w, generator=g)
+        feats.append((centers[cls].permute(2, 0, 1) + 0.5 * noise).clamp(0, 6).contiguous())
+        ids = torch.arange(12).view(1, 1, 3, 4).float()
+        p = F.interpolate(ids, size=(h * factor, w * factor), mode="nearest")[0, 0].long()
+        p[: factor] = 255
+        props.append(p)
+    return FitInputs(feats, proposals=props, student_features=[f * 0.9 + 0.05 for f in feats])
+
+
+def bench_em(batch: int, dim: int, stride: int, steps: int) -> dict:
+    """ms per EM step, both classifiers, at label factor 2 and at the stride."""
+    grid = (320 // stride, 416 // stride)
+    rows = []
+    for factor in sorted({2, stride}):
+        inputs = em_inputs(batch, dim, grid, factor)
+        for classifier in ("reference", "cosine"):
+            fit_s: dict[int, list[float]] = {1: [], 1 + steps: []}
+            for n in (1, 1, 1 + steps, 1, 1 + steps):
+                cfg = PriMaPsEMConfig(
+                    num_classes=EM_CLASSES, steps=n, batch_size=batch, label_factor=factor,
+                    classifier=classifier,  # type: ignore[arg-type]
+                )
+                t = time.perf_counter()
+                PriMaPsEM(cfg, "cpu").fit(inputs)
+                fit_s[n].append(time.perf_counter() - t)
+            one = min(fit_s[1][1:])  # the first fit is a warm-up
+            many = min(fit_s[1 + steps])
+            rows.append({
+                "classifier": classifier,
+                "label_factor": factor,
+                "label_size": [grid[0] * factor, grid[1] * factor],
+                "ms_per_step": round(1000 * (many - one) / steps, 1),
+            })
+    return {
+        "batch": batch,
+        "num_classes": EM_CLASSES,
+        "feature_shape": [dim, *grid],
+        "timed_steps": steps,
+        "torch_threads_in_steps": 1,
+        "steps": rows,
+    }
+
+
+def voc_images() -> list[np.ndarray]:
+    """The bundled photos resized to VOC size, uint8 RGB ``[375, 500, 3]``."""
+    from unseg.data.image import load_image
+
+    out = []
+    for p in sorted(EXAMPLES.glob("*.jpg")):
+        x = torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=VOC_SIZE, mode="bilinear", antialias=True, align_corners=False)
+        out.append(np.ascontiguousarray(x[0].round().clamp(0, 255).byte().permute(1, 2, 0)))
+    return out
+
+
+def bench_refine(repeat: int) -> dict:
+    """Semantic refinement ms/image at VOC size: dense CRF vs guided filter, one thread each."""
+    images = voc_images()
+    g = torch.Generator().manual_seed(0)
+    grid = (VOC_SIZE[0] // 16, VOC_SIZE[1] // 16)
+    logits = [4 * torch.randn(EM_CLASSES, *grid, generator=g) for _ in images]
+    cfg = GuidedFilterConfig(radius=9, eps=1e-3, guide="luma")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def guided(img: np.ndarray, lg: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(lg[None], size=VOC_SIZE, mode="bilinear", align_corners=False)
+        rgb = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+        return refine_masks(up.softmax(dim=1), rgb, cfg)
+
+    timings = {}
+    for name, fn in (("crf", dense_crf), ("guided", guided)):
+        fn(images[0], logits[0])  # warm-up
+        t = time.perf_counter()
+        for _ in range(repeat):
+            for img, lg in zip(images, logits, strict=True):
+                fn(img, lg)
+        timings[name] = 1000 * (time.perf_counter() - t) / (repeat * len(images))
+    torch.set_num_threads(threads)
+    return {
+        "image_size": list(VOC_SIZE),
+        "num_classes": EM_CLASSES,
+        "logit_grid": list(grid),
+        "images": len(images) * repeat,
+        "torch_threads": 1,
+        "guided_filter": {"radius": cfg.radius, "eps": cfg.eps, "guide": cfg.guide},
+        "crf_ms_per_image": round(timings["crf"], 2),
+        "guided_ms_per_image": round(timings["guided"], 2),
+        "guided_vs_crf": round(timings["guided"] / timings["crf"], 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="synthetic images (default 8)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of the fast loop")
     parser.add_argument("--crf-images", type=int, default=16, help="images for the CRF timing")
+    parser.add_argument("--em-batch", type=int, default=32, help="EM batch (default 32)")
+    parser.add_argument("--em-dim", type=int, default=320, help="feature channels (default 320)")
+    parser.add_argument("--em-stride", type=int, default=32, help="feature stride (default 32)")
+    parser.add_argument("--em-steps", type=int, default=3, help="timed EM steps (default 3)")
+    parser.add_argument("--only", default="proposals,crf,em,refine",
+                        help="comma-separated sections (default: all)")
     args = parser.parse_args()
-    synthetic = synthetic_features(args.images)
-    real = real_features()
-    out = {
+    sections = set(args.only.split(","))
+    out: dict = {
         "benchmark": "primaps",
         "machine": {
             "platform": platform.platform(),
@@ -218,12 +346,22 @@ def main() -> None:
         },
         "image_size": [SIZE, SIZE],
         "feature_shape": [DIM, GRID, GRID],
-        "proposals": [
-            bench_source("synthetic", synthetic, args.repeat),
-            bench_source("real", real, args.repeat),
-        ],
-        "crf": bench_crf(synthetic + real, args.crf_images),
     }
+    if sections & {"proposals", "crf"}:
+        synthetic = synthetic_features(args.images)
+        real = real_features()
+        if "proposals" in sections:
+            out["proposals"] = [
+                bench_source("synthetic", synthetic, args.repeat),
+                bench_source("real", real, args.repeat),
+            ]
+        if "crf" in sections:
+            out["crf"] = bench_crf(synthetic + real, args.crf_images)
+    if "em" in sections:
+        out["em"] = bench_em(args.em_batch, args.em_dim, args.em_stride, args.em_steps)
+    if "refine" in sections:
+        out["refine"] = bench_refine(args.repeat)
+    out["machine"]["load_average_end"] = list(os.getloadavg())
     print(json.dumps(out, indent=2))
 
 
