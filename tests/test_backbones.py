@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import build_backbone, create_backbone, get_spec, list_backbones
+from unseg.backbones import (
+    BackboneSpec,
+    build_backbone,
+    create_backbone,
+    get_spec,
+    list_backbones,
+)
+from unseg.backbones.base import Tap
 from unseg.backbones.vit import interpolate_pos_embed
 from unseg.cli.main import main
 from unseg.errors import UnsegError
@@ -24,6 +31,8 @@ ALL = [
     "dinov2_vits14_reg4",
     "dinov2_vitb14_reg4",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 ]
 
 
@@ -45,15 +54,40 @@ def test_registry_has_every_backbone_with_documented_facts():
         "dino_vits8": (8, 384),
         "dino_vitb16": (16, 768),
         "dinov2_vitb14_reg4": (14, 768),
-        "efficientnet_lite0": (16, 432),
     }
     for name, (stride, dim) in facts.items():
         spec = get_spec(name)
         assert (spec.stride, spec.dim) == (stride, dim)
+        assert spec.tap_table == {"last": Tap(dim, stride)} and spec.default_tap == "last"
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        spec = get_spec(name)
+        default = spec.tap_info(spec.default_tap)
+        assert (spec.stride, spec.dim) == (default.stride, default.dim)
+        assert {"s16", "s32", "head", "s16+s32"} <= set(spec.tap_table)
     assert [s.name for s in list_backbones("dinov2*reg4")] == [
         "dinov2_vitb14_reg4",
         "dinov2_vits14_reg4",
     ]
+
+
+def test_spec_default_tap_must_match_its_stride_and_dim():
+    taps = (("a", Tap(4, 8)), ("b", Tap(6, 16)))
+    spec = BackboneSpec("t", "test", 16, 6, (0.5,) * 3, (0.5,) * 3, taps=taps, default_tap="b")
+    assert list(spec.tap_table) == ["b", "a"]
+    assert spec.tap_info("a+b") == spec.tap_info("b+a") == Tap(10, 8)
+    with pytest.raises(ValueError, match="default tap 'a'"):
+        BackboneSpec("t", "test", 16, 6, (0.5,) * 3, (0.5,) * 3, taps=taps, default_tap="a")
+
+
+def test_vit_has_one_tap_whose_maps_are_forward_features(vits16):
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        maps = vits16.forward_taps(x, ["last"])
+        tokens = vits16.forward_features(x)
+    assert vits16.tap == "last" and list(maps) == ["last"]
+    torch.testing.assert_close(maps["last"], tokens)
+    with pytest.raises(UnsegError, match="dino_vits16: unknown tap 's16'; taps: last"):
+        create_backbone("dino_vits16", pretrained=False, tap="s16")
 
 
 def test_create_backbone_is_frozen_eval_and_random_without_pretrained(vits16):
@@ -243,4 +277,15 @@ def test_cli_lists_backbones_and_the_default(capsys, tmp_path, monkeypatch):
     assert "dino_vits8" in out and "dinov2" not in out.split("default")[0]
     assert "download" in out and str(tmp_path / "weights" / "dino_deitsmall8_pretrain.pth") in out
     assert f"efficientnet_lite0: DINO weights not found in {tmp_path / 'weights'}" in out
+    assert "taps (dim/stride)" not in out  # ViTs have one tap
+    assert main(["backbones", "efficientnet*"]) == 0
+    out = capsys.readouterr().out
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        spec = get_spec(name)
+        row = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert row.split()[2:5] == [spec.default_tap, str(spec.stride), str(spec.dim)]
+        taps = next(line for line in out.splitlines() if line.startswith(f"{name} taps"))
+        d = spec.tap_info(spec.default_tap)
+        assert f"{spec.default_tap} {d.dim}/{d.stride} (default)" in taps
+        assert "head 1280/32" in taps
     assert main(["backbones", "nothing*"]) == 2

@@ -1,4 +1,4 @@
-"""Backbones: registry, DINO/DINOv2 ViTs, EfficientNet-Lite0, weight files.
+"""Backbones: registry, taps, DINO/DINOv2 ViTs, EfficientNet-Lite0/1/2, weight files.
 
 Importing this package registers every named backbone.
 """
@@ -9,6 +9,7 @@ from unseg.backbones.base import (
     BackboneSpec,
     FeatureKind,
     SizePolicy,
+    Tap,
     WeightsSpec,
     build_backbone,
     get_spec,
@@ -29,6 +30,7 @@ __all__ = [
     "BackboneSpec",
     "FeatureKind",
     "SizePolicy",
+    "Tap",
     "WeightsSpec",
     "WeightsStatus",
     "backbone_weights_sha256",

