@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from unseg.report.palette import label_colors
 from unseg.report.thumbs import UNMATCHED_COLOR
@@ -152,8 +153,10 @@ def iou_histogram(values: Sequence[float]) -> bytes:
     if data.size:
         mean = float(data.mean())
         ax.axvline(mean, color="#111827", linestyle="--", linewidth=1)
-        ax.text(mean, ax.get_ylim()[1] * 0.95, f" mean {100 * mean:.1f}", fontsize=8, color=TEXT)
+        ax.text(mean, 1.0, f"mean {100 * mean:.1f}", ha="center", va="bottom", fontsize=8,
+                color=TEXT, transform=ax.get_xaxis_transform())
     ax.set_xlabel("IoU of the image's mask (p > 0.5) with its ground truth")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
