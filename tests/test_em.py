@@ -3,9 +3,13 @@ the estimator contract, and recovery of planted classes against k-means."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy.optimize import linear_sum_assignment
@@ -286,6 +290,35 @@ def test_student_features_train_theta_but_e_step_uses_clean_view() -> None:
     # with the clean view as student, passing it explicitly changes nothing
     c = fit(feats, props, list(feats), steps=5)
     assert torch.equal(a.running_, c.running_) and a.history_ == c.history_
+
+
+def _fit_in_group(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a gloo group: the same fit as in one process; rank 0 saves the state."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world)
+    try:
+        feats, props = blobs()
+        model = fit(feats, props, [f * 1.2 for f in feats], steps=12)
+        if rank == 0:
+            state = model.state_dict()
+            state["history"] = torch.tensor(model.history_)
+            save_file(state, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_fit_like_one(tmp_path) -> None:
+    """Each rank takes its share of every batch; summed gradients and focal statistics give
+    the single-process fit (θ, θ_m and the logged losses)."""
+    out = str(tmp_path / "ddp.safetensors")
+    mp.spawn(_fit_in_group, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    two = load_file(out)
+    feats, props = blobs()
+    one = fit(feats, props, [f * 1.2 for f in feats], steps=12)
+    for key, value in one.state_dict().items():
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(two["history"].numpy(), one.history_, rtol=1e-5)
 
 
 def test_pca_directions_match_numpy_svd() -> None:

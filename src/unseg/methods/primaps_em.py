@@ -329,6 +329,10 @@ class PriMaPsEM:
                     )
         self.running_, self.running_gain_ = direction.detach(), gain.detach()
         self.prototypes_, self.gain_ = momentum
+        logger.info(
+            "PriMaPs-EM (%s): %d steps, %d EMA updates, final loss %.4g", cfg.classifier, total,
+            updates, self.history_[-1] if self.history_ else float("nan"),
+        )
         return self
 
     def _step(
