@@ -173,7 +173,7 @@ def contrastive_loss(
     target = the pixel's image, class weights :func:`image_weights`; 0 without salient pixels.
     """
     b = query.shape[0]
-    q = F.normalize(query, dim=1).permute(0, 2, 3, 1)[mask]  # [P, D]
+    q = F.normalize(query.permute(0, 2, 3, 1)[mask], dim=1)  # [P, D], salient pixels only
     if q.shape[0] == 0:
         return query.sum() * 0.0
     labels = torch.arange(b, device=query.device)[:, None, None].expand_as(mask)[mask]
