@@ -200,6 +200,10 @@ def test_pca_whiten_matches_scikit_learn(rng: np.random.Generator):
     np.testing.assert_allclose(got.std(axis=0, ddof=1), 1.0, atol=1e-8)
     with pytest.raises(UnsegError):
         pca_whiten(torch.from_numpy(x), 11)
+    low = torch.from_numpy(x[:, :3] @ rng.normal(size=(3, 10)))  # rank 3
+    white = pca_whiten(low, 5)
+    assert torch.allclose(white[:, 3:], torch.zeros_like(white[:, 3:]))
+    assert white[:, :3].std(0).min() > 0.99
 
 
 def test_kmeans_matches_scikit_learn_on_blobs(rng: np.random.Generator):
@@ -227,6 +231,12 @@ def test_protocol_labels_salient_pixels_with_cluster_plus_one():
     assert values[0] == values[1] != values[2] == values[3] and set(values) == {1, 2}
     for m, lab in zip(masks, maps, strict=True):
         assert torch.equal(lab > 0, m) and lab.dtype == torch.int64
+    # fewer images than pca_dim: N - 1 components, no zero-variance direction blown up
+    small = torch.cat([protos, torch.tensor([[0.5, 0.5]])]).repeat(1, 4)  # 5 x 8, rank 2
+    maps = kmeans_protocol(small, [*masks, masks[0]], num_clusters=2, pca_dim=32)
+    assert len({int(m.max()) for m in maps}) == 2
+    with pytest.raises(UnsegError, match="at least 2 images"):
+        kmeans_protocol(protos[:1], masks[:1], num_clusters=1)
 
 
 def test_backbone_prototypes_are_masked_means(rng: np.random.Generator):

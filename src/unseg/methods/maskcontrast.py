@@ -385,7 +385,8 @@ def photometric_view(
 # ------------------------------------------------------------------------------------- evaluation
 def pca_whiten(x: torch.Tensor, n_components: int) -> torch.Tensor:
     """PCA of the rows of ``x [N, D]`` projected to ``[N, n_components]`` and whitened (unit
-    variance, ``N − 1`` denominator), signs as scikit-learn's (largest |loading| positive)."""
+    variance, ``N − 1`` denominator), signs as scikit-learn's (largest |loading| positive);
+    components of zero variance (rank-deficient ``x``) are 0."""
     if not 1 <= n_components <= min(x.shape):
         raise UnsegError(f"PCA needs 1 <= n_components <= min{tuple(x.shape)}, got {n_components}")
     xd = x.double()
@@ -395,7 +396,9 @@ def pca_whiten(x: torch.Tensor, n_components: int) -> torch.Tensor:
     pivot = vh.abs().argmax(dim=1)
     vh = vh * torch.sign(vh[torch.arange(n_components), pivot])[:, None]
     var = s[:n_components] ** 2 / max(x.shape[0] - 1, 1)
-    return (xc @ vh.T / var.clamp_min(1e-12).sqrt()).to(x.dtype)
+    # directions of (numerically) zero variance are set to 0, not blown up to unit variance
+    scale = torch.where(var > 1e-12 * var[0], var.clamp_min(1e-300).rsqrt(), 0.0)
+    return (xc @ vh.T * scale).to(x.dtype)
 
 
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -449,10 +452,16 @@ def kmeans_protocol(
 ) -> list[torch.Tensor]:
     """The per-image k-means protocol: ``prototypes [N, D]`` (one per image) PCA-whitened to
     ``pca_dim``, k-means into ``num_clusters``; each image's salient pixels (``masks[i] [H, W]``,
-    bool) take its cluster + 1, the rest 0. Returns label maps ``[H, W]`` (int64)."""
-    if len(masks) != prototypes.shape[0]:
-        raise UnsegError(f"{prototypes.shape[0]} prototypes but {len(masks)} masks")
-    x = pca_whiten(prototypes.float(), min(pca_dim, *prototypes.shape))
+    bool) take its cluster + 1, the rest 0. Returns label maps ``[H, W]`` (int64).
+
+    At most ``N − 1`` components are kept (``N`` centred points span no more), so a small set
+    never whitens a zero-variance direction."""
+    n, d = prototypes.shape
+    if len(masks) != n:
+        raise UnsegError(f"{n} prototypes but {len(masks)} masks")
+    if n < 2:
+        raise UnsegError(f"the k-means protocol needs at least 2 images, got {n}")
+    x = pca_whiten(prototypes.float(), min(pca_dim, n - 1, d))
     ids = kmeans(x, num_clusters, seed=seed)
     return [m.bool().long() * (int(c) + 1) for m, c in zip(masks, ids, strict=True)]
 
@@ -525,7 +534,7 @@ class MaskContrast:
         optim = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
         )
-        self.history_ = []
+        self.history_, self.fallbacks_ = [], 0
         start = 0
         path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         if path is not None and path.exists():
