@@ -1,10 +1,11 @@
 """MaskContrast training speed: images/s and peak memory, 1 vs 2 processes, and a step's split.
 
 Inputs: ``--images`` ECSSD photos from ``../shared/data`` resized to ``--size`` squared, their
-ground-truth masks as the saliency proposals, and the frozen EfficientNet-Lite0 features (default
-tap: stride 32, 320 channels; a 7x7 grid at 224) computed once (their cost per image is reported
-as ``backbone_once_ms_per_image``: it is paid once per run, not per step, in unseg's design).
-Without the shared data, random images and blob masks stand in (``source`` says which).
+ground-truth masks as the saliency proposals, and the frozen EfficientNet-Lite0 features (the
+backbone's default tap; ``feature_shape`` reports it) computed once (their cost per image is
+reported as ``backbone_once_ms_per_image``: it is paid once per run, not per step, in unseg's
+design). Without the shared data, random images and blob masks stand in (``source`` says which).
+The losses are taken at ``--loss-size`` pixels per side (default: the view size, the paper's).
 
 - ``fit``: :meth:`MaskContrast.fit` for ``--epochs`` at batch ``--batch`` in a fresh process:
   one process with 2 torch threads, then ``torchrun`` with 2 gloo processes of 1 thread each
@@ -15,7 +16,8 @@ Without the shared data, random images and blob masks stand in (``source`` says 
   (query forward, momentum update, key forward, upsampling, prototypes), ``loss`` (contrastive +
   balanced BCE), ``backward_sgd`` (backward and the SGD step).
 
-Prints one JSON object. ``python bench/maskcontrast.py [--images 64] [--size 224] [--batch 16]``
+Prints one JSON object.
+``python bench/maskcontrast.py [--images 64] [--size 224] [--batch 16] [--loss-size 56]``
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from unseg.methods.maskcontrast import (
     draw_views,
     momentum_update,
 )
+from unseg.utils.device import cpu_threads
 
 ECSSD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ECSSD"
 
@@ -105,7 +108,9 @@ def build_inputs(n: int, size: int) -> tuple[list[torch.Tensor], list[torch.Tens
 
 def config(args: argparse.Namespace) -> MaskContrastConfig:
     """The paper's settings at the benchmark's batch, view size and epochs."""
-    return MaskContrastConfig(batch_size=args.batch, view_size=args.size, epochs=args.epochs)
+    return MaskContrastConfig(
+        batch_size=args.batch, view_size=args.size, epochs=args.epochs, loss_size=args.loss_size
+    )
 
 
 def bench_step(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> dict:
@@ -121,7 +126,8 @@ def bench_step(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> di
     for step in range(args.steps + 1):
         idx = torch.randperm(len(feats), generator=gen)[: args.batch].tolist()
         t0 = time.perf_counter()
-        views = [draw_views(feats[i], masks[i], cfg, gen) for i in idx]
+        with cpu_threads("cpu", 1):  # as in MaskContrast.fit
+            views = [draw_views(feats[i], masks[i], cfg, gen) for i in idx]
         t1 = time.perf_counter()
         side = views[0].query_mask.shape[-1]
         up = {"size": (side, side), "mode": "bilinear", "align_corners": False}
@@ -195,6 +201,8 @@ def bench_fit(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> dic
         save_file({**tensors, "n": torch.tensor(len(feats))}, str(path))
         common = [__file__, "--worker", str(path), "--size", str(args.size),
                   "--batch", str(args.batch), "--epochs", str(args.epochs)]  # fmt: skip
+        if args.loss_size:
+            common += ["--loss-size", str(args.loss_size)]
         runs = {
             "one_process": ([sys.executable, *common], "2"),
             "two_processes": (
@@ -234,6 +242,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the timed fit (1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps of the split (3)")
+    parser.add_argument(
+        "--loss-size",
+        type=int,
+        default=None,
+        help="side where the losses are taken (default: --size, the paper's)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -250,7 +264,7 @@ def main() -> None:
             "load_average": list(os.getloadavg()),
         },
         "settings": {"images": args.images, "size": args.size, "batch": args.batch,
-                     "epochs": args.epochs, "loss_size": args.size,
+                     "epochs": args.epochs, "loss_size": args.loss_size or args.size,
                      "config": "paper defaults (queue 256, width 256, 32-d, T 0.5)"},
     }  # fmt: skip
     feats, masks, meta = build_inputs(args.images, args.size)

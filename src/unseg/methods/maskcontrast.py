@@ -65,6 +65,7 @@ from unseg.data.transforms import color_jitter
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.utils import dist
+from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -548,16 +549,18 @@ class MaskContrast:
             ).tolist()
             for s in range(0, len(order), cfg.batch_size):
                 mine = dist.shard(order[s : s + cfg.batch_size], rank, world)
-                views = [
-                    draw_views(
-                        feats[i].to(self.device),
-                        masks[i].to(self.device),
-                        cfg,
-                        torch.Generator().manual_seed(_mix(cfg.seed, 3, epoch, i)),
-                        None if students is None else students[i].to(self.device),
-                    )
-                    for i in mine
-                ]
+                # many tiny ops: intra-op threads only spin-wait (badly on a loaded machine)
+                with cpu_threads(self.device, 1):
+                    views = [
+                        draw_views(
+                            feats[i].to(self.device),
+                            masks[i].to(self.device),
+                            cfg,
+                            torch.Generator().manual_seed(_mix(cfg.seed, 3, epoch, i)),
+                            None if students is None else students[i].to(self.device),
+                        )
+                        for i in mine
+                    ]
                 self.fallbacks_ += sum(v.fallback for v in views)
                 self.history_.append(self._step(views, model, key, queue, optim))
             logger.info(
