@@ -363,6 +363,9 @@ def test_state_round_trip_and_bad_inputs(tmp_path: Path):
         MaskContrast(TINY).fit(FitInputs(features=feats))
     with pytest.raises(UnsegError, match="6 feature maps but 5"):
         MaskContrast(TINY).fit(FitInputs(features=feats, masks=masks[:5]))
+    with pytest.raises(UnsegError, match="image 2: mask 32x16 is not at the size"):
+        bad = [*masks[:2], masks[2][:, :16], *masks[3:]]
+        MaskContrast(TINY).fit(FitInputs(features=feats, masks=bad))
     with pytest.raises(UnsegError, match="before fit"):
         MaskContrast(TINY).embed(feats[0])
     with pytest.raises(UnsegError, match="in_channels"):

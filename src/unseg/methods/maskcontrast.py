@@ -525,6 +525,8 @@ class MaskContrast:
             raise UnsegError("student_features must match features one to one")
         if len({f.shape[0] for f in feats}) != 1:
             raise UnsegError("all feature maps must have the same number of channels")
+        for i, (f, m) in enumerate(zip(feats, masks, strict=True)):
+            _check_pair(i, f, m)
         model = self._build(feats[0].shape[0])
         key = copy.deepcopy(model)
         for p in key.parameters():
@@ -767,6 +769,21 @@ class MaskContrast:
         protos = torch.stack([p for p, _ in pairs]).cpu()
         masks = [m.cpu() for _, m in pairs]
         return kmeans_protocol(protos, masks, num_clusters, pca_dim=pca_dim, seed=seed)
+
+
+def _check_pair(index: int, features: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise unless ``mask [H, W]`` covers the image of ``features [C, h, w]`` (same aspect)."""
+    if features.ndim != 3 or mask.ndim != 2:
+        raise UnsegError(
+            f"image {index}: features must be [C, h, w] and its mask [H, W], got "
+            f"{tuple(features.shape)} and {tuple(mask.shape)}"
+        )
+    sy, sx = mask.shape[0] / features.shape[1], mask.shape[1] / features.shape[2]
+    if min(sy, sx) < 1 or abs(sy - sx) > 0.1 * max(sy, sx):
+        raise UnsegError(
+            f"image {index}: mask {mask.shape[0]}x{mask.shape[1]} is not at the size of the "
+            f"image of its {features.shape[1]}x{features.shape[2]} feature map"
+        )
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
