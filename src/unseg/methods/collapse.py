@@ -1,0 +1,141 @@
+"""Detecting a saliency head whose training failed: diverged, or collapsed to a trivial map.
+
+A head trained without labels can end in a state its loss does not reveal. At the end of ``fit``
+the estimator runs :class:`CollapseCheck` over its training images and keeps the resulting
+:class:`CollapseReport` as ``collapse_``; the fit pipeline reports it (warning and run record)
+instead of saving the head as if it were fine. Verdicts:
+
+- ``"diverged"``: a non-finite training loss or prediction, or a loss that exploded: its last
+  value above ``explode`` (10) times its smallest finite value and above 1e-3 in absolute terms;
+- ``"all-foreground"`` / ``"all-background"``: the foreground share (pixels with ``p > 0.5``)
+  is above ``1 − share`` (98 %) / below ``share`` (2 %) for at least ``fraction`` (95 %) of
+  the images;
+- ``"constant"``: the spatial standard deviation of ``p`` is below ``min_std`` (1e-3) for at
+  least ``fraction`` of the images (a map that ignores the image, whatever its level);
+- ``"ok"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from unseg.errors import UnsegError
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """Thresholds of the verdicts (see the module docstring)."""
+
+    share: float = 0.02
+    fraction: float = 0.95
+    min_std: float = 1e-3
+    explode: float = 10.0
+
+
+@dataclass(frozen=True)
+class CollapseReport:
+    """The verdict and the numbers behind it (shares and fractions in ``[0, 1]``)."""
+
+    verdict: str
+    n_images: int
+    mean_foreground: float
+    frac_all_foreground: float
+    frac_all_background: float
+    frac_constant: float
+    nonfinite: bool
+    final_loss: float | None
+    min_loss: float | None
+
+    @property
+    def failed(self) -> bool:
+        """True unless the verdict is ``"ok"``."""
+        return self.verdict != "ok"
+
+    def message(self) -> str:
+        """One line for a user: what failed and the evidence."""
+        if not self.failed:
+            return (
+                f"head training looks sound ({self.n_images} images, mean foreground share "
+                f"{self.mean_foreground:.1%})"
+            )
+        return (
+            f"head training failed ({self.verdict}): over {self.n_images} training images, "
+            f"{self.frac_all_foreground:.0%} all-foreground, {self.frac_all_background:.0%} "
+            f"all-background, {self.frac_constant:.0%} constant maps; mean foreground share "
+            f"{self.mean_foreground:.1%}; loss final {self.final_loss} / min {self.min_loss}"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-able fields, with ``failed``."""
+        return {**asdict(self), "failed": self.failed}
+
+
+class CollapseCheck:
+    """Accumulates per-image statistics of predicted maps, then gives a :class:`CollapseReport`.
+
+    Call :meth:`update` with each batch of probabilities ``[B, 1, H, W]`` (or ``[B, H, W]``), then
+    :meth:`report` with the training losses.
+    """
+
+    def __init__(self, config: CollapseConfig | None = None) -> None:
+        self.config = config or CollapseConfig()
+        self._share: list[torch.Tensor] = []
+        self._std: list[torch.Tensor] = []
+        self._nonfinite = False
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor) -> None:
+        """Add the foreground maps ``probs`` ``[B, 1, H, W]`` or ``[B, H, W]`` in ``[0, 1]``."""
+        if probs.ndim == 4 and probs.shape[1] == 1:
+            probs = probs[:, 0]
+        if probs.ndim != 3:
+            raise UnsegError(f"expected maps [B, 1, H, W] or [B, H, W], got {tuple(probs.shape)}")
+        flat = probs.detach().float().flatten(1).cpu()
+        finite = torch.isfinite(flat).all(dim=1)
+        self._nonfinite |= not bool(finite.all())
+        self._share.append((flat > 0.5).float().mean(dim=1))
+        self._std.append(torch.nan_to_num(flat, nan=0.0).std(dim=1, unbiased=False))
+
+    def report(self, history: Sequence[float] = ()) -> CollapseReport:
+        """The verdict over every map added so far, given the training ``history`` (losses)."""
+        c = self.config
+        if not self._share:
+            raise UnsegError("no predicted maps to check (call update first)")
+        share, std = torch.cat(self._share), torch.cat(self._std)
+        losses = [float(v) for v in history]
+        finite = [v for v in losses if math.isfinite(v)]
+        loss_bad = len(finite) != len(losses)
+        final = losses[-1] if losses else None
+        low = min(finite) if finite else None
+        exploded = (
+            final is not None and low is not None and math.isfinite(final)
+            and final > c.explode * max(low, 0.0) and final > 1e-3
+        )
+        frac_fg = float((share > 1.0 - c.share).double().mean())
+        frac_bg = float((share < c.share).double().mean())
+        frac_const = float((std < c.min_std).double().mean())
+        if loss_bad or self._nonfinite or exploded:
+            verdict = "diverged"
+        elif frac_const >= c.fraction:
+            verdict = "constant"
+        elif frac_fg >= c.fraction:
+            verdict = "all-foreground"
+        elif frac_bg >= c.fraction:
+            verdict = "all-background"
+        else:
+            verdict = "ok"
+        return CollapseReport(
+            verdict=verdict,
+            n_images=int(share.numel()),
+            mean_foreground=float(share.mean()),
+            frac_all_foreground=frac_fg,
+            frac_all_background=frac_bg,
+            frac_constant=frac_const,
+            nonfinite=self._nonfinite or loss_bad,
+            final_loss=final,
+            min_loss=low,
+        )
