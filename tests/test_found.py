@@ -1,0 +1,175 @@
+"""FOUND-style head: background seed and pseudo-mask by brute force, training on planted data."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unseg.errors import UnsegError
+from unseg.methods.base import FitInputs
+from unseg.methods.found import (
+    FoundConfig,
+    FoundHead,
+    background_seed,
+    background_similarity,
+    border_ring,
+    pseudo_masks,
+)
+
+
+def _planted_features(
+    h: int, w: int, box: tuple[int, int, int, int], noise: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[1, 8, h, w]``: background ≈ e0, the object box (top, left, bottom, right) ≈ e1,
+    plus Gaussian noise; and the object's truth ``[h, w]`` (bool)."""
+    gen = torch.Generator().manual_seed(seed)
+    f = noise * torch.randn(1, 8, h, w, generator=gen)
+    truth = torch.zeros(h, w, dtype=torch.bool)
+    t, lft, b, r = box
+    truth[t:b, lft:r] = True
+    f[0, 0] += (~truth).float()
+    f[0, 1] += truth.float()
+    return f, truth
+
+
+def _brute_seed(f: np.ndarray, ring_only: bool) -> int:
+    """Index of the patch of largest mean cosine similarity, by explicit loops."""
+    _, h, w = f.shape
+    vecs = [f[:, i, j] / np.linalg.norm(f[:, i, j]) for i in range(h) for j in range(w)]
+    best, best_score = -1, -np.inf
+    for k, v in enumerate(vecs):
+        i, j = divmod(k, w)
+        if ring_only and 0 < i < h - 1 and 0 < j < w - 1:
+            continue
+        score = sum(float(v @ u) for u in vecs) / len(vecs)
+        if score > best_score:
+            best, best_score = k, score
+    return best
+
+
+@pytest.mark.parametrize("rule", ["border", "degree"])
+def test_seed_matches_brute_force_and_lies_in_the_background(rule):
+    f, truth = _planted_features(8, 10, (2, 3, 6, 7))
+    seed = background_seed(f, rule)
+    assert seed.shape == (1,)
+    assert int(seed) == _brute_seed(f[0].numpy().astype(np.float64), rule == "border")
+    assert not truth.flatten()[seed].item()
+
+
+def test_border_rule_survives_an_object_larger_than_the_background():
+    # the object covers 6x6 of 8x8 cells: the most typical patch is in the object
+    f, truth = _planted_features(8, 8, (1, 1, 7, 7))
+    assert truth.flatten()[background_seed(f, "degree")].item()
+    assert not truth.flatten()[background_seed(f, "border")].item()
+
+
+def test_pseudo_mask_is_the_planted_object():
+    f, truth = _planted_features(8, 10, (2, 3, 6, 7))
+    cfg = FoundConfig(refine_targets=False)
+    mask = pseudo_masks(f, cfg)
+    assert mask.shape == (1, 1, 8, 10)
+    assert torch.equal(mask[0, 0].bool(), truth)
+    # threshold semantics by hand: background = cosine to the seed above the threshold
+    sim = background_similarity(f, background_seed(f, "border"))[0]
+    assert torch.equal(mask[0, 0].bool(), sim <= cfg.bkg_threshold)
+
+
+def test_seed_expansion_is_the_mean_over_the_nearest_patches():
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(2, 5, 4, 6, generator=gen)
+    seeds = torch.tensor([3, 17])
+    got = background_similarity(f, seeds, n_seeds=4)
+    x = F.normalize(f.flatten(2), dim=1).double()
+    for b in range(2):
+        sim = x[b].T @ x[b]
+        row = sim[seeds[b]]
+        group = np.argsort(-row.numpy(), kind="stable")[:4]
+        expected = sim[torch.from_numpy(group.copy())].mean(dim=0).view(4, 6)
+        torch.testing.assert_close(got[b].double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        background_similarity(f, seeds, 1)[1].flatten(), (x[1].T @ x[1])[17].float(),
+        atol=1e-5, rtol=0,
+    )
+
+
+def test_border_ring():
+    ring = border_ring(4, 5).view(4, 5)
+    assert ring.sum() == 4 * 5 - 2 * 3 and not ring[1:3, 1:4].any()
+    assert border_ring(2, 7).all()
+
+
+def _planted_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dark noisy backgrounds with one bright square each (random place): images, truth."""
+    images = 0.2 + 0.05 * torch.rand(n, 3, 64, 64, generator=gen)
+    truth = torch.zeros(n, 1, 64, 64)
+    for i in range(n):
+        top, left = torch.randint(8, 32, (2,), generator=gen).tolist()
+        images[i, :, top : top + 24, left : left + 24] += 0.6
+        truth[i, :, top : top + 24, left : left + 24] = 1.0
+    return images.clamp(0, 1), truth
+
+
+def _colour_features(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in backbone at stride 8: mean colour per patch, centred (cosine needs a sign)."""
+    f = F.avg_pool2d(images, 8)
+    return torch.cat([f - 0.5, 0.5 - f], dim=1)
+
+
+def _iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((pred & truth).sum() / (pred | truth).sum()).item()
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_head_learns_the_planted_object_and_roundtrips(multiscale):
+    gen = torch.Generator().manual_seed(0)
+    images, truth = _planted_images(16, gen)
+    feats = _colour_features(images)
+    cfg = FoundConfig(
+        steps=60, batch_size=8, stop_bkg_loss=30, lr_step=20, multiscale=multiscale,
+        crop_scale=(0.5, 0.8), crop_pool=2,
+    )
+    head = FoundHead(cfg)
+    head.feature_fn = _colour_features
+    head.fit(FitInputs(list(feats), list((images * 255).round().to(torch.uint8))))
+    assert len(head.history_) == 60
+    probs = head.predict_proba(feats, images)
+    assert probs.shape == (16, 1, 64, 64)
+    # patch-level targets cap the pixel IoU (ideal patch masks: 0.71); all-foreground: 0.14
+    assert _iou(probs > 0.5, truth > 0) > 0.5
+    patch_truth = F.adaptive_avg_pool2d(truth, (8, 8)) > 0.5
+    patch_pred = F.adaptive_avg_pool2d(probs, (8, 8)) > 0.5
+    assert (patch_pred == patch_truth).float().mean() > 0.95
+    assert head.collapse_ is not None and not head.collapse_.failed
+    again = FoundHead.from_state(cfg, head.state_dict())
+    torch.testing.assert_close(again.predict_proba(feats, images), probs)
+
+
+def test_fit_is_deterministic_given_the_seed():
+    images, _ = _planted_images(8, torch.Generator().manual_seed(2))
+    inputs = FitInputs(list(_colour_features(images)), list(images))
+    cfg = FoundConfig(steps=6, batch_size=4, stop_bkg_loss=3, multiscale=True, crop_pool=2)
+    runs = []
+    for seed in (0, 0, 1):
+        head = FoundHead(replace(cfg, seed=seed))
+        head.feature_fn = _colour_features
+        runs.append(head.fit(inputs).history_)
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_fit_rejects_bad_inputs():
+    with pytest.raises(UnsegError, match="images"):
+        FoundHead().fit(FitInputs([torch.zeros(4, 2, 2)]))
+    with pytest.raises(UnsegError, match="multiple"):
+        FoundHead().fit(FitInputs([torch.zeros(4, 2, 2)], [torch.zeros(3, 32, 30)]))
+    with pytest.raises(UnsegError, match="backbone"):
+        FoundHead(FoundConfig(multiscale=True)).fit(
+            FitInputs([torch.zeros(4, 2, 2)] * 2, [torch.zeros(3, 32, 32)] * 2)
+        )
+    with pytest.raises(UnsegError, match="not fitted"):
+        FoundHead().predict_proba(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(UnsegError, match="1x1 conv"):
+        FoundHead.from_state(FoundConfig(), {"bias": torch.zeros(1)})
