@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import unseg.pipelines.saliency as saliency_pipeline
+import unseg.pipelines.backbone as pipeline_backbone
 from unseg.backbones import (
     Backbone,
     BackboneSpec,
@@ -51,7 +51,7 @@ def tiny_backbone(monkeypatch):
     def create(name, weights=None, device=None, **kwargs):
         return build_backbone(name).requires_grad_(False).eval()
 
-    monkeypatch.setattr(saliency_pipeline, "create_backbone", create)
+    monkeypatch.setattr(pipeline_backbone, "create_backbone", create)
     monkeypatch.setattr(backbones_create, "create_backbone", create)  # used by predict
 
 

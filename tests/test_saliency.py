@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from unseg.errors import UnsegError
+from unseg.methods.base import FitInputs
 from unseg.methods.multiscale import consistency_loss, crop_resize, sample_crops
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, border_prior
@@ -146,20 +147,22 @@ def test_training_finds_planted_squares_and_roundtrips(multiscale):
         multiscale=multiscale,
         crop_scale=(0.5, 0.8),
     )
-    head = SaliencyHead(cfg).fit(feats, images, stride=8, crop_features=_colour_features)
-    assert head.history[-1] < head.history[0]
+    head = SaliencyHead(cfg)
+    head.feature_fn = _colour_features
+    head.fit(FitInputs(list(feats), list(images)))
+    assert head.history_[-1] < head.history_[0]
     probs = head.predict_proba(feats, images)
     pred = probs > 0.5
     iou = ((pred & (truth > 0)).sum() / (pred | (truth > 0)).sum()).item()
     assert iou > 0.4  # all-foreground scores 0.14, the flipped (background) mask 0
-    again = SaliencyHead.from_state(cfg, feats.shape[1], 8, head.state_tensors())
+    again = SaliencyHead.from_state(cfg, head.state_dict())
     torch.testing.assert_close(again.predict_proba(feats, images), probs)
 
 
 def test_fit_needs_the_backbone_for_multiscale():
     with pytest.raises(UnsegError, match="backbone"):
         SaliencyHead(SaliencyHeadConfig(multiscale=True)).fit(
-            torch.zeros(2, 4, 2, 2), torch.zeros(2, 3, 32, 32), stride=16
+            FitInputs([torch.zeros(4, 2, 2)] * 2, [torch.zeros(3, 32, 32)] * 2)
         )
 
 
@@ -168,12 +171,12 @@ def test_orient_undoes_an_inverted_cut():
     images, _ = _planted_images(16, gen)
     feats = _colour_features(images)
     cfg = SaliencyHeadConfig(epochs=12, lr=3e-3, batch_size=8, dim=16, layers=1, heads=2)
-    head = SaliencyHead(cfg).fit(feats, images, stride=8)
+    head = SaliencyHead(cfg).fit(FitInputs(list(feats), list(images)))
     good = head.predict_proba(feats, images)
     assert not head.orient(feats, images)  # already the right way round
     head.net.polarity.neg_()  # simulate training that settled on the other side
     torch.testing.assert_close(head.predict_proba(feats, images), 1 - good, atol=1e-5, rtol=0)
     assert head.orient(feats, images)
     torch.testing.assert_close(head.predict_proba(feats, images), good)
-    again = SaliencyHead.from_state(cfg, feats.shape[1], 8, head.state_tensors())
+    again = SaliencyHead.from_state(cfg, head.state_dict())
     torch.testing.assert_close(again.predict_proba(feats, images), good)

@@ -13,11 +13,18 @@ from safetensors.torch import load_file
 
 from unseg.cli.main import main
 from unseg.errors import UnsegError
-from unseg.pipelines.semantic import fit_semantic, predict_images, predict_run, segment
+from unseg.pipelines.semantic import (
+    SemanticSettings,
+    fit_semantic,
+    predict_images,
+    predict_run,
+    segment,
+)
 from unseg.runs import save_run
 
 BACKBONE = "efficientnet_lite0"
-FAST = {"size": 64, "steps": 12, "num_workers": 1}
+SETTINGS = SemanticSettings(backbone=BACKBONE, size=64, num_workers=1)
+FAST = {"options": {"steps": 12, "student_augs": False}, "settings": SETTINGS}
 
 
 def write_images(folder: Path, n: int = 3) -> list[Path]:
@@ -44,7 +51,7 @@ def segmented(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     images = root / "images"
     write_images(images)
     out = root / "out"
-    report = segment(images, out, "primaps-em", 3, BACKBONE, **FAST)
+    report = segment(images, out, "primaps-em", 3, **FAST)
     assert report.ok and len(report.written) == 3
     return images, out
 
@@ -64,6 +71,9 @@ def test_segment_writes_masks_overlays_and_a_run(segmented: tuple[Path, Path]) -
     assert meta["num_classes"] == 3 and meta["feature_dim"] == 432
     assert len(meta["weights_sha256"]) == 64
     assert meta["config"]["lr"] == 5e-3 and meta["config"]["ema_decay"] == 0.98
+    assert meta["predict"] == {"flip": True, "refine": "crf", "label_factor": 2}
+    stages = set(meta["timings"])
+    assert {"decode", "backbone", "proposals", "fitting", "refinement", "writing"} <= stages
     assert any((out / "run" / "cache" / "primaps").rglob("*.safetensors"))
 
 
@@ -77,19 +87,20 @@ def test_save_load_predict_gives_identical_masks(segmented: tuple[Path, Path], t
         assert np.array_equal(a, b)
 
 
-def test_crf_override_changes_only_refinement(segmented: tuple[Path, Path], tmp_path: Path):
+@pytest.mark.parametrize("refine", ["none", "guided", "guided+crf"])
+def test_refine_override_changes_only_refinement(segmented, tmp_path: Path, refine: str):
     images, out = segmented
-    assert predict_run(out / "run", images, tmp_path / "nocrf", {"crf": False}, None).ok
-    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "nocrf").glob("*.png"))]
+    assert predict_run(out / "run", images, tmp_path / refine, {"refine": refine}, None).ok
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / refine).glob("*.png"))]
     assert len(masks) == 3 and all(m.max() < 3 for m in masks)
 
 
 def test_fixed_seed_gives_identical_runs(segmented: tuple[Path, Path], tmp_path: Path) -> None:
     images, out = segmented
-    fit_semantic(images, tmp_path / "again", "primaps-em", 3, BACKBONE, **FAST)
+    fit_semantic(images, tmp_path / "again", "primaps-em", 3, **FAST)
     wa = load_file(out / "run" / "weights.safetensors")
     wb = load_file(tmp_path / "again" / "weights.safetensors")
-    assert wa.keys() == wb.keys() == {"prototypes", "running"}
+    assert wa.keys() == wb.keys() == {"prototypes", "gain", "running", "running_gain"}
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
 
 
@@ -98,7 +109,7 @@ def test_broken_and_tiny_images_are_reported_and_the_rest_finished(tmp_path: Pat
     write_images(images, n=2)
     (images / "broken.jpg").write_bytes(b"not a jpeg at all")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "tiny.png")
-    report = segment(images, tmp_path / "out", "primaps-em", 3, BACKBONE, **FAST)
+    report = segment(images, tmp_path / "out", "primaps-em", 3, **FAST)
     failed = {p.name: why for p, why in report.failed}
     assert set(failed) == {"broken.jpg", "tiny.png"}
     assert "patch" in failed["tiny.png"]
@@ -109,14 +120,14 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     images = tmp_path / "images"
     write_images(images, n=1)
     with pytest.raises(UnsegError, match="at least 2"):
-        fit_semantic(images, tmp_path / "r", "kmeans", 1, BACKBONE, **FAST)
+        fit_semantic(images, tmp_path / "r", "kmeans", 1, **FAST)
     with pytest.raises(UnsegError, match="larger than the number of feature vectors"):
-        fit_semantic(images, tmp_path / "r", "kmeans", 200, BACKBONE, **FAST)
+        fit_semantic(images, tmp_path / "r", "kmeans", 200, settings=SETTINGS)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnsegError, match="no images found"):
-        fit_semantic(tmp_path / "empty", tmp_path / "r", "primaps-em", 3, BACKBONE, **FAST)
-    save_run(tmp_path / "other", "saliency-head", {"x": 1}, {"w": np.zeros(1)} and {})
-    with pytest.raises(UnsegError, match="'saliency-head' model"):
+        fit_semantic(tmp_path / "empty", tmp_path / "r", "primaps-em", 3, **FAST)
+    save_run(tmp_path / "other", "saliency-head", {"epochs": 1}, {})
+    with pytest.raises(UnsegError, match=r"model \(saliency\), expected a semantic"):
         predict_images(tmp_path / "other", images, tmp_path / "o")
     run = tmp_path / "oldrun"
     save_run(run, "kmeans", {"num_classes": 3}, {})
@@ -127,18 +138,23 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         predict_images(run, images, tmp_path / "o")
     incomplete = tmp_path / "incomplete"
     save_run(incomplete, "kmeans", {"num_classes": 3}, {})
-    with pytest.raises(UnsegError, match="incomplete kmeans run"):
+    with pytest.raises(UnsegError, match="k-means state lacks tensor 'prototypes'"):
         predict_images(incomplete, images, tmp_path / "o")
+    unknown = tmp_path / "unknown"
+    save_run(unknown, "kmeans", {"num_classes": 3, "colour": "red"}, {})
+    with pytest.raises(UnsegError, match="unknown KMeansConfig settings: colour"):
+        predict_images(unknown, images, tmp_path / "o")
 
 
 def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
     images = tmp_path / "images"
     write_images(images, n=2)
     args = ["-q", "segment", str(images), "--backbone", BACKBONE, "--size", "64", "--workers", "1",
-            "-k", "3", "--method", "kmeans", "--no-crf"]
+            "-k", "3", "--method", "kmeans", "--refine", "none", "--n-init", "2"]
     assert main([*args, "--out", str(tmp_path / "ok")]) == 0
     meta = json.loads((tmp_path / "ok" / "run" / "config.json").read_text())
-    assert meta["method"] == "kmeans" and meta["predict"]["crf"] is False
+    assert meta["method"] == "kmeans" and meta["predict"]["refine"] == "none"
+    assert meta["config"]["n_init"] == 2
     assert set(load_file(tmp_path / "ok" / "run" / "weights.safetensors")) == {"prototypes"}
     (images / "broken.png").write_bytes(b"\x89PNG broken")
     # a broken image: reported, exit status 1, the others predicted
@@ -147,11 +163,14 @@ def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["img0.png", "img1.png"]
     assert main(["-q", "fit", "kmeans", str(images), "-k", "1", "--out", str(tmp_path / "x"),
                  "--backbone", BACKBONE]) == 2
+    # an option of the other method is refused by name
+    assert main([*args, "--out", str(tmp_path / "y"), "--classifier", "cosine"]) == 2
 
 
 def test_student_augmentations_train_on_another_view(segmented: tuple[Path, Path], tmp_path: Path):
     images, out = segmented
-    fit_semantic(images, tmp_path / "s", "primaps-em", 3, BACKBONE, student_augs=True, **FAST)
+    fit_semantic(images, tmp_path / "s", "primaps-em", 3, settings=SETTINGS,
+                 options={"steps": 12, "student_augs": True})
     meta = json.loads((tmp_path / "s" / "config.json").read_text())
     assert meta["config"]["student_augs"] is True
     plain = load_file(out / "run" / "weights.safetensors")["running"]
@@ -169,8 +188,8 @@ def test_torchrun_two_processes_fit_like_one(segmented: tuple[Path, Path], tmp_p
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "unseg.cli.main", "-q", "fit", "primaps-em", str(images), "-k", "3",
-        "--out", str(tmp_path / "ddp"), "--backbone", BACKBONE, "--size", str(FAST["size"]),
-        "--steps", str(FAST["steps"]), "--workers", "1", "--device", "cpu",
+        "--out", str(tmp_path / "ddp"), "--backbone", BACKBONE, "--size", str(SETTINGS.size),
+        "--steps", "12", "--no-student-augs", "--workers", "1", "--device", "cpu",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -180,7 +199,7 @@ def test_torchrun_two_processes_fit_like_one(segmented: tuple[Path, Path], tmp_p
     assert one.keys() == two.keys()
     for k in one:
         np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-4)
-    report = predict_run(tmp_path / "ddp", images, tmp_path / "pred", {"crf": True}, "cpu")
+    report = predict_run(tmp_path / "ddp", images, tmp_path / "pred", {"refine": "crf"}, "cpu")
     assert report.ok
     for p in sorted((out / "masks").glob("*.png")):
         a = np.asarray(Image.open(p))
@@ -198,7 +217,7 @@ def test_predict_reads_a_dataset_root_through_its_layout(segmented: tuple[Path, 
     for src in sorted(images.glob("*.png")):
         Image.open(src).convert("RGB").save(root / "images" / f"{src.stem}.jpg")
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "ground_truth_mask" / src.name)
-    report = predict_run(out / "run", root, tmp_path / "p", {"crf": False}, None)
+    report = predict_run(out / "run", root, tmp_path / "p", {"refine": "none"}, None)
     assert report.ok
     written = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*.png"))
     assert written == ["img0.png", "img1.png", "img2.png"]
@@ -208,10 +227,10 @@ def test_more_classes_than_a_label_png_holds_are_refused(tmp_path: Path) -> None
     images = tmp_path / "images"
     write_images(images, n=1)
     with pytest.raises(UnsegError, match="at most 256"):
-        fit_semantic(images, tmp_path / "r", "kmeans", 300, BACKBONE, **FAST)
+        fit_semantic(images, tmp_path / "r", "kmeans", 300, **FAST)
     run = tmp_path / "big"
     save_run(run, "kmeans", {"num_classes": 300}, {"prototypes": torch.zeros(300, 432)}, extra={
         "backbone": BACKBONE, "weights_sha256": "0" * 64, "feature_size": 64,
-        "num_classes": 300, "predict": {"flip": False, "crf": False, "label_factor": 1}})
+        "num_classes": 300, "predict": {"flip": False, "refine": "none", "label_factor": 1}})
     with pytest.raises(UnsegError, match="at most 256"):
         predict_images(run, images, tmp_path / "o")

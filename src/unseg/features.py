@@ -8,6 +8,13 @@ The cache lives in ``cache_dir/<key>/`` where ``key`` hashes (backbone name, wei
 size, crop, kind, dtype); each image's features are one safetensors file named by the sha256 of
 the image file's bytes, written atomically, so an interrupted run resumes where it stopped and a
 second run computes nothing. ``index.json`` beside them maps image paths to their entries.
+
+What later stages need of an image is computed in the same pass (``extras``), so the image is
+decoded once: ``"flipped"``, the features of its mirror image flipped back (flip-averaged
+prediction); ``"image"``, the resized uint8 image ``[3, H', W']`` (PriMaPs, CRF, guided filter,
+the saliency head); ``"student"``, the features of PriMaPs-EM's student view
+(:func:`unseg.data.transforms.student_view`, seeded by ``student_seed`` and the image's hash).
+Each is cached as ``<sha256>.<extra>.safetensors`` beside the features.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from unseg.backbones.base import Backbone, FeatureKind
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
 from unseg.data.resize import prepare_image, resize_image, target_size
+from unseg.data.transforms import student_view
 from unseg.errors import UnsegError
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
@@ -38,6 +46,7 @@ from unseg.utils.device import cpu_count, resolve_device
 from unseg.utils.hashing import file_sha256, settings_key
 from unseg.utils.io import atomic_write, write_json_atomic
 from unseg.utils.progress import progress
+from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ __all__ = [
 ]
 
 CACHE_FORMAT = 2  # 2: images resized in uint8
+EXTRAS: tuple[str, ...] = ("flipped", "image", "student")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -91,14 +101,16 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
         records: dict[Path, FeatureRecord],
         report: BatchReport,
         cache_dir: Path | None = None,
-        tensors: dict[str, torch.Tensor] | None = None,
+        tensors: dict[tuple[str, str], torch.Tensor] | None = None,
         stats: dict[str, int] | None = None,
+        student_seed: int = 0,
     ) -> None:
         self._records = records
         self.report = report
         self.cache_dir = cache_dir
         self._tensors = tensors or {}
         self.stats = stats or {}
+        self.student_seed = student_seed
 
     @property
     def paths(self) -> list[Path]:
@@ -122,12 +134,19 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
         return self.record(path).original_size
 
     def __getitem__(self, path: str | Path) -> torch.Tensor:
+        return self.extra(path, "features")
+
+    def extra(self, path: str | Path, name: str) -> torch.Tensor:
+        """``"features"`` or one of the :data:`EXTRAS` computed for ``path``."""
         rec = self._records[Path(path)]
-        if rec.sha256 in self._tensors:
-            return self._tensors[rec.sha256]
+        if (rec.sha256, name) in self._tensors:
+            return self._tensors[(rec.sha256, name)]
         if self.cache_dir is None:
-            raise KeyError(path)
-        return load_file(self.cache_dir / f"{rec.sha256}.safetensors")["features"]
+            raise KeyError(f"{path}: no {name!r} computed")
+        file = self.cache_dir / _file_name(rec.sha256, name, self.student_seed)
+        if not file.is_file():
+            raise KeyError(f"{path}: no {name!r} computed")
+        return load_file(file)[name]
 
     def __iter__(self) -> Iterator[Path]:
         return iter(self._records)
@@ -157,13 +176,23 @@ def _header_size(path: Path) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def _file_name(sha256: str, name: str, student_seed: int) -> str:
+    if name == "features":
+        return f"{sha256}.safetensors"
+    if name == "student":
+        return f"{sha256}.student-{student_seed}.safetensors"
+    return f"{sha256}.{name}.safetensors"
+
+
 def cache_setting(
     backbone: Backbone, size: int, crop: bool, kind: FeatureKind, dtype: torch.dtype
 ) -> dict:
-    """What the features depend on besides the image: backbone, weights, size, crop, kind, dtype."""
+    """What the features depend on besides the image: backbone, its tap and weights, size, crop,
+    kind, dtype."""
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone.spec.name,
+        "tap": getattr(backbone, "tap", None),
         "weights_sha256": backbone_weights_sha256(backbone),
         "size": size,
         "crop": crop,
@@ -258,8 +287,8 @@ def _scan(
     return items, failed
 
 
-def _save_features(path: Path, features: torch.Tensor) -> None:
-    atomic_write(path, lambda p: save_file({"features": features.contiguous()}, str(p)))
+def _save(path: Path, name: str, tensor: torch.Tensor) -> None:
+    atomic_write(path, lambda p: save_file({name: tensor.contiguous()}, str(p)))
 
 
 def _merge_index(index_path: Path, key_info: dict, records: dict[Path, FeatureRecord]) -> None:
@@ -286,46 +315,59 @@ def extract_features(
     dtype: torch.dtype = torch.float32,
     num_workers: int | None = None,
     report: BatchReport | None = None,
+    extras: Sequence[str] = (),
+    student_seed: int = 0,
+    shard: bool = True,
+    timings: Timings | None = None,
 ) -> FeatureSet:
-    """Dense features ``[C, H'/stride, W'/stride]`` of every image in ``paths``.
+    """Dense features ``[C, H'/stride, W'/stride]`` of every image in ``paths``, and the
+    ``extras`` (see the module docstring) computed in the same pass.
 
     The model runs on the backbone's device (float16 ``dtype`` uses autocast on CUDA; on CPU the
     model runs in float32 and features are stored as ``dtype``). Bad files are recorded in
     ``report`` and skipped. Under torchrun (process group initialised, see
-    :mod:`unseg.utils.dist`) each rank computes its shard; all ranks return the same set.
+    :mod:`unseg.utils.dist`) each rank computes its shard and all ranks return the same set;
+    ``shard=False``: this rank works alone on ``paths`` (already its own share). ``timings``
+    receives the seconds spent decoding (hashing, reading, resizing), in the backbone and
+    writing the cache.
     """
+    unknown = sorted(set(extras) - set(EXTRAS))
+    if unknown:
+        raise UnsegError(f"unknown feature extras {unknown}; choose from {', '.join(EXTRAS)}")
+    timings = timings if timings is not None else Timings()
     report = report if report is not None else BatchReport()
     paths = [Path(p) for p in paths]
+    names = ("features", *extras)
     stride = backbone.stride
     device = next(backbone.parameters()).device
-    rank, world = dist.rank(), dist.world_size()
+    rank, world = (dist.rank(), dist.world_size()) if shard else (0, 1)
     if world > 1 and cache_dir is None:
         raise UnsegError("a multi-process run needs a cache_dir to share the features through")
     setting = cache_setting(backbone, size, crop, kind, dtype)
     cache = Path(cache_dir) / cache_key(setting) if cache_dir is not None else None
 
     mine = dist.shard(list(range(len(paths))), rank, world)
-    items, failed = _scan([paths[i] for i in mine], size, stride, crop)
+    with timings.stage("decode"):
+        items, failed = _scan([paths[i] for i in mine], size, stride, crop)
     items = [
         _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size) for it in items
     ]
     todo = [
         it for it in items
-        if cache is None or not (cache / f"{it.sha256}.safetensors").is_file()
+        if cache is None
+        or not all((cache / _file_name(it.sha256, n, student_seed)).is_file() for n in names)
     ]
-    feats: dict[int, tuple[torch.Tensor, tuple[int, int, int]]] = {}
+    feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
     if todo:
-        feats, bad = _compute(
-            todo, backbone, device, size, stride, crop, kind, dtype, batch_size, cache,
-            num_workers,
-        )
+        job = _Job(backbone, device, size, stride, crop, kind, dtype, tuple(extras), student_seed)
+        feats, bad = _compute(todo, job, batch_size, cache, num_workers, timings)
         failed += bad
     local = {
         "items": [(it, feats[it.index][1] if it.index in feats else None) for it in items],
         "failed": [(str(p), m) for p, m in failed],
         "computed": len(feats),
     }
-    gathered = dist.all_gather_objects(local)
+    gathered = dist.all_gather_objects(local) if shard else [local]
 
     records: dict[int, tuple[Path, FeatureRecord]] = {}
     failures: dict[Path, str] = {}
@@ -345,21 +387,23 @@ def extract_features(
         if p in failures:
             report.fail(p, failures[p])
     ordered = {records[i][0]: records[i][1] for i in sorted(records)}
-    tensors = {}
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
     if cache is None:
-        tensors = {rec.sha256: feats[i][0] for i, (_, rec) in records.items()}
+        for i, (_, rec) in records.items():
+            tensors.update({(rec.sha256, n): t for n, t in feats[i][0].items()})
     else:
         if rank == 0:
             _merge_index(cache / "index.json", setting, ordered)
         report.written.extend(cache / f"{r.sha256}.safetensors" for r in ordered.values())
-    dist.barrier()
+    if shard:
+        dist.barrier()
     stats = {
         "images": len(paths),
         "computed": computed,
         "cached": len(ordered) - computed,
         "failed": len(failures),
     }
-    return FeatureSet(ordered, report, cache, tensors, stats)
+    return FeatureSet(ordered, report, cache, tensors, stats, student_seed)
 
 
 def _cached_shape(cache: Path | None, sha: str) -> tuple[int, int, int]:
@@ -369,56 +413,112 @@ def _cached_shape(cache: Path | None, sha: str) -> tuple[int, int, int]:
         return tuple(f.get_slice("features").get_shape())
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one extraction computes: the model and the image settings, and the extras."""
+
+    backbone: Backbone
+    device: torch.device
+    size: int
+    stride: int
+    crop: bool
+    kind: FeatureKind
+    dtype: torch.dtype
+    extras: tuple[str, ...]
+    student_seed: int
+
+
+def _student_views(images: torch.Tensor, items: list[_Item], seed: int) -> torch.Tensor:
+    """PriMaPs-EM's student view of each image ``[B, 3, H, W]`` in ``[0, 1]``, seeded by
+    ``seed`` and the image's content hash (the same view whatever the batch or the rank)."""
+    views = []
+    for x, item in zip(images, items, strict=True):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(item.sha256[:12], 16))
+        views.append(student_view(x.cpu(), gen).to(images.device))
+    return torch.stack(views)
+
+
+def _forward(job: _Job, images: torch.Tensor, items: list[_Item]) -> dict[str, torch.Tensor]:
+    """Features of the batch ``images [B, 3, H, W]`` (uint8) and of the extras, in one forward."""
+    x = images.to(job.device, non_blocking=True).float().div_(255.0)
+    parts = [x]
+    if "flipped" in job.extras:
+        parts.append(x.flip(-1))
+    if "student" in job.extras:
+        parts.append(_student_views(x, items, job.student_seed))
+    autocast = job.device.type == "cuda" and job.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(job.device.type, dtype=job.dtype, enabled=autocast):
+        f = job.backbone.forward_features(torch.cat(parts), job.kind)
+    chunks = f.to("cpu", job.dtype).split(x.shape[0])
+    out = {"features": chunks[0]}
+    k = 1
+    if "flipped" in job.extras:
+        out["flipped"] = chunks[k].flip(-1)
+        k += 1
+    if "student" in job.extras:
+        out["student"] = chunks[k]
+    if "image" in job.extras:
+        out["image"] = images.cpu()
+    return out
+
+
 def _compute(
     todo: list[_Item],
-    backbone: Backbone,
-    device: torch.device,
-    size: int,
-    stride: int,
-    crop: bool,
-    kind: FeatureKind,
-    dtype: torch.dtype,
+    job: _Job,
     batch_size: int,
     cache: Path | None,
     num_workers: int | None,
-) -> tuple[dict[int, tuple[torch.Tensor, tuple[int, int, int]]], list[tuple[Path, str]]]:
-    """Run the backbone over ``todo``; returns features by input index and the failures."""
+    timings: Timings,
+) -> tuple[
+    dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]], list[tuple[Path, str]]
+]:
+    """Run the backbone over ``todo``; returns the tensors by input index and the failures."""
     workers = _default_workers(len(todo)) if num_workers is None else num_workers
     batches = _shape_batches(todo, batch_size)
     loader = DataLoader(
-        _ImageDataset(todo, size, stride, crop),
+        _ImageDataset(todo, job.size, job.stride, job.crop),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=job.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    out: dict[int, tuple[torch.Tensor, tuple[int, int, int]]] = {}
+    out: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
     failed: list[tuple[Path, str]] = []
     steps = progress(loader, total=len(batches), desc="features") if dist.is_main() else loader
+
+    def save(path: Path, name: str, tensor: torch.Tensor) -> None:
+        with timings.stage("writing"):
+            _save(path, name, tensor)
+
     # Cache files are written by one background thread while the model runs on the next batch.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unseg-cache") as writer:
         pending: list[Future] = []
-        for idx, images, bad in steps:
+        batch_iter = iter(steps)
+        while True:
+            with timings.stage("decode"):
+                batch = next(batch_iter, None)
+            if batch is None:
+                break
+            idx, images, bad = batch
             failed += [(todo[i].path, problem) for i, problem in bad]
             if images is None:
                 continue
-            images = images.to(device, non_blocking=True).float().div_(255.0)
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                f = backbone.forward_features(images, kind)
-            f = f.to("cpu", dtype)
+            with timings.stage("backbone"):
+                tensors = _forward(job, images, [todo[i] for i in idx])
             for j, i in enumerate(idx):
                 item = todo[i]
-                fi = f[j].clone()
+                mine = {name: t[j].clone() for name, t in tensors.items()}
                 if cache is not None:
-                    path = cache / f"{item.sha256}.safetensors"
-                    pending.append(writer.submit(_save_features, path, fi))
-                out[item.index] = (fi if cache is None else torch.empty(0), tuple(fi.shape))
-            pending = [job for job in pending if not _done(job)]
-        for job in pending:
-            job.result()
+                    for name, t in mine.items():
+                        path = cache / _file_name(item.sha256, name, job.student_seed)
+                        pending.append(writer.submit(save, path, name, t))
+                shape = tuple(mine["features"].shape)
+                out[item.index] = ({} if cache is not None else mine, shape)
+            pending = [p for p in pending if not _done(p)]
+        for p in pending:
+            p.result()
     return out, failed
 
 
@@ -443,15 +543,18 @@ def extract_dataset(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     num_workers: int | None = None,
+    tap: str | None = None,
 ) -> FeatureSet:
-    """Cache the features of the images of ``data`` (dataset root, folder or file) under ``out``.
+    """Cache the features of the images of ``data`` (dataset root, folder or file) under ``out``
+    (``tap``: the backbone's feature tap, ``None`` for its default).
 
     Joins the torchrun process group when launched by torchrun (each rank on its own GPU when
     CUDA is used) and leaves it at the end; a single process needs no launcher.
     """
     with dist.joined(resolve_device(device)) as dev:
         paths = dataset_images(data)
-        model = create_backbone(backbone, weights=weights, device=dev)
+        model = create_backbone(backbone, weights=weights, device=dev,
+                                **({} if tap is None else {"tap": tap}))
         return extract_features(
             paths, model, size=size, kind=kind, batch_size=batch_size, crop=crop,
             cache_dir=out, dtype=dtype, num_workers=num_workers,

@@ -1,7 +1,10 @@
 """The on-disk format of a fitted model ("run"): ``config.json`` + ``weights.safetensors``.
 
-``config.json`` records the method, the format version, the unseg version, the backbone and the
-method's dataclass config, so a run reloads and predicts exactly as it was fitted.
+``config.json`` records the method (its registry name), the format version, the unseg version,
+the method's dataclass config, and what the pipeline adds (backbone, tap, weights sha256,
+feature size, prediction defaults, seconds per stage under ``"timings"``);
+``weights.safetensors`` is the estimator's ``state_dict``. :func:`load_fitted` rebuilds the
+estimator through the registry, so a run reloads and predicts exactly as it was fitted.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from unseg import __version__
 from unseg.errors import UnsegError
+from unseg.registry import MethodSpec, Output, config_from_dict, config_to_dict, get_method
 from unseg.utils.io import atomic_write, write_json_atomic
 
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2  # 2: estimator state_dict, registry config, prediction defaults
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -87,3 +91,30 @@ def load_run(
     except Exception as exc:  # safetensors raises its own error types
         raise UnsegError(f"{w_path}: unreadable weights ({exc})") from None
     return meta, tensors
+
+
+def save_fitted(
+    run_dir: str | Path, spec: MethodSpec, estimator: Any, extra: dict[str, Any] | None = None
+) -> Path:
+    """Save a fitted registered ``estimator``: its config and ``state_dict`` plus ``extra``."""
+    return save_run(run_dir, spec.name, config_to_dict(estimator.config),
+                    estimator.state_dict(), extra)
+
+
+def load_fitted(
+    run_dir: str | Path,
+    output: Output | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[MethodSpec, Any, dict[str, Any]]:
+    """``(spec, estimator, meta)`` of a run: the method from the registry, the estimator rebuilt
+    on ``device`` from the saved config and state. ``output`` restricts the kind of method."""
+    meta, tensors = load_run(run_dir)
+    spec = get_method(meta["method"])
+    if output is not None and spec.output != output:
+        raise UnsegError(
+            f"{run_dir}: this run is a '{spec.name}' model ({spec.output}), expected a "
+            f"{output} model"
+        )
+    config = config_from_dict(spec.config, meta.get("config", {}), f"{run_dir}/{CONFIG_FILE}")
+    estimator = spec.estimator.from_state(config, tensors, device)
+    return spec, estimator, meta

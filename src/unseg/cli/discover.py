@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.common import add_backbone_arguments, finish, resolve_backbone
-from unseg.methods.saliency import SaliencyHeadConfig
+from unseg.cli.common import add_backbone_arguments, add_device_argument, finish, resolve_backbone
+from unseg.cli.options import add_method_options, given_options
+from unseg.pipelines.fitting import build_config
 from unseg.pipelines.saliency import discover
-from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.registry import get_method, list_methods
+
+HEAD = "saliency-head"  # the registered method whose config sets the guided filter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "discover",
         help="foreground masks (OUT/masks/*.png) and boxes (OUT/boxes.json) for images",
     )
-    p.add_argument("images", help="image file or folder (searched recursively)")
+    specs = list_methods("saliency")
+    names = [n for s in specs for n in (s.name, *s.aliases)]
+    p.add_argument("images", help="dataset root, image folder (recursive) or image file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--method",
-        choices=["spectral", "head"],
+        choices=["spectral", *names],
         default="spectral",
-        help="spectral: training-free TokenCut bipartition (default); head: train the "
-        "saliency head first (its run is kept in OUT/run)",
+        help="spectral: training-free TokenCut bipartition (default); "
+        + "; ".join(f"{s.name}: {s.summary}, trained first (its run is kept in OUT/run)"
+                    for s in specs),
     )
     add_backbone_arguments(p)
     p.add_argument(
@@ -31,47 +37,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="images to train the head on (default: IMAGES themselves; no labels are used)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="head training epochs (default 30)")
-    p.add_argument(
-        "--guided-filter",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="guided-filter refinement of the masks (default: on)",
-    )
-    p.add_argument(
-        "--multiscale",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="multi-scale consistency while training the head (default: off)",
-    )
-    p.add_argument(
-        "--guide",
-        choices=["mean", "luma"],
-        default="mean",
-        help="guided-filter guide: mean of RGB (reference code, default) or BT.601 luma",
-    )
     p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    add_device_argument(p)
+    add_method_options(p, specs, "method options (the guided filter applies to spectral too)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = SaliencyHeadConfig(
-        guided_filter=args.guided_filter,
-        multiscale=args.multiscale,
-        guided=GuidedFilterConfig(guide=args.guide),
-    )
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
+    spec = get_method(HEAD if args.method == "spectral" else args.method)
     report = discover(
         args.images,
         args.out,
         args.method,
         resolve_backbone(args.backbone, "discover"),
         args.train_images,
-        cfg,
+        build_config(spec, given_options(args, spec), {}),
         device=args.device,
         cache_dir=args.cache_dir,
         weights=args.weights,
+        tap=args.tap,
     )
     return finish(report, f"{args.out}/masks (boxes in {args.out}/boxes.json)")

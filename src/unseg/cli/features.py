@@ -51,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype],
         device=args.device,
         num_workers=args.workers,
+        tap=args.tap,
     )
     if main:
         s = fs.stats

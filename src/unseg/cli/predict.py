@@ -1,24 +1,23 @@
-"""`unseg predict RUN IMAGES --out DIR`: apply a fitted run (any method) to images."""
+"""`unseg predict RUN IMAGES --out DIR`: apply a fitted run (any registered method) to images."""
 
 from __future__ import annotations
 
 import argparse
 
-from unseg.cli.common import finish
+from unseg.cli.common import add_device_argument, finish
 from unseg.pipelines import predict_run
+from unseg.refine.semantic import REFINES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``predict`` command."""
     p = sub.add_parser("predict", help="predict masks for images with a fitted run folder")
-    p.add_argument("run", help="run folder written by `unseg fit` or `unseg segment`")
-    p.add_argument("images", help="image file or folder (searched recursively)")
+    p.add_argument("run", help="run folder written by `unseg fit`, `segment` or `discover`")
+    p.add_argument("images", help="dataset root, image folder (recursive) or image file")
     p.add_argument("--out", required=True, help="output folder for one PNG per image")
     p.add_argument(
-        "--crf",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="dense CRF refinement (semantic runs; default: as fitted)",
+        "--refine", choices=REFINES, default=None,
+        help="refinement of the class maps (semantic runs; default: as fitted)",
     )
     p.add_argument(
         "--guided-filter",
@@ -37,13 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="backbone weights file (default: the one the run was fitted with; hash-checked)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    add_device_argument(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     given = {
-        "crf": args.crf,
+        "refine": args.refine,
         "guided_filter": args.guided_filter,
         "guide": args.guide,
         "weights": args.weights,

@@ -1,16 +1,23 @@
-"""`unseg segment IMAGES --out DIR`: fit a semantic model on a folder and segment it, in one go.
+"""`unseg segment IMAGES --out DIR`: fit a semantic model on a folder and segment it, in one pass.
 
 Writes ``DIR/masks/*.png`` (pixel value = class id, palette embedded), ``DIR/overlays/*.jpg`` and
-``DIR/run/`` (the fitted model, reusable with ``unseg predict``).
+``DIR/run/`` (the fitted model, reusable with ``unseg predict``; its config.json holds the
+seconds per stage). Every option of every semantic method's config is available here.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from unseg.cli.common import add_backbone_arguments, finish, resolve_backbone
-from unseg.cli.fit_semantic import add_training_arguments
-from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, METHODS, segment
+from unseg.cli.common import (
+    add_backbone_arguments,
+    add_semantic_arguments,
+    finish,
+    semantic_settings,
+)
+from unseg.cli.options import add_method_options, given_options
+from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, segment
+from unseg.registry import get_method, list_methods
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,33 +25,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment", help="fit and predict semantic classes shared across a folder of images"
     )
-    p.add_argument("images", help="image file or folder (searched recursively)")
+    specs = list_methods("semantic")
+    p.add_argument("images", help="dataset root, image folder (recursive) or image file")
     p.add_argument("--out", required=True, help="output folder: masks/, overlays/, run/")
-    p.add_argument("--method", choices=METHODS, default="primaps-em", help="(primaps-em)")
+    p.add_argument(
+        "--method", choices=[s.name for s in specs], default="primaps-em",
+        help="; ".join(f"{s.name}: {s.summary}" for s in specs) + " (default primaps-em)",
+    )
     p.add_argument(
         "--num-classes", "-k", type=int, default=DEFAULT_SEGMENT_CLASSES,
         help=f"number of classes K (default {DEFAULT_SEGMENT_CLASSES})",
     )
     add_backbone_arguments(p)
-    add_training_arguments(p)
+    add_semantic_arguments(p)
+    add_method_options(p, specs, "method options")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    spec = get_method(args.method)
     report = segment(
-        args.images,
-        args.out,
-        args.method,
-        args.num_classes,
-        resolve_backbone(args.backbone, "segment"),
-        weights=args.weights,
-        size=args.size,
-        epochs=args.epochs,
-        steps=args.steps,
-        crf=args.crf,
-        label_factor=args.label_factor,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.workers,
+        args.images, args.out, spec.name, args.num_classes,
+        options=given_options(args, spec),
+        settings=semantic_settings(args, "segment"),
     )
     return finish(report, f"{args.out}/masks (overlays in {args.out}/overlays)")

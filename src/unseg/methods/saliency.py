@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
+from unseg.methods.base import FitInputs
 from unseg.methods.multiscale import consistency_loss, crop_resize, sample_crops
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency_head import SaliencyHeadNet
@@ -67,20 +67,6 @@ class SaliencyHeadConfig:
     seed: int = 0
 
 
-def config_from_dict(d: dict[str, Any]) -> SaliencyHeadConfig:
-    """Inverse of ``dataclasses.asdict`` for :class:`SaliencyHeadConfig` (as saved in runs)."""
-    known = {f.name for f in fields(SaliencyHeadConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise UnsegError(f"unknown saliency-head settings: {', '.join(unknown)}")
-    d = dict(d)
-    if "guided" in d:
-        d["guided"] = GuidedFilterConfig(**d["guided"])
-    if "crop_scale" in d:
-        d["crop_scale"] = tuple(d["crop_scale"])
-    return SaliencyHeadConfig(**d)
-
-
 def border_prior(probs: torch.Tensor) -> torch.Tensor:
     """Mean of ``probs`` ``[B, 1, h, w]`` over the outer ring of cells minus its mean over all
     cells (scalar in ``[-1, 1]``; 0 for a constant map, so it never favours an empty mask)."""
@@ -91,12 +77,22 @@ def border_prior(probs: torch.Tensor) -> torch.Tensor:
 
 
 class SaliencyHead:
-    """Estimator: ``fit(features, images)`` then ``predict_proba(features, images)``."""
+    """Estimator under the contract of :mod:`unseg.methods.base`: ``fit(FitInputs)`` on the
+    attention keys and the images, then ``predict_proba(features, images)``.
 
-    def __init__(self, config: SaliencyHeadConfig | None = None) -> None:
+    ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
+    backbone) is needed for multi-scale consistency, to see the resized crops; the pipeline sets
+    it before :meth:`fit`.
+    """
+
+    def __init__(
+        self, config: SaliencyHeadConfig | None = None, device: str | torch.device | None = None
+    ) -> None:
         self.config = config or SaliencyHeadConfig()
+        self.device = resolve_device(device or "cpu")
+        self.feature_fn: FeatureFn | None = None
         self.net: SaliencyHeadNet | None = None
-        self.history: list[float] = []
+        self.history_: list[float] = []
 
     def _build(self, in_dim: int, stride: int) -> SaliencyHeadNet:
         c = self.config
@@ -120,34 +116,44 @@ class SaliencyHead:
             loss = loss + c.weight_border * border_prior(pooled)
         return loss
 
-    def fit(
-        self,
-        features: torch.Tensor,
-        images: torch.Tensor,
-        stride: int,
-        crop_features: FeatureFn | None = None,
-        device: str | torch.device | None = None,
-    ) -> SaliencyHead:
-        """Train on ``features`` ``[N, C, h, w]`` and ``images`` ``[N, 3, H, W]`` (uint8 or [0,1]).
-
-        ``crop_features`` (images ``[B, 3, H, W]`` → features ``[B, C, h, w]``, the frozen
-        backbone) is needed for multi-scale consistency, to see the resized crops.
-        """
-        c = self.config
-        if features.ndim != 4 or images.ndim != 4 or features.shape[0] != images.shape[0]:
+    def fit(self, inputs: FitInputs) -> SaliencyHead:
+        """Train on ``inputs.features[i] [C, h, w]`` (keys) and ``inputs.images[i] [3, H, W]``
+        (uint8 or ``[0, 1]``, one size for all, ``H = stride·h``); returns ``self``."""
+        if inputs.images is None:
+            raise UnsegError("the saliency head needs FitInputs.images (the training crops)")
+        if not len(inputs) or len(inputs.images) != len(inputs):
             raise UnsegError(
-                f"need features [N, C, h, w] and images [N, 3, H, W] for the same N; got "
-                f"{tuple(features.shape)} and {tuple(images.shape)}"
+                f"{len(inputs)} feature maps but {len(inputs.images)} images (one per image)"
             )
-        if c.multiscale and crop_features is None:
-            raise UnsegError("multi-scale consistency needs the backbone (crop_features)")
-        dev = resolve_device(device)
+        try:
+            features = torch.stack(list(inputs.features))
+            images = torch.stack(list(inputs.images))
+        except RuntimeError as exc:
+            raise UnsegError(f"training crops must share one size ({exc})") from None
+        if features.ndim != 4 or images.ndim != 4 or images.shape[1] != 3:
+            raise UnsegError(
+                f"need features [C, h, w] and images [3, H, W]; got {tuple(features.shape[1:])} "
+                f"and {tuple(images.shape[1:])}"
+            )
+        stride = images.shape[-1] // features.shape[-1]
+        if stride < 1 or images.shape[-2] != stride * features.shape[-2]:
+            raise UnsegError(
+                f"images {tuple(images.shape[-2:])} are not a whole multiple of the feature grid "
+                f"{tuple(features.shape[-2:])}"
+            )
+        return self._fit(features, images, stride)
+
+    def _fit(self, features: torch.Tensor, images: torch.Tensor, stride: int) -> SaliencyHead:
+        c = self.config
+        if c.multiscale and self.feature_fn is None:
+            raise UnsegError("multi-scale consistency needs the backbone (set feature_fn)")
+        dev = self.device
         gen = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed)
         self.net = self._build(features.shape[1], stride).to(dev)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
         n = features.shape[0]
-        self.history = []
+        self.history_ = []
         for epoch in range(c.epochs):
             order = torch.randperm(n, generator=gen)
             total, steps = 0.0, 0
@@ -155,14 +161,14 @@ class SaliencyHead:
             for idx in progress(batches, total=len(batches), desc=f"epoch {epoch + 1}"):
                 feats = features[idx].to(dev, torch.float32)
                 imgs = _as_float(images[idx]).to(dev)
-                loss = self._step_loss(feats, imgs, gen, crop_features)
+                loss = self._step_loss(feats, imgs, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
-            self.history.append(total / max(steps, 1))
-            logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history[-1])
+            self.history_.append(total / max(steps, 1))
+            logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history_[-1])
         self.net.eval()
         self.orient(features, images)
         return self
@@ -195,7 +201,6 @@ class SaliencyHead:
         feats: torch.Tensor,
         imgs: torch.Tensor,
         gen: torch.Generator,
-        crop_features: FeatureFn | None,
     ) -> torch.Tensor:
         c = self.config
         assert self.net is not None
@@ -203,11 +208,11 @@ class SaliencyHead:
         loss = self.base_loss(coarse, fine, key_affinity(feats, c.tau, c.eps))
         if not c.multiscale:
             return loss
-        assert crop_features is not None
+        assert self.feature_fn is not None
         boxes = sample_crops(feats.shape[0], tuple(c.crop_scale), gen, c.fixed_crop)
         crop_imgs = crop_resize(imgs, boxes, tuple(imgs.shape[-2:]))
         with torch.no_grad():
-            crop_feats = crop_features(crop_imgs).to(feats.dtype)
+            crop_feats = self.feature_fn(crop_imgs).to(feats.dtype)
         c_coarse, c_fine = self.net(crop_feats, crop_imgs)
         crop_loss = self.base_loss(c_coarse, c_fine, key_affinity(crop_feats, c.tau, c.eps))
         cons = consistency_loss(
@@ -225,29 +230,35 @@ class SaliencyHead:
         _, fine = self.net(features.to(dev, torch.float32), _as_float(images).to(dev))
         return torch.sigmoid(fine)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The network's weights, for :func:`unseg.runs.save_run`."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's weights and its ``in_dim`` and ``stride`` (int64 scalars), on the CPU."""
         if self.net is None:
             raise UnsegError("the saliency head is not fitted")
-        return dict(self.net.state_dict())
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        state["in_dim"] = torch.tensor(self.net.proj.in_channels)
+        state["stride"] = torch.tensor(self.net.stride)
+        return state
 
     @classmethod
     def from_state(
         cls,
         config: SaliencyHeadConfig,
-        in_dim: int,
-        stride: int,
-        tensors: dict[str, torch.Tensor],
+        state: dict[str, torch.Tensor],
         device: str | torch.device | None = None,
     ) -> SaliencyHead:
-        """Rebuild a fitted head from its config and saved weights."""
-        head = cls(config)
+        """A fitted head rebuilt from :meth:`state_dict`'s output."""
+        head = cls(config, device)
+        state = dict(state)
+        try:
+            in_dim, stride = int(state.pop("in_dim")), int(state.pop("stride"))
+        except KeyError as exc:
+            raise UnsegError(f"saliency-head state lacks tensor {exc}") from None
         net = head._build(in_dim, stride)
         try:
-            net.load_state_dict(tensors)
+            net.load_state_dict(state)
         except RuntimeError as exc:
             raise UnsegError(f"saved saliency-head weights do not fit its config: {exc}") from None
-        head.net = net.to(resolve_device(device)).eval()
+        head.net = net.to(head.device).eval()
         return head
 
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
-from unseg.backbones import default_backbone_name, default_backbone_reason
+import torch
+
+from unseg.backbones import (
+    create_backbone,
+    create_fitted_backbone,
+    default_backbone_name,
+    default_backbone_reason,
+)
+from unseg.backbones.base import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -22,3 +32,31 @@ def resolve_backbone_name(name: str | None) -> str:
     if not name:
         logger.info(why)
     return chosen
+
+
+def _tap(tap: str | None) -> dict[str, Any]:
+    return {} if tap is None else {"tap": tap}
+
+
+def open_backbone(
+    name: str | None, weights: str | Path | None, tap: str | None, device: torch.device
+) -> Backbone:
+    """The frozen backbone ``name`` (default: :func:`resolve_backbone_name`) at feature ``tap``
+    (``None``: the backbone's default) on ``device``."""
+    return create_backbone(resolve_backbone_name(name), weights=weights, device=device,
+                           **_tap(tap))
+
+
+def open_fitted_backbone(
+    meta: dict[str, Any], weights: str | Path | None, device: torch.device, source: str
+) -> Backbone:
+    """The backbone a run was fitted with (name, tap, weights checked against its sha256);
+    ``weights``: a file to use instead of the run's own."""
+    return create_fitted_backbone(
+        meta["backbone"],
+        meta["weights_sha256"],
+        weights=weights or meta.get("weights_path"),
+        device=device,
+        source=source,
+        **_tap(meta.get("tap")),
+    )

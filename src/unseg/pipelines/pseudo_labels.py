@@ -1,5 +1,10 @@
 """PriMaPs pseudo-labels of a training set, cached per image (one safetensors file named by the
-image's sha256, under a folder named by the settings they depend on), shared across ranks."""
+image's sha256, under a folder named by the settings they depend on), shared across ranks.
+
+Each image's proposals come from its features and its resized uint8 image (the ``"image"``
+extra of the extraction: the features' 320 short side, the reference's resolution), so nothing
+is decoded again.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from unseg.data.image import load_image
-from unseg.data.resize import prepare_image
 from unseg.features import FeatureSet
 from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
 from unseg.refine.crf import CRFConfig, CRFPool
@@ -19,14 +22,14 @@ from unseg.utils import dist
 from unseg.utils.hashing import settings_key
 from unseg.utils.io import atomic_write
 from unseg.utils.progress import progress
+from unseg.utils.timing import Timings
 
-CHUNK = 16  # images per CRF round
+CHUNK = 16  # images per round of the worker pool
 
 
-def _image_for_features(path: Path, size: int, stride: int) -> np.ndarray:
-    """uint8 RGB ``[H', W', 3]`` of ``path`` resized exactly as for its features."""
-    x = prepare_image(load_image(path), size, stride)
-    return np.ascontiguousarray((x * 255.0).round().byte().permute(1, 2, 0).numpy())
+def hwc(image: torch.Tensor) -> np.ndarray:
+    """uint8 ``[3, H, W]`` → contiguous uint8 ``[H, W, 3]`` (what the CRF and OpenCV take)."""
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
 
 def pseudo_label_dir(run_dir: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
@@ -42,13 +45,12 @@ def compute_pseudo_labels(
     paths: list[Path],
     feats: FeatureSet,
     out_dir: Path,
-    size: int,
-    stride: int,
     config: PriMaPsConfig,
-    crf_config: CRFConfig,
-    num_workers: int,
+    pool: CRFPool,
+    timings: Timings,
 ) -> list[torch.Tensor]:
-    """PriMaPs pseudo-labels ``[H', W']`` (int64) of ``paths``, cached in ``out_dir``.
+    """PriMaPs pseudo-labels ``[H', W']`` (int64) of ``paths`` at their resized size, cached in
+    ``out_dir``; ``feats`` must hold the ``"image"`` extra. Refinement runs in ``pool``.
 
     Under torchrun each rank computes its share of the missing ones; all ranks return all.
     """
@@ -59,13 +61,14 @@ def compute_pseudo_labels(
 
     todo = [p for p in paths if not file(p).is_file()]
     mine = dist.shard(todo, dist.rank(), dist.world_size())
-    with CRFPool(num_workers, crf_config) as pool:
-        for start in progress(range(0, len(mine), CHUNK), desc="PriMaPs"):
-            chunk = mine[start : start + CHUNK]
-            images = [_image_for_features(p, size, stride) for p in chunk]
+    for start in progress(range(0, len(mine), CHUNK), desc="PriMaPs"):
+        chunk = mine[start : start + CHUNK]
+        images = [hwc(feats.extra(p, "image")) for p in chunk]
+        with timings.stage("proposals"):
             labels = primaps_pseudo_labels(
-                images, [feats[p] for p in chunk], config, crf_config, pool=pool
+                images, [feats[p] for p in chunk], config, pool.config, pool=pool
             )
+        with timings.stage("writing"):
             for p, lab in zip(chunk, labels, strict=True):
                 tensor = {"labels": lab.to(torch.int16).contiguous()}
                 atomic_write(file(p), lambda t, tensor=tensor: save_file(tensor, str(t)))

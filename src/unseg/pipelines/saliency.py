@@ -1,4 +1,4 @@
-"""Object discovery pipelines: spectral (training-free) or the trained saliency head.
+"""Object discovery pipelines: spectral (training-free) or a trained saliency method (the head).
 
 Outputs of every prediction: ``OUT/masks/<stem>.png``, the 8-bit foreground probability at the
 input image's own size, and ``OUT/boxes.json`` mapping each stem to ``[x0, y0, x1, y1]``, the
@@ -9,47 +9,49 @@ Per image: resized so the short side is 320 (sides multiples of the stride, as f
 features), attention keys from the frozen backbone, then
 
 - ``spectral``: TokenCut bipartition on the patch grid, expanded to the image (nearest);
-- ``head``: the saliency head's probability at the resized size, upsampled bilinearly;
+- a registered saliency method (``head``): its ``predict_proba`` at the resized size,
+  upsampled bilinearly;
 
 and, if enabled, the guided filter at the image's full resolution guided by the image itself.
 
-Run folder of the head (``unseg.runs``, method ``saliency-head``): the head's config, the
-backbone name and weights sha256, the feature channels and stride, and the network weights.
+Training (``unseg.registry`` says what the method needs): keys and uint8 centre crops from one
+extraction pass; run folder (``unseg.runs``): the method's config and state, the backbone name,
+tap and weights sha256, the stride, and seconds per stage (``timings``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import (
-    backbone_weights_sha256,
-    create_backbone,
-    create_fitted_backbone,
-)
+from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
 from unseg.data.resize import prepare_image, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
-from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig, config_from_dict
+from unseg.methods.base import FitInputs
+from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
-from unseg.pipelines.backbone import resolve_backbone_name
+from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
+from unseg.pipelines.fitting import fit_estimator
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
-from unseg.runs import load_run, save_run
+from unseg.registry import MethodSpec, get_method
+from unseg.runs import load_fitted, save_fitted
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import resolve_device, seed_everything
 from unseg.utils.io import save_png_atomic, write_json_atomic
 from unseg.utils.progress import progress
+from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ BOXES_FILE = "boxes.json"
 MASKS_DIR = "masks"
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
-DiscoverMethod = Literal["spectral", "head"]
 ProbFn = Callable[[np.ndarray], torch.Tensor]
 
 
@@ -126,11 +127,14 @@ def predict_masks(
     guided: GuidedFilterConfig | None,
     size: int,
     stride: int,
+    timings: Timings | None = None,
 ) -> BatchReport:
     """Write ``masks/<stem>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
 
     ``guided`` None: no guided filter. Bad files and duplicate stems are reported and skipped.
+    ``timings`` receives the seconds spent decoding, predicting, refining and writing.
     """
+    timings = timings if timings is not None else Timings()
     out_dir = Path(out_dir)
     report = BatchReport()
     boxes: dict[str, list[float] | None] = {}
@@ -140,59 +144,52 @@ def predict_masks(
             report.fail(path, f"same stem as {seen[path.stem]}; its mask would be overwritten")
             continue
         try:
-            image = load_image(path)
+            with timings.stage("decode"):
+                image = load_image(path)
             _check_grid(path, image, size, stride)
-            prob = prob_fn(image)
+            with timings.stage("predicting"):
+                prob = prob_fn(image)
         except InputFileError as exc:
             report.fail(path, exc.problem)
             continue
         if guided is not None:
-            prob = _refine(prob, image, guided)
-        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-        target = out_dir / MASKS_DIR / f"{path.stem}.png"
-        save_png_atomic(target, mask8)
-        seen[path.stem] = path
-        box = largest_component_box(mask8 >= 128)
-        boxes[path.stem] = None if box is None else [float(v) for v in box]
-        report.written.append(target)
-        if (i + 1) % 50 == 0:
-            write_json_atomic(out_dir / BOXES_FILE, boxes)
+            with timings.stage("refinement"):
+                prob = _refine(prob, image, guided)
+        with timings.stage("writing"):
+            mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+            target = out_dir / MASKS_DIR / f"{path.stem}.png"
+            save_png_atomic(target, mask8)
+            seen[path.stem] = path
+            box = largest_component_box(mask8 >= 128)
+            boxes[path.stem] = None if box is None else [float(v) for v in box]
+            report.written.append(target)
+            if (i + 1) % 50 == 0:
+                write_json_atomic(out_dir / BOXES_FILE, boxes)
     write_json_atomic(out_dir / BOXES_FILE, boxes)
     return report
 
 
-def _training_tensors(
+def _training_inputs(
     paths: list[Path],
     backbone: Backbone,
+    spec: MethodSpec,
     size: int,
     batch_size: int,
     cache_dir: Path | None,
     report: BatchReport,
-) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
-    """Keys ``[N, C, h, w]`` (float16) and uint8 images ``[N, 3, S, S]`` (centre crops)."""
+    timings: Timings,
+) -> tuple[FitInputs, list[Path]]:
+    """Keys ``[C, h, w]`` (float16) and uint8 centre crops ``[3, S, S]`` of ``paths``, computed
+    in one pass (each image decoded once)."""
     feats = extract_features(
-        paths,
-        backbone,
-        size=size,
-        kind="keys",
-        batch_size=batch_size,
-        crop=True,
-        cache_dir=cache_dir,
-        report=report,
+        paths, backbone, size=size, kind=spec.feature_kind, batch_size=batch_size, crop=True,
+        cache_dir=cache_dir, report=report, extras=("image",), timings=timings,
     )
-    keys, images, used = [], [], []
-    for p in progress(feats.paths, total=len(feats.paths), desc="training images"):
-        try:
-            img = prepare_image(load_image(p), size, backbone.stride, crop=True)
-        except InputFileError as exc:
-            report.fail(p, exc.problem)
-            continue
-        keys.append(feats[p].to(torch.float16))
-        images.append((img * 255.0).round().to(torch.uint8))
-        used.append(p)
+    used = feats.paths
     if not used:
         raise UnsegError("no usable training images (see the warnings above)")
-    return torch.stack(keys), torch.stack(images), used
+    keys = [feats[p].to(torch.float16) for p in used]
+    return FitInputs(keys, images=[feats.extra(p, "image") for p in used]), used
 
 
 def fit_saliency(
@@ -203,38 +200,42 @@ def fit_saliency(
     weights: str | Path | None = None,
     device: str | None = None,
     cache_dir: str | Path | None = None,
+    method: str = METHOD,
+    tap: str | None = None,
+    timings: Timings | None = None,
 ) -> FitResult:
-    """Train the saliency head on every image under ``images`` and save it in ``run_dir``."""
-    cfg = config or SaliencyHeadConfig()
+    """Train the saliency ``method`` (a registered saliency method; default the head) on the
+    images of ``images`` (dataset root, folder or file) and save it in ``run_dir``."""
+    spec = get_method(method)
+    if spec.output != "saliency":
+        raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
+    cfg = config or spec.config()
+    timings = timings if timings is not None else Timings()
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     seed_everything(cfg.seed)
-    name = resolve_backbone_name(backbone)
-    model = create_backbone(name, weights=weights, device=dev)
+    model = open_backbone(backbone, weights, tap, dev)
     report = BatchReport()
     cache = Path(cache_dir) if cache_dir is not None else None
-    keys, imgs, used = _training_tensors(
-        dataset_images(images), model, cfg.image_size, cfg.batch_size, cache, report
+    inputs, used = _training_inputs(
+        dataset_images(images), model, spec, cfg.image_size, cfg.batch_size, cache, report,
+        timings,
     )
-    logger.info("training the saliency head on %d images (%s keys)", len(used), name)
-
-    def crop_keys(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_features(x, "keys")
-
-    head = SaliencyHead(cfg).fit(keys, imgs, model.stride, crop_keys, dev)
-    facts = {"n_images": len(used), "loss_history": head.history}
-    save_run(
+    logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
+    head = fit_estimator(spec, cfg, inputs, model, dev, timings)
+    facts = {"n_images": len(used), "loss_history": list(head.history_)}
+    save_fitted(
         run_dir,
-        METHOD,
-        cfg,
-        head.state_tensors(),
+        spec,
+        head,
         extra={
-            "backbone": name,
+            "backbone": model.spec.name,
+            "tap": getattr(model, "tap", None),
             "weights_sha256": backbone_weights_sha256(model),
             "weights_path": str(Path(weights).resolve()) if weights else None,
-            "in_dim": int(keys.shape[1]),
             "stride": int(model.stride),
             "training": facts,
+            "timings": timings.as_dict(),
         },
     )
     return FitResult(run_dir, report, len(used), facts)
@@ -243,32 +244,22 @@ def fit_saliency(
 def load_head(
     run_dir: Path, device: torch.device, weights: str | Path | None = None
 ) -> tuple[SaliencyHead, Backbone, dict]:
-    """The head of a ``saliency-head`` run, its backbone (hash-checked) and the run's meta."""
-    meta, tensors = load_run(run_dir, METHOD)
-    missing = [k for k in ("backbone", "weights_sha256", "in_dim", "stride") if k not in meta]
+    """The estimator of a saliency run, its backbone (hash-checked) and the run's meta."""
+    _, head, meta = load_fitted(run_dir, "saliency", device)
+    missing = [k for k in ("backbone", "weights_sha256", "stride") if k not in meta]
     if missing:
-        raise UnsegError(f"{run_dir}: incomplete {METHOD} run (missing {', '.join(missing)})")
-    model = create_fitted_backbone(
-        meta["backbone"],
-        meta["weights_sha256"],
-        weights=weights or meta.get("weights_path"),
-        device=device,
-        source=str(run_dir),
-    )
+        raise UnsegError(f"{run_dir}: incomplete saliency run (missing {', '.join(missing)})")
+    model = open_fitted_backbone(meta, weights, device, str(run_dir))
     if model.stride != meta["stride"]:
         raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")
-    cfg = config_from_dict(meta["config"])
-    head = SaliencyHead.from_state(cfg, int(meta["in_dim"]), int(meta["stride"]), tensors, device)
     return head, model, meta
 
 
-def _guided_settings(
-    cfg: SaliencyHeadConfig, overrides: dict[str, Any]
-) -> GuidedFilterConfig | None:
-    use = bool(overrides.get("guided_filter", cfg.guided_filter))
-    if not use:
+def _guided_settings(cfg: Any, overrides: Mapping[str, Any]) -> GuidedFilterConfig | None:
+    use = overrides.get("guided_filter")
+    if not (getattr(cfg, "guided_filter", False) if use is None else use):
         return None
-    gf = GuidedFilterConfig(**asdict(cfg.guided))
+    gf = replace(getattr(cfg, "guided", GuidedFilterConfig()))
     if overrides.get("guide"):
         gf.guide = overrides["guide"]
     return gf
@@ -278,10 +269,12 @@ def predict_run(
     run_dir: str | Path,
     images: str | Path,
     out_dir: str | Path,
-    overrides: dict[str, Any],
+    overrides: Mapping[str, Any],
     device: str | None,
+    timings: Timings | None = None,
 ) -> BatchReport:
-    """``unseg predict`` for ``saliency-head`` runs; ``overrides``: ``guided_filter``, ``guide``."""
+    """``unseg predict`` for saliency runs; ``overrides``: ``guided_filter``, ``guide``,
+    ``weights``."""
     dev = resolve_device(device)
     head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
@@ -292,13 +285,14 @@ def predict_run(
         _guided_settings(cfg, overrides),
         cfg.image_size,
         model.stride,
+        timings,
     )
 
 
 def discover(
     images: str | Path,
     out_dir: str | Path,
-    method: DiscoverMethod = "spectral",
+    method: str = "spectral",
     backbone: str | None = None,
     train_images: str | Path | None = None,
     config: SaliencyHeadConfig | None = None,
@@ -306,24 +300,28 @@ def discover(
     device: str | None = None,
     cache_dir: str | Path | None = None,
     weights: str | Path | None = None,
+    tap: str | None = None,
+    timings: Timings | None = None,
 ) -> BatchReport:
-    """``unseg discover``: masks and boxes for every image under ``images``.
+    """``unseg discover``: masks and boxes for every image of ``images``.
 
-    ``head`` first trains the head on ``train_images`` (default: ``images`` themselves, no
-    labels used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and
-    its guide come from ``config`` for both methods. ``weights``: explicit backbone weights.
+    ``method``: ``spectral`` (training-free TokenCut) or a registered saliency method (e.g.
+    ``head``), first trained on ``train_images`` (default: ``images`` themselves, no labels
+    used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and its guide
+    come from ``config`` for both. ``weights``: explicit backbone weights. ``timings`` receives
+    the seconds per stage.
     """
+    timings = timings if timings is not None else Timings()
     cfg = config or SaliencyHeadConfig()
     out_dir = Path(out_dir)
     paths = dataset_images(images)
-    gf = GuidedFilterConfig(**asdict(cfg.guided)) if cfg.guided_filter else None
+    gf = replace(cfg.guided) if cfg.guided_filter else None
     if method == "spectral":
         dev = resolve_device(device)
-        model = create_backbone(resolve_backbone_name(backbone), weights=weights, device=dev)
+        model = open_backbone(backbone, weights, tap, dev)
         fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
-        return predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride)
-    if method != "head":
-        raise UnsegError(f"unknown discovery method {method!r}; use 'spectral' or 'head'")
+        return predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride, timings)
+    spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
         out_dir / "run",
@@ -332,8 +330,11 @@ def discover(
         weights,
         device=device,
         cache_dir=cache_dir,
+        method=spec.name,
+        tap=tap,
+        timings=timings,
     )
-    report = predict_run(fit.run_dir, images, out_dir, {}, device)
+    report = predict_run(fit.run_dir, images, out_dir, {}, device, timings)
     failed = {str(p): (p, m) for p, m in fit.report.failed + report.failed}
     report.failed = list(failed.values())
     return report

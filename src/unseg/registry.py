@@ -1,0 +1,299 @@
+"""The method registry (timm's habit): every method registers once, and the commands read it.
+
+A :class:`MethodSpec` names the method, its config dataclass (defaults = the paper's values), its
+estimator class (the contract of :mod:`unseg.methods.base`), what the estimator needs of the
+training images (:data:`NEEDS`), and its output kind (``"semantic"`` class ids or
+``"saliency"`` foreground probabilities). From it:
+
+- ``unseg fit METHOD``, ``unseg segment --method``, ``unseg discover --method`` and their help
+  get one command-line option per config field (:func:`config_options`: the field's type gives
+  the parser, its ``metadata["help"]`` or the spec's ``option_help`` the help text); fields the
+  pipeline fills from its own options (``pipeline_fields``, e.g. ``num_classes`` from ``-k``) get
+  none;
+- a run folder records the method's name and config (:func:`config_to_dict`), and
+  :func:`config_from_dict` plus the estimator's ``from_state`` rebuild it.
+
+Adding a method: one module with its config and estimator, and one :func:`register_method` call
+at the end of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from unseg.errors import UnsegError
+
+Output = Literal["semantic", "saliency"]
+NEEDS: tuple[str, ...] = (
+    "features",  # dense features [C, h, w] of each training image (always)
+    "images",  # the uint8 image [3, H, W] the features were computed on
+    "proposals",  # PriMaPs pseudo-labels [H, W] (semantic methods)
+    "student_features",  # features of a photometrically augmented view
+    "backbone",  # the frozen backbone itself (the estimator's feature_fn), e.g. for crops
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method (see the module docstring)."""
+
+    name: str
+    config: type
+    estimator: type
+    output: Output
+    needs: tuple[str, ...]
+    summary: str
+    aliases: tuple[str, ...] = ()
+    feature_kind: Literal["tokens", "keys"] = "tokens"
+    pipeline_fields: tuple[str, ...] = ()
+    option_help: Mapping[str, str] = field(default_factory=dict)
+    option_flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def needs_for(self, config: Any) -> tuple[str, ...]:
+        """What a fit with ``config`` needs: :attr:`needs`, less ``student_features`` when the
+        config turns the student view off (``student_augs=False``)."""
+        if not getattr(config, "student_augs", True):
+            return tuple(n for n in self.needs if n != "student_features")
+        return self.needs
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry; its name and aliases must be new, its needs known."""
+    unknown = sorted(set(spec.needs) - set(NEEDS))
+    if unknown:
+        raise UnsegError(f"method {spec.name!r} needs unknown inputs: {', '.join(unknown)}")
+    if not dataclasses.is_dataclass(spec.config):
+        raise UnsegError(f"method {spec.name!r}: its config must be a dataclass")
+    for name in (spec.name, *spec.aliases):
+        if name in _METHODS:
+            raise UnsegError(f"method name {name!r} is registered twice")
+    for name in (spec.name, *spec.aliases):
+        _METHODS[name] = spec
+    return spec
+
+
+def list_methods(output: Output | None = None) -> list[MethodSpec]:
+    """Registered methods (each once, in registration order), optionally of one output kind."""
+    seen: dict[str, MethodSpec] = {}
+    for spec in _METHODS.values():
+        if output is None or spec.output == output:
+            seen.setdefault(spec.name, spec)
+    return list(seen.values())
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method registered as ``name`` (or an alias of it), or a clear error listing them."""
+    spec = _METHODS.get(name)
+    if spec is None:
+        known = ", ".join(s.name for s in list_methods())
+        raise UnsegError(f"unknown method {name!r}; this unseg knows: {known}")
+    return spec
+
+
+# ----------------------------------------------------------------------- configs <-> options
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """One command-line option generated from a config field (``path``: nested field names)."""
+
+    path: tuple[str, ...]
+    flags: tuple[str, ...]
+    kind: Literal["bool", "int", "float", "str", "pair", "optional-int"]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of this option."""
+        return "cfg__" + "__".join(self.path)
+
+
+def _kind(tp: Any) -> tuple[str, tuple[str, ...] | None]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is bool:
+        return "bool", None
+    if tp is int:
+        return "int", None
+    if tp is float:
+        return "float", None
+    if tp is str:
+        return "str", None
+    if origin is Literal:
+        return "str", tuple(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)}:
+        return "optional-int", None
+    if origin is tuple and len(args) == 2 and all(a in (int, float) for a in args):
+        return "pair", None
+    raise UnsegError(f"config field type {tp!r} has no command-line form")
+
+
+def config_options(spec: MethodSpec) -> list[ConfigOption]:
+    """One option per field of ``spec.config`` (nested dataclasses flattened as
+    ``--outer-inner``), except :attr:`MethodSpec.pipeline_fields`."""
+    return _options(spec, spec.config, ())
+
+
+def _options(spec: MethodSpec, cls: type, prefix: tuple[str, ...]) -> list[ConfigOption]:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    out: list[ConfigOption] = []
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        key = ".".join(path)
+        if key in spec.pipeline_fields:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _options(spec, tp, path)
+            continue
+        kind, choices = _kind(tp)
+        default = getattr(defaults, f.name)
+        text = f.metadata.get("help") or spec.option_help.get(key) or key.replace("_", " ")
+        flags = ("--" + "-".join(path).replace("_", "-"), *spec.option_flags.get(key, ()))
+        out.append(ConfigOption(path, flags, kind, default, f"{text} (default: {default})",
+                                choices))  # type: ignore[arg-type]
+    return out
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-able dict (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "config") -> Any:
+    """``cls`` built from ``values`` (as :func:`config_to_dict` wrote them): nested dataclasses
+    rebuilt, lists turned back into tuples, absent fields at their defaults; unknown keys are an
+    error naming ``source``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UnsegError(f"{source}: unknown {cls.__name__} settings: {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            value = config_from_dict(tp, value, source)  # type: ignore[arg-type]
+        elif typing.get_origin(tp) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UnsegError(f"{source}: invalid {cls.__name__} ({exc})") from None
+
+
+def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
+    """``config`` with the (possibly nested) fields at ``values``' paths replaced."""
+    by_head: dict[str, dict[tuple[str, ...], Any]] = {}
+    direct: dict[str, Any] = {}
+    for path, value in values.items():
+        if len(path) == 1:
+            direct[path[0]] = value
+        else:
+            by_head.setdefault(path[0], {})[path[1:]] = value
+    for head, sub in by_head.items():
+        direct[head] = config_with(getattr(config, head), sub)
+    return dataclasses.replace(config, **direct)
+
+
+# ---------------------------------------------------------------------------- registrations
+
+
+def _register_builtin() -> None:
+    from unseg.methods.kmeans import KMeans, KMeansConfig
+    from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
+    from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
+
+    register_method(MethodSpec(
+        name="primaps-em",
+        config=PriMaPsEMConfig,
+        estimator=PriMaPsEM,
+        output="semantic",
+        needs=("features", "images", "proposals", "student_features"),
+        summary="PriMaPs-EM: class prototypes fitted to principal mask proposals",
+        pipeline_fields=("num_classes", "seed", "label_factor", "crf"),
+        option_help={
+            "epochs": "EM epochs over the images (paper: 50)",
+            "steps": "a fixed number of EM steps instead of epochs",
+            "batch_size": "images per EM step",
+            "lr": "Adam learning rate of θ",
+            "focal_gamma": "focal weighting exponent γ",
+            "ema_decay": "ceiling of θ_m's warm-up EMA decay",
+            "ema_every": "steps between θ_m updates",
+            "kmeans_passes": "cosine k-means passes of the initialisation",
+            "init_max_points": "feature vectors sampled for the initialisation",
+            "classifier": "reference: weight-normalised θ with trainable gain on raw features; "
+            "cosine: unit-gain cosine classifier",
+            "center": "subtract the training images' mean feature (kept in the run)",
+            "student_augs": "train θ on the student view (blur, jitter/greyscale; seeded)",
+            "flip": "average the features of the image and its mirror image at prediction",
+            "ignore_index": "pseudo-label id of pixels outside every proposal",
+        },
+    ))
+    register_method(MethodSpec(
+        name="kmeans",
+        config=KMeansConfig,
+        estimator=KMeans,
+        output="semantic",
+        needs=("features",),
+        summary="cosine k-means of the backbone features (the baseline)",
+        pipeline_fields=("num_classes", "seed"),
+        option_help={
+            "n_init": "k-means++ restarts (the best inertia is kept)",
+            "max_iter": "Lloyd iterations per restart",
+            "tol": "relative inertia change that stops the iterations",
+            "chunk_size": "feature vectors per distance block (memory)",
+            "center": "subtract the training images' mean feature (kept in the run)",
+        },
+    ))
+    register_method(MethodSpec(
+        name="saliency-head",
+        config=SaliencyHeadConfig,
+        estimator=SaliencyHead,
+        output="saliency",
+        needs=("features", "images", "backbone"),
+        summary="SEMPART-style saliency head trained with the soft normalized cut",
+        aliases=("saliency", "head"),
+        feature_kind="keys",
+        option_help={
+            "image_size": "training crop side and prediction short side in pixels",
+            "lr": "AdamW learning rate",
+            "batch_size": "images per step",
+            "epochs": "training epochs (paper: 30)",
+            "tau": "key-affinity threshold τ of the cut",
+            "eps": "affinity below τ",
+            "dim": "head width",
+            "layers": "transformer layers of the head",
+            "heads": "attention heads",
+            "weight_coarse": "weight of the cut on the coarse prediction",
+            "weight_agree": "weight of the coarse/fine agreement",
+            "weight_border": "weight of the border prior",
+            "multiscale": "multi-scale consistency (Boosting trick)",
+            "crop_scale": "crop side as a fraction of the image side (LO HI)",
+            "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
+            "weight_consistency": "weight of the multi-scale MSE",
+            "weight_crop_ncut": "weight of the cut on the crop",
+            "guided_filter": "guided-filter refinement at prediction",
+            "guided.radius": "guided-filter radius",
+            "guided.eps": "guided-filter ε",
+            "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
+            "guided.standardize": "standardise each mask channel before filtering",
+            "seed": "random seed",
+        },
+        option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
+    ))
+
+
+_register_builtin()
