@@ -70,6 +70,29 @@ def training_inputs(
     )
 
 
+def check_fit_inputs(inputs: FitInputs) -> None:
+    """Refuse inputs no method can use: no images, per-image lists of another length, feature
+    maps that are not ``[C, h, w]`` with one ``C``, images that are not ``[3, H, W]``."""
+    n = len(inputs)
+    if n == 0:
+        raise UnsegError("no training images (FitInputs.features is empty)")
+    for name in ("images", "proposals", "student_features", "masks"):
+        values = getattr(inputs, name, None)
+        if values is not None and len(values) != n:
+            raise UnsegError(f"{n} feature maps but {len(values)} {name} (one per image)")
+    for name in ("features", "student_features"):
+        maps = getattr(inputs, name)
+        if maps is None:
+            continue
+        if any(f.ndim != 3 for f in maps):
+            raise UnsegError(f"{name} must be [C, h, w] per image")
+        channels = sorted({int(f.shape[0]) for f in maps})
+        if len(channels) > 1 or channels[0] != inputs.features[0].shape[0]:
+            raise UnsegError(f"{name} have different channel counts: {channels}")
+    if inputs.images is not None and any(x.ndim != 3 or x.shape[0] != 3 for x in inputs.images):
+        raise UnsegError("images must be [3, H, W] per image")
+
+
 def fit_estimator(
     spec: MethodSpec,
     config: Any,
@@ -78,11 +101,13 @@ def fit_estimator(
     device: torch.device,
     timings: Timings,
 ) -> Estimator:
-    """A new ``spec.estimator(config, device)`` fitted on ``inputs`` (timed as ``fitting``).
+    """A new ``spec.estimator(config, device)`` fitted on ``inputs`` (timed as ``fitting``),
+    after :func:`check_fit_inputs`.
 
     Methods that need the backbone get it as ``feature_fn`` (images ``[B, 3, H, W]`` in
     ``[0, 1]`` → features of ``spec.feature_kind``).
     """
+    check_fit_inputs(inputs)
     estimator = spec.estimator(config, device)
     if "backbone" in spec.needs_for(config):
 
