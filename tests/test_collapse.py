@@ -11,6 +11,8 @@ from torch import nn
 from unseg.errors import UnsegError
 from unseg.methods.collapse import CollapseCheck, CollapseConfig
 from unseg.methods.found import FoundConfig, FoundHead
+from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
+from unseg.methods.saliency_head import SaliencyHeadNet
 
 
 def _maps(n: int = 10, seed: int = 0) -> torch.Tensor:
@@ -47,6 +49,17 @@ def test_fires_on_a_constant_output_head(bias, verdict):
     assert report.frac_constant == 1.0
     assert report.mean_foreground == (1.0 if bias > 0 else 0.0)
     assert verdict in report.message()
+
+
+def test_fires_on_a_constant_saliency_head():
+    head = SaliencyHead(SaliencyHeadConfig(dim=8, layers=1, heads=2))
+    head.net = SaliencyHeadNet(4, 8, 8, 1, 2)
+    nn.init.zeros_(head.net.coarse.weight)
+    nn.init.constant_(head.net.coarse.bias, 2.0)  # the stages' logit layers start at zero
+    feats = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    report = head.check_collapse(feats, images)
+    assert report.verdict == "constant" and report.mean_foreground == 1.0
 
 
 def test_quiet_on_a_good_map_set_and_a_trained_head():

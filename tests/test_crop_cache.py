@@ -16,6 +16,8 @@ from unseg.methods.crop_cache import (
 )
 from unseg.methods.found import FoundConfig, FoundHead, pseudo_masks
 from unseg.methods.multiscale import sample_crops
+from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
+from unseg.methods.saliency_head import SaliencyHeadNet
 
 
 def _backbone(images: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,28 @@ def test_cached_crop_gives_the_same_loss_as_the_backbone_on_the_crop(dtype, tol)
                                      torch.Generator().manual_seed(5), crops))
     torch.testing.assert_close(losses[0], losses[1], atol=tol, rtol=tol)
     assert losses[0] > 0
+
+
+def test_saliency_head_cached_crop_loss_matches_the_backbone_on_the_crop():
+    images = _images()
+    feats = _backbone(images.float() / 255)
+    cache = build_crop_cache(images, _backbone, pool=2, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float32)
+    index = torch.tensor([0, 5, 3])
+    boxes, _ = cache.draw(index, torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    head = SaliencyHead(SaliencyHeadConfig(multiscale=True, dim=8, layers=1, heads=2))
+    head.net = SaliencyHeadNet(6, 8, 8, 1, 2)
+    source = CropSource("roi", images, None, 1, (0.5, 0.5), False, torch.Generator())
+    source.cache = cache
+    imgs = images[index].float() / 255
+    losses = [
+        head.step_loss(index, feats[index], imgs, torch.Generator().manual_seed(9), crops)
+        for crops in (source, _Direct(boxes))
+    ]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    base = head.step_loss(index, feats[index], imgs, torch.Generator(), None)
+    assert not torch.allclose(base, losses[0])  # the crop terms are there
 
 
 def test_cache_boxes_are_seeded_and_fixed_crop_is_top_left():

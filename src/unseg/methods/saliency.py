@@ -16,12 +16,16 @@ Trained without labels on frozen patch features (attention keys) and the images:
   always win; see docs/results-boosting.md);
 - multi-scale consistency (``multiscale=True``, the Boosting trick): see
   :mod:`unseg.methods.multiscale`; weight 0.01 for the MSE and 0.01 for the cut on the crop.
+  The crops' features come from :mod:`unseg.methods.crop_cache` (``crop_mode``: by default a
+  pool of ``crop_pool`` crops per image through the backbone once, before the first epoch);
+- failure check: after training, ``collapse_`` holds the
+  :class:`~unseg.methods.collapse.CollapseReport` of the maps on the training images (a warning
+  is logged when the head diverged or collapsed to a trivial map).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +33,9 @@ import torch.nn.functional as F
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
-from unseg.methods.multiscale import consistency_loss, crop_resize, sample_crops
+from unseg.methods.collapse import CollapseCheck, CollapseReport
+from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
+from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency_head import SaliencyHeadNet
 from unseg.refine.guided_filter import GuidedFilterConfig
@@ -37,8 +43,6 @@ from unseg.utils.device import resolve_device
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -60,6 +64,8 @@ class SaliencyHeadConfig:
     multiscale: bool = False
     crop_scale: tuple[float, float] = (0.5, 0.5)
     fixed_crop: bool = False
+    crop_mode: CropMode = "cache"
+    crop_pool: int = 4
     weight_consistency: float = 0.01
     weight_crop_ncut: float = 0.01
     guided_filter: bool = True
@@ -81,8 +87,8 @@ class SaliencyHead:
     attention keys and the images, then ``predict_proba(features, images)``.
 
     ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
-    backbone) is needed for multi-scale consistency, to see the resized crops; the pipeline sets
-    it before :meth:`fit`.
+    backbone) is needed for multi-scale consistency with the ``"cache"`` or ``"backbone"`` crop
+    modes, to see the resized crops; the pipeline sets it before :meth:`fit`.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class SaliencyHead:
         self.feature_fn: FeatureFn | None = None
         self.net: SaliencyHeadNet | None = None
         self.history_: list[float] = []
+        self.collapse_: CollapseReport | None = None
 
     def _build(self, in_dim: int, stride: int) -> SaliencyHeadNet:
         c = self.config
@@ -145,11 +152,15 @@ class SaliencyHead:
 
     def _fit(self, features: torch.Tensor, images: torch.Tensor, stride: int) -> SaliencyHead:
         c = self.config
-        if c.multiscale and self.feature_fn is None:
-            raise UnsegError("multi-scale consistency needs the backbone (set feature_fn)")
         dev = self.device
         gen = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed)
+        crops = None
+        if c.multiscale:
+            crops = CropSource(
+                c.crop_mode, images, self.feature_fn, c.crop_pool, tuple(c.crop_scale),
+                c.fixed_crop, gen, c.batch_size, dev,
+            )
         self.net = self._build(features.shape[1], stride).to(dev)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
         n = features.shape[0]
@@ -160,8 +171,8 @@ class SaliencyHead:
             batches = [order[i : i + c.batch_size] for i in range(0, n, c.batch_size)]
             for idx in progress(batches, total=len(batches), desc=f"epoch {epoch + 1}"):
                 feats = features[idx].to(dev, torch.float32)
-                imgs = _as_float(images[idx]).to(dev)
-                loss = self._step_loss(feats, imgs, gen)
+                imgs = as_float_images(images[idx]).to(dev)
+                loss = self.step_loss(idx, feats, imgs, gen, crops)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -171,7 +182,20 @@ class SaliencyHead:
             logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history_[-1])
         self.net.eval()
         self.orient(features, images)
+        self.collapse_ = self.check_collapse(features, images)
+        if self.collapse_.failed:
+            logger.warning("%s", self.collapse_.message())
         return self
+
+    @torch.no_grad()
+    def check_collapse(self, features: torch.Tensor, images: torch.Tensor) -> CollapseReport:
+        """:class:`CollapseReport` of the head's maps on ``features`` ``[N, C, h, w]`` and
+        ``images`` ``[N, 3, H, W]`` (with ``history_``)."""
+        check = CollapseCheck()
+        bs = self.config.batch_size
+        for i in range(0, features.shape[0], bs):
+            check.update(self.predict_proba(features[i : i + bs], images[i : i + bs]))
+        return check.report(self.history_)
 
     @torch.no_grad()
     def orient(self, features: torch.Tensor, images: torch.Tensor) -> bool:
@@ -187,7 +211,7 @@ class SaliencyHead:
         total, n = 0.0, features.shape[0]
         for i in range(0, n, self.config.batch_size):
             f = features[i : i + self.config.batch_size].to(dev, torch.float32)
-            x = _as_float(images[i : i + self.config.batch_size]).to(dev)
+            x = as_float_images(images[i : i + self.config.batch_size]).to(dev)
             coarse, _ = self.net(f, x)
             total += float(border_prior(torch.sigmoid(coarse))) * f.shape[0]
         flipped = total / max(n, 1) > 0
@@ -196,23 +220,25 @@ class SaliencyHead:
             logger.info("the head's cut came out inverted (border brighter); output negated")
         return flipped
 
-    def _step_loss(
+    def step_loss(
         self,
+        index: torch.Tensor,
         feats: torch.Tensor,
         imgs: torch.Tensor,
         gen: torch.Generator,
+        crops: CropSource | None,
     ) -> torch.Tensor:
+        """The training loss of one batch: images ``index`` ``[B]`` of the training set, their
+        features ``[B, C, h, w]`` and images ``[B, 3, H, W]`` in ``[0, 1]``; with multi-scale
+        consistency when ``crops`` is given."""
         c = self.config
         assert self.net is not None
         coarse, fine = self.net(feats, imgs)
         loss = self.base_loss(coarse, fine, key_affinity(feats, c.tau, c.eps))
-        if not c.multiscale:
+        if crops is None:
             return loss
-        assert self.feature_fn is not None
-        boxes = sample_crops(feats.shape[0], tuple(c.crop_scale), gen, c.fixed_crop)
-        crop_imgs = crop_resize(imgs, boxes, tuple(imgs.shape[-2:]))
-        with torch.no_grad():
-            crop_feats = self.feature_fn(crop_imgs).to(feats.dtype)
+        boxes, crop_imgs, crop_feats = crops.crops(index, feats, imgs, gen)
+        crop_feats = crop_feats.to(feats.dtype)
         c_coarse, c_fine = self.net(crop_feats, crop_imgs)
         crop_loss = self.base_loss(c_coarse, c_fine, key_affinity(crop_feats, c.tau, c.eps))
         cons = consistency_loss(
@@ -227,7 +253,7 @@ class SaliencyHead:
         if self.net is None:
             raise UnsegError("the saliency head is not fitted")
         dev = next(self.net.parameters()).device
-        _, fine = self.net(features.to(dev, torch.float32), _as_float(images).to(dev))
+        _, fine = self.net(features.to(dev, torch.float32), as_float_images(images).to(dev))
         return torch.sigmoid(fine)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -260,7 +286,3 @@ class SaliencyHead:
             raise UnsegError(f"saved saliency-head weights do not fit its config: {exc}") from None
         head.net = net.to(head.device).eval()
         return head
-
-
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
