@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -17,9 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from unseg.backbones.base import Backbone, BackboneSpec
+from unseg.backbones.base import Backbone, BackboneSpec, Tap
 from unseg.data.image import load_image
 from unseg.data.resize import prepare_image, target_size
+from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features, load_cache
 from unseg.utils import dist
 
@@ -318,3 +320,62 @@ def test_cli_features_summary_and_exit_code(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "3 images: 0 computed, 2 from cache, 1 failed" in captured.out
     assert "broken.jpg" in captured.err and "efficientnet_lite0" in captured.err
+
+
+def test_extras_are_computed_in_the_same_pass(tmp_path):
+    """Flipped features, the resized image and the student view's features: each equal to a
+    direct computation, from one forward per batch, each image decoded once."""
+    from unseg.data.resize import resize_image
+    from unseg.data.transforms import student_view
+
+    paths = make_images(tmp_path / "im")
+    model = TinyBackbone()
+    fs = extract_features(paths, model, size=32, batch_size=8, num_workers=0,
+                          extras=("flipped", "image", "student"), student_seed=3)
+    shapes = {target_size(h, w, 32, 8) for h, w in SIZES}
+    assert model.calls == len(shapes) and model.images == 3 * len(paths)
+    for p in paths:
+        image = resize_image(load_image(p), 32, 8)
+        assert torch.equal(fs.extra(p, "image"), image)
+        x = image.float() / 255
+        flipped = model.forward_features(x.flip(-1)[None])[0].flip(-1)
+        assert torch.allclose(fs.extra(p, "flipped"), flipped, atol=1e-6)
+        sha = fs.record(p).sha256
+        gen = torch.Generator().manual_seed(3 * 1_000_003 + int(sha[:12], 16))
+        student = model.forward_features(student_view(x, gen)[None])[0]
+        assert torch.allclose(fs.extra(p, "student"), student, atol=1e-5)
+
+
+def test_extras_are_cached_and_a_missing_one_is_computed(tmp_path):
+    paths = make_images(tmp_path / "im")[:2]
+    model = TinyBackbone()
+    first = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
+                             extras=("flipped",))
+    names = sorted(p.name.split(".", 1)[1] for p in cache_files(tmp_path / "c"))
+    assert names == ["flipped.safetensors"] * 2 + ["safetensors"] * 2
+    model.images = 0
+    again = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
+                             extras=("flipped",))
+    assert model.images == 0
+    for p in paths:
+        assert torch.equal(again.extra(p, "flipped"), first.extra(p, "flipped"))
+    extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
+                     extras=("flipped", "student"), student_seed=1)
+    assert model.images == 3 * len(paths)  # the student view was missing: recomputed
+    with pytest.raises(KeyError, match="no 'image' computed"):
+        again.extra(paths[0], "image")
+    with pytest.raises(UnsegError, match="unknown feature extras"):
+        extract_features(paths, model, size=32, extras=("depth",))
+
+
+def test_the_tap_is_part_of_the_cache_key(tmp_path):
+    paths = make_images(tmp_path / "im")[:1]
+    model = TinyBackbone()
+    model.spec = dataclasses.replace(
+        model.spec, taps=(("last", Tap(4, 8)), ("stage4", Tap(4, 8))), default_tap="last"
+    )
+    a = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0)
+    model.tap = "stage4"  # another tap of the same weights
+    b = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0)
+    assert a.cache_dir != b.cache_dir and b.stats["computed"] == 1
+    assert json.loads((b.cache_dir / "index.json").read_text())["tap"] == "stage4"
