@@ -163,3 +163,57 @@ def test_shape_errors_are_clear():
         guided_filter(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(UnsegError, match="differ"):
         refine_masks(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 5, 4))
+
+
+@pytest.mark.parametrize(("batch", "channels", "size"), [(1, 3, (37, 53)), (2, 5, (6, 9)),
+                                                          (1, 515, (12, 10))])
+def test_opencv_path_equals_torch_path(rng, batch, channels, size):
+    """The CPU fast path (OpenCV box sums, no gradient) and the torch path (taken when a gradient
+    is needed) compute the same filter: windows larger than the image, several images and more
+    channels than OpenCV takes at once (515 > 512) included."""
+    guide = torch.from_numpy(rng.random((batch, 1, *size), dtype=np.float32))
+    src = torch.from_numpy(rng.random((batch, channels, *size), dtype=np.float32))
+    fast = guided_filter(guide, src, R, EPS)
+    slow = guided_filter(guide, src.clone().requires_grad_(True), R, EPS).detach()
+    assert fast.shape == slow.shape == src.shape
+    assert torch.allclose(fast, slow, atol=2e-5)
+
+
+def test_box_sum_torch_path_brute_force(rng):
+    """The torch path's cumulative-sum box mean against a direct loop, radius larger than one
+    side and zero radius included."""
+    x = torch.from_numpy(rng.random((2, 7, 11)))
+    for radius in (0, 2, 9):
+        got = box_mean(x.clone().requires_grad_(True), radius).detach()
+        want = torch.empty_like(x)
+        for i in range(7):
+            for j in range(11):
+                win = x[:, max(i - radius, 0) : i + radius + 1, max(j - radius, 0) : j + radius + 1]
+                want[:, i, j] = win.mean(dim=(-2, -1))
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_fast_guided_filter_subsample_one_is_exact_and_two_is_close():
+    """``subsample=1`` is the exact filter; ``subsample=2`` (He & Sun's fast guided filter) stays
+    close to it on a real photo and mask, and keeps an edge."""
+    yy, xx = np.mgrid[0:120, 0:160].astype(np.float32)
+    guide = (0.3 + 0.4 * (xx > 80) + 0.05 * np.sin(yy / 7)).astype(np.float32)
+    mask = (xx > 78).astype(np.float32) * 0.8 + 0.1
+    g = torch.from_numpy(guide)[None, None]
+    p = torch.from_numpy(mask)[None, None]
+    exact = guided_filter(g, p, R, EPS)
+    assert torch.equal(guided_filter(g, p, R, EPS, subsample=1), exact)
+    fast = guided_filter(g, p, R, EPS, subsample=2)
+    assert (fast - exact).abs().mean() < 0.01
+    # the step stays sharp: the fast result still separates the two sides of the guide's edge
+    assert float(fast[0, 0, :, 70].mean()) < 0.3 < 0.7 < float(fast[0, 0, :, 90].mean())
+
+
+def test_fast_guided_filter_gradient_and_bad_subsample(rng):
+    guide = torch.from_numpy(rng.random((1, 1, 16, 20)))
+    src = torch.from_numpy(rng.random((1, 2, 16, 20))).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda s: guided_filter(guide, s, 3, EPS, subsample=2), (src,), atol=1e-6
+    )
+    with pytest.raises(UnsegError, match="subsample"):
+        guided_filter(guide.float(), src.detach().float(), R, EPS, subsample=0)
