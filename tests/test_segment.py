@@ -234,3 +234,19 @@ def test_more_classes_than_a_label_png_holds_are_refused(tmp_path: Path) -> None
         "num_classes": 300, "predict": {"flip": False, "refine": "none", "label_factor": 1}})
     with pytest.raises(UnsegError, match="at most 256"):
         predict_images(run, images, tmp_path / "o")
+
+
+def test_the_tap_reaches_the_run_and_prediction_rebuilds_it(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_images(images, n=2)
+    args = ["-q", "segment", str(images), "--backbone", BACKBONE, "--tap", "s16", "--size", "64",
+            "--workers", "1", "-k", "3", "--method", "kmeans", "--refine", "none",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "o" / "run" / "config.json").read_text())
+    assert meta["tap"] == "s16" and meta["feature_dim"] == 112
+    report = predict_run(tmp_path / "o" / "run", images, tmp_path / "p", {}, None)
+    assert report.ok
+    for p in sorted((tmp_path / "o" / "masks").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(p)),
+                              np.asarray(Image.open(tmp_path / "p" / p.name)))
