@@ -38,6 +38,7 @@ import platform
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,8 @@ from unseg.proposals.primaps import (
     principal_masks,
     proposal_log_probs,
 )
-from unseg.refine.crf import CRFPool, dense_crf
-from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
+from unseg.refine.crf import CRFPool
+from unseg.refine.semantic import RefineConfig, refine_logits
 
 SIZE = 320
 GRID = 40
@@ -286,39 +287,55 @@ def voc_images() -> list[np.ndarray]:
 
 
 def bench_refine(repeat: int) -> dict:
-    """Semantic refinement ms/image at VOC size: dense CRF vs guided filter, one thread each."""
+    """Semantic refinement ms/image at VOC size, as the pipeline runs it
+    (:func:`unseg.refine.semantic.refine_logits` on logits upsampled to the image): none, dense
+    CRF, guided filter (exact and fast), guided+CRF; one torch and one OpenCV thread each."""
     images = voc_images()
     g = torch.Generator().manual_seed(0)
     grid = (VOC_SIZE[0] // 16, VOC_SIZE[1] // 16)
     logits = [4 * torch.randn(EM_CLASSES, *grid, generator=g) for _ in images]
-    cfg = GuidedFilterConfig(radius=9, eps=1e-3, guide="luma")
-    threads = torch.get_num_threads()
+    modes = {
+        "none": RefineConfig(mode="none"),
+        "crf": RefineConfig(mode="crf"),
+        "guided": RefineConfig(mode="guided"),
+        "guided_fast2": RefineConfig(mode="guided", subsample=2),
+        "guided_fast4": RefineConfig(mode="guided", subsample=4),
+        "guided+crf": RefineConfig(mode="guided+crf"),
+    }
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
-    def guided(img: np.ndarray, lg: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(lg[None], size=VOC_SIZE, mode="bilinear", align_corners=False)
-        rgb = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
-        return refine_masks(up.softmax(dim=1), rgb, cfg)
+    def run(img: np.ndarray, lg: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:
+        up = F.interpolate(lg[None], size=VOC_SIZE, mode="bilinear", align_corners=False)[0]
+        return refine_logits(up, img, cfg)
 
-    timings = {}
-    for name, fn in (("crf", dense_crf), ("guided", guided)):
-        fn(images[0], logits[0])  # warm-up
-        t = time.perf_counter()
-        for _ in range(repeat):
+    timings = {name: 0.0 for name in modes}
+    for cfg in modes.values():
+        run(images[0], logits[0], cfg)  # warm-up
+    for _ in range(repeat):  # interleaved, so a change of load hits every mode alike
+        for name, cfg in modes.items():
+            t = time.perf_counter()
             for img, lg in zip(images, logits, strict=True):
-                fn(img, lg)
-        timings[name] = 1000 * (time.perf_counter() - t) / (repeat * len(images))
+                run(img, lg, cfg)
+            timings[name] += time.perf_counter() - t
     torch.set_num_threads(threads)
+    cv2.setNumThreads(cv_threads)
+    ms = {k: 1000 * v / (repeat * len(images)) for k, v in timings.items()}
+    refine_ms = {k: ms[k] - ms["none"] for k in ms if k != "none"}  # beyond upsample + softmax
     return {
         "image_size": list(VOC_SIZE),
         "num_classes": EM_CLASSES,
         "logit_grid": list(grid),
         "images": len(images) * repeat,
-        "torch_threads": 1,
-        "guided_filter": {"radius": cfg.radius, "eps": cfg.eps, "guide": cfg.guide},
-        "crf_ms_per_image": round(timings["crf"], 2),
-        "guided_ms_per_image": round(timings["guided"], 2),
-        "guided_vs_crf": round(timings["guided"] / timings["crf"], 4),
+        "threads": {"torch": 1, "opencv": 1},
+        "guided_filter": {"radius": modes["guided"].radius, "eps": modes["guided"].eps,
+                          "guide": "luma"},
+        "ms_per_image": {k: round(v, 2) for k, v in ms.items()},
+        "refinement_ms_per_image": {k: round(v, 2) for k, v in refine_ms.items()},
+        "guided_vs_crf": round(refine_ms["guided"] / refine_ms["crf"], 4),
+        "guided_fast2_vs_crf": round(refine_ms["guided_fast2"] / refine_ms["crf"], 4),
+        "guided_fast4_vs_crf": round(refine_ms["guided_fast4"] / refine_ms["crf"], 4),
     }
 
 

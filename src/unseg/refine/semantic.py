@@ -42,6 +42,7 @@ class RefineConfig:
     crf: CRFConfig = field(default_factory=CRFConfig)
     radius: int = 9
     eps: float = 1e-3
+    subsample: int = 1  # > 1: the fast guided filter (coefficients fitted at 1/subsample)
 
 
 def check_refine(mode: str) -> Refine:
@@ -52,14 +53,19 @@ def check_refine(mode: str) -> Refine:
 
 
 def guided_probs(
-    probs: torch.Tensor, image: np.ndarray, radius: int = 9, eps: float = 1e-3
+    probs: torch.Tensor,
+    image: np.ndarray,
+    radius: int = 9,
+    eps: float = 1e-3,
+    subsample: int = 1,
 ) -> torch.Tensor:
     """Guided-filtered probabilities ``[K, H, W]`` of ``probs [K, H, W]`` on uint8 RGB
     ``image [H, W, 3]`` (luma guide), clipped at 0 and renormalised to sum to 1 per pixel."""
     if tuple(probs.shape[1:]) != tuple(image.shape[:2]):
         raise UnsegError(f"probabilities {tuple(probs.shape)} do not match image {image.shape}")
     rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
-    q = guided_filter(luma(rgb)[None], probs.float()[None], radius, eps)[0].clamp_min(0)
+    q = guided_filter(luma(rgb)[None], probs.float()[None], radius, eps, subsample)[0]
+    q = q.clamp_min(0)
     return q / q.sum(dim=0, keepdim=True).clamp_min(_FLOOR)
 
 
@@ -80,7 +86,7 @@ def refine_logits(
     probs = logits.softmax(dim=0)
     if config.mode == "none":
         return probs
-    probs = guided_probs(probs, image, config.radius, config.eps)
+    probs = guided_probs(probs, image, config.radius, config.eps, config.subsample)
     if config.mode == "guided":
         return probs
     return torch.from_numpy(dense_crf(image, probs.clamp_min(_FLOOR).log(), config.crf))
