@@ -212,6 +212,7 @@ def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
 
 
 def _register_builtin() -> None:
+    from unseg.methods.found import FoundConfig, FoundHead
     from unseg.methods.kmeans import KMeans, KMeansConfig
     from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
     from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
@@ -283,8 +284,53 @@ def _register_builtin() -> None:
             "multiscale": "multi-scale consistency (Boosting trick)",
             "crop_scale": "crop side as a fraction of the image side (LO HI)",
             "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
+            "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
+            "(RoI-align of the full map) or backbone (every step)",
+            "crop_pool": "crops cached per image",
             "weight_consistency": "weight of the multi-scale MSE",
             "weight_crop_ncut": "weight of the cut on the crop",
+            "guided_filter": "guided-filter refinement at prediction",
+            "guided.radius": "guided-filter radius",
+            "guided.eps": "guided-filter ε",
+            "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
+            "guided.standardize": "standardise each mask channel before filtering",
+            "seed": "random seed",
+        },
+        option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
+    ))
+    register_method(MethodSpec(
+        name="found",
+        config=FoundConfig,
+        estimator=FoundHead,
+        output="saliency",
+        needs=("features", "images", "backbone"),
+        summary="FOUND-style head: a 1x1 conv trained against background-seed pseudo-masks",
+        aliases=("found-head",),
+        feature_kind="keys",
+        option_help={
+            "image_size": "training crop side and prediction short side in pixels",
+            "seed_rule": "background seed: the most typical patch of the border ring or of "
+            "the whole grid",
+            "bkg_threshold": "cosine similarity to the seed above which a patch is background",
+            "n_seeds": "patches averaged as the background seed (the seed and its nearest)",
+            "refine_targets": "guided-filter the 0/1 targets (stands in for the bilateral "
+            "solver)",
+            "lr": "AdamW learning rate",
+            "batch_size": "images per step",
+            "steps": "training steps (reference: 500)",
+            "lr_step": "steps between learning-rate decays",
+            "lr_gamma": "learning-rate decay factor",
+            "stop_bkg_loss": "steps trained on the pseudo-masks before self-training",
+            "weight_refined": "weight of the loss against the refined own prediction",
+            "weight_self": "weight of the self-training loss",
+            "multiscale": "multi-scale consistency (Boosting trick)",
+            "crop_scale": "crop side as a fraction of the image side (LO HI)",
+            "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
+            "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
+            "(RoI-align of the full map) or backbone (every step)",
+            "crop_pool": "crops cached per image",
+            "weight_consistency": "weight of the multi-scale MSE",
+            "weight_crop_base": "weight of the base loss on the crop",
             "guided_filter": "guided-filter refinement at prediction",
             "guided.radius": "guided-filter radius",
             "guided.eps": "guided-filter ε",
