@@ -1,0 +1,149 @@
+"""Benchmark the pipelines against their physical floor: `segment` and `discover` beside
+`unseg features` on the same images, total seconds and seconds per stage, in one run.
+
+Runs, one after the other in this process, each into a fresh folder (no cache shared):
+``features`` (what `unseg features` does: list, hash, decode, backbone, cache), ``segment`` with
+PriMaPs-EM and with k-means (K classes, the default refinement unless ``--refine``), ``discover``
+(spectral, guided filter), then ``features`` again (the better of the two is the floor, so
+warm-up costs do not count against it). Per run: total seconds, seconds per stage (decode,
+backbone, proposals, fitting, predicting, refinement, writing; the run's own record), and
+total / features. When the images are a VOC root the segmentations are scored (Hungarian mIoU
+and pixel accuracy against the ground truth of the images used). Prints JSON.
+
+Usage: python bench/pipeline.py [--images ../shared/data/VOC2012] [--max-images N]
+       [--num-classes 21] [--backbone efficientnet_lite0] [--refine crf] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unseg.backbones import create_backbone
+from unseg.data.datasets import dataset_images
+from unseg.data.layouts import find_layout
+from unseg.features import extract_features
+from unseg.pipelines.evaluate import evaluate_semantic
+from unseg.pipelines.saliency import discover
+from unseg.pipelines.semantic import SemanticSettings, segment
+from unseg.refine.semantic import DEFAULT_REFINE, REFINES
+from unseg.utils.timing import Timings
+
+REPO = Path(__file__).resolve().parents[1]
+VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
+
+
+def _link_images(paths: list[Path], folder: Path) -> Path:
+    """A folder of links to ``paths`` (names kept): the commands take folders."""
+    folder.mkdir(parents=True)
+    for p in paths:
+        (folder / p.name).symlink_to(p.resolve())
+    return folder
+
+
+def _ground_truth(root: Path, stems: list[str], folder: Path) -> Path | None:
+    """A folder of links to the semantic ground truth of ``stems``, when ``root`` has one."""
+    layout = find_layout(root, "semantic")
+    if layout is None:
+        return None
+    folder.mkdir(parents=True)
+    for s in stems:
+        (folder / f"{s}{layout.gt_suffix}").symlink_to(layout.gt_path / f"{s}{layout.gt_suffix}")
+    return folder
+
+
+def _features(images: Path, out: Path, backbone: str) -> dict[str, Any]:
+    timings = Timings()
+    start = time.perf_counter()
+    model = create_backbone(backbone, device="cpu")
+    extract_features(dataset_images(images), model, cache_dir=out, timings=timings)
+    return {"seconds": round(time.perf_counter() - start, 3), "stages": timings.as_dict()}
+
+
+def _segment(
+    images: Path, out: Path, method: str, k: int, settings: SemanticSettings,
+    gt: Path | None,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    report = segment(images, out, method, k, settings=settings)
+    seconds = time.perf_counter() - start
+    meta = json.loads((out / "run" / "config.json").read_text())
+    result: dict[str, Any] = {
+        "seconds": round(seconds, 3),
+        "stages": meta["timings"],
+        "masks": len(report.written),
+        "failed": len(report.failed),
+        "refine": meta["predict"]["refine"],
+    }
+    if gt is not None:
+        scores = evaluate_semantic(out / "masks", gt, num_classes=k)
+        result.update(miou=round(scores.miou, 4), acc=round(scores.acc, 4))
+    return result
+
+
+def _discover(images: Path, out: Path, backbone: str) -> dict[str, Any]:
+    timings = Timings()
+    start = time.perf_counter()
+    report = discover(images, out, "spectral", backbone, timings=timings)
+    return {"seconds": round(time.perf_counter() - start, 3), "stages": timings.as_dict(),
+            "masks": len(report.written)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default=str(VOC2012), help="dataset root or image folder")
+    parser.add_argument("--max-images", type=int, default=None, help="the first N images only")
+    parser.add_argument("--num-classes", "-k", type=int, default=21)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--refine", choices=REFINES, default=DEFAULT_REFINE)
+    parser.add_argument("--workers", type=int, default=None, help="refinement processes")
+    args = parser.parse_args()
+    root = Path(args.images)
+    paths = dataset_images(root)[: args.max_images]
+    work = Path(tempfile.mkdtemp(prefix="unseg-bench-pipeline-"))
+    images = _link_images(paths, work / "images")
+    gt = _ground_truth(root, [p.stem for p in paths], work / "gt")
+    settings = SemanticSettings(backbone=args.backbone, refine=args.refine, device="cpu",
+                                num_workers=args.workers)
+    load_before = os.getloadavg()
+    runs: dict[str, Any] = {}
+    first = _features(images, work / "features-1", args.backbone)
+    for method in ("primaps-em", "kmeans"):
+        runs[f"segment {method}"] = _segment(images, work / method, method, args.num_classes,
+                                             settings, gt)
+    runs["discover spectral"] = _discover(images, work / "discover", args.backbone)
+    second = _features(images, work / "features-2", args.backbone)
+    floor = min(first, second, key=lambda r: r["seconds"])
+    for run in runs.values():
+        run["over_features"] = round(run["seconds"] / floor["seconds"], 2)
+    print(json.dumps({
+        "benchmark": "pipeline stages vs `unseg features` on the same images (CPU)",
+        "images": {"from": str(root), "count": len(paths)},
+        "num_classes": args.num_classes,
+        "backbone": args.backbone,
+        "target": "segment (default refinement) at most 3x features, no loss of mIoU",
+        "features": {"seconds": floor["seconds"], "stages": floor["stages"],
+                     "runs_seconds": [first["seconds"], second["seconds"]]},
+        "runs": runs,
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        },
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
