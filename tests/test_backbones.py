@@ -64,6 +64,17 @@ def test_registry_has_every_backbone_with_documented_facts():
         default = spec.tap_info(spec.default_tap)
         assert (spec.stride, spec.dim) == (default.stride, default.dim)
         assert {"s16", "s32", "head", "s16+s32"} <= set(spec.tap_table)
+    # the measured defaults of docs/feature-taps.md
+    defaults = {
+        name: (get_spec(name).default_tap, get_spec(name).default_center)
+        for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    }
+    assert defaults == {
+        "efficientnet_lite0": ("s32", False),
+        "efficientnet_lite1": ("b19+s32", True),
+        "efficientnet_lite2": ("head", True),
+    }
+    assert not get_spec("dino_vits8").default_center
     assert [s.name for s in list_backbones("dinov2*reg4")] == [
         "dinov2_vitb14_reg4",
         "dinov2_vits14_reg4",
@@ -276,7 +287,7 @@ def test_cli_lists_backbones_and_the_default(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "dino_vits8" in out and "dinov2" not in out.split("default")[0]
     assert "download" in out and str(tmp_path / "weights" / "dino_deitsmall8_pretrain.pth") in out
-    assert f"efficientnet_lite0: DINO weights not found in {tmp_path / 'weights'}" in out
+    assert f"efficientnet_lite2: DINO weights not found in {tmp_path / 'weights'}" in out
     assert "taps (dim/stride)" not in out  # ViTs have one tap
     assert main(["backbones", "efficientnet*"]) == 0
     out = capsys.readouterr().out

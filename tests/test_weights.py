@@ -159,7 +159,7 @@ def test_pickled_code_is_refused(tmp_path):
 def test_cache_is_used_and_its_hash_recorded_then_verified(home):
     spec = get_spec("dino_vits8")
     assert weights_status(spec).status == "download"
-    assert default_backbone_name() == "efficientnet_lite0"
+    assert default_backbone_name() == "efficientnet_lite2"
     dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
     dest.parent.mkdir(parents=True)
     torch.save(official_dino_state(384, 8, 28), dest)

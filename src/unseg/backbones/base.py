@@ -13,7 +13,8 @@ concatenations written ``"a+b"``: each part L2-normalised per position, the coar
 upsampled bilinearly to the finest part's grid, then concatenated. ViTs have one tap, ``"last"``
 (the last block; ``kind`` still chooses tokens or keys). ``backbone.tap`` selects the tap (default
 ``spec.default_tap``); ``backbone.dim`` and ``backbone.stride`` follow it, while ``spec.dim`` and
-``spec.stride`` are the default tap's.
+``spec.stride`` are the default tap's. ``spec.default_center`` says whether the default tap was
+measured to cluster best with the dataset mean subtracted (docs/feature-taps.md).
 
 Input sizes: H and W must be multiples of ``stride``. What happens otherwise is the module's
 ``size_policy`` (set by ``create_backbone``): ``"error"`` (default) raises ``UnsegError``;
@@ -101,6 +102,9 @@ class BackboneSpec:
     keys_note: str = ""
     taps: tuple[tuple[str, Tap], ...] = ()
     default_tap: str = ""
+    # k-means clustered the default tap best after subtracting the dataset mean feature
+    # (docs/feature-taps.md): the mean is then a statistic fitted with the method
+    default_center: bool = False
 
     def __post_init__(self) -> None:
         if not self.taps:
