@@ -164,7 +164,7 @@ def test_every_config_field_has_an_option_or_is_the_pipelines(spec: MethodSpec):
     top = {f.name for f in dataclasses.fields(spec.config)}
     for name in top - set(spec.pipeline_fields):
         assert name in flat or any(k.startswith(name + ".") for k in flat), name
-    assert all(o.help.endswith(f"(default: {o.default})") for o in config_options(spec))
+    assert all("(default: " in o.help for o in config_options(spec))
 
 
 def test_generated_options_parse_into_the_config():

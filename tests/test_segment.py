@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from unseg.backbones import get_spec
 from unseg.cli.main import main
 from unseg.errors import UnsegError
 from unseg.pipelines.semantic import (
@@ -68,7 +69,9 @@ def test_segment_writes_masks_overlays_and_a_run(segmented: tuple[Path, Path]) -
         assert overlay.size == mask.size
     meta = json.loads((out / "run" / "config.json").read_text())
     assert meta["method"] == "primaps-em" and meta["backbone"] == BACKBONE
-    assert meta["num_classes"] == 3 and meta["feature_dim"] == 432
+    tap = get_spec(BACKBONE).default_tap
+    assert meta["num_classes"] == 3 and meta["tap"] == tap
+    assert meta["feature_dim"] == get_spec(BACKBONE).tap_info(tap).dim
     assert len(meta["weights_sha256"]) == 64
     assert meta["config"]["lr"] == 5e-3 and meta["config"]["ema_decay"] == 0.98
     assert meta["predict"] == {"flip": True, "refine": "crf", "label_factor": 2}
@@ -250,3 +253,17 @@ def test_the_tap_reaches_the_run_and_prediction_rebuilds_it(tmp_path: Path) -> N
     for p in sorted((tmp_path / "o" / "masks").glob("*.png")):
         assert np.array_equal(np.asarray(Image.open(p)),
                               np.asarray(Image.open(tmp_path / "p" / p.name)))
+
+
+def test_centring_follows_the_backbones_measured_default():
+    from unseg.backbones import list_backbones
+    from unseg.pipelines.semantic import pipeline_values
+
+    centred = [s for s in list_backbones() if s.default_center]
+    plain = [s for s in list_backbones() if not s.default_center]
+    assert centred and plain
+    spec = centred[0]
+    assert pipeline_values(3, SemanticSettings(backbone=spec.name))["center"] is True
+    other = next(t for t in spec.tap_table if t != spec.default_tap)
+    assert pipeline_values(3, SemanticSettings(backbone=spec.name, tap=other))["center"] is False
+    assert pipeline_values(3, SemanticSettings(backbone=plain[0].name))["center"] is False

@@ -161,7 +161,8 @@ def _options(spec: MethodSpec, cls: type, prefix: tuple[str, ...]) -> list[Confi
         default = getattr(defaults, f.name)
         text = f.metadata.get("help") or spec.option_help.get(key) or key.replace("_", " ")
         flags = ("--" + "-".join(path).replace("_", "-"), *spec.option_flags.get(key, ()))
-        out.append(ConfigOption(path, flags, kind, default, f"{text} (default: {default})",
+        shown = text if "(default:" in text else f"{text} (default: {default})"
+        out.append(ConfigOption(path, flags, kind, default, shown,
                                 choices))  # type: ignore[arg-type]
     return out
 
@@ -237,7 +238,8 @@ def _register_builtin() -> None:
             "init_max_points": "feature vectors sampled for the initialisation",
             "classifier": "reference: weight-normalised θ with trainable gain on raw features; "
             "cosine: unit-gain cosine classifier",
-            "center": "subtract the training images' mean feature (kept in the run)",
+            "center": "subtract the training images' mean feature, kept in the run (default: "
+            "on where the backbone's default tap was measured best centred)",
             "student_augs": "train θ on the student view (blur, jitter/greyscale; seeded)",
             "flip": "average the features of the image and its mirror image at prediction",
             "ignore_index": "pseudo-label id of pixels outside every proposal",
@@ -256,7 +258,8 @@ def _register_builtin() -> None:
             "max_iter": "Lloyd iterations per restart",
             "tol": "relative inertia change that stops the iterations",
             "chunk_size": "feature vectors per distance block (memory)",
-            "center": "subtract the training images' mean feature (kept in the run)",
+            "center": "subtract the training images' mean feature, kept in the run (default: "
+            "on where the backbone's default tap was measured best centred)",
         },
     ))
     register_method(MethodSpec(

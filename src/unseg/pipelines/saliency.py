@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from unseg.methods.base import FitInputs
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
-from unseg.pipelines.fitting import fit_estimator
+from unseg.pipelines.fitting import FitResult, fit_estimator
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.registry import MethodSpec, get_method
@@ -61,16 +61,6 @@ MASKS_DIR = "masks"
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
-
-
-@dataclass
-class FitResult:
-    """What a fit did: the run folder, the failures, and training facts."""
-
-    run_dir: Path
-    report: BatchReport
-    n_images: int
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_grid(path: Path, image: np.ndarray, size: int, stride: int) -> None:

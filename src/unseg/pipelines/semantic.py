@@ -23,7 +23,8 @@ palette PNG (pixel value = class id) and a JPEG overlay.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import backbone_weights_sha256
+from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
 from unseg.methods.base import SemanticEstimator
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
-from unseg.pipelines.fitting import build_config, extras_for, fit_estimator, training_inputs
+from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.fitting import (
+    FitResult,
+    build_config,
+    extras_for,
+    fit_estimator,
+    training_inputs,
+)
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, hwc, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
@@ -99,16 +106,6 @@ class PredictSettings:
     flip: bool = True
     refine: str = DEFAULT_REFINE
     label_factor: int = 2
-
-
-@dataclass
-class FitResult:
-    """What a fit did: the run folder, the images used, failures, and training facts."""
-
-    run_dir: Path
-    report: BatchReport
-    n_images: int
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def default_workers() -> int:
@@ -223,14 +220,40 @@ def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: T
     )
 
 
-def _pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, Any]:
-    """The config fields the pipeline owns (set on every config that has them)."""
+def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, Any]:
+    """The config fields the pipeline sets on every config that has them: the classes, seed,
+    label factor, CRF use, and ``center`` as measured best for the backbone's default tap
+    (``spec.default_center``; a user's ``--center``/``--no-center`` overrides it)."""
+    assert settings.backbone is not None
+    backbone = get_spec(settings.backbone)
+    default_tap = settings.tap in (None, backbone.default_tap)
     return {
         "num_classes": num_classes,
         "seed": settings.seed,
         "label_factor": settings.label_factor,
         "crf": "crf" in settings.refine,
+        "center": backbone.default_center and default_tap,
     }
+
+
+def _method(
+    method: str, num_classes: int, options: Mapping[str, Any] | None, settings: SemanticSettings
+) -> tuple[MethodSpec, Any, SemanticSettings]:
+    """The registered semantic ``method``, its config, and the settings with the backbone
+    resolved (the default one when none is named), checked."""
+    spec = get_method(method)
+    _check(spec, num_classes, settings)
+    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
+    return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
+
+
+@contextmanager
+def _session(settings: SemanticSettings) -> Iterator[tuple[torch.device, CRFPool]]:
+    """The command's device (joining the torchrun group when launched by it) and its one
+    worker pool."""
+    workers = settings.num_workers or default_workers()
+    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
+        yield dev, pool
 
 
 def fit_semantic(
@@ -249,14 +272,11 @@ def fit_semantic(
     backbone, feature size, refinement, seed, device, workers.
     """
     settings = settings or SemanticSettings()
-    spec = get_method(method)
-    _check(spec, num_classes, settings)
-    config = build_config(spec, options, _pipeline_values(num_classes, settings))
+    spec, config, settings = _method(method, num_classes, options, settings)
     run_dir = Path(run_dir)
     timings = Timings()
     report = BatchReport()
-    workers = settings.num_workers or default_workers()
-    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
+    with _session(settings) as (dev, pool):
         fitted = _fit(data, run_dir, spec, config, settings, dev, pool, timings, report)
         _save(run_dir, fitted, settings, timings)
         dist.barrier()
@@ -422,14 +442,11 @@ def segment(
     the run's ``config.json`` holds the seconds per stage (``timings``).
     """
     settings = settings or SemanticSettings()
-    spec = get_method(method)
-    _check(spec, num_classes, settings)
-    config = build_config(spec, options, _pipeline_values(num_classes, settings))
+    spec, config, settings = _method(method, num_classes, options, settings)
     out_dir = Path(out_dir)
     timings = Timings()
     report = BatchReport()
-    workers = settings.num_workers or default_workers()
-    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
+    with _session(settings) as (dev, pool):
         fitted = _fit(images, out_dir / "run", spec, config, settings, dev, pool, timings, report)
         writer = _Writer(out_dir / "masks", resolve_image_dir(images), out_dir / "overlays",
                          BatchReport())
