@@ -4,10 +4,10 @@ Images are resized as :mod:`unseg.data.resize` says (short side ``size``, sides 
 the backbone stride; ``crop=True``: a centre square).
 Decoding and resizing run in DataLoader workers; images of the same resized shape are batched.
 
-The cache lives in ``cache_dir/<key>/`` where ``key`` hashes (backbone name, weights sha256,
-size, crop, kind, dtype); each image's features are one safetensors file named by the sha256 of
-the image file's bytes, written atomically, so an interrupted run resumes where it stopped and a
-second run computes nothing. ``index.json`` beside them maps image paths to their entries.
+The cache (:mod:`unseg.feature_store`) lives in ``cache_dir/<key>/``, ``key`` hashing the
+setting (backbone, tap, weights sha256, size, crop, kind, dtype); each image's tensors are
+safetensors files named by the sha256 of the image file's bytes, written atomically, so an
+interrupted run resumes where it stopped and a second run computes nothing.
 
 What later stages need of an image is computed in the same pass (``extras``), so the image is
 decoded once: ``"flipped"``, the features of its mirror image flipped back (flip-averaged
@@ -19,153 +19,54 @@ Each is cached as ``<sha256>.<extra>.safetensors`` beside the features.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from unseg.backbones import backbone_weights_sha256, create_backbone
+from unseg.backbones import create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
 from unseg.data.datasets import dataset_images
 from unseg.data.image import load_image
 from unseg.data.resize import prepare_image, resize_image, target_size
 from unseg.data.transforms import student_view
 from unseg.errors import UnsegError
+from unseg.feature_store import (
+    EXTRAS,
+    FeatureRecord,
+    FeatureSet,
+    cache_key,
+    cache_setting,
+    cached_shape,
+    file_name,
+    load_cache,
+    merge_index,
+    save_tensor,
+)
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device
-from unseg.utils.hashing import file_sha256, settings_key
-from unseg.utils.io import atomic_write, write_json_atomic
+from unseg.utils.hashing import file_sha256
 from unseg.utils.progress import progress
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-# the image-resizing helpers stay importable from here, where callers have long found them
+# the cache's types and the image-resizing helpers stay importable from here, where callers
+# have long found them
 __all__ = [
+    "EXTRAS",
     "FeatureRecord", "FeatureSet", "cache_key", "cache_setting", "extract_dataset",
     "extract_features", "load_cache", "prepare_image", "resize_image", "target_size",
 ]
 
-CACHE_FORMAT = 2  # 2: images resized in uint8
-EXTRAS: tuple[str, ...] = ("flipped", "image", "student")
 _EXIF_ORIENTATION = 0x0112
-
-
-@dataclass(frozen=True)
-class FeatureRecord:
-    """One image's entry: content hash, original and resized image size, feature shape."""
-
-    sha256: str
-    original_size: tuple[int, int]
-    image_size: tuple[int, int]
-    feature_shape: tuple[int, int, int]
-
-    def to_json(self) -> dict:
-        """A JSON-friendly dict."""
-        return {
-            "sha256": self.sha256,
-            "original_size": list(self.original_size),
-            "image_size": list(self.image_size),
-            "feature_shape": list(self.feature_shape),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> FeatureRecord:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            d["sha256"],
-            tuple(d["original_size"]),
-            tuple(d["image_size"]),
-            tuple(d["feature_shape"]),
-        )
-
-
-class FeatureSet(Mapping[Path, torch.Tensor]):
-    """Mapping image path → features ``[C, h, w]``, loaded lazily from the cache when cached.
-
-    ``paths`` are the images that succeeded, in input order; ``report`` lists the failures.
-    """
-
-    def __init__(
-        self,
-        records: dict[Path, FeatureRecord],
-        report: BatchReport,
-        cache_dir: Path | None = None,
-        tensors: dict[tuple[str, str], torch.Tensor] | None = None,
-        stats: dict[str, int] | None = None,
-        student_seed: int = 0,
-    ) -> None:
-        self._records = records
-        self.report = report
-        self.cache_dir = cache_dir
-        self._tensors = tensors or {}
-        self.stats = stats or {}
-        self.student_seed = student_seed
-
-    @property
-    def paths(self) -> list[Path]:
-        """Images with features, in input order."""
-        return list(self._records)
-
-    def record(self, path: str | Path) -> FeatureRecord:
-        """The entry of ``path`` (KeyError if it failed or was not requested)."""
-        return self._records[Path(path)]
-
-    def shape_of(self, path: str | Path) -> tuple[int, int, int]:
-        """Feature shape ``(C, h, w)`` of ``path`` without loading it."""
-        return self.record(path).feature_shape
-
-    def image_size(self, path: str | Path) -> tuple[int, int]:
-        """``(H, W)`` of the resized image the features were computed on."""
-        return self.record(path).image_size
-
-    def original_size(self, path: str | Path) -> tuple[int, int]:
-        """``(H, W)`` of the image file (after EXIF orientation)."""
-        return self.record(path).original_size
-
-    def __getitem__(self, path: str | Path) -> torch.Tensor:
-        return self.extra(path, "features")
-
-    def extra(self, path: str | Path, name: str) -> torch.Tensor:
-        """``"features"`` or one of the :data:`EXTRAS` computed for ``path``."""
-        rec = self._records[Path(path)]
-        if (rec.sha256, name) in self._tensors:
-            return self._tensors[(rec.sha256, name)]
-        if self.cache_dir is None:
-            raise KeyError(f"{path}: no {name!r} computed")
-        file = self.cache_dir / _file_name(rec.sha256, name, self.student_seed)
-        if not file.is_file():
-            raise KeyError(f"{path}: no {name!r} computed")
-        return load_file(file)[name]
-
-    def __iter__(self) -> Iterator[Path]:
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-
-def load_cache(folder: str | Path) -> FeatureSet:
-    """The features stored in one cache folder (``cache_dir/<key>``, read from its index.json)."""
-    folder = Path(folder)
-    index = folder / "index.json"
-    try:
-        entries = json.loads(index.read_text(encoding="utf-8"))["images"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise UnsegError(f"{index}: not a readable feature-cache index ({exc})") from None
-    records = {Path(p): FeatureRecord.from_json(d) for p, d in entries.items()}
-    stats = {"images": len(records), "computed": 0, "cached": len(records), "failed": 0}
-    return FeatureSet(records, BatchReport(), folder, stats=stats)
 
 
 def _header_size(path: Path) -> tuple[int, int]:
@@ -174,36 +75,6 @@ def _header_size(path: Path) -> tuple[int, int]:
         w, h = img.size
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
-def _file_name(sha256: str, name: str, student_seed: int) -> str:
-    if name == "features":
-        return f"{sha256}.safetensors"
-    if name == "student":
-        return f"{sha256}.student-{student_seed}.safetensors"
-    return f"{sha256}.{name}.safetensors"
-
-
-def cache_setting(
-    backbone: Backbone, size: int, crop: bool, kind: FeatureKind, dtype: torch.dtype
-) -> dict:
-    """What the features depend on besides the image: backbone, its tap and weights, size, crop,
-    kind, dtype."""
-    return {
-        "format": CACHE_FORMAT,
-        "backbone": backbone.spec.name,
-        "tap": getattr(backbone, "tap", None),
-        "weights_sha256": backbone_weights_sha256(backbone),
-        "size": size,
-        "crop": crop,
-        "kind": kind,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def cache_key(setting: dict) -> str:
-    """Short hash of a :func:`cache_setting`, naming its cache folder."""
-    return settings_key(setting)
 
 
 @dataclass(frozen=True)
@@ -287,21 +158,6 @@ def _scan(
     return items, failed
 
 
-def _save(path: Path, name: str, tensor: torch.Tensor) -> None:
-    atomic_write(path, lambda p: save_file({name: tensor.contiguous()}, str(p)))
-
-
-def _merge_index(index_path: Path, key_info: dict, records: dict[Path, FeatureRecord]) -> None:
-    entries: dict[str, dict] = {}
-    if index_path.is_file():
-        try:
-            entries = json.loads(index_path.read_text(encoding="utf-8")).get("images", {})
-        except (OSError, ValueError):
-            logger.warning("%s unreadable; rewriting it", index_path)
-    entries.update({str(p): r.to_json() for p, r in records.items()})
-    write_json_atomic(index_path, {**key_info, "images": entries})
-
-
 @torch.inference_mode()
 def extract_features(
     paths: Sequence[str | Path],
@@ -355,7 +211,7 @@ def extract_features(
     todo = [
         it for it in items
         if cache is None
-        or not all((cache / _file_name(it.sha256, n, student_seed)).is_file() for n in names)
+        or not all((cache / file_name(it.sha256, n, student_seed)).is_file() for n in names)
     ]
     feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
     if todo:
@@ -379,7 +235,7 @@ def extract_features(
             if Path(it.path) in failures:
                 continue
             if shape is None:
-                shape = _cached_shape(cache, it.sha256)
+                shape = cached_shape(cache, it.sha256)
             records[it.index] = (
                 it.path, FeatureRecord(it.sha256, it.original_size, it.image_size, shape)
             )
@@ -393,7 +249,7 @@ def extract_features(
             tensors.update({(rec.sha256, n): t for n, t in feats[i][0].items()})
     else:
         if rank == 0:
-            _merge_index(cache / "index.json", setting, ordered)
+            merge_index(cache / "index.json", setting, ordered)
         report.written.extend(cache / f"{r.sha256}.safetensors" for r in ordered.values())
     if shard:
         dist.barrier()
@@ -404,13 +260,6 @@ def extract_features(
         "failed": len(failures),
     }
     return FeatureSet(ordered, report, cache, tensors, stats, student_seed)
-
-
-def _cached_shape(cache: Path | None, sha: str) -> tuple[int, int, int]:
-    if cache is None:
-        raise RuntimeError("no cache to read a shape from")
-    with safe_open(str(cache / f"{sha}.safetensors"), framework="pt") as f:
-        return tuple(f.get_slice("features").get_shape())
 
 
 @dataclass(frozen=True)
@@ -490,7 +339,7 @@ def _compute(
 
     def save(path: Path, name: str, tensor: torch.Tensor) -> None:
         with timings.stage("writing"):
-            _save(path, name, tensor)
+            save_tensor(path, name, tensor)
 
     # Cache files are written by one background thread while the model runs on the next batch.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unseg-cache") as writer:
@@ -512,7 +361,7 @@ def _compute(
                 mine = {name: t[j].clone() for name, t in tensors.items()}
                 if cache is not None:
                     for name, t in mine.items():
-                        path = cache / _file_name(item.sha256, name, job.student_seed)
+                        path = cache / file_name(item.sha256, name, job.student_seed)
                         pending.append(writer.submit(save, path, name, t))
                 shape = tuple(mine["features"].shape)
                 out[item.index] = ({} if cache is not None else mine, shape)
