@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,24 @@ def test_centring_follows_the_backbones_measured_default():
     other = next(t for t in spec.tap_table if t != spec.default_tap)
     assert pipeline_values(3, SemanticSettings(backbone=spec.name, tap=other))["center"] is False
     assert pipeline_values(3, SemanticSettings(backbone=plain[0].name))["center"] is False
+
+
+def test_runs_share_a_cache_dir_and_fit_as_with_their_own(segmented, tmp_path: Path) -> None:
+    """``cache_dir``: features and pseudo-labels go there instead of RUN/cache, a second run
+    reuses them (the cached files are not rewritten), and the fit is the one a private cache
+    gives."""
+    images, out = segmented
+    shared = replace(SETTINGS, cache_dir=str(tmp_path / "cache"))
+    opts = {"options": FAST["options"], "settings": shared}
+    fit_semantic(images, tmp_path / "a", "primaps-em", 3, **opts)
+    assert not (tmp_path / "a" / "cache").exists()
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert any("primaps" in p.parts for p in cached) and any("features" in p.parts for p in cached)
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    fit_semantic(images, tmp_path / "b", "primaps-em", 3, **opts)
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == cached
+    for run in ("a", "b"):
+        got = load_file(tmp_path / run / "weights.safetensors")
+        want = load_file(out / "run" / "weights.safetensors")
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -52,6 +52,10 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
         "the paper)",
     )
     p.add_argument("--workers", type=int, default=None, help="PriMaPs/refinement processes")
+    p.add_argument(
+        "--cache-dir", default=None,
+        help="feature and pseudo-label cache, shareable between runs (default: RUN/cache)",
+    )
     add_device_argument(p)
 
 
@@ -69,6 +73,7 @@ def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSetting
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,
+        cache_dir=args.cache_dir,
     )
 
 

@@ -32,13 +32,14 @@ def hwc(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
 
-def pseudo_label_dir(run_dir: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
-    """Cache folder of the pseudo-labels: named by the feature setting, PriMaPs and the CRF."""
+def pseudo_label_dir(cache: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
+    """Cache folder of the pseudo-labels under ``cache``: named by the feature setting, PriMaPs
+    and the CRF."""
     key = settings_key(
         {"features": feats.cache_dir.name if feats.cache_dir else None, "primaps": asdict(cfg),
          "crf": asdict(crf)}
     )
-    return run_dir / "cache" / "primaps" / key
+    return cache / "primaps" / key
 
 
 def compute_pseudo_labels(

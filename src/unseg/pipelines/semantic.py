@@ -23,15 +23,13 @@ palette PNG (pixel value = class id) and a JPEG overlay.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
@@ -48,30 +46,31 @@ from unseg.pipelines.fitting import (
     fit_estimator,
     training_inputs,
 )
-from unseg.pipelines.pseudo_labels import compute_pseudo_labels, hwc, pseudo_label_dir
+from unseg.pipelines.label_maps import (
+    CHUNK,
+    LabelWriter,
+    PredictSettings,
+    gather_report,
+    predict_label_maps,
+    too_small,
+)
+from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import (
     DEFAULT_PSEUDO_REFINE,
     DEFAULT_REFINE,
-    RefineConfig,
     check_refine,
-    refine_many,
 )
 from unseg.registry import MethodSpec, get_method
-from unseg.report.overlays import overlay
-from unseg.report.palette import png_palette
 from unseg.runs import load_fitted, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import cpu_count, cpu_threads, resolve_device, seed_everything
-from unseg.utils.io import save_jpeg_atomic, save_png_atomic
-from unseg.utils.progress import progress
+from unseg.utils.device import cpu_count, resolve_device, seed_everything
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
 MAX_CLASSES = 256  # label PNGs are 8-bit palette images
 # `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
 # sky, ground, object) rather than a dataset's 21 or 27.
@@ -84,7 +83,9 @@ class SemanticSettings:
 
     ``size``: feature short side; ``label_factor``: logits at this multiple of the feature
     resolution (training and prediction); ``refine``: the prediction's refinement (stored in the
-    run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF).
+    run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF);
+    ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
+    entries are keyed by everything they depend on, so runs may share one.
     """
 
     backbone: str | None = None
@@ -97,15 +98,7 @@ class SemanticSettings:
     seed: int = 0
     device: str | None = None
     num_workers: int | None = None
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """How a run predicts: flip averaging, refinement, upsampling factor of the logits."""
-
-    flip: bool = True
-    refine: str = DEFAULT_REFINE
-    label_factor: int = 2
+    cache_dir: str | None = None
 
 
 def default_workers() -> int:
@@ -143,15 +136,23 @@ class _Fitted:
     facts: dict[str, Any]
 
 
-def _too_small(feats: FeatureSet, stride: int, report: BatchReport) -> list[Path]:
-    keep = []
-    for p in feats.paths:
-        h, w = feats.original_size(p)
-        if min(h, w) < stride:
-            report.fail(p, f"image {w}x{h} is smaller than one {stride}-pixel patch")
-        else:
-            keep.append(p)
-    return keep
+@dataclass
+class _Session:
+    """What one command shares across its stages: the device, the one worker pool, the stage
+    timings and the report of failed inputs."""
+
+    device: torch.device
+    pool: CRFPool
+    timings: Timings = field(default_factory=Timings)
+    report: BatchReport = field(default_factory=BatchReport)
+
+
+@contextmanager
+def _session(settings: SemanticSettings) -> Iterator[_Session]:
+    """The command's :class:`_Session` (joining the torchrun group when launched by it)."""
+    workers = settings.num_workers or default_workers()
+    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
+        yield _Session(dev, pool)
 
 
 def _fit(
@@ -160,12 +161,11 @@ def _fit(
     spec: MethodSpec,
     config: Any,
     settings: SemanticSettings,
-    dev: torch.device,
-    pool: CRFPool,
-    timings: Timings,
-    report: BatchReport,
+    session: _Session,
 ) -> _Fitted:
+    """Extract (one pass), propose, fit; nothing saved yet."""
     seed_everything(settings.seed)
+    dev, pool, timings, report = session.device, session.pool, session.timings, session.report
     paths = dataset_images(data)
     model = open_backbone(settings.backbone, settings.weights, settings.tap, dev)
     predict = PredictSettings(
@@ -173,11 +173,12 @@ def _fit(
     )
     extras = tuple(sorted({*extras_for(spec, config), "image", *(("flipped",) if predict.flip
                                                                   else ())}))
+    cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
     feats = extract_features(
-        paths, model, size=settings.size, cache_dir=run_dir / "cache" / "features",
+        paths, model, size=settings.size, cache_dir=cache / "features",
         report=report, extras=extras, student_seed=settings.seed, timings=timings,
     )
-    good = _too_small(feats, model.stride, report)
+    good = too_small(feats, model.stride, report)
     if not good:
         raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
     proposals = None
@@ -185,7 +186,7 @@ def _fit(
     if "proposals" in spec.needs_for(config):
         pcfg = PriMaPsConfig(refine=settings.pseudo_refine)  # type: ignore[arg-type]
         proposals = compute_pseudo_labels(
-            good, feats, pseudo_label_dir(run_dir, feats, pcfg, pool.config), pcfg, pool, timings
+            good, feats, pseudo_label_dir(cache, feats, pcfg, pool.config), pcfg, pool, timings
         )
         facts["primaps"] = asdict(pcfg)
     inputs = training_inputs(spec, config, feats, good, proposals)
@@ -247,15 +248,6 @@ def _method(
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 
 
-@contextmanager
-def _session(settings: SemanticSettings) -> Iterator[tuple[torch.device, CRFPool]]:
-    """The command's device (joining the torchrun group when launched by it) and its one
-    worker pool."""
-    workers = settings.num_workers or default_workers()
-    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
-        yield dev, pool
-
-
 def fit_semantic(
     data: str | Path,
     run_dir: str | Path,
@@ -274,97 +266,11 @@ def fit_semantic(
     settings = settings or SemanticSettings()
     spec, config, settings = _method(method, num_classes, options, settings)
     run_dir = Path(run_dir)
-    timings = Timings()
-    report = BatchReport()
-    with _session(settings) as (dev, pool):
-        fitted = _fit(data, run_dir, spec, config, settings, dev, pool, timings, report)
-        _save(run_dir, fitted, settings, timings)
+    with _session(settings) as session:
+        fitted = _fit(data, run_dir, spec, config, settings, session)
+        _save(run_dir, fitted, settings, session.timings)
         dist.barrier()
-    return FitResult(run_dir, report, len(fitted.paths), fitted.facts)
-
-
-# ------------------------------------------------------------------------------ prediction
-
-
-def _output_name(path: Path, root: Path) -> Path:
-    rel = path.name if root.is_file() else path.relative_to(root)
-    return Path(rel).with_suffix(".png")
-
-
-@dataclass
-class _Writer:
-    """Where and how label PNGs (and overlays) are written, and what was written."""
-
-    out_dir: Path
-    names_root: Path
-    overlay_dir: Path | None
-    report: BatchReport
-    palette: list[int] = field(default_factory=png_palette)
-
-    def write(self, path: Path, labels: np.ndarray, image: torch.Tensor) -> None:
-        """``labels [H, W]`` (class ids) of ``path``; the overlay on its resized ``image``."""
-        lab8 = labels.astype(np.uint8)
-        target = self.out_dir / _output_name(path, self.names_root)
-        save_png_atomic(target, lab8, palette=self.palette)
-        self.report.written.append(target)
-        if self.overlay_dir is not None:
-            size = labels.shape
-            big = F.interpolate(image[None].float(), size=size, mode="bilinear",
-                                align_corners=False)[0].round().clamp(0, 255).byte()
-            jpg = (self.overlay_dir / _output_name(path, self.names_root)).with_suffix(".jpg")
-            save_jpeg_atomic(jpg, overlay(hwc(big), lab8))
-
-
-@torch.inference_mode()
-def _logits(
-    estimator: SemanticEstimator, feats: FeatureSet, path: Path, settings: PredictSettings,
-    device: torch.device,
-) -> torch.Tensor:
-    """The estimator's logits ``[K, H', W']`` for ``path`` at its resized image size."""
-    f = feats[path].float()
-    if settings.flip:
-        f = (f + feats.extra(path, "flipped").float()) / 2
-    lg = estimator.logits(f.to(device), settings.label_factor)
-    size = feats.image_size(path)
-    return F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
-
-
-def _predict_paths(
-    estimator: SemanticEstimator,
-    feats: FeatureSet,
-    paths: Sequence[Path],
-    settings: PredictSettings,
-    device: torch.device,
-    pool: CRFPool,
-    writer: _Writer,
-    timings: Timings,
-) -> None:
-    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``)."""
-    refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
-    for start in progress(range(0, len(paths), CHUNK), desc="predict"):
-        chunk = list(paths[start : start + CHUNK])
-        images = [feats.extra(p, "image") for p in chunk]
-        with timings.stage("predicting"), cpu_threads(device, 1):
-            # one intra-op thread: many mid-sized ops, and the refinement processes need the
-            # cores; on a shared machine this is several times faster than two
-            logits = [_logits(estimator, feats, p, settings, device) for p in chunk]
-        with timings.stage("refinement"):
-            probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
-        with timings.stage("writing"):
-            for p, q, image in zip(chunk, probs, images, strict=True):
-                size = feats.original_size(p)
-                up = F.interpolate(q[None], size=size, mode="bilinear", align_corners=False)[0]
-                writer.write(p, up.argmax(0).numpy(), image)
-
-
-def _gather(report: BatchReport) -> BatchReport:
-    if not dist.is_distributed():
-        return report
-    parts = dist.all_gather_objects((report.written, report.failed))
-    return BatchReport(
-        written=[w for part in parts for w in part[0]],
-        failed=[f for part in parts for f in part[1]],
-    )
+    return FitResult(run_dir, session.report, len(fitted.paths), fitted.facts)
 
 
 def predict_images(
@@ -399,8 +305,8 @@ def predict_images(
         model = open_fitted_backbone(meta, overrides.get("weights"), dev, str(run_dir))
         paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
         report = BatchReport()
-        writer = _Writer(Path(out_dir), resolve_image_dir(root),
-                         None if overlay_dir is None else Path(overlay_dir), report)
+        writer = LabelWriter(Path(out_dir), resolve_image_dir(root),
+                             None if overlay_dir is None else Path(overlay_dir), report)
         extras = ("image", "flipped") if settings.flip else ("image",)
         workers = (num_workers or default_workers()) if settings.refine != "none" else 1
         with CRFPool(workers) as pool:
@@ -410,9 +316,9 @@ def predict_images(
                     part, model, size=int(meta["feature_size"]), report=report, extras=extras,
                     shard=False, timings=timings,
                 )
-                good = _too_small(feats, model.stride, report)
-                _predict_paths(estimator, feats, good, settings, dev, pool, writer, timings)
-    return _gather(report)
+                good = too_small(feats, model.stride, report)
+                predict_label_maps(estimator, feats, good, settings, dev, pool, writer, timings)
+    return gather_report(report)
 
 
 def predict_run(
@@ -444,17 +350,15 @@ def segment(
     settings = settings or SemanticSettings()
     spec, config, settings = _method(method, num_classes, options, settings)
     out_dir = Path(out_dir)
-    timings = Timings()
-    report = BatchReport()
-    with _session(settings) as (dev, pool):
-        fitted = _fit(images, out_dir / "run", spec, config, settings, dev, pool, timings, report)
-        writer = _Writer(out_dir / "masks", resolve_image_dir(images), out_dir / "overlays",
-                         BatchReport())
+    with _session(settings) as session:
+        fitted = _fit(images, out_dir / "run", spec, config, settings, session)
+        writer = LabelWriter(out_dir / "masks", resolve_image_dir(images), out_dir / "overlays",
+                             BatchReport())
         mine = dist.shard(fitted.paths, dist.rank(), dist.world_size())
-        _predict_paths(fitted.estimator, fitted.feats, mine, fitted.predict, dev, pool, writer,
-                       timings)
-        _save(out_dir / "run", fitted, settings, timings)
+        predict_label_maps(fitted.estimator, fitted.feats, mine, fitted.predict, session.device,
+                           session.pool, writer, session.timings)
+        _save(out_dir / "run", fitted, settings, session.timings)
         dist.barrier()
-    predicted = _gather(writer.report)
-    predicted.failed = report.failed + predicted.failed
+    predicted = gather_report(writer.report)
+    predicted.failed = session.report.failed + predicted.failed
     return predicted
