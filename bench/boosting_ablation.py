@@ -1,12 +1,18 @@
-"""The Boosting ablation on real data: spectral / head, with and without the two tricks.
+"""The Boosting ablation on real data: spectral / heads, with and without the two tricks.
 
 Saliency (Acc, IoU, maxFβ with β² = 0.3, curve mode) on ECSSD with heads trained on the VOC2007
 images; CorLoc on VOC2007 with heads trained on ECSSD images (the first ``--train-n`` sorted).
-No labels are used for training. Each head is trained once per setting and predicted once; the
-guided-filter variants filter the same probabilities. Prints one JSON document and writes it
+No labels are used for training. Heads (``--heads``): ``sempart`` (the SEMPART-style saliency
+head: rows "head ...", ``--epochs``/``--lr``) and ``found`` (the FOUND-style head: rows
+"found ...", ``--found-steps``/``--found-lr``). Each head is trained once per setting (base,
+multi-scale, and with ``--fixed-crop`` multi-scale with the reference's near-fixed crop) and
+predicted once; the guided-filter variants filter the same probabilities. Multi-scale crops come
+from the crop cache (``--crop-pool`` crops per image). Each row also gets the collapse verdict
+(:mod:`unseg.methods.collapse`) of its predicted maps. Prints one JSON document and writes it
 (after every finished row, so partial results survive) to ``--out/results.json``.
 
     .venv/bin/python bench/boosting_ablation.py --out /tmp/boosting --epochs 4 --lr 1e-3
+    .venv/bin/python bench/boosting_ablation.py --out /tmp/b --heads found sempart --no-spectral
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 
 from unseg.backbones import create_backbone
 from unseg.data.image import list_images
+from unseg.methods.collapse import CollapseCheck
+from unseg.methods.found import FoundConfig
 from unseg.methods.saliency import SaliencyHeadConfig
 from unseg.pipelines.evaluate import evaluate_corloc, evaluate_saliency
 from unseg.pipelines.saliency import (
@@ -92,7 +100,8 @@ def _evaluate(task: str, out_dir: Path, partial: bool) -> dict:
 
 
 def _both(name: str, fn, paths, out: Path, task: str, size: int, stride: int, res: dict) -> None:
-    """Predict once, score without and with the guided filter (rows ``name`` / ``name + gf``)."""
+    """Predict once, score without and with the guided filter (rows ``name`` / ``name + gf``),
+    and record the collapse verdict of the unfiltered maps."""
     memo = Memo(fn)
     for gf, row in ((None, name), (GuidedFilterConfig(), f"{name} + guided filter")):
         t0 = time.perf_counter()
@@ -103,6 +112,11 @@ def _both(name: str, fn, paths, out: Path, task: str, size: int, stride: int, re
             "predict_s": round(time.perf_counter() - t0, 1),
         }
         _save(res, out)
+        if gf is None:
+            check = CollapseCheck()
+            for prob in memo.store.values():
+                check.update(prob.float()[None])
+            res.setdefault("collapse", {}).setdefault(name, {})[task] = check.report().as_dict()
 
 
 def _save(res: dict, out: Path) -> None:
@@ -120,7 +134,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-spectral", action="store_true", help="only the head rows")
     ap.add_argument("--limit", type=int, default=None, help="smoke test: first N images only")
+    ap.add_argument("--heads", nargs="+", default=["sempart"], choices=["sempart", "found"])
+    ap.add_argument("--found-steps", type=int, default=FoundConfig().steps)
+    ap.add_argument("--found-lr", type=float, default=FoundConfig().lr)
+    ap.add_argument("--fixed-crop", action="store_true", help="also multi-scale, fixed crop")
+    ap.add_argument("--crop-pool", type=int, default=4, help="cached crops per image")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     res = {
         "machine": {
@@ -149,17 +170,30 @@ def main() -> int:
         if not args.no_spectral:
             fn = spectral_prob_fn(backbone, size, SpectralConfig())
             _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
-        for ms in (False, True):
-            cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, multiscale=ms, seed=args.seed)
-            name = "head + multi-scale" if ms else "head"
+        variants = [("", {}), (" + multi-scale", {"multiscale": True})]
+        if args.fixed_crop:
+            variants.append((" + multi-scale (fixed crop)", {"multiscale": True,
+                                                             "fixed_crop": True}))
+        for head_kind, (suffix, kw) in ((h, v) for h in args.heads for v in variants):
+            if head_kind == "sempart":
+                method, name, budget = "saliency-head", "head" + suffix, {"epochs": args.epochs}
+                cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                         crop_pool=args.crop_pool, **kw)
+                budget["lr"] = args.lr
+            else:
+                method, name = "found", "found" + suffix
+                budget = {"steps": args.found_steps, "lr": args.found_lr}
+                cfg = FoundConfig(steps=args.found_steps, lr=args.found_lr, seed=args.seed,
+                                  crop_pool=args.crop_pool, **kw)
             t0 = time.perf_counter()
-            run = out / "runs" / f"{task}_{'ms' if ms else 'base'}"
+            tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
+            run = out / "runs" / f"{task}_{head_kind}_{tag}"
             torch.manual_seed(args.seed)
-            fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out / "cache")
+            fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out / "cache",
+                               method=method)
             res["training"][f"{task}: {name}"] = {
                 "images": fit.n_images,
-                "epochs": args.epochs,
-                "lr": args.lr,
+                **budget,
                 "seconds": round(time.perf_counter() - t0, 1),
                 "loss_history": fit.facts["loss_history"],
             }
