@@ -61,7 +61,8 @@ def _planted(n: int = 6, seed: int = 0) -> tuple[FitInputs, list[torch.Tensor]]:
         feats.append(backbone.forward_features(img8[None].float() / 255, "tokens")[0])
         props.append(region.clone())
         truth.append(region)
-    inputs = FitInputs(feats, images=images, proposals=props, student_features=list(feats))
+    inputs = FitInputs(feats, images=images, proposals=props, student_features=list(feats),
+                       masks=[r != 0 for r in truth])
     return inputs, truth
 
 
@@ -74,6 +75,8 @@ def _config(spec: MethodSpec):
 def _outputs(spec: MethodSpec, estimator, inputs: FitInputs) -> list[torch.Tensor]:
     if spec.output == "semantic":
         return [estimator.logits(f, 2) for f in inputs.features]
+    if spec.output == "embedding":
+        return [t for f in inputs.features for t in estimator.forward(f, (16, 20))]
     feats = torch.stack(list(inputs.features))
     return [estimator.predict_proba(feats, torch.stack(list(inputs.images)))]
 

@@ -2,8 +2,9 @@
 
 A :class:`MethodSpec` names the method, its config dataclass (defaults = the paper's values), its
 estimator class (the contract of :mod:`unseg.methods.base`), what the estimator needs of the
-training images (:data:`NEEDS`), and its output kind (``"semantic"`` class ids or
-``"saliency"`` foreground probabilities). From it:
+training images (:data:`NEEDS`), and its output kind (``"semantic"`` class ids,
+``"saliency"`` foreground probabilities, or ``"embedding"``: pixel embeddings and a saliency
+logit, turned into class ids by clustering the images a run predicts). From it:
 
 - ``unseg fit METHOD``, ``unseg segment --method``, ``unseg discover --method`` and their help
   get one command-line option per config field (:func:`config_options`: the field's type gives
@@ -28,13 +29,14 @@ from typing import Any, Literal
 
 from unseg.errors import UnsegError
 
-Output = Literal["semantic", "saliency"]
+Output = Literal["semantic", "saliency", "embedding"]
 NEEDS: tuple[str, ...] = (
     "features",  # dense features [C, h, w] of each training image (always)
     "images",  # the uint8 image [3, H, W] the features were computed on
     "proposals",  # PriMaPs pseudo-labels [H, W] (semantic methods)
     "student_features",  # features of a photometrically augmented view
     "backbone",  # the frozen backbone itself (the estimator's feature_fn), e.g. for crops
+    "masks",  # saliency mask proposals [H, W] of each image (from a folder, e.g. --saliency)
 )
 
 
@@ -107,7 +109,7 @@ class ConfigOption:
 
     path: tuple[str, ...]
     flags: tuple[str, ...]
-    kind: Literal["bool", "int", "float", "str", "pair", "optional-int"]
+    kind: Literal["bool", "int", "float", "str", "pair", "optional-int", "ints", "floats"]
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -135,6 +137,10 @@ def _kind(tp: Any) -> tuple[str, tuple[str, ...] | None]:
         return "optional-int", None
     if origin is tuple and len(args) == 2 and all(a in (int, float) for a in args):
         return "pair", None
+    if origin is tuple and len(args) == 2 and args == (int, Ellipsis):
+        return "ints", None  # any number of ints
+    if origin is tuple and len(args) > 2 and all(a is float for a in args):
+        return "floats", None  # as many floats as the default has
     raise UnsegError(f"config field type {tp!r} has no command-line form")
 
 
@@ -215,6 +221,7 @@ def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
 def _register_builtin() -> None:
     from unseg.methods.found import FoundConfig, FoundHead
     from unseg.methods.kmeans import KMeans, KMeansConfig
+    from unseg.methods.maskcontrast import MaskContrast, MaskContrastConfig
     from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
     from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 
@@ -342,6 +349,45 @@ def _register_builtin() -> None:
             "seed": "random seed",
         },
         option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
+    ))
+    register_method(MethodSpec(
+        name="maskcontrast",
+        config=MaskContrastConfig,
+        estimator=MaskContrast,
+        output="embedding",
+        needs=("features", "student_features", "masks"),
+        summary="MaskContrast: pixel embeddings contrasting salient-object mask proposals",
+        aliases=("mask-contrast",),
+        pipeline_fields=("seed",),
+        option_help={
+            "embed_dim": "pixel embedding dimension",
+            "width": "decoder width",
+            "aspp_rates": "dilation rates of the ASPP branches",
+            "momentum": "momentum of the key model",
+            "temperature": "contrastive temperature T",
+            "queue_size": "prototype queue length (paper: 256 unsupervised, 128 supervised "
+            "saliency)",
+            "lr": "SGD learning rate",
+            "sgd_momentum": "SGD momentum",
+            "weight_decay": "SGD weight decay",
+            "poly_power": "exponent of the poly learning-rate decay",
+            "epochs": "training epochs (paper: 40; 15 for the CPU budget)",
+            "batch_size": "images per step (paper: 128 unsupervised, 64 supervised saliency)",
+            "view_size": "view side in image pixels",
+            "loss_size": "pixels per side where the losses are taken (0: the view size)",
+            "crop_scale": "random resized crop area range (LO HI)",
+            "crop_ratio": "random resized crop aspect range (LO HI)",
+            "flip_p": "horizontal flip probability",
+            "min_view_area": "smallest salient share of a view",
+            "max_view_area": "largest salient share of a view",
+            "max_redraws": "view redraws before the whole image is used",
+            "saliency_weight": "weight of the balanced BCE saliency loss",
+            "jitter": "colour jitter strengths (not an option: photometric views come from "
+            "the student features)",
+            "jitter_p": "colour jitter probability (photometric_view)",
+            "grey_p": "greyscale probability (photometric_view)",
+        },
+        option_flags={"queue_size": ("--queue",)},
     ))
 
 

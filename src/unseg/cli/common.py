@@ -61,9 +61,11 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
 
 def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSettings:
     """:class:`SemanticSettings` from :func:`add_semantic_arguments`' and the backbone's
-    options; the backbone choice is announced on stderr."""
+    options; the backbone choice is announced on stderr (with ``--embeddings`` the embedding
+    run's backbone is used instead)."""
+    embeddings = getattr(args, "embeddings", None)
     return SemanticSettings(
-        backbone=resolve_backbone(args.backbone, command),
+        backbone=args.backbone if embeddings else resolve_backbone(args.backbone, command),
         weights=args.weights,
         tap=args.tap,
         size=args.size,
@@ -74,6 +76,7 @@ def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSetting
         device=args.device,
         num_workers=args.workers,
         cache_dir=args.cache_dir,
+        embeddings=embeddings,
     )
 
 

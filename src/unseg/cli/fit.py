@@ -2,12 +2,14 @@
 
 One subcommand per method of the registry (``unseg.registry``), with one option per field of
 its config; semantic methods add the semantic pipeline's options (``-k``, ``--size``,
-``--refine``, ...), saliency methods the feature cache.
+``--refine``, ``--embeddings``, ...), saliency methods the feature cache, embedding methods
+(MaskContrast) the saliency mask folder (``--saliency``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from unseg.cli.common import (
     add_backbone_arguments,
@@ -18,9 +20,11 @@ from unseg.cli.common import (
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.fitting import build_config
+from unseg.pipelines.maskcontrast import MaskContrastSettings, fit_maskcontrast
 from unseg.pipelines.saliency import fit_saliency
 from unseg.pipelines.semantic import fit_semantic
 from unseg.registry import MethodSpec, get_method, list_methods
+from unseg.utils import dist
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
             m.add_argument("--num-classes", "-k", type=int, required=True,
                            help="number of classes K")
             add_semantic_arguments(m)
+            m.add_argument(
+                "--embeddings", default=None, metavar="RUN",
+                help="fit on the pixel embeddings of a maskcontrast run instead of the "
+                "backbone's features (its backbone, tap, weights and size are used; recorded "
+                "in the run, applied again at prediction)",
+            )
             m.set_defaults(func=_semantic)
+        elif spec.output == "embedding":
+            m.add_argument("--saliency", required=True, metavar="DIR",
+                           help="folder of 8-bit saliency PNGs named by the images' stems "
+                           "(e.g. `unseg discover` output)")
+            m.add_argument("--size", type=int, default=320,
+                           help="feature short side in pixels (320)")
+            m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+            m.add_argument("--cache-dir", default=None,
+                           help="feature cache folder (default: RUN/cache)")
+            add_device_argument(m)
+            m.set_defaults(func=_embedding)
         else:
             m.add_argument("--cache-dir", default=None, help="feature cache folder")
             add_device_argument(m)
@@ -57,6 +78,24 @@ def _semantic(args: argparse.Namespace) -> int:
         options=given_options(args, spec),
         settings=semantic_settings(args, f"fit {spec.name}"),
     )
+    return 0 if result.report.ok else 1
+
+
+def _embedding(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    result = fit_maskcontrast(
+        args.data, args.saliency, args.out,
+        options=given_options(args, spec),
+        settings=MaskContrastSettings(
+            backbone=resolve_backbone(args.backbone, f"fit {spec.name}"), weights=args.weights,
+            tap=args.tap, size=args.size, seed=args.seed, device=args.device,
+            cache_dir=args.cache_dir,
+        ),
+    )
+    if dist.is_main_env():
+        print(f"unseg fit {spec.name}: {result.masks.summary()}; run in {args.out}")
+        for path, problem in result.report.failed:
+            print(f"skipped: {path}: {problem}", file=sys.stderr)
     return 0 if result.report.ok else 1
 
 

@@ -26,6 +26,10 @@ def _kwargs(option: ConfigOption, help_text: str) -> dict[str, Any]:
         return {**base, "type": float, "metavar": metavar}
     if option.kind == "pair":
         return {**base, "type": float, "nargs": 2, "metavar": ("LO", "HI")}
+    if option.kind == "ints":
+        return {**base, "type": int, "nargs": "+", "metavar": metavar}
+    if option.kind == "floats":
+        return {**base, "type": float, "nargs": len(option.default), "metavar": metavar}
     if option.choices:
         return {**base, "choices": option.choices}
     return {**base, "metavar": metavar}
@@ -61,5 +65,6 @@ def given_options(args: argparse.Namespace, spec: MethodSpec) -> dict[str, Any]:
             flag = "--" + dest.removeprefix("cfg__").replace("__", "-").replace("_", "-")
             raise UnsegError(f"{flag} is not an option of {spec.name}")
         option = own[dest]
-        out[".".join(option.path)] = tuple(value) if option.kind == "pair" else value
+        multi = option.kind in ("pair", "ints", "floats")
+        out[".".join(option.path)] = tuple(value) if multi else value
     return out

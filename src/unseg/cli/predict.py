@@ -32,6 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="guided-filter guide (saliency runs; default: as fitted)",
     )
     p.add_argument(
+        "--num-classes", "-k", type=int, default=None,
+        help="classes K: background + K - 1 clusters (maskcontrast runs, required)",
+    )
+    p.add_argument(
+        "--clusters", choices=["predicted", "training"], default=None,
+        help="fit the clusters on the predicted images (default, as the paper) or on the run's "
+        "training images (maskcontrast runs)",
+    )
+    p.add_argument("--seed", type=int, default=None,
+                   help="k-means seed (maskcontrast runs; default 0)")
+    p.add_argument(
         "--weights",
         default=None,
         help="backbone weights file (default: the one the run was fitted with; hash-checked)",
@@ -46,6 +57,9 @@ def _run(args: argparse.Namespace) -> int:
         "guided_filter": args.guided_filter,
         "guide": args.guide,
         "weights": args.weights,
+        "num_classes": args.num_classes,
+        "clusters": args.clusters,
+        "seed": args.seed,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = predict_run(args.run, args.images, args.out, overrides, device=args.device)

@@ -3,6 +3,8 @@
 Writes ``DIR/masks/*.png`` (pixel value = class id, palette embedded), ``DIR/overlays/*.jpg`` and
 ``DIR/run/`` (the fitted model, reusable with ``unseg predict``; its config.json holds the
 seconds per stage). Every option of every semantic method's config is available here.
+``--method maskcontrast`` runs discover → fit → predict: the masks of ``unseg discover``
+(``DIR/discover``; ``--discover`` picks its method) or of ``--saliency DIR``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from unseg.cli.common import (
     semantic_settings,
 )
 from unseg.cli.options import add_method_options, given_options
+from unseg.pipelines.maskcontrast import MaskContrastSettings, segment_maskcontrast
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, segment
 from unseg.registry import get_method, list_methods
+from unseg.utils.batch import BatchReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment", help="fit and predict semantic classes shared across a folder of images"
     )
-    specs = list_methods("semantic")
+    specs = list_methods("semantic") + list_methods("embedding")
+    discovery = [n for s in list_methods("saliency") for n in (s.name, *s.aliases)]
     p.add_argument("images", help="dataset root, image folder (recursive) or image file")
     p.add_argument("--out", required=True, help="output folder: masks/, overlays/, run/")
     p.add_argument(
@@ -38,15 +43,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_backbone_arguments(p)
     add_semantic_arguments(p)
+    p.add_argument(
+        "--saliency", default=None, metavar="DIR",
+        help="maskcontrast: folder of saliency PNGs named by the images' stems (default: run "
+        "`unseg discover` first, into OUT/discover)",
+    )
+    p.add_argument(
+        "--discover", choices=["spectral", *discovery], default="spectral",
+        help="maskcontrast: the discover method giving the masks (default spectral, "
+        "training-free)",
+    )
     add_method_options(p, specs, "method options")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     spec = get_method(args.method)
-    report = segment(
-        args.images, args.out, spec.name, args.num_classes,
-        options=given_options(args, spec),
-        settings=semantic_settings(args, "segment"),
-    )
+    report: BatchReport
+    if spec.output == "embedding":
+        settings = semantic_settings(args, "segment")
+        report = segment_maskcontrast(
+            args.images, args.out, args.num_classes,
+            saliency=args.saliency, discover_method=args.discover,
+            options=given_options(args, spec),
+            settings=MaskContrastSettings(
+                backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
+                size=settings.size, seed=settings.seed, device=settings.device,
+                cache_dir=settings.cache_dir,
+            ),
+        )
+    else:
+        report = segment(
+            args.images, args.out, spec.name, args.num_classes,
+            options=given_options(args, spec),
+            settings=semantic_settings(args, "segment"),
+        )
     return finish(report, f"{args.out}/masks (overlays in {args.out}/overlays)")

@@ -78,7 +78,11 @@ Box = tuple[float, float, float, float]  # top, left, height, width in image pix
 class MaskContrastConfig:
     """MaskContrast settings; defaults are the paper's (unsupervised-saliency) values except
     ``aspp_rates`` (the reference's 12/24/36 sit on a 28-cell grid; frozen-backbone grids of
-    7-20 cells take 2/4/6) and the CPU view design (module docstring)."""
+    7-20 cells take 2/4/6), the CPU view design (module docstring) and the CPU budget:
+    ``epochs`` 15 (paper: 40) and ``loss_size`` 56 (paper: the losses at the 224-pixel view
+    size), so that a run on the 639 VOC images of ``../shared/data`` fits in about 30 minutes
+    on a shared 2-core CPU (``docs/results-maskcontrast.md``); ``loss_size=None`` and
+    ``epochs=40`` give the paper's."""
 
     embed_dim: int = 32
     width: int = 256
@@ -90,10 +94,10 @@ class MaskContrastConfig:
     sgd_momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
-    epochs: int = 40
+    epochs: int = 15  # paper: 40 (CPU budget)
     batch_size: int = 128  # 64 with supervised saliency
     view_size: int = 224
-    loss_size: int | None = None  # pixels per side where the losses are taken (None: view_size)
+    loss_size: int | None = 56  # pixels per side of the losses (None: view_size, the paper)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -384,22 +388,30 @@ def photometric_view(
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def pca_whiten(x: torch.Tensor, n_components: int) -> torch.Tensor:
-    """PCA of the rows of ``x [N, D]`` projected to ``[N, n_components]`` and whitened (unit
-    variance, ``N − 1`` denominator), signs as scikit-learn's (largest |loading| positive);
-    components of zero variance (rank-deficient ``x``) are 0."""
+def pca_fit(x: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitening PCA of the rows of ``x [N, D]``: ``(mean [D], projection [D, n_components])``
+    (float64) such that ``(x − mean) @ projection`` has unit variance per component (``N − 1``
+    denominator), signs as scikit-learn's (largest |loading| positive); components of zero
+    variance (rank-deficient ``x``) project to 0."""
     if not 1 <= n_components <= min(x.shape):
         raise UnsegError(f"PCA needs 1 <= n_components <= min{tuple(x.shape)}, got {n_components}")
     xd = x.double()
-    xc = xd - xd.mean(dim=0)
-    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    mean = xd.mean(dim=0)
+    _, s, vh = torch.linalg.svd(xd - mean, full_matrices=False)
     vh = vh[:n_components]
     pivot = vh.abs().argmax(dim=1)
     vh = vh * torch.sign(vh[torch.arange(n_components), pivot])[:, None]
     var = s[:n_components] ** 2 / max(x.shape[0] - 1, 1)
     # directions of (numerically) zero variance are set to 0, not blown up to unit variance
     scale = torch.where(var > 1e-12 * var[0], var.clamp_min(1e-300).rsqrt(), 0.0)
-    return (xc @ vh.T * scale).to(x.dtype)
+    return mean, vh.T * scale
+
+
+def pca_whiten(x: torch.Tensor, n_components: int) -> torch.Tensor:
+    """PCA of the rows of ``x [N, D]`` projected to ``[N, n_components]`` and whitened
+    (:func:`pca_fit` applied to ``x`` itself)."""
+    mean, proj = pca_fit(x, n_components)
+    return ((x.double() - mean) @ proj).to(x.dtype)
 
 
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -444,6 +456,49 @@ def kmeans(
     return best[1]
 
 
+def cluster_prototypes(
+    prototypes: torch.Tensor, num_clusters: int = 20, pca_dim: int = 32, seed: int = 0
+) -> torch.Tensor:
+    """Cluster ids ``[N]`` of ``prototypes [N, D]``: PCA-whitened to ``pca_dim`` (at most
+    ``N − 1`` components: ``N`` centred points span no more, so a small set never whitens a
+    zero-variance direction), then k-means into ``num_clusters``."""
+    n, d = prototypes.shape
+    if n < 2:
+        raise UnsegError(f"the k-means protocol needs at least 2 images, got {n}")
+    x = pca_whiten(prototypes.float(), min(pca_dim, n - 1, d))
+    return kmeans(x, num_clusters, seed=seed)
+
+
+@dataclass(frozen=True)
+class PrototypeClusters:
+    """Clusters fitted on one set of image prototypes, to assign other images to: the whitening
+    (``mean [D]``, ``projection [D, d]``) and the k-means centres ``[K, d]`` (float64)."""
+
+    mean: torch.Tensor
+    projection: torch.Tensor
+    centres: torch.Tensor
+
+    @classmethod
+    def fit(
+        cls, prototypes: torch.Tensor, num_clusters: int = 20, pca_dim: int = 32, seed: int = 0
+    ) -> PrototypeClusters:
+        """:func:`cluster_prototypes` on ``prototypes [N, D]``, kept as a model."""
+        n, d = prototypes.shape
+        if n < 2:
+            raise UnsegError(f"the k-means protocol needs at least 2 images, got {n}")
+        mean, proj = pca_fit(prototypes.float(), min(pca_dim, n - 1, d))
+        x = (prototypes.double() - mean) @ proj
+        ids = kmeans(x.float(), num_clusters, seed=seed)
+        sums = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype).index_add_(0, ids, x)
+        counts = torch.bincount(ids, minlength=num_clusters).clamp_min(1)
+        return cls(mean, proj, sums / counts[:, None])
+
+    def assign(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """Nearest centre ``[M]`` of each of ``prototypes [M, D]`` in the whitened space."""
+        x = (prototypes.double() - self.mean) @ self.projection
+        return torch.cdist(x, self.centres).argmin(dim=1)
+
+
 def kmeans_protocol(
     prototypes: torch.Tensor,
     masks: Sequence[torch.Tensor],
@@ -451,19 +506,12 @@ def kmeans_protocol(
     pca_dim: int = 32,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """The per-image k-means protocol: ``prototypes [N, D]`` (one per image) PCA-whitened to
-    ``pca_dim``, k-means into ``num_clusters``; each image's salient pixels (``masks[i] [H, W]``,
-    bool) take its cluster + 1, the rest 0. Returns label maps ``[H, W]`` (int64).
-
-    At most ``N − 1`` components are kept (``N`` centred points span no more), so a small set
-    never whitens a zero-variance direction."""
-    n, d = prototypes.shape
-    if len(masks) != n:
-        raise UnsegError(f"{n} prototypes but {len(masks)} masks")
-    if n < 2:
-        raise UnsegError(f"the k-means protocol needs at least 2 images, got {n}")
-    x = pca_whiten(prototypes.float(), min(pca_dim, n - 1, d))
-    ids = kmeans(x, num_clusters, seed=seed)
+    """The per-image k-means protocol: ``prototypes [N, D]`` (one per image) clustered by
+    :func:`cluster_prototypes`; each image's salient pixels (``masks[i] [H, W]``, bool) take its
+    cluster + 1, the rest 0. Returns label maps ``[H, W]`` (int64)."""
+    if len(masks) != prototypes.shape[0]:
+        raise UnsegError(f"{prototypes.shape[0]} prototypes but {len(masks)} masks")
+    ids = cluster_prototypes(prototypes, num_clusters, pca_dim, seed)
     return [m.bool().long() * (int(c) + 1) for m, c in zip(masks, ids, strict=True)]
 
 

@@ -16,7 +16,11 @@ from unseg.runs import load_run
 from unseg.utils.batch import BatchReport
 
 # output kind → module providing ``predict_run(run_dir, images, out_dir, overrides, device)``
-_PIPELINES = {"semantic": "unseg.pipelines.semantic", "saliency": "unseg.pipelines.saliency"}
+_PIPELINES = {
+    "semantic": "unseg.pipelines.semantic",
+    "saliency": "unseg.pipelines.saliency",
+    "embedding": "unseg.pipelines.maskcontrast",
+}
 
 
 def predict_run(

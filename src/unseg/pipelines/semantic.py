@@ -54,6 +54,7 @@ from unseg.pipelines.label_maps import (
     predict_label_maps,
     too_small,
 )
+from unseg.pipelines.maskcontrast import EmbeddedFeatures, open_embeddings
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
@@ -63,7 +64,7 @@ from unseg.refine.semantic import (
     check_refine,
 )
 from unseg.registry import MethodSpec, get_method
-from unseg.runs import load_fitted, save_fitted
+from unseg.runs import load_fitted, load_run, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device, seed_everything
@@ -85,7 +86,9 @@ class SemanticSettings:
     resolution (training and prediction); ``refine``: the prediction's refinement (stored in the
     run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF);
     ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
-    entries are keyed by everything they depend on, so runs may share one.
+    entries are keyed by everything they depend on, so runs may share one; ``embeddings``: a
+    MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights
+    and feature size are used; the run records it and prediction applies it again).
     """
 
     backbone: str | None = None
@@ -99,6 +102,7 @@ class SemanticSettings:
     device: str | None = None
     num_workers: int | None = None
     cache_dir: str | None = None
+    embeddings: str | None = None
 
 
 def default_workers() -> int:
@@ -134,6 +138,7 @@ class _Fitted:
     paths: list[Path]
     predict: PredictSettings
     facts: dict[str, Any]
+    embeddings: dict[str, str] | None = None
 
 
 @dataclass
@@ -181,6 +186,11 @@ def _fit(
     good = too_small(feats, model.stride, report)
     if not good:
         raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
+    embedded = None
+    if settings.embeddings:
+        source = open_embeddings(settings.embeddings, dev)
+        feats, embedded = EmbeddedFeatures(feats, source.estimator), source.record
+        cache = cache / f"embedded-{source.record['sha256'][:16]}"  # its own pseudo-labels
     proposals = None
     facts: dict[str, Any] = {}
     if "proposals" in spec.needs_for(config):
@@ -193,7 +203,8 @@ def _fit(
     estimator = fit_estimator(spec, config, inputs, model, dev, timings)
     history = list(estimator.history_)
     facts.update(steps=len(history), final_loss=history[-1] if history else None)
-    return _Fitted(spec, estimator, model, feats, good, predict, facts)  # type: ignore[arg-type]
+    return _Fitted(spec, estimator, model, feats, good, predict, facts,  # type: ignore[arg-type]
+                   embedded)
 
 
 def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: Timings) -> None:
@@ -214,6 +225,7 @@ def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: T
             "stride": fitted.backbone.stride,
             "num_classes": int(fitted.estimator.config.num_classes),
             "predict": asdict(fitted.predict),
+            "embeddings": fitted.embeddings,
             "n_images": len(fitted.paths),
             "fit": fitted.facts,
             "timings": timings.as_dict(),
@@ -233,8 +245,29 @@ def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, A
         "seed": settings.seed,
         "label_factor": settings.label_factor,
         "crf": "crf" in settings.refine,
-        "center": backbone.default_center and default_tap,
+        # measured on the backbone's features, not on embeddings of another method
+        "center": backbone.default_center and default_tap and not settings.embeddings,
     }
+
+
+def _embedding_backbone(settings: SemanticSettings) -> SemanticSettings:
+    """``settings`` with the backbone, tap, weights and feature size of the MaskContrast run
+    ``settings.embeddings`` (a different backbone or tap asked for is an error)."""
+    meta, _ = load_run(settings.embeddings)  # type: ignore[arg-type]
+    for name, key in (("backbone", "backbone"), ("tap", "tap")):
+        asked = getattr(settings, name)
+        if asked is not None and asked != meta.get(key):
+            raise UnsegError(
+                f"--{name} {asked}: the embeddings of {settings.embeddings} come from "
+                f"{name} {meta.get(key)}; leave --{name} out"
+            )
+    if settings.size != meta.get("feature_size"):
+        logger.info("feature size %s of the embedding run is used", meta.get("feature_size"))
+    return replace(
+        settings, backbone=meta.get("backbone"), tap=meta.get("tap"),
+        weights=settings.weights or meta.get("weights_path"),
+        size=int(meta.get("feature_size", settings.size)),
+    )
 
 
 def _method(
@@ -244,6 +277,8 @@ def _method(
     resolved (the default one when none is named), checked."""
     spec = get_method(method)
     _check(spec, num_classes, settings)
+    if settings.embeddings:
+        settings = _embedding_backbone(settings)
     settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 
@@ -303,6 +338,9 @@ def predict_images(
         if overrides.get("refine") is not None:
             settings = replace(settings, refine=check_refine(overrides["refine"]))
         model = open_fitted_backbone(meta, overrides.get("weights"), dev, str(run_dir))
+        source = None
+        if meta.get("embeddings"):
+            source = open_embeddings(meta["embeddings"]["run"], dev, meta["embeddings"]["sha256"])
         paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
         report = BatchReport()
         writer = LabelWriter(Path(out_dir), resolve_image_dir(root),
@@ -317,6 +355,8 @@ def predict_images(
                     shard=False, timings=timings,
                 )
                 good = too_small(feats, model.stride, report)
+                if source is not None:
+                    feats = EmbeddedFeatures(feats, source.estimator)
                 predict_label_maps(estimator, feats, good, settings, dev, pool, writer, timings)
     return gather_report(report)
 

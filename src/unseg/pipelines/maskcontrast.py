@@ -1,0 +1,452 @@
+"""MaskContrast pipelines: fit on a folder with its saliency masks, predict label PNGs by
+clustering the predicted images' prototypes, ``segment`` = discover → fit → predict, and the
+embeddings other methods can be fitted on (chaining: ``unseg fit primaps-em --embeddings RUN``).
+
+Fit: the images are paired with the masks of the saliency folder by stem
+(:func:`unseg.proposals.saliency_masks.load_mask_proposals`: bad or missing masks are skipped and
+reported, near-empty ones dropped and counted), their features extracted once (cached in
+``RUN/cache`` or ``--cache-dir``), and the query views cut from the features of a photometric
+copy of each image (:func:`~unseg.methods.maskcontrast.photometric_view`, seeded by the run's
+seed and the image's hash, computed once per image and cached beside the features). The head
+is trained with a checkpoint in the run folder after every epoch; the same command after a
+kill resumes from it. The run also keeps the training images' prototypes
+(``train_prototypes.safetensors``) for clusters fitted on the training set.
+
+Predict: one prototype per image (the paper's protocol: raw embeddings weighted by the saliency
+logit where it exceeds 0.5), clustered into ``K − 1`` clusters on the predicted set (as the
+paper) or on the training set (``clusters="training"``); an image's salient pixels take its
+cluster + 1, the rest 0 (background); palette label PNGs as the other semantic methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from unseg.backbones import backbone_weights_sha256
+from unseg.backbones.base import Backbone
+from unseg.data.datasets import dataset_images
+from unseg.data.layouts import resolve_image_dir
+from unseg.errors import UnsegError
+from unseg.feature_store import FeatureSet
+from unseg.features import extract_features
+from unseg.methods.base import FitInputs
+from unseg.methods.maskcontrast import (
+    MaskContrast,
+    MaskContrastConfig,
+    PrototypeClusters,
+    cluster_prototypes,
+    photometric_view,
+    weighted_prototype,
+)
+from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
+from unseg.pipelines.label_maps import output_name, too_small
+from unseg.pipelines.pseudo_labels import hwc
+from unseg.proposals.saliency_masks import ProposalReport, load_mask_proposals
+from unseg.registry import get_method
+from unseg.report.overlays import overlay
+from unseg.report.palette import png_palette
+from unseg.runs import WEIGHTS_FILE, load_fitted, save_fitted
+from unseg.utils import dist
+from unseg.utils.batch import BatchReport
+from unseg.utils.device import resolve_device, seed_everything
+from unseg.utils.hashing import file_sha256, settings_key
+from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
+from unseg.utils.progress import progress
+from unseg.utils.timing import Timings
+
+logger = logging.getLogger(__name__)
+
+METHOD = "maskcontrast"
+TRAIN_PROTOTYPES = "train_prototypes.safetensors"
+Clusters = Literal["predicted", "training"]
+CHUNK = 32  # images per feature extraction round at prediction
+
+
+@dataclass(frozen=True)
+class MaskContrastSettings:
+    """How a MaskContrast command runs, besides the method's config: backbone, feature short
+    side ``size``, seed, device, feature cache folder (None: the run's ``cache/``)."""
+
+    backbone: str | None = None
+    weights: str | None = None
+    tap: str | None = None
+    size: int = 320
+    seed: int = 0
+    device: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class MaskContrastFit(FitResult):
+    """:class:`FitResult` plus the mask proposals' report (kept, dropped, bad masks)."""
+
+    masks: ProposalReport = field(default_factory=ProposalReport)
+
+
+def _photometric_features(
+    paths: Sequence[Path],
+    feats: FeatureSet,
+    model: Backbone,
+    config: MaskContrastConfig,
+    cache: Path,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Features ``[C, h, w]`` of a photometric copy of each image (its ``"image"`` extra),
+    seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    out: list[torch.Tensor] = []
+    for p in progress(paths, desc="photometric views"):
+        sha = feats.record(p).sha256
+        file = cache / f"{sha}.safetensors"
+        if file.is_file():
+            out.append(load_file(str(file))["features"])
+            continue
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + int(sha[:12], 16))
+        image = photometric_view(feats.extra(p, "image").float() / 255.0, gen, config)
+        with torch.inference_mode():
+            f = model.forward_features(image[None].to(device), "tokens")[0]
+        f = f.to("cpu", feats[p].dtype).contiguous()
+        atomic_write(file, lambda t, f=f: save_file({"features": f}, str(t)))
+        out.append(f)
+    return out
+
+
+def _view_cache(cache: Path, feats: FeatureSet, config: MaskContrastConfig) -> Path:
+    key = settings_key(
+        {"features": feats.cache_dir.name if feats.cache_dir else None, "seed": config.seed,
+         "jitter": list(config.jitter), "jitter_p": config.jitter_p, "grey_p": config.grey_p}
+    )
+    return cache / "maskcontrast-views" / key
+
+
+def fit_maskcontrast(
+    data: str | Path,
+    saliency: str | Path,
+    run_dir: str | Path,
+    *,
+    options: Mapping[str, Any] | None = None,
+    settings: MaskContrastSettings | None = None,
+    timings: Timings | None = None,
+) -> MaskContrastFit:
+    """Train MaskContrast on the images of ``data`` with the masks of the folder ``saliency``
+    (8-bit PNGs named by the images' stems) and save it to ``run_dir``; a checkpoint in
+    ``run_dir`` after every epoch, resumed by the same call after a kill.
+
+    ``options``: config fields by name (e.g. ``{"epochs": 5}``); ``settings``: backbone,
+    feature size, seed, device, cache.
+    """
+    settings = settings or MaskContrastSettings()
+    spec = get_method(METHOD)
+    config: MaskContrastConfig = build_config(spec, options, {"seed": settings.seed})
+    backbone_name = resolve_backbone_name(settings.backbone)
+    run_dir = Path(run_dir)
+    timings = timings if timings is not None else Timings()
+    report = BatchReport()
+    seed_everything(settings.seed)
+    with dist.joined(resolve_device(settings.device)) as dev:
+        paths = dataset_images(data)
+        proposals, mask_report = load_mask_proposals(paths, saliency)
+        report.failed += mask_report.failed
+        mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
+        model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
+        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
+        feats = extract_features(
+            proposals.paths, model, size=settings.size, cache_dir=cache / "features",
+            report=report, extras=("image",), timings=timings,
+        )
+        good = too_small(feats, model.stride, report)
+        if not good:
+            raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
+        with timings.stage("photometric views"):
+            views = _photometric_features(good, feats, model, config,
+                                          _view_cache(cache, feats, config), dev)
+        inputs = FitInputs(
+            features=[feats[p] for p in good],
+            masks=[mask_of[p] for p in good],
+            student_features=views,
+        )
+        check_fit_inputs(inputs)
+        estimator = MaskContrast(config, dev)
+        with timings.stage("fitting"):
+            estimator.fit(inputs, checkpoint_dir=run_dir)
+        facts = {
+            "epochs": config.epochs,
+            "steps": len(estimator.history_),
+            "final_loss": estimator.history_[-1] if estimator.history_ else None,
+            "view_fallbacks": estimator.fallbacks_,
+            "saliency": str(Path(saliency).resolve()),
+            "masks": {"kept": mask_report.kept, "dropped": len(mask_report.dropped),
+                      "bad": len(mask_report.failed)},
+        }
+        if dist.is_main():
+            with timings.stage("prototypes"):
+                protos = torch.stack([
+                    image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
+                ])
+            atomic_write(run_dir / TRAIN_PROTOTYPES,
+                         lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
+            save_fitted(run_dir, spec, estimator, extra={
+                "backbone": model.spec.name,
+                "tap": getattr(model, "tap", None),
+                "weights_sha256": backbone_weights_sha256(model),
+                "weights_path": str(Path(settings.weights).resolve()) if settings.weights
+                else None,
+                "feature_size": settings.size,
+                "feature_dim": int(feats[good[0]].shape[0]),
+                "stride": model.stride,
+                "n_images": len(good),
+                "fit": facts,
+                "timings": timings.as_dict(),
+            })
+        dist.barrier()
+    logger.info("%s", mask_report.summary())
+    return MaskContrastFit(run_dir, report, len(good), facts, mask_report)
+
+
+@torch.no_grad()
+def image_prototype(
+    estimator: MaskContrast, features: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image's prototype ``[D]`` at ``size`` as the paper's protocol, its saliency logit
+    ``[h, w]`` at the feature grid: bilinearly upsampled, it is the logit at any size)."""
+    emb, sal = estimator.forward(features)
+    up_emb = F.interpolate(emb[None], size=size, mode="bilinear", align_corners=False)[0]
+    up_sal = F.interpolate(sal[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return weighted_prototype(up_emb, up_sal * (up_sal > 0.5)).cpu(), sal.cpu()
+
+
+def salient_pixels(logit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Salient pixels ``[H, W]`` (bool) at ``size`` of a saliency ``logit [h, w]`` (logit above
+    0.5 after bilinear upsampling, the paper's rule)."""
+    up = F.interpolate(logit[None, None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0, 0] > 0.5
+
+
+def _assign(
+    run_dir: Path, protos: torch.Tensor, num_clusters: int, clusters: Clusters, seed: int
+) -> torch.Tensor:
+    """Cluster ids ``[N]`` of ``protos [N, D]``, fitted on them or on the run's training set."""
+    if clusters == "predicted":
+        if protos.shape[0] < max(num_clusters, 2):
+            raise UnsegError(
+                f"{num_clusters} clusters fitted on the predicted images need at least "
+                f"{max(num_clusters, 2)} of them, got {protos.shape[0]} (use fewer classes, more "
+                "images, or --clusters training)"
+            )
+        return cluster_prototypes(protos, num_clusters, seed=seed)
+    if clusters != "training":
+        raise UnsegError(f"clusters must be 'predicted' or 'training', got {clusters!r}")
+    file = run_dir / TRAIN_PROTOTYPES
+    if not file.is_file():
+        raise UnsegError(f"{run_dir}: no {TRAIN_PROTOTYPES}; refit the run or use --clusters "
+                         "predicted")
+    train = load_file(str(file))["prototypes"]
+    if train.shape[0] < num_clusters:
+        raise UnsegError(f"{run_dir}: {train.shape[0]} training images cannot make "
+                         f"{num_clusters} clusters")
+    return PrototypeClusters.fit(train, num_clusters, seed=seed).assign(protos)
+
+
+def _write(
+    path: Path,
+    labels: np.ndarray,
+    names_root: Path,
+    out_dir: Path,
+    overlay_dir: Path | None,
+    image: torch.Tensor | None,
+    report: BatchReport,
+) -> None:
+    """Palette PNG of ``labels [H, W]`` (and the overlay on ``image [3, H', W']`` when asked)."""
+    lab8 = labels.astype(np.uint8)
+    target = out_dir / output_name(path, names_root)
+    save_png_atomic(target, lab8, palette=png_palette())
+    report.written.append(target)
+    if overlay_dir is not None and image is not None:
+        big = F.interpolate(image[None].float(), size=lab8.shape, mode="bilinear",
+                            align_corners=False)[0].round().clamp(0, 255).byte()
+        jpg = (overlay_dir / output_name(path, names_root)).with_suffix(".jpg")
+        save_jpeg_atomic(jpg, overlay(hwc(big), lab8))
+
+
+def predict_maskcontrast(
+    run_dir: str | Path,
+    images: str | Path,
+    out_dir: str | Path,
+    num_classes: int,
+    *,
+    clusters: Clusters = "predicted",
+    seed: int = 0,
+    device: str | None = None,
+    weights: str | Path | None = None,
+    overlay_dir: str | Path | None = None,
+) -> BatchReport:
+    """Label PNGs (0 = background, clusters ``1..num_classes − 1``) for the images of
+    ``images`` with the MaskContrast run ``run_dir`` (module docstring); ``seed``: k-means.
+
+    Under torchrun each rank computes its share of the prototypes, every rank clusters all of
+    them (same seed, same ids) and writes its share.
+    """
+    if not 2 <= num_classes <= 256:
+        raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
+    run_dir, root = Path(run_dir), Path(images)
+    out = Path(out_dir)
+    overlays = None if overlay_dir is None else Path(overlay_dir)
+    report = BatchReport()
+    with dist.joined(resolve_device(device)) as dev:
+        _, estimator, meta = load_fitted(run_dir, "embedding", dev)
+        model = open_fitted_backbone(meta, weights, dev, str(run_dir))
+        paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
+        kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
+        protos: list[torch.Tensor] = []
+        for start in range(0, len(paths), CHUNK):
+            feats = extract_features(
+                paths[start : start + CHUNK], model, size=int(meta["feature_size"]),
+                report=report, extras=("image",) if overlays else (), shard=False,
+            )
+            for p in too_small(feats, model.stride, report):
+                proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
+                protos.append(proto)
+                image = feats.extra(p, "image") if overlays else None
+                kept.append((p, logit, feats.original_size(p), image))
+        parts = dist.all_gather_objects(torch.stack(protos) if protos else None)
+        everyone = [x for x in parts if x is not None]
+        if not everyone:
+            raise UnsegError(f"{images}: no image could be predicted")
+        all_protos = torch.cat(everyone)
+        ids = _assign(run_dir, all_protos, num_clusters=num_classes - 1, clusters=clusters,
+                      seed=seed)
+        offset = sum(x.shape[0] for x in parts[: dist.rank()] if x is not None)
+        names_root = resolve_image_dir(root)
+        for (p, logit, size, image), c in zip(kept, ids[offset : offset + len(kept)],
+                                              strict=True):
+            labels = salient_pixels(logit, size).long() * (int(c) + 1)
+            _write(p, labels.numpy(), names_root, out, overlays, image, report)
+    if dist.is_distributed():
+        gathered = dist.all_gather_objects((report.written, report.failed))
+        report = BatchReport([w for g in gathered for w in g[0]],
+                             [f for g in gathered for f in g[1]])
+    return report
+
+
+def predict_run(
+    run_dir: str | Path,
+    images: str | Path,
+    out_dir: str | Path,
+    overrides: Mapping[str, Any],
+    device: str | None,
+) -> BatchReport:
+    """``unseg predict`` for MaskContrast runs: ``overrides`` must hold ``num_classes``; may
+    hold ``clusters`` (``predicted``/``training``), ``seed`` and ``weights``."""
+    if overrides.get("num_classes") is None:
+        raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it predicts; "
+                         "give --num-classes K (background + K − 1 clusters)")
+    return predict_maskcontrast(
+        run_dir, images, out_dir, int(overrides["num_classes"]),
+        clusters=overrides.get("clusters") or "predicted",
+        seed=int(overrides.get("seed") or 0), device=device, weights=overrides.get("weights"),
+    )
+
+
+def segment_maskcontrast(
+    images: str | Path,
+    out_dir: str | Path,
+    num_classes: int,
+    *,
+    saliency: str | Path | None = None,
+    discover_method: str = "spectral",
+    options: Mapping[str, Any] | None = None,
+    settings: MaskContrastSettings | None = None,
+) -> BatchReport:
+    """discover → fit → predict on one folder: ``out_dir/discover`` (the masks, unless
+    ``saliency`` names a folder of them), ``out_dir/run``, ``out_dir/masks``,
+    ``out_dir/overlays``. Returns the prediction's report with the fit's failures added."""
+    from unseg.pipelines.saliency import discover
+
+    settings = settings or MaskContrastSettings()
+    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
+    out = Path(out_dir)
+    timings = Timings()
+    if saliency is None:
+        head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
+        with timings.stage("discover"):
+            found = discover(images, out / "discover", discover_method, settings.backbone,
+                             config=build_config(head, {}, {}), device=settings.device,
+                             cache_dir=settings.cache_dir, weights=settings.weights,
+                             tap=settings.tap)
+        saliency = out / "discover" / "masks"
+        if not found.written:
+            raise UnsegError(f"{images}: discover wrote no mask")
+    fit = fit_maskcontrast(images, saliency, out / "run", options=options, settings=settings,
+                           timings=timings)
+    report = predict_maskcontrast(out / "run", images, out / "masks", num_classes,
+                                  seed=settings.seed, device=settings.device,
+                                  weights=settings.weights, overlay_dir=out / "overlays")
+    report.failed = fit.report.failed + report.failed
+    return report
+
+
+# ------------------------------------------------------------------------------- chaining
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """A MaskContrast run whose embeddings replace the backbone's features, and what a chained
+    run records of it (``record``: its resolved path and weights sha256)."""
+
+    estimator: MaskContrast
+    meta: dict[str, Any]
+    record: dict[str, str]
+
+
+def open_embeddings(
+    run_dir: str | Path, device: torch.device, sha256: str | None = None
+) -> EmbeddingSource:
+    """The MaskContrast run ``run_dir`` as an :class:`EmbeddingSource`; with ``sha256`` (what a
+    chained run recorded) its weights must be those."""
+    run_dir = Path(run_dir)
+    spec, estimator, meta = load_fitted(run_dir, "embedding", device)
+    if spec.name != METHOD:
+        raise UnsegError(f"{run_dir}: --embeddings needs a maskcontrast run, not {spec.name}")
+    digest = file_sha256(run_dir / WEIGHTS_FILE)
+    if sha256 is not None and digest != sha256:
+        raise UnsegError(f"{run_dir}: the MaskContrast run's weights changed since this run was "
+                         "fitted on its embeddings (sha256 differs); refit")
+    return EmbeddingSource(estimator, meta, {"run": str(run_dir.resolve()), "sha256": digest})
+
+
+class EmbeddedFeatures(FeatureSet):
+    """``feats`` seen through a MaskContrast head: ``"features"``, ``"flipped"`` and
+    ``"student"`` are the head's L2-normalised embeddings ``[D, h, w]`` at the feature grid
+    (computed once per image and extra); other extras (the image) are ``feats``' own."""
+
+    EMBEDDED = ("features", "flipped", "student")
+
+    def __init__(self, feats: FeatureSet, estimator: MaskContrast) -> None:
+        super().__init__({p: feats.record(p) for p in feats.paths}, feats.report,
+                         feats.cache_dir, None, feats.stats, feats.student_seed)
+        self._source = feats
+        self._estimator = estimator
+        self._embedded: dict[tuple[Path, str], torch.Tensor] = {}
+
+    def shape_of(self, path: str | Path) -> tuple[int, int, int]:
+        """Embedding shape ``(D, h, w)`` of ``path``."""
+        _, h, w = self._source.shape_of(path)
+        return self._estimator.config.embed_dim, h, w
+
+    def extra(self, path: str | Path, name: str) -> torch.Tensor:
+        """The embedding of ``"features"``/``"flipped"``/``"student"``, else ``feats``' extra."""
+        if name not in self.EMBEDDED:
+            return self._source.extra(path, name)
+        key = (Path(path), name)
+        if key not in self._embedded:
+            f = self._source.extra(path, name).float()
+            self._embedded[key] = self._estimator.embed(f).cpu()
+        return self._embedded[key]
