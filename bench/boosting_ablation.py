@@ -5,7 +5,8 @@ images; CorLoc on VOC2007 with heads trained on ECSSD images (the first ``--trai
 No labels are used for training. Heads (``--heads``): ``sempart`` (the SEMPART-style saliency
 head: rows "head ...", ``--epochs``/``--lr``) and ``found`` (the FOUND-style head: rows
 "found ...", ``--found-steps``/``--found-lr``). Each head is trained once per setting (base,
-multi-scale, and with ``--fixed-crop`` multi-scale with the reference's near-fixed crop) and
+multi-scale, and for the heads named by ``--fixed-crop`` multi-scale with the reference's
+near-fixed crop) and
 predicted once; the guided-filter variants filter the same probabilities. Multi-scale crops come
 from the crop cache (``--crop-pool`` crops per image). Each row also gets the collapse verdict
 (:mod:`unseg.methods.collapse`) of its predicted maps. Prints one JSON document and writes it
@@ -137,7 +138,9 @@ def main() -> int:
     ap.add_argument("--heads", nargs="+", default=["sempart"], choices=["sempart", "found"])
     ap.add_argument("--found-steps", type=int, default=FoundConfig().steps)
     ap.add_argument("--found-lr", type=float, default=FoundConfig().lr)
-    ap.add_argument("--fixed-crop", action="store_true", help="also multi-scale, fixed crop")
+    ap.add_argument("--fixed-crop", nargs="*", default=[], choices=["sempart", "found"],
+                    help="heads that also get the multi-scale rows with the near-fixed crop")
+    ap.add_argument("--tap", default=None, help="backbone tap (default: the backbone's)")
     ap.add_argument("--crop-pool", type=int, default=4, help="cached crops per image")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
@@ -154,7 +157,7 @@ def main() -> int:
         "rows": {},
         "training": {},
     }
-    backbone = CachedKeys(create_backbone(args.backbone))
+    backbone = CachedKeys(create_backbone(args.backbone, tap=args.tap))
     size = SaliencyHeadConfig().image_size
     ecssd = list_images(DATA / "ECSSD" / "images")
     voc = list_images(DATA / "VOC2007" / "VOCdevkit" / "VOC2007" / "JPEGImages")
@@ -171,10 +174,11 @@ def main() -> int:
             fn = spectral_prob_fn(backbone, size, SpectralConfig())
             _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
         variants = [("", {}), (" + multi-scale", {"multiscale": True})]
-        if args.fixed_crop:
-            variants.append((" + multi-scale (fixed crop)", {"multiscale": True,
-                                                             "fixed_crop": True}))
-        for head_kind, (suffix, kw) in ((h, v) for h in args.heads for v in variants):
+        fixed = (" + multi-scale (fixed crop)", {"multiscale": True, "fixed_crop": True})
+        for head_kind, (suffix, kw) in (
+            (h, v) for h in args.heads
+            for v in variants + ([fixed] if h in args.fixed_crop else [])
+        ):
             if head_kind == "sempart":
                 method, name, budget = "saliency-head", "head" + suffix, {"epochs": args.epochs}
                 cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -190,7 +194,7 @@ def main() -> int:
             run = out / "runs" / f"{task}_{head_kind}_{tag}"
             torch.manual_seed(args.seed)
             fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out / "cache",
-                               method=method)
+                               method=method, tap=args.tap)
             res["training"][f"{task}: {name}"] = {
                 "images": fit.n_images,
                 **budget,
