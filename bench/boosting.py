@@ -6,7 +6,8 @@ Default: milliseconds of ``refine_masks`` (standardise, guided filter, restore; 
 runs after one warm-up.
 
 ``--training``: head-training throughput on the first ``--n`` ECSSD images (320x320 centre crops,
-``efficientnet_lite0`` keys with its packaged weights) for the SEMPART-style head and the
+``efficientnet_lite0`` features of tap ``--tap`` (default ``s16+s32``, stride 16) with its
+packaged weights) for the SEMPART-style head and the
 FOUND-style head, without multi-scale and with multi-scale crops from each crop mode of
 :mod:`unseg.methods.crop_cache` (``cache``: a pool of ``--pool`` crops per image through the
 backbone once; ``roi``: RoI-align of the full map; ``backbone``: the backbone on every crop at
@@ -21,8 +22,9 @@ images (1,422 = ECSSD + VOC2007 here).
 Why ``cache`` is the default crop mode: it gives the backbone's exact crop features (float16) at
 ``1 + pool`` backbone passes per image for the whole training, whereas ``roi`` is free but its
 features of a half-side crop are an upsampled 10x10 piece of the 20x20 map (on ECSSD with
-``efficientnet_lite0``: cosine 0.58 to the real crop features on average, 69 % of the crop's
-affinity graph the same), and ``backbone`` pays a backbone pass per image at every step.
+``efficientnet_lite0`` ``s16+s32``: cosine 0.58 to the real crop features on average, 69 % of
+the crop's affinity graph the same), and ``backbone`` pays a backbone pass per image at every
+step.
 
     .venv/bin/python bench/boosting.py [--threads 1]
     .venv/bin/python bench/boosting.py --training [--n 32] [--threads 2]
@@ -98,13 +100,15 @@ def _machine(dev: torch.device) -> dict[str, Any]:
     }
 
 
-def _training_set(n: int, dev: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
+def _training_set(
+    n: int, dev: torch.device, tap: str
+) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
     """The backbone, keys ``[n, C, h, w]`` (float16), uint8 crops ``[n, 3, 320, 320]`` and the
     backbone's seconds per image."""
     files = sorted(ECSSD.glob("*.jpg"))[:n]
     if len(files) < n:
         raise SystemExit(f"need {n} ECSSD images under {ECSSD}; found {len(files)}")
-    model = create_backbone("efficientnet_lite0", device=dev)
+    model = create_backbone("efficientnet_lite0", device=dev, tap=tap)
     images = torch.stack([
         (prepare_image(load_image(p), 320, model.stride, crop=True) * 255).round().to(torch.uint8)
         for p in files
@@ -150,7 +154,7 @@ def _roi_fidelity(feats: torch.Tensor, images: torch.Tensor, feature_fn: Callabl
 def training(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     """The ``--training`` benchmark (see the module docstring)."""
     load_start = list(os.getloadavg())
-    model, feats, images, backbone_s = _training_set(args.n, dev)
+    model, feats, images, backbone_s = _training_set(args.n, dev, args.tap)
     inputs = FitInputs(list(feats), list(images))
 
     def feature_fn(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +200,7 @@ def training(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         "machine": _machine(dev),
         "load_average_at_start": load_start,
         "images": f"first {n} ECSSD images, 320x320 centre crops",
-        "backbone": "efficientnet_lite0 (keys = default tap, packaged weights)",
+        "backbone": f"efficientnet_lite0, tap {args.tap} (packaged weights)",
         "batch_size": bs,
         "crop_pool": args.pool,
         "backbone_s_per_image": backbone_s,
@@ -223,6 +227,7 @@ def main() -> int:
     ap.add_argument("--pool", type=int, default=4, help="cached crops per image (--training)")
     ap.add_argument("--epochs", type=int, default=30, help="epochs to extrapolate to")
     ap.add_argument("--target-images", type=int, default=1422, help="images to extrapolate to")
+    ap.add_argument("--tap", default="s16+s32", help="efficientnet_lite0 tap (--training)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
