@@ -13,10 +13,9 @@ patch features is trained against these pseudo-masks and predicts a foreground l
   ring of patches (``"border"``, default: objects rarely fill the border). Measured on the first
   200 ECSSD images with ``efficientnet_lite0`` ``s16+s32`` features at 320 (threshold 0.3): the
   seed lies in the ground-truth background for 92 % (``degree``) / 94 % (``border``) of the
-  images, and the
-  pseudo-masks reach IoU 0.43 / 0.46 with the ground truth. Similarity to the image's mean
-  feature (the nearest analogue of ``[CLS]`` attention) put the seed in the object for 59 % of
-  the images, so it is not offered.
+  images, and the pseudo-masks reach IoU 0.43 / 0.46 with the ground truth. Similarity to the
+  image's mean feature (the nearest analogue of ``[CLS]`` attention) put the seed in the object
+  for 59 % of the images, so it is not offered.
 - **Pseudo-mask.** Background = patches whose cosine similarity to the seed exceeds
   ``bkg_threshold`` (0.3, the reference's); with ``n_seeds = k > 1`` the similarity is the mean
   over the seed and its ``k − 1`` most similar patches (the paper's seed expansion; the reference
