@@ -1,0 +1,307 @@
+"""MaskContrast through the CLI: fit with a saliency folder, predict by clustering, segment,
+resume after a kill, bad input, and PriMaPs-EM chained on its embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from unseg.cli.main import main
+from unseg.cli.options import add_method_options, given_options
+from unseg.feature_store import FeatureRecord, FeatureSet
+from unseg.methods.maskcontrast import (
+    MaskContrast,
+    MaskContrastConfig,
+    PrototypeClusters,
+    cluster_prototypes,
+    pca_whiten,
+)
+from unseg.pipelines.fitting import build_config
+from unseg.pipelines.maskcontrast import EmbeddedFeatures, salient_pixels
+from unseg.registry import get_method
+from unseg.utils.batch import BatchReport
+
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
+# a small real backbone at stride 16 on 96-pixel images: 6x8 feature grids
+BACKBONE = ["--backbone", "efficientnet_lite0", "--tap", "s16", "--size", "96"]
+TINY = [*BACKBONE, "--width", "16", "--aspp-rates", "1", "2", "--view-size", "64",
+        "--loss-size", "16", "--batch-size", "6"]
+
+
+def write_set(folder: Path, n: int = 12, seed: int = 0) -> tuple[Path, Path]:
+    """``n`` grey 96x128 images each with one coloured box (three colours in turn), and their
+    8-bit saliency masks (255 in the box) under the same stems."""
+    rng = np.random.default_rng(seed)
+    images, masks = folder / "images", folder / "saliency"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for i in range(n):
+        img = np.full((96, 128, 3), 128, np.uint8)
+        mask = np.zeros((96, 128), np.uint8)
+        t, left = int(rng.integers(8, 48)), int(rng.integers(8, 64))
+        img[t : t + 40, left : left + 56] = COLOURS[i % 3]
+        mask[t : t + 40, left : left + 56] = 255
+        noisy = img.astype(int) + rng.integers(-12, 12, img.shape)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(images / f"im{i:02d}.png")
+        Image.fromarray(mask).save(masks / f"im{i:02d}.png")
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(images, saliency folder, run) of a short fit that learns the saliency."""
+    root = tmp_path_factory.mktemp("mc")
+    images, masks = write_set(root)
+    run = root / "run"
+    code = main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *TINY, "--epochs", "10", "--lr", "0.05"])
+    assert code == 0
+    return images, masks, run
+
+
+def _labels(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for p in sorted(folder.glob("*.png")):
+        with Image.open(p) as im:
+            assert im.mode == "P"  # palette PNG, pixel value = class id
+            out[p.stem] = np.array(im)
+    return out
+
+
+def test_fit_writes_a_run_with_checkpoint_and_training_prototypes(fitted):
+    _, masks, run = fitted
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["method"] == "maskcontrast" and meta["n_images"] == 12
+    assert meta["backbone"] == "efficientnet_lite0" and meta["tap"] == "s16"
+    assert meta["config"]["epochs"] == 10 and meta["config"]["aspp_rates"] == [1, 2]
+    assert meta["fit"]["masks"] == {"kept": 12, "dropped": 0, "bad": 0}
+    assert meta["fit"]["saliency"] == str(masks.resolve())
+    assert int(load_file(run / "checkpoint.safetensors")["epoch"]) == 10
+    assert load_file(run / "train_prototypes.safetensors")["prototypes"].shape == (12, 32)
+
+
+def test_predict_writes_per_image_clusters_on_the_salient_pixels(fitted, tmp_path):
+    images, masks, run = fitted
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p"),
+                 "-k", "4"]) == 0
+    labels = _labels(tmp_path / "p")
+    assert len(labels) == 12
+    ious = []
+    for stem, lab in labels.items():
+        assert lab.shape == (96, 128)
+        ids = set(np.unique(lab).tolist())
+        assert ids <= {0, 1, 2, 3} and len(ids - {0}) <= 1  # one cluster per image
+        truth = np.array(Image.open(masks / f"{stem}.png")) > 0
+        ious.append(((lab > 0) & truth).sum() / max(((lab > 0) | truth).sum(), 1))
+    assert np.mean(ious) > 0.4  # the learnt saliency finds the boxes
+    again = tmp_path / "again"
+    assert main(["-q", "predict", str(run), str(images), "--out", str(again), "-k", "4"]) == 0
+    assert all(np.array_equal(labels[s], v) for s, v in _labels(again).items())
+    other = tmp_path / "seed1"
+    assert main(["-q", "predict", str(run), str(images), "--out", str(other), "-k", "4",
+                 "--seed", "1", "--clusters", "training"]) == 0
+    assert {s: (v > 0) for s, v in _labels(other).items()}.keys() == labels.keys()
+    for s, v in _labels(other).items():  # the same salient pixels, whatever the clusters
+        assert np.array_equal(v > 0, labels[s] > 0)
+
+
+def test_predict_refuses_missing_or_impossible_cluster_counts(fitted, tmp_path, capsys):
+    images, _, run = fitted
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "a")]) == 2
+    assert "give --num-classes K" in capsys.readouterr().err
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "b"),
+                 "-k", "21"]) == 2
+    assert "20 clusters fitted on the predicted images need at least 20" in capsys.readouterr().err
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "c"),
+                 "-k", "21", "--clusters", "training"]) == 2
+    assert "12 training images cannot make 20 clusters" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(fitted, tmp_path):
+    images, masks, _ = fitted
+    cache = tmp_path / "cache"
+    args = ["fit", "maskcontrast", str(images), "--saliency", str(masks), *TINY,
+            "--epochs", "60", "--cache-dir", str(cache)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "unseg.cli.main", "-q", *args, "--out",
+                             str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoint.safetensors").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = int(load_file(killed / "checkpoint.safetensors")["epoch"])
+    assert 1 <= done < 60 and not (killed / "weights.safetensors").exists()
+    assert main(["-q", *args, "--out", str(killed)]) == 0  # the same command resumes
+    whole = tmp_path / "whole"
+    assert main(["-q", *args, "--out", str(whole)]) == 0
+    a, b = load_file(killed / "weights.safetensors"), load_file(whole / "weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_bad_masks_are_skipped_and_counted(tmp_path, capsys):
+    images, masks = write_set(tmp_path / "d", n=4)
+    (masks / "im00.png").unlink()  # an image with no mask
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(masks / "im01.png")  # another size
+    code = main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(tmp_path / "run"), *TINY, "--epochs", "1"])
+    captured = capsys.readouterr()
+    assert code == 1  # some inputs were skipped
+    assert "2 image(s) with a mask proposal, 0 dropped" in captured.out
+    assert "2 skipped (bad or missing mask)" in captured.out
+    assert "no saliency mask named im00.png" in captured.err
+    assert "im01.png: mask is 50x50 (HxW) but its image im01.png is 96x128" in captured.err
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["n_images"] == 2 and meta["fit"]["masks"] == {"kept": 2, "dropped": 0, "bad": 2}
+
+
+def test_empty_and_colour_map_mask_folders_are_refused(tmp_path, capsys):
+    images, masks = write_set(tmp_path / "d", n=3)
+    for p in masks.iterdir():
+        Image.fromarray(np.zeros((96, 128), np.uint8)).save(p)
+    base = ["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), *TINY]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert "all 3 masks are empty" in capsys.readouterr().err
+    for p in masks.iterdir():
+        rgb = np.zeros((96, 128, 3), np.uint8)
+        rgb[10:40, 10:60] = (128, 0, 0)  # VOC's class colours, not a saliency map
+        Image.fromarray(rgb).save(p)
+    assert main([*base, "--out", str(tmp_path / "b")]) == 2
+    assert "the masks are RGB colour maps" in capsys.readouterr().err
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "c"), *TINY]) == 2
+    assert "the saliency mask folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "config.json").exists()
+
+
+def test_segment_runs_discover_fit_predict(tmp_path):
+    images, _ = write_set(tmp_path / "d", n=6)
+    out = tmp_path / "out"
+    code = main(["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+                 "-k", "3", *TINY, "--epochs", "2"])
+    assert code == 0
+    assert len(list((out / "discover" / "masks").glob("*.png"))) == 6  # spectral masks
+    assert json.loads((out / "run" / "config.json").read_text())["method"] == "maskcontrast"
+    labels = _labels(out / "masks")
+    assert len(labels) == 6 and all(set(np.unique(v)) <= {0, 1, 2} for v in labels.values())
+    assert len(list((out / "overlays").glob("*.jpg"))) == 6
+
+
+def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):
+    images, _, run = fitted
+    em = tmp_path / "em"
+    fast = ["-k", "3", "--steps", "4", "--refine", "none", "--pseudo-refine", "none",
+            "--workers", "1", "--no-student-augs"]
+    assert main(["-q", "fit", "primaps-em", str(images), "--embeddings", str(run), "--out",
+                 str(em), *fast]) == 0
+    meta = json.loads((em / "config.json").read_text())
+    assert meta["embeddings"]["run"] == str(run.resolve())
+    assert meta["feature_dim"] == 32 and meta["backbone"] == "efficientnet_lite0"
+    assert meta["tap"] == "s16" and meta["feature_size"] == 96
+    assert meta["config"]["center"] is False
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    assert main(["-q", "predict", str(em), str(images), "--out", str(first)]) == 0
+    assert main(["-q", "predict", str(em), str(images), "--out", str(second)]) == 0
+    a, b = _labels(first), _labels(second)
+    assert len(a) == 12 and all(np.array_equal(a[s], b[s]) for s in a)
+    assert all(set(np.unique(v)) <= {0, 1, 2} for v in a.values())
+    capsys.readouterr()
+    assert main(["-q", "fit", "primaps-em", str(images), "--embeddings", str(run), "--out",
+                 str(tmp_path / "x"), "--backbone", "efficientnet_lite1", *fast]) == 2
+    assert "come from backbone efficientnet_lite0" in capsys.readouterr().err
+    # the embedding run changes: the chained run refuses to predict with other embeddings
+    copy = tmp_path / "mc-copy"
+    copy.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    assert main(["-q", "fit", "primaps-em", str(images), "--embeddings", str(copy), "--out",
+                 str(tmp_path / "em2"), *fast]) == 0
+    state = load_file(copy / "weights.safetensors")
+    state["head.embed.bias"] = state["head.embed.bias"] + 1
+    save_file(state, str(copy / "weights.safetensors"))
+    capsys.readouterr()
+    assert main(["-q", "predict", str(tmp_path / "em2"), str(images), "--out",
+                 str(tmp_path / "p3")]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+
+
+def test_embedded_features_are_the_heads_normalised_embeddings():
+    est = MaskContrast(MaskContrastConfig(width=8, aspp_rates=(1,), embed_dim=5))
+    est.model_ = est._build(6).eval()
+    feats = {Path("a.png"): torch.randn(6, 3, 4), Path("b.png"): torch.randn(6, 2, 2)}
+    image = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    tensors = {(f"sha{p.stem}", "features"): f for p, f in feats.items()}
+    tensors |= {(f"sha{p.stem}", "flipped"): f.flip(-1) for p, f in feats.items()}
+    tensors[("shaa", "image")] = image
+    records = {p: FeatureRecord(f"sha{p.stem}", (48, 64), (48, 64), tuple(f.shape))
+               for p, f in feats.items()}
+    emb = EmbeddedFeatures(FeatureSet(records, BatchReport(), None, tensors), est)
+    for p, f in feats.items():
+        want = torch.nn.functional.normalize(est.forward(f)[0], dim=0)
+        torch.testing.assert_close(emb[p], want)
+        torch.testing.assert_close(emb.extra(p, "flipped"),
+                                   torch.nn.functional.normalize(est.forward(f.flip(-1))[0],
+                                                                 dim=0))
+        assert emb.shape_of(p) == (5, *f.shape[1:])
+        torch.testing.assert_close(emb[p].norm(dim=0), torch.ones(f.shape[1:]))
+    assert emb.extra(Path("a.png"), "image") is image
+    assert emb.paths == list(feats)
+
+
+def test_salient_pixels_follow_the_upsampled_logit():
+    logit = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    got = salient_pixels(logit, (4, 4))
+    up = torch.nn.functional.interpolate(logit[None, None], size=(4, 4), mode="bilinear",
+                                         align_corners=False)[0, 0]
+    assert torch.equal(got, up > 0.5)
+    assert got[0, 3] and not got[0, 0]
+
+
+def test_training_set_clusters_assign_like_the_protocol():
+    """Clusters fitted on one set and applied to it give the protocol's partition; new points
+    go to the centre nearest in the training set's whitened space."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=gen) * 5
+    x = torch.cat([c + 0.3 * torch.randn(20, 8, generator=gen) for c in centres])
+    model = PrototypeClusters.fit(x, 3, pca_dim=4, seed=0)
+    same = model.assign(x)
+    ref = cluster_prototypes(x, 3, pca_dim=4, seed=0)
+    # one relabelling maps one partition onto the other
+    pairs = {(int(a), int(b)) for a, b in zip(same, ref, strict=True)}
+    assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
+    white = pca_whiten(x, 4).double()
+    torch.testing.assert_close(((x.double() - model.mean) @ model.projection), white)
+    new = centres + 0.1 * torch.randn(3, 8, generator=gen)
+    assert len(set(model.assign(new).tolist())) == 3
+    brute = torch.cdist((new.double() - model.mean) @ model.projection, model.centres)
+    assert torch.equal(model.assign(new), brute.argmin(dim=1))
+
+
+def test_generated_options_include_the_queue_and_tuple_fields():
+    parser = argparse.ArgumentParser()
+    spec = get_method("maskcontrast")
+    add_method_options(parser, [spec])
+    args = parser.parse_args(["--queue", "64", "--aspp-rates", "1", "3", "--jitter", "0.1",
+                              "0.2", "0.3", "0.05", "--epochs", "2", "--loss-size", "0"])
+    given = given_options(args, spec)
+    assert given == {"queue_size": 64, "aspp_rates": (1, 3), "jitter": (0.1, 0.2, 0.3, 0.05),
+                     "epochs": 2, "loss_size": 0}
+    cfg = build_config(spec, given, {"seed": 3})
+    assert cfg.queue_size == 64 and cfg.aspp_rates == (1, 3) and cfg.seed == 3
+    assert cfg.batch_size == MaskContrastConfig().batch_size
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--jitter", "0.1", "0.2"])
