@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from unseg.cli.main import main
 from unseg.cli.options import add_method_options, given_options
+from unseg.errors import UnsegError
 from unseg.feature_store import FeatureRecord, FeatureSet
+from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
     MaskContrastConfig,
@@ -39,16 +41,19 @@ TINY = [*BACKBONE, "--width", "16", "--aspp-rates", "1", "2", "--view-size", "64
         "--loss-size", "16", "--batch-size", "6"]
 
 
-def write_set(folder: Path, n: int = 12, seed: int = 0) -> tuple[Path, Path]:
-    """``n`` grey 96x128 images each with one coloured box (three colours in turn), and their
-    8-bit saliency masks (255 in the box) under the same stems."""
+def write_set(
+    folder: Path, n: int = 12, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((96, 128),)
+) -> tuple[Path, Path]:
+    """``n`` grey images (``sizes`` in turn, default 96x128) each with one coloured box (three
+    colours in turn), and their 8-bit saliency masks (255 in the box) under the same stems."""
     rng = np.random.default_rng(seed)
     images, masks = folder / "images", folder / "saliency"
     images.mkdir(parents=True)
     masks.mkdir()
     for i in range(n):
-        img = np.full((96, 128, 3), 128, np.uint8)
-        mask = np.zeros((96, 128), np.uint8)
+        h, w = sizes[i % len(sizes)]
+        img = np.full((h, w, 3), 128, np.uint8)
+        mask = np.zeros((h, w), np.uint8)
         t, left = int(rng.integers(8, 48)), int(rng.integers(8, 64))
         img[t : t + 40, left : left + 56] = COLOURS[i % 3]
         mask[t : t + 40, left : left + 56] = 255
@@ -167,6 +172,16 @@ def test_bad_masks_are_skipped_and_counted(tmp_path, capsys):
     assert "im01.png: mask is 50x50 (HxW) but its image im01.png is 96x128" in captured.err
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["n_images"] == 2 and meta["fit"]["masks"] == {"kept": 2, "dropped": 0, "bad": 2}
+
+
+def test_images_of_different_sizes_train_in_one_batch(tmp_path):
+    """Views of every image have the same feature grid whatever the image's size (the masks
+    follow the resized images), so a batch of mixed sizes stacks."""
+    images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (120, 130), (100, 190)))
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *TINY, "--epochs", "1"]) == 0
+    assert json.loads((run / "config.json").read_text())["n_images"] == 6
 
 
 def test_empty_and_colour_map_mask_folders_are_refused(tmp_path, capsys):
@@ -305,3 +320,11 @@ def test_generated_options_include_the_queue_and_tuple_fields():
     assert cfg.batch_size == MaskContrastConfig().batch_size
     with pytest.raises(SystemExit):
         parser.parse_args(["--jitter", "0.1", "0.2"])
+
+
+def test_masks_at_different_strides_are_refused_before_training():
+    est = MaskContrast(MaskContrastConfig(width=8, aspp_rates=(1,), epochs=1, view_size=64))
+    feats = [torch.randn(6, 6, 8), torch.randn(6, 6, 8)]
+    masks = [torch.ones(96, 128, dtype=torch.bool), torch.ones(192, 256, dtype=torch.bool)]
+    with pytest.raises(UnsegError, match="feature grids of \\[2, 4\\] cells"):
+        est.fit(FitInputs(feats, masks=masks))

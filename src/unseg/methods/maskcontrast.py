@@ -331,6 +331,13 @@ class ViewPair:
     fallback: bool
 
 
+def view_cells(features: torch.Tensor, mask: torch.Tensor, config: MaskContrastConfig) -> int:
+    """Feature cells per side of a view of ``view_size`` mask pixels, for ``features [C, h, w]``
+    covering ``mask [H, W]`` (the view keeps the image's stride in mask pixels)."""
+    stride = math.sqrt(mask.shape[0] * mask.shape[1] / (features.shape[1] * features.shape[2]))
+    return max(1, round(config.view_size / stride))
+
+
 def draw_views(
     features: torch.Tensor,
     mask: torch.Tensor,
@@ -342,8 +349,7 @@ def draw_views(
     areas both lie in ``(min_view_area, max_view_area)``; the query is cut from
     ``query_features`` when given (a photometrically jittered copy)."""
     size = (int(mask.shape[0]), int(mask.shape[1]))
-    stride = math.sqrt(size[0] * size[1] / (features.shape[1] * features.shape[2]))
-    cells = max(1, round(config.view_size / stride))
+    cells = view_cells(features, mask, config)
     side = config.loss_size or config.view_size
     binary = mask > 0.5
     lo, hi = config.min_view_area, config.max_view_area
@@ -575,6 +581,13 @@ class MaskContrast:
             raise UnsegError("all feature maps must have the same number of channels")
         for i, (f, m) in enumerate(zip(feats, masks, strict=True)):
             _check_pair(i, f, m)
+        cells = {view_cells(f, m, cfg) for f, m in zip(feats, masks, strict=True)}
+        if len(cells) > 1:
+            raise UnsegError(
+                f"the images' views would have feature grids of {sorted(cells)} cells per side "
+                "(masks at different strides of their feature maps); give every mask at the "
+                "size of the image its features were computed on"
+            )
         model = self._build(feats[0].shape[0])
         key = copy.deepcopy(model)
         for p in key.parameters():

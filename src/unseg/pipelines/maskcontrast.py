@@ -121,6 +121,15 @@ def _photometric_features(
     return out
 
 
+def _at_size(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``mask [H, W]`` (bool) resampled (nearest) to the resized image's ``size``: every image
+    then has the backbone's stride in mask pixels, so views of the same ``view_size`` have the
+    same feature grid across images of different sizes."""
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+
+
 def _view_cache(cache: Path, feats: FeatureSet, config: MaskContrastConfig) -> Path:
     key = settings_key(
         {"features": feats.cache_dir.name if feats.cache_dir else None, "seed": config.seed,
@@ -172,7 +181,7 @@ def fit_maskcontrast(
                                           _view_cache(cache, feats, config), dev)
         inputs = FitInputs(
             features=[feats[p] for p in good],
-            masks=[mask_of[p] for p in good],
+            masks=[_at_size(mask_of[p], feats.image_size(p)) for p in good],
             student_features=views,
         )
         check_fit_inputs(inputs)
