@@ -51,6 +51,7 @@ from unseg.pipelines.backbone import open_fitted_backbone
 from unseg.pipelines.maskcontrast import image_prototype, salient_pixels
 from unseg.proposals.saliency_masks import load_mask_proposals
 from unseg.runs import load_fitted
+from unseg.utils.device import cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 VOC = REPO.parent / "shared" / "data" / "VOC2012"
@@ -169,7 +170,8 @@ def main() -> None:
         run_feats = extract_features(paths, bb, size=int(meta["feature_size"]), cache_dir=cache)
         protos_l, salient = [], []
         for p, lab in zip(paths, labels, strict=True):
-            proto, logit = image_prototype(est, run_feats[p], run_feats.image_size(p))
+            with cpu_threads(torch.device("cpu"), 1):
+                proto, logit = image_prototype(est, run_feats[p], run_feats.image_size(p))
             protos_l.append(proto)
             salient.append(salient_pixels(logit, lab.shape))
         rows[name] = {"run": str(Path(run).resolve()), "fit": meta.get("fit"),

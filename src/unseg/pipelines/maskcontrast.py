@@ -58,7 +58,7 @@ from unseg.report.palette import png_palette
 from unseg.runs import WEIGHTS_FILE, load_fitted, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import resolve_device, seed_everything
+from unseg.utils.device import cpu_threads, resolve_device, seed_everything
 from unseg.utils.hashing import file_sha256, settings_key
 from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
 from unseg.utils.progress import progress
@@ -198,7 +198,8 @@ def fit_maskcontrast(
                       "bad": len(mask_report.failed)},
         }
         if dist.is_main():
-            with timings.stage("prototypes"):
+            # many mid-sized ops: one intra-op thread (two only spin-wait on a loaded machine)
+            with timings.stage("prototypes"), cpu_threads(dev, 1):
                 protos = torch.stack([
                     image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
                 ])
@@ -323,7 +324,8 @@ def predict_maskcontrast(
                 report=report, extras=("image",) if overlays else (), shard=False,
             )
             for p in too_small(feats, model.stride, report):
-                proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
+                with cpu_threads(dev, 1):
+                    proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
                 protos.append(proto)
                 image = feats.extra(p, "image") if overlays else None
                 kept.append((p, logit, feats.original_size(p), image))
