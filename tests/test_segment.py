@@ -289,3 +289,21 @@ def test_runs_share_a_cache_dir_and_fit_as_with_their_own(segmented, tmp_path: P
         got = load_file(tmp_path / run / "weights.safetensors")
         want = load_file(out / "run" / "weights.safetensors")
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_primaps_em_classifier_follows_the_features_norm(segmented, tmp_path: Path) -> None:
+    """The reference classifier where features are LayerNorm-ed (ViT tokens), the cosine one on
+    a CNN's features; ``--classifier`` overrides the default and the run records what was used."""
+    from unseg.backbones import list_backbones
+    from unseg.pipelines.semantic import pipeline_values
+
+    for spec in list_backbones():
+        want = "reference" if spec.family in ("dino", "dinov2") else "cosine"
+        assert spec.layer_normed == (want == "reference"), spec.name
+        assert pipeline_values(3, SemanticSettings(backbone=spec.name))["classifier"] == want
+    images, out = segmented
+    assert json.loads((out / "run" / "config.json").read_text())["config"]["classifier"] == "cosine"
+    options = {**FAST["options"], "classifier": "reference"}
+    fit_semantic(images, tmp_path / "ref", "primaps-em", 3, options=options, settings=SETTINGS)
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())["config"]
+    assert config["classifier"] == "reference"

@@ -244,7 +244,8 @@ def _register_builtin() -> None:
             "kmeans_passes": "cosine k-means passes of the initialisation",
             "init_max_points": "feature vectors sampled for the initialisation",
             "classifier": "reference: weight-normalised θ with trainable gain on raw features; "
-            "cosine: unit-gain cosine classifier",
+            "cosine: unit-gain cosine classifier (default: reference on a ViT's LayerNorm-ed "
+            "tokens and on MaskContrast embeddings, cosine on a CNN's features, as measured)",
             "center": "subtract the training images' mean feature, kept in the run (default: "
             "on where the backbone's default tap was measured best centred)",
             "student_augs": "train θ on the student view (blur, jitter/greyscale; seeded)",

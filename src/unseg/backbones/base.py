@@ -105,6 +105,9 @@ class BackboneSpec:
     # k-means clustered the default tap best after subtracting the dataset mean feature
     # (docs/feature-taps.md): the mean is then a statistic fitted with the method
     default_center: bool = False
+    # the "tokens" come out of a final LayerNorm (ViTs), so every position's feature has about
+    # the same norm; a CNN's stage outputs do not (their norm follows the local activation)
+    layer_normed: bool = False
 
     def __post_init__(self) -> None:
         if not self.taps:

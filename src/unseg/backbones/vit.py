@@ -246,6 +246,7 @@ def _add(name: str, family: str, cfg: ViTConfig, weights: WeightsSpec) -> None:
         std=IMAGENET_STD,
         weights=weights,
         keys_note="last block's attention keys (k of qkv), heads concatenated",
+        layer_normed=True,
     )
     register_backbone(spec, lambda s, c=cfg: VisionTransformer(s, c))
 

@@ -235,8 +235,12 @@ def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: T
 
 def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, Any]:
     """The config fields the pipeline sets on every config that has them: the classes, seed,
-    label factor, CRF use, and ``center`` as measured best for the backbone's default tap
-    (``spec.default_center``; a user's ``--center``/``--no-center`` overrides it)."""
+    label factor, CRF use, ``center`` as measured best for the backbone's default tap
+    (``spec.default_center``), and PriMaPs-EM's ``classifier``: the reference's (trainable gain
+    on raw features, whose norm is the temperature) where that norm is about constant — a ViT's
+    LayerNorm-ed tokens, MaskContrast's unit embeddings — and the unit-gain cosine classifier on
+    a CNN's features, whose norm follows the activation (measured: docs/results-primaps.md).
+    A user's option (``--center``, ``--classifier``, ...) overrides each."""
     assert settings.backbone is not None
     backbone = get_spec(settings.backbone)
     default_tap = settings.tap in (None, backbone.default_tap)
@@ -247,6 +251,7 @@ def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, A
         "crf": "crf" in settings.refine,
         # measured on the backbone's features, not on embeddings of another method
         "center": backbone.default_center and default_tap and not settings.embeddings,
+        "classifier": "reference" if backbone.layer_normed or settings.embeddings else "cosine",
     }
 
 
