@@ -364,7 +364,7 @@ class PriMaPsEM:
             for v in views
         ]
         logits = torch.cat(logits_list) if logits_list else direction.new_zeros((0, k))
-        y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+        y = torch.cat(targets) if targets else direction.new_zeros(0, dtype=torch.long)
         per_pixel, count = focal_loss_terms(logits, y, cfg.focal_gamma, cfg.ignore_index)
         loss = per_pixel.sum() / count
         optim.zero_grad(set_to_none=False)
