@@ -304,6 +304,7 @@ def _fit_in_group(rank: int, world: int, store: str, out: str) -> None:
             state = model.state_dict()
             state["history"] = torch.tensor(model.history_)
             save_file(state, out)
+        torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         torch.distributed.destroy_process_group()
 

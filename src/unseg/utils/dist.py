@@ -99,6 +99,8 @@ def joined(device: torch.device) -> Iterator[torch.device]:
         device = torch.device("cuda", torch.cuda.current_device())
     try:
         yield device
+        if joined_here and world > 1:
+            barrier()  # every rank is done talking before any tears the group down (gloo aborts)
     finally:
         if joined_here and world > 1:
             cleanup()
