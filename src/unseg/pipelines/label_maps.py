@@ -22,7 +22,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import save_jpeg_atomic, save_png_atomic
-from unseg.utils.progress import progress
+from unseg.utils.progress import chunked
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
@@ -105,8 +105,8 @@ def predict_label_maps(
 ) -> None:
     """Predict, refine and write ``paths`` (whose features and extras are in ``feats``)."""
     refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
-    for start in progress(range(0, len(paths), CHUNK), desc="predict"):
-        chunk = list(paths[start : start + CHUNK])
+    for part in chunked(list(paths), CHUNK, desc="predict"):
+        chunk = list(part)
         images = [feats.extra(p, "image") for p in chunk]
         with timings.stage("predicting"), cpu_threads(device, 1):
             # one intra-op thread: many mid-sized ops, and the refinement processes need the
