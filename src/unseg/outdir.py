@@ -1,0 +1,376 @@
+"""Output folders that cannot lie: who may write into ``--out``, and what wrote every file there.
+
+Every command that writes an output folder (``segment``, ``discover``, ``predict``, ``fit``'s
+run folder) records itself in ``OUT/unseg-manifest.json`` (written atomically):
+
+.. code-block:: json
+
+    {"format_version": 1,
+     "commands": [{"command": "segment", "argv": [...], "unseg_version": "0.1.0",
+                   "settings": {"images": "/abs/photos", "--num-classes": 5, ...},
+                   "fingerprint": "<sha256 of command, version and settings>",
+                   "resumed": false, "started": "...Z", "finished": "...Z",
+                   "status": "finished", "exit_code": 0, "seconds": 12.3,
+                   "timings": {"backbone": 3.2, ...}, "pid": 123, "host": "...",
+                   "files": ["masks/a.png", "run/config.json", ...]}]}
+
+``files`` are the paths (relative, ``/``-separated) the command created or changed and that are
+still there; the manifest itself is not listed. ``status`` is ``running`` while the command
+runs (a ``kill -9`` leaves it so), then ``finished``, ``failed`` or ``interrupted``; a later
+command finds a ``running`` entry of a dead process and calls it ``unfinished``.
+
+Rules (:func:`claim`): a missing or empty folder (no file but the manifest) is used as it is.
+A folder holding another command's outputs is refused unless ``--resume`` (the same command,
+unseg version and settings: its fingerprint; the message names each setting that differs) or
+``--overwrite`` (deletes the files the manifest records, and only those). Files that no
+command recorded are never deleted and make ``--overwrite`` refuse; a folder of such files is
+refused whatever the flags. The files of an ``unfinished`` command (it could not record them)
+are all the unrecorded files present when the next command starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from unseg import __version__
+from unseg.errors import InputFileError, UnsegError
+from unseg.utils.io import write_json_atomic
+from unseg.utils.timing import Timings, collect
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "unseg-manifest.json"
+MANIFEST_VERSION = 1
+Mode = Literal["new", "resume", "overwrite"]
+Signature = tuple[int, int]  # (size, mtime_ns) of a file as last seen
+
+_UNSET = object()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _is_manifest(rel: str) -> bool:
+    """The manifest and the temporary files of its atomic writes."""
+    return rel == MANIFEST_FILE or (rel.startswith(f".{MANIFEST_FILE}.") and rel.endswith(".tmp"))
+
+
+def scan(folder: str | Path) -> dict[str, Signature]:
+    """Every file and symlink under ``folder`` except the manifest: relative ``/``-separated
+    path → ``(size, mtime_ns)``. Symlinks are not followed. Empty for a missing folder."""
+    folder = Path(folder)
+    found: dict[str, Signature] = {}
+    if not folder.is_dir():
+        return found
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        for name in [*files, *(d for d in dirs if (here / d).is_symlink())]:
+            path = here / name
+            rel = path.relative_to(folder).as_posix()
+            if _is_manifest(rel):
+                continue
+            try:
+                st = path.lstat()
+            except OSError:  # removed while walking
+                continue
+            found[rel] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of ``folder``, or None when it has none; a broken one is an error naming it."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"unreadable unseg manifest ({exc}); unseg cannot tell "
+                             "which files there are its own: choose another --out") from None
+    commands = data.get("commands") if isinstance(data, dict) else None
+    if not isinstance(commands, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("files", []), list) for c in commands
+    ):
+        raise InputFileError(path, "not an unseg manifest (expected a 'commands' list); "
+                             "choose another --out")
+    return data
+
+
+def normalized(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as they read back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(dict(settings)))
+
+
+def _compared(command: str, version: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {"command": command, "unseg version": version, **normalized(settings)}
+
+
+def fingerprint(command: str, settings: Mapping[str, Any], version: str = __version__) -> str:
+    """sha256 of what ``--resume`` compares: the command, the unseg version and the settings."""
+    text = json.dumps(_compared(command, version, settings), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _show(value: Any) -> str:
+    return "not given" if value is _UNSET else json.dumps(value)
+
+
+def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"name: <before> before, <now> now"`` for every setting whose value differs (a setting
+    present on one side only shows as ``not given`` on the other)."""
+    keys = [*before, *(k for k in now if k not in before)]
+    return [
+        f"{key}: {_show(before.get(key, _UNSET))} before, {_show(now.get(key, _UNSET))} now"
+        for key in keys
+        if before.get(key, _UNSET) != now.get(key, _UNSET)
+    ]
+
+
+def summarize(paths: Sequence[str], limit: int = 6) -> str:
+    """``"12 file(s): masks/ (6), overlays/ (6)"``: the count and the top-level entries."""
+    tops = Counter(p.split("/", 1)[0] + ("/" if "/" in p else "") for p in paths)
+    shown = ", ".join(f"{top} ({n})" if top.endswith("/") else top
+                      for top, n in sorted(tops.items())[:limit])
+    more = f", and {len(tops) - limit} more" if len(tops) > limit else ""
+    return f"{len(paths)} file(s): {shown}{more}"
+
+
+def _describe(entry: Mapping[str, Any]) -> str:
+    status = entry.get("status", "?")
+    when = entry.get("finished") if status == "finished" else entry.get("started")
+    verb = "finished" if status == "finished" else f"{status}, started"
+    return f"`unseg {entry.get('command', '?')}` ({verb} {when or '?'})"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _check_not_in_use(folder: Path, commands: list[dict[str, Any]]) -> None:
+    host = socket.gethostname()
+    for entry in commands:
+        if entry.get("status") != "running":
+            continue
+        pid = entry.get("pid")
+        if (entry.get("host") == host and isinstance(pid, int) and pid != os.getpid()
+                and _alive(pid)):
+            raise UnsegError(
+                f"{folder}: {_describe(entry)} is still writing into this folder (process "
+                f"{pid}); wait for it to end, or choose another --out"
+            )
+        entry["status"] = "unfinished"
+
+
+def _remove(folder: Path, paths: Sequence[str]) -> None:
+    """Delete ``paths`` (relative to ``folder``) and the folders they leave empty."""
+    parents: set[Path] = set()
+    for rel in paths:
+        path = folder / rel
+        path.unlink(missing_ok=True)
+        parents.update(p for p in path.parents if p != folder and folder in p.parents)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: it holds something else
+            pass
+
+
+def _foreign(folder: Path, paths: list[str], overwrite: bool) -> UnsegError:
+    what = f"{folder}: holds {summarize(paths)} that unseg did not write"
+    if overwrite:
+        return UnsegError(f"{what}; --overwrite deletes only the files unseg recorded in "
+                          f"{MANIFEST_FILE}: move those away, or choose another --out")
+    return UnsegError(f"{what}; unseg writes only into an empty folder or one holding its own "
+                      f"outputs (recorded in {MANIFEST_FILE}): choose another --out, or move "
+                      "those files away")
+
+
+@dataclass
+class CommandRecord:
+    """One command's claim on its output folder: the manifest, its own entry, the files seen
+    when it started; :meth:`close` records what it wrote."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    entry: dict[str, Any]
+    before: dict[str, Signature]
+    created: bool
+    started: float = field(default_factory=time.perf_counter)
+    exit_code: int | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds since the claim."""
+        return time.perf_counter() - self.started
+
+    def close(self, status: str) -> None:
+        """Record the files created or changed since the claim, the end time, ``status``, the
+        :attr:`exit_code` and :attr:`timings`; forget files that are gone. A manifest that
+        records no file is removed (with the folder, when the claim created it and it is
+        empty)."""
+        after = scan(self.folder)
+        self.entry.update(
+            status=status, exit_code=self.exit_code, finished=_now(),
+            seconds=round(self.seconds, 3), timings=self.timings.as_dict(),
+            files=sorted(rel for rel, sig in after.items() if self.before.get(rel) != sig),
+        )
+        for entry in self.manifest["commands"]:
+            entry["files"] = [f for f in entry.get("files", []) if f in after]
+        if any(entry["files"] for entry in self.manifest["commands"]):
+            write_json_atomic(self.folder / MANIFEST_FILE, self.manifest)
+            return
+        (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
+        if self.created and not after:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def claim(
+    folder: str | Path,
+    command: str,
+    settings: Mapping[str, Any],
+    mode: Mode = "new",
+    argv: Sequence[str] = (),
+) -> CommandRecord:
+    """Check that ``command`` may write into ``folder`` (see the module docstring for the
+    rules; ``mode``: ``new``, ``resume`` or ``overwrite``), delete the previous outputs for
+    ``overwrite``, and record the command as running in the manifest.
+
+    ``settings``: the command's configuration (JSON-able, by option name); ``argv``: its
+    command line. Raises :class:`UnsegError` naming the folder, what is there and what to do.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UnsegError(f"{folder}: --out names a file, not a folder")
+    created = not folder.exists()
+    manifest = read_manifest(folder) if not created else None
+    files = scan(folder)
+    settings = normalized(settings)
+    fresh: dict[str, Any] = {"format_version": MANIFEST_VERSION, "commands": []}
+    resumed = False
+    if manifest is None:
+        if files:
+            raise _foreign(folder, sorted(files), mode == "overwrite")
+        manifest = fresh
+    else:
+        commands: list[dict[str, Any]] = manifest["commands"]
+        _check_not_in_use(folder, commands)
+        recorded = {f for entry in commands for f in entry.get("files", [])}
+        unrecorded = sorted(set(files) - recorded)
+        unfinished = [e for e in commands if e.get("status") == "unfinished"]
+        if unfinished and unrecorded:  # what a killed command wrote, it could not record
+            unfinished[-1]["files"] = sorted({*unfinished[-1].get("files", []), *unrecorded})
+            recorded.update(unrecorded)
+            unrecorded = []
+        ours = sorted(set(files) & recorded)
+        if not ours:
+            if unrecorded:
+                raise _foreign(folder, unrecorded, mode == "overwrite")
+            manifest = fresh
+        else:
+            last = commands[-1]
+            diffs = differences(
+                _compared(last.get("command", "?"), last.get("unseg_version", "?"),
+                          last.get("settings", {})),
+                _compared(command, __version__, settings),
+            )
+            if mode == "new":
+                resume = ("this command's configuration is the same" if not diffs
+                          else "not possible here, the configuration differs: "
+                          + "; ".join(diffs))
+                raise UnsegError(
+                    f"{folder}: already holds the outputs of {_describe(last)}: "
+                    f"{summarize(ours)}. Give --resume to continue it ({resume}), or "
+                    "--overwrite to delete those files and start again, or choose another --out"
+                )
+            if mode == "overwrite":
+                if unrecorded:
+                    raise _foreign(folder, unrecorded, True)
+                logger.info("%s: deleting %s of %s", folder, summarize(ours), _describe(last))
+                _remove(folder, ours)
+                manifest = fresh
+                files = scan(folder)
+            else:
+                if diffs:
+                    raise UnsegError(
+                        f"{folder}: --resume continues {_describe(last)} only with the same "
+                        f"configuration, and {len(diffs)} setting(s) differ: "
+                        f"{'; '.join(diffs)}. Give --overwrite to replace its outputs, or "
+                        "choose another --out"
+                    )
+                if unrecorded:
+                    logger.warning("%s: %s that unseg did not write are left alone", folder,
+                                   summarize(unrecorded))
+                resumed = True
+    entry: dict[str, Any] = {
+        "command": command,
+        "argv": list(argv),
+        "unseg_version": __version__,
+        "settings": settings,
+        "fingerprint": fingerprint(command, settings),
+        "resumed": resumed,
+        "started": _now(),
+        "finished": None,
+        "status": "running",
+        "exit_code": None,
+        "seconds": None,
+        "timings": {},
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "files": [],
+    }
+    manifest["commands"].append(entry)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / MANIFEST_FILE, manifest)
+    return CommandRecord(folder, manifest, entry, files, created)
+
+
+@contextmanager
+def recorded(
+    folder: str | Path,
+    command: str,
+    settings: Mapping[str, Any],
+    mode: Mode = "new",
+    argv: Sequence[str] = (),
+) -> Iterator[CommandRecord]:
+    """:func:`claim` the folder for the block, gather the stage timings of the command into
+    the record's ``timings``, and :meth:`~CommandRecord.close` the record however the block
+    ends: ``finished`` (with the ``exit_code`` the block set), ``interrupted`` on Ctrl-C or a
+    signal's exit, ``failed`` otherwise."""
+    record = claim(folder, command, settings, mode, argv)
+    with collect() as timings:
+        record.timings = timings
+        try:
+            yield record
+        except (KeyboardInterrupt, SystemExit):
+            record.close("interrupted")
+            raise
+        except BaseException:
+            record.close("failed")
+            raise
+        record.close("finished")

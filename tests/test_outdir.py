@@ -1,0 +1,260 @@
+"""Output folders (unseg.outdir): refusal of a used folder, --resume, --overwrite, the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unseg import __version__
+from unseg.errors import InputFileError, UnsegError
+from unseg.outdir import (
+    MANIFEST_FILE,
+    claim,
+    differences,
+    fingerprint,
+    read_manifest,
+    recorded,
+    scan,
+    summarize,
+)
+from unseg.utils.timing import Timings
+
+SETTINGS = {"images": "/data/photos", "--num-classes": 3, "--refine": "none", "--pair": (1, 2)}
+
+
+def _write(folder: Path, rel: str, text: str = "x") -> Path:
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _run(folder: Path, files: list[str], settings=SETTINGS, mode="new", text="x") -> dict:
+    """A command writing ``files`` into ``folder``; returns the manifest after it."""
+    with recorded(folder, "segment", settings, mode, ["unseg", "segment"]) as record:
+        for rel in files:
+            _write(folder, rel, text)
+        Timings().add("fitting", 1.5)
+        record.exit_code = 0
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    return manifest
+
+
+def _on_disk(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def test_a_new_folder_records_the_command_and_exactly_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out"
+    manifest = _run(out, ["masks/a.png", "masks/sub/b.png", "run/config.json", "report.html"])
+    (entry,) = manifest["commands"]
+    assert set(entry["files"]) == _on_disk(out) == {"masks/a.png", "masks/sub/b.png",
+                                                     "run/config.json", "report.html"}
+    assert entry["command"] == "segment" and entry["argv"] == ["unseg", "segment"]
+    assert entry["status"] == "finished" and entry["exit_code"] == 0
+    assert entry["unseg_version"] == __version__ and entry["resumed"] is False
+    assert entry["settings"]["--pair"] == [1, 2]  # as JSON reads it back
+    assert entry["fingerprint"] == fingerprint("segment", SETTINGS)
+    assert entry["timings"] == {"fitting": 1.5}  # every Timings of the command is gathered
+    assert entry["started"] <= entry["finished"] and entry["seconds"] >= 0
+    assert json.loads((out / MANIFEST_FILE).read_text()) == manifest
+
+
+def test_an_empty_folder_is_used_as_it_is(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert _run(tmp_path / "empty", ["a.png"])["commands"][0]["files"] == ["a.png"]
+
+
+def test_a_folder_of_other_files_is_refused_whatever_the_flags(tmp_path: Path) -> None:
+    _write(tmp_path, "holiday/beach.jpg")
+    _write(tmp_path, "notes.txt")
+    for mode, hint in (("new", "choose another --out"), ("resume", "choose another --out"),
+                       ("overwrite", "--overwrite deletes only the files unseg recorded")):
+        with pytest.raises(UnsegError) as err:
+            claim(tmp_path, "segment", SETTINGS, mode)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path}: holds 2 file(s): holiday/ (1), notes.txt")
+        assert "unseg did not write" in message and hint in message
+    assert _on_disk(tmp_path) == {"holiday/beach.jpg", "notes.txt"}
+    assert not (tmp_path / MANIFEST_FILE).exists()
+
+
+def test_a_used_folder_is_refused_naming_the_command_and_both_options(tmp_path: Path) -> None:
+    _run(tmp_path, ["masks/a.png", "masks/b.png", "run/config.json"])
+    before = {p: (tmp_path / p).read_text() for p in _on_disk(tmp_path)}
+    with pytest.raises(UnsegError) as err:
+        claim(tmp_path, "segment", SETTINGS)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path}: already holds the outputs of `unseg segment` "
+                              "(finished ")
+    assert "3 file(s): masks/ (2), run/ (1)" in message
+    assert "--resume to continue it (this command's configuration is the same)" in message
+    assert "--overwrite to delete those files" in message
+    with pytest.raises(UnsegError, match=r"not possible here, the configuration differs: "
+                       r"--num-classes: 3 before, 4 now"):
+        claim(tmp_path, "segment", {**SETTINGS, "--num-classes": 4})
+    assert {p: (tmp_path / p).read_text() for p in _on_disk(tmp_path)} == before
+
+
+def test_resume_with_the_same_configuration_appends_a_resumed_command(tmp_path: Path) -> None:
+    _run(tmp_path, ["cache/f.bin", "masks/a.png"])
+    manifest = _run(tmp_path, ["masks/a.png", "masks/b.png"], mode="resume", text="y")
+    first, second = manifest["commands"]
+    assert second["resumed"] is True and second["status"] == "finished"
+    assert first["files"] == ["cache/f.bin", "masks/a.png"]
+    assert second["files"] == ["masks/a.png", "masks/b.png"]  # cache/f.bin was reused as it was
+    assert {f for c in manifest["commands"] for f in c["files"]} == _on_disk(tmp_path)
+
+
+def test_resume_with_another_configuration_is_refused_naming_each_difference(
+    tmp_path: Path,
+) -> None:
+    _run(tmp_path, ["masks/a.png"])
+    changed = {**SETTINGS, "--num-classes": 4, "--seed": 1}
+    del changed["--refine"]
+    with pytest.raises(UnsegError) as err:
+        claim(tmp_path, "segment", changed, "resume")
+    message = str(err.value)
+    assert "--resume continues `unseg segment`" in message and "3 setting(s) differ" in message
+    assert ('--num-classes: 3 before, 4 now; --refine: "none" before, not given now; '
+            "--seed: not given before, 1 now") in message
+    assert "--overwrite to replace its outputs" in message
+    with pytest.raises(UnsegError, match=r"command: \"segment\" before, \"predict\" now"):
+        claim(tmp_path, "predict", SETTINGS, "resume")
+    assert len(read_manifest(tmp_path)["commands"]) == 1
+
+
+def test_overwrite_deletes_only_what_unseg_recorded(tmp_path: Path) -> None:
+    _run(tmp_path, ["masks/a.png", "masks/b.png", "masks/deep/c.png", "run/config.json"])
+    (tmp_path / "masks" / "user.txt").write_text("mine")
+    with pytest.raises(UnsegError, match=r"holds 1 file\(s\): masks/ \(1\) that unseg did not "
+                       r"write; --overwrite deletes only"):
+        claim(tmp_path, "segment", SETTINGS, "overwrite")
+    assert _on_disk(tmp_path) == {"masks/a.png", "masks/b.png", "masks/deep/c.png",
+                                  "run/config.json", "masks/user.txt"}
+    (tmp_path / "masks" / "user.txt").unlink()
+    manifest = _run(tmp_path, ["masks/z.png"], {**SETTINGS, "--num-classes": 4}, "overwrite")
+    assert _on_disk(tmp_path) == {"masks/z.png"}  # no stale mask of the earlier command
+    assert not (tmp_path / "run").exists() and not (tmp_path / "masks" / "deep").exists()
+    (entry,) = manifest["commands"]
+    assert entry["settings"]["--num-classes"] == 4 and entry["files"] == ["masks/z.png"]
+
+
+def test_a_manifest_never_leads_outside_the_folder(tmp_path: Path) -> None:
+    out, victim = tmp_path / "out", _write(tmp_path, "victim.txt")
+    _run(out, ["a.png"])
+    manifest = read_manifest(out)
+    manifest["commands"][0]["files"] += ["../victim.txt", str(victim)]
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    claim(out, "segment", SETTINGS, "overwrite")
+    assert victim.exists() and not (out / "a.png").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _killed_midway(folder: Path, pid: int) -> None:
+    """What ``kill -9`` leaves: a running entry that recorded no file, and the files."""
+    claim(folder, "segment", SETTINGS)
+    manifest = read_manifest(folder)
+    manifest["commands"][0]["pid"] = pid
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    _write(folder, "cache/f.bin")
+    _write(folder, ".masks.tmp")
+
+
+def test_a_killed_command_is_resumed_and_its_files_stay_unseg_s(tmp_path: Path) -> None:
+    _killed_midway(tmp_path, _dead_pid())
+    with pytest.raises(UnsegError, match=r"outputs of `unseg segment` \(unfinished, started"):
+        claim(tmp_path, "segment", SETTINGS)
+    manifest = _run(tmp_path, ["masks/a.png"], mode="resume")
+    killed, resumed = manifest["commands"]
+    assert killed["status"] == "unfinished" and killed["files"] == [".masks.tmp", "cache/f.bin"]
+    assert resumed["resumed"] is True and resumed["files"] == ["masks/a.png"]
+    with recorded(tmp_path, "segment", SETTINGS, "overwrite"):
+        pass  # wrote nothing: the manifest goes too
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_folder_another_live_process_writes_into_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _killed_midway(tmp_path, proc.pid)
+        for mode in ("new", "resume", "overwrite"):
+            with pytest.raises(UnsegError, match=rf"is still writing into this folder \(process "
+                               rf"{proc.pid}\)"):
+                claim(tmp_path, "segment", SETTINGS, mode)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt, "interrupted"),
+                                               (RuntimeError, "failed")])
+def test_how_a_command_ended_is_recorded(tmp_path: Path, error: type, status: str) -> None:
+    with pytest.raises(error), recorded(tmp_path, "fit kmeans", SETTINGS):
+        _write(tmp_path, "weights.safetensors")
+        raise error()
+    (entry,) = read_manifest(tmp_path)["commands"]
+    assert entry["status"] == status and entry["files"] == ["weights.safetensors"]
+
+
+def test_a_command_that_wrote_nothing_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(UnsegError), recorded(out, "segment", SETTINGS):
+        raise UnsegError("--num-classes must be at least 2")
+    assert not out.exists()
+    (tmp_path / "kept").mkdir()
+    with recorded(tmp_path / "kept", "segment", SETTINGS):
+        pass
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+
+
+def test_bad_manifests_and_files_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(InputFileError, match=rf"{MANIFEST_FILE}: unreadable unseg manifest"):
+        claim(tmp_path, "segment", SETTINGS)
+    (tmp_path / MANIFEST_FILE).write_text('{"commands": 3}')
+    with pytest.raises(InputFileError, match="not an unseg manifest"):
+        claim(tmp_path, "segment", SETTINGS)
+    with pytest.raises(UnsegError, match="names a file, not a folder"):
+        claim(tmp_path / MANIFEST_FILE, "segment", SETTINGS)
+
+
+def test_scan_sees_files_and_links_but_not_the_manifest(tmp_path: Path) -> None:
+    _write(tmp_path, "a/b.png", "abc")
+    _write(tmp_path, MANIFEST_FILE)
+    _write(tmp_path, f".{MANIFEST_FILE}.x1.tmp")
+    (tmp_path / "elsewhere").mkdir()
+    _write(tmp_path, "elsewhere/inner.png")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "a" / "link")
+    found = scan(tmp_path)
+    assert set(found) == {"a/b.png", "a/link", "elsewhere/inner.png"}
+    st = (tmp_path / "a" / "b.png").stat()
+    assert found["a/b.png"] == (3, st.st_mtime_ns)
+    assert scan(tmp_path / "missing") == {}
+
+
+def test_differences_fingerprints_and_summaries_by_hand() -> None:
+    assert differences({"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1}) == []
+    assert differences({"a": 1, "b": None}, {"a": 2, "c": "x"}) == [
+        "a: 1 before, 2 now", "b: null before, not given now", 'c: not given before, "x" now'
+    ]
+    assert fingerprint("segment", {"a": 1, "b": (1, 2)}) == fingerprint("segment",
+                                                                         {"b": [1, 2], "a": 1})
+    assert fingerprint("segment", {"a": 1}) != fingerprint("segment", {"a": 2})
+    assert fingerprint("segment", {"a": 1}) != fingerprint("predict", {"a": 1})
+    assert fingerprint("segment", {"a": 1}) != fingerprint("segment", {"a": 1}, "0.0.1")
+    assert summarize(["masks/a.png", "masks/b.png", "report.html"]) == (
+        "3 file(s): masks/ (2), report.html")
+    assert summarize([f"f{i}" for i in range(8)], limit=2) == "8 file(s): f0, f1, and 6 more"
