@@ -149,7 +149,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(fitted, tmp_path):
     proc.wait()
     done = int(load_file(killed / "checkpoint.safetensors")["epoch"])
     assert 1 <= done < 60 and not (killed / "weights.safetensors").exists()
-    assert main(["-q", *args, "--out", str(killed)]) == 0  # the same command resumes
+    assert main(["-q", *args, "--out", str(killed), "--resume"]) == 0  # the same command resumes
     whole = tmp_path / "whole"
     assert main(["-q", *args, "--out", str(whole)]) == 0
     a, b = load_file(killed / "weights.safetensors"), load_file(whole / "weights.safetensors")

@@ -1,16 +1,37 @@
 """Arguments and messages shared by the commands: backbone choice, semantic pipeline settings,
-batch summaries."""
+the output folder (refused, resumed or overwritten; its manifest), the report written at the end,
+the completion line."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from unseg.errors import UnsegError
+from unseg.outdir import MANIFEST_FILE, Mode, recorded
 from unseg.pipelines.backbone import choose_backbone
 from unseg.pipelines.semantic import SemanticSettings
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE, REFINES
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
+from unseg.utils.timing import log_totals
+
+logger = logging.getLogger(__name__)
+
+# what does not change a command's outputs, left out of the settings --resume compares
+NOT_SETTINGS = frozenset(
+    {"func", "command", "spec_name", "out", "verbose", "quiet", "overwrite", "resume", "report",
+     "gt", "workers"}
+)
+# settings naming files or folders: compared as absolute paths
+PATH_SETTINGS = frozenset(
+    {"images", "data", "run", "train_images", "saliency", "cache_dir", "weights", "embeddings"}
+)
 
 
 def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,12 +109,104 @@ def resolve_backbone(name: str | None, command: str) -> str:
     return chosen
 
 
-def finish(report: BatchReport, where: str) -> int:
-    """Print a one-line summary of a batch of masks and its failures; return 0, or 1 if any
-    input failed."""
+def add_output_arguments(p: argparse.ArgumentParser, report: bool) -> None:
+    """``--overwrite`` / ``--resume`` for a command's ``--out``; with ``report``, ``--no-report``
+    and ``--gt`` for the report written at the end."""
+    reuse = p.add_mutually_exclusive_group()
+    reuse.add_argument(
+        "--overwrite", action="store_true",
+        help=f"--out holds an earlier unseg command's outputs: delete them first (only the "
+        f"files its {MANIFEST_FILE} records)",
+    )
+    reuse.add_argument(
+        "--resume", action="store_true",
+        help="--out holds the outputs of this same command and configuration (e.g. killed "
+        "midway): continue, reusing what is finished",
+    )
+    if report:
+        p.add_argument("--no-report", dest="report", action="store_false",
+                       help="do not write OUT/report.html at the end")
+        p.add_argument(
+            "--gt", default=None, metavar="DIR",
+            help="ground truth (label or mask PNGs, or a dataset root) for the report's "
+            "metrics and charts",
+        )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.removeprefix("cfg__").replace("__", "-").replace("_", "-")
+
+
+def command_settings(args: argparse.Namespace, positional: Sequence[str]) -> dict[str, Any]:
+    """The options of ``args`` that shape the outputs, by name (``positional`` ones bare, the
+    others as ``--flag``), paths made absolute: what ``--resume`` compares."""
+    settings: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest in NOT_SETTINGS or callable(value):
+            continue
+        if dest in PATH_SETTINGS and value is not None:
+            value = str(Path(value).resolve())
+        settings[dest if dest in positional else _flag(dest)] = (
+            list(value) if isinstance(value, tuple) else value
+        )
+    return dict(sorted(settings.items()))
+
+
+@dataclass
+class Outcome:
+    """What a command did: its completion text (what and where, without the time), its exit
+    status, the inputs that failed, and how to write its report (None: no report)."""
+
+    summary: str
+    code: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    report: Callable[[], Path] | None = None
+
+
+def batch_outcome(report: BatchReport, where: str, what: str,
+                  write_report: Callable[[], Path] | None = None) -> Outcome:
+    """The :class:`Outcome` of a batch of masks: ``what`` (e.g. the method), the number of
+    masks written to ``where``, the failures; exit status 1 if any input failed."""
+    summary = (f"{what}, {len(report.written)} mask(s) written to {where}, "
+               f"{len(report.failed)} input(s) failed")
+    return Outcome(summary, 0 if report.ok else 1, list(report.failed), write_report)
+
+
+def _write_report(write: Callable[[], Path]) -> Path | None:
+    """The report's path, or None (logged as a warning) when it could not be written: the
+    report never fails the command."""
+    try:
+        return write()
+    except Exception as exc:  # any failure of the report is reported, never raised
+        logger.warning("report not written: %s", exc)
+        return None
+
+
+def run_into_output(
+    args: argparse.Namespace,
+    command: str,
+    positional: Sequence[str],
+    work: Callable[[], Outcome],
+) -> int:
+    """Run ``work`` as ``unseg command`` writing into ``args.out``: the folder is claimed and
+    recorded in its manifest (:mod:`unseg.outdir`; ``--resume`` / ``--overwrite``), the report
+    written at the end unless ``--no-report``, the stage timings logged at INFO, and one
+    completion line printed (failures on stderr before it). Other torchrun ranks only work."""
     if not dist.is_main_env():
-        return 0 if report.ok else 1
-    print(f"{len(report.written)} mask(s) written to {where}; {len(report.failed)} input(s) failed")
-    for path, problem in report.failed:
+        return work().code
+    if getattr(args, "gt", None) is not None and not Path(args.gt).exists():
+        raise UnsegError(f"{args.gt}: no such ground-truth folder (--gt)")
+    mode: Mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
+    with recorded(args.out, command, command_settings(args, positional), mode,
+                  sys.argv) as record:
+        outcome = work()
+        page = None
+        if outcome.report is not None and getattr(args, "report", False):
+            page = _write_report(outcome.report)
+        record.exit_code = outcome.code
+    log_totals(record.timings, f"unseg {command}")
+    for path, problem in outcome.failed:
         print(f"failed: {path}: {problem}", file=sys.stderr)
-    return 0 if report.ok else 1
+    tail = f"; report {page}" if page is not None else ""
+    print(f"unseg {command}: {outcome.summary}, in {record.seconds:.1f} s{tail}")
+    return outcome.code

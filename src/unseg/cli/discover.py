@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.common import add_backbone_arguments, add_device_argument, finish, resolve_backbone
+from unseg.cli.common import (
+    Outcome,
+    add_backbone_arguments,
+    add_device_argument,
+    add_output_arguments,
+    batch_outcome,
+    resolve_backbone,
+    run_into_output,
+)
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.fitting import build_config
 from unseg.pipelines.saliency import discover
 from unseg.registry import get_method, list_methods
+from unseg.report.html import write_report
 
 HEAD = "saliency-head"  # the registered method whose config sets the guided filter
 
@@ -39,11 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
     add_device_argument(p)
+    add_output_arguments(p, report=True)
     add_method_options(p, specs, "method options (the guided filter applies to spectral too)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    return run_into_output(args, "discover", ("images",), lambda: _discover(args))
+
+
+def _discover(args: argparse.Namespace) -> Outcome:
     spec = get_method(HEAD if args.method == "spectral" else args.method)
     report = discover(
         args.images,
@@ -57,4 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         weights=args.weights,
         tap=args.tap,
     )
-    return finish(report, f"{args.out}/masks (boxes in {args.out}/boxes.json)")
+    return batch_outcome(
+        report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", args.method,
+        lambda: write_report(args.out, args.images, args.gt),
+    )

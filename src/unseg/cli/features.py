@@ -1,18 +1,22 @@
 """`unseg features DATA --backbone NAME --out DIR`: cache dense features of a folder or dataset.
 
 Runs alone or under ``torchrun --nproc_per_node=N`` (the images are split across processes).
+The cache folder is meant to be reused and shared (entries are keyed by what they depend on),
+so it is not claimed like the other commands' output folders (``unseg.outdir``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
 from unseg.cli.common import add_backbone_arguments, resolve_backbone
 from unseg.features import extract_dataset
 from unseg.utils import dist
+from unseg.utils.timing import collect, log_totals
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,28 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     backbone = resolve_backbone(args.backbone, "features")
     main = dist.is_main_env()
-    fs = extract_dataset(
-        args.data,
-        args.out,
-        backbone=backbone,
-        weights=args.weights,
-        size=args.size,
-        kind=args.kind,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        dtype=DTYPES[args.dtype],
-        device=args.device,
-        num_workers=args.workers,
-        tap=args.tap,
-    )
-    if main:
-        s = fs.stats
-        print(
-            f"{s['images']} images: {s['computed']} computed, {s['cached']} from cache, "
-            f"{s['failed']} failed; features in {fs.cache_dir}"
+    with collect() as timings:
+        fs = extract_dataset(
+            args.data,
+            args.out,
+            backbone=backbone,
+            weights=args.weights,
+            size=args.size,
+            kind=args.kind,
+            batch_size=args.batch_size,
+            crop=args.crop,
+            dtype=DTYPES[args.dtype],
+            device=args.device,
+            num_workers=args.workers,
+            tap=args.tap,
         )
+    if main:
+        log_totals(timings, "unseg features")
         for path, problem in fs.report.failed:
             print(f"failed: {path}: {problem}", file=sys.stderr)
+        s = fs.stats
+        print(
+            f"unseg features: {backbone}, {s['images']} images: {s['computed']} computed, "
+            f"{s['cached']} from cache, {s['failed']} failed; features in {fs.cache_dir}, "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
     return 0 if fs.report.ok else 1

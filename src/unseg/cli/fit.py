@@ -3,28 +3,32 @@
 One subcommand per method of the registry (``unseg.registry``), with one option per field of
 its config; semantic methods add the semantic pipeline's options (``-k``, ``--size``,
 ``--refine``, ``--embeddings``, ...), saliency methods the feature cache, embedding methods
-(MaskContrast) the saliency mask folder (``--saliency``).
+(MaskContrast) the saliency mask folder (``--saliency``). The run folder is claimed as an
+output folder (``unseg.outdir``: ``--resume`` continues a killed fit, ``--overwrite`` replaces
+an earlier one) and the command ends with one completion line.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Callable
 
 from unseg.cli.common import (
+    Outcome,
     add_backbone_arguments,
     add_device_argument,
+    add_output_arguments,
     add_semantic_arguments,
     resolve_backbone,
+    run_into_output,
     semantic_settings,
 )
 from unseg.cli.options import add_method_options, given_options
-from unseg.pipelines.fitting import build_config
+from unseg.pipelines.fitting import FitResult, build_config
 from unseg.pipelines.maskcontrast import MaskContrastSettings, fit_maskcontrast
 from unseg.pipelines.saliency import fit_saliency
 from unseg.pipelines.semantic import fit_semantic
 from unseg.registry import MethodSpec, get_method, list_methods
-from unseg.utils import dist
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             m.add_argument("--cache-dir", default=None, help="feature cache folder")
             add_device_argument(m)
             m.set_defaults(func=_saliency)
+        add_output_arguments(m, report=False)
         add_method_options(m, [spec], f"{spec.name} options")
         m.set_defaults(spec_name=spec.name)
 
@@ -71,18 +76,36 @@ def _spec(args: argparse.Namespace) -> MethodSpec:
     return get_method(args.spec_name)
 
 
-def _semantic(args: argparse.Namespace) -> int:
+def _fit_into_run(args: argparse.Namespace, fit: Callable[[MethodSpec], Outcome]) -> int:
     spec = _spec(args)
+    args.method = spec.name  # an alias and the name are the same configuration
+    return run_into_output(args, f"fit {spec.name}", ("method", "data"), lambda: fit(spec))
+
+
+def _outcome(result: FitResult, what: str, where: str) -> Outcome:
+    summary = (f"{what}{result.n_images} image(s) fitted, run in {where}, "
+               f"{len(result.report.failed)} input(s) failed")
+    return Outcome(summary, 0 if result.report.ok else 1, list(result.report.failed))
+
+
+def _semantic(args: argparse.Namespace) -> int:
+    return _fit_into_run(args, lambda spec: _fit_semantic(args, spec))
+
+
+def _fit_semantic(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
     result = fit_semantic(
         args.data, args.out, spec.name, args.num_classes,
         options=given_options(args, spec),
         settings=semantic_settings(args, f"fit {spec.name}"),
     )
-    return 0 if result.report.ok else 1
+    return _outcome(result, f"{args.num_classes} classes, ", args.out)
 
 
 def _embedding(args: argparse.Namespace) -> int:
-    spec = _spec(args)
+    return _fit_into_run(args, lambda spec: _fit_embedding(args, spec))
+
+
+def _fit_embedding(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
     result = fit_maskcontrast(
         args.data, args.saliency, args.out,
         options=given_options(args, spec),
@@ -92,16 +115,15 @@ def _embedding(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
         ),
     )
-    if dist.is_main_env():
-        print(f"unseg fit {spec.name}: {result.masks.summary()}; run in {args.out}")
-        for path, problem in result.report.failed:
-            print(f"skipped: {path}: {problem}", file=sys.stderr)
-    return 0 if result.report.ok else 1
+    return _outcome(result, f"{result.masks.summary()}; ", args.out)
 
 
 def _saliency(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    result = fit_saliency(
+    return _fit_into_run(args, lambda spec: _outcome(_fit_saliency(args, spec), "", args.out))
+
+
+def _fit_saliency(args: argparse.Namespace, spec: MethodSpec) -> FitResult:
+    return fit_saliency(
         args.data,
         args.out,
         build_config(spec, given_options(args, spec), {}),
@@ -112,4 +134,3 @@ def _saliency(args: argparse.Namespace) -> int:
         method=spec.name,
         tap=args.tap,
     )
-    return 0 if result.report.ok else 1

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from unseg.cli.common import add_device_argument, finish
+from unseg.cli.common import (
+    Outcome,
+    add_device_argument,
+    add_output_arguments,
+    batch_outcome,
+    run_into_output,
+)
 from unseg.pipelines import predict_run
 from unseg.refine.semantic import REFINES
+from unseg.report.html import write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,10 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="backbone weights file (default: the one the run was fitted with; hash-checked)",
     )
     add_device_argument(p)
+    add_output_arguments(p, report=True)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    return run_into_output(args, "predict", ("run", "images"), lambda: _predict(args))
+
+
+def _predict(args: argparse.Namespace) -> Outcome:
     given = {
         "refine": args.refine,
         "guided_filter": args.guided_filter,
@@ -63,4 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = predict_run(args.run, args.images, args.out, overrides, device=args.device)
-    return finish(report, str(args.out))
+    return batch_outcome(
+        report, str(args.out), f"run {args.run}",
+        lambda: write_report(args.out, args.images, args.gt, run=args.run),
+    )

@@ -1,8 +1,10 @@
 """`unseg segment IMAGES --out DIR`: fit a semantic model on a folder and segment it, in one pass.
 
-Writes ``DIR/masks/*.png`` (pixel value = class id, palette embedded), ``DIR/overlays/*.jpg`` and
+Writes ``DIR/masks/*.png`` (pixel value = class id, palette embedded), ``DIR/overlays/*.jpg``,
 ``DIR/run/`` (the fitted model, reusable with ``unseg predict``; its config.json holds the
-seconds per stage). Every option of every semantic method's config is available here.
+seconds per stage), ``DIR/report.html`` (unless ``--no-report``) and ``DIR/unseg-manifest.json``
+(``unseg.outdir``: what wrote each file; ``--resume`` / ``--overwrite`` for a used folder).
+Every option of every semantic method's config is available here.
 ``--method maskcontrast`` runs discover → fit → predict: the masks of ``unseg discover``
 (``DIR/discover``; ``--discover`` picks its method) or of ``--saliency DIR``.
 """
@@ -12,15 +14,19 @@ from __future__ import annotations
 import argparse
 
 from unseg.cli.common import (
+    Outcome,
     add_backbone_arguments,
+    add_output_arguments,
     add_semantic_arguments,
-    finish,
+    batch_outcome,
+    run_into_output,
     semantic_settings,
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.maskcontrast import MaskContrastSettings, segment_maskcontrast
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, segment
 from unseg.registry import get_method, list_methods
+from unseg.report.html import write_report
 from unseg.utils.batch import BatchReport
 
 
@@ -53,11 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="maskcontrast: the discover method giving the masks (default spectral, "
         "training-free)",
     )
+    add_output_arguments(p, report=True)
     add_method_options(p, specs, "method options")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    return run_into_output(args, "segment", ("images",), lambda: _segment(args))
+
+
+def _segment(args: argparse.Namespace) -> Outcome:
     spec = get_method(args.method)
     report: BatchReport
     if spec.output == "embedding":
@@ -78,4 +89,8 @@ def _run(args: argparse.Namespace) -> int:
             options=given_options(args, spec),
             settings=semantic_settings(args, "segment"),
         )
-    return finish(report, f"{args.out}/masks (overlays in {args.out}/overlays)")
+    return batch_outcome(
+        report, f"{args.out}/masks (overlays in {args.out}/overlays)",
+        f"{spec.name}, {args.num_classes} classes",
+        lambda: write_report(args.out, args.images, args.gt),
+    )
