@@ -1,9 +1,10 @@
 """The feature cache: one folder per setting, one safetensors file per image and tensor.
 
 ``cache_dir/<key>/`` where ``key`` hashes :func:`cache_setting` (backbone, tap, weights sha256,
-size, crop, kind, dtype); each image's features are ``<sha256>.safetensors`` (the sha256 of the
-image file's bytes) and its extras ``<sha256>.<extra>.safetensors`` (:func:`file_name`), written
-atomically; ``index.json`` maps image paths to their :class:`FeatureRecord`.
+size, max_side, crop, kind, dtype); each image's features are ``<sha256>.safetensors`` (the
+sha256 of the image file's bytes) and its extras ``<sha256>.<extra>.safetensors``
+(:func:`file_name`), written atomically; ``index.json`` maps image paths to their
+:class:`FeatureRecord`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from unseg.utils.io import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: images resized in uint8
+CACHE_FORMAT = 3  # 2: images resized in uint8; 3: big JPEGs decoded at a reduced DCT scale
 EXTRAS: tuple[str, ...] = ("flipped", "image", "student")
 
 
@@ -148,16 +149,18 @@ def file_name(sha256: str, name: str, student_seed: int) -> str:
 
 
 def cache_setting(
-    backbone: Backbone, size: int, crop: bool, kind: FeatureKind, dtype: torch.dtype
+    backbone: Backbone, size: int, crop: bool, kind: FeatureKind, dtype: torch.dtype,
+    max_side: int | None = None,
 ) -> dict:
-    """What the features depend on besides the image: backbone, its tap and weights, size, crop,
-    kind, dtype."""
+    """What the features depend on besides the image: backbone, its tap and weights, size, the
+    working resolution's long-side limit ``max_side`` (None: none), crop, kind, dtype."""
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone.spec.name,
         "tap": getattr(backbone, "tap", None),
         "weights_sha256": backbone_weights_sha256(backbone),
         "size": size,
+        "max_side": max_side,
         "crop": crop,
         "kind": kind,
         "dtype": str(dtype).removeprefix("torch."),

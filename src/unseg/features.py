@@ -1,11 +1,14 @@
 """Batched dense-feature extraction with a content-addressed on-disk cache and torchrun sharding.
 
-Images are resized as :mod:`unseg.data.resize` says (short side ``size``, sides multiples of
-the backbone stride; ``crop=True``: a centre square).
+Images are resized to the working resolution :mod:`unseg.data.resize` defines (short side
+``size``, long side at most ``max_side``, sides multiples of the backbone stride; ``crop=True``:
+a centre square); a big JPEG is decoded at a reduced DCT scale that is still at least that size,
+so no image is ever held at full resolution here. Files over ``max_pixels`` (see
+:func:`unseg.data.image.pixel_limit`) are reported as failures.
 Decoding and resizing run in DataLoader workers; images of the same resized shape are batched.
 
 The cache (:mod:`unseg.feature_store`) lives in ``cache_dir/<key>/``, ``key`` hashing the
-setting (backbone, tap, weights sha256, size, crop, kind, dtype); each image's tensors are
+setting (backbone, tap, weights sha256, size, max_side, crop, kind, dtype); each image's tensors are
 safetensors files named by the sha256 of the image file's bytes, written atomically, so an
 interrupted run resumes where it stopped and a second run computes nothing.
 
@@ -27,16 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from unseg.backbones import create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
-from unseg.data.datasets import dataset_images
-from unseg.data.image import load_image
-from unseg.data.resize import prepare_image, resize_image, target_size
+from unseg.data.datasets import resolve_inputs
+from unseg.data.image import image_size, load_image
+from unseg.data.resize import decode_size, prepare_image, resize_image, target_size
 from unseg.data.transforms import student_view
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 from unseg.feature_store import (
     EXTRAS,
     FeatureRecord,
@@ -66,17 +68,6 @@ __all__ = [
     "extract_features", "load_cache", "prepare_image", "resize_image", "target_size",
 ]
 
-_EXIF_ORIENTATION = 0x0112
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` after EXIF orientation, from the header only (no decoding)."""
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 @dataclass(frozen=True)
 class _Item:
     index: int
@@ -86,20 +77,39 @@ class _Item:
     image_size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class _Resize:
+    """The working resolution's settings (see :mod:`unseg.data.resize`) and the pixel limit."""
+
+    size: int
+    stride: int
+    crop: bool
+    max_side: int | None
+    max_pixels: int | None
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        """The working ``(H, W)`` of an ``height x width`` image."""
+        return target_size(height, width, self.size, self.stride, self.crop, self.max_side)
+
+
 class _ImageDataset(Dataset):
     """Decodes and resizes the images of ``items``; bad files come back as an error string."""
 
-    def __init__(self, items: list[_Item], size: int, stride: int, crop: bool) -> None:
+    def __init__(self, items: list[_Item], resize: _Resize) -> None:
         self.items = items
-        self.size, self.stride, self.crop = size, stride, crop
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        item = self.items[i]
+        item, r = self.items[i], self.resize
+        need = decode_size(*item.original_size, r.size, r.stride, r.crop, r.max_side)
         try:
-            image = resize_image(load_image(item.path), self.size, self.stride, self.crop)
+            image = resize_image(
+                load_image(item.path, r.max_pixels, need), r.size, r.stride, r.crop,
+                r.max_side, source_size=item.original_size,
+            )
         except UnsegError as exc:
             return i, None, getattr(exc, "problem", str(exc))
         if tuple(image.shape[1:]) != item.image_size:
@@ -136,25 +146,22 @@ def _default_workers(n_items: int) -> int:
 
 
 def _scan(
-    paths: Sequence[Path], size: int, stride: int, crop: bool
+    paths: Sequence[Path], resize: _Resize
 ) -> tuple[list[_Item], list[tuple[Path, str]]]:
-    """Hash and read the header of each file; unreadable ones are returned as failures."""
+    """Read the header of each file and hash it; unusable ones are returned as failures."""
     items: list[_Item] = []
     failed: list[tuple[Path, str]] = []
     for i, path in enumerate(paths):
-        if not path.is_file():
-            failed.append((path, "no such file"))
-            continue
-        if path.stat().st_size == 0:
-            failed.append((path, "empty file (0 bytes)"))
-            continue
         try:
+            h, w = image_size(path, resize.max_pixels)
             sha = file_sha256(path)
-            h, w = _header_size(path)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            failed.append((path, f"not an image file Pillow can read ({exc})"))
+        except InputFileError as exc:
+            failed.append((path, exc.problem))
             continue
-        items.append(_Item(i, path, sha, (h, w), target_size(h, w, size, stride, crop)))
+        except OSError as exc:
+            failed.append((path, f"cannot read the file ({exc.strerror or exc})"))
+            continue
+        items.append(_Item(i, path, sha, (h, w), resize.target(h, w)))
     return items, failed
 
 
@@ -175,6 +182,8 @@ def extract_features(
     student_seed: int = 0,
     shard: bool = True,
     timings: Timings | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> FeatureSet:
     """Dense features ``[C, H'/stride, W'/stride]`` of every image in ``paths``, and the
     ``extras`` (see the module docstring) computed in the same pass.
@@ -185,7 +194,9 @@ def extract_features(
     :mod:`unseg.utils.dist`) each rank computes its shard and all ranks return the same set;
     ``shard=False``: this rank works alone on ``paths`` (already its own share). ``timings``
     receives the seconds spent decoding (hashing, reading, resizing), in the backbone and
-    writing the cache.
+    writing the cache. ``max_side``: the working resolution's long-side limit (None: none;
+    see :func:`unseg.data.resize.resolve_max_side` for the commands' default); ``max_pixels``:
+    the per-file pixel limit (None: Pillow's, 0: none).
     """
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
@@ -199,12 +210,13 @@ def extract_features(
     rank, world = (dist.rank(), dist.world_size()) if shard else (0, 1)
     if world > 1 and cache_dir is None:
         raise UnsegError("a multi-process run needs a cache_dir to share the features through")
-    setting = cache_setting(backbone, size, crop, kind, dtype)
+    resize = _Resize(size, stride, crop, None if crop else max_side, max_pixels)
+    setting = cache_setting(backbone, size, crop, kind, dtype, resize.max_side)
     cache = Path(cache_dir) / cache_key(setting) if cache_dir is not None else None
 
     mine = dist.shard(list(range(len(paths))), rank, world)
     with timings.stage("decode"):
-        items, failed = _scan([paths[i] for i in mine], size, stride, crop)
+        items, failed = _scan([paths[i] for i in mine], resize)
     items = [
         _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size) for it in items
     ]
@@ -215,7 +227,7 @@ def extract_features(
     ]
     feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
     if todo:
-        job = _Job(backbone, device, size, stride, crop, kind, dtype, tuple(extras), student_seed)
+        job = _Job(backbone, device, resize, kind, dtype, tuple(extras), student_seed)
         feats, bad = _compute(todo, job, batch_size, cache, num_workers, timings)
         failed += bad
     local = {
@@ -268,9 +280,7 @@ class _Job:
 
     backbone: Backbone
     device: torch.device
-    size: int
-    stride: int
-    crop: bool
+    resize: _Resize
     kind: FeatureKind
     dtype: torch.dtype
     extras: tuple[str, ...]
@@ -325,7 +335,7 @@ def _compute(
     workers = _default_workers(len(todo)) if num_workers is None else num_workers
     batches = _shape_batches(todo, batch_size)
     loader = DataLoader(
-        _ImageDataset(todo, job.size, job.stride, job.crop),
+        _ImageDataset(todo, job.resize),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
@@ -393,18 +403,26 @@ def extract_dataset(
     device: str | None = None,
     num_workers: int | None = None,
     tap: str | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> FeatureSet:
     """Cache the features of the images of ``data`` (dataset root, folder or file) under ``out``
-    (``tap``: the backbone's feature tap, ``None`` for its default).
+    (``tap``: the backbone's feature tap, ``None`` for its default; ``max_side``,
+    ``max_pixels``: see :func:`extract_features`).
 
     Joins the torchrun process group when launched by torchrun (each rank on its own GPU when
     CUDA is used) and leaves it at the end; a single process needs no launcher.
     """
     with dist.joined(resolve_device(device)) as dev:
-        paths = dataset_images(data)
         model = create_backbone(backbone, weights=weights, device=dev,
                                 **({} if tap is None else {"tap": tap}))
-        return extract_features(
+        report = BatchReport()
+        paths = resolve_inputs(data, report, model.stride)
+        refused = len(report.failed)  # by the input rules, before extraction
+        fs = extract_features(
             paths, model, size=size, kind=kind, batch_size=batch_size, crop=crop,
-            cache_dir=out, dtype=dtype, num_workers=num_workers,
+            cache_dir=out, dtype=dtype, num_workers=num_workers, max_side=max_side,
+            max_pixels=max_pixels, report=report,
         )
+        fs.stats.update(images=fs.stats["images"] + refused, failed=fs.stats["failed"] + refused)
+        return fs

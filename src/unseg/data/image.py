@@ -1,35 +1,108 @@
-"""The one image loader: any common file → uint8 RGB ``[H, W, 3]``, or a clear error naming it."""
+"""The one image loader: any common file → uint8 RGB ``[H, W, 3]``, or a clear error naming it.
+
+Pillow's decompression-bomb guard becomes unseg's own per-file limit (``max_pixels``: None =
+Pillow's default :data:`DEFAULT_MAX_PIXELS`, 0 = no limit), reported as an
+:class:`InputFileError` that names the option to pass; no Pillow warning reaches stderr.
+"""
 
 from __future__ import annotations
 
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unseg.data.inputs import unreadable
 from unseg.errors import InputFileError, UnsegError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's bomb limit
+_EXIF_ORIENTATION = 0x0112
+_PILLOW_GUARD = threading.Lock()
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise InputFileError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise InputFileError(path, "empty file (0 bytes)")
+@contextmanager
+def _without_pillow_guard() -> Iterator[None]:
+    """Pillow's own bomb check off (unseg checks the size itself), restored afterwards."""
+    with _PILLOW_GUARD:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def pixel_limit(max_pixels: int | None) -> int | None:
+    """The pixel limit ``max_pixels`` stands for: None → Pillow's default, 0 → no limit."""
+    if max_pixels is None:
+        return DEFAULT_MAX_PIXELS
+    if max_pixels < 0:
+        raise UnsegError(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
+    return max_pixels or None
+
+
+def _check_pixels(path: Path, img: Image.Image, max_pixels: int | None) -> None:
+    limit = pixel_limit(max_pixels)
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        img.close()
+        raise InputFileError(
+            path,
+            f"image too large: {w}x{h} = {w * h} pixels ({w * h / 1e6:.1f} MP) is over the "
+            f"limit of {limit} pixels that guards against decompression bombs; if the file is "
+            f"trusted, pass --max-pixels {w * h} or more (0: no limit)",
+        )
+
+
+def _open(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` lazily (header read, pixels not decoded), its size within the limit."""
+    problem = unreadable(path)
+    if problem is not None:
+        raise InputFileError(path, problem)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _without_pillow_guard():
             img = Image.open(path)
-            img.load()
+    except PermissionError:
+        raise InputFileError(path, "permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
         raise InputFileError(path, "not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputFileError(path, f"corrupt or truncated image ({exc})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputFileError(path, f"image too large ({exc})") from None
+    _check_pixels(path, img, max_pixels)
     return img
+
+
+def _decode(path: Path, img: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened image; broken data raises :class:`InputFileError`."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputFileError(path, f"corrupt or truncated image ({exc})") from None
+    return img
+
+
+def _oriented(img: Image.Image) -> bool:
+    """True when the EXIF orientation swaps the stored width and height (5 to 8)."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # malformed EXIF blocks raise many kinds of errors
+        return False
+
+
+def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(H, W)`` of ``path`` after EXIF orientation, from its header (no decoding).
+
+    Raises :class:`InputFileError` as :func:`load_image` does for missing, unreadable,
+    non-image and too large files.
+    """
+    path = Path(path)
+    with _open(path, max_pixels) as img:
+        w, h = img.size
+        return (w, h) if _oriented(img) else (h, w)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -49,14 +122,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(
+    path: str | Path,
+    max_pixels: int | None = None,
+    min_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Load an image as uint8 RGB ``[H, W, 3]``, applying its EXIF orientation.
 
     Modes L, LA, P, RGBA, CMYK, I;16 and others are converted to RGB (transparency is composited
-    on white). Missing, empty, truncated and non-image files raise :class:`InputFileError`.
+    on white). Missing, empty, unreadable, truncated, non-image and too large files (more than
+    ``max_pixels``, see :func:`pixel_limit`) raise :class:`InputFileError`. ``min_size``
+    ``(H, W)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the
+    result is at least that large, which cuts the memory of big photos by up to 64x.
     """
     path = Path(path)
-    img = _open(path)
+    img = _open(path, max_pixels)
+    if min_size is not None and img.format == "JPEG":
+        h, w = min_size
+        img.draft(None, (h, w) if _oriented(img) else (w, h))
+    img = _decode(path, img)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # malformed EXIF blocks raise many kinds of errors
@@ -74,7 +158,7 @@ def load_label(path: str | Path) -> np.ndarray:
     whose channels are equal are reduced to one channel; other multi-channel masks are an error.
     """
     path = Path(path)
-    img = _open(path)
+    img = _decode(path, _open(path))
     arr = np.asarray(img)
     if arr.ndim == 3:
         if img.mode in ("RGBA", "LA"):
@@ -88,7 +172,10 @@ def load_label(path: str | Path) -> np.ndarray:
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
     """Sorted image files under ``root`` (by extension, case-insensitive; hidden files skipped).
 
-    ``root`` may also be a single image file. Raises :class:`UnsegError` if nothing is found.
+    Symbolic links named like images are listed even when they lead nowhere (broken, or a loop),
+    so that the commands report them (:func:`unseg.data.inputs.unreadable`); linked folders are
+    not entered. ``root`` may also be a single image file. Raises :class:`UnsegError` if nothing
+    is found.
     """
     root = Path(root)
     if root.is_file():
@@ -99,7 +186,7 @@ def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
     files = sorted(
         p
         for p in root.glob(pattern)
-        if p.is_file()
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
         and p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )

@@ -1,6 +1,8 @@
 """Resizing images for the backbone and label maps for scoring.
 
-Images: the short side to ``size``, both sides rounded to the nearest multiple of the backbone
+Images: the working resolution: the short side to ``size`` unless that makes the long side
+longer than ``max_side`` (then the long side is ``max_side``: a panorama gets a shorter short
+side rather than a huge feature map), both sides rounded to the nearest multiple of the backbone
 stride (``crop=True``: then centre-cropped to a square), bilinear with antialiasing in uint8.
 Label maps: nearest neighbour, and the test of whether one size is a rescaling of another.
 """
@@ -14,11 +16,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+MAX_SIDE_FACTOR = 4  # the default long side of the working resolution: 4 x the short side
+
+
+def resolve_max_side(size: int, max_side: int | None) -> int | None:
+    """The long-side limit ``max_side`` stands for: None → ``4 * size``, 0 → no limit."""
+    if max_side is None:
+        return MAX_SIDE_FACTOR * size
+    if max_side < 0:
+        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
+    return max_side or None
+
 
 def target_size(
-    height: int, width: int, size: int, stride: int, crop: bool = False
+    height: int, width: int, size: int, stride: int, crop: bool = False,
+    max_side: int | None = None,
 ) -> tuple[int, int]:
-    """Resized ``(H, W)``: short side ``size``, both sides rounded to multiples of ``stride``.
+    """Resized ``(H, W)``: short side ``size`` with the long side at most ``max_side`` (None: no
+    limit), both sides rounded to multiples of ``stride``.
 
     With ``crop=True`` the result is the square ``(s, s)`` with ``s = size`` rounded to stride.
     """
@@ -28,22 +43,38 @@ def target_size(
     if crop:
         s = snap(size)
         return s, s
-    short = min(height, width)
+    short, long = min(height, width), max(height, width)
+    if max_side is not None and long * size > max_side * short:
+        return snap(height * max_side / long), snap(width * max_side / long)
     return snap(height * size / short), snap(width * size / short)
 
 
+def decode_size(
+    height: int, width: int, size: int, stride: int, crop: bool = False,
+    max_side: int | None = None,
+) -> tuple[int, int]:
+    """The smallest ``(H, W)`` an ``height x width`` image may be decoded at (same aspect) so
+    that :func:`resize_image` still only shrinks it: the ``min_size`` of a reduced decode."""
+    th, tw = target_size(height, width, size, stride, crop, max_side)
+    k = th / min(height, width) if crop else max(th / height, tw / width)
+    return min(height, math.ceil(height * k)), min(width, math.ceil(width * k))
+
+
 def resize_image(
-    image: np.ndarray, size: int, stride: int, crop: bool = False
+    image: np.ndarray, size: int, stride: int, crop: bool = False,
+    max_side: int | None = None, source_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 RGB ``[H, W, 3]`` → uint8 ``[3, H', W']`` at :func:`target_size`.
 
     Bilinear with antialiasing (torch's fast uint8 path); ``crop=True`` resizes the short side
-    to the square side and centre-crops.
+    to the square side and centre-crops. ``source_size``: the true ``(H, W)`` of an image
+    decoded at a reduced scale, from which the target size is computed (default: its own).
     """
     h, w = image.shape[:2]
     pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))
     x = pixels.permute(2, 0, 1).unsqueeze(0)
-    th, tw = target_size(h, w, size, stride, crop)
+    sh, sw = source_size if source_size is not None else (h, w)
+    th, tw = target_size(sh, sw, size, stride, crop, max_side)
     if crop:
         scale = th / min(h, w)
         rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
@@ -56,11 +87,11 @@ def resize_image(
 
 
 def prepare_image(
-    image: np.ndarray, size: int, stride: int, crop: bool = False
+    image: np.ndarray, size: int, stride: int, crop: bool = False,
+    max_side: int | None = None,
 ) -> torch.Tensor:
     """uint8 RGB ``[H, W, 3]`` → float ``[3, H', W']`` in ``[0, 1]``: :func:`resize_image` / 255."""
-    return resize_image(image, size, stride, crop).float().div_(255.0)
-
+    return resize_image(image, size, stride, crop, max_side).float().div_(255.0)
 
 
 def _scales_to(src: tuple[int, int], dst: tuple[int, int]) -> bool:
