@@ -2,6 +2,10 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=callable(args) -> int`` as the parser default.
+
+Interrupts: Ctrl-C exits with status 130 and SIGTERM with 143, each with one line on stderr and
+no traceback; the outputs finished so far are kept (every write is atomic) and worker processes
+are stopped on the way out (see :mod:`unseg.utils.signals` and :class:`unseg.refine.crf.CRFPool`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from unseg import __version__
 from unseg.errors import UnsegError
 from unseg.utils.progress import set_progress
+from unseg.utils.signals import Terminated, sigterm_raises
 
 COMMAND_MODULES = (
     "unseg.cli.backbones",
@@ -45,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (0 ok, 1 some inputs failed, 2 error)."""
+    """Run the CLI; returns the process exit code (0 ok, 1 some inputs failed, 2 error,
+    130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
+    try:
+        with sigterm_raises():
+            return _run(argv)
+    except Terminated:
+        print("unseg: terminated; finished outputs are kept", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("unseg: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -56,9 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnsegError as exc:
         print(f"unseg: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("unseg: interrupted; finished outputs are kept", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -9,11 +9,18 @@ kernel uses one ``srgb`` for all three channels, so the channel order does not c
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.pool import Pool
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
+from unseg.utils.signals import children_start_without_sigint, die_with_parent, ignore_sigint
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -77,14 +86,67 @@ def dense_crf(
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
 
 
-def _worker_init() -> None:
+def _worker_main(conn: Connection, parent_pid: int) -> None:
+    """A pool worker: ``(index, fn, item)`` in, ``(index, ok, fn(item) or the error)`` out, until
+    ``None`` or a closed pipe."""
+    ignore_sigint()
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)
     import pydensecrf.densecrf  # noqa: F401  (load the extension before the first task)
+
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent closed the pipe or is gone
+            return
+        if task is None:
+            return
+        index, fn, item = task
+        try:
+            reply = (index, True, fn(item))
+        except Exception as exc:
+            reply = (index, False, (exc, traceback.format_exc()))
+        try:
+            try:
+                conn.send(reply)
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                conn.send((index, False, (UnsegError(f"unpicklable result: {exc}"), "")))
+        except OSError:  # the parent is gone
+            return
 
 
 def _crf_task(args: tuple[np.ndarray, np.ndarray, CRFConfig]) -> np.ndarray:
     image, logits, config = args
     return dense_crf(image, logits, config)
+
+
+class _RemoteTraceback(Exception):
+    """The traceback text of an error raised in a worker (the ``__cause__`` of the re-raise)."""
+
+
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Child processes started in the block run torch, OpenMP and BLAS on one thread."""
+    saved = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
+    os.environ.update(dict.fromkeys(_SINGLE_THREAD_ENV, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _died(proc: BaseProcess) -> UnsegError:
+    code = proc.exitcode
+    how = f"exit code {code}"
+    if code is not None and code < 0:
+        how = f"killed by {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            how += " (out of memory?)"
+    return UnsegError(f"a CRF/refinement worker process died ({how})")
 
 
 class CRFPool:
@@ -93,33 +155,84 @@ class CRFPool:
     Use as a context manager; with ``num_workers <= 1`` everything runs in this process. Each
     worker runs single-threaded (torch, OpenMP and BLAS), so that the processes do not fight
     over the cores.
+
+    Shutdown: leaving the block normally stops the idle workers and joins them. Leaving it by an
+    exception (``KeyboardInterrupt`` from Ctrl-C, ``Terminated`` from SIGTERM, any error)
+    terminates them at once (SIGTERM, then SIGKILL after :attr:`GRACE_S`), whatever they are
+    running. Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group: the
+    parent decides) and die with the parent, even on ``kill -9``
+    (:func:`unseg.utils.signals.die_with_parent`). A worker that dies mid-task (the kernel's
+    out-of-memory killer) is a clear :class:`UnsegError`, never a hang. The pool must be entered
+    and left in the same thread, one that outlives it (on Linux a worker dies with the thread
+    that started it).
     """
+
+    GRACE_S = 5.0
 
     def __init__(self, num_workers: int = 1, config: CRFConfig | None = None) -> None:
         self.num_workers = max(1, int(num_workers))
         self.config = config or CRFConfig()
-        self._pool: Pool | None = None
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
 
     def __enter__(self) -> CRFPool:
         if self.num_workers > 1:
             ctx = multiprocessing.get_context("spawn")
-            saved = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
-            os.environ.update(dict.fromkeys(_SINGLE_THREAD_ENV, "1"))
             try:
-                self._pool = ctx.Pool(self.num_workers, initializer=_worker_init)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+                with _single_threaded_children(), children_start_without_sigint():
+                    for _ in range(self.num_workers):
+                        mine, theirs = ctx.Pipe()
+                        proc = ctx.Process(target=_worker_main, args=(theirs, os.getpid()),
+                                           daemon=True, name="unseg-crf")
+                        self._conns.append(mine)
+                        self._procs.append(proc)
+                        proc.start()
+                        theirs.close()
+            except BaseException:
+                self._stop(now=True)
+                raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        self._stop(now=exc_type is not None)
+
+    def _stop(self, now: bool) -> None:
+        """Stop the workers: idle ones by a ``None`` task and a join, or, with ``now`` (or when
+        that does not work within :attr:`GRACE_S`), by SIGTERM then SIGKILL."""
+        procs, conns = self._procs, self._conns
+        self._procs, self._conns = [], []
+        if not now:
+            for conn in conns:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        else:
+            for proc in procs:
+                if proc.pid is not None:
+                    proc.terminate()
+        deadline = time.monotonic() + self.GRACE_S
+        for proc in procs:
+            if proc.pid is not None:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is None:
+                log.warning("CRF worker %d did not stop within %.0f s: killed", proc.pid,
+                            self.GRACE_S)
+                proc.kill()
+                proc.join(self.GRACE_S)
+        for conn in conns:
+            conn.close()
+        for proc in procs:
+            if proc.pid is not None and proc.exitcode is not None:
+                proc.close()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (empty when everything runs in this process)."""
+        return [p.pid for p in self._procs if p.pid is not None]
 
     def map(
         self, images: Sequence[np.ndarray], logits: Sequence[torch.Tensor | np.ndarray]
@@ -134,10 +247,76 @@ class CRFPool:
         return self.map_fn(_crf_task, tasks)
 
     def map_fn(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        """``[fn(item) for item in items]`` across the workers (``fn`` a module-level function)."""
-        if self._pool is None:
+        """``[fn(item) for item in items]`` across the workers (``fn`` a module-level function).
+
+        One item at a time per worker, results in order. An error raised by ``fn`` in a worker
+        is raised here once the other workers' items are done (the worker's traceback text as
+        its ``__cause__``). Anything else that interrupts the map (Ctrl-C, SIGTERM, a worker
+        that died) terminates the workers at once; the pool then runs in this process.
+        """
+        if not self._procs:
             return [fn(item) for item in items]
-        return self._pool.map(fn, items, chunksize=1)
+        log.debug("CRF pool: %s on %d item(s), %d worker(s)", getattr(fn, "__name__", fn),
+                  len(items), len(self._procs))
+        results: dict[int, T] = {}
+        failure: tuple[Exception, str] | None = None
+        pending = iter(enumerate(items))
+        busy: dict[int, int] = {}  # worker -> index of its item
+        try:
+            for w in range(len(self._procs)):
+                self._send(w, fn, pending, busy)
+            while busy:
+                for w, (index, ok, value) in self._replies(busy):
+                    del busy[w]
+                    if ok:
+                        results[index] = value
+                    elif failure is None:
+                        failure = value
+                    if failure is None:
+                        self._send(w, fn, pending, busy)
+        except BaseException:
+            self._stop(now=True)
+            raise
+        if failure is not None:
+            raise failure[0] from _RemoteTraceback(failure[1])
+        return [results[i] for i in range(len(items))]
+
+    def _replies(self, busy: dict[int, int]) -> list[tuple[int, tuple[int, bool, Any]]]:
+        """Wait for replies of the ``busy`` workers: ``(worker, (index, ok, value))`` of each
+        that answered; a worker that died instead is an :class:`UnsegError`."""
+        conns = {self._conns[w]: w for w in busy}
+        sentinels = {self._procs[w].sentinel: w for w in busy}
+        ready = wait([*conns, *sentinels])
+        replies = []
+        for w in sorted({conns[r] if r in conns else sentinels[r] for r in ready}):
+            conn, proc = self._conns[w], self._procs[w]
+            if not conn.poll():  # its sentinel fired and it left no reply
+                proc.join(self.GRACE_S)
+                raise _died(proc)
+            try:
+                replies.append((w, conn.recv()))
+            except (EOFError, OSError) as exc:  # it died while answering
+                proc.join(self.GRACE_S)
+                raise _died(proc) from exc
+        return replies
+
+    def _send(
+        self,
+        worker: int,
+        fn: Callable[[Any], Any],
+        pending: Iterator[tuple[int, Any]],
+        busy: dict[int, int],
+    ) -> None:
+        """Give ``worker`` ``fn`` and the next item of ``pending``, if any; note it in ``busy``."""
+        nxt = next(pending, None)
+        if nxt is None:
+            return
+        index, item = nxt
+        try:
+            self._conns[worker].send((index, fn, item))
+        except OSError as exc:
+            raise _died(self._procs[worker]) from exc
+        busy[worker] = index
 
 
 def dense_crf_batch(
