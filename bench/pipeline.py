@@ -31,6 +31,7 @@ from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.layouts import find_layout
 from unseg.features import extract_features
+from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.pipelines.evaluate import evaluate_semantic
 from unseg.pipelines.saliency import discover
 from unseg.pipelines.semantic import SemanticSettings, segment
@@ -102,10 +103,11 @@ def main() -> None:
     parser.add_argument("--images", default=str(VOC2012), help="dataset root or image folder")
     parser.add_argument("--max-images", type=int, default=None, help="the first N images only")
     parser.add_argument("--num-classes", "-k", type=int, default=21)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default=None, help="default: unseg's default backbone")
     parser.add_argument("--refine", choices=REFINES, default=DEFAULT_REFINE)
     parser.add_argument("--workers", type=int, default=None, help="refinement processes")
     args = parser.parse_args()
+    args.backbone = resolve_backbone_name(args.backbone)
     root = Path(args.images)
     paths = dataset_images(root)[: args.max_images]
     work = Path(tempfile.mkdtemp(prefix="unseg-bench-pipeline-"))

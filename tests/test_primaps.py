@@ -12,6 +12,7 @@ from unseg.errors import UnsegError
 from unseg.proposals.primaps import (
     PriMaPsConfig,
     first_principal_direction,
+    gram_principal_direction,
     ids_from_argmax,
     median_filter,
     primaps_pseudo_labels,
@@ -157,6 +158,35 @@ def test_bad_feature_shape_is_a_clear_error() -> None:
 
 def test_incremental_exact_solver_gives_the_reference_solvers_proposals() -> None:
     feats, _ = planted()
+    fast = principal_masks(feats, PriMaPsConfig(solver="eigh"))
+    torch.manual_seed(0)
+    ref = principal_masks(feats, PriMaPsConfig(solver="lowrank", lowrank_niter=100))
+    assert fast.masks.shape == ref.masks.shape
+    torch.testing.assert_close(fast.masks, ref.masks, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [20, 3])
+def test_gram_direction_agrees_with_exact_svd_when_rows_are_fewer_than_channels(n: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 300, generator=g) * torch.linspace(3, 0.1, 300) + 5.0
+    v = gram_principal_direction(x)
+    xc = x.double().numpy() - x.double().numpy().mean(axis=0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    assert abs(float(np.linalg.norm(v.double().numpy())) - 1) < 1e-6
+    assert abs(float(np.dot(vt[0], v.double().numpy()))) > 1 - 1e-6
+
+
+def test_gram_direction_of_equal_rows_is_zero() -> None:
+    assert torch.equal(gram_principal_direction(torch.ones(5, 40)), torch.zeros(40))
+
+
+@pytest.mark.parametrize("channels", [200, 600])
+def test_more_channels_than_positions_gives_the_reference_solvers_proposals(
+    channels: int,
+) -> None:
+    # 16x16 = 256 positions: 200 channels switch from the covariance to the Gram matrix
+    # part-way, 600 use the Gram matrix from the start
+    feats, _ = planted(channels=channels, size=16)
     fast = principal_masks(feats, PriMaPsConfig(solver="eigh"))
     torch.manual_seed(0)
     ref = principal_masks(feats, PriMaPsConfig(solver="lowrank", lowrank_niter=100))
