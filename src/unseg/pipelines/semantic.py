@@ -35,6 +35,7 @@ from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
 from unseg.methods.base import SemanticEstimator
@@ -88,7 +89,10 @@ class SemanticSettings:
     ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
     entries are keyed by everything they depend on, so runs may share one; ``embeddings``: a
     MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights
-    and feature size are used; the run records it and prediction applies it again).
+    and feature size are used; the run records it and prediction applies it again);
+    ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no limit; recorded
+    in the run, which predicts at it); ``max_pixels``: the per-file pixel limit (None: Pillow's,
+    0: none).
     """
 
     backbone: str | None = None
@@ -103,6 +107,8 @@ class SemanticSettings:
     num_workers: int | None = None
     cache_dir: str | None = None
     embeddings: str | None = None
+    max_side: int | None = None
+    max_pixels: int | None = None
 
 
 def default_workers() -> int:
@@ -181,6 +187,7 @@ def _fit(
     cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
     feats = extract_features(
         paths, model, size=settings.size, cache_dir=cache / "features",
+        max_side=settings.max_side or None, max_pixels=settings.max_pixels,
         report=report, extras=extras, student_seed=settings.seed, timings=timings,
     )
     good = too_small(feats, model.stride, report)
@@ -221,6 +228,8 @@ def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: T
             "weights_sha256": backbone_weights_sha256(fitted.backbone),
             "weights_path": str(Path(settings.weights).resolve()) if settings.weights else None,
             "feature_size": settings.size,
+            "max_side": settings.max_side,
+            "max_pixels": settings.max_pixels,
             "feature_dim": int(first.shape[0]),
             "stride": fitted.backbone.stride,
             "num_classes": int(fitted.estimator.config.num_classes),
@@ -284,7 +293,8 @@ def _method(
     _check(spec, num_classes, settings)
     if settings.embeddings:
         settings = _embedding_backbone(settings)
-    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
+    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone),
+                       max_side=resolve_max_side(settings.size, settings.max_side) or 0)
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 
 
@@ -325,9 +335,11 @@ def predict_images(
     """Label PNGs (palette embedded, value = class id) for every image of ``images`` (dataset
     root, folder or file) with the semantic run in ``run_dir``.
 
-    ``overrides``: ``refine`` (default: the run's) and ``weights`` (the backbone weights file,
-    when the run's is not found). Optional JPEG overlays in ``overlay_dir``. Broken images are
-    reported and skipped. Under torchrun each rank predicts its share.
+    ``overrides``: ``refine`` (default: the run's), ``weights`` (the backbone weights file,
+    when the run's is not found) and ``max_pixels`` (see :class:`SemanticSettings`); images are
+    predicted at the run's working resolution (``max_side``; none for runs that predate it).
+    Optional JPEG overlays in ``overlay_dir``. Broken images are reported and skipped. Under
+    torchrun each rank predicts its share.
     """
     overrides = dict(overrides or {})
     run_dir, root = Path(run_dir), Path(images)
@@ -357,6 +369,8 @@ def predict_images(
                 part = paths[start : start + 4 * CHUNK]
                 feats = extract_features(
                     part, model, size=int(meta["feature_size"]), report=report, extras=extras,
+                    max_side=int(meta.get("max_side") or 0) or None,
+                    max_pixels=overrides.get("max_pixels"),
                     shard=False, timings=timings,
                 )
                 good = too_small(feats, model.stride, report)
