@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unseg.data.image import DEFAULT_MAX_PIXELS
+from unseg.data.resize import MAX_SIDE_FACTOR
 from unseg.errors import UnsegError
 from unseg.outdir import MANIFEST_FILE, Mode, recorded
 from unseg.pipelines.backbone import choose_backbone
@@ -54,9 +56,27 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
 
 
+def add_image_arguments(p: argparse.ArgumentParser, max_side: bool = True) -> None:
+    """``--max-side`` (the working resolution's long side; left out where a run fixes it) and
+    ``--max-pixels`` (the per-file pixel limit), for the commands that read images."""
+    if max_side:
+        p.add_argument(
+            "--max-side", type=int, default=None, metavar="PIXELS",
+            help=f"long side of the working resolution at which features, proposals and "
+            f"refinement run (default {MAX_SIDE_FACTOR} x --size, 1280 at 320; 0: no limit); "
+            "panoramas get a shorter short side; masks are still written at the input's size",
+        )
+    p.add_argument(
+        "--max-pixels", type=int, default=None, metavar="N",
+        help=f"accept images of up to N pixels (default Pillow's decompression-bomb limit, "
+        f"{DEFAULT_MAX_PIXELS}; 0: no limit); larger files are reported and skipped",
+    )
+
+
 def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     """The semantic pipeline's own options (``unseg fit`` of a semantic method, ``segment``)."""
     p.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
+    add_image_arguments(p)
     p.add_argument(
         "--label-factor", type=int, default=2,
         help="logits at this multiple of the feature resolution, training and prediction (2)",
@@ -98,6 +118,8 @@ def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSetting
         num_workers=args.workers,
         cache_dir=args.cache_dir,
         embeddings=embeddings,
+        max_side=args.max_side,
+        max_pixels=args.max_pixels,
     )
 
 

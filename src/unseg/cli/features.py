@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from unseg.cli.common import add_backbone_arguments, resolve_backbone
+from unseg.cli.common import add_backbone_arguments, add_image_arguments, resolve_backbone
+from unseg.data.resize import resolve_max_side
 from unseg.features import extract_dataset
 from unseg.utils import dist
 from unseg.utils.timing import collect, log_totals
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", action="store_true", help="centre-crop to size x size")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    add_image_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -58,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             num_workers=args.workers,
             tap=args.tap,
+            max_side=resolve_max_side(args.size, args.max_side),
+            max_pixels=args.max_pixels,
         )
     if main:
         log_totals(timings, "unseg features")

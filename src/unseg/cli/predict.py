@@ -7,6 +7,7 @@ import argparse
 from unseg.cli.common import (
     Outcome,
     add_device_argument,
+    add_image_arguments,
     add_output_arguments,
     batch_outcome,
     run_into_output,
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="backbone weights file (default: the one the run was fitted with; hash-checked)",
     )
     add_device_argument(p)
+    add_image_arguments(p, max_side=False)
     add_output_arguments(p, report=True)
     p.set_defaults(func=_run)
 
@@ -72,6 +74,7 @@ def _predict(args: argparse.Namespace) -> Outcome:
         "num_classes": args.num_classes,
         "clusters": args.clusters,
         "seed": args.seed,
+        "max_pixels": args.max_pixels,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = predict_run(args.run, args.images, args.out, overrides, device=args.device)
