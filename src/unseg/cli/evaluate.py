@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import Any
 
 from unseg.metrics.saliency import BETA2, FOUND_BETA2
@@ -83,7 +84,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _finish(args: argparse.Namespace, result: Any, rows: list[tuple[str, Any]]) -> int:
+def _finish(
+    args: argparse.Namespace, result: Any, rows: list[tuple[str, Any]], started: float
+) -> int:
+    """Print the table of ``rows`` and the completion line; write ``--json``."""
     data = result.to_dict()
     if result.dataset:
         rows.insert(0, ("dataset", result.dataset))
@@ -96,6 +100,9 @@ def _finish(args: argparse.Namespace, result: Any, rows: list[tuple[str, Any]]) 
         print(f"  {name:<{width}}  {_fmt(value)}")
     if args.json:
         write_json_atomic(args.json, _json_safe(data))
+    saved = f", results in {args.json}" if args.json else ""
+    print(f"unseg evaluate {args.task}: {result.n_images} image(s) scored, {result.n_missing} "
+          f"missing{saved}, in {time.perf_counter() - started:.1f} s")
     return 1 if result.n_missing else 0
 
 
@@ -110,6 +117,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _semantic(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     r = evaluate_semantic(
         args.pred, args.gt, num_classes=args.num_classes, ignore_index=args.ignore_index,
         match=args.match, allow_missing=args.allow_missing,
@@ -122,10 +130,11 @@ def _semantic(args: argparse.Namespace) -> int:
         (f"IoU {name}", "absent" if v is None else v)
         for name, v in zip(names, r.per_class_iou, strict=True)
     ]
-    return _finish(args, r, rows)
+    return _finish(args, r, rows, started)
 
 
 def _saliency(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     r = evaluate_saliency(
         args.pred, args.gt, fbeta_mode=args.fbeta_mode, beta2=args.beta2,
         allow_missing=args.allow_missing,
@@ -134,11 +143,12 @@ def _saliency(args: argparse.Namespace) -> int:
         ("maxFβ", r.max_fbeta), ("IoU", r.iou), ("Acc", r.acc), ("MAE", r.mae),
         ("Fβ mode", r.fbeta_mode), ("β²", r.beta2),
     ]
-    return _finish(args, r, rows)
+    return _finish(args, r, rows, started)
 
 
 def _corloc(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     r = evaluate_corloc(args.pred, args.annotations, allow_missing=args.allow_missing)
     rows: list[tuple[str, Any]] = [("CorLoc", r.corloc), ("correct", r.n_correct),
                                    ("boxes from", r.source)]
-    return _finish(args, r, rows)
+    return _finish(args, r, rows, started)

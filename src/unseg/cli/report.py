@@ -4,6 +4,7 @@ as COCO-style results JSON with RLE masks."""
 from __future__ import annotations
 
 import argparse
+import time
 
 from unseg.report.coco import COCO_FILE, write_coco
 from unseg.report.html import DEFAULT_MAX_IMAGES, REPORT_FILE, write_report
@@ -60,9 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     if args.format == "coco":
         path = write_coco(args.path, out=args.out)
-        print(f"COCO results written to {path}")
+        print(f"unseg report: COCO results written to {path}, in "
+              f"{time.perf_counter() - started:.1f} s")
         return 0
     path = write_report(
         args.path,
@@ -75,5 +78,5 @@ def _run(args: argparse.Namespace) -> int:
         match=args.match,
         max_images=args.max_images,
     )
-    print(f"report written to {path}")
+    print(f"unseg report: report written to {path}, in {time.perf_counter() - started:.1f} s")
     return 0
