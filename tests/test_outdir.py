@@ -163,11 +163,11 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _killed_midway(folder: Path, pid: int) -> None:
+def _killed_midway(folder: Path, pid: int, start: int | None = None) -> None:
     """What ``kill -9`` leaves: a running entry that recorded no file, and the files."""
     claim(folder, "segment", SETTINGS)
     manifest = read_manifest(folder)
-    manifest["commands"][0]["pid"] = pid
+    manifest["commands"][0].update(pid=pid, pid_start=start)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     _write(folder, "cache/f.bin")
     _write(folder, ".masks.tmp")
@@ -194,6 +194,8 @@ def test_a_folder_another_live_process_writes_into_is_refused(tmp_path: Path) ->
             with pytest.raises(UnsegError, match=rf"is still writing into this folder \(process "
                                rf"{proc.pid}\)"):
                 claim(tmp_path, "segment", SETTINGS, mode)
+        _killed_midway(tmp_path / "reused", proc.pid, start=1)  # another process, same id
+        assert claim(tmp_path / "reused", "segment", SETTINGS, "resume").entry["resumed"]
     finally:
         proc.kill()
         proc.wait()

@@ -11,7 +11,8 @@ run folder) records itself in ``OUT/unseg-manifest.json`` (written atomically):
                    "fingerprint": "<sha256 of command, version and settings>",
                    "resumed": false, "started": "...Z", "finished": "...Z",
                    "status": "finished", "exit_code": 0, "seconds": 12.3,
-                   "timings": {"backbone": 3.2, ...}, "pid": 123, "host": "...",
+                   "timings": {"backbone": 3.2, ...}, "pid": 123, "pid_start": 456,
+                   "host": "...",
                    "files": ["masks/a.png", "run/config.json", ...]}]}
 
 ``files`` are the paths (relative, ``/``-separated) the command created or changed and that are
@@ -156,19 +157,35 @@ def _describe(entry: Mapping[str, Any]) -> str:
     return f"`unseg {entry.get('command', '?')}` ({verb} {when or '?'})"
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie does not)."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (None where there is none)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), to tell it from a later process
+    that got the same id; None where ``/proc`` does not say."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` of this host, started at ``start`` (when known), still runs (a
+    zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
+    now = _start_ticks(pid)
+    return fields[0] != "Z" and (start is None or now is None or now == start)
 
 
 def _check_not_in_use(folder: Path, commands: list[dict[str, Any]]) -> None:
@@ -178,7 +195,7 @@ def _check_not_in_use(folder: Path, commands: list[dict[str, Any]]) -> None:
             continue
         pid = entry.get("pid")
         if (entry.get("host") == host and isinstance(pid, int) and pid != os.getpid()
-                and _alive(pid)):
+                and _alive(pid, entry.get("pid_start"))):
             raise UnsegError(
                 f"{folder}: {_describe(entry)} is still writing into this folder (process "
                 f"{pid}); wait for it to end, or choose another --out"
@@ -341,6 +358,7 @@ def claim(
         "seconds": None,
         "timings": {},
         "pid": os.getpid(),
+        "pid_start": _start_ticks(os.getpid()),
         "host": socket.gethostname(),
         "files": [],
     }
