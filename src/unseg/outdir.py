@@ -385,10 +385,15 @@ def recorded(
         record.timings = timings
         try:
             yield record
-        except (KeyboardInterrupt, SystemExit):
-            record.close("interrupted")
+        except BaseException as exc:
+            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            try:
+                record.close("interrupted" if interrupted else "failed")
+            except OSError as problem:  # the command's own error is the one to report
+                logger.warning("%s: could not record the command's end (%s)", folder, problem)
             raise
-        except BaseException:
-            record.close("failed")
-            raise
+    try:
         record.close("finished")
+    except OSError as exc:
+        raise UnsegError(f"{Path(folder) / MANIFEST_FILE}: could not record the command's "
+                         f"outputs ({exc})") from None
