@@ -34,6 +34,7 @@ from torch import nn
 
 from unseg.backbones.base import BackboneSpec
 from unseg.errors import InputFileError, UnsegError
+from unseg.utils.hashing import file_sha256
 from unseg.utils.io import atomic_path, write_bytes_atomic
 from unseg.utils.progress import progress
 
@@ -95,15 +96,6 @@ def weights_status(spec: BackboneSpec) -> WeightsStatus:
     if path is None:
         return WeightsStatus("none", None)
     return WeightsStatus("download", path, spec.weights.url)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sidecar(path: Path) -> Path:
