@@ -18,7 +18,8 @@ import torch
 from scipy.io import loadmat
 from torch.utils.data import Dataset
 
-from unseg.data.image import list_images, load_image, load_label
+from unseg.data.image import image_size, list_images, load_image, load_label
+from unseg.data.inputs import output_name, same_name, too_small, unreadable
 from unseg.data.labels import (
     CITYSCAPES27_CLASSES,
     COCOSTUFF27_CLASSES,
@@ -27,9 +28,10 @@ from unseg.data.labels import (
     label_lut,
     map_labels,
 )
-from unseg.data.layouts import DatasetLayout, Task, find_layout
+from unseg.data.layouts import DatasetLayout, Task, find_layout, resolve_image_dir
 from unseg.data.voc import read_voc_annotation
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
+from unseg.utils.batch import BatchReport
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
@@ -101,6 +103,47 @@ def dataset_images(root: str | Path) -> list[Path]:
     if layout.split_path is not None and layout.split_path.is_file():
         return [p for _, p, _ in layout_pairs(layout)]
     return list_images(layout.image_path, recursive=layout.recursive)
+
+
+def resolve_inputs(
+    root: str | Path, report: BatchReport, stride: int | None = None
+) -> list[Path]:
+    """The usable images of ``root`` (see :func:`dataset_images`), in order; the others are
+    recorded in ``report`` with the rules of :mod:`unseg.data.inputs`: unreadable files (broken
+    or looping links, permission, empty), a second input with the same mask name, and, when
+    the backbone's ``stride`` is given, files whose header Pillow cannot read and images smaller
+    than one patch. Every command lists its inputs here. Raises :func:`no_usable_images`'s
+    error when none is left.
+    """
+    names_root = resolve_image_dir(root)
+    first: dict[Path, Path] = {}
+    usable = []
+    for path in dataset_images(root):
+        problem = unreadable(path)
+        name = output_name(path, names_root)
+        if problem is None and name in first:
+            problem = same_name(name, first[name])
+        if problem is None and stride is not None:
+            try:
+                problem = too_small(*image_size(path, 0), stride)
+            except InputFileError as exc:
+                problem = exc.problem
+        if problem is None:
+            first[name] = path
+            usable.append(path)
+        else:
+            report.fail(path, problem)
+    if not usable:
+        raise no_usable_images(root, report)
+    return usable
+
+
+def no_usable_images(root: str | Path, report: BatchReport, limit: int = 10) -> UnsegError:
+    """The error of a command none of whose inputs could be used: each input with its problem
+    (the first ``limit``)."""
+    shown = "; ".join(f"{p}: {m}" for p, m in report.failed[:limit])
+    more = f" (and {len(report.failed) - limit} more)" if len(report.failed) > limit else ""
+    return UnsegError(f"{root}: no image could be used: {shown}{more}")
 
 
 class ImageFolder(Dataset):
