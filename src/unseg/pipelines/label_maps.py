@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unseg.data.inputs import output_name
 from unseg.feature_store import FeatureSet
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.pseudo_labels import hwc
@@ -49,24 +50,6 @@ class PredictSettings:
     flip: bool = True
     refine: str = DEFAULT_REFINE
     label_factor: int = 2
-
-
-def too_small(feats: FeatureSet, stride: int, report: BatchReport) -> list[Path]:
-    """The images of ``feats`` at least one patch wide; the others are reported."""
-    keep = []
-    for p in feats.paths:
-        h, w = feats.original_size(p)
-        if min(h, w) < stride:
-            report.fail(p, f"image {w}x{h} is smaller than one {stride}-pixel patch")
-        else:
-            keep.append(p)
-    return keep
-
-
-def output_name(path: Path, root: Path) -> Path:
-    """``path``'s mask name: its path under ``root`` (its name for a single file), as PNG."""
-    rel = path.name if root.is_file() else path.relative_to(root)
-    return Path(rel).with_suffix(".png")
 
 
 @dataclass
@@ -189,7 +172,4 @@ def gather_report(report: BatchReport) -> BatchReport:
     if not dist.is_distributed():
         return report
     parts = dist.all_gather_objects((report.written, report.failed))
-    return BatchReport(
-        written=[w for part in parts for w in part[0]],
-        failed=[f for part in parts for f in part[1]],
-    )
+    return BatchReport().merge(*(BatchReport(written, failed) for written, failed in parts))

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import dataset_images
+from unseg.data.datasets import no_usable_images, resolve_inputs
+from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
@@ -49,7 +50,6 @@ from unseg.methods.maskcontrast import (
 )
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
-from unseg.pipelines.label_maps import output_name, too_small
 from unseg.pipelines.pseudo_labels import hwc
 from unseg.proposals.saliency_masks import ProposalReport, load_mask_proposals
 from unseg.registry import get_method
@@ -163,19 +163,21 @@ def fit_maskcontrast(
     report = BatchReport()
     seed_everything(settings.seed)
     with dist.joined(resolve_device(settings.device)) as dev:
-        paths = dataset_images(data)
-        proposals, mask_report = load_mask_proposals(paths, saliency)
-        report.failed += mask_report.failed
-        mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
         model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
+        paths = resolve_inputs(data, report, model.stride)
+        proposals, mask_report = load_mask_proposals(
+            paths, saliency, names_root=resolve_image_dir(data)
+        )
+        report.merge(mask_report)
+        mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
         cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
         feats = extract_features(
             proposals.paths, model, size=settings.size, cache_dir=cache / "features",
             report=report, extras=("image",), timings=timings,
         )
-        good = too_small(feats, model.stride, report)
+        good = feats.paths
         if not good:
-            raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
+            raise no_usable_images(data, report)
         with timings.stage("photometric views"):
             views = _photometric_features(good, feats, model, config,
                                           _view_cache(cache, feats, config), dev)
@@ -315,7 +317,8 @@ def predict_maskcontrast(
     with dist.joined(resolve_device(device)) as dev:
         _, estimator, meta = load_fitted(run_dir, "embedding", dev)
         model = open_fitted_backbone(meta, weights, dev, str(run_dir))
-        paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
+        paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
+                           dist.world_size())
         kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
         protos: list[torch.Tensor] = []
         for start in range(0, len(paths), CHUNK):
@@ -323,7 +326,7 @@ def predict_maskcontrast(
                 paths[start : start + CHUNK], model, size=int(meta["feature_size"]),
                 report=report, extras=("image",) if overlays else (), shard=False,
             )
-            for p in too_small(feats, model.stride, report):
+            for p in feats.paths:
                 with cpu_threads(dev, 1):
                     proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
                 protos.append(proto)
@@ -344,8 +347,7 @@ def predict_maskcontrast(
             _write(p, labels.numpy(), names_root, out, overlays, image, report)
     if dist.is_distributed():
         gathered = dist.all_gather_objects((report.written, report.failed))
-        report = BatchReport([w for g in gathered for w in g[0]],
-                             [f for g in gathered for f in g[1]])
+        report = BatchReport().merge(*(BatchReport(w, f) for w, f in gathered))
     return report
 
 
@@ -387,6 +389,7 @@ def segment_maskcontrast(
     settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
     out = Path(out_dir)
     timings = Timings()
+    found = BatchReport()
     if saliency is None:
         head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
         with timings.stage("discover"):
@@ -402,8 +405,9 @@ def segment_maskcontrast(
     report = predict_maskcontrast(out / "run", images, out / "masks", num_classes,
                                   seed=settings.seed, device=settings.device,
                                   weights=settings.weights, overlay_dir=out / "overlays")
-    report.failed = fit.report.failed + report.failed
-    return report
+    # an image discover could not use is reported once, with discover's reason
+    failed = BatchReport(failed=found.failed).merge(fit.report, BatchReport(failed=report.failed))
+    return BatchReport(written=report.written, failed=failed.failed)
 
 
 # ------------------------------------------------------------------------------- chaining

@@ -1,9 +1,11 @@
 """Object discovery pipelines: spectral (training-free) or a trained saliency method (the head).
 
-Outputs of every prediction: ``OUT/masks/<stem>.png``, the 8-bit foreground probability at the
-input image's own size, and ``OUT/boxes.json`` mapping each stem to ``[x0, y0, x1, y1]``, the
+Outputs of every prediction: ``OUT/masks/<name>.png``, the 8-bit foreground probability at the
+input image's own size, and ``OUT/boxes.json`` mapping each name to ``[x0, y0, x1, y1]``, the
 box of the largest 4-connected component of the mask (8-bit value >= 128, i.e. ``p > 0.5``),
-or ``null`` when the mask is empty.
+or ``null`` when the mask is empty. ``<name>`` is the image's path under the images folder
+without its extension (its stem in a flat folder), as the masks of ``unseg segment``; inputs
+are listed and refused by the rules of :mod:`unseg.data.inputs`.
 
 Per image: resized so the short side is 320 (sides multiples of the stride, as for the
 features), attention keys from the frozen backbone, then
@@ -22,7 +24,8 @@ tap and weights sha256, the stride, and seconds per stage (``timings``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,10 @@ import torch.nn.functional as F
 
 from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import dataset_images
+from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
+from unseg.data.inputs import output_name
+from unseg.data.layouts import resolve_image_dir
 from unseg.data.resize import prepare_image, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
@@ -111,28 +116,28 @@ def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> to
 
 
 def predict_masks(
-    paths: list[Path],
+    paths: Sequence[Path],
     out_dir: str | Path,
     prob_fn: ProbFn,
     guided: GuidedFilterConfig | None,
     size: int,
     stride: int,
     timings: Timings | None = None,
+    names_root: Path | None = None,
 ) -> BatchReport:
-    """Write ``masks/<stem>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
+    """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
 
-    ``guided`` None: no guided filter. Bad files and duplicate stems are reported and skipped.
-    ``timings`` receives the seconds spent decoding, predicting, refining and writing.
+    ``guided`` None: no guided filter. Bad files are reported and skipped. ``names_root``: the
+    folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
+    seconds spent decoding, predicting, refining and writing.
     """
     timings = timings if timings is not None else Timings()
     out_dir = Path(out_dir)
+    root = names_root if names_root is not None else Path(os.path.commonpath(paths or ["."]))
     report = BatchReport()
     boxes: dict[str, list[float] | None] = {}
-    seen: dict[str, Path] = {}
     for i, path in enumerate(progress(paths, total=len(paths), desc="discover")):
-        if path.stem in seen:
-            report.fail(path, f"same stem as {seen[path.stem]}; its mask would be overwritten")
-            continue
+        name = output_name(path, root)
         try:
             with timings.stage("decode"):
                 image = load_image(path)
@@ -147,11 +152,11 @@ def predict_masks(
                 prob = _refine(prob, image, guided)
         with timings.stage("writing"):
             mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-            target = out_dir / MASKS_DIR / f"{path.stem}.png"
+            target = out_dir / MASKS_DIR / name
             save_png_atomic(target, mask8)
-            seen[path.stem] = path
             box = largest_component_box(mask8 >= 128)
-            boxes[path.stem] = None if box is None else [float(v) for v in box]
+            key = name.with_suffix("").as_posix()
+            boxes[key] = None if box is None else [float(v) for v in box]
             report.written.append(target)
             if (i + 1) % 50 == 0:
                 write_json_atomic(out_dir / BOXES_FILE, boxes)
@@ -160,6 +165,7 @@ def predict_masks(
 
 
 def _training_inputs(
+    root: str | Path,
     paths: list[Path],
     backbone: Backbone,
     spec: MethodSpec,
@@ -177,7 +183,7 @@ def _training_inputs(
     )
     used = feats.paths
     if not used:
-        raise UnsegError("no usable training images (see the warnings above)")
+        raise no_usable_images(root, report)
     keys = [feats[p].to(torch.float16) for p in used]
     return FitInputs(keys, images=[feats.extra(p, "image") for p in used]), used
 
@@ -208,8 +214,8 @@ def fit_saliency(
     report = BatchReport()
     cache = Path(cache_dir) if cache_dir is not None else None
     inputs, used = _training_inputs(
-        dataset_images(images), model, spec, cfg.image_size, cfg.batch_size, cache, report,
-        timings,
+        images, resolve_inputs(images, report, model.stride), model, spec, cfg.image_size,
+        cfg.batch_size, cache, report, timings,
     )
     logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
     head = fit_estimator(spec, cfg, inputs, model, dev, timings)
@@ -268,15 +274,19 @@ def predict_run(
     dev = resolve_device(device)
     head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
-    return predict_masks(
-        dataset_images(images),
+    report = BatchReport()
+    paths = resolve_inputs(images, report, model.stride)
+    predicted = predict_masks(
+        paths,
         out_dir,
         head_prob_fn(model, head, cfg.image_size),
         _guided_settings(cfg, overrides),
         cfg.image_size,
         model.stride,
         timings,
+        resolve_image_dir(images),
     )
+    return report.merge(predicted)
 
 
 def discover(
@@ -304,13 +314,15 @@ def discover(
     timings = timings if timings is not None else Timings()
     cfg = config or SaliencyHeadConfig()
     out_dir = Path(out_dir)
-    paths = dataset_images(images)
     gf = replace(cfg.guided) if cfg.guided_filter else None
     if method == "spectral":
         dev = resolve_device(device)
         model = open_backbone(backbone, weights, tap, dev)
+        report = BatchReport()
+        paths = resolve_inputs(images, report, model.stride)
         fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
-        return predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride, timings)
+        return report.merge(predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride,
+                                          timings, resolve_image_dir(images)))
     spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
@@ -324,7 +336,7 @@ def discover(
         tap=tap,
         timings=timings,
     )
-    report = predict_run(fit.run_dir, images, out_dir, {}, device, timings)
-    failed = {str(p): (p, m) for p, m in fit.report.failed + report.failed}
-    report.failed = list(failed.values())
-    return report
+    predicted = predict_run(fit.run_dir, images, out_dir, {}, device, timings)
+    return BatchReport(written=predicted.written).merge(
+        BatchReport(failed=fit.report.failed), BatchReport(failed=predicted.failed)
+    )

@@ -33,7 +33,7 @@ import torch
 
 from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import dataset_images
+from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.layouts import resolve_image_dir
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
@@ -53,7 +53,6 @@ from unseg.pipelines.label_maps import (
     PredictSettings,
     gather_report,
     predict_label_maps,
-    too_small,
 )
 from unseg.pipelines.maskcontrast import EmbeddedFeatures, open_embeddings
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
@@ -177,8 +176,8 @@ def _fit(
     """Extract (one pass), propose, fit; nothing saved yet."""
     seed_everything(settings.seed)
     dev, pool, timings, report = session.device, session.pool, session.timings, session.report
-    paths = dataset_images(data)
     model = open_backbone(settings.backbone, settings.weights, settings.tap, dev)
+    paths = resolve_inputs(data, report, model.stride)
     predict = PredictSettings(
         getattr(config, "flip", True), settings.refine, settings.label_factor
     )
@@ -190,9 +189,9 @@ def _fit(
         max_side=settings.max_side or None, max_pixels=settings.max_pixels,
         report=report, extras=extras, student_seed=settings.seed, timings=timings,
     )
-    good = too_small(feats, model.stride, report)
+    good = feats.paths
     if not good:
-        raise UnsegError(f"{data}: none of the {len(paths)} image(s) could be used")
+        raise no_usable_images(data, report)
     embedded = None
     if settings.embeddings:
         source = open_embeddings(settings.embeddings, dev)
@@ -358,8 +357,9 @@ def predict_images(
         source = None
         if meta.get("embeddings"):
             source = open_embeddings(meta["embeddings"]["run"], dev, meta["embeddings"]["sha256"])
-        paths = dist.shard(dataset_images(root), dist.rank(), dist.world_size())
         report = BatchReport()
+        paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
+                           dist.world_size())
         writer = LabelWriter(Path(out_dir), resolve_image_dir(root),
                              None if overlay_dir is None else Path(overlay_dir), report)
         extras = ("image", "flipped") if settings.flip else ("image",)
@@ -373,10 +373,10 @@ def predict_images(
                     max_pixels=overrides.get("max_pixels"),
                     shard=False, timings=timings,
                 )
-                good = too_small(feats, model.stride, report)
                 if source is not None:
                     feats = EmbeddedFeatures(feats, source.estimator)
-                predict_label_maps(estimator, feats, good, settings, dev, pool, writer, timings)
+                predict_label_maps(estimator, feats, feats.paths, settings, dev, pool, writer,
+                                   timings)
     return gather_report(report)
 
 

@@ -1,7 +1,9 @@
 """Object mask proposals from a folder of saliency maps (MaskContrast, methods.md §4).
 
-Any folder of single-channel saliency PNGs named like the images (same stem) serves: ``unseg
-discover``'s masks (unsupervised variant) or an external saliency model's (supervised variant).
+Any folder of single-channel saliency PNGs named like the images (same stem; with
+``names_root``, the image's path under that folder, as ``unseg discover`` mirrors sub-folders)
+serves: ``unseg discover``'s masks (unsupervised variant) or an external saliency model's
+(supervised variant).
 Each map is scaled to ``[0, 1]`` (8-bit: ``/255``; a map whose values are only 0 and 1 is taken
 as is), binarised at 0.5, its connected components (8-connected) under 1 % of the image are
 removed, and the image is dropped when under 1 % stays salient. Problems are per file: an image
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 
-from unseg.data.image import IMAGE_EXTENSIONS, load_label
+from unseg.data.image import IMAGE_EXTENSIONS, image_size, load_label
+from unseg.data.inputs import output_name
 from unseg.errors import InputFileError, UnsegError
 from unseg.utils.batch import BatchReport
 
@@ -85,24 +87,13 @@ def binarise(saliency: np.ndarray, threshold: float = 0.5, min_area: float = 0.0
     return keep[labels]
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of an image as :func:`unseg.data.image.load_image` returns it (EXIF applied),
-    from the header only."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputFileError(path, f"not an image file Pillow can read ({exc})") from None
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 def _index_masks(mask_dir: Path, report: ProposalReport) -> dict[str, Path]:
-    """Mask files of ``mask_dir`` by stem (PNG preferred when a stem has several files)."""
+    """Mask files of ``mask_dir`` (recursive) by path without extension (PNG preferred when a
+    name has several files)."""
     by_stem: dict[str, list[Path]] = {}
-    for p in sorted(mask_dir.iterdir()):
+    for p in sorted(mask_dir.rglob("*")):
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
-            by_stem.setdefault(p.stem, []).append(p)
+            by_stem.setdefault(p.relative_to(mask_dir).with_suffix("").as_posix(), []).append(p)
     index = {}
     for stem, files in by_stem.items():
         pngs = [p for p in files if p.suffix.lower() == ".png"]
@@ -118,8 +109,10 @@ def load_mask_proposals(
     mask_dir: str | Path,
     threshold: float = 0.5,
     min_area: float = 0.01,
+    names_root: Path | None = None,
 ) -> tuple[MaskProposals, ProposalReport]:
-    """Pair ``images`` with the masks of ``mask_dir`` by stem and post-process them.
+    """Pair ``images`` with the masks of ``mask_dir`` by stem (by their path under
+    ``names_root`` when given) and post-process them.
 
     Returns the kept images and masks and a :class:`ProposalReport` of the dropped (salient
     area under ``min_area`` after :func:`binarise`) and failed images. Raises
@@ -133,12 +126,13 @@ def load_mask_proposals(
     index = _index_masks(mask_dir, report)
     kept = MaskProposals(paths=[], masks=[])
     for image in map(Path, images):
-        mask_path = index.get(image.stem)
+        name = output_name(image, names_root) if names_root else Path(image.name)
+        mask_path = index.get(name.with_suffix("").as_posix())
         if mask_path is None:
-            report.fail(image, f"no saliency mask named {image.stem}.png in {mask_dir}")
+            report.fail(image, f"no saliency mask named {name.with_suffix('.png')} in {mask_dir}")
             continue
         try:
-            size = _image_size(image)
+            size = image_size(image, 0)  # the header's; decoding checks the pixels
             raw = load_label(mask_path)
         except InputFileError as exc:
             problem = COLOUR_MAP if "different channels" in exc.problem else exc.problem
