@@ -40,28 +40,32 @@ BOXES_FILE = "boxes.json"
 
 @dataclass
 class _Problems:
-    """Predictions that could not be used (path and reason)."""
+    """Predictions that could not be used (path and reason), each reported once: logged as a
+    warning when they are scored as wrong (``allow_missing``), else in the error."""
 
+    allow_missing: bool
     unusable: list[tuple[Path, str]] = field(default_factory=list)
 
     def add(self, path: Path, problem: str) -> None:
-        logger.warning("cannot use %s: %s", path, problem)
+        if self.allow_missing:
+            logger.warning("cannot use %s: %s", path, problem)
         self.unusable.append((path, problem))
 
 
-def _unusable_error(problems: _Problems) -> UnsegError:
-    by_problem: dict[str, list[Path]] = {}
-    for path, problem in problems.unusable:
-        by_problem.setdefault(problem.split(" (")[0], []).append(path)
-    parts = [str(ManyFilesError(problem, paths)) for problem, paths in by_problem.items()]
-    return UnsegError("; ".join(parts) + " (use --allow-missing to count them as wrong)")
+def _unusable_error(problems: _Problems, limit: int = 10) -> UnsegError:
+    shown = "; ".join(f"{p}: {m}" for p, m in problems.unusable[:limit])
+    more = len(problems.unusable) - limit
+    return UnsegError(
+        f"unusable predictions: {shown}{f' (and {more} more)' if more > 0 else ''} "
+        "(use --allow-missing to count them as wrong)"
+    )
 
 
 def _load_pred(path: Path, gt_shape: tuple[int, int], problems: _Problems) -> np.ndarray | None:
     try:
         pred = load_label(path)
     except InputFileError as exc:
-        problems.add(path, f"unreadable prediction ({exc.problem})")
+        problems.add(path, exc.problem)
         return None
     if pred.shape != gt_shape and not resizable(pred.shape, gt_shape):
         problems.add(path, f"prediction size cannot be resized to the ground truth's "
@@ -122,7 +126,7 @@ def evaluate_semantic(
         raise UnsegError(f"{pairing.layout.name} maps void labels to {IGNORE_INDEX}; "
                          f"--ignore-index must be {IGNORE_INDEX}")
     conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
-    problems = _Problems()
+    problems = _Problems(allow_missing)
     bad_gt: list[Path] = []
     missing = list(pairing.missing)
     for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="semantic"):
@@ -214,7 +218,7 @@ def evaluate_saliency(
     """
     pairing = pair_files(pred, gt, "saliency", allow_missing)
     meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
-    problems = _Problems()
+    problems = _Problems(allow_missing)
     missing = list(pairing.missing)
     n_binary01 = 0
     for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="saliency"):
@@ -341,7 +345,7 @@ def evaluate_corloc(
         pairing = Pairing(gt_map, {}, layout, missing, extra)
     else:
         pairing = pair_files(pred, annotations, "boxes", allow_missing)
-    problems = _Problems()
+    problems = _Problems(allow_missing)
     missing = list(pairing.missing)
     n_correct = 0
     for stem, xml_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="corloc"):

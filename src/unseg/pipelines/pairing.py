@@ -97,9 +97,11 @@ def pair_files(
     pred = Path(pred)
     if not pred.is_dir():
         raise UnsegError(f"{pred}: no such folder of predictions")
+    # a link that leads nowhere is a prediction too: reading it reports why it is unusable
     files = sorted(
         p for p in pred.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
     suffixes = (layout.image_suffix,) if layout is not None else ()
     pred_map = _by_stem(files, suffixes, "prediction")
