@@ -6,6 +6,8 @@ Each command module exposes ``register(subparsers)``, which adds its parser and 
 Interrupts: Ctrl-C exits with status 130 and SIGTERM with 143, each with one line on stderr and
 no traceback; the outputs finished so far are kept (every write is atomic) and worker processes
 are stopped on the way out (see :mod:`unseg.utils.signals` and :class:`unseg.refine.crf.CRFPool`).
+Under ``torchrun`` each rank ends the same way when torchrun forwards a signal, and terminates
+itself when torchrun is killed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from unseg import __version__
 from unseg.errors import UnsegError
 from unseg.utils.progress import set_progress
-from unseg.utils.signals import Terminated, sigterm_raises
+from unseg.utils.signals import Terminated, follow_launcher, sigterm_raises
 
 COMMAND_MODULES = (
     "unseg.cli.backbones",
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
     try:
         with sigterm_raises():
+            follow_launcher()
             return _run(argv)
     except Terminated:
         print("unseg: terminated; finished outputs are kept", file=sys.stderr)

@@ -12,6 +12,10 @@
 - :func:`die_with_parent`, called first thing in a worker, kills the worker when its parent dies,
   even by ``kill -9``: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux, elsewhere a daemon thread
   that checks the parent's pid every second. A parent that died before the call is noticed too.
+- :func:`follow_launcher`: a process started by ``torchrun`` sends itself SIGTERM (a clean exit
+  through :func:`sigterm_raises`) when ``torchrun`` dies, even by ``kill -9``: torchrun arms no
+  death signal for its ranks, which would otherwise run on as orphans. (A signal to ``torchrun``
+  itself is forwarded to the ranks by torchrun: SIGINT and SIGTERM reach them as usual.)
 """
 
 from __future__ import annotations
@@ -102,10 +106,16 @@ def _prctl_pdeathsig() -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, signum: int) -> None:
+    """Send this process ``signum`` once its parent is not ``parent_pid`` any more."""
     while os.getppid() == parent_pid:
         time.sleep(_PARENT_POLL_S)
-    os._exit(1)
+    os.kill(os.getpid(), signum)
+
+
+def _start_watch(parent_pid: int, signum: int) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid, signum), daemon=True,
+                     name="unseg-parent-watch").start()
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -115,7 +125,14 @@ def die_with_parent(parent_pid: int) -> None:
     """
     if not _prctl_pdeathsig():
         log.debug("no PR_SET_PDEATHSIG here: a thread watches the parent's pid")
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
-                         name="unseg-parent-watch").start()
+        _start_watch(parent_pid, int(getattr(signal, "SIGKILL", signal.SIGTERM)))
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         os._exit(1)
+
+
+def follow_launcher() -> None:
+    """Under ``torchrun`` (``TORCHELASTIC_RUN_ID`` set), SIGTERM this process when the launcher,
+    its parent, dies; a no-op otherwise. A thread polls the parent's pid every second (not
+    ``prctl``: that fires when the launcher's *thread* that started us ends)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and hasattr(signal, "SIGTERM"):
+        _start_watch(os.getppid(), int(signal.SIGTERM))

@@ -1,0 +1,363 @@
+"""Ctrl-C, SIGTERM and killed parents: the CRF pool's shutdown, the CLI's exit statuses, orphans.
+
+The tests marked ``slow`` run ``python -m unseg.cli.main segment`` for real in a subprocess (the
+offline efficientnet_lite0 backbone, 22 small images, ``--refine crf --workers 2``), wait until
+it is in the dense CRF of the prediction with some masks already written, send the signal and
+check what a user sees. They take tens of seconds each on a loaded 2-core machine: model start-up,
+features, PriMaPs-EM and a first round of CRFs come before the signal. The bounds on waiting are
+guards against hanging, not timings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, REPO
+from PIL import Image
+
+from unseg.errors import UnsegError
+from unseg.refine.crf import CRFPool
+from unseg.utils import io as unseg_io
+from unseg.utils.signals import Terminated, sigterm_raises
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc to find child processes (Linux)"
+)
+
+BOUND_S = 60.0  # a hang guard: generous for a loaded machine, far below "forever"
+N_IMAGES = 22  # more than one 16-image prediction round, so masks exist before the last CRFs
+CRF_MARKER = "CRF pool: _refine_task"  # the pool's debug line as a prediction CRF round starts
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (None when it does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    return _state(pid) not in (None, "Z", "X")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (by the parent pids in ``/proc``)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+def _wait_gone(pids: set[int], bound: float = BOUND_S) -> set[int]:
+    """Wait up to ``bound`` seconds for ``pids`` to end; the ones still alive."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        alive = {p for p in pids if _alive(p)}
+        if not alive:
+            return alive
+        time.sleep(0.1)
+    return {p for p in pids if _alive(p)}
+
+
+# ---------------------------------------------------------------- the pool and the handlers alone
+
+
+class _Alarm(Exception):
+    pass
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """SIGALRM raises :class:`_Alarm` in the main thread while the test runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Alarm
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_exception_during_a_long_map_terminates_the_workers(alarm):
+    """Tasks that sleep 120 s, an exception one second into the map: the block is left long
+    before the tasks could finish (the old close+join waited for them, or forever after
+    Ctrl-C), and no worker survives it."""
+    start = time.monotonic()
+    with pytest.raises(_Alarm), CRFPool(2) as pool:
+        pids = pool.worker_pids
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        pool.map_fn(time.sleep, [120.0] * 4)
+    assert time.monotonic() - start < 120.0  # it did not wait for the sleeping tasks
+    assert not any(_alive(p) for p in pids)
+    assert pool.worker_pids == []
+
+
+def test_a_worker_error_is_raised_with_its_traceback_and_the_pool_goes_on():
+    with CRFPool(2) as pool:
+        with pytest.raises(ValueError, match="math domain error") as info:
+            pool.map_fn(math.sqrt, [4.0, -1.0, 9.0, 16.0])
+        assert "Traceback" in str(info.value.__cause__)
+        assert pool.map_fn(math.sqrt, [4.0, 9.0, 16.0, 25.0, 36.0]) == [2.0, 3.0, 4.0, 5.0, 6.0]
+        pids = pool.worker_pids
+    assert not any(_alive(p) for p in pids)  # a normal exit stops them too
+
+
+def test_a_worker_killed_mid_task_is_a_clear_error_not_a_hang():
+    with CRFPool(2) as pool:
+        victim, other = pool.worker_pids
+        timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+        timer.start()
+        try:
+            with pytest.raises(UnsegError, match=r"worker process died \(killed by SIGKILL"):
+                pool.map_fn(time.sleep, [120.0] * 4)
+        finally:
+            timer.cancel()
+        assert not _alive(other)  # the pool stopped the other worker on the way out
+        assert pool.map_fn(math.sqrt, [4.0]) == [2.0]  # then it runs in this process
+
+
+def test_workers_ignore_sigint_sent_to_them():
+    """A terminal's Ctrl-C reaches every process of the group: the workers must not react."""
+    with CRFPool(2) as pool:
+        assert pool.map_fn(math.sqrt, [1.0, 4.0]) == [1.0, 2.0]  # both are up and idle
+        for pid in pool.worker_pids:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(_alive(p) for p in pool.worker_pids)
+        assert pool.map_fn(math.sqrt, [9.0, 16.0]) == [3.0, 4.0]
+
+
+def test_sigterm_raises_terminated_inside_the_block_only():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_raises():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(BOUND_S)  # the handler raises before this ends
+    assert issubclass(Terminated, KeyboardInterrupt)  # the path of a Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_child_forked_inside_the_block_dies_of_sigterm_quietly():
+    ready_r, ready_w = os.pipe()
+    with sigterm_raises():
+        pid = os.fork()
+        if pid == 0:  # the child: say it runs (a signal before that is lost), sleep
+            os.write(ready_w, b"1")
+            time.sleep(BOUND_S)
+            os._exit(0)
+        assert os.read(ready_r, 1) == b"1"
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    os.close(ready_r)
+    os.close(ready_w)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+_WATCHED_CHILD = """
+import sys, time
+from unseg.utils import signals
+if sys.argv[1] == "thread":
+    signals._prctl_pdeathsig = lambda: False  # the fallback of systems without prctl
+signals.die_with_parent(int(sys.argv[2]))
+print("armed", flush=True)
+time.sleep(120)
+"""
+_PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], str(os.getpid())])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["prctl", "thread"])
+def test_a_worker_dies_with_its_parent_on_kill_9(how):
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _WATCHED_CHILD, how],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "armed"
+        parent.kill()
+        parent.wait(BOUND_S)
+        assert _wait_gone({child}) == set()
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_parent_dead_before_the_worker_armed_its_signal_is_noticed():
+    """The race: the pid given is not the worker's parent any more (here: never was)."""
+    code = "import sys, time; from unseg.utils import signals; signals.die_with_parent(1); " \
+           "time.sleep(120)"
+    result = subprocess.run([sys.executable, "-c", code], timeout=BOUND_S)
+    assert result.returncode == 1
+
+
+def test_an_interrupted_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A Ctrl-C right after the temp file is created (here: as its descriptor is closed)."""
+    real_close = os.close
+
+    def close_then_interrupt(fd: int) -> None:
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(unseg_io.os, "close", close_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            unseg_io.write_bytes_atomic(tmp_path / "mask.png", b"never")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------- the real command in a subprocess (slow)
+
+
+@dataclass
+class _Run:
+    """A ``segment`` subprocess whose stderr a thread collects line by line."""
+
+    proc: subprocess.Popen
+    out: Path
+    lines: list[str] = field(default_factory=list)
+    marker: threading.Event = field(default_factory=threading.Event)
+    masks_before: int = 0
+
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """22 small photos (crops of the bundled examples) and a feature cache the runs share."""
+    root = tmp_path_factory.mktemp("interrupts")
+    folder = root / "images"
+    folder.mkdir()
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    if not photos:
+        pytest.skip(f"no bundled example images in {EXAMPLES}")
+    for i in range(N_IMAGES):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        top, left = (i * 7) % (h // 4), (i * 11) % (w // 4)
+        crop = photo[top : top + 3 * h // 4, left : left + 3 * w // 4]
+        Image.fromarray(crop).resize((160, 120)).save(folder / f"im{i:02d}.png")
+    return folder, root / "cache"
+
+
+def _start(images: tuple[Path, Path], out: Path) -> _Run:
+    """``unseg -vv segment`` on the images, in its own session (process group); the marker is
+    set at the first prediction CRF round that starts after some masks were written."""
+    folder, cache = images
+    cmd = [sys.executable, "-m", "unseg.cli.main", "-vv", "segment", str(folder), "--out",
+           str(out), "--backbone", "efficientnet_lite0", "-k", "3", "--size", "256",
+           "--refine", "crf", "--pseudo-refine", "none", "--workers", "2", "--cache-dir",
+           str(cache)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    run = _Run(proc, out)
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            run.lines.append(line)
+            if CRF_MARKER in line and not run.marker.is_set():
+                written = len(list((out / "masks").glob("*.png")))
+                if written:
+                    run.masks_before = written
+                    run.marker.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    return run
+
+
+def _wait_for_crf(run: _Run) -> set[int]:
+    """Wait until ``run`` is in a prediction CRF round with masks written; its processes."""
+    deadline = time.monotonic() + 15 * BOUND_S  # the whole run before the signal, loaded
+    while not run.marker.wait(0.05):
+        if run.proc.poll() is not None or time.monotonic() > deadline:
+            run.proc.kill()
+            pytest.fail("the run never reached a CRF round after its first masks "
+                        f"(exit {run.proc.poll()}):\n{run.stderr()[-3000:]}")
+    children = _descendants(run.proc.pid)
+    assert len(children) >= 2, "the two CRF workers should be running"
+    return children
+
+
+def _check_masks(out: Path, at_least: int) -> None:
+    """The masks on disk are whole palette PNGs of the inputs' size."""
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(masks) >= at_least
+    for mask in masks:
+        with Image.open(mask) as img:
+            img.load()
+            assert img.mode == "P" and img.size == (160, 120)
+
+
+def _finish(run: _Run) -> int:
+    try:
+        return run.proc.wait(BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        pytest.fail(f"no exit within {BOUND_S:.0f} s of the signal:\n{run.stderr()[-3000:]}")
+
+
+@pytest.mark.slow  # a real segment run up to its CRF stage
+@pytest.mark.parametrize(
+    ("name", "code", "message"),
+    [("SIGINT", 130, "unseg: interrupted; finished outputs are kept"),
+     ("SIGTERM", 143, "unseg: terminated; finished outputs are kept")],
+)
+def test_a_signal_in_the_crf_stage_exits_cleanly(images, tmp_path, name, code, message):
+    """Ctrl-C as a terminal sends it (to the whole process group), SIGTERM as ``kill PID``."""
+    run = _start(images, tmp_path / "out")
+    children = _wait_for_crf(run)
+    if name == "SIGINT":
+        os.killpg(run.proc.pid, signal.SIGINT)
+    else:
+        run.proc.send_signal(signal.SIGTERM)
+    assert _finish(run) == code
+    time.sleep(0.2)  # the collecting thread reads the last lines
+    err = run.stderr()
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert err.rstrip().endswith(message)
+    assert _wait_gone(children) == set()
+    _check_masks(run.out, run.masks_before)
+    assert [p for p in run.out.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.slow  # a real segment run up to its CRF stage
+def test_kill_9_of_the_command_takes_its_workers_down(images, tmp_path):
+    run = _start(images, tmp_path / "out")
+    children = _wait_for_crf(run)
+    run.proc.kill()
+    run.proc.wait(BOUND_S)
+    assert _wait_gone(children) == set()
+    _check_masks(run.out, run.masks_before)  # (a temp file may be left: nothing runs on kill -9)
