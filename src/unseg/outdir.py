@@ -267,6 +267,54 @@ class CommandRecord:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _attribute(commands: list[dict[str, Any]], files: Mapping[str, Signature]
+               ) -> tuple[list[str], list[str]]:
+    """``(ours, unrecorded)``: the files of ``files`` the commands recorded, and the others;
+    these go to the last ``unfinished`` command when there is one (it could not record them)."""
+    recorded = {f for entry in commands for f in entry.get("files", [])}
+    unrecorded = sorted(set(files) - recorded)
+    unfinished = [e for e in commands if e.get("status") == "unfinished"]
+    if unfinished and unrecorded:
+        unfinished[-1]["files"] = sorted({*unfinished[-1].get("files", []), *unrecorded})
+        recorded.update(unrecorded)
+        unrecorded = []
+    return sorted(set(files) & recorded), unrecorded
+
+
+def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: list[str],
+           command: str, settings: Mapping[str, Any], mode: Mode) -> None:
+    """Refuse a used folder for ``new``, a different configuration for ``resume``, files
+    unseg did not write for ``overwrite``; delete the recorded files for ``overwrite``."""
+    diffs = differences(
+        _compared(last.get("command", "?"), last.get("unseg_version", "?"),
+                  last.get("settings", {})),
+        _compared(command, __version__, settings),
+    )
+    if mode == "new":
+        resume = ("this command's configuration is the same" if not diffs
+                  else "not possible here, the configuration differs: " + "; ".join(diffs))
+        raise UnsegError(
+            f"{folder}: already holds the outputs of {_describe(last)}: {summarize(ours)}. "
+            f"Give --resume to continue it ({resume}), or --overwrite to delete those files "
+            "and start again, or choose another --out"
+        )
+    if mode == "resume":
+        if diffs:
+            raise UnsegError(
+                f"{folder}: --resume continues {_describe(last)} only with the same "
+                f"configuration, and {len(diffs)} setting(s) differ: {'; '.join(diffs)}. "
+                "Give --overwrite to replace its outputs, or choose another --out"
+            )
+        if unrecorded:
+            logger.warning("%s: %s that unseg did not write are left alone", folder,
+                           summarize(unrecorded))
+        return
+    if unrecorded:
+        raise _foreign(folder, unrecorded, True)
+    logger.info("%s: deleting %s of %s", folder, summarize(ours), _describe(last))
+    _remove(folder, ours)
+
+
 def claim(
     folder: str | Path,
     command: str,
@@ -288,62 +336,20 @@ def claim(
     manifest = read_manifest(folder) if not created else None
     files = scan(folder)
     settings = normalized(settings)
-    fresh: dict[str, Any] = {"format_version": MANIFEST_VERSION, "commands": []}
     resumed = False
-    if manifest is None:
-        if files:
-            raise _foreign(folder, sorted(files), mode == "overwrite")
-        manifest = fresh
-    else:
-        commands: list[dict[str, Any]] = manifest["commands"]
-        _check_not_in_use(folder, commands)
-        recorded = {f for entry in commands for f in entry.get("files", [])}
-        unrecorded = sorted(set(files) - recorded)
-        unfinished = [e for e in commands if e.get("status") == "unfinished"]
-        if unfinished and unrecorded:  # what a killed command wrote, it could not record
-            unfinished[-1]["files"] = sorted({*unfinished[-1].get("files", []), *unrecorded})
-            recorded.update(unrecorded)
-            unrecorded = []
-        ours = sorted(set(files) & recorded)
-        if not ours:
-            if unrecorded:
-                raise _foreign(folder, unrecorded, mode == "overwrite")
-            manifest = fresh
-        else:
-            last = commands[-1]
-            diffs = differences(
-                _compared(last.get("command", "?"), last.get("unseg_version", "?"),
-                          last.get("settings", {})),
-                _compared(command, __version__, settings),
-            )
-            if mode == "new":
-                resume = ("this command's configuration is the same" if not diffs
-                          else "not possible here, the configuration differs: "
-                          + "; ".join(diffs))
-                raise UnsegError(
-                    f"{folder}: already holds the outputs of {_describe(last)}: "
-                    f"{summarize(ours)}. Give --resume to continue it ({resume}), or "
-                    "--overwrite to delete those files and start again, or choose another --out"
-                )
-            if mode == "overwrite":
-                if unrecorded:
-                    raise _foreign(folder, unrecorded, True)
-                logger.info("%s: deleting %s of %s", folder, summarize(ours), _describe(last))
-                _remove(folder, ours)
-                manifest = fresh
-                files = scan(folder)
-            else:
-                if diffs:
-                    raise UnsegError(
-                        f"{folder}: --resume continues {_describe(last)} only with the same "
-                        f"configuration, and {len(diffs)} setting(s) differ: "
-                        f"{'; '.join(diffs)}. Give --overwrite to replace its outputs, or "
-                        "choose another --out"
-                    )
-                if unrecorded:
-                    logger.warning("%s: %s that unseg did not write are left alone", folder,
-                                   summarize(unrecorded))
-                resumed = True
+    if manifest is not None:
+        _check_not_in_use(folder, manifest["commands"])
+        ours, unrecorded = _attribute(manifest["commands"], files)
+        if ours:
+            _reuse(folder, manifest["commands"][-1], ours, unrecorded, command, settings, mode)
+            resumed = mode == "resume"
+            files = scan(folder)
+        elif unrecorded:
+            raise _foreign(folder, unrecorded, mode == "overwrite")
+    elif files:
+        raise _foreign(folder, sorted(files), mode == "overwrite")
+    # resumed: the earlier commands stay recorded; otherwise nothing of theirs is left
+    earlier = manifest["commands"] if resumed and manifest is not None else []
     entry: dict[str, Any] = {
         "command": command,
         "argv": list(argv),
@@ -362,10 +368,11 @@ def claim(
         "host": socket.gethostname(),
         "files": [],
     }
-    manifest["commands"].append(entry)
+    record = CommandRecord(folder, {"format_version": MANIFEST_VERSION,
+                                    "commands": [*earlier, entry]}, entry, files, created)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / MANIFEST_FILE, manifest)
-    return CommandRecord(folder, manifest, entry, files, created)
+    write_json_atomic(folder / MANIFEST_FILE, record.manifest)
+    return record
 
 
 @contextmanager
