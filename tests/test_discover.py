@@ -74,7 +74,7 @@ def folder(tmp_path):
     return d
 
 
-def _check_outputs(out, folder, expect_failed=("broken",)):
+def _check_outputs(out, folder, expect_failed=("broken", "tiny")):
     boxes = json.loads((out / BOXES_FILE).read_text())
     for p in folder.iterdir():
         if p.stem in expect_failed:
@@ -97,7 +97,7 @@ def _check_outputs(out, folder, expect_failed=("broken",)):
 def test_discover_spectral(folder, tmp_path, gf, capsys):
     out = tmp_path / "out"
     code = main(["-q", "discover", str(folder), "--out", str(out), "--backbone", BACKBONE, gf])
-    assert code == 1  # the broken file is reported, the rest are written
+    assert code == 1  # the broken and the tiny file are reported, the rest are written
     boxes = _check_outputs(out, folder)
     assert boxes["img0"] is not None
 
@@ -122,7 +122,7 @@ def test_all_background_gives_empty_mask_and_null_box(folder, tmp_path):
     assert all(load_label(tmp_path / "o" / MASKS_DIR / f"{p.stem}.png").max() == 0 for p in paths)
 
 
-def test_extreme_aspect_and_duplicate_stems_are_reported(tmp_path):
+def test_extreme_aspect_is_reported_and_duplicate_stems_mirrored(tmp_path):
     d = tmp_path / "imgs"
     (d / "sub").mkdir(parents=True)
     Image.fromarray(_square(40, 40, 0)).save(d / "a.png")
@@ -131,9 +131,10 @@ def test_extreme_aspect_and_duplicate_stems_are_reported(tmp_path):
     report = predict_masks(
         sorted(d.rglob("*.png")), tmp_path / "o", lambda im: torch.ones(im.shape[:2]), None, 320, 16
     )
-    problems = {p.name if p.parent.name != "sub" else "sub/a.png": m for p, m in report.failed}
-    assert set(problems) == {"sub/a.png", "strip.png"}
-    assert "same stem" in problems["sub/a.png"] and "aspect ratio" in problems["strip.png"]
+    assert [(p.name, "aspect ratio" in m) for p, m in report.failed] == [("strip.png", True)]
+    assert (tmp_path / "o" / MASKS_DIR / "a.png").is_file()
+    assert (tmp_path / "o" / MASKS_DIR / "sub" / "a.png").is_file()
+    assert set(json.loads((tmp_path / "o" / BOXES_FILE).read_text())) == {"a", "sub/a"}
 
 
 def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
@@ -157,12 +158,12 @@ def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
         "--lr",
         "1e-3",
     ]
-    assert main(args) == 1  # broken.jpg reported
+    assert main(args) == 1  # broken.jpg and tiny.png reported
     meta = json.loads((run / "config.json").read_text())
     assert meta["method"] == "saliency-head" and meta["backbone"] == BACKBONE
     assert len(meta["weights_sha256"]) == 64
     assert meta["config"]["multiscale"] is True and meta["config"]["lr"] == 1e-3
-    assert meta["training"]["n_images"] == 5
+    assert meta["training"]["n_images"] == 4
     out = tmp_path / "pred"
     code = main(["-q", "predict", str(run), str(folder), "--out", str(out), "--guide", "luma"])
     assert code == 1
