@@ -1,0 +1,216 @@
+"""Bounded memory for any image size: the working resolution (max_side), reduced JPEG decoding,
+tiled upsampling of the class probabilities, the per-file pixel limit, fast label writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_features import TinyBackbone
+
+import unseg.data.image as image_module
+from unseg.cli.main import main
+from unseg.data.image import DEFAULT_MAX_PIXELS, image_size, load_image
+from unseg.data.resize import decode_size, resize_image, resolve_max_side, target_size
+from unseg.errors import InputFileError
+from unseg.features import extract_features
+from unseg.pipelines.label_maps import LabelWriter, overlay_image, upsample_argmax
+from unseg.report.overlays import overlay
+from unseg.report.palette import png_palette
+from unseg.utils.batch import BatchReport
+from unseg.utils.io import save_png_atomic
+
+BACKBONE = "efficientnet_lite0"
+
+
+def _one_piece(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    up = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+    return up.argmax(0).numpy()
+
+
+def _photo(path: Path, h: int, w: int, seed: int = 0, quality: int = 90) -> Path:
+    """A smooth random picture (bilinear noise) saved as JPEG or PNG by suffix."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, h // 50 + 2, w // 50 + 2, generator=g) * 255
+    img = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+    arr = img.round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path, quality=quality)
+    return path
+
+
+@pytest.mark.parametrize("k", [2, 5, 21])
+@pytest.mark.parametrize(
+    "shape", [(40, 56, 150, 201), (24, 32, 99, 151), (40, 40, 123, 77), (7, 5, 1, 3)]
+)
+@pytest.mark.parametrize("tile", [1, 5000, None])
+def test_tiled_upsampling_equals_the_one_piece_argmax(k, shape, tile) -> None:
+    h, w, big_h, big_w = shape
+    g = torch.Generator().manual_seed(k * 1000 + h)
+    kw = {} if tile is None else {"tile": tile}
+    probs = torch.rand(k, h, w, generator=g).softmax(0)
+    got = upsample_argmax(probs, (big_h, big_w), **kw)
+    assert got.dtype == np.uint8 and got.shape == (big_h, big_w)
+    assert np.array_equal(got, _one_piece(probs, (big_h, big_w)))
+    # exact ties (quantised probabilities): the first class wins, as in argmax
+    tied = (torch.rand(k, h, w, generator=g) * 4).round() / 4
+    assert np.array_equal(upsample_argmax(tied, (big_h, big_w), **kw),
+                          _one_piece(tied, (big_h, big_w)))
+
+
+def test_tiled_upsampling_keeps_classes_above_255_and_identity_size() -> None:
+    probs = torch.rand(300, 6, 9, generator=torch.Generator().manual_seed(1))
+    got = upsample_argmax(probs, (6, 9), tile=50)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, probs.argmax(0).numpy())  # same size: no interpolation at all
+
+
+def test_max_side_caps_the_long_side_and_leaves_normal_images_alone() -> None:
+    # hand-computed: 480x48 at short side 32 would be 320 long; capped to 128, the short
+    # side follows (48 * 128 / 480 = 12.8 → 16 at stride 8)
+    assert target_size(48, 480, 32, 8) == (32, 320)
+    assert target_size(48, 480, 32, 8, max_side=128) == (16, 128)
+    assert target_size(480, 48, 32, 8, max_side=128) == (128, 16)
+    for h, w in [(300, 400), (375, 500), (500, 333), (320, 1280), (100, 100)]:
+        assert target_size(h, w, 320, 32, max_side=1280) == target_size(h, w, 320, 32)
+    assert target_size(2000, 100000, 320, 32, max_side=1280) == (32, 1280)
+    assert resolve_max_side(320, None) == 1280
+    assert resolve_max_side(320, 0) is None and resolve_max_side(320, 500) == 500
+
+
+def test_feature_map_follows_max_side_and_the_cache_key_tells_them_apart(tmp_path) -> None:
+    path = _photo(tmp_path / "pano.png", 48, 480)
+    model = TinyBackbone()
+    capped = extract_features([path], model, size=32, max_side=128, cache_dir=tmp_path / "c")
+    free = extract_features([path], model, size=32, cache_dir=tmp_path / "c")
+    assert capped.image_size(path) == (16, 128) and capped.shape_of(path) == (4, 2, 16)
+    assert free.image_size(path) == (32, 320) and free.shape_of(path) == (4, 4, 40)
+    assert capped.original_size(path) == free.original_size(path) == (48, 480)
+    assert capped.cache_dir != free.cache_dir
+    index = json.loads((capped.cache_dir / "index.json").read_text())
+    assert index["max_side"] == 128
+
+
+def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(tmp_path) -> None:
+    path = _photo(tmp_path / "big.jpg", 1200, 1600)
+    need = decode_size(1200, 1600, 96, 32)
+    small = load_image(path, min_size=need)
+    assert small.shape == (150, 200, 3)  # DCT scale 1/8, still >= the need
+    assert small.shape[0] >= need[0] and small.shape[1] >= need[1]
+    full = load_image(path)
+    assert full.shape == (1200, 1600, 3)
+    a = resize_image(small, 96, 32, source_size=(1200, 1600))
+    b = resize_image(full, 96, 32)
+    assert a.shape == b.shape == (3, 96, 128)
+    assert (a.float() - b.float()).abs().mean() < 2.0  # the same picture, resampled otherwise
+    feats = extract_features([path], TinyBackbone(), size=96, extras=("image",))
+    assert feats.original_size(path) == (1200, 1600)
+    assert feats.image_size(path) == (96, 128)
+    assert torch.equal(feats.extra(path, "image"), a)
+
+
+def test_segment_a_large_image_at_a_small_working_resolution(tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    _photo(images / "large.jpg", 2000, 3000)
+    _photo(images / "small.png", 64, 96, seed=1)
+    out = tmp_path / "out"
+    args = ["-q", "segment", str(images), "--out", str(out), "--backbone", BACKBONE,
+            "--size", "96", "--max-side", "128", "--workers", "1", "-k", "2",
+            "--method", "kmeans", "--refine", "none", "--n-init", "1", "--no-report"]
+    assert main(args) == 0
+    with Image.open(out / "masks" / "large.png") as mask:
+        assert mask.size == (3000, 2000) and mask.mode == "P"
+    with Image.open(out / "overlays" / "large.jpg") as ov:
+        assert ov.size == (3000, 2000)
+    with Image.open(out / "masks" / "small.png") as mask:
+        assert mask.size == (96, 64)
+    meta = json.loads((out / "run" / "config.json").read_text())
+    assert meta["max_side"] == 128 and meta["max_pixels"] is None
+    index = next((out / "run" / "cache" / "features").glob("*/index.json"))
+    records = json.loads(index.read_text())["images"]
+    large = next(r for p, r in records.items() if p.endswith("large.jpg"))
+    assert large["original_size"] == [2000, 3000] and large["image_size"] == [96, 128]
+
+
+def test_pixel_limit_is_a_per_file_message_and_no_pillow_warning(tmp_path, monkeypatch, capfd):
+    assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # the default stays Pillow's
+    images = tmp_path / "images"
+    images.mkdir()
+    path = _photo(images / "wide.png", 80, 100)  # 8000 pixels
+    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 5000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # Pillow itself would warn now
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(path).close()
+    base = ["features", str(images), "--backbone", BACKBONE, "--size", "64", "--workers", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*base, "--out", str(tmp_path / "refused")]) == 1  # an input failed
+        err = capfd.readouterr().err
+        assert f"{path}: image too large: 100x80 = 8000 pixels" in err
+        assert "--max-pixels 8000" in err
+        assert "DecompressionBomb" not in err and "Warning" not in err
+        assert main([*base, "--out", str(tmp_path / "accepted"), "--max-pixels", "8000"]) == 0
+        err = capfd.readouterr().err
+        assert "failed" not in err and "Warning" not in err
+        assert main([*base, "--out", str(tmp_path / "free"), "--max-pixels", "0"]) == 0
+    assert Image.MAX_IMAGE_PIXELS == 5000  # Pillow's setting is restored after each open
+
+
+def test_pillow_default_bomb_is_refused_by_name_without_warnings(tmp_path) -> None:
+    path = tmp_path / "huge.png"
+    Image.new("1", (12000, 9000)).save(path)  # 108 MP: over Pillow's limit, a small file
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(path).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputFileError, match=r"huge.png: image too large: 12000x9000"):
+            image_size(path)
+        with pytest.raises(InputFileError, match=r"pass --max-pixels 108000000 or more"):
+            load_image(path)
+        assert image_size(path, max_pixels=0) == (9000, 12000)
+        assert image_size(path, max_pixels=108_000_000) == (9000, 12000)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied_is_said_so(tmp_path) -> None:
+    path = _photo(tmp_path / "locked.png", 20, 30)
+    path.chmod(0)
+    try:
+        for read in (load_image, image_size):
+            with pytest.raises(InputFileError, match="permission denied"):
+                read(path)
+        feats = extract_features([path], TinyBackbone(), size=32)
+        assert "permission denied" in feats.report.failed[0][1]
+    finally:
+        path.chmod(0o644)
+
+
+def test_label_png_has_the_same_pixels_and_palette_and_the_overlay_its_size(tmp_path) -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 7, (90, 130), generator=g).numpy().astype(np.uint8)
+    image = (torch.rand(3, 30, 44, generator=g) * 255).byte()
+    writer = LabelWriter(tmp_path / "m", tmp_path, tmp_path / "o", BatchReport())
+    writer.write(tmp_path / "x.jpg", labels, image)
+    save_png_atomic(tmp_path / "ref.png", labels, palette=png_palette())
+    with Image.open(tmp_path / "m" / "x.png") as a, Image.open(tmp_path / "ref.png") as b:
+        assert a.mode == b.mode == "P"
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert a.getpalette() == b.getpalette()
+    with Image.open(tmp_path / "o" / "x.jpg") as jpg:
+        assert jpg.size == (130, 90) and jpg.format == "JPEG"
+    # the blend, before JPEG: the image upscaled bilinearly and mixed half and half with the
+    # label colours, as the float reference does it to within rounding
+    big = F.interpolate(image[None].float(), size=labels.shape, mode="bilinear",
+                        align_corners=False)[0].round().clamp(0, 255).byte()
+    want = overlay(big.permute(1, 2, 0).numpy(), labels).astype(int)
+    mask = Image.fromarray(labels).convert("P")
+    mask.putpalette(png_palette())
+    got = np.asarray(overlay_image(image, mask)).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 2
