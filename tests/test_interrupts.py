@@ -26,6 +26,7 @@ import pytest
 from conftest import EXAMPLES, REPO
 from PIL import Image
 
+from unseg.cli.main import main
 from unseg.errors import UnsegError
 from unseg.refine.crf import CRFPool
 from unseg.utils import io as unseg_io
@@ -179,6 +180,44 @@ def test_a_child_forked_inside_the_block_dies_of_sigterm_quietly():
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
+def _sigterm_then(error: Exception | None):
+    """A command that receives SIGTERM, then (when ``error``) fails with ``error`` while the stack
+    unwinds, as when a worker killed by the same signal is noticed."""
+
+    def command(args: object) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(BOUND_S)
+        finally:
+            if error is not None:
+                raise error
+        return 0
+
+    return command
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError("worker killed"), UnsegError("dead")])
+def test_the_cli_turns_sigterm_into_status_143(monkeypatch, capsys, error):
+    import unseg.cli.backbones
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(unseg.cli.backbones, "run", _sigterm_then(error))
+    assert main(["backbones"]) == 143
+    assert capsys.readouterr().err == "unseg: terminated; finished outputs are kept\n"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_error_without_sigterm_is_not_taken_for_one(monkeypatch, capsys):
+    import unseg.cli.backbones
+
+    def broken(args: object) -> int:
+        raise UnsegError("broken")
+
+    monkeypatch.setattr(unseg.cli.backbones, "run", broken)
+    assert main(["backbones"]) == 2
+    assert capsys.readouterr().err == "unseg: error: broken\n"
+
+
 _WATCHED_CHILD = """
 import sys, time
 from unseg.utils import signals
@@ -270,15 +309,18 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder, root / "cache"
 
 
-def _start(images: tuple[Path, Path], out: Path) -> _Run:
+def _start(images: tuple[Path, Path], out: Path, torchrun: bool = False) -> _Run:
     """``unseg -vv segment`` on the images, in its own session (process group); the marker is
-    set at the first prediction CRF round that starts after some masks were written."""
+    set at the first prediction CRF round that starts after some masks were written (under
+    ``torchrun``, 2 CPU ranks: at the first prediction CRF round)."""
     folder, cache = images
-    cmd = [sys.executable, "-m", "unseg.cli.main", "-vv", "segment", str(folder), "--out",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"] if torchrun else [sys.executable]
+    cmd = [*launcher, "-m", "unseg.cli.main", "-vv", "segment", str(folder), "--out",
            str(out), "--backbone", "efficientnet_lite0", "-k", "3", "--size", "256",
            "--refine", "crf", "--pseudo-refine", "none", "--workers", "2", "--cache-dir",
-           str(cache)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+           str(cache), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     run = _Run(proc, out)
@@ -289,7 +331,7 @@ def _start(images: tuple[Path, Path], out: Path) -> _Run:
             run.lines.append(line)
             if CRF_MARKER in line and not run.marker.is_set():
                 written = len(list((out / "masks").glob("*.png")))
-                if written:
+                if written or torchrun:
                     run.masks_before = written
                     run.marker.set()
 
@@ -306,7 +348,7 @@ def _wait_for_crf(run: _Run) -> set[int]:
             pytest.fail("the run never reached a CRF round after its first masks "
                         f"(exit {run.proc.poll()}):\n{run.stderr()[-3000:]}")
     children = _descendants(run.proc.pid)
-    assert len(children) >= 2, "the two CRF workers should be running"
+    assert len(children) >= 2, "the CRF workers should be running"
     return children
 
 
@@ -361,3 +403,19 @@ def test_kill_9_of_the_command_takes_its_workers_down(images, tmp_path):
     run.proc.wait(BOUND_S)
     assert _wait_gone(children) == set()
     _check_masks(run.out, run.masks_before)  # (a temp file may be left: nothing runs on kill -9)
+
+
+@pytest.mark.slow  # two real segment ranks under torchrun up to their CRF stage
+def test_kill_9_of_torchrun_ends_its_ranks_and_their_workers(images, tmp_path):
+    """torchrun arms no death signal for its ranks: each rank notices the launcher is gone and
+    takes the SIGTERM path (one line each, no traceback), its CRF workers with it."""
+    run = _start(images, tmp_path / "out", torchrun=True)
+    children = _wait_for_crf(run)
+    assert len(children) >= 6  # 2 ranks, each with 2 CRF workers
+    run.proc.kill()
+    run.proc.wait(BOUND_S)
+    assert _wait_gone(children) == set()
+    time.sleep(0.2)  # the collecting thread reads the last lines
+    err = run.stderr()
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert err.count("unseg: terminated; finished outputs are kept") == 2

@@ -23,6 +23,8 @@ from unseg.errors import UnsegError
 from unseg.utils.progress import set_progress
 from unseg.utils.signals import Terminated, follow_launcher, sigterm_raises
 
+log = logging.getLogger(__name__)
+
 COMMAND_MODULES = (
     "unseg.cli.backbones",
     "unseg.cli.features",
@@ -55,15 +57,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 ok, 1 some inputs failed, 2 error,
     130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
     try:
-        with sigterm_raises():
+        with sigterm_raises() as sigterm:
             follow_launcher()
             return _run(argv)
     except Terminated:
-        print("unseg: terminated; finished outputs are kept", file=sys.stderr)
-        return 143
+        return _terminated()
     except KeyboardInterrupt:
         print("unseg: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if sigterm.is_set():  # e.g. a worker killed by the same SIGTERM, sent to the group
+            log.debug("while terminating: %r", exc)
+            return _terminated()
+        if isinstance(exc, UnsegError):
+            print(f"unseg: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _terminated() -> int:
+    print("unseg: terminated; finished outputs are kept", file=sys.stderr)
+    return 143
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -72,11 +86,7 @@ def _run(argv: Sequence[str] | None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     set_progress(not args.quiet and sys.stderr.isatty())
-    try:
-        return int(args.func(args) or 0)
-    except UnsegError as exc:
-        print(f"unseg: error: {exc}", file=sys.stderr)
-        return 2
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

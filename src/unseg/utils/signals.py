@@ -47,14 +47,18 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[threading.Event]:
     """Within the block, SIGTERM raises :class:`Terminated` in this process's main thread.
 
-    A no-op where it cannot be installed (not the main thread, no SIGTERM). The previous handler
-    is restored at the end, so a second SIGTERM after the block has its usual effect.
+    Yields an event set once SIGTERM arrived: an error that replaces ``Terminated`` while the
+    stack unwinds (a worker killed by the same signal, when a whole process group gets it) is
+    then known to be part of the termination. A no-op where it cannot be installed (not the main
+    thread, no SIGTERM). The previous handler is restored at the end, so a second SIGTERM after
+    the block has its usual effect.
     """
+    received = threading.Event()
     if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     owner = os.getpid()
 
@@ -63,11 +67,12 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        received.set()
         raise Terminated(f"signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
