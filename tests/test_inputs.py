@@ -224,6 +224,8 @@ def runs(stand_in: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
         "segment maskcontrast": ["segment", str(cases), "--method", "maskcontrast", "-k", "2",
                                  *b, *SIZE, *MASKCONTRAST],
         "discover": ["discover", str(cases), *b],
+        "discover head": ["discover", str(cases), "--method", "head", *b, *SIZE, "--epochs", "1",
+                          "--batch-size", "2"],
     }
     done: dict[str, tuple[Ran, Path]] = {}
     for name, args in commands.items():
@@ -237,7 +239,8 @@ def runs(stand_in: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 
 COMMANDS = ("features", "fit kmeans", "fit saliency", "fit maskcontrast", "segment kmeans",
-            "segment maskcontrast", "discover", "predict kmeans", "predict saliency",
+            "segment maskcontrast", "discover", "discover head", "predict kmeans",
+            "predict saliency",
             "predict maskcontrast")
 CASES = ("tiny.png", "twin.png", "empty.png", "notimage.jpg", "trunc.png", "broken.png",
          "loop.png", "locked.png")
@@ -269,7 +272,8 @@ def test_each_bad_input_is_reported_exactly_once(runs, command: str) -> None:
 
 
 MASK_WRITERS = {"segment kmeans": "masks", "segment maskcontrast": "masks",
-                "discover": "masks", "predict kmeans": "", "predict saliency": "masks",
+                "discover": "masks", "discover head": "masks", "predict kmeans": "",
+                "predict saliency": "masks",
                 "predict maskcontrast": ""}
 EXPECTED_MASKS = sorted(output_name(Path(n), Path(".")).as_posix() for n in GOOD)
 
