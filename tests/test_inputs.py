@@ -450,3 +450,16 @@ def test_unreadable_rules_against_the_os(tmp_path: Path) -> None:
     assert unreadable(tmp_path / "absent.png") == "no such file"
     with pytest.raises(UnsegError, match="no image could be used"):
         resolve_inputs(tmp_path / "empty.png", BatchReport())
+
+
+def test_a_report_keeps_each_failed_input_once_with_its_first_problem() -> None:
+    """What merging the reports of several stages (or torchrun ranks) gives."""
+    a, b = Path("a.png"), Path("b.png")
+    first = BatchReport(written=[Path("x.png")])
+    first.fail(a, "discover's reason")
+    first.fail(a, "a later stage's reason")
+    later = BatchReport(written=[Path("y.png")], failed=[(a, "no saliency mask"), (b, "empty")])
+    merged = BatchReport().merge(first, later)
+    assert merged.failed == [(a, "discover's reason"), (b, "empty")]
+    assert merged.written == [Path("x.png"), Path("y.png")]
+    assert not merged.ok and BatchReport().merge(BatchReport()).ok
