@@ -87,6 +87,19 @@ def test_all_foreground_and_all_background_need_nearly_all_images():
     assert _verdict(some, config=CollapseConfig(fraction=0.9)) == "all-background"
 
 
+def test_mostly_foreground_over_the_set_fires_though_no_rule_per_image_does():
+    maps = _maps(20)
+    most = maps.clone()
+    # 12 of 20 images entirely foreground (60 %: below the 95 % bar), the rest 85 % foreground
+    most[:12] = 0.6 + 0.3 * maps[:12]
+    most[12:] = 1.0
+    most[12:, :, :, :5] = 0.0
+    share = float((most > 0.5).float().mean())
+    assert 0.9 < share < 0.98
+    assert _verdict(most) == "mostly-foreground"
+    assert _verdict(most, config=CollapseConfig(max_mean_foreground=0.95)) == "ok"
+
+
 @pytest.mark.parametrize(
     "history", [(1.0, math.nan), (1.0, math.inf, 0.5), (0.5, 0.2, 3.0)]
 )
