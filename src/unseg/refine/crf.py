@@ -5,6 +5,11 @@ unary = −log softmax of the logits upsampled bilinearly to the image size, 10 
 iterations, a Gaussian kernel (sxy 1, compatibility 3) and a bilateral kernel (sxy 67, srgb 3,
 compatibility 4) on the uint8 RGB image. The reference feeds the image in BGR order; the bilateral
 kernel uses one ``srgb`` for all three channels, so the channel order does not change the result.
+
+Many images run in a :class:`CRFPool` of spawn-started worker processes. Ctrl-C, SIGTERM or any
+error leaving the pool terminates its workers at once (an interrupted pool is never joined); the
+workers ignore SIGINT and die with their parent even on ``kill -9``; a worker killed mid-task
+(out of memory) is an :class:`UnsegError`, not a hang.
 """
 
 from __future__ import annotations
@@ -159,12 +164,12 @@ class CRFPool:
     Shutdown: leaving the block normally stops the idle workers and joins them. Leaving it by an
     exception (``KeyboardInterrupt`` from Ctrl-C, ``Terminated`` from SIGTERM, any error)
     terminates them at once (SIGTERM, then SIGKILL after :attr:`GRACE_S`), whatever they are
-    running. Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group: the
-    parent decides) and die with the parent, even on ``kill -9``
-    (:func:`unseg.utils.signals.die_with_parent`). A worker that dies mid-task (the kernel's
-    out-of-memory killer) is a clear :class:`UnsegError`, never a hang. The pool must be entered
-    and left in the same thread, one that outlives it (on Linux a worker dies with the thread
-    that started it).
+    running: an interrupted pool is never waited for. Workers ignore SIGINT (a terminal's Ctrl-C
+    reaches the whole process group: the parent decides) and die with the parent, even on
+    ``kill -9`` (:func:`unseg.utils.signals.die_with_parent`). A worker that dies mid-task (the
+    kernel's out-of-memory killer) is a clear :class:`UnsegError`, never a hang. The pool must
+    be entered and left in the same thread, one that outlives it (on Linux a worker dies with
+    the thread that started it).
     """
 
     GRACE_S = 5.0
@@ -199,35 +204,37 @@ class CRFPool:
         self._stop(now=exc_type is not None)
 
     def _stop(self, now: bool) -> None:
-        """Stop the workers: idle ones by a ``None`` task and a join, or, with ``now`` (or when
-        that does not work within :attr:`GRACE_S`), by SIGTERM then SIGKILL."""
+        """Stop the workers: idle ones by a ``None`` task, or, with ``now`` (and for those still
+        running :attr:`GRACE_S` later), by SIGTERM, then by SIGKILL; every wait is bounded."""
         procs, conns = self._procs, self._conns
         self._procs, self._conns = [], []
+        started = [p for p in procs if p.pid is not None]
         if not now:
             for conn in conns:
                 try:
                     conn.send(None)
                 except OSError:
                     pass
-        else:
-            for proc in procs:
-                if proc.pid is not None:
-                    proc.terminate()
-        deadline = time.monotonic() + self.GRACE_S
-        for proc in procs:
-            if proc.pid is not None:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.pid is not None and proc.exitcode is None:
-                log.warning("CRF worker %d did not stop within %.0f s: killed", proc.pid,
-                            self.GRACE_S)
-                proc.kill()
-                proc.join(self.GRACE_S)
+            self._join(started)
+        for stop in (BaseProcess.terminate, BaseProcess.kill):
+            running = [p for p in started if p.exitcode is None]
+            if not running:
+                break
+            log.debug("CRF pool: %s %s", stop.__name__, [p.pid for p in running])
+            for proc in running:
+                stop(proc)
+            self._join(running)
         for conn in conns:
             conn.close()
-        for proc in procs:
-            if proc.pid is not None and proc.exitcode is not None:
+        for proc in started:
+            if proc.exitcode is not None:
                 proc.close()
+
+    def _join(self, procs: Sequence[BaseProcess]) -> None:
+        """Join ``procs`` for at most :attr:`GRACE_S` seconds in all."""
+        deadline = time.monotonic() + self.GRACE_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def worker_pids(self) -> list[int]:
