@@ -214,3 +214,20 @@ def test_label_png_has_the_same_pixels_and_palette_and_the_overlay_its_size(tmp_
     mask.putpalette(png_palette())
     got = np.asarray(overlay_image(image, mask)).astype(int)
     assert got.shape == want.shape and np.abs(got - want).max() <= 2
+
+
+def test_discover_masks_respect_the_pixel_limit(tmp_path) -> None:
+    from unseg.pipelines.saliency import predict_masks
+
+    path = _photo(tmp_path / "a.png", 80, 100)
+
+    def prob(image: np.ndarray) -> torch.Tensor:
+        return torch.full(image.shape[:2], 0.75)
+
+    refused = predict_masks([path], tmp_path / "r", prob, None, 64, 8, max_pixels=5000)
+    assert refused.failed == [(path, refused.failed[0][1])]
+    assert "100x80 = 8000 pixels" in refused.failed[0][1] and "--max-pixels" in refused.failed[0][1]
+    accepted = predict_masks([path], tmp_path / "a", prob, None, 64, 8, max_pixels=8000)
+    assert accepted.ok and len(accepted.written) == 1
+    with Image.open(accepted.written[0]) as mask:
+        assert mask.size == (100, 80) and np.asarray(mask).max() == round(0.75 * 255)

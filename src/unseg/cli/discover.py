@@ -8,6 +8,7 @@ from unseg.cli.common import (
     Outcome,
     add_backbone_arguments,
     add_device_argument,
+    add_image_arguments,
     add_output_arguments,
     batch_outcome,
     resolve_backbone,
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
     add_device_argument(p)
+    add_image_arguments(p, max_side=False)
     add_output_arguments(p, report=True)
     add_method_options(p, specs, "method options (the guided filter applies to spectral too)")
     p.set_defaults(func=_run)
@@ -70,6 +72,7 @@ def _discover(args: argparse.Namespace) -> Outcome:
         cache_dir=args.cache_dir,
         weights=args.weights,
         tap=args.tap,
+        max_pixels=args.max_pixels,
     )
     return batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", args.method,

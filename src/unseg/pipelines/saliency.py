@@ -124,10 +124,12 @@ def predict_masks(
     stride: int,
     timings: Timings | None = None,
     names_root: Path | None = None,
+    max_pixels: int | None = None,
 ) -> BatchReport:
     """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
 
-    ``guided`` None: no guided filter. Bad files are reported and skipped. ``names_root``: the
+    ``guided`` None: no guided filter. Bad files (and files over ``max_pixels``, see
+    :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``names_root``: the
     folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
     seconds spent decoding, predicting, refining and writing.
     """
@@ -140,7 +142,7 @@ def predict_masks(
         name = output_name(path, root)
         try:
             with timings.stage("decode"):
-                image = load_image(path)
+                image = load_image(path, max_pixels)
             _check_grid(path, image, size, stride)
             with timings.stage("predicting"):
                 prob = prob_fn(image)
@@ -270,7 +272,7 @@ def predict_run(
     timings: Timings | None = None,
 ) -> BatchReport:
     """``unseg predict`` for saliency runs; ``overrides``: ``guided_filter``, ``guide``,
-    ``weights``."""
+    ``weights``, ``max_pixels``."""
     dev = resolve_device(device)
     head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
@@ -285,6 +287,7 @@ def predict_run(
         model.stride,
         timings,
         resolve_image_dir(images),
+        overrides.get("max_pixels"),
     )
     return report.merge(predicted)
 
@@ -302,6 +305,7 @@ def discover(
     weights: str | Path | None = None,
     tap: str | None = None,
     timings: Timings | None = None,
+    max_pixels: int | None = None,
 ) -> BatchReport:
     """``unseg discover``: masks and boxes for every image of ``images``.
 
@@ -309,7 +313,7 @@ def discover(
     ``head``), first trained on ``train_images`` (default: ``images`` themselves, no labels
     used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and its guide
     come from ``config`` for both. ``weights``: explicit backbone weights. ``timings`` receives
-    the seconds per stage.
+    the seconds per stage. ``max_pixels``: the per-file pixel limit of the images predicted.
     """
     timings = timings if timings is not None else Timings()
     cfg = config or SaliencyHeadConfig()
@@ -322,7 +326,7 @@ def discover(
         paths = resolve_inputs(images, report, model.stride)
         fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
         return report.merge(predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride,
-                                          timings, resolve_image_dir(images)))
+                                          timings, resolve_image_dir(images), max_pixels))
     spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
@@ -336,7 +340,8 @@ def discover(
         tap=tap,
         timings=timings,
     )
-    predicted = predict_run(fit.run_dir, images, out_dir, {}, device, timings)
+    predicted = predict_run(fit.run_dir, images, out_dir, {"max_pixels": max_pixels}, device,
+                            timings)
     return BatchReport(written=predicted.written).merge(
         BatchReport(failed=fit.report.failed), BatchReport(failed=predicted.failed)
     )
