@@ -231,3 +231,13 @@ def test_discover_masks_respect_the_pixel_limit(tmp_path) -> None:
     assert accepted.ok and len(accepted.written) == 1
     with Image.open(accepted.written[0]) as mask:
         assert mask.size == (100, 80) and np.asarray(mask).max() == round(0.75 * 255)
+
+
+def test_a_reduced_decode_must_match_the_header_at_some_dct_scale() -> None:
+    from unseg.features import _scaled_from
+
+    assert _scaled_from((1200, 1600), (1200, 1600))
+    assert _scaled_from((150, 200), (1200, 1600))  # 1/8
+    assert _scaled_from((375, 500), (750, 999))  # 1/2, rounded up
+    assert not _scaled_from((376, 500), (750, 1000))
+    assert not _scaled_from((1600, 1200), (1200, 1600))  # a header that lies

@@ -106,15 +106,20 @@ class _ImageDataset(Dataset):
         item, r = self.items[i], self.resize
         need = decode_size(*item.original_size, r.size, r.stride, r.crop, r.max_side)
         try:
-            image = resize_image(
-                load_image(item.path, r.max_pixels, need), r.size, r.stride, r.crop,
-                r.max_side, source_size=item.original_size,
-            )
+            decoded = load_image(item.path, r.max_pixels, need)
         except UnsegError as exc:
             return i, None, getattr(exc, "problem", str(exc))
-        if tuple(image.shape[1:]) != item.image_size:
-            return i, None, f"decoded size {tuple(image.shape[1:])} differs from its header"
+        if not _scaled_from(decoded.shape[:2], item.original_size):
+            return i, None, f"decoded size {decoded.shape[:2]} differs from its header"
+        image = resize_image(decoded, r.size, r.stride, r.crop, r.max_side,
+                             source_size=item.original_size)
         return i, image, None
+
+
+def _scaled_from(decoded: tuple[int, int], original: tuple[int, int]) -> bool:
+    """``decoded`` ``(H, W)`` is ``original`` at one of the JPEG decoder's scales (1 to 1/8)."""
+    h, w = original
+    return any(decoded == (-(-h // s), -(-w // s)) for s in (1, 2, 4, 8))
 
 
 def _collate(
