@@ -84,9 +84,11 @@ def main() -> None:
                     out = work / ds / f"{method}-s{seed}-{refine}"
                     result = out / "scores.json"
                     if not result.is_file():
+                        # --resume: a run killed midway continues (same configuration)
                         run(["segment", str(DATASETS[ds]), *METHOD_ARGS[method], "--num-classes",
                              str(K), "--seed", str(seed), "--refine", refine, "--cache-dir",
-                             str(work / ds / "cache"), "--out", str(out)], log)
+                             str(work / ds / "cache"), "--out", str(out), "--resume",
+                             "--no-report"], log)
                         run(["evaluate", "semantic", "--pred", str(out / "masks"), "--gt",
                              str(root), "--num-classes", str(K), "--json", str(result)], log)
                     got = json.loads(result.read_text())
