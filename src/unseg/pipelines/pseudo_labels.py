@@ -21,7 +21,7 @@ from unseg.refine.crf import CRFConfig, CRFPool
 from unseg.utils import dist
 from unseg.utils.hashing import settings_key
 from unseg.utils.io import atomic_write
-from unseg.utils.progress import progress
+from unseg.utils.progress import chunked
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of the worker pool
@@ -62,8 +62,7 @@ def compute_pseudo_labels(
 
     todo = [p for p in paths if not file(p).is_file()]
     mine = dist.shard(todo, dist.rank(), dist.world_size())
-    for start in progress(range(0, len(mine), CHUNK), desc="PriMaPs"):
-        chunk = mine[start : start + CHUNK]
+    for chunk in chunked(mine, CHUNK, desc="PriMaPs"):
         images = [hwc(feats.extra(p, "image")) for p in chunk]
         with timings.stage("proposals"):
             labels = primaps_pseudo_labels(
