@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -27,12 +29,16 @@ def own_group(tmp_path, monkeypatch):
 def test_extract_dataset_leaves_a_group_it_did_not_create(own_group, tmp_path, monkeypatch):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
 
-    def create(name, weights=None, device=None, **kwargs):
-        return torch.nn.Identity()
+    class Model(torch.nn.Identity):
+        stride = 16
 
+    def create(name, weights=None, device=None, **kwargs):
+        return Model()
+
+    extracted = SimpleNamespace(stats={"images": 1, "failed": 0})
     monkeypatch.setattr(features, "create_backbone", create)
-    monkeypatch.setattr(features, "extract_features", lambda *a, **k: "features")
-    assert features.extract_dataset(tmp_path, tmp_path / "cache", backbone="x") == "features"
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: extracted)
+    assert features.extract_dataset(tmp_path, tmp_path / "cache", backbone="x") is extracted
     assert tdist.is_initialized()
 
 
