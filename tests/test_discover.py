@@ -243,3 +243,23 @@ def test_discover_and_fit_read_a_dataset_root_through_its_layout(tmp_path):
     assert main(["-q", "predict", str(run), str(root), "--out", str(tmp_path / "p")]) == 0
     assert sorted(p.name for p in (tmp_path / "p" / MASKS_DIR).iterdir()) == [
         "0000.png", "0001.png"]
+
+
+def test_fit_saliency_reports_a_collapsed_head_and_records_it(tmp_path, monkeypatch, capsys):
+    """A head whose training collapsed is saved, but the run records the verdict and the
+    command says so and exits 1."""
+    from unseg.methods.collapse import CollapseReport
+    from unseg.methods.saliency import SaliencyHead
+
+    def collapsed(self, features, images):
+        return CollapseReport("constant", 2, 1.0, 1.0, 0.0, 1.0, False, 0.5, 0.5)
+
+    monkeypatch.setattr(SaliencyHead, "check_collapse", collapsed)
+    root = _saliency_dataset(tmp_path / "ECSSD")
+    run = tmp_path / "run"
+    code = main(["-q", "fit", "saliency", str(root), "--out", str(run), "--backbone", BACKBONE,
+                 "--epochs", "1", "--size", "64"])
+    assert code == 1
+    assert "TRAINING FAILED (constant" in capsys.readouterr().out
+    collapse = json.loads((run / "config.json").read_text())["training"]["collapse"]
+    assert collapse["verdict"] == "constant" and collapse["failed"] is True

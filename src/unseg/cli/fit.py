@@ -5,7 +5,9 @@ its config; semantic methods add the semantic pipeline's options (``-k``, ``--si
 ``--refine``, ``--embeddings``, ...), saliency methods the feature cache, embedding methods
 (MaskContrast) the saliency mask folder (``--saliency``). The run folder is claimed as an
 output folder (``unseg.outdir``: ``--resume`` continues a killed fit, ``--overwrite`` replaces
-an earlier one) and the command ends with one completion line.
+an earlier one) and the command ends with one completion line. A saliency head whose training
+diverged or collapsed (``unseg.methods.collapse``) is saved with its verdict in the run's
+``training.collapse``, and the command says so and exits with status 1.
 """
 
 from __future__ import annotations
@@ -119,7 +121,19 @@ def _fit_embedding(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
 
 
 def _saliency(args: argparse.Namespace) -> int:
-    return _fit_into_run(args, lambda spec: _outcome(_fit_saliency(args, spec), "", args.out))
+    return _fit_into_run(args, lambda spec: _saliency_outcome(_fit_saliency(args, spec), args.out))
+
+
+def _saliency_outcome(result: FitResult, where: str) -> Outcome:
+    """The fit's outcome; a head whose training diverged or collapsed (``facts["collapse"]``)
+    is saved but reported as failed: its verdict in the completion line, exit status 1."""
+    outcome = _outcome(result, "", where)
+    collapse = result.facts.get("collapse") or {}
+    if collapse.get("failed"):
+        outcome.summary += (f"; TRAINING FAILED ({collapse['verdict']}: see training.collapse "
+                            f"in {where}/config.json)")
+        outcome.code = 1
+    return outcome
 
 
 def _fit_saliency(args: argparse.Namespace, spec: MethodSpec) -> FitResult:

@@ -221,7 +221,10 @@ def fit_saliency(
     )
     logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
     head = fit_estimator(spec, cfg, inputs, model, dev, timings)
-    facts = {"n_images": len(used), "loss_history": list(head.history_)}
+    facts: dict[str, Any] = {"n_images": len(used), "loss_history": list(head.history_)}
+    collapse = getattr(head, "collapse_", None)
+    if collapse is not None:  # the failure check of the head's training, saved with the run
+        facts["collapse"] = collapse.as_dict()
     save_fitted(
         run_dir,
         spec,
