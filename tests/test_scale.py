@@ -241,3 +241,21 @@ def test_a_reduced_decode_must_match_the_header_at_some_dct_scale() -> None:
     assert _scaled_from((375, 500), (750, 999))  # 1/2, rounded up
     assert not _scaled_from((376, 500), (750, 1000))
     assert not _scaled_from((1600, 1200), (1200, 1600))  # a header that lies
+
+
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    from unseg.features import _MALLOC_TRIM, release_freed_memory
+
+    if _MALLOC_TRIM is None:
+        pytest.skip("no glibc malloc_trim here: release_freed_memory does nothing")
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [np.ones(12_000) for _ in range(2000)]  # 96 KB each: heap blocks, not mmap-ed
+    keep = blocks[-1]  # the top of the heap stays in use, so free() alone returns nothing
+    del blocks
+    held = rss()
+    release_freed_memory()
+    assert held - rss() > 100 * 2**20  # ~180 MB of the freed 190 MB go back
+    assert keep.sum() == 12_000
