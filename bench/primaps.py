@@ -297,10 +297,10 @@ def bench_refine(repeat: int) -> dict:
     modes = {
         "none": RefineConfig(mode="none"),
         "crf": RefineConfig(mode="crf"),
-        "guided": RefineConfig(mode="guided"),
+        "guided": RefineConfig(mode="guided", subsample=1),
         "guided_fast2": RefineConfig(mode="guided", subsample=2),
         "guided_fast4": RefineConfig(mode="guided", subsample=4),
-        "guided+crf": RefineConfig(mode="guided+crf"),
+        "guided+crf": RefineConfig(mode="guided+crf", subsample=1),
     }
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
