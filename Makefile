@@ -32,7 +32,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
-	$(VENV)/bin/unseg segment examples/images --out $(OUT)
+	$(VENV)/bin/unseg segment examples/images --out $(OUT) --overwrite
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests bench
