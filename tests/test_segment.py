@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -307,3 +308,31 @@ def test_primaps_em_classifier_follows_the_features_norm(segmented, tmp_path: Pa
     fit_semantic(images, tmp_path / "ref", "primaps-em", 3, options=options, settings=SETTINGS)
     config = json.loads((tmp_path / "ref" / "config.json").read_text())["config"]
     assert config["classifier"] == "reference"
+
+
+def test_predict_keeps_one_progress_bar_over_its_parts(segmented, tmp_path: Path, monkeypatch):
+    """`unseg predict` extracts and predicts in parts; one bar counts every image written."""
+    import unseg.pipelines.label_maps as label_maps
+    import unseg.pipelines.semantic as semantic
+
+    images, out = segmented
+    bars: list[tuple[int, list[int]]] = []
+
+    class Recorder:
+        def __init__(self, total: int) -> None:
+            self.updates: list[int] = []
+            bars.append((total, self.updates))
+
+        def update(self, n: int = 1) -> None:
+            self.updates.append(n)
+
+    @contextmanager
+    def recording_bar(total: int, desc: str | None = None):
+        yield Recorder(total)
+
+    monkeypatch.setattr(semantic, "progress_bar", recording_bar)
+    monkeypatch.setattr(semantic, "PART", 2)  # the 3 images in two parts (2 + 1) ...
+    monkeypatch.setattr(label_maps, "CHUNK", 1)  # ... predicted one by one
+    report = predict_images(out / "run", images, tmp_path / "o")
+    assert len(report.written) == 3 and len(bars) == 1
+    assert bars[0] == (3, [1, 1, 1])

@@ -30,7 +30,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
-from unseg.utils.progress import chunked
+from unseg.utils.progress import Bar, chunked
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
@@ -150,10 +150,16 @@ def predict_label_maps(
     pool: CRFPool,
     writer: LabelWriter,
     timings: Timings,
+    bar: Bar | None = None,
 ) -> None:
-    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``)."""
+    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``).
+
+    ``bar``: a caller's progress bar to advance by the images written (a command that predicts
+    in several parts keeps one bar); None: this call shows its own."""
     refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
-    for part in chunked(list(paths), CHUNK, desc="predict"):
+    parts = (chunked(list(paths), CHUNK, desc="predict") if bar is None
+             else (paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)))
+    for part in parts:
         chunk = list(part)
         images = [feats.extra(p, "image") for p in chunk]
         with timings.stage("predicting"), cpu_threads(device, 1):
@@ -165,6 +171,8 @@ def predict_label_maps(
         with timings.stage("writing"):
             for p, q, image in zip(chunk, probs, images, strict=True):
                 writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
+        if bar is not None:
+            bar.update(len(chunk))
 
 
 def gather_report(report: BatchReport) -> BatchReport:

@@ -68,10 +68,12 @@ from unseg.runs import load_fitted, load_run, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device, seed_everything
+from unseg.utils.progress import progress_bar
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
+PART = 4 * CHUNK  # images extracted (and held) at a time by `predict`
 MAX_CLASSES = 256  # label PNGs are 8-bit palette images
 # `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
 # sky, ground, object) rather than a dataset's 21 or 27.
@@ -364,9 +366,9 @@ def predict_images(
                              None if overlay_dir is None else Path(overlay_dir), report)
         extras = ("image", "flipped") if settings.flip else ("image",)
         workers = (num_workers or default_workers()) if settings.refine != "none" else 1
-        with CRFPool(workers) as pool:
-            for start in range(0, len(paths), 4 * CHUNK):
-                part = paths[start : start + 4 * CHUNK]
+        with CRFPool(workers) as pool, progress_bar(len(paths), "predict") as bar:
+            for start in range(0, len(paths), PART):
+                part = paths[start : start + PART]
                 feats = extract_features(
                     part, model, size=int(meta["feature_size"]), report=report, extras=extras,
                     max_side=int(meta.get("max_side") or 0) or None,
@@ -376,7 +378,7 @@ def predict_images(
                 if source is not None:
                     feats = EmbeddedFeatures(feats, source.estimator)
                 predict_label_maps(estimator, feats, feats.paths, settings, dev, pool, writer,
-                                   timings)
+                                   timings, bar)
     return gather_report(report)
 
 
