@@ -263,3 +263,23 @@ def test_fit_saliency_reports_a_collapsed_head_and_records_it(tmp_path, monkeypa
     assert "TRAINING FAILED (constant" in capsys.readouterr().out
     collapse = json.loads((run / "config.json").read_text())["training"]["collapse"]
     assert collapse["verdict"] == "constant" and collapse["failed"] is True
+
+
+@pytest.mark.parametrize("band_pixels", [700, 1500])
+def test_guided_filter_in_row_bands_equals_the_whole_image(monkeypatch, band_pixels):
+    """Discover's guided filter runs in row bands with a 2r+1 halo above BAND_PIXELS; the bands
+    give the whole image's result (bands of 7 and 15 rows at radius 9: halos larger than the
+    bands, bands smaller than the radius)."""
+    import unseg.pipelines.saliency as saliency
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (57, 100, 3), dtype=np.uint8)
+    image[20:40, 30:70] = (250, 30, 30)
+    prob = torch.from_numpy(rng.random((57, 100)).astype(np.float32))
+    gf = GuidedFilterConfig(radius=9)
+    whole = saliency._refine_whole(prob, image, gf)
+    monkeypatch.setattr(saliency, "BAND_PIXELS", band_pixels)
+    banded = saliency._refine(prob, image, gf)
+    torch.testing.assert_close(banded, whole, atol=2e-5, rtol=0)
+    monkeypatch.setattr(saliency, "BAND_PIXELS", 100)  # one row per band, still the same
+    torch.testing.assert_close(saliency._refine(prob, image, gf), whole, atol=2e-5, rtol=0)

@@ -109,10 +109,32 @@ def head_prob_fn(backbone: Backbone, head: SaliencyHead, size: int) -> ProbFn:
     return prob
 
 
+BAND_PIXELS = 4_000_000  # above this, the guided filter runs in row bands (bounded memory)
+
+
 @torch.inference_mode()
-def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> torch.Tensor:
+def _refine_whole(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> torch.Tensor:
     img = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0)
     return refine_masks(prob[None, None], img[None], gf)[0, 0]
+
+
+def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> torch.Tensor:
+    """The guided filter of ``prob [H, W]`` on ``image [H, W, 3]`` at the input's size, in row
+    bands of about :data:`BAND_PIXELS` each with a ``2r + 1`` halo: a pixel's result depends on
+    the rows within ``2r`` of it (a box of box means), so the bands give the whole image's result
+    (up to float rounding; the standardisation and the guide's centring are per band, which the
+    filter is invariant to), while the filter's dozen float maps never exceed one band."""
+    height, width = image.shape[:2]
+    rows = max(1, BAND_PIXELS // width)
+    if height <= rows:
+        return _refine_whole(prob, image, gf)
+    halo = 2 * gf.radius + 1
+    out = torch.empty_like(prob)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        lo, hi = max(0, top - halo), min(height, bottom + halo)
+        out[top:bottom] = _refine_whole(prob[lo:hi], image[lo:hi], gf)[top - lo : bottom - lo]
+    return out
 
 
 def predict_masks(
