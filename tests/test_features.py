@@ -380,3 +380,29 @@ def test_the_tap_is_part_of_the_cache_key(tmp_path):
     b = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0)
     assert a.cache_dir != b.cache_dir and b.stats["computed"] == 1
     assert json.loads((b.cache_dir / "index.json").read_text())["tap"] == "stage4"
+
+
+def test_the_progress_bar_counts_images_good_and_bad(tmp_path, monkeypatch):
+    """The extraction's bar advances by images (a batch's good and bad ones), not by batches."""
+    from contextlib import contextmanager
+
+    import unseg.features as features
+
+    bars: list[tuple[int, list[int]]] = []
+
+    class Recorder:
+        def update(self, n: int = 1) -> None:
+            bars[-1][1].append(n)
+
+    @contextmanager
+    def recording_bar(total, desc=None, unit="img", show=True):
+        bars.append((total, []))
+        yield Recorder()
+
+    monkeypatch.setattr(features, "progress_bar", recording_bar)
+    paths = make_images(tmp_path / "im")
+    truncated = _broken(tmp_path)["truncated"]
+    extract_features([*paths, truncated], TinyBackbone(), size=32, batch_size=2, num_workers=0)
+    assert len(bars) == 1
+    total, updates = bars[0]
+    assert total == len(paths) + 1 and sum(updates) == total and max(updates) <= 2

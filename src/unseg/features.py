@@ -57,7 +57,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device
 from unseg.utils.hashing import file_sha256
-from unseg.utils.progress import progress
+from unseg.utils.progress import progress_bar
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
@@ -352,16 +352,18 @@ def _compute(
     )
     out: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
     failed: list[tuple[Path, str]] = []
-    steps = progress(loader, total=len(batches), desc="features") if dist.is_main() else loader
 
     def save(path: Path, name: str, tensor: torch.Tensor) -> None:
         with timings.stage("writing"):
             save_tensor(path, name, tensor)
 
     # Cache files are written by one background thread while the model runs on the next batch.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unseg-cache") as writer:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="unseg-cache") as writer,
+        progress_bar(len(todo), "features", show=dist.is_main()) as bar,
+    ):
         pending: list[Future] = []
-        batch_iter = iter(steps)
+        batch_iter = iter(loader)
         while True:
             with timings.stage("decode"):
                 batch = next(batch_iter, None)
@@ -369,6 +371,7 @@ def _compute(
                 break
             idx, images, bad = batch
             failed += [(todo[i].path, problem) for i, problem in bad]
+            bar.update(len(idx) + len(bad))
             if images is None:
                 continue
             with timings.stage("backbone"):

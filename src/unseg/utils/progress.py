@@ -50,10 +50,13 @@ def progress(
 
 
 @contextmanager
-def progress_bar(total: int, desc: str | None = None, unit: str = "img") -> Iterator[Bar]:
+def progress_bar(
+    total: int, desc: str | None = None, unit: str = "img", show: bool = True
+) -> Iterator[Bar]:
     """A bar of ``total`` items that the block advances with ``bar.update(n)`` (e.g. once per
-    batch by the batch's number of images); silent when progress bars are disabled."""
-    if not _ENABLED:
+    batch by the batch's number of images); silent when progress bars are disabled or ``show``
+    is false (e.g. on torchrun ranks other than the first)."""
+    if not (_ENABLED and show):
         yield _Silent()
         return
     with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) as bar:
