@@ -124,7 +124,8 @@ def verify_file(path: Path, expected: str | None, record: bool) -> str:
 
 def _chunks(response: IO[bytes], total: int | None) -> Iterator[bytes]:
     n = None if total is None else math.ceil(total / CHUNK)
-    yield from progress(iter(lambda: response.read(CHUNK), b""), total=n, desc="download (MiB)")
+    parts = iter(lambda: response.read(CHUNK), b"")
+    yield from progress(parts, total=n, desc="download", unit="MiB")
 
 
 def download(url: str, dest: Path, sha256: str | None = None) -> str:

@@ -129,7 +129,9 @@ def evaluate_semantic(
     problems = _Problems(allow_missing)
     bad_gt: list[Path] = []
     missing = list(pairing.missing)
-    for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="semantic"):
+    for stem, gt_path in progress(
+        pairing.gt.items(), total=len(pairing.gt), desc="semantic", unit="img"
+    ):
         labels = load_label(gt_path)
         if lut is not None:
             labels = map_labels(labels, lut).numpy()
@@ -221,7 +223,9 @@ def evaluate_saliency(
     problems = _Problems(allow_missing)
     missing = list(pairing.missing)
     n_binary01 = 0
-    for stem, gt_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="saliency"):
+    for stem, gt_path in progress(
+        pairing.gt.items(), total=len(pairing.gt), desc="saliency", unit="img"
+    ):
         mask = load_label(gt_path)
         pred_path = pairing.pred.get(stem)
         p = None if pred_path is None else _load_pred(pred_path, mask.shape, problems)
@@ -348,7 +352,9 @@ def evaluate_corloc(
     problems = _Problems(allow_missing)
     missing = list(pairing.missing)
     n_correct = 0
-    for stem, xml_path in progress(pairing.gt.items(), total=len(pairing.gt), desc="corloc"):
+    for stem, xml_path in progress(
+        pairing.gt.items(), total=len(pairing.gt), desc="corloc", unit="img"
+    ):
         (height, width), gt_boxes, _ = parse_voc_xml(xml_path)
         if boxes is not None:
             box = boxes.get(stem)

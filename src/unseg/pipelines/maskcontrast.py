@@ -105,7 +105,7 @@ def _photometric_features(
     seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image)."""
     cache.mkdir(parents=True, exist_ok=True)
     out: list[torch.Tensor] = []
-    for p in progress(paths, desc="photometric views"):
+    for p in progress(paths, total=len(paths), desc="photometric views", unit="img"):
         sha = feats.record(p).sha256
         file = cache / f"{sha}.safetensors"
         if file.is_file():

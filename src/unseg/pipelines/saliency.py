@@ -160,7 +160,7 @@ def predict_masks(
     root = names_root if names_root is not None else Path(os.path.commonpath(paths or ["."]))
     report = BatchReport()
     boxes: dict[str, list[float] | None] = {}
-    for i, path in enumerate(progress(paths, total=len(paths), desc="discover")):
+    for i, path in enumerate(progress(paths, total=len(paths), desc="discover", unit="img")):
         name = output_name(path, root)
         try:
             with timings.stage("decode"):
