@@ -314,10 +314,13 @@ def _start(images: tuple[Path, Path], out: Path, torchrun: bool = False) -> _Run
     set at the first prediction CRF round that starts after some masks were written (under
     ``torchrun``, 2 CPU ranks: at the first prediction CRF round)."""
     folder, cache = images
+    # --size 512: the 160x120 photos are worked on at 683x512, so the CRF round the signal
+    # lands in lasts about a second even on an idle machine (at --size 256 the last round of
+    # 6 images could finish before the signal arrived, and the run exit 0)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2"] if torchrun else [sys.executable]
     cmd = [*launcher, "-m", "unseg.cli.main", "-vv", "segment", str(folder), "--out",
-           str(out), "--backbone", "efficientnet_lite0", "-k", "3", "--size", "256",
+           str(out), "--backbone", "efficientnet_lite0", "-k", "3", "--size", "512",
            "--refine", "crf", "--pseudo-refine", "none", "--workers", "2", "--cache-dir",
            str(cache), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
