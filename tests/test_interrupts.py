@@ -309,6 +309,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder, root / "cache"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(images: tuple[Path, Path], out: Path, torchrun: bool = False) -> _Run:
     """``unseg -vv segment`` on the images, in its own session (process group); the marker is
     set at the first prediction CRF round that starts after some masks were written (under
@@ -324,8 +328,10 @@ def _start(images: tuple[Path, Path], out: Path, torchrun: bool = False) -> _Run
            "--refine", "crf", "--pseudo-refine", "none", "--workers", "2", "--cache-dir",
            str(cache), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a test run started in the background (nohup,
+    # `cmd &` in a script, some CI runners) ignores SIGINT, and the child would inherit that
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=_default_sigint)
     run = _Run(proc, out)
 
     def collect() -> None:
