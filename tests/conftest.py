@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the real data beside the repo, seeded RNGs, a tiny image set."""
+"""Shared test fixtures: paths to the real data beside the repo, seeded RNGs, a tiny image set,
+a stand-in backbone."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+
+from unseg.backbones.base import Backbone, BackboneSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,3 +29,17 @@ def shared_data(sub: str) -> Path:
 def rng() -> np.random.Generator:
     """A seeded NumPy generator."""
     return np.random.default_rng(0)
+
+
+class ColourPatches(Backbone):
+    """Stand-in backbone (stride 16, 6 channels): the mean normalised colour of each patch and
+    its negation, so patches of different colours have negative cosine similarity."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__(spec)
+        self.proj = torch.nn.Conv2d(3, 6, 1, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.cat([torch.eye(3), -torch.eye(3)]).view(6, 3, 1, 1))
+
+    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return self.proj(F.avg_pool2d(x, 16))

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ColourPatches
 from PIL import Image
 
 import unseg.pipelines.backbone as pipeline_backbone
 from unseg.backbones import (
-    Backbone,
     BackboneSpec,
     build_backbone,
     list_backbones,
@@ -27,26 +26,12 @@ from unseg.refine.guided_filter import GuidedFilterConfig
 BACKBONE = "tiny_test16"
 
 
-class _Tiny(Backbone):
-    """A stand-in backbone (stride 16, 6 channels): the mean normalised colour of each patch and
-    its negation, so patches of different colours have negative cosine similarity."""
-
-    def __init__(self, spec: BackboneSpec) -> None:
-        super().__init__(spec)
-        self.proj = torch.nn.Conv2d(3, 6, 1, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.cat([torch.eye(3), -torch.eye(3)]).view(6, 3, 1, 1))
-
-    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.proj(F.avg_pool2d(x, 16))
-
-
 @pytest.fixture(autouse=True)
 def tiny_backbone(monkeypatch):
     """``create_backbone`` in the pipeline builds the stand-in (no weight files involved)."""
     if not list_backbones(BACKBONE):
         spec = BackboneSpec(BACKBONE, "test", 16, 6, (0.5,) * 3, (0.5,) * 3)
-        register_backbone(spec, _Tiny)
+        register_backbone(spec, ColourPatches)
 
     def create(name, weights=None, device=None, **kwargs):
         return build_backbone(name).requires_grad_(False).eval()

@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from conftest import ColourPatches
 from PIL import Image
 
 import unseg.features as features_module
 import unseg.pipelines.backbone as pipeline_backbone
 from unseg.backbones import (
-    Backbone,
     BackboneSpec,
     build_backbone,
     list_backbones,
@@ -52,19 +50,6 @@ MASKCONTRAST = ["--epochs", "1", "--width", "16", "--aspp-rates", "1", "2", "--v
 FAILED = re.compile(r"^failed: (.+?): (.+)$")
 
 
-class _Colours(Backbone):
-    """Stand-in backbone (stride 16, 6 channels): each patch's mean colour and its negation."""
-
-    def __init__(self, spec: BackboneSpec) -> None:
-        super().__init__(spec)
-        self.proj = torch.nn.Conv2d(3, 6, 1, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.cat([torch.eye(3), -torch.eye(3)]).view(6, 3, 1, 1))
-
-    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        return self.proj(F.avg_pool2d(x, STRIDE))
-
-
 def _create(name, weights=None, device=None, **kwargs):
     return build_backbone(name).requires_grad_(False).eval()
 
@@ -74,7 +59,7 @@ def stand_in() -> Iterator[None]:
     """Every command builds the stand-in backbone (no weight files involved)."""
     if not list_backbones(BACKBONE):
         register_backbone(BackboneSpec(BACKBONE, "test", STRIDE, 6, (0.5,) * 3, (0.5,) * 3),
-                          _Colours)
+                          ColourPatches)
     with pytest.MonkeyPatch.context() as mp:
         for module in (pipeline_backbone, backbones_create, features_module):
             mp.setattr(module, "create_backbone", _create)
