@@ -281,6 +281,18 @@ def test_fixed_seed_gives_identical_runs() -> None:
     assert a.history_ == b.history_
 
 
+def test_proposals_are_held_as_int16_and_any_integer_dtype_fits_the_same() -> None:
+    feats, props = blobs()
+    model = PriMaPsEM(PriMaPsEMConfig(num_classes=3, batch_size=4))
+    views = model._views(feats, props, None)
+    assert all(v.proposals.dtype == torch.int16 for v in views)
+    assert torch.equal(views[0].proposals.long(), props[0].reshape(-1))
+    wide = fit(feats, props, steps=8, seed=3)
+    narrow = fit(feats, [p.to(torch.int16) for p in props], steps=8, seed=3)
+    assert wide.history_ == narrow.history_
+    assert torch.equal(wide.prototypes_, narrow.prototypes_)
+
+
 def test_student_features_train_theta_but_e_step_uses_clean_view() -> None:
     feats, props = blobs()
     student = [f + 0.05 for f in feats]

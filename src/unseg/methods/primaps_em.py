@@ -181,7 +181,8 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
 @dataclass
 class _View:
     """One training image at label resolution: clean and student features, their upsampled
-    norms (cosine classifier only), the upsampling factor and the flattened proposal ids."""
+    norms (cosine classifier only), the upsampling factor and the flattened proposal ids
+    (int16; widened per batch)."""
 
     clean: torch.Tensor
     clean_norm: torch.Tensor | None
@@ -192,10 +193,12 @@ class _View:
 
 
 def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Label map ``[H, W]`` → ``[*size]`` (nearest), held as int16: a quarter of int64's memory
+    for what the EM keeps of every training image (ids and the ignore index fit)."""
     if tuple(labels.shape) == size:
-        return labels.long()
+        return labels.to(torch.int16)
     out = F.interpolate(labels[None, None].float(), size=size, mode="nearest")
-    return out[0, 0].long()
+    return out[0, 0].to(torch.int16)
 
 
 class PriMaPsEM:
@@ -284,8 +287,8 @@ class PriMaPsEM:
         return views
 
     def fit(self, inputs: FitInputs) -> PriMaPsEM:
-        """Fit on ``features[i] [C, h, w]``, PriMaPs ``proposals[i] [H, W]`` (int64, 255 =
-        none) and optional ``student_features[i] [C, h, w]``; returns ``self``.
+        """Fit on ``features[i] [C, h, w]``, PriMaPs ``proposals[i] [H, W]`` (any integer
+        dtype, 255 = none) and optional ``student_features[i] [C, h, w]``; returns ``self``.
 
         Under torchrun every rank passes the same inputs; each computes its share of every
         batch, and gradients, focal statistics and the logged loss are summed across ranks.
@@ -353,7 +356,7 @@ class PriMaPsEM:
                     prototype_logits(
                         v.clean, momentum[0], momentum[1], cfg.classifier, v.factor, v.clean_norm
                     ).reshape(k, -1).argmax(dim=0),
-                    v.proposals, k, cfg.ignore_index,
+                    v.proposals.long(), k, cfg.ignore_index,
                 )
                 for v in views
             ]

@@ -50,8 +50,8 @@ def compute_pseudo_labels(
     pool: CRFPool,
     timings: Timings,
 ) -> list[torch.Tensor]:
-    """PriMaPs pseudo-labels ``[H', W']`` (int64) of ``paths`` at their resized size, cached in
-    ``out_dir``; ``feats`` must hold the ``"image"`` extra. Refinement runs in ``pool``.
+    """PriMaPs pseudo-labels ``[H', W']`` (int16, as stored) of ``paths`` at their resized size,
+    cached in ``out_dir``; ``feats`` must hold the ``"image"`` extra. Refinement runs in ``pool``.
 
     Under torchrun each rank computes its share of the missing ones; all ranks return all.
     """
@@ -73,4 +73,4 @@ def compute_pseudo_labels(
                 tensor = {"labels": lab.to(torch.int16).contiguous()}
                 atomic_write(file(p), lambda t, tensor=tensor: save_file(tensor, str(t)))
     dist.barrier()
-    return [load_file(str(file(p)))["labels"].long() for p in paths]
+    return [load_file(str(file(p)))["labels"] for p in paths]
