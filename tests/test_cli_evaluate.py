@@ -251,3 +251,41 @@ def test_cityscapes_root_maps_label_ids(tmp_path: Path, rng: np.random.Generator
     r = json.loads(out_json.read_text())
     assert code == 0 and r["dataset"] == "Cityscapes-27" and r["num_classes"] == 27
     assert (r["acc"], r["miou"], r["n_images"]) == (1.0, 1.0, 1)
+
+
+def test_mirrored_sub_folders_pair_by_stem(tmp_path: Path, rng: np.random.Generator,
+                                           capsys) -> None:
+    """Nested inputs give nested masks (``masks/city/x.png``): they still pair with a flat
+    ground-truth folder, and stems repeated across sub-folders are refused by name."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for i, sub in enumerate(("aachen", "aachen", "bremen")):
+        labels = _labels(rng)
+        save_png_atomic(gt / f"img{i}.png", labels)
+        save_png_atomic(pred / sub / f"img{i}.png", labels)
+    save_png_atomic(pred / ".hidden" / "img0.png", _labels(rng))  # skipped: hidden folder
+    out_json = tmp_path / "r.json"
+    argv = ["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3",
+            "--json", str(out_json)]
+    code, _, _ = _run(argv, capsys)
+    r = json.loads(out_json.read_text())
+    assert code == 0 and (r["n_images"], r["miou"]) == (3, 1.0)
+    save_png_atomic(pred / "bremen" / "img0.png", _labels(rng))
+    code, _, err = _run(argv, capsys)
+    assert code != 0 and "share a stem" in err and "img0.png" in err
+
+
+def test_an_unseg_output_folder_stands_for_its_masks(semantic, tmp_path: Path, capsys) -> None:
+    """``--pred OUT`` of a segment run scores ``OUT/masks``, not its overlays; a plain folder
+    with a ``masks`` sub-folder but no manifest is listed as it is."""
+    pred, gt = semantic
+    out = tmp_path / "out"
+    out.mkdir()
+    pred.rename(out / "masks")
+    for f in (out / "masks").iterdir():
+        save_png_atomic(out / "overlays" / f.name, np.zeros((12, 16, 3), np.uint8))
+    argv = ["semantic", "--pred", str(out), "--gt", str(gt), "--num-classes", "3"]
+    code, _, err = _run(argv, capsys)
+    assert code != 0 and "share a stem" in err  # no manifest: masks and overlays collide
+    (out / "unseg-manifest.json").write_text("{}")
+    code, out_text, _ = _run(argv, capsys)
+    assert code == 0 and "1.0000" in out_text

@@ -54,6 +54,7 @@ from unseg.utils.timing import Timings, collect
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "unseg-manifest.json"
+MASKS_DIR = "masks"  # where a segmenting command writes its masks inside OUT
 MANIFEST_VERSION = 1
 Mode = Literal["new", "resume", "overwrite"]
 Signature = tuple[int, int]  # (size, mtime_ns) of a file as last seen

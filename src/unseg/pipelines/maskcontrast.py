@@ -48,6 +48,7 @@ from unseg.methods.maskcontrast import (
     photometric_view,
     weighted_prototype,
 )
+from unseg.outdir import MASKS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
 from unseg.pipelines.pseudo_labels import hwc
@@ -397,12 +398,12 @@ def segment_maskcontrast(
                              config=build_config(head, {}, {}), device=settings.device,
                              cache_dir=settings.cache_dir, weights=settings.weights,
                              tap=settings.tap)
-        saliency = out / "discover" / "masks"
+        saliency = out / "discover" / MASKS_DIR
         if not found.written:
             raise UnsegError(f"{images}: discover wrote no mask")
     fit = fit_maskcontrast(images, saliency, out / "run", options=options, settings=settings,
                            timings=timings)
-    report = predict_maskcontrast(out / "run", images, out / "masks", num_classes,
+    report = predict_maskcontrast(out / "run", images, out / MASKS_DIR, num_classes,
                                   seed=settings.seed, device=settings.device,
                                   weights=settings.weights, overlay_dir=out / "overlays")
     # an image discover could not use is reported once, with discover's reason

@@ -2,6 +2,9 @@
 
 Ground truth may be a plain folder or a dataset root in its official layout
 (``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
+Predictions are listed recursively, so the mirrored sub-folders that ``segment``/``predict``
+write for nested inputs (e.g. Cityscapes' city folders) pair by stem; an unseg output folder
+(with its ``unseg-manifest.json``) stands for its ``masks`` folder.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from unseg.data.datasets import read_split
 from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import DatasetLayout, Task, find_layout
 from unseg.errors import ManyFilesError, UnsegError
+from unseg.outdir import MANIFEST_FILE, MASKS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +90,32 @@ def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | Non
     return found, layout
 
 
+def prediction_folder(pred: Path) -> Path:
+    """``pred``, or ``pred/masks`` when ``pred`` is an unseg output folder (it holds
+    ``unseg-manifest.json`` and a ``masks`` folder): its overlays are not predictions."""
+    masks = pred / MASKS_DIR
+    if (pred / MANIFEST_FILE).is_file() and masks.is_dir():
+        logger.info("%s is an unseg output folder: scoring %s", pred, masks)
+        return masks
+    return pred
+
+
+def prediction_files(pred: Path) -> list[Path]:
+    """Image files under ``pred`` (recursive; hidden files and folders skipped), sorted. A link
+    that leads nowhere is listed too: reading it reports why it is unusable."""
+    return sorted(
+        p for p in pred.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(pred).parts)
+    )
+
+
 def pair_files(
     pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
 ) -> Pairing:
-    """Match prediction files (``pred`` folder, non-recursive) to ground truth by stem.
+    """Match prediction files (under ``pred``, see :func:`prediction_files`) to ground truth by
+    stem.
 
     Raises :class:`UnsegError` listing missing and extra predictions unless ``allow_missing``.
     """
@@ -97,12 +123,8 @@ def pair_files(
     pred = Path(pred)
     if not pred.is_dir():
         raise UnsegError(f"{pred}: no such folder of predictions")
-    # a link that leads nowhere is a prediction too: reading it reports why it is unusable
-    files = sorted(
-        p for p in pred.iterdir()
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    pred = prediction_folder(pred)
+    files = prediction_files(pred)
     suffixes = (layout.image_suffix,) if layout is not None else ()
     pred_map = _by_stem(files, suffixes, "prediction")
     missing = [s for s in gt_map if s not in pred_map]

@@ -46,6 +46,7 @@ from unseg.features import extract_features
 from unseg.methods.base import FitInputs
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
+from unseg.outdir import MASKS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
 from unseg.pipelines.fitting import FitResult, fit_estimator
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 METHOD = "saliency-head"
 BOXES_FILE = "boxes.json"
-MASKS_DIR = "masks"
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]

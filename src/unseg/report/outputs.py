@@ -24,6 +24,7 @@ from PIL import Image
 from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
+from unseg.outdir import MASKS_DIR
 
 Kind = Literal["semantic", "saliency"]
 CONFIG_FILE = "config.json"
@@ -103,7 +104,7 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     """The output folder and run folder that ``path`` stands for (a run inside its output
     folder stands for that folder)."""
     if _is_run(path):
-        return (path.parent if (path.parent / "masks").is_dir() else path), path
+        return (path.parent if (path.parent / MASKS_DIR).is_dir() else path), path
     if _is_run(path / "run"):
         return path, path / "run"
     return path, None
@@ -128,8 +129,8 @@ def find_outputs(
     output_dir, run_dir = _locate(path)
     if run is not None:
         run_dir = Path(run)
-    masks_dir: Path | None = output_dir / "masks"
-    masks = _list_masks(output_dir / "masks", False) if masks_dir.is_dir() else []
+    masks_dir: Path | None = output_dir / MASKS_DIR
+    masks = _list_masks(output_dir / MASKS_DIR, False) if masks_dir.is_dir() else []
     if not masks and output_dir != run_dir:
         masks_dir = output_dir
         masks = _list_masks(output_dir, True)
