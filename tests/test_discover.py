@@ -122,6 +122,23 @@ def test_extreme_aspect_is_reported_and_duplicate_stems_mirrored(tmp_path):
     assert set(json.loads((tmp_path / "o" / BOXES_FILE).read_text())) == {"a", "sub/a"}
 
 
+def test_discover_works_panoramas_at_the_max_side_limit(tmp_path):
+    """A 40x5000 strip at short side 320 would need 20x2500 patches: at the default long-side
+    limit (4 x 320) it is worked at 16x1280 and its mask written at the input's size; with
+    ``--max-side 0`` (no limit) it is refused by name."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(_square(40, 5000, 0)).save(d / "strip.png")
+    Image.fromarray(_square(96, 128, 1)).save(d / "a.png")
+    out = tmp_path / "o"
+    assert main(["-q", "discover", str(d), "--out", str(out), "--backbone", BACKBONE]) == 0
+    assert load_label(out / MASKS_DIR / "strip.png").shape == (40, 5000)
+    base = ["-q", "discover", str(d), "--backbone", BACKBONE, "--max-side", "0"]
+    assert main([*base, "--out", str(tmp_path / "o2")]) == 1
+    assert not (tmp_path / "o2" / MASKS_DIR / "strip.png").exists()
+    assert (tmp_path / "o2" / MASKS_DIR / "a.png").is_file()
+
+
 def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
     run = tmp_path / "run"
     args = [

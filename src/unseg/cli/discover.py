@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
     add_device_argument(p)
-    add_image_arguments(p, max_side=False)
+    add_image_arguments(p)
     add_output_arguments(p, report=True)
     add_method_options(p, specs, "method options (the guided filter applies to spectral too)")
     p.set_defaults(func=_run)
@@ -73,6 +73,7 @@ def _discover(args: argparse.Namespace) -> Outcome:
         weights=args.weights,
         tap=args.tap,
         max_pixels=args.max_pixels,
+        max_side=args.max_side,
     )
     return batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", args.method,

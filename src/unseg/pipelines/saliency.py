@@ -40,7 +40,7 @@ from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
 from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
-from unseg.data.resize import prepare_image, target_size
+from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
 from unseg.methods.base import FitInputs
@@ -68,29 +68,37 @@ MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10
 ProbFn = Callable[[np.ndarray], torch.Tensor]
 
 
-def _check_grid(path: Path, image: np.ndarray, size: int, stride: int) -> None:
-    h, w = target_size(image.shape[0], image.shape[1], size, stride)
+def _check_grid(
+    path: Path, image: np.ndarray, size: int, stride: int, max_side: int | None = None
+) -> None:
+    h, w = target_size(image.shape[0], image.shape[1], size, stride, max_side=max_side)
     if (h // stride) * (w // stride) > MAX_PATCHES:
         raise InputFileError(
             path,
             f"aspect ratio {image.shape[1]}x{image.shape[0]} too extreme: its short side at "
-            f"{size} px needs {(h // stride) * (w // stride)} patches (at most {MAX_PATCHES})",
+            f"{size} px needs {(h // stride) * (w // stride)} patches (at most {MAX_PATCHES}; "
+            "a --max-side limit shrinks it)",
         )
 
 
 @torch.inference_mode()
-def _keys(backbone: Backbone, image: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resized image ``[1, 3, H', W']`` and its keys ``[1, C, H'/s, W'/s]`` on the model device."""
+def _keys(
+    backbone: Backbone, image: np.ndarray, size: int, max_side: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized image ``[1, 3, H', W']`` (short side ``size``, long side at most ``max_side``) and
+    its keys ``[1, C, H'/s, W'/s]`` on the model device."""
     dev = next(backbone.parameters()).device
-    x = prepare_image(image, size, backbone.stride).to(dev)[None]
+    x = prepare_image(image, size, backbone.stride, max_side=max_side).to(dev)[None]
     return x, backbone.forward_features(x, "keys").float()
 
 
-def spectral_prob_fn(backbone: Backbone, size: int, config: SpectralConfig) -> ProbFn:
+def spectral_prob_fn(
+    backbone: Backbone, size: int, config: SpectralConfig, max_side: int | None = None
+) -> ProbFn:
     """uint8 image ``[H, W, 3]`` → TokenCut mask ``[H, W]`` in {0, 1} (float, nearest)."""
 
     def prob(image: np.ndarray) -> torch.Tensor:
-        _, keys = _keys(backbone, image, size)
+        _, keys = _keys(backbone, image, size, max_side)
         mask = ncut_bipartition(keys[0].cpu(), config).mask
         m = torch.from_numpy(mask.astype(np.float32))[None, None]
         return F.interpolate(m, size=image.shape[:2], mode="nearest")[0, 0]
@@ -98,11 +106,13 @@ def spectral_prob_fn(backbone: Backbone, size: int, config: SpectralConfig) -> P
     return prob
 
 
-def head_prob_fn(backbone: Backbone, head: SaliencyHead, size: int) -> ProbFn:
+def head_prob_fn(
+    backbone: Backbone, head: SaliencyHead, size: int, max_side: int | None = None
+) -> ProbFn:
     """uint8 image ``[H, W, 3]`` → head probability ``[H, W]`` (bilinear from the resized size)."""
 
     def prob(image: np.ndarray) -> torch.Tensor:
-        x, keys = _keys(backbone, image, size)
+        x, keys = _keys(backbone, image, size, max_side)
         p = head.predict_proba(keys, x).float().cpu()
         return F.interpolate(p, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
 
@@ -147,11 +157,13 @@ def predict_masks(
     timings: Timings | None = None,
     names_root: Path | None = None,
     max_pixels: int | None = None,
+    max_side: int | None = None,
 ) -> BatchReport:
     """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
 
     ``guided`` None: no guided filter. Bad files (and files over ``max_pixels``, see
-    :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``names_root``: the
+    :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``max_side``: the long-side
+    limit ``prob_fn`` works at (None: none), for the patch-count check. ``names_root``: the
     folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
     seconds spent decoding, predicting, refining and writing.
     """
@@ -165,7 +177,7 @@ def predict_masks(
         try:
             with timings.stage("decode"):
                 image = load_image(path, max_pixels)
-            _check_grid(path, image, size, stride)
+            _check_grid(path, image, size, stride, max_side)
             with timings.stage("predicting"):
                 prob = prob_fn(image)
         except InputFileError as exc:
@@ -297,22 +309,25 @@ def predict_run(
     timings: Timings | None = None,
 ) -> BatchReport:
     """``unseg predict`` for saliency runs; ``overrides``: ``guided_filter``, ``guide``,
-    ``weights``, ``max_pixels``."""
+    ``weights``, ``max_pixels``, ``max_side`` (the working resolution's long side: None → 4 x
+    the run's size, 0 → no limit; see :func:`unseg.data.resize.resolve_max_side`)."""
     dev = resolve_device(device)
     head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
     cfg = head.config
     report = BatchReport()
     paths = resolve_inputs(images, report, model.stride)
+    max_side = resolve_max_side(cfg.image_size, overrides.get("max_side"))
     predicted = predict_masks(
         paths,
         out_dir,
-        head_prob_fn(model, head, cfg.image_size),
+        head_prob_fn(model, head, cfg.image_size, max_side),
         _guided_settings(cfg, overrides),
         cfg.image_size,
         model.stride,
         timings,
         resolve_image_dir(images),
         overrides.get("max_pixels"),
+        max_side,
     )
     return report.merge(predicted)
 
@@ -331,6 +346,7 @@ def discover(
     tap: str | None = None,
     timings: Timings | None = None,
     max_pixels: int | None = None,
+    max_side: int | None = None,
 ) -> BatchReport:
     """``unseg discover``: masks and boxes for every image of ``images``.
 
@@ -338,7 +354,9 @@ def discover(
     ``head``), first trained on ``train_images`` (default: ``images`` themselves, no labels
     used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and its guide
     come from ``config`` for both. ``weights``: explicit backbone weights. ``timings`` receives
-    the seconds per stage. ``max_pixels``: the per-file pixel limit of the images predicted.
+    the seconds per stage. ``max_pixels``: the per-file pixel limit of the images predicted;
+    ``max_side``: their working resolution's long side (None: 4 x size, 0: no limit). Training
+    uses square centre crops, which no long-side limit changes.
     """
     timings = timings if timings is not None else Timings()
     cfg = config or SaliencyHeadConfig()
@@ -349,9 +367,10 @@ def discover(
         model = open_backbone(backbone, weights, tap, dev)
         report = BatchReport()
         paths = resolve_inputs(images, report, model.stride)
-        fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig())
+        limit = resolve_max_side(cfg.image_size, max_side)
+        fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig(), limit)
         return report.merge(predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride,
-                                          timings, resolve_image_dir(images), max_pixels))
+                                          timings, resolve_image_dir(images), max_pixels, limit))
     spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
@@ -365,8 +384,8 @@ def discover(
         tap=tap,
         timings=timings,
     )
-    predicted = predict_run(fit.run_dir, images, out_dir, {"max_pixels": max_pixels}, device,
-                            timings)
+    predicted = predict_run(fit.run_dir, images, out_dir,
+                            {"max_pixels": max_pixels, "max_side": max_side}, device, timings)
     return BatchReport(written=predicted.written).merge(
         BatchReport(failed=fit.report.failed), BatchReport(failed=predicted.failed)
     )
