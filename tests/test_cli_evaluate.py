@@ -286,6 +286,7 @@ def test_an_unseg_output_folder_stands_for_its_masks(semantic, tmp_path: Path, c
     argv = ["semantic", "--pred", str(out), "--gt", str(gt), "--num-classes", "3"]
     code, _, err = _run(argv, capsys)
     assert code != 0 and "share a stem" in err  # no manifest: masks and overlays collide
+    assert f"--pred {out / 'masks'}" in err
     (out / "unseg-manifest.json").write_text("{}")
     code, out_text, _ = _run(argv, capsys)
     assert code == 0 and "1.0000" in out_text

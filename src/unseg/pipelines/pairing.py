@@ -126,7 +126,13 @@ def pair_files(
     pred = prediction_folder(pred)
     files = prediction_files(pred)
     suffixes = (layout.image_suffix,) if layout is not None else ()
-    pred_map = _by_stem(files, suffixes, "prediction")
+    try:
+        pred_map = _by_stem(files, suffixes, "prediction")
+    except ManyFilesError as exc:
+        if (pred / MASKS_DIR).is_dir():
+            hint = f"to score only the masks, pass --pred {pred / MASKS_DIR}"
+            raise UnsegError(f"{exc} ({hint})") from None
+        raise
     missing = [s for s in gt_map if s not in pred_map]
     extra = sorted(s for s in pred_map if s not in gt_map)
     if (missing or extra) and not allow_missing:
