@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.found import (
     FoundConfig,
     FoundHead,
+    Standardized,
     background_seed,
     background_similarity,
     border_ring,
+    channel_stats,
     pseudo_masks,
 )
 
@@ -173,3 +177,68 @@ def test_fit_rejects_bad_inputs():
         FoundHead().predict_proba(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 32, 32))
     with pytest.raises(UnsegError, match="1x1 conv"):
         FoundHead.from_state(FoundConfig(), {"bias": torch.zeros(1)})
+
+
+def test_standardized_conv_folds_into_the_same_plain_conv():
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 1, 1)
+    mean, std = torch.randn(6, generator=gen), 0.1 + torch.rand(6, generator=gen)
+    x = torch.randn(3, 6, 5, 7, generator=gen)
+    wrapped = Standardized(conv, mean, std)
+    expected = conv((x - mean.view(1, 6, 1, 1)) / std.view(1, 6, 1, 1))
+    torch.testing.assert_close(wrapped(x), expected)
+    folded = wrapped.folded()
+    assert isinstance(folded, torch.nn.Conv2d)
+    torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_channel_stats_match_numpy():
+    x = torch.randn(7, 4, 3, 5) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 5
+    mean, std = channel_stats(x, chunk=3)
+    flat = x.permute(1, 0, 2, 3).reshape(4, -1).double().numpy()
+    np.testing.assert_allclose(mean.numpy(), flat.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(std.numpy(), flat.std(axis=1), rtol=1e-5)
+
+
+def test_standardized_training_ignores_the_features_scale():
+    """With ``standardize`` the head's maps do not depend on the features' scale (the pseudo-
+    masks are cosine-based, the conv sees standardised input); without it they do."""
+    images, _ = _planted_images(8, torch.Generator().manual_seed(5))
+    feats = _colour_features(images)
+    u8 = list((images * 255).round().to(torch.uint8))
+    cfg = FoundConfig(steps=12, batch_size=4, stop_bkg_loss=6, lr_step=5)
+    probs = {}
+    for std in (True, False):
+        for scale in (1.0, 30.0):
+            head = FoundHead(replace(cfg, standardize=std))
+            head.fit(FitInputs(list(feats * scale), u8))
+            assert isinstance(head.net, torch.nn.Conv2d)  # the saved head is a plain conv
+            probs[std, scale] = head.predict_proba(feats * scale, images)
+    torch.testing.assert_close(probs[True, 1.0], probs[True, 30.0], atol=1e-3, rtol=0)
+    assert (probs[False, 1.0] - probs[False, 30.0]).abs().max() > 0.05
+
+
+def test_pipeline_standardizes_cnn_features_only(tmp_path, monkeypatch):
+    """``standardize=None`` is decided by the backbone: on without a final LayerNorm."""
+    import unseg.pipelines.saliency as pipeline
+
+    seen = []
+
+    def fake_fit(spec, cfg, inputs, model, dev, timings):
+        seen.append(cfg.standardize)
+        raise UnsegError("stop here")
+
+    monkeypatch.setattr(pipeline, "fit_estimator", fake_fit)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(d / "a.png")
+    for name, layer_normed in (("cnn", False), ("vit", True)):
+        model = SimpleNamespace(spec=SimpleNamespace(name=name, layer_normed=layer_normed),
+                                stride=16)
+        monkeypatch.setattr(pipeline, "open_backbone", lambda *a, m=model: m)
+        monkeypatch.setattr(
+            pipeline, "_training_inputs", lambda *a: (FitInputs([torch.zeros(2, 4, 4)]), [d])
+        )
+        with pytest.raises(UnsegError, match="stop here"):
+            pipeline.fit_saliency(d, tmp_path / name, FoundConfig(), method="found")
+    assert seen == [True, False]

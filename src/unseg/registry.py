@@ -123,8 +123,9 @@ class ConfigOption:
 def _kind(tp: Any) -> tuple[str, tuple[str, ...] | None]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if tp is bool:
-        return "bool", None
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if tp is bool or (optional and set(args) == {bool, type(None)}):
+        return "bool", None  # None: the pipeline decides (e.g. from the backbone)
     if tp is int:
         return "int", None
     if tp is float:
@@ -334,6 +335,9 @@ def _register_builtin() -> None:
             "stop_bkg_loss": "steps trained on the pseudo-masks before self-training",
             "weight_refined": "weight of the loss against the refined own prediction",
             "weight_self": "weight of the self-training loss",
+            "standardize": "standardise each input channel by its training-set mean and std "
+            "(folded into the conv after training) (default: on for CNN backbones, off for "
+            "ViTs, whose scale the reference's lr was set for)",
             "multiscale": "multi-scale consistency (Boosting trick)",
             "crop_scale": "crop side as a fraction of the image side (LO HI)",
             "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",

@@ -27,6 +27,15 @@ patch features is trained against these pseudo-masks and predicts a foreground l
   500 steps; loss = 1.5 × BCE(prediction, its refined binarisation) + BCE(prediction,
   pseudo-mask) for the first 100 steps, then 4 × BCE(prediction, its own binarisation) instead of
   the pseudo-mask term (self-training).
+- **Input scale** (``standardize``, our addition): the reference's lr 5e-2 was set for DINO's
+  features. On a CNN's (``efficientnet_lite0`` ``s16+s32``: per-channel std about 0.06) the head
+  trained on VOC2007 ended all-foreground on ECSSD in 2 of 2 seeds (IoU 25.7, 100 % foreground);
+  with each channel standardised by its training-set mean and std it gave IoU 41.6 / 42.3 (55–58 %
+  foreground); trained on ECSSD and tested on VOC2012 it did worse (37.3 against 46.5 / 46.7), so
+  neither wins both directions, but only the raw input collapses (docs/results-boosting.md).
+  The pipeline turns it on for backbones without a final LayerNorm (``None`` → decided there).
+  The standardisation is folded into the conv after training (``w / s``, ``b − Σ w·m / s``): the
+  saved head is the same plain 1x1 conv on raw features.
 - **Prediction**: the patch logits upsampled bilinearly to the image, then the sigmoid; the guided
   filter (Boosting trick 1) is applied by the pipeline as for the other head.
 - **Multi-scale consistency** (Boosting trick 2, ``multiscale``): as for the SEMPART-style head
@@ -75,6 +84,7 @@ class FoundConfig:
     stop_bkg_loss: int = 100
     weight_refined: float = 1.5
     weight_self: float = 4.0
+    standardize: bool | None = None
     multiscale: bool = False
     crop_scale: tuple[float, float] = (0.5, 0.5)
     fixed_crop: bool = False
@@ -133,6 +143,45 @@ def background_similarity(
     return rows.view(b, h, w)
 
 
+class Standardized(nn.Module):
+    """A 1x1 ``conv`` on per-channel standardised input: ``conv((x − mean) / std)`` for ``x``
+    ``[B, C, h, w]``; :meth:`folded` gives the same map as one plain conv on raw ``x``."""
+
+    def __init__(self, conv: nn.Conv2d, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Conv2d:
+        """The plain conv with ``w / std`` and ``b − Σ w · mean / std``."""
+        w = self.conv.weight / self.std.reshape(1, -1, 1, 1)
+        out = nn.Conv2d(w.shape[1], w.shape[0], 1).to(w.device)
+        out.weight.copy_(w)
+        assert self.conv.bias is not None
+        out.bias.copy_(self.conv.bias - (w * self.mean.reshape(1, -1, 1, 1)).sum(dim=(1, 2, 3)))
+        return out
+
+
+def channel_stats(features: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std ``[C]`` over all images and positions of ``features``
+    ``[N, C, h, w]`` (float64 sums, ``chunk`` images at a time); std floored at 1e-6."""
+    c = features.shape[1]
+    total, sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for i in range(0, features.shape[0], chunk):
+        f = features[i : i + chunk].double().transpose(0, 1).reshape(c, -1)
+        total += f.sum(dim=1)
+        sq += (f * f).sum(dim=1)
+        count += f.shape[1]
+    mean = total / count
+    var = (sq / count - mean * mean).clamp_min(0.0)
+    return mean.float(), var.sqrt().clamp_min(1e-6).float()
+
+
 def refine_binary(
     masks: torch.Tensor, images: torch.Tensor, guided: GuidedFilterConfig
 ) -> torch.Tensor:
@@ -174,7 +223,7 @@ class FoundHead:
         self.config = config or FoundConfig()
         self.device = resolve_device(device or "cpu")
         self.feature_fn: FeatureFn | None = None
-        self.net: nn.Conv2d | None = None
+        self.net: nn.Module | None = None
         self.stride: int = 0
         self.history_: list[float] = []
         self.collapse_: CollapseReport | None = None
@@ -189,6 +238,9 @@ class FoundHead:
         dev = self.device
         self.stride = images.shape[-1] // features.shape[-1]
         self.net = nn.Conv2d(features.shape[1], 1, 1).to(dev)
+        if c.standardize:
+            mean, std = channel_stats(features)
+            self.net = Standardized(self.net, mean.to(dev), std.to(dev))
         crops = None
         if c.multiscale:
             crops = CropSource(
@@ -215,6 +267,8 @@ class FoundHead:
             self.history_.append(float(loss.detach()))
             if (step + 1) % c.lr_step == 0:
                 logger.info("step %d/%d: loss %.4f", step + 1, c.steps, self.history_[-1])
+        if isinstance(self.net, Standardized):
+            self.net = self.net.folded()
         self.net.eval()
         self.collapse_ = self.check_collapse(features, images)
         if self.collapse_.failed:

@@ -247,6 +247,9 @@ def fit_saliency(
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     model = open_backbone(backbone, weights, tap, dev)
+    if getattr(cfg, "standardize", False) is None:
+        # measured on a CNN's features (methods/found.py); a ViT keeps the reference's raw input
+        cfg = replace(cfg, standardize=not model.spec.layer_normed)
     report = BatchReport()
     cache = Path(cache_dir) if cache_dir is not None else None
     inputs, used = _training_inputs(
