@@ -141,7 +141,8 @@ def test_predict_and_discover_write_the_report(segmented, tmp_path: Path, capsys
     assert main(["-q", "predict", str(out / "run"), str(images), "--out", str(pred)]) == 0
     assert main(["-q", "discover", str(images), "--backbone", BACKBONE, "--out", str(found)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith(f"unseg predict: run {out / 'run'}, 3 mask(s) written to {pred},")
+    assert lines[0].startswith(
+        f"unseg predict: run {out / 'run'}, 3 mask(s) written to {pred}/masks,")
     assert lines[0].endswith(f"; report {pred}/report.html")
     assert lines[1].startswith("unseg discover: spectral, 3 mask(s) written to ")
     for folder in (pred, found):
@@ -166,7 +167,8 @@ def test_no_report_and_a_failing_report(segmented, tmp_path: Path, monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="unseg.cli.common"):
         assert main(["-q", "predict", run, str(images), "--out", str(tmp_path / "b")]) == 0
     assert "report not written: matplotlib exploded" in caplog.text
-    assert len(list((tmp_path / "b").glob("*.png"))) == 3
+    assert len(list((tmp_path / "b" / "masks").glob("*.png"))) == 3
+    assert len(list((tmp_path / "b" / "overlays").glob("*.jpg"))) == 3  # as segment writes
 
 
 def test_a_missing_gt_is_refused_before_any_work(segmented, tmp_path: Path, capsys) -> None:

@@ -256,10 +256,9 @@ def test_each_bad_input_is_reported_exactly_once(runs, command: str) -> None:
         assert sum(path in line for line in (ran.err + ran.out).splitlines()) == 1, ran.err
 
 
-MASK_WRITERS = {"segment kmeans": "masks", "segment maskcontrast": "masks",
-                "discover": "masks", "discover head": "masks", "predict kmeans": "",
-                "predict saliency": "masks",
-                "predict maskcontrast": ""}
+# every command that writes masks writes them to OUT/masks
+MASK_WRITERS = ("segment kmeans", "segment maskcontrast", "discover", "discover head",
+                "predict kmeans", "predict saliency", "predict maskcontrast")
 EXPECTED_MASKS = sorted(output_name(Path(n), Path(".")).as_posix() for n in GOOD)
 
 
@@ -271,7 +270,7 @@ def test_equal_names_in_sub_folders_are_mirrored_and_ignored_files_stay_ignored(
     ``segment`` always did; hidden and non-image files are neither read nor reported."""
     cases, done = runs
     ran, out = done[command]
-    assert _masks(out / MASK_WRITERS[command]) == EXPECTED_MASKS
+    assert _masks(out / "masks") == EXPECTED_MASKS
     for name in IGNORED:
         assert str(cases / name) not in ran.err + ran.out
 
@@ -354,8 +353,7 @@ def test_every_command_reads_a_dataset_root_through_its_layout(stand_in, tmp_pat
     }.items():
         ran = _run([*args, "--out", str(o / name)], root)
         assert ran.code == 0, ran.err
-        masks = o / name / ("" if name == "predict" else "masks")
-        assert _masks(masks) == ["0000.png", "0001.png"]
+        assert _masks(o / name / "masks") == ["0000.png", "0001.png"]  # one layout for all
 
 
 def test_evaluate_reports_unusable_predictions_once_with_the_same_messages(

@@ -100,7 +100,7 @@ def test_predict_writes_per_image_clusters_on_the_salient_pixels(fitted, tmp_pat
     images, masks, run = fitted
     assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p"),
                  "-k", "4"]) == 0
-    labels = _labels(tmp_path / "p")
+    labels = _labels(tmp_path / "p" / "masks")
     assert len(labels) == 12
     ious = []
     for stem, lab in labels.items():
@@ -112,12 +112,12 @@ def test_predict_writes_per_image_clusters_on_the_salient_pixels(fitted, tmp_pat
     assert np.mean(ious) > 0.4  # the learnt saliency finds the boxes
     again = tmp_path / "again"
     assert main(["-q", "predict", str(run), str(images), "--out", str(again), "-k", "4"]) == 0
-    assert all(np.array_equal(labels[s], v) for s, v in _labels(again).items())
+    assert all(np.array_equal(labels[s], v) for s, v in _labels(again / "masks").items())
     other = tmp_path / "seed1"
     assert main(["-q", "predict", str(run), str(images), "--out", str(other), "-k", "4",
                  "--seed", "1", "--clusters", "training"]) == 0
-    assert {s: (v > 0) for s, v in _labels(other).items()}.keys() == labels.keys()
-    for s, v in _labels(other).items():  # the same salient pixels, whatever the clusters
+    assert {s: (v > 0) for s, v in _labels(other / "masks").items()}.keys() == labels.keys()
+    for s, v in _labels(other / "masks").items():  # the same salient pixels, whatever the clusters
         assert np.array_equal(v > 0, labels[s] > 0)
 
 
@@ -231,7 +231,7 @@ def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):
     first, second = tmp_path / "p1", tmp_path / "p2"
     assert main(["-q", "predict", str(em), str(images), "--out", str(first)]) == 0
     assert main(["-q", "predict", str(em), str(images), "--out", str(second)]) == 0
-    a, b = _labels(first), _labels(second)
+    a, b = _labels(first / "masks"), _labels(second / "masks")
     assert len(a) == 12 and all(np.array_equal(a[s], b[s]) for s in a)
     assert all(set(np.unique(v)) <= {0, 1, 2} for v in a.values())
     capsys.readouterr()

@@ -88,7 +88,7 @@ def test_save_load_predict_gives_identical_masks(segmented: tuple[Path, Path], t
     assert report.ok
     for src in sorted(images.glob("*.png")):
         a = np.asarray(Image.open(out / "masks" / src.name))
-        b = np.asarray(Image.open(tmp_path / "again" / src.name))
+        b = np.asarray(Image.open(tmp_path / "again" / "masks" / src.name))
         assert np.array_equal(a, b)
 
 
@@ -96,7 +96,7 @@ def test_save_load_predict_gives_identical_masks(segmented: tuple[Path, Path], t
 def test_refine_override_changes_only_refinement(segmented, tmp_path: Path, refine: str):
     images, out = segmented
     assert predict_run(out / "run", images, tmp_path / refine, {"refine": refine}, None).ok
-    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / refine).glob("*.png"))]
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / refine / "masks").glob("*.png"))]
     assert len(masks) == 3 and all(m.max() < 3 for m in masks)
 
 
@@ -165,7 +165,8 @@ def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
     # a broken image: reported, exit status 1, the others predicted
     assert main(["-q", "predict", str(tmp_path / "ok" / "run"), str(images), "--out",
                  str(tmp_path / "p")]) == 1
-    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["img0.png", "img1.png"]
+    assert sorted(p.name for p in (tmp_path / "p" / "masks").glob("*.png")) == [
+        "img0.png", "img1.png"]
     assert main(["-q", "fit", "kmeans", str(images), "-k", "1", "--out", str(tmp_path / "x"),
                  "--backbone", BACKBONE]) == 2
     # an option of the other method is refused by name
@@ -208,7 +209,7 @@ def test_torchrun_two_processes_fit_like_one(segmented: tuple[Path, Path], tmp_p
     assert report.ok
     for p in sorted((out / "masks").glob("*.png")):
         a = np.asarray(Image.open(p))
-        b = np.asarray(Image.open(tmp_path / "pred" / p.name))
+        b = np.asarray(Image.open(tmp_path / "pred" / "masks" / p.name))
         assert (a == b).mean() > 0.99
 
 
@@ -224,7 +225,8 @@ def test_predict_reads_a_dataset_root_through_its_layout(segmented: tuple[Path, 
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "ground_truth_mask" / src.name)
     report = predict_run(out / "run", root, tmp_path / "p", {"refine": "none"}, None)
     assert report.ok
-    written = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*.png"))
+    masks = tmp_path / "p" / "masks"
+    written = sorted(str(p.relative_to(masks)) for p in (tmp_path / "p").rglob("*.png"))
     assert written == ["img0.png", "img1.png", "img2.png"]
 
 
@@ -254,7 +256,7 @@ def test_the_tap_reaches_the_run_and_prediction_rebuilds_it(tmp_path: Path) -> N
     assert report.ok
     for p in sorted((tmp_path / "o" / "masks").glob("*.png")):
         assert np.array_equal(np.asarray(Image.open(p)),
-                              np.asarray(Image.open(tmp_path / "p" / p.name)))
+                              np.asarray(Image.open(tmp_path / "p" / "masks" / p.name)))
 
 
 def test_centring_follows_the_backbones_measured_default():

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "unseg-manifest.json"
 MASKS_DIR = "masks"  # where a segmenting command writes its masks inside OUT
+OVERLAYS_DIR = "overlays"  # and its overlays
 MANIFEST_VERSION = 1
 Mode = Literal["new", "resume", "overwrite"]
 Signature = tuple[int, int]  # (size, mtime_ns) of a file as last seen

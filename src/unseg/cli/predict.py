@@ -79,6 +79,6 @@ def _predict(args: argparse.Namespace) -> Outcome:
     overrides = {k: v for k, v in given.items() if v is not None}
     report = predict_run(args.run, args.images, args.out, overrides, device=args.device)
     return batch_outcome(
-        report, str(args.out), f"run {args.run}",
+        report, f"{args.out}/masks", f"run {args.run}",
         lambda: write_report(args.out, args.images, args.gt, run=args.run),
     )

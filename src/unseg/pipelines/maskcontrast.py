@@ -48,7 +48,7 @@ from unseg.methods.maskcontrast import (
     photometric_view,
     weighted_prototype,
 )
-from unseg.outdir import MASKS_DIR
+from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
 from unseg.pipelines.pseudo_labels import hwc
@@ -359,15 +359,18 @@ def predict_run(
     overrides: Mapping[str, Any],
     device: str | None,
 ) -> BatchReport:
-    """``unseg predict`` for MaskContrast runs: ``overrides`` must hold ``num_classes``; may
-    hold ``clusters`` (``predicted``/``training``), ``seed`` and ``weights``."""
+    """``unseg predict`` for MaskContrast runs (``out_dir/masks`` and ``out_dir/overlays``, as
+    ``segment``): ``overrides`` must hold ``num_classes``; may hold ``clusters``
+    (``predicted``/``training``), ``seed`` and ``weights``."""
     if overrides.get("num_classes") is None:
         raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it predicts; "
                          "give --num-classes K (background + K − 1 clusters)")
+    out = Path(out_dir)
     return predict_maskcontrast(
-        run_dir, images, out_dir, int(overrides["num_classes"]),
+        run_dir, images, out / MASKS_DIR, int(overrides["num_classes"]),
         clusters=overrides.get("clusters") or "predicted",
         seed=int(overrides.get("seed") or 0), device=device, weights=overrides.get("weights"),
+        overlay_dir=out / OVERLAYS_DIR,
     )
 
 
@@ -405,7 +408,7 @@ def segment_maskcontrast(
                            timings=timings)
     report = predict_maskcontrast(out / "run", images, out / MASKS_DIR, num_classes,
                                   seed=settings.seed, device=settings.device,
-                                  weights=settings.weights, overlay_dir=out / "overlays")
+                                  weights=settings.weights, overlay_dir=out / OVERLAYS_DIR)
     # an image discover could not use is reported once, with discover's reason
     failed = BatchReport(failed=found.failed).merge(fit.report, BatchReport(failed=report.failed))
     return BatchReport(written=report.written, failed=failed.failed)

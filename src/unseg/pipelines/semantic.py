@@ -39,7 +39,7 @@ from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
 from unseg.methods.base import SemanticEstimator
-from unseg.outdir import MASKS_DIR
+from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import (
     FitResult,
@@ -390,8 +390,11 @@ def predict_run(
     overrides: Mapping[str, Any],
     device: str | None,
 ) -> BatchReport:
-    """``unseg predict`` for semantic runs (see :func:`predict_images`)."""
-    return predict_images(run_dir, images, out_dir, overrides, device)
+    """``unseg predict`` for semantic runs (see :func:`predict_images`): ``out_dir/masks`` and
+    ``out_dir/overlays``, as ``segment`` writes them."""
+    out = Path(out_dir)
+    return predict_images(run_dir, images, out / MASKS_DIR, overrides, device,
+                          overlay_dir=out / OVERLAYS_DIR)
 
 
 def segment(
@@ -414,7 +417,7 @@ def segment(
     out_dir = Path(out_dir)
     with _session(settings) as session:
         fitted = _fit(images, out_dir / "run", spec, config, settings, session)
-        writer = LabelWriter(out_dir / MASKS_DIR, resolve_image_dir(images), out_dir / "overlays",
+        writer = LabelWriter(out_dir / MASKS_DIR, resolve_image_dir(images), out_dir / OVERLAYS_DIR,
                              BatchReport())
         mine = dist.shard(fitted.paths, dist.rank(), dist.world_size())
         predict_label_maps(fitted.estimator, fitted.feats, mine, fitted.predict, session.device,

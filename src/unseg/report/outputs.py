@@ -24,13 +24,13 @@ from PIL import Image
 from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
-from unseg.outdir import MASKS_DIR
+from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 
 Kind = Literal["semantic", "saliency"]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BOXES_FILE = "boxes.json"
-SKIPPED_DIRS = ("run", "overlays")
+SKIPPED_DIRS = ("run", OVERLAYS_DIR)
 
 
 @dataclass
@@ -148,7 +148,7 @@ def find_outputs(
     kind: Kind = "saliency" if "saliency" in method else "semantic"
     if not method:
         kind = _kind_from_files(masks, boxes_file)
-    overlays = output_dir / "overlays"
+    overlays = output_dir / OVERLAYS_DIR
     if images is not None:
         if not Path(images).exists():
             raise UnsegError(f"{images}: no such image folder")
