@@ -12,6 +12,10 @@ whole set, ``unseg evaluate semantic --match iou``'s scoring; mean ± std over `
 - one row per ``--run NAME=RUN`` (MaskContrast runs): the paper's protocol, as ``unseg predict
   RUN -k 21 --seed S`` computes it (the model's own saliency, clusters fitted on the evaluated
   images).
+- with ``--masks``, one more row per run, ``NAME, --masks saliency``: the backbone row's protocol
+  on the run's embeddings (mean over the salient pixels of ``--masks``). Against the backbone
+  row it compares the features alone (same pixels, same clusters count); against the run's own
+  row it shows what the run's learned saliency costs or gains.
 - ``--probe``: a 1x1 conv trained on the labels of the same images (train = test: linear
   separability, an upper bound, not a method), on each run's 256-d decoder features (the
   paper's probe) and on the backbone's features; scored without matching.
@@ -148,6 +152,7 @@ def main() -> None:
     tap = {} if args.tap is None else {"tap": args.tap}
     model = create_backbone(args.backbone, device="cpu", **tap)
     feats = extract_features(paths, model, size=args.size, cache_dir=cache)
+    masks: list[torch.Tensor] = []
     if args.masks:
         proposals, report = load_mask_proposals(paths, args.masks)
         by_path = dict(zip(proposals.paths, proposals.masks, strict=True))
@@ -177,6 +182,11 @@ def main() -> None:
         rows[name] = {"run": str(Path(run).resolve()), "fit": meta.get("fit"),
                       "config": meta.get("config"),
                       **score_seeds(torch.stack(protos_l), salient, labels, k, ignore, seeds)}
+        if masks:
+            with torch.no_grad(), cpu_threads(torch.device("cpu"), 1):
+                emb = [est.forward(run_feats[p])[0].cpu() for p in paths]
+            rows[f"{name}, --masks saliency"] = score_seeds(
+                backbone_prototypes(emb, masks), masks, labels, k, ignore, seeds)
         if args.probe:
             rows[f"probe {name} (uses labels)"] = probe_scores(
                 [decoder_features(est, run_feats[p]) for p in paths], labels, k, ignore,
