@@ -140,6 +140,10 @@ def main() -> int:
     ap.add_argument("--found-lr", type=float, default=FoundConfig().lr)
     ap.add_argument("--fixed-crop", nargs="*", default=[], choices=["sempart", "found"],
                     help="heads that also get the multi-scale rows with the near-fixed crop")
+    ap.add_argument("--found-input", choices=["auto", "standardized", "raw"], default="auto",
+                    help="the FOUND-style head's input: standardised per channel or raw (auto: "
+                    "the pipeline's choice for the backbone)")
+    ap.add_argument("--base-only", action="store_true", help="no multi-scale rows")
     ap.add_argument("--tap", default=None, help="backbone tap (default: the backbone's)")
     ap.add_argument("--crop-pool", type=int, default=4, help="cached crops per image")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -173,11 +177,12 @@ def main() -> int:
         if not args.no_spectral:
             fn = spectral_prob_fn(backbone, size, SpectralConfig())
             _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
-        variants = [("", {}), (" + multi-scale", {"multiscale": True})]
+        variants = [("", {})] + ([] if args.base_only else [(" + multi-scale",
+                                                            {"multiscale": True})])
         fixed = (" + multi-scale (fixed crop)", {"multiscale": True, "fixed_crop": True})
         for head_kind, (suffix, kw) in (
             (h, v) for h in args.heads
-            for v in variants + ([fixed] if h in args.fixed_crop else [])
+            for v in variants + ([fixed] if h in args.fixed_crop and not args.base_only else [])
         ):
             if head_kind == "sempart":
                 method, name, budget = "saliency-head", "head" + suffix, {"epochs": args.epochs}
@@ -187,8 +192,9 @@ def main() -> int:
             else:
                 method, name = "found", "found" + suffix
                 budget = {"steps": args.found_steps, "lr": args.found_lr}
+                std = {"auto": None, "standardized": True, "raw": False}[args.found_input]
                 cfg = FoundConfig(steps=args.found_steps, lr=args.found_lr, seed=args.seed,
-                                  crop_pool=args.crop_pool, **kw)
+                                  crop_pool=args.crop_pool, standardize=std, **kw)
             t0 = time.perf_counter()
             tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
             run = out / "runs" / f"{task}_{head_kind}_{tag}"
