@@ -11,6 +11,7 @@ by Pillow in uint8.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
-from unseg.utils.progress import Bar, chunked
+from unseg.utils.progress import Bar, progress_bar
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
@@ -157,22 +158,22 @@ def predict_label_maps(
     ``bar``: a caller's progress bar to advance by the images written (a command that predicts
     in several parts keeps one bar); None: this call shows its own."""
     refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
-    parts = (chunked(list(paths), CHUNK, desc="predict") if bar is None
-             else (paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)))
-    for part in parts:
-        chunk = list(part)
-        images = [feats.extra(p, "image") for p in chunk]
-        with timings.stage("predicting"), cpu_threads(device, 1):
-            # one intra-op thread: many mid-sized ops, and the refinement processes need the
-            # cores; on a shared machine this is several times faster than two
-            logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
-        with timings.stage("refinement"):
-            probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
-        with timings.stage("writing"):
-            for p, q, image in zip(chunk, probs, images, strict=True):
-                writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
-        if bar is not None:
-            bar.update(len(chunk))
+    paths = list(paths)
+    own = progress_bar(len(paths), "predict") if bar is None else nullcontext(bar)
+    with own as shown:
+        for start in range(0, len(paths), CHUNK):
+            chunk = paths[start : start + CHUNK]
+            images = [feats.extra(p, "image") for p in chunk]
+            with timings.stage("predicting"), cpu_threads(device, 1):
+                # one intra-op thread: many mid-sized ops, and the refinement processes need
+                # the cores; on a shared machine this is several times faster than two
+                logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
+            with timings.stage("refinement"):
+                probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
+            with timings.stage("writing"):
+                for p, q, image in zip(chunk, probs, images, strict=True):
+                    writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
+            shown.update(len(chunk))
 
 
 def gather_report(report: BatchReport) -> BatchReport:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unseg.data.datasets import read_split
-from unseg.data.image import IMAGE_EXTENSIONS, list_images
+from unseg.data.image import list_images
 from unseg.data.layouts import DatasetLayout, Task, find_layout
 from unseg.errors import ManyFilesError, UnsegError
 from unseg.outdir import MANIFEST_FILE, MASKS_DIR
@@ -100,22 +100,11 @@ def prediction_folder(pred: Path) -> Path:
     return pred
 
 
-def prediction_files(pred: Path) -> list[Path]:
-    """Image files under ``pred`` (recursive; hidden files and folders skipped), sorted. A link
-    that leads nowhere is listed too: reading it reports why it is unusable."""
-    return sorted(
-        p for p in pred.rglob("*")
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(pred).parts)
-    )
-
-
 def pair_files(
     pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
 ) -> Pairing:
-    """Match prediction files (under ``pred``, see :func:`prediction_files`) to ground truth by
-    stem.
+    """Match prediction files (under ``pred``, recursively, as
+    :func:`unseg.data.image.list_images` lists them) to ground truth by stem.
 
     Raises :class:`UnsegError` listing missing and extra predictions unless ``allow_missing``.
     """
@@ -124,7 +113,10 @@ def pair_files(
     if not pred.is_dir():
         raise UnsegError(f"{pred}: no such folder of predictions")
     pred = prediction_folder(pred)
-    files = prediction_files(pred)
+    try:
+        files = list_images(pred)
+    except UnsegError:  # an empty folder: every ground-truth file is reported missing below
+        files = []
     suffixes = (layout.image_suffix,) if layout is not None else ()
     try:
         pred_map = _by_stem(files, suffixes, "prediction")

@@ -130,7 +130,7 @@ def find_outputs(
     if run is not None:
         run_dir = Path(run)
     masks_dir: Path | None = output_dir / MASKS_DIR
-    masks = _list_masks(output_dir / MASKS_DIR, False) if masks_dir.is_dir() else []
+    masks = _list_masks(masks_dir, False) if masks_dir.is_dir() else []
     if not masks and output_dir != run_dir:
         masks_dir = output_dir
         masks = _list_masks(output_dir, True)
