@@ -28,11 +28,12 @@ patch features is trained against these pseudo-masks and predicts a foreground l
   pseudo-mask) for the first 100 steps, then 4 × BCE(prediction, its own binarisation) instead of
   the pseudo-mask term (self-training).
 - **Input scale** (``standardize``, our addition): the reference's lr 5e-2 was set for DINO's
-  features. On a CNN's (``efficientnet_lite0`` ``s16+s32``: per-channel std about 0.06) the head
-  trained on VOC2007 ended all-foreground on ECSSD in 2 of 2 seeds (IoU 25.7, 100 % foreground);
-  with each channel standardised by its training-set mean and std it gave IoU 41.6 / 42.3 (55–58 %
-  foreground); trained on ECSSD and tested on VOC2012 it did worse (37.3 against 46.5 / 46.7), so
-  neither wins both directions, but only the raw input collapses (docs/results-boosting.md).
+  features. On a CNN's (``efficientnet_lite0`` ``s16+s32``, 3 training seeds,
+  ``bench/boosting_ablation.py``) the head trained on VOC2007 on raw features called 86–98 % of
+  ECSSD foreground (IoU 26.0 ± 1.9); with each channel standardised by its training-set mean and
+  std, IoU 44.4 ± 1.6. Trained on ECSSD, it finds the VOC2007 object less often (CorLoc 31.4 ±
+  0.7 against 39.3 ± 0.4 raw): neither wins both directions, but only the raw input fails
+  outright (docs/results-boosting.md).
   The pipeline turns it on for backbones without a final LayerNorm (``None`` → decided there).
   The standardisation is folded into the conv after training (``w / s``, ``b − Σ w·m / s``): the
   saved head is the same plain 1x1 conv on raw features.
