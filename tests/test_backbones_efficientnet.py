@@ -262,3 +262,37 @@ def test_same_padding_matches_tensorflow_rule(size, kernel, stride):
     out = conv(x)
     assert out.shape[-1] == out_size
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_last_stage_turns_the_earlier_tap_into_the_tap_exactly(name):
+    model = build_backbone(name).eval()
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    singles = [t for t, _ in get_spec(name).taps if "+" not in t]
+    for tap in singles[1:]:  # every single tap after the first
+        model.tap = tap
+        last = model.last_stage()
+        with torch.no_grad():
+            want = model.forward_features(x)
+            model.tap = last.input_tap
+            got = last.module.eval()(model.forward_features(x))
+        assert torch.equal(got, want), tap
+        assert all(p.requires_grad for p in last.module.parameters())
+        # a copy: training it leaves the backbone as it was
+        first = next(last.module.parameters())
+        first.data.add_(1.0)
+        model.tap = tap
+        with torch.no_grad():
+            assert torch.equal(model.forward_features(x), want)
+
+
+def test_last_stage_is_refused_where_no_earlier_map_exists():
+    model = build_backbone("efficientnet_lite0")
+    model.tap = "s16"
+    with pytest.raises(UnsegError, match="'s16' is the first tap"):
+        model.last_stage()
+    model.tap = "s32+head"
+    with pytest.raises(UnsegError, match="is a concatenation"):
+        model.last_stage()
+    with pytest.raises(UnsegError, match="no trainable last stage is offered"):
+        build_backbone("dino_vits16").last_stage()

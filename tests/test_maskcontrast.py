@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from unseg.backbones import build_backbone
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
@@ -373,6 +375,77 @@ def test_state_round_trip_and_bad_inputs(tmp_path: Path):
     (tmp_path / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(UnsegError, match="unreadable checkpoint"):
         _fit(tmp_path, feats, masks)
+
+
+def _stage_set(n: int = 6):
+    """lite0's pretrained-shaped stage s32 (input b14, 192 ch) on random non-negative b14-like
+    maps ``[192, 4, 4]`` with box masks at stride 8."""
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(192, 4, 4, generator=gen).clamp(min=0) for _ in range(n)]
+    masks = []
+    for i in range(n):
+        m = torch.zeros(32, 32, dtype=torch.bool)
+        m[4 + i % 3 * 4 : 20 + i % 3 * 4, 6 : 22 + i % 2 * 6] = True
+        masks.append(m)
+    return feats, masks
+
+
+def test_last_stage_is_trained_with_the_head_and_rebuilt_from_the_run(tmp_path, monkeypatch):
+    backbone = build_backbone("efficientnet_lite0", "s32").eval()
+    last = backbone.last_stage()
+    assert last.input_tap == "b14"
+    cfg = replace(TINY, train_last_stage=True, stage_of="efficientnet_lite0:s32")
+    feats, masks = _stage_set()
+
+    def fit(checkpoint: Path | None) -> MaskContrast:
+        with cpu_threads("cpu", 1):
+            est = MaskContrast(cfg, stage=last.module)
+            return est.fit(FitInputs(features=feats, masks=masks), checkpoint_dir=checkpoint)
+
+    with pytest.raises(UnsegError, match="needs the backbone's pretrained last stage"):
+        MaskContrast(cfg).fit(FitInputs(features=feats, masks=masks))
+    est = fit(None)
+    model = est.model_
+    assert model is not None and model.stage is not None
+    before, after = last.module.state_dict(), model.stage.state_dict()
+    moved = [k for k in before if "running" not in k and not torch.equal(before[k], after[k])]
+    assert moved, "the stage's weights did not train"
+    for k in (k for k in before if "running" in k):  # BN statistics stay the backbone's
+        assert torch.equal(before[k], after[k]), k
+    # the model is the stage followed by the decoder, on the features before the stage
+    x = feats[0][None]
+    with torch.no_grad():
+        emb, sal = model(x)
+        model.stage, stage = None, model.stage
+        direct = model(stage(x))
+        model.stage = stage
+    assert torch.equal(emb, direct[0]) and torch.equal(sal, direct[1])
+    # saved and rebuilt from the config alone (stage_of), the same embeddings
+    state = est.state_dict()
+    assert int(state["in_channels"]) == 192 and any(k.startswith("head.stage.") for k in state)
+    back = MaskContrast.from_state(cfg, state)
+    for f in feats:
+        e1, s1 = est.forward(f, (32, 32))
+        e2, s2 = back.forward(f, (32, 32))
+        assert torch.equal(e1, e2) and torch.equal(s1, s2)
+    with pytest.raises(UnsegError, match="stage_of"):
+        MaskContrast.from_state(replace(cfg, stage_of=""), state)
+    # killed after the first checkpoint and resumed: the same weights, stage included
+    save = MaskContrast._save_checkpoint
+
+    def killed(self, path, epoch, *args):
+        save(self, path, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MaskContrast, "_save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path)
+    monkeypatch.setattr(MaskContrast, "_save_checkpoint", save)
+    resumed = fit(tmp_path).state_dict()
+    assert resumed.keys() == state.keys()
+    for k in state:
+        assert torch.equal(resumed[k], state[k]), k
 
 
 # ------------------------------------------------------------------------------ torchrun

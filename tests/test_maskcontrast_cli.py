@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from unseg.backbones import create_backbone
 from unseg.cli.main import main
 from unseg.cli.options import add_method_options, given_options
 from unseg.errors import UnsegError
@@ -328,3 +329,37 @@ def test_masks_at_different_strides_are_refused_before_training():
     masks = [torch.ones(96, 128, dtype=torch.bool), torch.ones(192, 256, dtype=torch.bool)]
     with pytest.raises(UnsegError, match="feature grids of \\[2, 4\\] cells"):
         est.fit(FitInputs(feats, masks=masks))
+
+
+def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, capsys):
+    images, masks = write_set(tmp_path / "d", n=6)
+    run = tmp_path / "run"
+    stage_args = ["--backbone", "efficientnet_lite0", "--tap", "s32", "--size", "96",
+                  "--width", "16", "--aspp-rates", "1", "--view-size", "64", "--loss-size",
+                  "16", "--batch-size", "6", "--epochs", "2", "--lr", "0.05"]
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *stage_args, "--train-last-stage"]) == 0
+    meta = json.loads((run / "config.json").read_text())
+    assert (meta["tap"], meta["trained_tap"], meta["feature_dim"]) == ("b14", "s32", 192)
+    assert meta["config"]["train_last_stage"] is True
+    assert meta["config"]["stage_of"] == "efficientnet_lite0:s32"
+    state = load_file(run / "weights.safetensors")
+    # the saved stage started from the pretrained last block and was trained
+    backbone = create_backbone("efficientnet_lite0", tap="s32")
+    pretrained = backbone._blocks[15]._project_conv.weight.detach()
+    trained = state["head.stage.0._project_conv.weight"]
+    assert trained.shape == pretrained.shape and not torch.equal(trained, pretrained)
+    assert (trained - pretrained).abs().max() < 0.1 * pretrained.abs().max()
+    out = tmp_path / "p"
+    assert main(["-q", "predict", str(run), str(images), "--out", str(out), "-k", "3"]) == 0
+    assert len(_labels(out / "masks")) == 6
+    em = tmp_path / "em"
+    assert main(["-q", "fit", "primaps-em", str(images), "--embeddings", str(run), "--out",
+                 str(em), "-k", "3", "--steps", "2", "--refine", "none", "--pseudo-refine",
+                 "none", "--workers", "1", "--no-student-augs"]) == 0
+    assert json.loads((em / "config.json").read_text())["tap"] == "b14"
+    capsys.readouterr()
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(tmp_path / "bad"), *stage_args[:2], "--tap", "s16", *stage_args[4:],
+                 "--train-last-stage"]) == 2
+    assert "'s16' is the first tap" in capsys.readouterr().err

@@ -363,7 +363,7 @@ def _register_builtin() -> None:
         needs=("features", "student_features", "masks"),
         summary="MaskContrast: pixel embeddings contrasting salient-object mask proposals",
         aliases=("mask-contrast",),
-        pipeline_fields=("seed",),
+        pipeline_fields=("seed", "stage_of"),
         option_help={
             "embed_dim": "pixel embedding dimension",
             "width": "decoder width",
@@ -391,6 +391,8 @@ def _register_builtin() -> None:
             "the student features)",
             "jitter_p": "colour jitter probability (photometric_view)",
             "grey_p": "greyscale probability (photometric_view)",
+            "train_last_stage": "fine-tune the backbone's last stage with the head (CNN taps "
+            "but the first; features are cached before that stage)",
         },
         option_flags={"queue_size": ("--queue",)},
     ))

@@ -16,6 +16,13 @@ upsampled bilinearly to the finest part's grid, then concatenated. ViTs have one
 ``spec.stride`` are the default tap's. ``spec.default_center`` says whether the default tap was
 measured to cluster best with the dataset mean subtracted (docs/feature-taps.md).
 
+Last stage: :meth:`Backbone.last_stage` splits the current tap's computation into a frozen part
+(the map of an earlier tap, ``LastStage.input_tap``) and the module that turns that map into the
+tap's (``LastStage.module``), for methods that fine-tune the last stage on cached features
+(MaskContrast's ``--train-last-stage``). CNNs offer it for every single tap but the first;
+ViTs do not (their last block attends over the whole image and its CLS token, which a crop of
+the previous block's cached tokens does not have).
+
 Input sizes: H and W must be multiples of ``stride``. What happens otherwise is the module's
 ``size_policy`` (set by ``create_backbone``): ``"error"`` (default) raises ``UnsegError``;
 ``"pad"`` pads bottom/right by edge replication up to the next multiple (the output then has
@@ -145,6 +152,15 @@ class BackboneSpec:
         )
 
 
+@dataclass
+class LastStage:
+    """The last stage of a tap: ``module`` maps the ``input_tap`` map ``[B, C_in, h, w]`` to the
+    tap's map ``[B, C, h', w']``; ``module`` is a copy (the backbone's own weights, trainable)."""
+
+    input_tap: str
+    module: nn.Module
+
+
 class Backbone(nn.Module):
     """Base class: subclasses implement :meth:`_features` (one tap) or :meth:`_tap_maps` (taps)
     on normalised input."""
@@ -228,6 +244,15 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features` with ``kind="tokens"``."""
         return self.forward_features(images, "tokens")
+
+    def last_stage(self) -> LastStage:
+        """The current tap's last stage (module docstring), or ``UnsegError`` where the backbone
+        has none to offer."""
+        raise UnsegError(
+            f"{self.spec.name}: no trainable last stage is offered for this backbone (a ViT's last "
+            "block attends over the whole image and its CLS token, which crops of cached tokens "
+            "lack); train the head alone"
+        )
 
     def _features(self, x: torch.Tensor, kind: FeatureKind) -> torch.Tensor:
         """Normalised ``[B, 3, H, W]`` → the current tap's map (the same for both kinds)."""

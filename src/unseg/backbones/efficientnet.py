@@ -11,10 +11,15 @@ Taps (``spec.taps``): ``s16`` = last block of the stride-16 stage (112 ch for Li
 block N's output (blocks of the stride-32 192-ch stage), ``s32`` = last block (320 ch),
 ``head`` = the 1280-ch conv head after BN + ReLU6 (stride 32), and concatenations ``"a+b"``
 (see ``unseg.backbones.base.concat_maps``).
+
+Last stage of a single tap (:meth:`EfficientNetLite.last_stage`): the blocks after the previous
+single tap in the order ``s16, b_mid, b_end, s32, head`` (for ``head``: the conv head, BN and
+ReLU6 after ``s32``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,12 +31,14 @@ from torch import nn
 from unseg.backbones.base import (
     Backbone,
     BackboneSpec,
+    LastStage,
     Tap,
     WeightsSpec,
     concat_tap,
     register_backbone,
     tap_parts,
 )
+from unseg.errors import UnsegError
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -91,6 +98,18 @@ class MBConvBlock(nn.Module):
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
         return x + y if self.residual else y
+
+
+class _ConvHead(nn.Module):
+    """The 1x1 conv head after BN and ReLU6, as a module of its own (for :class:`LastStage`)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
+        super().__init__()
+        self._conv_head = conv
+        self._bn1 = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn1(self._conv_head(x)))
 
 
 def round_filters(channels: int, width: float) -> int:
@@ -170,6 +189,28 @@ class EfficientNetLite(Backbone):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Last block's ``[B, C, h, w]`` → the conv head after BN + ReLU6 ``[B, 1280, h, w]``."""
         return F.relu6(self._bn1(self._conv_head(x)))
+
+    def last_stage(self) -> LastStage:
+        """The blocks between the previous single tap and the current one (module docstring), as
+        a trainable copy; ``UnsegError`` for a concatenated tap or the first tap."""
+        names = list(self._taps)
+        if self.tap not in names:
+            raise UnsegError(
+                f"{self.spec.name}: tap {self.tap!r} is a concatenation; a trainable last stage "
+                f"needs one of the single taps {', '.join(names[1:])}"
+            )
+        i = names.index(self.tap)
+        if i == 0:
+            raise UnsegError(
+                f"{self.spec.name}: tap {self.tap!r} is the first tap, so no earlier map can be "
+                f"cached; a trainable last stage needs one of {', '.join(names[1:])}"
+            )
+        first, last = self._taps[names[i - 1]][0] + 1, self._taps[self.tap][0]
+        parts: list[nn.Module] = list(self._blocks[first : last + 1]) if last >= 0 else []
+        if last < 0:
+            parts.append(_ConvHead(self._conv_head, self._bn1))
+        module = copy.deepcopy(nn.Sequential(*parts)).requires_grad_(True)
+        return LastStage(names[i - 1], module)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``[B, 1000]`` for images ``[B, 3, H, W]`` in ``[0, 1]`` (any size)."""

@@ -33,6 +33,14 @@ the plain features. A crop is also resampled from features that saw the whole im
 backbone's context and receptive field differ from a real crop's), and the crop's features come
 at the full image's stride rather than at ``view_size / stride`` of a resized crop.
 
+**Last stage trainable** (``train_last_stage``; the reference fine-tunes its backbone): the
+features are then the maps *before* the backbone's last stage
+(:meth:`unseg.backbones.base.Backbone.last_stage`), cached as above, and a copy of that stage,
+initialised with the backbone's weights, runs on every view in front of the decoder, trained
+with it (same SGD settings), carried by the momentum copy and saved with the head; its BatchNorm
+statistics stay the backbone's (eval mode), only its weights move. ``stage_of``
+(``"backbone:tap"``, set by the pipeline) lets a saved run rebuild the stage. CNN taps only.
+
 Resume: every random draw is seeded from ``(seed, epoch, image)`` (views) or ``(seed, epoch)``
 (batch order), so the epoch number is the run's whole RNG state; the checkpoint written after
 every epoch (model, momentum model, queue, SGD buffers, epoch, losses) resumes to the same
@@ -108,6 +116,8 @@ class MaskContrastConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grey_p: float = 0.2
+    train_last_stage: bool = False
+    stage_of: str = ""  # "backbone:tap" of the trained stage (the pipeline fills it)
     seed: int = 0
 
 
@@ -123,10 +133,14 @@ def _conv_bn(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
 
 class MaskContrastHead(nn.Module):
     """ASPP-style decoder on dense features: ``[B, C, h, w]`` → (raw embedding ``[B, D, h, w]``,
-    saliency logit ``[B, 1, h, w]``)."""
+    saliency logit ``[B, 1, h, w]``); with ``stage`` (a backbone's last stage, output
+    ``in_channels``) the input goes through it first."""
 
-    def __init__(self, in_channels: int, config: MaskContrastConfig) -> None:
+    def __init__(
+        self, in_channels: int, config: MaskContrastConfig, stage: nn.Module | None = None
+    ) -> None:
         super().__init__()
+        self.stage = stage
         w = config.width
         self.branches = nn.ModuleList(
             [_conv_bn(in_channels, w, 1)]
@@ -141,8 +155,17 @@ class MaskContrastHead(nn.Module):
         self.embed = nn.Conv2d(w, config.embed_dim, 1)
         self.saliency = nn.Conv2d(w, 1, 1, bias=False)
 
+    def train(self, mode: bool = True) -> MaskContrastHead:
+        """As ``nn.Module.train``, but the stage's BatchNorm keeps the backbone's statistics."""
+        super().train(mode)
+        if self.stage is not None:
+            self.stage.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding ``[B, D, h, w]``, saliency logit ``[B, 1, h, w]``) of ``x [B, C, h, w]``."""
+        if self.stage is not None:
+            x = self.stage(x)
         outs = [b(x) for b in self.branches]
         outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
         y = self.decode(self.project(torch.cat(outs, dim=1)))
@@ -546,18 +569,47 @@ class MaskContrast:
     :mod:`unseg.methods.base`. ``model_`` is the trained (query) head."""
 
     def __init__(
-        self, config: MaskContrastConfig | None = None, device: str | torch.device | None = None
+        self,
+        config: MaskContrastConfig | None = None,
+        device: str | torch.device | None = None,
+        stage: nn.Module | None = None,
     ) -> None:
+        """``stage``: the backbone's pretrained last stage, needed to fit with
+        ``train_last_stage`` (``backbone.last_stage().module``)."""
         self.config = config or MaskContrastConfig()
         self.device = torch.device(device or "cpu")
         self.model_: MaskContrastHead | None = None
         self.history_: list[float] = []
         self.fallbacks_: int = 0
+        self.in_channels_: int = 0
+        self._stage = stage
+
+    def _stage_module(self) -> nn.Module | None:
+        """A copy of the given stage, the config's stage rebuilt (weights to be loaded), or None."""
+        if not self.config.train_last_stage:
+            return None
+        if self._stage is not None:
+            return copy.deepcopy(self._stage).requires_grad_(True)
+        name, _, tap = self.config.stage_of.partition(":")
+        if not name or not tap:
+            raise UnsegError(
+                "train_last_stage needs the backbone's last stage: pass stage= "
+                "(backbone.last_stage().module) or set stage_of to 'backbone:tap'"
+            )
+        from unseg.backbones import build_backbone
+
+        return build_backbone(name, tap).last_stage().module
 
     def _build(self, in_channels: int) -> MaskContrastHead:
+        """The model for features of ``in_channels`` (the stage's input when there is one)."""
+        stage = self._stage_module()
+        if stage is not None:
+            with torch.no_grad():
+                probe = torch.zeros(1, in_channels, 4, 4)
+                in_channels = int(stage.eval()(probe).shape[1])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            return MaskContrastHead(in_channels, self.config).to(self.device)
+            return MaskContrastHead(in_channels, self.config, stage).to(self.device)
 
     # ----------------------------------------------------------------- training
     def fit(self, inputs: FitInputs, checkpoint_dir: str | Path | None = None) -> MaskContrast:
@@ -575,6 +627,11 @@ class MaskContrast:
         if len(masks) != len(feats) or not feats:
             raise UnsegError(f"{len(feats)} feature maps but {len(masks)} saliency masks")
         students = inputs.student_features
+        if cfg.train_last_stage and self._stage is None:
+            raise UnsegError(
+                "train_last_stage: fitting needs the backbone's pretrained last stage "
+                "(MaskContrast(config, stage=backbone.last_stage().module))"
+            )
         if students is not None and len(students) != len(feats):
             raise UnsegError("student_features must match features one to one")
         if len({f.shape[0] for f in feats}) != 1:
@@ -588,7 +645,8 @@ class MaskContrast:
                 "(masks at different strides of their feature maps); give every mask at the "
                 "size of the image its features were computed on"
             )
-        model = self._build(feats[0].shape[0])
+        self.in_channels_ = int(feats[0].shape[0])
+        model = self._build(self.in_channels_)
         key = copy.deepcopy(model)
         for p in key.parameters():
             p.requires_grad_(False)
@@ -757,10 +815,11 @@ class MaskContrast:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained head's tensors (CPU), plus ``in_channels``."""
+        """The trained head's tensors (CPU; the trained stage's under ``head.stage.``), plus
+        ``in_channels`` (the features' channels)."""
         model = self._model()
         state = {f"head.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-        state["in_channels"] = torch.tensor(model.branches[0][0].in_channels)
+        state["in_channels"] = torch.tensor(self.in_channels_)
         return state
 
     @classmethod
@@ -774,7 +833,8 @@ class MaskContrast:
         est = cls(config, device)
         if "in_channels" not in state:
             raise UnsegError("not a MaskContrast state: 'in_channels' is missing")
-        model = est._build(int(state["in_channels"]))
+        est.in_channels_ = int(state["in_channels"])
+        model = est._build(est.in_channels_)
         try:
             model.load_state_dict(_prefixed(state, "head."))
         except RuntimeError as exc:

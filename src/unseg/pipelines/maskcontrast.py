@@ -9,7 +9,10 @@ reported, near-empty ones dropped and counted), their features extracted once (c
 copy of each image (:func:`~unseg.methods.maskcontrast.photometric_view`, seeded by the run's
 seed and the image's hash, computed once per image and cached beside the features). The head
 is trained with a checkpoint in the run folder after every epoch; the same command after a
-kill resumes from it. The run also keeps the training images' prototypes
+kill resumes from it. With ``train_last_stage`` the features are the backbone's maps before its
+last stage, and the run's ``tap`` is that earlier tap (``trained_tap`` the one asked for), so
+prediction and chaining extract the same maps and the saved stage turns them into the tap's.
+The run also keeps the training images' prototypes
 (``train_prototypes.safetensors``) for clusters fitted on the training set.
 
 Predict: one prototype per image (the paper's protocol: raw embeddings weighted by the saliency
@@ -166,6 +169,11 @@ def fit_maskcontrast(
     with dist.joined(resolve_device(settings.device)) as dev:
         model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
         paths = resolve_inputs(data, report, model.stride)
+        trained_tap, stage = model.tap, None
+        if config.train_last_stage:
+            last = model.last_stage()
+            config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
+            stage, model.tap = last.module, last.input_tap
         proposals, mask_report = load_mask_proposals(
             paths, saliency, names_root=resolve_image_dir(data)
         )
@@ -188,7 +196,7 @@ def fit_maskcontrast(
             student_features=views,
         )
         check_fit_inputs(inputs)
-        estimator = MaskContrast(config, dev)
+        estimator = MaskContrast(config, dev, stage=stage)
         with timings.stage("fitting"):
             estimator.fit(inputs, checkpoint_dir=run_dir)
         facts = {
@@ -211,6 +219,7 @@ def fit_maskcontrast(
             save_fitted(run_dir, spec, estimator, extra={
                 "backbone": model.spec.name,
                 "tap": getattr(model, "tap", None),
+                "trained_tap": trained_tap,
                 "weights_sha256": backbone_weights_sha256(model),
                 "weights_path": str(Path(settings.weights).resolve()) if settings.weights
                 else None,
