@@ -137,8 +137,10 @@ def test_training_finds_planted_squares_and_roundtrips(multiscale):
     gen = torch.Generator().manual_seed(0)
     images, truth = _planted_images(16, gen)
     feats = _colour_features(images)
+    # 20 epochs: at 12 the loss was still falling fast and the IoU sat 0.02 above the bound,
+    # so float rounding alone (channels-last convolutions) moved it across
     cfg = SaliencyHeadConfig(
-        epochs=12,
+        epochs=20,
         lr=3e-3,
         batch_size=8,
         dim=16,
