@@ -16,13 +16,18 @@ The losses are taken at ``--loss-size`` pixels per side (default: the view size,
   (query forward, momentum update, key forward, upsampling, prototypes), ``loss`` (contrastive +
   balanced BCE), ``backward_sgd`` (backward and the SGD step).
 
+``--train-last-stage``: the same with the backbone's last stage trained (the features are then
+the maps before it, ``b14`` for Lite0's ``s32``, and the stage runs on every view).
+
 Prints one JSON object.
-``python bench/maskcontrast.py [--images 64] [--size 224] [--batch 16] [--loss-size 56]``
+``python bench/maskcontrast.py [--images 64] [--size 224] [--batch 16] [--loss-size 56]
+[--train-last-stage]``
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -44,7 +49,6 @@ from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
     MaskContrastConfig,
-    MaskContrastHead,
     PrototypeQueue,
     balanced_bce,
     contrastive_loss,
@@ -65,9 +69,23 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_inputs(n: int, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-    """``n`` images at ``size``², their masks ``[size, size]`` and Lite0 features ``[C, h, w]``."""
+def _lite0(stage: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The Lite0 backbone at the features the fit sees, and its last stage when trained."""
     from unseg.backbones import create_backbone
+
+    backbone = create_backbone("efficientnet_lite0", device="cpu")
+    if not stage:
+        return backbone, None
+    last = backbone.last_stage()
+    backbone.tap = last.input_tap
+    return backbone, last.module
+
+
+def build_inputs(
+    n: int, size: int, stage: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """``n`` images at ``size``², their masks ``[size, size]`` and Lite0 features ``[C, h, w]``
+    (before the last stage with ``stage``)."""
 
     if (ECSSD / "images").is_dir():
         paths = sorted((ECSSD / "images").glob("*.jpg"))[:n]
@@ -95,13 +113,13 @@ def build_inputs(n: int, size: int) -> tuple[list[torch.Tensor], list[torch.Tens
             for _ in range(n)
         ]
         source = "synthetic (random images, disc masks): ../shared/data is absent"
-    backbone = create_backbone("efficientnet_lite0", device="cpu")
+    backbone, _ = _lite0(stage)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     start = time.perf_counter()
     with torch.no_grad():
         feats = torch.cat([backbone(batch[i : i + 16]) for i in range(0, n, 16)])
     ms = 1000 * (time.perf_counter() - start) / n
-    meta = {"source": source, "feature_shape": list(feats.shape[1:]),
+    meta = {"source": source, "feature_tap": backbone.tap, "feature_shape": list(feats.shape[1:]),
             "backbone_once_ms_per_image": round(ms, 1)}  # fmt: skip
     return list(feats), [torch.from_numpy(m) for m in masks], meta
 
@@ -109,16 +127,20 @@ def build_inputs(n: int, size: int) -> tuple[list[torch.Tensor], list[torch.Tens
 def config(args: argparse.Namespace) -> MaskContrastConfig:
     """The paper's settings at the benchmark's batch, view size and epochs."""
     return MaskContrastConfig(
-        batch_size=args.batch, view_size=args.size, epochs=args.epochs, loss_size=args.loss_size
+        batch_size=args.batch, view_size=args.size, epochs=args.epochs, loss_size=args.loss_size,
+        train_last_stage=args.train_last_stage,
+        stage_of="efficientnet_lite0:s32" if args.train_last_stage else "",
     )
 
 
 def bench_step(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> dict:
     """Median seconds of each part of a training step on one process (see the docstring)."""
     cfg = config(args)
-    torch.manual_seed(0)
-    model = MaskContrastHead(feats[0].shape[0], cfg)
-    key = MaskContrastHead(feats[0].shape[0], cfg)
+    _, stage = _lite0(args.train_last_stage)
+    model = MaskContrast(cfg, stage=stage)._build(feats[0].shape[0])
+    key = copy.deepcopy(model)
+    model.train()  # as in MaskContrast.fit: the stage's BatchNorm keeps its statistics
+    key.train()
     queue = PrototypeQueue(cfg.queue_size, cfg.embed_dim, torch.Generator().manual_seed(0))
     optim = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -175,7 +197,8 @@ def worker(args: argparse.Namespace) -> None:
     before = _rss_mb()
     dist.barrier()
     start = time.perf_counter()
-    est = MaskContrast(config(args)).fit(FitInputs(features=feats, masks=masks))
+    _, stage = _lite0(args.train_last_stage)
+    est = MaskContrast(config(args), stage=stage).fit(FitInputs(features=feats, masks=masks))
     dist.barrier()
     seconds = time.perf_counter() - start
     result = {
@@ -203,6 +226,8 @@ def bench_fit(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> dic
                   "--batch", str(args.batch), "--epochs", str(args.epochs)]  # fmt: skip
         if args.loss_size:
             common += ["--loss-size", str(args.loss_size)]
+        if args.train_last_stage:
+            common.append("--train-last-stage")
         runs = {
             "one_process": ([sys.executable, *common], "2"),
             "two_processes": (
@@ -248,6 +273,8 @@ def main() -> None:
         default=None,
         help="side where the losses are taken (default: --size, the paper's)",
     )
+    parser.add_argument("--train-last-stage", action="store_true",
+                        help="train the backbone's last stage with the head")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -265,9 +292,10 @@ def main() -> None:
         },
         "settings": {"images": args.images, "size": args.size, "batch": args.batch,
                      "epochs": args.epochs, "loss_size": args.loss_size or args.size,
+                     "train_last_stage": args.train_last_stage,
                      "config": "paper defaults (queue 256, width 256, 32-d, T 0.5)"},
     }  # fmt: skip
-    feats, masks, meta = build_inputs(args.images, args.size)
+    feats, masks, meta = build_inputs(args.images, args.size, args.train_last_stage)
     out["inputs"] = meta
     out["step"] = bench_step(feats, masks, args)
     out["fit"] = bench_fit(feats, masks, args)
