@@ -28,6 +28,7 @@ step.
 
     .venv/bin/python bench/boosting.py [--threads 1]
     .venv/bin/python bench/boosting.py --training [--n 32] [--threads 2]
+        [--heads sempart] [--variants base]
 
 Prints JSON (with the machine and its load average). On a busy shared CPU, several torch threads
 per process make the filter's many small ops wait on the scheduler; ``--threads 1`` measures the
@@ -98,6 +99,9 @@ def _machine(dev: torch.device) -> dict[str, Any]:
         "device": str(dev),
         "load_average_1_5_15": list(os.getloadavg()),
     }
+
+
+VARIANTS = ("base", "multiscale_cache", "multiscale_roi", "multiscale_backbone")
 
 
 def _training_set(
@@ -175,6 +179,7 @@ def training(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         "multiscale_roi": {"multiscale": True, "crop_mode": "roi"},
         "multiscale_backbone": {"multiscale": True, "crop_mode": "backbone"},
     }
+    heads = {k: v for k, v in heads.items() if k in args.heads}
     rows: dict[str, dict[str, dict[str, float]]] = {}
     warm = FitInputs(list(feats[:bs]), list(images[:bs]))
     for make in heads.values():  # first calls pay one-off allocations and kernel choices
@@ -183,6 +188,8 @@ def training(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     for name, make in heads.items():
         rows[name] = {}
         for variant, kw in variants.items():
+            if variant not in args.variants:
+                continue
             t1 = _fit_seconds(make(1, kw), inputs, feature_fn)
             t3 = _fit_seconds(make(3, kw), inputs, feature_fn)
             epoch = max((t3 - t1) / 2, 1e-9)
@@ -228,6 +235,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=30, help="epochs to extrapolate to")
     ap.add_argument("--target-images", type=int, default=1422, help="images to extrapolate to")
     ap.add_argument("--tap", default="s16+s32", help="efficientnet_lite0 tap (--training)")
+    ap.add_argument("--heads", nargs="+", default=["sempart", "found"],
+                    choices=["sempart", "found"], help="heads to time (--training; both)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="settings to time (--training; all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
