@@ -69,6 +69,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unseg.backbones import build_backbone
 from unseg.data.transforms import color_jitter
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
@@ -596,12 +597,11 @@ class MaskContrast:
                 "train_last_stage needs the backbone's last stage: pass stage= "
                 "(backbone.last_stage().module) or set stage_of to 'backbone:tap'"
             )
-        from unseg.backbones import build_backbone
-
         return build_backbone(name, tap).last_stage().module
 
     def _build(self, in_channels: int) -> MaskContrastHead:
         """The model for features of ``in_channels`` (the stage's input when there is one)."""
+        self.in_channels_ = in_channels
         stage = self._stage_module()
         if stage is not None:
             with torch.no_grad():
@@ -645,8 +645,7 @@ class MaskContrast:
                 "(masks at different strides of their feature maps); give every mask at the "
                 "size of the image its features were computed on"
             )
-        self.in_channels_ = int(feats[0].shape[0])
-        model = self._build(self.in_channels_)
+        model = self._build(int(feats[0].shape[0]))
         key = copy.deepcopy(model)
         for p in key.parameters():
             p.requires_grad_(False)
@@ -833,8 +832,7 @@ class MaskContrast:
         est = cls(config, device)
         if "in_channels" not in state:
             raise UnsegError("not a MaskContrast state: 'in_channels' is missing")
-        est.in_channels_ = int(state["in_channels"])
-        model = est._build(est.in_channels_)
+        model = est._build(int(state["in_channels"]))
         try:
             model.load_state_dict(_prefixed(state, "head."))
         except RuntimeError as exc:

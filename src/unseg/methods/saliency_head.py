@@ -6,9 +6,9 @@ resolution, then ``ceil(log2(stride))`` upsampling stages. Each stage doubles th
 with the upsampled hidden map and logit, and predicts a residual correction of the logit.
 
 The convolutions run in the channels-last memory format (weights and activations): the stages'
-few-channel full-resolution convolutions are the head's main cost on a CPU, and oneDNN runs them about 20 %
-faster that way (``bench/boosting.py --training``); the numbers are the same up to float
-rounding.
+few-channel full-resolution convolutions are the head's main cost on a CPU, and oneDNN runs
+them faster that way (+12 to +17 % per training step here, docs/results-boosting.md); the
+numbers are the same up to float rounding.
 """
 
 from __future__ import annotations
