@@ -7,7 +7,7 @@ with the upsampled hidden map and logit, and predicts a residual correction of t
 
 The convolutions run in the channels-last memory format (weights and activations): the stages'
 few-channel full-resolution convolutions are the head's main cost on a CPU, and oneDNN runs
-them faster that way (+12 to +17 % per training step here, docs/results-boosting.md); the
+them faster that way (4 to 15 % per training step here, docs/results-boosting.md); the
 numbers are the same up to float rounding.
 """
 
