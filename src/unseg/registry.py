@@ -376,7 +376,7 @@ def _register_builtin() -> None:
             "sgd_momentum": "SGD momentum",
             "weight_decay": "SGD weight decay",
             "poly_power": "exponent of the poly learning-rate decay",
-            "epochs": "training epochs (paper: 40; 15 for the CPU budget)",
+            "epochs": "training epochs (the paper's 40)",
             "batch_size": "images per step (paper: 128 unsupervised, 64 supervised saliency)",
             "view_size": "view side in image pixels",
             "loss_size": "pixels per side where the losses are taken (0: the view size)",
