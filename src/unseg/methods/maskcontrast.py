@@ -91,7 +91,7 @@ class MaskContrastConfig:
     ``loss_size`` 56 (paper: the losses at the 224-pixel view size). With them the paper's 40
     epochs on the 422 VOC2007 images of ``../shared/data`` take minutes on a shared 2-core CPU,
     and beat 15 epochs in every measured pair on both VOC sets (``docs/results-maskcontrast.md``);
-    ``loss_size=None`` gives the paper's losses.
+    ``loss_size=None`` gives the paper's losses."""
 
     embed_dim: int = 32
     width: int = 256
