@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from unseg.backbones import (
 from unseg.backbones import create as backbones_create
 from unseg.cli.main import main
 from unseg.data.image import load_label
+from unseg.methods.collapse import MIN_PREDICTED
 from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
 from unseg.refine.guided_filter import GuidedFilterConfig
 
@@ -285,3 +287,32 @@ def test_guided_filter_in_row_bands_equals_the_whole_image(monkeypatch, band_pix
     torch.testing.assert_close(banded, whole, atol=2e-5, rtol=0)
     monkeypatch.setattr(saliency, "BAND_PIXELS", 100)  # one row per band, still the same
     torch.testing.assert_close(saliency._refine(prob, image, gf), whole, atol=2e-5, rtol=0)
+
+
+def test_degenerate_masks_over_the_predicted_set_are_warned_about(tmp_path, caplog):
+    """A method that calls every pixel foreground on the images it predicts is reported, even
+    though the masks are written; planted squares are not."""
+    d = tmp_path / "images"
+    d.mkdir()
+    for i in range(MIN_PREDICTED + 1):
+        Image.fromarray(_square(64, 64, i)).save(d / f"img{i}.png")
+    paths = sorted(d.iterdir())
+    with caplog.at_level(logging.WARNING, logger="unseg.pipelines.saliency"):
+        report = predict_masks(paths, tmp_path / "o", lambda im: torch.ones(im.shape[:2]), None,
+                               320, 16)
+    assert report.ok and len(report.written) == len(paths)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "degenerate (constant)" in warned[0]
+    caplog.clear()
+
+    def square(im: torch.Tensor) -> torch.Tensor:
+        prob = torch.zeros(im.shape[:2])
+        prob[10:30, 10:30] = 1.0
+        return prob
+
+    with caplog.at_level(logging.WARNING, logger="unseg.pipelines.saliency"):
+        predict_masks(paths, tmp_path / "p", square, None, 320, 16)
+        # too few images to judge a set: no verdict
+        predict_masks(paths[: MIN_PREDICTED - 1], tmp_path / "q",
+                      lambda im: torch.ones(im.shape[:2]), None, 320, 16)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

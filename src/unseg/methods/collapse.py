@@ -3,7 +3,9 @@
 A head trained without labels can end in a state its loss does not reveal. At the end of ``fit``
 the estimator runs :class:`CollapseCheck` over its training images and keeps the resulting
 :class:`CollapseReport` as ``collapse_``; the fit pipeline reports it (warning and run record)
-instead of saving the head as if it were fine. Verdicts:
+instead of saving the head as if it were fine. The commands that write saliency masks run the same
+check over the images they predicted (at least :data:`MIN_PREDICTED` of them) and warn when it
+fails: a head can pass on its training images and still collapse on other images. Verdicts:
 
 - ``"diverged"``: a non-finite training loss or prediction, or a loss that exploded: its last
   value above ``explode`` (10) times its smallest finite value and above 1e-3 in absolute terms;
@@ -25,10 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
 from unseg.errors import UnsegError
+
+MIN_PREDICTED = 5  # fewer predicted images say too little about a method to warn on
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,22 @@ class CollapseReport:
         """True unless the verdict is ``"ok"``."""
         return self.verdict != "ok"
 
-    def message(self) -> str:
-        """One line for a user: what failed and the evidence."""
+    def message(self, of: Literal["training", "prediction"] = "training") -> str:
+        """One line for a user: what failed and the evidence; ``of``: whether the maps are the
+        head's on its training images or a command's on the images it predicted."""
+        evidence = (
+            f"{self.frac_all_foreground:.0%} all-foreground, {self.frac_all_background:.0%} "
+            f"all-background, {self.frac_constant:.0%} constant maps; mean foreground share "
+            f"{self.mean_foreground:.1%}"
+        )
+        if of == "prediction":
+            if not self.failed:
+                return f"the masks look sound ({self.n_images} images, {evidence})"
+            return (
+                f"the masks look degenerate ({self.verdict}): over {self.n_images} predicted "
+                f"images, {evidence}; the method does not fit these images (a head trained on "
+                "other images may not transfer)"
+            )
         if not self.failed:
             return (
                 f"head training looks sound ({self.n_images} images, mean foreground share "
@@ -70,9 +89,7 @@ class CollapseReport:
             )
         return (
             f"head training failed ({self.verdict}): over {self.n_images} training images, "
-            f"{self.frac_all_foreground:.0%} all-foreground, {self.frac_all_background:.0%} "
-            f"all-background, {self.frac_constant:.0%} constant maps; mean foreground share "
-            f"{self.mean_foreground:.1%}; loss final {self.final_loss} / min {self.min_loss}"
+            f"{evidence}; loss final {self.final_loss} / min {self.min_loss}"
         )
 
     def as_dict(self) -> dict[str, object]:

@@ -44,6 +44,7 @@ from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
 from unseg.methods.base import FitInputs
+from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
 from unseg.outdir import MASKS_DIR
@@ -165,13 +166,15 @@ def predict_masks(
     :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``max_side``: the long-side
     limit ``prob_fn`` works at (None: none), for the patch-count check. ``names_root``: the
     folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
-    seconds spent decoding, predicting, refining and writing.
+    seconds spent decoding, predicting, refining and writing. Maps that look degenerate over the
+    whole set (:mod:`unseg.methods.collapse`) are reported with a warning.
     """
     timings = timings if timings is not None else Timings()
     out_dir = Path(out_dir)
     root = names_root if names_root is not None else Path(os.path.commonpath(paths or ["."]))
     report = BatchReport()
     boxes: dict[str, list[float] | None] = {}
+    check = CollapseCheck()
     for i, path in enumerate(progress(paths, total=len(paths), desc="discover", unit="img")):
         name = output_name(path, root)
         try:
@@ -186,6 +189,7 @@ def predict_masks(
         if guided is not None:
             with timings.stage("refinement"):
                 prob = _refine(prob, image, guided)
+        check.update(prob[None])
         with timings.stage("writing"):
             mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
             target = out_dir / MASKS_DIR / name
@@ -197,6 +201,10 @@ def predict_masks(
             if (i + 1) % 50 == 0:
                 write_json_atomic(out_dir / BOXES_FILE, boxes)
     write_json_atomic(out_dir / BOXES_FILE, boxes)
+    if len(report.written) >= MIN_PREDICTED:
+        verdict = check.report()
+        if verdict.failed:
+            logger.warning("%s", verdict.message("prediction"))
     return report
 
 
