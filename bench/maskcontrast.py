@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from unseg.backbones import Backbone, LastStage, create_backbone
 from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
@@ -69,23 +70,21 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _lite0(stage: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def _lite0(stage: bool) -> tuple[Backbone, LastStage | None]:
     """The Lite0 backbone at the features the fit sees, and its last stage when trained."""
-    from unseg.backbones import create_backbone
-
     backbone = create_backbone("efficientnet_lite0", device="cpu")
     if not stage:
         return backbone, None
     last = backbone.last_stage()
     backbone.tap = last.input_tap
-    return backbone, last.module
+    return backbone, last
 
 
 def build_inputs(
-    n: int, size: int, stage: bool = False
+    n: int, size: int, backbone: Backbone
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-    """``n`` images at ``size``², their masks ``[size, size]`` and Lite0 features ``[C, h, w]``
-    (before the last stage with ``stage``)."""
+    """``n`` images at ``size``², their masks ``[size, size]`` and ``backbone``'s features
+    ``[C, h, w]``."""
 
     if (ECSSD / "images").is_dir():
         paths = sorted((ECSSD / "images").glob("*.jpg"))[:n]
@@ -113,7 +112,6 @@ def build_inputs(
             for _ in range(n)
         ]
         source = "synthetic (random images, disc masks): ../shared/data is absent"
-    backbone, _ = _lite0(stage)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     start = time.perf_counter()
     with torch.no_grad():
@@ -133,10 +131,11 @@ def config(args: argparse.Namespace) -> MaskContrastConfig:
     )
 
 
-def bench_step(feats: list[torch.Tensor], masks: list[torch.Tensor], args) -> dict:
+def bench_step(
+    feats: list[torch.Tensor], masks: list[torch.Tensor], args, stage: LastStage | None
+) -> dict:
     """Median seconds of each part of a training step on one process (see the docstring)."""
     cfg = config(args)
-    _, stage = _lite0(args.train_last_stage)
     model = MaskContrast(cfg, stage=stage)._build(feats[0].shape[0])
     key = copy.deepcopy(model)
     model.train()  # as in MaskContrast.fit: the stage's BatchNorm keeps its statistics
@@ -295,9 +294,10 @@ def main() -> None:
                      "train_last_stage": args.train_last_stage,
                      "config": "paper defaults (queue 256, width 256, 32-d, T 0.5)"},
     }  # fmt: skip
-    feats, masks, meta = build_inputs(args.images, args.size, args.train_last_stage)
+    backbone, stage = _lite0(args.train_last_stage)
+    feats, masks, meta = build_inputs(args.images, args.size, backbone)
     out["inputs"] = meta
-    out["step"] = bench_step(feats, masks, args)
+    out["step"] = bench_step(feats, masks, args, stage)
     out["fit"] = bench_fit(feats, masks, args)
     out["machine"]["load_average_end"] = list(os.getloadavg())
     print(json.dumps(out, indent=2))

@@ -277,6 +277,7 @@ def test_last_stage_turns_the_earlier_tap_into_the_tap_exactly(name):
             model.tap = last.input_tap
             got = last.module.eval()(model.forward_features(x))
         assert torch.equal(got, want), tap
+        assert last.channels == want.shape[1]
         assert all(p.requires_grad for p in last.module.parameters())
         # a copy: training it leaves the backbone as it was
         first = next(last.module.parameters())

@@ -399,7 +399,7 @@ def test_last_stage_is_trained_with_the_head_and_rebuilt_from_the_run(tmp_path, 
 
     def fit(checkpoint: Path | None) -> MaskContrast:
         with cpu_threads("cpu", 1):
-            est = MaskContrast(cfg, stage=last.module)
+            est = MaskContrast(cfg, stage=last)
             return est.fit(FitInputs(features=feats, masks=masks), checkpoint_dir=checkpoint)
 
     with pytest.raises(UnsegError, match="needs the backbone's pretrained last stage"):

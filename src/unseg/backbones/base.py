@@ -155,10 +155,12 @@ class BackboneSpec:
 @dataclass
 class LastStage:
     """The last stage of a tap: ``module`` maps the ``input_tap`` map ``[B, C_in, h, w]`` to the
-    tap's map ``[B, C, h', w']``; ``module`` is a copy (the backbone's own weights, trainable)."""
+    tap's map ``[B, channels, h', w']``; ``module`` is a copy (the backbone's own weights,
+    trainable)."""
 
     input_tap: str
     module: nn.Module
+    channels: int
 
 
 class Backbone(nn.Module):

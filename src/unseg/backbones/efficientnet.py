@@ -206,11 +206,12 @@ class EfficientNetLite(Backbone):
                 f"cached; a trainable last stage needs one of {', '.join(names[1:])}"
             )
         first, last = self._taps[names[i - 1]][0] + 1, self._taps[self.tap][0]
-        parts: list[nn.Module] = list(self._blocks[first : last + 1]) if last >= 0 else []
-        if last < 0:
-            parts.append(_ConvHead(self._conv_head, self._bn1))
+        if last < 0:  # the conv head, right after the last block (the previous tap, s32)
+            parts: list[nn.Module] = [_ConvHead(self._conv_head, self._bn1)]
+        else:
+            parts = list(self._blocks[first : last + 1])
         module = copy.deepcopy(nn.Sequential(*parts)).requires_grad_(True)
-        return LastStage(names[i - 1], module)
+        return LastStage(names[i - 1], module, self.dim)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``[B, 1000]`` for images ``[B, 3, H, W]`` in ``[0, 1]`` (any size)."""

@@ -69,7 +69,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unseg.backbones import build_backbone
+from unseg.backbones import LastStage, build_backbone
 from unseg.data.transforms import color_jitter
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
@@ -573,10 +573,10 @@ class MaskContrast:
         self,
         config: MaskContrastConfig | None = None,
         device: str | torch.device | None = None,
-        stage: nn.Module | None = None,
+        stage: LastStage | None = None,
     ) -> None:
         """``stage``: the backbone's pretrained last stage, needed to fit with
-        ``train_last_stage`` (``backbone.last_stage().module``)."""
+        ``train_last_stage`` (``backbone.last_stage()``)."""
         self.config = config or MaskContrastConfig()
         self.device = torch.device(device or "cpu")
         self.model_: MaskContrastHead | None = None
@@ -585,31 +585,29 @@ class MaskContrast:
         self.in_channels_: int = 0
         self._stage = stage
 
-    def _stage_module(self) -> nn.Module | None:
-        """A copy of the given stage, the config's stage rebuilt (weights to be loaded), or None."""
+    def _last_stage(self) -> LastStage | None:
+        """The given stage, the config's stage rebuilt (weights to be loaded), or None."""
         if not self.config.train_last_stage:
             return None
         if self._stage is not None:
-            return copy.deepcopy(self._stage).requires_grad_(True)
+            return self._stage
         name, _, tap = self.config.stage_of.partition(":")
         if not name or not tap:
             raise UnsegError(
                 "train_last_stage needs the backbone's last stage: pass stage= "
-                "(backbone.last_stage().module) or set stage_of to 'backbone:tap'"
+                "(backbone.last_stage()) or set stage_of to 'backbone:tap'"
             )
-        return build_backbone(name, tap).last_stage().module
+        return build_backbone(name, tap).last_stage()
 
     def _build(self, in_channels: int) -> MaskContrastHead:
         """The model for features of ``in_channels`` (the stage's input when there is one)."""
         self.in_channels_ = in_channels
-        stage = self._stage_module()
-        if stage is not None:
-            with torch.no_grad():
-                probe = torch.zeros(1, in_channels, 4, 4)
-                in_channels = int(stage.eval()(probe).shape[1])
+        last = self._last_stage()
+        stage = None if last is None else copy.deepcopy(last.module).requires_grad_(True)
+        head_channels = in_channels if last is None else last.channels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            return MaskContrastHead(in_channels, self.config, stage).to(self.device)
+            return MaskContrastHead(head_channels, self.config, stage).to(self.device)
 
     # ----------------------------------------------------------------- training
     def fit(self, inputs: FitInputs, checkpoint_dir: str | Path | None = None) -> MaskContrast:
@@ -630,7 +628,7 @@ class MaskContrast:
         if cfg.train_last_stage and self._stage is None:
             raise UnsegError(
                 "train_last_stage: fitting needs the backbone's pretrained last stage "
-                "(MaskContrast(config, stage=backbone.last_stage().module))"
+                "(MaskContrast(config, stage=backbone.last_stage()))"
             )
         if students is not None and len(students) != len(feats):
             raise UnsegError("student_features must match features one to one")

@@ -171,9 +171,9 @@ def fit_maskcontrast(
         paths = resolve_inputs(data, report, model.stride)
         trained_tap, stage = model.tap, None
         if config.train_last_stage:
-            last = model.last_stage()
+            stage = model.last_stage()
             config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
-            stage, model.tap = last.module, last.input_tap
+            model.tap = stage.input_tap
         proposals, mask_report = load_mask_proposals(
             paths, saliency, names_root=resolve_image_dir(data)
         )
