@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +99,28 @@ def test_two_processes_give_the_same_result_as_one() -> None:
     parallel = dense_crf_batch(images, logit_maps, num_workers=2)
     for a, b in zip(serial, parallel, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+_NO_SHARED_FDS = """
+import torch
+from multiprocessing import resource_sharer
+from unseg.refine.crf import CRFPool
+
+with CRFPool(2) as pool:
+    out = pool.map_fn(torch.neg, [torch.arange(6.0).reshape(2, 3)] * 3)
+assert all(torch.equal(o, -torch.arange(6.0).reshape(2, 3)) for o in out)
+print(resource_sharer._resource_sharer._listener is None)
+"""
+
+
+def test_tensors_cross_the_pool_by_value_not_as_shared_file_descriptors() -> None:
+    """torch's multiprocessing pickler would hand tensors over as file descriptors served by a
+    background thread, which prints a traceback when the peer is killed mid-hand-over (a rank
+    under torchrun killed with its CRF workers): the pool must never start that thread."""
+    done = subprocess.run([sys.executable, "-c", _NO_SHARED_FDS], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -101,7 +101,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
 
     while True:
         try:
-            task = conn.recv()
+            task = _recv_value(conn)
         except (EOFError, OSError):  # the parent closed the pipe or is gone
             return
         if task is None:
@@ -113,9 +113,9 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
             reply = (index, False, (exc, traceback.format_exc()))
         try:
             try:
-                conn.send(reply)
+                _send_value(conn, reply)
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
-                conn.send((index, False, (UnsegError(f"unpicklable result: {exc}"), "")))
+                _send_value(conn, (index, False, (UnsegError(f"unpicklable result: {exc}"), "")))
         except OSError:  # the parent is gone
             return
 
@@ -123,6 +123,22 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
 def _crf_task(args: tuple[np.ndarray, np.ndarray, CRFConfig]) -> np.ndarray:
     image, logits, config = args
     return dense_crf(image, logits, config)
+
+
+def _send_value(conn: Connection, obj: object) -> None:
+    """Send ``obj`` pickled by value.
+
+    ``Connection.send`` pickles with multiprocessing's pickler, for which torch registers
+    tensors as shared-memory file descriptors handed over by a background thread of the sender;
+    a peer killed in that hand-over makes the thread print a traceback. By value, nothing is
+    shared and no such thread runs.
+    """
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv_value(conn: Connection) -> Any:
+    """The next object sent by :func:`_send_value`."""
+    return pickle.loads(conn.recv_bytes())
 
 
 class _RemoteTraceback(Exception):
@@ -212,7 +228,7 @@ class CRFPool:
         if not now:
             for conn in conns:
                 try:
-                    conn.send(None)
+                    _send_value(conn, None)
                 except OSError:
                     pass
             self._join(started)
@@ -301,7 +317,7 @@ class CRFPool:
                 proc.join(self.GRACE_S)
                 raise _died(proc)
             try:
-                replies.append((w, conn.recv()))
+                replies.append((w, _recv_value(conn)))
             except (EOFError, OSError) as exc:  # it died while answering
                 proc.join(self.GRACE_S)
                 raise _died(proc) from exc
@@ -320,7 +336,7 @@ class CRFPool:
             return
         index, item = nxt
         try:
-            self._conns[worker].send((index, fn, item))
+            _send_value(self._conns[worker], (index, fn, item))
         except OSError as exc:
             raise _died(self._procs[worker]) from exc
         busy[worker] = index
