@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from unseg.errors import UnsegError
+
 
 @dataclass
 class FitInputs:
@@ -43,6 +45,35 @@ class FitInputs:
 
     def __len__(self) -> int:
         return len(self.features)
+
+
+def stack_crops(inputs: FitInputs, who: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``inputs``' features and images stacked: ``[N, C, h, w]``, ``[N, 3, H, W]`` and the
+    stride ``H / h`` (a whole number), for the saliency heads; ``who`` names the method in the
+    errors."""
+    if inputs.images is None:
+        raise UnsegError(f"the {who} needs FitInputs.images (the training crops)")
+    if not len(inputs) or len(inputs.images) != len(inputs):
+        raise UnsegError(
+            f"{len(inputs)} feature maps but {len(inputs.images)} images (one per image)"
+        )
+    try:
+        features = torch.stack(list(inputs.features))
+        images = torch.stack(list(inputs.images))
+    except RuntimeError as exc:
+        raise UnsegError(f"training crops must share one size ({exc})") from None
+    if features.ndim != 4 or images.ndim != 4 or images.shape[1] != 3:
+        raise UnsegError(
+            f"need features [C, h, w] and images [3, H, W]; got {tuple(features.shape[1:])} "
+            f"and {tuple(images.shape[1:])}"
+        )
+    stride = images.shape[-1] // features.shape[-1]
+    if stride < 1 or images.shape[-2] != stride * features.shape[-2]:
+        raise UnsegError(
+            f"images {tuple(images.shape[-2:])} are not a whole multiple of the feature grid "
+            f"{tuple(features.shape[-2:])}"
+        )
+    return features, images, stride
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ fails: a head can pass on its training images and still collapse on other images
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -164,3 +164,20 @@ class CollapseCheck:
             final_loss=final,
             min_loss=low,
         )
+
+
+@torch.no_grad()
+def check_head(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    images: torch.Tensor,
+    batch_size: int,
+    history: Sequence[float] = (),
+) -> CollapseReport:
+    """The :class:`CollapseReport` of a saliency head's ``predict(features, images)`` maps
+    ``[B, 1, H, W]`` over ``features`` ``[N, C, h, w]`` and ``images`` ``[N, 3, H, W]``, taken
+    ``batch_size`` images at a time, with its training ``history``."""
+    check = CollapseCheck()
+    for i in range(0, features.shape[0], batch_size):
+        check.update(predict(features[i : i + batch_size], images[i : i + batch_size]))
+    return check.report(history)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs
-from unseg.methods.collapse import CollapseCheck, CollapseReport
+from unseg.methods.base import FitInputs, stack_crops
+from unseg.methods.collapse import CollapseReport, check_head
 from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
 from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
@@ -126,28 +126,7 @@ class SaliencyHead:
     def fit(self, inputs: FitInputs) -> SaliencyHead:
         """Train on ``inputs.features[i] [C, h, w]`` (keys) and ``inputs.images[i] [3, H, W]``
         (uint8 or ``[0, 1]``, one size for all, ``H = stride·h``); returns ``self``."""
-        if inputs.images is None:
-            raise UnsegError("the saliency head needs FitInputs.images (the training crops)")
-        if not len(inputs) or len(inputs.images) != len(inputs):
-            raise UnsegError(
-                f"{len(inputs)} feature maps but {len(inputs.images)} images (one per image)"
-            )
-        try:
-            features = torch.stack(list(inputs.features))
-            images = torch.stack(list(inputs.images))
-        except RuntimeError as exc:
-            raise UnsegError(f"training crops must share one size ({exc})") from None
-        if features.ndim != 4 or images.ndim != 4 or images.shape[1] != 3:
-            raise UnsegError(
-                f"need features [C, h, w] and images [3, H, W]; got {tuple(features.shape[1:])} "
-                f"and {tuple(images.shape[1:])}"
-            )
-        stride = images.shape[-1] // features.shape[-1]
-        if stride < 1 or images.shape[-2] != stride * features.shape[-2]:
-            raise UnsegError(
-                f"images {tuple(images.shape[-2:])} are not a whole multiple of the feature grid "
-                f"{tuple(features.shape[-2:])}"
-            )
+        features, images, stride = stack_crops(inputs, "saliency head")
         return self._fit(features, images, stride)
 
     def _fit(self, features: torch.Tensor, images: torch.Tensor, stride: int) -> SaliencyHead:
@@ -191,11 +170,9 @@ class SaliencyHead:
     def check_collapse(self, features: torch.Tensor, images: torch.Tensor) -> CollapseReport:
         """:class:`CollapseReport` of the head's maps on ``features`` ``[N, C, h, w]`` and
         ``images`` ``[N, 3, H, W]`` (with ``history_``)."""
-        check = CollapseCheck()
-        bs = self.config.batch_size
-        for i in range(0, features.shape[0], bs):
-            check.update(self.predict_proba(features[i : i + bs], images[i : i + bs]))
-        return check.report(self.history_)
+        return check_head(
+            self.predict_proba, features, images, self.config.batch_size, self.history_
+        )
 
     @torch.no_grad()
     def orient(self, features: torch.Tensor, images: torch.Tensor) -> bool:
