@@ -218,6 +218,24 @@ def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
 
 # ---------------------------------------------------------------------------- registrations
 
+# Options both saliency heads have: the Boosting multi-scale trick and the guided filter.
+_MULTISCALE_HELP = {
+    "multiscale": "multi-scale consistency (Boosting trick)",
+    "crop_scale": "crop side as a fraction of the image side (LO HI)",
+    "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
+    "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
+    "(RoI-align of the full map) or backbone (every step)",
+    "crop_pool": "crops cached per image",
+    "weight_consistency": "weight of the multi-scale MSE",
+}
+_GUIDED_HELP = {
+    "guided_filter": "guided-filter refinement at prediction",
+    "guided.radius": "guided-filter radius",
+    "guided.eps": "guided-filter ε",
+    "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
+    "guided.standardize": "standardise each mask channel before filtering",
+}
+
 
 def _register_builtin() -> None:
     from unseg.methods.found import FoundConfig, FoundHead
@@ -293,19 +311,9 @@ def _register_builtin() -> None:
             "weight_coarse": "weight of the cut on the coarse prediction",
             "weight_agree": "weight of the coarse/fine agreement",
             "weight_border": "weight of the border prior",
-            "multiscale": "multi-scale consistency (Boosting trick)",
-            "crop_scale": "crop side as a fraction of the image side (LO HI)",
-            "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
-            "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
-            "(RoI-align of the full map) or backbone (every step)",
-            "crop_pool": "crops cached per image",
-            "weight_consistency": "weight of the multi-scale MSE",
+            **_MULTISCALE_HELP,
             "weight_crop_ncut": "weight of the cut on the crop",
-            "guided_filter": "guided-filter refinement at prediction",
-            "guided.radius": "guided-filter radius",
-            "guided.eps": "guided-filter ε",
-            "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
-            "guided.standardize": "standardise each mask channel before filtering",
+            **_GUIDED_HELP,
             "seed": "random seed",
         },
         option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
@@ -338,19 +346,9 @@ def _register_builtin() -> None:
             "standardize": "standardise each input channel by its training-set mean and std "
             "(folded into the conv after training) (default: on for CNN backbones, off for "
             "ViTs, whose scale the reference's lr was set for)",
-            "multiscale": "multi-scale consistency (Boosting trick)",
-            "crop_scale": "crop side as a fraction of the image side (LO HI)",
-            "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
-            "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
-            "(RoI-align of the full map) or backbone (every step)",
-            "crop_pool": "crops cached per image",
-            "weight_consistency": "weight of the multi-scale MSE",
+            **_MULTISCALE_HELP,
             "weight_crop_base": "weight of the base loss on the crop",
-            "guided_filter": "guided-filter refinement at prediction",
-            "guided.radius": "guided-filter radius",
-            "guided.eps": "guided-filter ε",
-            "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
-            "guided.standardize": "standardise each mask channel before filtering",
+            **_GUIDED_HELP,
             "seed": "random seed",
         },
         option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
