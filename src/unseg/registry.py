@@ -370,12 +370,13 @@ def _register_builtin() -> None:
             "temperature": "contrastive temperature T",
             "queue_size": "prototype queue length (paper: 256 unsupervised, 128 supervised "
             "saliency)",
-            "lr": "SGD learning rate",
+            "lr": "SGD learning rate (paper: 0.004 at batch 128)",
             "sgd_momentum": "SGD momentum",
             "weight_decay": "SGD weight decay",
             "poly_power": "exponent of the poly learning-rate decay",
             "epochs": "training epochs (the paper's 40)",
-            "batch_size": "images per step (paper: 128 unsupervised, 64 supervised saliency)",
+            "batch_size": "images per step (paper: 128 unsupervised, 64 supervised saliency; "
+            "16 scored higher on a few hundred images)",
             "view_size": "view side in image pixels",
             "loss_size": "pixels per side where the losses are taken (0: the view size)",
             "crop_scale": "random resized crop area range (LO HI)",
