@@ -48,7 +48,7 @@ patch features is trained against these pseudo-masks and predicts a foreground l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -58,7 +58,8 @@ from torch import nn
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseReport, check_head
-from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
+from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.utils.device import resolve_device
@@ -69,10 +70,10 @@ SeedRule = Literal["border", "degree"]
 
 
 @dataclass
-class FoundConfig:
-    """FOUND-style head settings; defaults are the reference's (``configs/found_DUTS-TR.yaml``)."""
+class FoundConfig(HeadTrainingConfig):
+    """FOUND-style head settings; defaults are the reference's (``configs/found_DUTS-TR.yaml``);
+    the multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    image_size: int = 320
     seed_rule: SeedRule = "border"
     bkg_threshold: float = 0.3
     n_seeds: int = 1
@@ -86,16 +87,7 @@ class FoundConfig:
     weight_refined: float = 1.5
     weight_self: float = 4.0
     standardize: bool | None = None
-    multiscale: bool = False
-    crop_scale: tuple[float, float] = (0.5, 0.5)
-    fixed_crop: bool = False
-    crop_mode: CropMode = "cache"
-    crop_pool: int = 4
-    weight_consistency: float = 0.01
     weight_crop_base: float = 0.01
-    guided_filter: bool = True
-    guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = 0
 
 
 def _cosine(features: torch.Tensor) -> torch.Tensor:

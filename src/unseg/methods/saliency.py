@@ -26,7 +26,7 @@ Trained without labels on frozen patch features (attention keys) and the images:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseReport, check_head
-from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
+from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency_head import SaliencyHeadNet
-from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.utils.device import resolve_device
 from unseg.utils.progress import progress
 
@@ -46,10 +46,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SaliencyHeadConfig:
-    """Training and inference settings; defaults are the Boosting/SEMPART reference values."""
+class SaliencyHeadConfig(HeadTrainingConfig):
+    """Training and inference settings; defaults are the Boosting/SEMPART reference values; the
+    multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    image_size: int = 320
     lr: float = 1e-4
     batch_size: int = 8
     epochs: int = 30
@@ -61,16 +61,7 @@ class SaliencyHeadConfig:
     weight_coarse: float = 1.0
     weight_agree: float = 1.0
     weight_border: float = 0.1
-    multiscale: bool = False
-    crop_scale: tuple[float, float] = (0.5, 0.5)
-    fixed_crop: bool = False
-    crop_mode: CropMode = "cache"
-    crop_pool: int = 4
-    weight_consistency: float = 0.01
     weight_crop_ncut: float = 0.01
-    guided_filter: bool = True
-    guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = 0
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:
