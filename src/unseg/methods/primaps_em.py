@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.kmeans import (
@@ -56,7 +57,6 @@ from unseg.methods.kmeans import (
     feature_rows,
     linear_logits,
     state_tensor,
-    upsampled_argmax,
     upsampled_norm,
 )
 from unseg.methods.kmeans import (
@@ -398,7 +398,8 @@ class PriMaPsEM:
         self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): θ_m's logits upsampled bilinearly to ``size``, argmax."""
-        return upsampled_argmax(self.logits(features, factor), size)
+        logits = self.logits(features, factor)
+        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """θ_m (``prototypes [K, C]``, ``gain [K]``), θ (``running``, ``running_gain``) and,
