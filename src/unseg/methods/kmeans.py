@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs
+from unseg.methods.base import FitInputs, feature_mean
 
 
 @dataclass(frozen=True)
@@ -194,16 +194,6 @@ def cosine_logits(
     if norm is None:
         norm = upsampled_norm(features, (lg.shape[1], lg.shape[2]))
     return lg / norm.to(lg.device)
-
-
-def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
-    accumulation, returned as float32)."""
-    if not features:
-        raise UnsegError("no feature maps to average")
-    total = sum(f.double().sum(dim=(1, 2)) for f in features)
-    count = sum(f.shape[1] * f.shape[2] for f in features)
-    return (total / count).float()
 
 
 def feature_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
