@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from unseg.cli.main import main
+from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.utils.device import resolve_device
 
@@ -49,3 +50,41 @@ def test_cli_device_cuda_without_cuda_exits_2(tmp_path: Path, monkeypatch, capsy
     assert code == 2
     assert "CUDA is not available in this torch build" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--size", "0"], "--size 0: must be 64 to 2048 with efficientnet_lite0 (stride 32)"),
+    (["--size", "7"], "--size 7: must be 64 to 2048"),
+    (["--size", "32"], "--size 32: must be 64 to 2048"),
+    (["--size", "100000"], "--size 100000: must be 64 to 2048"),
+    (["--max-side", "-5"], "--max-side -5: must be 0 (no limit) or at least 64"),
+    (["--max-side", "40"], "--max-side 40: must be 0 (no limit) or at least 64"),
+])
+def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -> None:
+    images = _one_image(tmp_path / "images")
+    out = tmp_path / "out"
+    code = main(["segment", str(images), "--out", str(out), "-k", "2", "--backbone",
+                 "efficientnet_lite0", "--method", "kmeans", "--refine", "none", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["features", "fit-maskcontrast"])
+def test_features_and_fit_bound_size_too(tmp_path: Path, capsys, command) -> None:
+    images = _one_image(tmp_path / "images")
+    argv = (["features", str(images)] if command == "features" else
+            ["fit", "maskcontrast", str(images), "--saliency", str(images)])
+    code = main([*argv, "--out", str(tmp_path / "out"), "--backbone", "efficientnet_lite0",
+                 "--tap", "s16", "--size", "16"])
+    assert code == 2
+    assert "--size 16: must be 32 to 2048 with efficientnet_lite0 (stride 16)" in (
+        capsys.readouterr().err)
+
+
+def test_resolve_max_side_refuses_negative() -> None:
+    with pytest.raises(UnsegError, match="--max-side must be >= 0"):
+        resolve_max_side(320, -5)
+

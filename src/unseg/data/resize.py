@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unseg.errors import UnsegError
+
 MAX_SIDE_FACTOR = 4  # the default long side of the working resolution: 4 x the short side
 
 
@@ -24,7 +26,7 @@ def resolve_max_side(size: int, max_side: int | None) -> int | None:
     if max_side is None:
         return MAX_SIDE_FACTOR * size
     if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
+        raise UnsegError(f"--max-side must be >= 0 (0: no limit), got {max_side}")
     return max_side or None
 
 
