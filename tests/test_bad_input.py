@@ -4,6 +4,7 @@ animated GIFs, and the output folder's own settings honoured by report and evalu
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from unseg.backbones.create import create_backbone
 from unseg.cli.main import main
 from unseg.data.resize import resolve_max_side
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 from unseg.utils.device import resolve_device
 
 
@@ -88,3 +90,50 @@ def test_resolve_max_side_refuses_negative() -> None:
     with pytest.raises(UnsegError, match="--max-side must be >= 0"):
         resolve_max_side(320, -5)
 
+
+def _not_weights(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "jpeg":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, format="JPEG")
+    else:  # a training checkpoint with its argparse options pickled beside the state dict
+        torch.save({"args": argparse.Namespace(lr=0.1), "model": {"w": torch.zeros(2)}}, path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("text", "not a weights file (expected a PyTorch state dict"),
+    ("jpeg", "not a weights file (expected a PyTorch state dict"),
+    ("checkpoint", "pickled Python objects (argparse.Namespace) besides tensors"),
+])
+def test_a_file_that_is_not_weights_is_named_without_torch_s_advice(
+    tmp_path: Path, monkeypatch, kind, says
+) -> None:
+    path = _not_weights(tmp_path, kind)
+    calls: list[object] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(InputFileError) as caught:
+        create_backbone("efficientnet_lite0", weights=path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read weights: ")
+    assert says in message
+    assert "weights_only" not in message and "file an issue" not in message
+    assert calls == [True]
+
+
+def test_cli_weights_not_weights_exits_2(tmp_path: Path, capsys) -> None:
+    images = _one_image(tmp_path / "images")
+    path = _not_weights(tmp_path, "text")
+    code = main(["features", str(images), "--out", str(tmp_path / "f"), "--backbone",
+                 "efficientnet_lite0", "--size", "64", "--weights", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{path}: cannot read weights: not a weights file" in err
+    assert "Traceback" not in err and "weights_only" not in err
