@@ -5,6 +5,7 @@ animated GIFs, and the output folder's own settings honoured by report and evalu
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from unseg.backbones.create import create_backbone
 from unseg.cli.main import main
+from unseg.data.image import list_images, load_image
 from unseg.data.resize import resolve_max_side
 from unseg.errors import InputFileError, UnsegError
 from unseg.utils.device import resolve_device
@@ -137,3 +139,39 @@ def test_cli_weights_not_weights_exits_2(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert f"{path}: cannot read weights: not a weights file" in err
     assert "Traceback" not in err and "weights_only" not in err
+
+
+def _animated_gif(path: Path, frames: int = 3) -> Path:
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    imgs = [Image.new("RGB", (96, 64), colours[i % 3]) for i in range(frames)]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
+    return path
+
+
+def test_an_animated_gif_is_read_as_its_first_frame_with_a_warning(tmp_path: Path,
+                                                                    caplog) -> None:
+    path = _animated_gif(tmp_path / "anim.gif")
+    assert Image.open(path).n_frames == 3
+    with caplog.at_level(logging.WARNING, logger="unseg.data.image"):
+        first = load_image(path)
+        again = load_image(path)
+    assert first.shape == (64, 96, 3)
+    np.testing.assert_array_equal(first, again)
+    reference = np.asarray(Image.open(path).convert("RGB"))  # Pillow's frame 0
+    np.testing.assert_array_equal(first, reference)
+    assert first[0, 0, 0] > 150 and first[0, 0, 1] < 80  # red: the first frame
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [f"{path}: animated GIF (3 frames): the first frame is used"]
+    assert list_images(tmp_path) == [path]
+
+
+def test_features_processes_an_animated_gif(tmp_path: Path, capsys, caplog) -> None:
+    images = _one_image(tmp_path / "images")
+    _animated_gif(images / "b.gif")
+    code = main(["features", str(images), "--out", str(tmp_path / "f"), "--backbone",
+                 "efficientnet_lite0", "--size", "64"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "2 images: 2 computed" in captured.out
+    assert any(r.getMessage().endswith("b.gif: animated GIF (3 frames): the first frame is used")
+               for r in caplog.records)
