@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.kmeans import (
@@ -58,7 +59,6 @@ from unseg.methods.kmeans import (
     feature_rows,
     linear_logits,
     state_tensor,
-    upsampled_argmax,
     upsampled_norm,
 )
 from unseg.methods.kmeans import (
@@ -401,7 +401,8 @@ class PriMaPsEM:
         self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): θ_m's logits upsampled bilinearly to ``size``, argmax."""
-        return upsampled_argmax(self.logits(features, factor), size)
+        logits = self.logits(features, factor)
+        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """θ_m (``prototypes [K, C]``, ``gain [K]``), θ (``running``, ``running_gain``) and,
