@@ -85,7 +85,7 @@ def _kernel_features(
 def _normalised(lattice: Lattice, compat: float) -> Lattice:
     """``compat * n * k(n * Q)`` with ``n = 1 / sqrt(k * 1)`` (densecrf's NORMALIZE_SYMMETRIC
     and Potts weight) as one lattice filter."""
-    ones = torch.ones(lattice.slice_index.shape[0], 1, device=lattice.slice_weight.device)
+    ones = torch.ones(lattice.num_points, 1, device=lattice.slice_weight.device)
     norm = torch.rsqrt(lattice.filter(ones) + 1e-20)[:, 0]
     return lattice.scaled(norm, compat * norm)
 
@@ -122,6 +122,8 @@ def crf_marginals(
     # each image's labels that take part; the others keep their unary probability
     probs0 = [torch.softmax(-un.to(device).float(), 0) for un in unaries]
     kept = [_kept_labels(p, config.label_floor) for p in probs0]
+    log.debug("CRF labels per image: %s of %s", [int(k.numel()) for k in kept],
+              [int(p.shape[0]) for p in probs0])
     width = max(int(k.numel()) for k in kept)
     rows = []
     for un, k in zip(unaries, kept, strict=True):

@@ -33,22 +33,28 @@ _MAX_KEY_BITS = 62
 class Lattice:
     """A built lattice over ``N`` points (all images of a batch) with ``M`` vertices.
 
-    Each step is a weighted gather-sum (``embedding_bag``, a sparse matrix product):
-    *splat* sums the points of each vertex (``splat_index [N*(d+1)]`` grouped by vertex, from
-    ``splat_offsets [M]``, weights ``splat_weight``); each of the ``d + 1`` *blurs* sums a
-    vertex and its two neighbours (``blur_index [d+1, M, 3]``, weights ``blur_weight``; a
-    missing neighbour is the vertex itself with weight 0); *slice* sums each point's vertices
-    (``slice_index [N, d+1]``, ``slice_weight``: the barycentric weights times
-    ``1 / (1 + 2^-d)``).
+    Each step is a weighted gather-sum (``embedding_bag``: a sparse matrix product, one bag
+    per output row, flat int32 ``*_index`` with ``*_offsets`` and ``*_weight``). *Splat*: each
+    vertex sums its points with their barycentric weights. Each of the ``d + 1`` *blurs*: each
+    vertex sums itself and its two neighbours along one lattice direction with weights
+    ``1, 1/2, 1/2`` (a missing neighbour is the vertex itself with weight 0). *Slice*: each
+    point sums its ``d + 1`` vertices with its barycentric weights times ``1 / (1 + 2^-d)``.
     """
 
     splat_index: torch.Tensor
     splat_offsets: torch.Tensor
     splat_weight: torch.Tensor
-    blur_index: torch.Tensor
-    blur_weight: torch.Tensor
+    blur_index: torch.Tensor  # [d+1, M*3]
+    blur_offsets: torch.Tensor
+    blur_weight: torch.Tensor  # [d+1, M*3]
     slice_index: torch.Tensor
+    slice_offsets: torch.Tensor
     slice_weight: torch.Tensor
+
+    @property
+    def num_points(self) -> int:
+        """``N``, the number of points."""
+        return int(self.slice_offsets.numel())
 
     @property
     def num_vertices(self) -> int:
@@ -58,10 +64,11 @@ class Lattice:
     def scaled(self, before: torch.Tensor, after: torch.Tensor) -> Lattice:
         """The filter ``after * filter(before * values)`` for per-point scales ``[N]``, the
         scales folded into the splat and slice weights."""
+        per_point = self.slice_index.numel() // max(1, self.num_points)
         return replace(
             self,
             splat_weight=self.splat_weight * before[self.splat_index.long()],
-            slice_weight=self.slice_weight * after[:, None],
+            slice_weight=self.slice_weight * after.repeat_interleave(per_point),
         )
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
@@ -69,8 +76,9 @@ class Lattice:
         out = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
                               per_sample_weights=self.splat_weight)
         for index, weight in zip(self.blur_index, self.blur_weight, strict=True):
-            out = F.embedding_bag(index, out, mode="sum", per_sample_weights=weight)
-        return F.embedding_bag(self.slice_index, out, mode="sum",
+            out = F.embedding_bag(index, out, self.blur_offsets, mode="sum",
+                                  per_sample_weights=weight)
+        return F.embedding_bag(self.slice_index, out, self.slice_offsets, mode="sum",
                                per_sample_weights=self.slice_weight)
 
 
@@ -196,8 +204,10 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
         splat_index=(by_vertex // d1).int(),
         splat_offsets=offsets,
         splat_weight=bary.reshape(-1)[by_vertex].contiguous(),
-        blur_index=blur_index,
-        blur_weight=blur_weight,
-        slice_index=vertex.reshape(n, d1).int(),
-        slice_weight=(bary * alpha).contiguous(),
+        blur_index=blur_index.reshape(d1, m * 3),
+        blur_offsets=torch.arange(0, 3 * m, 3, dtype=torch.int32, device=device),
+        blur_weight=blur_weight.reshape(d1, m * 3),
+        slice_index=vertex.int(),
+        slice_offsets=torch.arange(0, n * d1, d1, dtype=torch.int32, device=device),
+        slice_weight=(bary * alpha).reshape(-1),
     )
