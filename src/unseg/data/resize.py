@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unseg.errors import UnsegError
+
 MAX_SIDE_FACTOR = 4  # the default long side of the working resolution: 4 x the short side
 TILE = 1 << 24  # float32 elements in one tile of upsampled probabilities (64 MB)
 # tile columns start at multiples of this: a multiple of every CPU vector width, so each tile
@@ -29,7 +31,7 @@ def resolve_max_side(size: int, max_side: int | None) -> int | None:
     if max_side is None:
         return MAX_SIDE_FACTOR * size
     if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
+        raise UnsegError(f"--max-side must be >= 0 (0: no limit), got {max_side}")
     return max_side or None
 
 

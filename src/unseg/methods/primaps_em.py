@@ -20,7 +20,9 @@ One step on a batch of images:
   θ's detached softmax over *all* pixels of the batch; the per-pixel loss (0 at ignored pixels)
   is averaged over all pixels (the reference's ``reduction="none"`` then ``.mean()``).
 - after the M-step of (0-based) step s, when ``s > 0 and s % ema_every == 0``: the k-th update
-  ``θ_m ← d·θ_m + (1 − d)·θ`` on (v, g) with ``d = min(ema_decay, 1 − 1/k)`` (the first copies θ).
+  ``θ_m ← d·θ_m + (1 − d)·θ`` on (v, g) with ``d = min(ema_decay, 1 − 1/k)`` (the first copies θ);
+  with ``ema_warmup=False``, ``d = ema_decay`` from the first update (unseg 0.1.0's schedule,
+  which keeps θ_m close to its initialisation for the first ~1/(1 − d) updates).
 
 Initialisation: the top-K principal directions of the centred features (exact ``eigh`` of the
 C×C covariance instead of the reference's ``pca_lowrank(q=2K, niter=200)``), ``g = 1``, then
@@ -88,6 +90,7 @@ class PriMaPsEMConfig:
     focal_gamma: float = 2.0
     ema_decay: float = 0.98  # the warm-up decay's ceiling
     ema_every: int = 10
+    ema_warmup: bool = True  # False: the constant decay from the first update (unseg 0.1.0)
     kmeans_passes: int = 2
     init_max_points: int = 200_000
     label_factor: int | None = None  # None: upsample features by the stride (paper)
@@ -325,7 +328,7 @@ class PriMaPsEM:
                 self.history_.append(self._step(mine, params, momentum, optim))
                 if step > 0 and step % cfg.ema_every == 0:
                     updates += 1
-                    d = ema_decay(updates, cfg.ema_decay)
+                    d = ema_decay(updates, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay
                     momentum = (
                         ema_update(momentum[0], direction.detach(), d),
                         ema_update(momentum[1], gain.detach(), d),

@@ -38,6 +38,7 @@ from unseg.data.layouts import resolve_image_dir
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
+from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
@@ -380,7 +381,10 @@ def predict_images(
                     feats = EmbeddedFeatures(feats, source.estimator)
                 predict_label_maps(estimator, feats, feats.paths, settings, dev, pool, writer,
                                    timings, bar)
-    return gather_report(report)
+    predicted = gather_report(report)
+    if dist.is_main():
+        log_class_balance(predicted.written, int(meta["num_classes"]))
+    return predicted
 
 
 def predict_run(
@@ -426,4 +430,6 @@ def segment(
         dist.barrier()
     predicted = gather_report(writer.report)
     predicted.failed = session.report.failed + predicted.failed
+    if dist.is_main():
+        log_class_balance(predicted.written, config.num_classes)
     return predicted
