@@ -55,18 +55,21 @@ def smooth_logits(shape: tuple[int, int], k: int, seed: int) -> torch.Tensor:
     return F.avg_pool2d(noise, 5, 1, 2, count_include_pad=False)[0] * 12.0
 
 
+Cases = list[tuple[np.ndarray, torch.Tensor]]
+
+
 def _reference_worker(args: tuple[np.ndarray, torch.Tensor]) -> np.ndarray:
     torch.set_num_threads(1)
     return dense_crf_reference(*args)
 
 
-def _timed_reference(pool: Any, cases: list[tuple[np.ndarray, torch.Tensor]]) -> tuple[float, list]:
+def _timed_reference(pool: Any, cases: Cases) -> tuple[float, list]:
     start = time.perf_counter()
     out = pool.map(_reference_worker, cases, chunksize=1)
     return time.perf_counter() - start, out
 
 
-def _timed_torch(cases: list[tuple[np.ndarray, torch.Tensor]], config: CRFConfig) -> tuple[float, list]:
+def _timed_torch(cases: Cases, config: CRFConfig) -> tuple[float, list]:
     start = time.perf_counter()
     out = [dense_crf(img, lg, config) for img, lg in cases]
     return time.perf_counter() - start, out
