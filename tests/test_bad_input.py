@@ -175,3 +175,42 @@ def test_features_processes_an_animated_gif(tmp_path: Path, capsys, caplog) -> N
     assert "2 images: 2 computed" in captured.out
     assert any(r.getMessage().endswith("b.gif: animated GIF (3 frames): the first frame is used")
                for r in caplog.records)
+
+
+def test_the_output_folder_remembers_its_max_pixels(tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    """An image over the pixel limit: ``segment --max-pixels`` accepts it, and its own report,
+    ``report --format coco`` and ``evaluate`` on its folder accept it
+    and its mask too. The limit is lowered to 40,000 pixels for the test: the same run on a
+    90 MP image over Pillow's real 89.5 MP guard took 5 GB and 90 s (the masks are written at
+    full size)."""
+    import unseg.data.image as image_module
+
+    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 40_000)
+    images = tmp_path / "images"
+    images.mkdir()
+    h, w = 200, 300
+    pixels = np.full((h, w, 3), (60, 140, 50), np.uint8)
+    pixels[: h // 2] = (40, 90, 200)
+    pixels[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = (200, 40, 40)
+    Image.fromarray(pixels).save(images / "big.png")
+    out = tmp_path / "out"
+    code = main(["segment", str(images), "--out", str(out), "-k", "3", "--size", "64",
+                 "--backbone", "efficientnet_lite0", "--method", "kmeans", "--refine", "none",
+                 "--workers", "1", "--max-pixels", str(h * w)])
+    assert code == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Showing 0 of 1" not in page and "image too large" not in page
+    assert page.count("<figcaption>image") == 1
+    assert main(["report", str(out), "--format", "coco"]) == 0
+    assert (out / "coco_results.json").is_file()
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "big.png").write_bytes((out / "masks" / "big.png").read_bytes())
+    assert main(["evaluate", "semantic", "--pred", str(out), "--gt", str(gt),
+                 "--num-classes", "3"]) == 0
+    assert "1 image(s) scored" in capsys.readouterr().out
+    # evaluate's own option overrides the folder's limit
+    assert main(["evaluate", "semantic", "--pred", str(out), "--gt", str(gt),
+                 "--num-classes", "3", "--max-pixels", "1000"]) == 2
+    assert "pass --max-pixels 60000 or more" in capsys.readouterr().err
