@@ -214,3 +214,16 @@ def test_the_output_folder_remembers_its_max_pixels(tmp_path: Path, monkeypatch,
     assert main(["evaluate", "semantic", "--pred", str(out), "--gt", str(gt),
                  "--num-classes", "3", "--max-pixels", "1000"]) == 2
     assert "pass --max-pixels 60000 or more" in capsys.readouterr().err
+
+
+def test_report_of_an_existing_output_shows_the_recorded_photos(tmp_path: Path) -> None:
+    images = _one_image(tmp_path / "images")
+    Image.fromarray(np.full((64, 96, 3), 30, np.uint8)).save(images / "b.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(images), "--out", str(out), "-k", "2", "--size", "64",
+                 "--backbone", "efficientnet_lite0", "--method", "kmeans", "--refine", "none",
+                 "--workers", "1", "--no-report"]) == 0
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("<figcaption>image") == 2
+    assert "Original images not found" not in page
