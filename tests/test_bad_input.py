@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from unseg.backbones.create import create_backbone
@@ -227,3 +228,34 @@ def test_report_of_an_existing_output_shows_the_recorded_photos(tmp_path: Path) 
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("<figcaption>image") == 2
     assert "Original images not found" not in page
+
+
+def _saliency_root(root: Path) -> Path:
+    """An ECSSD-layout root: images/ and ground_truth_mask/."""
+    _one_image(root / "images")
+    (root / "ground_truth_mask").mkdir()
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(root / "ground_truth_mask" / "a.png")
+    return root
+
+
+def test_semantic_scoring_of_a_saliency_root_says_what_it_is(tmp_path: Path, capsys) -> None:
+    gt = _saliency_root(tmp_path / "sal")
+    pred = _one_image(tmp_path / "pred")
+    code = main(["evaluate", "semantic", "--pred", str(pred), "--gt", str(gt),
+                 "--num-classes", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f"{gt}: ECSSD is a saliency dataset (foreground masks): it has no class label "
+            "PNGs to score against; use `unseg evaluate saliency`") in err
+    assert "no images found" not in err
+
+
+def test_the_real_ecssd_and_voc_roots_name_their_task(tmp_path: Path, capsys) -> None:
+    ecssd, voc = shared_data("ECSSD"), shared_data("VOC2012")
+    pred = _one_image(tmp_path / "pred")
+    assert main(["evaluate", "semantic", "--pred", str(pred), "--gt", str(ecssd)]) == 2
+    assert "ECSSD is a saliency dataset" in capsys.readouterr().err
+    assert main(["evaluate", "saliency", "--pred", str(pred), "--gt", str(voc)]) == 2
+    assert ("VOC2012 is a semantic segmentation dataset (class label PNGs): it has no "
+            "foreground masks to score against; use `unseg evaluate semantic`"
+            ) in capsys.readouterr().err
