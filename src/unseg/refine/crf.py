@@ -95,7 +95,7 @@ def _normalised(lattice: Lattice, compat: float) -> Lattice:
 def _kept_labels(probs: torch.Tensor, floor: float) -> torch.Tensor:
     """Indices of the labels of ``probs [K, H, W]`` that reach ``floor`` somewhere (never
     none: the labels at the image's highest probability always take part)."""
-    peak = probs.flatten(1).amax(1)
+    peak = probs.detach().flatten(1).amax(1)
     return torch.nonzero(peak >= min(floor, float(peak.max()))).flatten()
 
 
