@@ -42,7 +42,8 @@ class CRFConfig:
     """Dense CRF parameters; the defaults are the reference values.
 
     ``label_floor``: an image's CRF runs over the labels whose probability reaches this value
-    at some pixel (0 = every label, exactly the reference).
+    at some pixel (0 = every label, exactly the reference). At 0.05 the argmax stayed that of
+    every label's CRF on 99.9+ % of pixels (docs/pipeline-cost.md).
     """
 
     iterations: int = 10
@@ -51,7 +52,7 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    label_floor: float = 0.0
+    label_floor: float = 0.05
 
 
 def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
