@@ -4,6 +4,10 @@ label floor, batching, bad input."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -232,3 +236,40 @@ def test_bad_inputs_are_clear_errors() -> None:
         dense_crf_batch([image, image], [logits])
     with pytest.raises(UnsegError, match="image's size"):
         crf_marginals([image], [logits[:, :10]])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="no SIGINT here")
+def test_an_interrupt_during_a_map_starts_no_more_items() -> None:
+    """Ctrl-C while the threads work: the caller gets the KeyboardInterrupt, the items not yet
+    started never start, and the threads are left (each finishes the one item it runs)."""
+    started: list[int] = []
+    release = threading.Event()
+
+    def slow(i: int) -> int:
+        started.append(i)
+        release.wait(30)
+        return i
+
+    def interrupt() -> None:
+        while len(started) < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt), CRFPool(2) as pool:
+        pool.map_fn(slow, list(range(20)))
+    release.set()
+    time.sleep(0.2)
+    assert sorted(started) == [0, 1]
+
+
+def test_an_error_in_one_item_is_raised_and_the_rest_are_dropped() -> None:
+    def fail_on_three(i: int) -> int:
+        if i == 3:
+            raise ValueError("item 3")
+        return i
+
+    with CRFPool(2) as pool:
+        with pytest.raises(ValueError, match="item 3"):
+            pool.map_fn(fail_on_three, list(range(8)))
+        assert pool.map_fn(fail_on_three, [0, 1, 2]) == [0, 1, 2]  # the pool goes on
