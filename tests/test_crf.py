@@ -3,6 +3,12 @@ label floor, batching, bad input."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +28,10 @@ from unseg.refine.crf import (
 )
 from unseg.refine.lattice import build_lattice
 
-pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the reference) is a dev extra")
+needs_reference = pytest.mark.skipif(
+    importlib.util.find_spec("pydensecrf") is None,
+    reason="pydensecrf2 (the reference) is not installed: it is a dev extra",
+)
 
 
 def two_region_case(width: int = 64, edge: int = 37) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
@@ -71,6 +80,7 @@ def test_defaults_are_the_specified_values() -> None:
     assert (cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat) == (67.0, 3.0, 4.0)
 
 
+@needs_reference
 def test_matches_pydensecrf_on_a_synthetic_edge() -> None:
     image, logits, _ = two_region_case()
     ours, ref = dense_crf(image, logits), dense_crf_reference(image, logits)
@@ -78,6 +88,7 @@ def test_matches_pydensecrf_on_a_synthetic_edge() -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
+@needs_reference
 def test_matches_pydensecrf_on_voc_images_at_21_labels() -> None:
     for i, image in enumerate(voc_images(3)):
         logits = smooth_logits(image.shape[:2], 21, seed=i)
@@ -86,6 +97,7 @@ def test_matches_pydensecrf_on_voc_images_at_21_labels() -> None:
             assert_matches_reference(dense_crf(image, logits, CRFConfig(label_floor=floor)), ref)
 
 
+@needs_reference
 def test_matches_pydensecrf_on_primaps_pseudo_labels() -> None:
     """The path of :func:`unseg.proposals.primaps.pseudo_labels_one`: proposals on stand-in
     features (patch colours and positions), their log-probabilities upsampled to the image."""
@@ -183,7 +195,7 @@ def test_the_lattice_blurs_like_a_gaussian_of_unit_width() -> None:
     corr = torch.corrcoef(torch.stack([response, gauss]))[0, 1]
     assert corr > 0.98
     assert response.argmax() == 12 and torch.all(response >= 0)
-    torch.testing.assert_close(lattice.filter(2 * impulse), 2 * response)  # linear
+    torch.testing.assert_close(lattice.filter(2 * impulse)[:, 0], 2 * response)  # linear
 
 
 def test_images_never_share_lattice_vertices() -> None:
@@ -224,3 +236,40 @@ def test_bad_inputs_are_clear_errors() -> None:
         dense_crf_batch([image, image], [logits])
     with pytest.raises(UnsegError, match="image's size"):
         crf_marginals([image], [logits[:, :10]])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="no SIGINT here")
+def test_an_interrupt_during_a_map_starts_no_more_items() -> None:
+    """Ctrl-C while the threads work: the caller gets the KeyboardInterrupt, the items not yet
+    started never start, and the threads are left (each finishes the one item it runs)."""
+    started: list[int] = []
+    release = threading.Event()
+
+    def slow(i: int) -> int:
+        started.append(i)
+        release.wait(30)
+        return i
+
+    def interrupt() -> None:
+        while len(started) < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt), CRFPool(2) as pool:
+        pool.map_fn(slow, list(range(20)))
+    release.set()
+    time.sleep(0.2)
+    assert sorted(started) == [0, 1]
+
+
+def test_an_error_in_one_item_is_raised_and_the_rest_are_dropped() -> None:
+    def fail_on_three(i: int) -> int:
+        if i == 3:
+            raise ValueError("item 3")
+        return i
+
+    with CRFPool(2) as pool:
+        with pytest.raises(ValueError, match="item 3"):
+            pool.map_fn(fail_on_three, list(range(8)))
+        assert pool.map_fn(fail_on_three, [0, 1, 2]) == [0, 1, 2]  # the pool goes on

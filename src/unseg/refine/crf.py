@@ -42,7 +42,8 @@ class CRFConfig:
     """Dense CRF parameters; the defaults are the reference values.
 
     ``label_floor``: an image's CRF runs over the labels whose probability reaches this value
-    at some pixel (0 = every label, exactly the reference).
+    at some pixel (0 = every label, exactly the reference). At 0.05 the argmax stayed that of
+    every label's CRF on 99.9+ % of pixels (docs/pipeline-cost.md).
     """
 
     iterations: int = 10
@@ -51,7 +52,7 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    label_floor: float = 0.0
+    label_floor: float = 0.05
 
 
 def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ def _normalised(lattice: Lattice, compat: float) -> Lattice:
 def _kept_labels(probs: torch.Tensor, floor: float) -> torch.Tensor:
     """Indices of the labels of ``probs [K, H, W]`` that reach ``floor`` somewhere (never
     none: the labels at the image's highest probability always take part)."""
-    peak = probs.flatten(1).amax(1)
+    peak = probs.detach().flatten(1).amax(1)
     return torch.nonzero(peak >= min(floor, float(peak.max()))).flatten()
 
 
