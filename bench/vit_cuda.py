@@ -103,7 +103,8 @@ def main() -> None:
         "machine": platform.node(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if "cuda" in devices else None,
         "load": os.getloadavg(),
-        "images": len(list(images.iterdir())), "k": args.k, "tf32": not args.no_tf32,
+        "images": len(list(images.iterdir())), "k": args.k,
+        "tf32": (not args.no_tf32) if "cuda" in devices else None,
     }
     for device in devices:
         settings = SemanticSettings(backbone="dino_vits8", weights=str(weights), device=device)

@@ -93,12 +93,12 @@ def test_tokens_and_keys_match_transformers(name):
     for i, (h, w) in enumerate(_sizes(arch)):
         if i == 1 and not arch.registers:
             use_official_interpolation(ref, arch)  # transformers' own recipe differs off-native
-        images = torch.rand(1, 3, h, w, generator=gen)
+        images = torch.rand(2 if i == 1 else 1, 3, h, w, generator=gen)  # a batch once
         with torch.no_grad():
             tokens = ours.forward_features(images, "tokens")
             keys = ours.forward_features(images, "keys")
         ref_tokens, ref_keys = hf_outputs(ref, arch, ours.normalize(images))
-        assert tokens.shape == (1, arch.dim, h // arch.patch, w // arch.patch)
+        assert tokens.shape == (images.shape[0], arch.dim, h // arch.patch, w // arch.patch)
         torch.testing.assert_close(tokens, ref_tokens, **TOL, msg=f"tokens at {h}x{w}")
         torch.testing.assert_close(keys, ref_keys, **TOL, msg=f"keys at {h}x{w}")
 
