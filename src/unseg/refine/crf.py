@@ -42,8 +42,9 @@ class CRFConfig:
     """Dense CRF parameters; the defaults are the reference values.
 
     ``label_floor``: an image's CRF runs over the labels whose probability reaches this value
-    at some pixel (0 = every label, exactly the reference). At 0.05 the argmax stayed that of
-    every label's CRF on 99.9+ % of pixels (docs/pipeline-cost.md).
+    at some pixel (0 = every label, exactly the reference). 0.01: k-means' soft probabilities
+    on VOC keep every label there (at 0.05 the argmax moved on 1-4 % of pixels; measured in
+    docs/pipeline-cost.md); confident maps drop the labels they do not use.
     """
 
     iterations: int = 10
@@ -52,7 +53,7 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    label_floor: float = 0.05
+    label_floor: float = 0.01
 
 
 def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
