@@ -8,38 +8,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import ColourPatches
 from PIL import Image
 
-import unseg.pipelines.backbone as pipeline_backbone
-from unseg.backbones import (
-    BackboneSpec,
-    build_backbone,
-    list_backbones,
-    register_backbone,
-)
-from unseg.backbones import create as backbones_create
 from unseg.cli.main import main
 from unseg.data.image import load_label
 from unseg.methods.collapse import MIN_PREDICTED
 from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
 from unseg.refine.guided_filter import GuidedFilterConfig
 
-BACKBONE = "tiny_test16"
-
-
-@pytest.fixture(autouse=True)
-def tiny_backbone(monkeypatch):
-    """``create_backbone`` in the pipeline builds the stand-in (no weight files involved)."""
-    if not list_backbones(BACKBONE):
-        spec = BackboneSpec(BACKBONE, "test", 16, 6, (0.5,) * 3, (0.5,) * 3)
-        register_backbone(spec, ColourPatches)
-
-    def create(name, weights=None, device=None, **kwargs):
-        return build_backbone(name).requires_grad_(False).eval()
-
-    monkeypatch.setattr(pipeline_backbone, "create_backbone", create)
-    monkeypatch.setattr(backbones_create, "create_backbone", create)  # used by predict
+BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("registered_stand_in")
 
 
 def _square(h: int, w: int, seed: int) -> np.ndarray:

@@ -270,6 +270,8 @@ def fit_saliency(
     logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
     head = fit_estimator(spec, cfg, inputs, model, dev, timings)
     facts: dict[str, Any] = {"n_images": len(used), "loss_history": list(head.history_)}
+    if getattr(head, "restarts_", None):  # the restarts' label-free scores, the kept one marked
+        facts["restarts"] = [r.as_dict() for r in head.restarts_]
     collapse = getattr(head, "collapse_", None)
     if collapse is not None:  # the failure check of the head's training, saved with the run
         facts["collapse"] = collapse.as_dict()
