@@ -171,7 +171,7 @@ class SaliencyHead:
         self.net.eval()
         self.orient(features, images)
         self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.failed:
+        if self.collapse_.flagged:
             logger.warning("%s", self.collapse_.message())
         return self
 
