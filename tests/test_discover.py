@@ -247,6 +247,27 @@ def test_fit_saliency_reports_a_collapsed_head_and_records_it(tmp_path, monkeypa
     assert collapse["verdict"] == "constant" and collapse["failed"] is True
 
 
+def test_fit_saliency_flags_oversized_masks_without_failing(tmp_path, monkeypatch, capsys):
+    """Oversized masks are worth a look, not a failure: status 0, the verdict in the line and
+    the run, restarts' scores recorded when there were restarts."""
+    from unseg.methods.collapse import CollapseReport
+    from unseg.methods.saliency import SaliencyHead
+
+    def oversized(self, features, images):
+        return CollapseReport("oversized", 2, 0.7, 0.0, 0.0, 0.0, False, 0.5, 0.5)
+
+    monkeypatch.setattr(SaliencyHead, "check_collapse", oversized)
+    root = _saliency_dataset(tmp_path / "ECSSD")
+    run = tmp_path / "run"
+    code = main(["-q", "fit", "saliency", str(root), "--out", str(run), "--backbone", BACKBONE,
+                 "--epochs", "1", "--size", "64", "--restarts", "2", "--restart-steps", "2"])
+    assert code == 0
+    assert "check the masks (oversized" in capsys.readouterr().out
+    training = json.loads((run / "config.json").read_text())["training"]
+    assert training["collapse"]["flagged"] is True and training["collapse"]["failed"] is False
+    assert len(training["restarts"]) == 2 and sum(r["chosen"] for r in training["restarts"]) == 1
+
+
 @pytest.mark.parametrize("band_pixels", [700, 1500])
 def test_guided_filter_in_row_bands_equals_the_whole_image(monkeypatch, band_pixels):
     """Discover's guided filter runs in row bands with a 2r+1 halo above BAND_PIXELS; the bands

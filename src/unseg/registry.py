@@ -261,7 +261,9 @@ def _register_builtin() -> None:
             "ema_decay": "ceiling of θ_m's warm-up EMA decay",
             "ema_every": "steps between θ_m updates",
             "ema_warmup": "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update "
-            "(off: the ceiling from the first update, unseg 0.1.0's schedule)",
+            "(off: the ceiling from the first update, unseg 0.1.0's schedule; on street scenes "
+            "--no-ema-warmup --no-student-augs --no-center scored best, "
+            "docs/results-primaps.md)",
             "kmeans_passes": "cosine k-means passes of the initialisation",
             "init_max_points": "feature vectors sampled for the initialisation",
             "classifier": "reference: weight-normalised θ with trainable gain on raw features; "

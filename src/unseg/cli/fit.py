@@ -136,6 +136,9 @@ def _saliency_outcome(result: FitResult, where: str) -> Outcome:
         outcome.summary += (f"; TRAINING FAILED ({collapse['verdict']}: see training.collapse "
                             f"in {where}/config.json)")
         outcome.code = 1
+    elif collapse.get("flagged"):
+        outcome.summary += (f"; check the masks ({collapse['verdict']}: see training.collapse "
+                            f"in {where}/config.json)")
     return outcome
 
 

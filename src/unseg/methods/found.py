@@ -248,7 +248,7 @@ class FoundHead:
             self.net = self.net.folded()
         self.net.eval()
         self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.failed:
+        if self.collapse_.flagged:
             logger.warning("%s", self.collapse_.message())
         return self
 

@@ -14,6 +14,10 @@ Trained without labels on frozen patch features (attention keys) and the images:
 - polarity: after training, :meth:`SaliencyHead.orient` negates the output once if the model
   calls the border foreground on average over the training images (the prior alone does not
   always win; see docs/results-boosting.md);
+- restarts (``restarts`` > 1, our addition): short trainings of the patch-level part, one kept
+  by a label-free rule, before the ``epochs`` of the whole head (:mod:`unseg.methods.restarts`;
+  ``epochs=0`` keeps the chosen cut upsampled through the zero-initialised stages); the scores
+  are in ``restarts_``;
 - multi-scale consistency (``multiscale=True``, the Boosting trick): see
   :mod:`unseg.methods.multiscale`; weight 0.01 for the MSE and 0.01 for the cut on the crop.
   The crops' features come from :mod:`unseg.methods.crop_cache` (``crop_mode``: by default a
@@ -171,7 +175,7 @@ class SaliencyHead:
         self.net.eval()
         self.orient(features, images)
         self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.failed:
+        if self.collapse_.flagged:
             logger.warning("%s", self.collapse_.message())
         return self
 

@@ -206,7 +206,7 @@ def predict_masks(
     write_json_atomic(out_dir / BOXES_FILE, boxes)
     if len(report.written) >= MIN_PREDICTED:
         verdict = check.report()
-        if verdict.failed:
+        if verdict.flagged:
             logger.warning("%s", verdict.message("prediction"))
     return report
 
