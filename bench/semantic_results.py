@@ -148,7 +148,8 @@ def main() -> None:
                     if not result.is_file():
                         # --resume: a run killed midway continues (same configuration);
                         # no refinement: no worker processes to start
-                        workers = ["--workers", "1"] if refine == "none" else []
+                        workers = (["--workers", "1"] if refine == "none"
+                                   and "--workers" not in options else [])
                         run(["segment", str(dev.images), *options, "--num-classes", str(dev.k),
                              "--seed", str(seed), "--refine", refine, "--cache-dir",
                              str(work / ds / "cache"), "--out", str(out), "--resume",

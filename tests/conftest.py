@@ -38,7 +38,7 @@ def _shared_data(sub: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Callable[[str], Path]:
     """``shared_data(sub)``: the path of ``../shared/data/<sub>``; skips the calling test with a
     clear message if absent."""

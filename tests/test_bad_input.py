@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 from PIL import Image
 
 from unseg.backbones.create import create_backbone
@@ -250,7 +249,7 @@ def test_semantic_scoring_of_a_saliency_root_says_what_it_is(tmp_path: Path, cap
     assert "no images found" not in err
 
 
-def test_the_real_ecssd_and_voc_roots_name_their_task(tmp_path: Path, capsys) -> None:
+def test_the_real_ecssd_and_voc_roots_name_their_task(shared_data, tmp_path: Path, capsys) -> None:
     ecssd, voc = shared_data("ECSSD"), shared_data("VOC2012")
     pred = _one_image(tmp_path / "pred")
     assert main(["evaluate", "semantic", "--pred", str(pred), "--gt", str(ecssd)]) == 2

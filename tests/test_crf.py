@@ -8,12 +8,12 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_data
 from PIL import Image
 
 from unseg.errors import UnsegError
@@ -54,9 +54,9 @@ def smooth_logits(shape: tuple[int, int], k: int, seed: int, scale: float = 12.0
     return F.interpolate(small, size=shape, mode="bilinear", align_corners=False)[0]
 
 
-def voc_images(n: int, short: int = 160) -> list[np.ndarray]:
-    """The first ``n`` VOC2012 images, resized to a ``short`` side (a fast test)."""
-    root = shared_data("VOC2012") / "VOCdevkit" / "VOC2012" / "JPEGImages"
+def voc_images(voc: Path, n: int, short: int = 160) -> list[np.ndarray]:
+    """The first ``n`` images of the ``voc`` root, resized to a ``short`` side (a fast test)."""
+    root = voc / "VOCdevkit" / "VOC2012" / "JPEGImages"
     out = []
     for path in sorted(root.glob("*.jpg"))[:n]:
         with Image.open(path) as img:
@@ -89,8 +89,8 @@ def test_matches_pydensecrf_on_a_synthetic_edge() -> None:
 
 
 @needs_reference
-def test_matches_pydensecrf_on_voc_images_at_21_labels() -> None:
-    for i, image in enumerate(voc_images(3)):
+def test_matches_pydensecrf_on_voc_images_at_21_labels(shared_data) -> None:
+    for i, image in enumerate(voc_images(shared_data("VOC2012"), 3)):
         logits = smooth_logits(image.shape[:2], 21, seed=i)
         ref = dense_crf_reference(image, logits)
         for floor in (0.0, CRFConfig().label_floor):
@@ -98,11 +98,11 @@ def test_matches_pydensecrf_on_voc_images_at_21_labels() -> None:
 
 
 @needs_reference
-def test_matches_pydensecrf_on_primaps_pseudo_labels() -> None:
+def test_matches_pydensecrf_on_primaps_pseudo_labels(shared_data) -> None:
     """The path of :func:`unseg.proposals.primaps.pseudo_labels_one`: proposals on stand-in
     features (patch colours and positions), their log-probabilities upsampled to the image."""
     cfg = PriMaPsConfig()
-    for image in voc_images(2):
+    for image in voc_images(shared_data("VOC2012"), 2):
         rgb = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
         patches = F.avg_pool2d(rgb, 8)[0]
         gen = torch.Generator().manual_seed(0)

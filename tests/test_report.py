@@ -422,3 +422,20 @@ def test_page_loads_in_chromium_and_screenshot_shows_gallery(
     for color in QUADRANT_COLORS:  # the gallery's images are on screen
         close = (np.abs(pixels - color).max(axis=2) < 40).sum()
         assert close > 500, f"colour {color} of the gallery images not in the screenshot"
+
+
+def test_class_balance_section_gives_each_clusters_share_and_warns_of_empty_ones(
+    tmp_path: Path,
+) -> None:
+    run = _semantic_run(tmp_path, config={"num_classes": 4})  # cluster 3 is never predicted
+    page = write_report(run["out"]).read_text()
+    masks = [_load(p) for p in sorted((run["out"] / "masks").glob("*.png"))]
+    counts = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=4)
+    section = page[page.index('<section id="balance">'):]
+    section = section[: section.index("</section>")]
+    for c, n in enumerate(counts):
+        assert re.search(rf"cluster {c}</td><td class=\"num\">{100 * n / counts.sum():.1f}%</td>",
+                         section)
+    assert "1 of 4 classes hold under 2.50 %" in section and "3: 0.00 %" in section
+    balanced = write_report(_semantic_run(tmp_path / "k3")["out"]).read_text()
+    assert 'id="balance"' in balanced and "nearly empty" not in balanced

@@ -19,23 +19,6 @@ from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.methods.saliency_head import SaliencyHeadNet
 
 
-def _planted_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dark noisy backgrounds with one bright 24-pixel square each: images, truth."""
-    images = 0.2 + 0.05 * torch.rand(n, 3, 64, 64, generator=gen)
-    truth = torch.zeros(n, 1, 64, 64)
-    for i in range(n):
-        top, left = torch.randint(8, 32, (2,), generator=gen).tolist()
-        images[i, :, top : top + 24, left : left + 24] += 0.6
-        truth[i, :, top : top + 24, left : left + 24] = 1.0
-    return images.clamp(0, 1), truth
-
-
-def _colour_features(images: torch.Tensor) -> torch.Tensor:
-    """A stand-in backbone at stride 8: mean colour per patch, centred."""
-    f = F.avg_pool2d(images, 8)
-    return torch.cat([f - 0.5, 0.5 - f], dim=1)
-
-
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = int((a | b).sum())
     return 1.0 if union == 0 else int((a & b).sum()) / union
@@ -112,10 +95,11 @@ def _restart_cfg(**kw) -> SaliencyHeadConfig:
     return SaliencyHeadConfig(**{**base, **kw})
 
 
-def test_restarts_keep_one_and_the_fit_is_deterministic():
+def test_restarts_keep_one_and_the_fit_is_deterministic(planted_squares, stand_in):
+    colours = stand_in(8, std=1.0).forward_features
     gen = torch.Generator().manual_seed(0)
-    images, truth = _planted_images(40, gen)
-    feats = _colour_features(images)
+    images, truth = planted_squares(40, gen)
+    feats = colours(images)
     inputs = FitInputs(list(feats), list(images))
     head = SaliencyHead(_restart_cfg()).fit(inputs)
     assert len(head.restarts_) == 3 and sum(s.chosen for s in head.restarts_) == 1
@@ -130,10 +114,13 @@ def test_restarts_keep_one_and_the_fit_is_deterministic():
     assert [s.as_dict() for s in again.restarts_] == [s.as_dict() for s in head.restarts_]
 
 
-def test_restarts_without_further_epochs_predict_the_upsampled_coarse_cut():
+def test_restarts_without_further_epochs_predict_the_upsampled_coarse_cut(
+    planted_squares, stand_in
+):
+    colours = stand_in(8, std=1.0).forward_features
     gen = torch.Generator().manual_seed(1)
-    images, _ = _planted_images(24, gen)
-    feats = _colour_features(images)
+    images, _ = planted_squares(24, gen)
+    feats = colours(images)
     head = SaliencyHead(_restart_cfg(epochs=0)).fit(FitInputs(list(feats), list(images)))
     assert all(float(st.to_logit.weight.abs().sum()) == 0 for st in head.net.stages)
     coarse, fine = head.net(feats, images)

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 from PIL import Image
 from safetensors.torch import load_file
 from vit_reference import (
@@ -42,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]  # two full-depth S/8 runs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(shared_data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     jpegs = shared_data("VOC2012") / "VOCdevkit" / "VOC2012" / "JPEGImages"
     root = tmp_path_factory.mktemp("vitref")
     images = root / "images"
