@@ -125,6 +125,7 @@ def crf_marginals(
     Runs on the unaries' device (the first one's); each pixel's marginals sum to 1.
     """
     config = config or CRFConfig()
+    _check_stopped()  # a pool thread left running after an interrupt starts no new CRF
     if len(images) != len(unaries):
         raise UnsegError(f"{len(images)} images but {len(unaries)} unaries")
     if not images:
