@@ -66,6 +66,9 @@ def test_palette_pngs_are_read_as_class_ids_and_logged(tmp_path, caplog) -> None
         im.save(paths[-1])
     got = list(read_labels(paths))
     assert got[0][0, 0] == 2 and got[1][1, 1] == 1
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert len(list(read_labels([paths[0], broken, paths[1]]))) == 2  # skipped, not raised
     with caplog.at_level(logging.INFO, logger="unseg.methods.balance"):
         shares = log_class_balance(paths, 4)
     np.testing.assert_allclose(shares, [19 / 60, 38 / 60, 3 / 60, 0.0])
@@ -74,7 +77,8 @@ def test_palette_pngs_are_read_as_class_ids_and_logged(tmp_path, caplog) -> None
     assert len(warned) == 1 and "3: 0.00 %" in warned[0].getMessage()
 
 
-def test_an_unreadable_mask_is_left_out_of_the_counts(tmp_path, caplog):
+def test_an_unreadable_mask_is_left_out_of_the_counts(tmp_path, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="unseg.methods.balance")
     good = tmp_path / "good.png"
     Image.fromarray(np.array([[0, 1], [1, 1]], dtype=np.uint8), mode="L").save(good)
     bad = tmp_path / "bad.png"
