@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
 from unseg.utils.io import write_json_atomic
 from unseg.utils.timing import Timings, collect

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.errors import UnsegError
 from unseg.registry import MethodSpec, Output, config_from_dict, config_to_dict, get_method
 from unseg.utils.io import atomic_write, write_json_atomic

@@ -24,7 +24,7 @@ cluster + 1, the rest 0 (background); palette label PNGs as the other semantic m
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
@@ -55,7 +56,7 @@ from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
 from unseg.pipelines.pseudo_labels import hwc
-from unseg.proposals.saliency_masks import ProposalReport, load_mask_proposals
+from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
 from unseg.report.overlays import overlay
 from unseg.report.palette import png_palette
@@ -102,17 +103,19 @@ def _photometric_features(
     feats: FeatureSet,
     model: Backbone,
     config: MaskContrastConfig,
-    cache: Path,
+    cache: Path | None,
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Features ``[C, h, w]`` of a photometric copy of each image (its ``"image"`` extra),
-    seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image)."""
-    cache.mkdir(parents=True, exist_ok=True)
+    seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image;
+    None: not cached)."""
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
     out: list[torch.Tensor] = []
     for p in progress(paths, total=len(paths), desc="photometric views", unit="img"):
         sha = feats.record(p).sha256
-        file = cache / f"{sha}.safetensors"
-        if file.is_file():
+        file = None if cache is None else cache / f"{sha}.safetensors"
+        if file is not None and file.is_file():
             out.append(load_file(str(file))["features"])
             continue
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + int(sha[:12], 16))
@@ -120,7 +123,8 @@ def _photometric_features(
         with torch.inference_mode():
             f = model.forward_features(image[None].to(device), "tokens")[0]
         f = f.to("cpu", feats[p].dtype).contiguous()
-        atomic_write(file, lambda t, f=f: save_file({"features": f}, str(t)))
+        if file is not None:
+            atomic_write(file, lambda t, f=f: save_file({"features": f}, str(t)))
         out.append(f)
     return out
 
@@ -142,6 +146,115 @@ def _view_cache(cache: Path, feats: FeatureSet, config: MaskContrastConfig) -> P
     return cache / "maskcontrast-views" / key
 
 
+def maskcontrast_config(options: Mapping[str, Any] | None, seed: int) -> MaskContrastConfig:
+    """The MaskContrast config of ``options`` (config fields by name) and the run's ``seed``."""
+    return build_config(get_method(METHOD), options, {"seed": seed})
+
+
+@dataclass
+class TrainedMaskContrast:
+    """A MaskContrast fit in memory: the estimator, its backbone (at the tap it was trained
+    on), the tap asked for, the images used, their features and training facts, and the
+    training images' prototypes ``[N, D]``."""
+
+    estimator: MaskContrast
+    backbone: Backbone
+    trained_tap: str | None
+    paths: list[Path]
+    feature_dim: int
+    facts: dict[str, Any]
+    prototypes: torch.Tensor
+    masks: ProposalReport
+
+
+def train_maskcontrast(
+    root: str | Path,
+    inputs: ImageInputs,
+    masks: Callable[[list[Path]], tuple[MaskProposals, ProposalReport]],
+    config: MaskContrastConfig,
+    model: Backbone,
+    size: int,
+    cache: Path | None,
+    device: torch.device,
+    report: BatchReport,
+    timings: Timings,
+    checkpoint_dir: Path | None = None,
+) -> TrainedMaskContrast:
+    """Train MaskContrast on ``inputs`` with the saliency proposals ``masks(paths)`` gives
+    (see the module docstring); ``cache`` None: nothing cached on disk; ``checkpoint_dir``: a
+    checkpoint after every epoch, resumed by the same call after a kill."""
+    trained_tap, stage = model.tap, None
+    if config.train_last_stage:
+        stage = model.last_stage()
+        config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
+        model.tap = stage.input_tap
+    proposals, mask_report = masks(inputs.paths)
+    report.merge(mask_report)
+    mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
+    feats = extract_features(
+        proposals.paths, model, size=size,
+        cache_dir=None if cache is None else cache / "features",
+        report=report, extras=("image",), timings=timings, arrays=inputs.arrays,
+    )
+    good = feats.paths
+    if not good:
+        raise no_usable_images(root, report)
+    with timings.stage("photometric views"):
+        views = _photometric_features(
+            good, feats, model, config,
+            None if cache is None else _view_cache(cache, feats, config), device,
+        )
+    fit_inputs = FitInputs(
+        features=[feats[p] for p in good],
+        masks=[_at_size(mask_of[p], feats.image_size(p)) for p in good],
+        student_features=views,
+    )
+    check_fit_inputs(fit_inputs)
+    estimator = MaskContrast(config, device, stage=stage)
+    with timings.stage("fitting"):
+        estimator.fit(fit_inputs, checkpoint_dir=checkpoint_dir)
+    facts = {
+        "epochs": config.epochs,
+        "steps": len(estimator.history_),
+        "final_loss": estimator.history_[-1] if estimator.history_ else None,
+        "view_fallbacks": estimator.fallbacks_,
+        "masks": {"kept": mask_report.kept, "dropped": len(mask_report.dropped),
+                  "bad": len(mask_report.failed)},
+    }
+    # many mid-sized ops: one intra-op thread (two only spin-wait on a loaded machine)
+    with timings.stage("prototypes"), cpu_threads(device, 1):
+        protos = torch.stack([
+            image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
+        ])
+    logger.info("%s", mask_report.summary())
+    return TrainedMaskContrast(estimator, model, trained_tap, good,
+                               int(feats[good[0]].shape[0]), facts, protos, mask_report)
+
+
+def save_maskcontrast_run(
+    run_dir: Path, trained: TrainedMaskContrast, size: int, weights: str | Path | None,
+    timings: Timings,
+) -> None:
+    """The run folder of a MaskContrast fit (``unseg predict`` and ``--embeddings`` read it)."""
+    protos = trained.prototypes
+    atomic_write(run_dir / TRAIN_PROTOTYPES,
+                 lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
+    model = trained.backbone
+    save_fitted(run_dir, get_method(METHOD), trained.estimator, extra={
+        "backbone": model.spec.name,
+        "tap": getattr(model, "tap", None),
+        "trained_tap": trained.trained_tap,
+        "weights_sha256": backbone_weights_sha256(model),
+        "weights_path": str(Path(weights).resolve()) if weights else None,
+        "feature_size": size,
+        "feature_dim": trained.feature_dim,
+        "stride": model.stride,
+        "n_images": len(trained.paths),
+        "fit": trained.facts,
+        "timings": timings.as_dict(),
+    })
+
+
 def fit_maskcontrast(
     data: str | Path,
     saliency: str | Path,
@@ -159,80 +272,27 @@ def fit_maskcontrast(
     feature size, seed, device, cache.
     """
     settings = settings or MaskContrastSettings()
-    spec = get_method(METHOD)
-    config: MaskContrastConfig = build_config(spec, options, {"seed": settings.seed})
+    config = maskcontrast_config(options, settings.seed)
     backbone_name = resolve_backbone_name(settings.backbone)
     run_dir = Path(run_dir)
     timings = timings if timings is not None else Timings()
     report = BatchReport()
     seed_everything(settings.seed)
+    names_root = resolve_image_dir(data)
     with dist.joined(resolve_device(settings.device)) as dev:
         model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
-        paths = resolve_inputs(data, report, model.stride)
-        trained_tap, stage = model.tap, None
-        if config.train_last_stage:
-            stage = model.last_stage()
-            config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
-            model.tap = stage.input_tap
-        proposals, mask_report = load_mask_proposals(
-            paths, saliency, names_root=resolve_image_dir(data)
-        )
-        report.merge(mask_report)
-        mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
+        inputs = ImageInputs(resolve_inputs(data, report, model.stride))
         cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
-        feats = extract_features(
-            proposals.paths, model, size=settings.size, cache_dir=cache / "features",
-            report=report, extras=("image",), timings=timings,
+        trained = train_maskcontrast(
+            data, inputs,
+            lambda paths: load_mask_proposals(paths, saliency, names_root=names_root),
+            config, model, settings.size, cache, dev, report, timings, checkpoint_dir=run_dir,
         )
-        good = feats.paths
-        if not good:
-            raise no_usable_images(data, report)
-        with timings.stage("photometric views"):
-            views = _photometric_features(good, feats, model, config,
-                                          _view_cache(cache, feats, config), dev)
-        inputs = FitInputs(
-            features=[feats[p] for p in good],
-            masks=[_at_size(mask_of[p], feats.image_size(p)) for p in good],
-            student_features=views,
-        )
-        check_fit_inputs(inputs)
-        estimator = MaskContrast(config, dev, stage=stage)
-        with timings.stage("fitting"):
-            estimator.fit(inputs, checkpoint_dir=run_dir)
-        facts = {
-            "epochs": config.epochs,
-            "steps": len(estimator.history_),
-            "final_loss": estimator.history_[-1] if estimator.history_ else None,
-            "view_fallbacks": estimator.fallbacks_,
-            "saliency": str(Path(saliency).resolve()),
-            "masks": {"kept": mask_report.kept, "dropped": len(mask_report.dropped),
-                      "bad": len(mask_report.failed)},
-        }
+        trained.facts["saliency"] = str(Path(saliency).resolve())
         if dist.is_main():
-            # many mid-sized ops: one intra-op thread (two only spin-wait on a loaded machine)
-            with timings.stage("prototypes"), cpu_threads(dev, 1):
-                protos = torch.stack([
-                    image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
-                ])
-            atomic_write(run_dir / TRAIN_PROTOTYPES,
-                         lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
-            save_fitted(run_dir, spec, estimator, extra={
-                "backbone": model.spec.name,
-                "tap": getattr(model, "tap", None),
-                "trained_tap": trained_tap,
-                "weights_sha256": backbone_weights_sha256(model),
-                "weights_path": str(Path(settings.weights).resolve()) if settings.weights
-                else None,
-                "feature_size": settings.size,
-                "feature_dim": int(feats[good[0]].shape[0]),
-                "stride": model.stride,
-                "n_images": len(good),
-                "fit": facts,
-                "timings": timings.as_dict(),
-            })
+            save_maskcontrast_run(run_dir, trained, settings.size, settings.weights, timings)
         dist.barrier()
-    logger.info("%s", mask_report.summary())
-    return MaskContrastFit(run_dir, report, len(good), facts, mask_report)
+    return MaskContrastFit(run_dir, report, len(trained.paths), trained.facts, trained.masks)
 
 
 @torch.no_grad()
@@ -255,9 +315,11 @@ def salient_pixels(logit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _assign(
-    run_dir: Path, protos: torch.Tensor, num_clusters: int, clusters: Clusters, seed: int
+    where: str | Path, protos: torch.Tensor, num_clusters: int, clusters: Clusters, seed: int,
+    train: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Cluster ids ``[N]`` of ``protos [N, D]``, fitted on them or on the run's training set."""
+    """Cluster ids ``[N]`` of ``protos [N, D]``, fitted on them or on the training set's
+    prototypes ``train`` (None: the run ``where`` has none)."""
     if clusters == "predicted":
         if protos.shape[0] < max(num_clusters, 2):
             raise UnsegError(
@@ -268,15 +330,19 @@ def _assign(
         return cluster_prototypes(protos, num_clusters, seed=seed)
     if clusters != "training":
         raise UnsegError(f"clusters must be 'predicted' or 'training', got {clusters!r}")
-    file = run_dir / TRAIN_PROTOTYPES
-    if not file.is_file():
-        raise UnsegError(f"{run_dir}: no {TRAIN_PROTOTYPES}; refit the run or use --clusters "
+    if train is None:
+        raise UnsegError(f"{where}: no {TRAIN_PROTOTYPES}; refit the run or use --clusters "
                          "predicted")
-    train = load_file(str(file))["prototypes"]
     if train.shape[0] < num_clusters:
-        raise UnsegError(f"{run_dir}: {train.shape[0]} training images cannot make "
+        raise UnsegError(f"{where}: {train.shape[0]} training images cannot make "
                          f"{num_clusters} clusters")
     return PrototypeClusters.fit(train, num_clusters, seed=seed).assign(protos)
+
+
+def train_prototypes(run_dir: Path) -> torch.Tensor | None:
+    """The training images' prototypes ``[N, D]`` a run keeps (None: it has none)."""
+    file = run_dir / TRAIN_PROTOTYPES
+    return load_file(str(file))["prototypes"] if file.is_file() else None
 
 
 def _write(
@@ -300,6 +366,56 @@ def _write(
         save_jpeg_atomic(jpg, overlay(hwc(big), lab8))
 
 
+def maskcontrast_labels(
+    estimator: MaskContrast,
+    model: Backbone,
+    size: int,
+    inputs: ImageInputs,
+    num_classes: int,
+    *,
+    clusters: Clusters = "predicted",
+    seed: int = 0,
+    train: torch.Tensor | None = None,
+    where: str | Path = "run",
+    report: BatchReport,
+    device: torch.device,
+    with_images: bool = False,
+) -> list[tuple[Path, np.ndarray, torch.Tensor | None]]:
+    """``(path, class ids [H, W] int64, resized image or None)`` of each image of ``inputs``
+    (module docstring: 0 = background, clusters ``1..num_classes − 1``); ``seed``: k-means;
+    ``train``: the training prototypes (``clusters="training"``). Under torchrun each rank
+    passes its share: it computes those prototypes, every rank clusters all of them (same
+    seed, same ids) and labels its share."""
+    if not 2 <= num_classes <= 256:
+        raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
+    paths = inputs.paths
+    kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
+    protos: list[torch.Tensor] = []
+    for start in range(0, len(paths), CHUNK):
+        feats = extract_features(
+            paths[start : start + CHUNK], model, size=size, report=report,
+            extras=("image",) if with_images else (), shard=False, arrays=inputs.arrays,
+        )
+        for p in feats.paths:
+            with cpu_threads(device, 1):
+                proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
+            protos.append(proto)
+            image = feats.extra(p, "image") if with_images else None
+            kept.append((p, logit, feats.original_size(p), image))
+    parts = dist.all_gather_objects(torch.stack(protos) if protos else None)
+    everyone = [x for x in parts if x is not None]
+    if not everyone:
+        raise UnsegError(f"{where}: no image could be predicted")
+    ids = _assign(where, torch.cat(everyone), num_clusters=num_classes - 1, clusters=clusters,
+                  seed=seed, train=train)
+    offset = sum(x.shape[0] for x in parts[: dist.rank()] if x is not None)
+    return [
+        (p, (salient_pixels(logit, size).long() * (int(c) + 1)).numpy(), image)
+        for (p, logit, size, image), c in zip(kept, ids[offset : offset + len(kept)],
+                                              strict=True)
+    ]
+
+
 def predict_maskcontrast(
     run_dir: str | Path,
     images: str | Path,
@@ -313,11 +429,7 @@ def predict_maskcontrast(
     overlay_dir: str | Path | None = None,
 ) -> BatchReport:
     """Label PNGs (0 = background, clusters ``1..num_classes − 1``) for the images of
-    ``images`` with the MaskContrast run ``run_dir`` (module docstring); ``seed``: k-means.
-
-    Under torchrun each rank computes its share of the prototypes, every rank clusters all of
-    them (same seed, same ids) and writes its share.
-    """
+    ``images`` with the MaskContrast run ``run_dir`` (:func:`maskcontrast_labels`)."""
     if not 2 <= num_classes <= 256:
         raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
     run_dir, root = Path(run_dir), Path(images)
@@ -329,32 +441,16 @@ def predict_maskcontrast(
         model = open_fitted_backbone(meta, weights, dev, str(run_dir))
         paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
                            dist.world_size())
-        kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
-        protos: list[torch.Tensor] = []
-        for start in range(0, len(paths), CHUNK):
-            feats = extract_features(
-                paths[start : start + CHUNK], model, size=int(meta["feature_size"]),
-                report=report, extras=("image",) if overlays else (), shard=False,
-            )
-            for p in feats.paths:
-                with cpu_threads(dev, 1):
-                    proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
-                protos.append(proto)
-                image = feats.extra(p, "image") if overlays else None
-                kept.append((p, logit, feats.original_size(p), image))
-        parts = dist.all_gather_objects(torch.stack(protos) if protos else None)
-        everyone = [x for x in parts if x is not None]
-        if not everyone:
-            raise UnsegError(f"{images}: no image could be predicted")
-        all_protos = torch.cat(everyone)
-        ids = _assign(run_dir, all_protos, num_clusters=num_classes - 1, clusters=clusters,
-                      seed=seed)
-        offset = sum(x.shape[0] for x in parts[: dist.rank()] if x is not None)
+        labelled = maskcontrast_labels(
+            estimator, model, int(meta["feature_size"]), ImageInputs(paths), num_classes,
+            clusters=clusters, seed=seed,
+            train=train_prototypes(run_dir) if clusters == "training" else None,
+            where=run_dir if clusters == "training" else images, report=report, device=dev,
+            with_images=overlays is not None,
+        )
         names_root = resolve_image_dir(root)
-        for (p, logit, size, image), c in zip(kept, ids[offset : offset + len(kept)],
-                                              strict=True):
-            labels = salient_pixels(logit, size).long() * (int(c) + 1)
-            _write(p, labels.numpy(), names_root, out, overlays, image, report)
+        for p, labels, image in labelled:
+            _write(p, labels, names_root, out, overlays, image, report)
     if dist.is_distributed():
         gathered = dist.all_gather_objects((report.written, report.failed))
         report = BatchReport().merge(*(BatchReport(w, f) for w, f in gathered))

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.metrics.semantic import MatchMode
 from unseg.pipelines.evaluate import CorLocResult
 from unseg.report.charts import (
