@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_data
 from PIL import Image
 
@@ -26,6 +27,7 @@ from unseg.report.outputs import find_outputs, match_images
 from unseg.report.palette import label_colors, png_palette
 from unseg.report.scores import evaluate_saliency_run, evaluate_semantic_run
 from unseg.report.thumbs import IGNORE_COLOR
+from unseg.runs import save_run
 from unseg.utils.io import save_png_atomic, write_json_atomic
 
 PERM = np.array([2, 0, 1])  # cluster -> class of the fake ground truth
@@ -423,3 +425,18 @@ def test_page_loads_in_chromium_and_screenshot_shows_gallery(
     for color in QUADRANT_COLORS:  # the gallery's images are on screen
         close = (np.abs(pixels - color).max(axis=2) < 40).sum()
         assert close > 500, f"colour {color} of the gallery images not in the screenshot"
+
+
+@pytest.mark.parametrize(("method", "kind"), [("found", "saliency"), ("saliency-head", "saliency"),
+                                              ("kmeans", "semantic"),
+                                              ("maskcontrast", "semantic")])
+def test_the_kind_of_masks_is_the_registered_methods(tmp_path: Path, method: str,
+                                                     kind: str) -> None:
+    """The run's method decides the kind through the registry, not its name: a FOUND run's
+    masks are saliency maps (its name has no "saliency"), MaskContrast's are class ids."""
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    mode = "L" if kind == "saliency" else "P"
+    Image.new(mode, (8, 8)).save(out / "masks" / "a.png")
+    save_run(out / "run", method, {}, {"w": torch.zeros(1)})
+    assert find_outputs(out).kind == kind

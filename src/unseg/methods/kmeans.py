@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
+from unseg.registry import register
+from unseg.utils.options import option
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,15 @@ class KMeansConfig:
     training images' mean feature before clustering and before the logits)."""
 
     num_classes: int = 27
-    n_init: int = 3
-    max_iter: int = 100
-    tol: float = 1e-6
-    chunk_size: int = 65536
-    center: bool = False
+    n_init: int = option(3, "k-means++ restarts (the best inertia is kept)")
+    max_iter: int = option(100, "Lloyd iterations per restart")
+    tol: float = option(1e-6, "relative inertia change that stops the iterations")
+    chunk_size: int = option(65536, "feature vectors per distance block (memory)")
+    center: bool = option(
+        False,
+        "subtract the training images' mean feature, kept in the run (default: on where the "
+        "backbone's default tap was measured best centred)",
+    )
     seed: int = 0
 
 
@@ -225,6 +231,15 @@ def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.
     return features.float() - mean.to(features.device)[:, None, None]
 
 
+@register(
+    "kmeans",
+    config=KMeansConfig,
+    output="semantic",
+    needs=("features",),
+    summary="cosine k-means of the backbone features (the baseline)",
+    pipeline_fields=("num_classes", "seed"),
+    rank=20,
+)
 class KMeans:
     """The semantic k-means method: cosine k-means of the training images' feature vectors.
 

@@ -39,7 +39,9 @@ from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency_head import SaliencyHeadNet
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.registry import register
 from unseg.utils.device import resolve_device
+from unseg.utils.options import option
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -49,28 +51,42 @@ logger = logging.getLogger(__name__)
 class SaliencyHeadConfig:
     """Training and inference settings; defaults are the Boosting/SEMPART reference values."""
 
-    image_size: int = 320
-    lr: float = 1e-4
-    batch_size: int = 8
-    epochs: int = 30
-    tau: float = 0.4
-    eps: float = 1e-6
-    dim: int = 128
-    layers: int = 2
-    heads: int = 4
-    weight_coarse: float = 1.0
-    weight_agree: float = 1.0
-    weight_border: float = 0.1
-    multiscale: bool = False
-    crop_scale: tuple[float, float] = (0.5, 0.5)
-    fixed_crop: bool = False
-    crop_mode: CropMode = "cache"
-    crop_pool: int = 4
-    weight_consistency: float = 0.01
-    weight_crop_ncut: float = 0.01
-    guided_filter: bool = True
+    image_size: int = option(
+        320,
+        "training crop side and prediction short side in pixels",
+        flags=("--size",),
+    )
+    lr: float = option(1e-4, "AdamW learning rate")
+    batch_size: int = option(8, "images per step")
+    epochs: int = option(30, "training epochs (paper: 30)")
+    tau: float = option(0.4, "key-affinity threshold τ of the cut")
+    eps: float = option(1e-6, "affinity below τ")
+    dim: int = option(128, "head width")
+    layers: int = option(2, "transformer layers of the head")
+    heads: int = option(4, "attention heads")
+    weight_coarse: float = option(1.0, "weight of the cut on the coarse prediction")
+    weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
+    weight_border: float = option(0.1, "weight of the border prior")
+    multiscale: bool = option(False, "multi-scale consistency (Boosting trick)")
+    crop_scale: tuple[float, float] = option(
+        (0.5, 0.5),
+        "crop side as a fraction of the image side (LO HI)",
+    )
+    fixed_crop: bool = option(
+        False,
+        "the reference code's near-fixed (top-left) crop, for comparison",
+    )
+    crop_mode: CropMode = option(
+        "cache",
+        "crop features: cache (backbone once per pooled crop), roi (RoI-align of the full map) "
+        "or backbone (every step)",
+    )
+    crop_pool: int = option(4, "crops cached per image")
+    weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
+    weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
+    guided_filter: bool = option(True, "guided-filter refinement at prediction")
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = 0
+    seed: int = option(0, "random seed")
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:
@@ -82,6 +98,16 @@ def border_prior(probs: torch.Tensor) -> torch.Tensor:
     return (probs[..., ring].mean(dim=-1) - probs.flatten(1).mean(dim=-1, keepdim=True)).mean()
 
 
+@register(
+    "saliency-head",
+    config=SaliencyHeadConfig,
+    output="saliency",
+    needs=("features", "images", "backbone"),
+    summary="SEMPART-style saliency head trained with the soft normalized cut",
+    aliases=("saliency", "head"),
+    feature_kind="keys",
+    rank=30,
+)
 class SaliencyHead:
     """Estimator under the contract of :mod:`unseg.methods.base`: ``fit(FitInputs)`` on the
     attention keys and the images, then ``predict_proba(features, images)``.

@@ -7,8 +7,9 @@ Layouts read (as the commands write them):
 - ``predict``: PNGs directly in ``OUT`` (with ``boxes.json`` for saliency runs);
 - ``fit``: a bare run folder (``config.json`` + ``weights.safetensors``), reported without masks.
 
-A run folder given as ``OUT/run`` stands for ``OUT``. The kind of masks is the run's (a saliency
-method writes 8-bit probabilities, the others label PNGs); without a run it is read off the
+A run folder given as ``OUT/run`` stands for ``OUT``. The kind of masks is the run's method's
+output kind in the registry (a saliency method writes 8-bit probabilities, the others label
+PNGs); without a run it is read off the
 files: ``boxes.json`` or a greyscale PNG means saliency, a palette PNG semantic labels.
 """
 
@@ -25,6 +26,7 @@ from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
 from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
+from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
 CONFIG_FILE = "config.json"
@@ -93,6 +95,19 @@ def _kind_from_files(masks: list[Path], boxes: Path | None) -> Kind:
     return "semantic" if mode == "P" else "saliency"
 
 
+def _kind_of_method(method: str, masks: list[Path], boxes: Path | None) -> Kind:
+    """The kind of masks the registered ``method`` writes: 8-bit probabilities for saliency
+    methods, class ids for the others (MaskContrast's clusters included); read off the files
+    when no run names a method this unseg knows."""
+    try:
+        output = get_method(method).output if method else None
+    except UnsegError:
+        output = None
+    if output is None:
+        return _kind_from_files(masks, boxes)
+    return "saliency" if output == "saliency" else "semantic"
+
+
 def _images_from_record(config: dict[str, Any] | None) -> Path | None:
     value = None if config is None else config.get("images")
     if isinstance(value, str) and Path(value).exists():
@@ -145,9 +160,7 @@ def find_outputs(
     boxes = output_dir / BOXES_FILE
     boxes_file = boxes if boxes.is_file() else None
     method = "" if config is None else str(config.get("method", ""))
-    kind: Kind = "saliency" if "saliency" in method else "semantic"
-    if not method:
-        kind = _kind_from_files(masks, boxes_file)
+    kind = _kind_of_method(method, masks, boxes_file)
     overlays = output_dir / OVERLAYS_DIR
     if images is not None:
         if not Path(images).exists():
