@@ -189,6 +189,22 @@ def test_momentum_follows_the_warm_up_ema_of_direction_and_gain() -> None:
     assert not torch.allclose(third.prototypes_, third.running_)
 
 
+def test_without_warm_up_the_momentum_moves_by_the_ceiling_from_the_first_update() -> None:
+    feats, props = blobs()
+    init = PriMaPsEM(PriMaPsEMConfig(num_classes=3)).initialise(
+        feats, torch.Generator().manual_seed(0)
+    )
+    # unseg 0.1.0's schedule: θ_m ← 0.9·θ_m + 0.1·θ after steps 10 and 20 (0-based)
+    first = fit(feats, props, steps=11, ema_warmup=False, ema_decay=0.9)
+    v1 = 0.9 * init + 0.1 * first.running_
+    torch.testing.assert_close(first.prototypes_, v1)
+    torch.testing.assert_close(first.gain_, 0.9 + 0.1 * first.running_gain_)
+    second = fit(feats, props, steps=21, ema_warmup=False, ema_decay=0.9)
+    torch.testing.assert_close(second.prototypes_, 0.9 * v1 + 0.1 * second.running_)
+    # the warm-up copies θ at the first update instead
+    assert not torch.allclose(first.prototypes_, fit(feats, props, steps=11).prototypes_)
+
+
 def test_first_loss_is_the_direct_per_pixel_focal_loss_of_the_initialisation() -> None:
     feats, props = blobs(n_images=2)
     student = [f * 1.5 + 0.2 for f in feats]

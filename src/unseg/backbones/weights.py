@@ -22,8 +22,10 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 WRAPPER_KEYS = ("teacher", "model", "state_dict")
+ZIP_MAGIC = b"PK"  # torch.save's zip format
+PICKLE_PROTO = b"\x80"  # a legacy (pickle) torch file
 
 
 def unseg_home() -> Path:
@@ -202,17 +206,47 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
 
+    A file that cannot be read so is an :class:`InputFileError` naming it and saying what it is
+    (not a weights file, a damaged one, or a checkpoint holding pickled objects besides tensors);
+    it is never retried with ``weights_only=False``, which could run code from the file.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unreadable file is a user-facing input problem
+            raise InputFileError(path, f"cannot read weights: not a valid .safetensors file "
+                                       f"({exc})") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice on pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable / unsafe file is a user-facing input problem
-        raise InputFileError(path, f"cannot read weights: {exc}") from exc
+        raise InputFileError(path, _unreadable(path, exc)) from exc
     return unwrap_state_dict(obj, path)
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in unseg's words (torch's own
+    message advises ``weights_only=False``, which unseg never does)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head != ZIP_MAGIC and head[:1] != PICKLE_PROTO:
+        return ("cannot read weights: not a weights file (expected a PyTorch state dict, .pth "
+                "or .pt, or a .safetensors file)")
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if found or "Unsupported operand" in str(exc) or "Unsupported global" in str(exc):
+        what = f" ({found.group(1)})" if found else ""
+        return (f"cannot read weights: the checkpoint holds pickled Python objects{what} "
+                "besides tensors, which unseg does not load because unpickling can run code; "
+                "save just the state dict (torch.save(model.state_dict(), ...)) or convert it "
+                "to .safetensors")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot read weights: damaged or not a PyTorch checkpoint ({first})"
 
 
 def _listing(title: str, items: list[str], limit: int = 10) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unseg.backbones.base import get_spec
 from unseg.data.image import DEFAULT_MAX_PIXELS
 from unseg.data.resize import MAX_SIDE_FACTOR
 from unseg.errors import UnsegError
@@ -30,6 +31,9 @@ NOT_SETTINGS = frozenset(
     {"func", "command", "spec_name", "out", "verbose", "quiet", "overwrite", "resume", "report",
      "gt", "workers"}
 )
+# the largest --size: a working image of up to 2048 x 8192 pixels (4 x on the long side); larger
+# ones upsample ordinary photos and their feature maps and pseudo-labels outgrow memory
+MAX_SIZE = 2048
 # settings naming files or folders: compared as absolute paths
 PATH_SETTINGS = frozenset(
     {"images", "data", "run", "train_images", "saliency", "cache_dir", "weights", "embeddings"}
@@ -75,7 +79,10 @@ def add_image_arguments(p: argparse.ArgumentParser, max_side: bool = True) -> No
 
 def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     """The semantic pipeline's own options (``unseg fit`` of a semantic method, ``segment``)."""
-    p.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
+    p.add_argument(
+        "--size", type=int, default=320,
+        help=f"feature short side in pixels (320; 2 x the backbone's stride to {MAX_SIZE})",
+    )
     add_image_arguments(p)
     p.add_argument(
         "--label-factor", type=int, default=2,
@@ -100,13 +107,37 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     add_device_argument(p)
 
 
+def check_resolution(size: int, max_side: int | None, backbone: str, tap: str | None) -> None:
+    """Refuse (``UnsegError``) a ``--size`` outside ``[2 x stride, MAX_SIZE]`` of ``backbone``'s
+    ``tap`` and a ``--max-side`` that is negative or below two strides: a working image one
+    feature row (or column) wide leaves PriMaPs and the CRF nothing to work on."""
+    spec = get_spec(backbone)
+    stride = spec.tap_info(tap or spec.default_tap).stride
+    floor = 2 * stride
+    if not floor <= size <= MAX_SIZE:
+        raise UnsegError(
+            f"--size {size}: must be {floor} to {MAX_SIZE} with {backbone} (stride {stride}): "
+            f"the short side must span at least two feature rows ({floor} px), and above "
+            f"{MAX_SIZE} px images are upsampled and their features outgrow memory"
+        )
+    if max_side is not None and max_side != 0 and not floor <= max_side:
+        raise UnsegError(
+            f"--max-side {max_side}: must be 0 (no limit) or at least {floor} with {backbone} "
+            f"(two feature rows at stride {stride})"
+        )
+
+
 def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSettings:
     """:class:`SemanticSettings` from :func:`add_semantic_arguments`' and the backbone's
     options; the backbone choice is announced on stderr (with ``--embeddings`` the embedding
-    run's backbone is used instead)."""
+    run's backbone is used instead); ``--size`` and ``--max-side`` are checked
+    (:func:`check_resolution`)."""
     embeddings = getattr(args, "embeddings", None)
+    if not embeddings:
+        backbone = resolve_backbone(args.backbone, command)
+        check_resolution(args.size, args.max_side, backbone, args.tap)
     return SemanticSettings(
-        backbone=args.backbone if embeddings else resolve_backbone(args.backbone, command),
+        backbone=args.backbone if embeddings else backbone,
         weights=args.weights,
         tap=args.tap,
         size=args.size,

@@ -13,7 +13,12 @@ import time
 
 import torch
 
-from unseg.cli.common import add_backbone_arguments, add_image_arguments, resolve_backbone
+from unseg.cli.common import (
+    add_backbone_arguments,
+    add_image_arguments,
+    check_resolution,
+    resolve_backbone,
+)
 from unseg.data.resize import resolve_max_side
 from unseg.features import extract_dataset
 from unseg.utils import dist
@@ -45,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     backbone = resolve_backbone(args.backbone, "features")
+    check_resolution(args.size, args.max_side, backbone, args.tap)
     main = dist.is_main_env()
     with collect() as timings:
         fs = extract_dataset(

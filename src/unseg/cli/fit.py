@@ -21,6 +21,7 @@ from unseg.cli.common import (
     add_device_argument,
     add_output_arguments,
     add_semantic_arguments,
+    check_resolution,
     resolve_backbone,
     run_into_output,
     semantic_settings,
@@ -108,11 +109,13 @@ def _embedding(args: argparse.Namespace) -> int:
 
 
 def _fit_embedding(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
+    backbone = resolve_backbone(args.backbone, f"fit {spec.name}")
+    check_resolution(args.size, None, backbone, args.tap)
     result = fit_maskcontrast(
         args.data, args.saliency, args.out,
         options=given_options(args, spec),
         settings=MaskContrastSettings(
-            backbone=resolve_backbone(args.backbone, f"fit {spec.name}"), weights=args.weights,
+            backbone=backbone, weights=args.weights,
             tap=args.tap, size=args.size, seed=args.seed, device=args.device,
             cache_dir=args.cache_dir,
         ),

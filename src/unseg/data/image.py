@@ -3,10 +3,13 @@
 Pillow's decompression-bomb guard becomes unseg's own per-file limit (``max_pixels``: None =
 Pillow's default :data:`DEFAULT_MAX_PIXELS`, 0 = no limit), reported as an
 :class:`InputFileError` that names the option to pass; no Pillow warning reaches stderr.
+A file of several frames (animated GIF, WebP or PNG, multi-page TIFF) is read as its first frame,
+as other image tools do, with a warning naming the file and its frame count (once per process).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +21,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from unseg.data.inputs import unreadable
 from unseg.errors import InputFileError, UnsegError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"
+)
 DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's bomb limit
 _EXIF_ORIENTATION = 0x0112
 _PILLOW_GUARD = threading.Lock()
+_NOTED_FRAMES: set[Path] = set()  # multi-frame files already warned about in this process
+_NOTED_LOCK = threading.Lock()
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -85,6 +94,22 @@ def _decode(path: Path, img: Image.Image) -> Image.Image:
     return img
 
 
+def _note_frames(path: Path, img: Image.Image) -> None:
+    """Warn (once per file and process) that only the first of several frames is used."""
+    try:
+        frames = getattr(img, "n_frames", 1)
+    except (OSError, EOFError, SyntaxError, ValueError):  # a broken file fails when decoded
+        return
+    if frames <= 1:
+        return
+    with _NOTED_LOCK:
+        if path in _NOTED_FRAMES:
+            return
+        _NOTED_FRAMES.add(path)
+    kind = "animated GIF" if img.format == "GIF" else f"{img.format or 'image'} file"
+    logger.warning("%s: %s (%d frames): the first frame is used", path, kind, frames)
+
+
 def _oriented(img: Image.Image) -> bool:
     """True when the EXIF orientation swaps the stored width and height (5 to 8)."""
     try:
@@ -130,13 +155,15 @@ def load_image(
     """Load an image as uint8 RGB ``[H, W, 3]``, applying its EXIF orientation.
 
     Modes L, LA, P, RGBA, CMYK, I;16 and others are converted to RGB (transparency is composited
-    on white). Missing, empty, unreadable, truncated, non-image and too large files (more than
+    on white); of several frames (an animated GIF) the first is used, with a warning. Missing,
+    empty, unreadable, truncated, non-image and too large files (more than
     ``max_pixels``, see :func:`pixel_limit`) raise :class:`InputFileError`. ``min_size``
     ``(H, W)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the
     result is at least that large, which cuts the memory of big photos by up to 64x.
     """
     path = Path(path)
     img = _open(path, max_pixels)
+    _note_frames(path, img)
     if min_size is not None and img.format == "JPEG":
         h, w = min_size
         img.draft(None, (h, w) if _oriented(img) else (w, h))

@@ -5,6 +5,7 @@ longer than ``max_side`` (then the long side is ``max_side``: a panorama gets a 
 side rather than a huge feature map), both sides rounded to the nearest multiple of the backbone
 stride (``crop=True``: then centre-cropped to a square), bilinear with antialiasing in uint8.
 Label maps: nearest neighbour, and the test of whether one size is a rescaling of another.
+Class scores (logits or probabilities) to labels at another size: :func:`upsample_argmax`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unseg.errors import UnsegError
+
 MAX_SIDE_FACTOR = 4  # the default long side of the working resolution: 4 x the short side
+TILE = 1 << 24  # float32 elements in one tile of upsampled probabilities (64 MB)
+# tile columns start at multiples of this: a multiple of every CPU vector width, so each tile
+# is computed as in the one-piece upsampling (its vectorised and scalar columns are the same)
+_ALIGN = 64
 
 
 def resolve_max_side(size: int, max_side: int | None) -> int | None:
@@ -24,7 +31,7 @@ def resolve_max_side(size: int, max_side: int | None) -> int | None:
     if max_side is None:
         return MAX_SIDE_FACTOR * size
     if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
+        raise UnsegError(f"--max-side must be >= 0 (0: no limit), got {max_side}")
     return max_side or None
 
 
@@ -123,3 +130,47 @@ def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     p = pred.astype(np.float64) / 255.0
     out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     return np.clip(out, 0.0, 1.0)
+
+
+def upsample_argmax(
+    probs: torch.Tensor, size: tuple[int, int], tile: int = TILE
+) -> np.ndarray:
+    """Class ids ``[H, W]`` (uint8 when ``K <= 256``) of scores ``probs [K, h, w]`` upsampled
+    bilinearly (half-pixel centres) to ``size``, without holding ``[K, H, W]``: the labels of
+    ``F.interpolate(probs[None], size, mode="bilinear").argmax(1)[0]``.
+
+    Torch's bilinear kernel interpolates along the width, then the height, each class alone;
+    rows never mix in the first pass and columns never mix in the second, so the first runs on
+    whole rows (classes in groups of ``tile / (h * W)``), the second on column tiles of about
+    ``tile`` elements starting at multiples of 64; a running maximum joins the groups. For most
+    shapes the probabilities are bitwise those of the one-piece call; for some (three classes,
+    narrow maps) torch's one-piece kernel rounds the last bit differently, and a label can then
+    differ only where two classes tie to within that bit.
+    """
+    k, h, _ = probs.shape
+    height, width = size
+    probs = probs.detach().float().cpu()
+    most = max(1, min(k, tile // (h * width)))
+    groups = [range(g0, min(k, g0 + most)) for g0 in range(0, k, most)]
+    cols = max(_ALIGN, tile // (len(groups[0]) * height) // _ALIGN * _ALIGN)
+    labels = np.empty(size, dtype=np.uint8 if k <= 256 else np.int64)
+    best = torch.empty(size) if len(groups) > 1 else None
+    for group in groups:
+        rows = F.interpolate(probs[None, group.start : group.stop], size=(h, width),
+                             mode="bilinear", align_corners=False)
+        for c0 in range(0, width, cols):
+            part = rows[..., c0 : c0 + cols]
+            up = F.interpolate(part, size=(height, part.shape[-1]), mode="bilinear",
+                               align_corners=False)[0]
+            value, index = up.max(0)  # the first index of the maximum, as argmax
+            out = labels[:, c0 : c0 + cols]
+            if group.start == 0:
+                out[...] = index.numpy()
+            else:  # a later group wins where strictly larger: ties keep the first class
+                assert best is not None
+                better = (value > best[:, c0 : c0 + cols]).numpy()
+                out[better] = index.numpy()[better] + group.start
+            if best is not None:
+                seen = best[:, c0 : c0 + cols]
+                seen.copy_(value if group.start == 0 else torch.maximum(seen, value))
+    return labels

@@ -95,6 +95,38 @@ def hflip(
     return image.flip(-1), None if label is None else label.flip(-1)
 
 
+def sample_crop_box(
+    size: tuple[int, int],
+    generator: torch.Generator | None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """A random-resized-crop box ``(top, left, h, w)`` in pixels of an image of ``size = (H, W)``:
+    area fraction in ``scale``, aspect ``w / h`` in ``ratio`` (log-uniform).
+
+    Sampling as torchvision's RandomResizedCrop: ten tries, then the central crop of the nearest
+    allowed aspect.
+    """
+    h, w = size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = h * w * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, *log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+            return top, left, ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def random_resized_crop(
     image: torch.Tensor,
     label: torch.Tensor | None,
@@ -103,33 +135,13 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Pair:
-    """Crop a random area fraction ``scale`` with aspect ``ratio``, resized to ``size``.
-
-    Sampling as torchvision's RandomResizedCrop: ten tries, then a central crop.
-    """
+    """Crop a random area fraction ``scale`` with aspect ``ratio`` (:func:`sample_crop_box`),
+    resized to ``size``."""
     _check(image, label)
     out = (size, size) if isinstance(size, int) else size
-    h, w = image.shape[-2:]
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        cw = round(math.sqrt(target * aspect))
-        ch = round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
-            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
-            break
-    else:
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, round(w / ratio[0])
-        elif in_ratio > ratio[1]:
-            ch, cw = h, round(h * ratio[1])
-        else:
-            cw, ch = w, h
-        top, left = (h - ch) // 2, (w - cw) // 2
+    top, left, ch, cw = sample_crop_box(
+        (int(image.shape[-2]), int(image.shape[-1])), generator, scale, ratio
+    )
     image, label = _crop(image, label, top, left, ch, cw)
     return _resize_pair(image, label, out)
 

@@ -48,7 +48,7 @@ patch features is trained against these pseudo-masks and predicts a foreground l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -58,7 +58,8 @@ from torch import nn
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseReport, check_head
-from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
+from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.registry import register
@@ -71,14 +72,10 @@ SeedRule = Literal["border", "degree"]
 
 
 @dataclass
-class FoundConfig:
-    """FOUND-style head settings; defaults are the reference's (``configs/found_DUTS-TR.yaml``)."""
+class FoundConfig(HeadTrainingConfig):
+    """FOUND-style head settings; defaults are the reference's (``configs/found_DUTS-TR.yaml``);
+    the multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    image_size: int = option(
-        320,
-        "training crop side and prediction short side in pixels",
-        flags=("--size",),
-    )
     seed_rule: SeedRule = option(
         "border",
         "background seed: the most typical patch of the border ring or of the whole grid",
@@ -106,26 +103,7 @@ class FoundConfig:
         "after training) (default: on for CNN backbones, off for ViTs, whose scale the "
         "reference's lr was set for)",
     )
-    multiscale: bool = option(False, "multi-scale consistency (Boosting trick)")
-    crop_scale: tuple[float, float] = option(
-        (0.5, 0.5),
-        "crop side as a fraction of the image side (LO HI)",
-    )
-    fixed_crop: bool = option(
-        False,
-        "the reference code's near-fixed (top-left) crop, for comparison",
-    )
-    crop_mode: CropMode = option(
-        "cache",
-        "crop features: cache (backbone once per pooled crop), roi (RoI-align of the full map) "
-        "or backbone (every step)",
-    )
-    crop_pool: int = option(4, "crops cached per image")
-    weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
     weight_crop_base: float = option(0.01, "weight of the base loss on the crop")
-    guided_filter: bool = option(True, "guided-filter refinement at prediction")
-    guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = option(0, "random seed")
 
 
 def _cosine(features: torch.Tensor) -> torch.Tensor:

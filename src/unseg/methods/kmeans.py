@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.registry import register
@@ -201,14 +202,6 @@ def cosine_logits(
     return lg / norm.to(lg.device)
 
 
-def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class ids ``[H, W]`` (int64): ``logits [K, h, w]`` upsampled bilinearly to ``size``."""
-    lg = logits[None]
-    if tuple(size) != tuple(logits.shape[1:]):
-        lg = F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False)
-    return lg[0].argmax(0)
-
-
 def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
     accumulation, returned as float32)."""
@@ -310,7 +303,8 @@ class KMeans:
         self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
-        return upsampled_argmax(self.logits(features, factor), size)
+        logits = self.logits(features, factor)
+        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
 
 
 def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:

@@ -71,7 +71,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unseg.backbones import LastStage, build_backbone
-from unseg.data.transforms import color_jitter
+from unseg.data.transforms import color_jitter, sample_crop_box
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.registry import register
@@ -308,34 +308,6 @@ def _mix(*values: int) -> int:
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=gen))
-
-
-def sample_crop_box(
-    size: tuple[int, int],
-    gen: torch.Generator,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Box:
-    """A RandomResizedCrop box ``(top, left, h, w)`` in an image of ``size = (H, W)``
-    (torchvision's sampling: ten tries, then the central crop of the nearest allowed aspect)."""
-    h, w = size
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = h * w * _uniform(gen, *scale)
-        aspect = math.exp(_uniform(gen, *log_ratio))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
-            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
-            return float(top), float(left), float(ch), float(cw)
-    aspect = w / h
-    if aspect < ratio[0]:
-        cw, ch = w, round(w / ratio[0])
-    elif aspect > ratio[1]:
-        ch, cw = h, round(h * ratio[1])
-    else:
-        cw, ch = w, h
-    return float((h - ch) // 2), float((w - cw) // 2), float(ch), float(cw)
 
 
 def _grid(

@@ -20,7 +20,9 @@ One step on a batch of images:
   θ's detached softmax over *all* pixels of the batch; the per-pixel loss (0 at ignored pixels)
   is averaged over all pixels (the reference's ``reduction="none"`` then ``.mean()``).
 - after the M-step of (0-based) step s, when ``s > 0 and s % ema_every == 0``: the k-th update
-  ``θ_m ← d·θ_m + (1 − d)·θ`` on (v, g) with ``d = min(ema_decay, 1 − 1/k)`` (the first copies θ).
+  ``θ_m ← d·θ_m + (1 − d)·θ`` on (v, g) with ``d = min(ema_decay, 1 − 1/k)`` (the first copies θ);
+  with ``ema_warmup=False``, ``d = ema_decay`` from the first update (unseg 0.1.0's schedule,
+  which keeps θ_m close to its initialisation for the first ~1/(1 − d) updates).
 
 Initialisation: the top-K principal directions of the centred features (exact ``eigh`` of the
 C×C covariance instead of the reference's ``pca_lowrank(q=2K, niter=200)``), ``g = 1``, then
@@ -46,6 +48,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.kmeans import (
@@ -56,7 +59,6 @@ from unseg.methods.kmeans import (
     feature_rows,
     linear_logits,
     state_tensor,
-    upsampled_argmax,
     upsampled_norm,
 )
 from unseg.methods.kmeans import (
@@ -93,6 +95,11 @@ class PriMaPsEMConfig:
         "ceiling of θ_m's warm-up EMA decay",
     )
     ema_every: int = option(10, "steps between θ_m updates")
+    ema_warmup: bool = option(
+        True,
+        "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update (off: the ceiling "
+        "from the first update, unseg 0.1.0's schedule)",
+    )
     kmeans_passes: int = option(2, "cosine k-means passes of the initialisation")
     init_max_points: int = option(200_000, "feature vectors sampled for the initialisation")
     label_factor: int | None = None  # None: upsample features by the stride (paper)
@@ -354,7 +361,7 @@ class PriMaPsEM:
                 self.history_.append(self._step(mine, params, momentum, optim))
                 if step > 0 and step % cfg.ema_every == 0:
                     updates += 1
-                    d = ema_decay(updates, cfg.ema_decay)
+                    d = ema_decay(updates, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay
                     momentum = (
                         ema_update(momentum[0], direction.detach(), d),
                         ema_update(momentum[1], gain.detach(), d),
@@ -427,7 +434,8 @@ class PriMaPsEM:
         self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): θ_m's logits upsampled bilinearly to ``size``, argmax."""
-        return upsampled_argmax(self.logits(features, factor), size)
+        logits = self.logits(features, factor)
+        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """θ_m (``prototypes [K, C]``, ``gain [K]``), θ (``running``, ``running_gain``) and,

@@ -26,7 +26,7 @@ Trained without labels on frozen patch features (attention keys) and the images:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseReport, check_head
-from unseg.methods.crop_cache import CropMode, CropSource, FeatureFn, as_float_images
+from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
 from unseg.methods.saliency_head import SaliencyHeadNet
-from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.registry import register
 from unseg.utils.device import resolve_device
 from unseg.utils.options import option
@@ -48,14 +48,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SaliencyHeadConfig:
-    """Training and inference settings; defaults are the Boosting/SEMPART reference values."""
+class SaliencyHeadConfig(HeadTrainingConfig):
+    """Training and inference settings; defaults are the Boosting/SEMPART reference values; the
+    multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    image_size: int = option(
-        320,
-        "training crop side and prediction short side in pixels",
-        flags=("--size",),
-    )
     lr: float = option(1e-4, "AdamW learning rate")
     batch_size: int = option(8, "images per step")
     epochs: int = option(30, "training epochs (paper: 30)")
@@ -67,26 +63,7 @@ class SaliencyHeadConfig:
     weight_coarse: float = option(1.0, "weight of the cut on the coarse prediction")
     weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
     weight_border: float = option(0.1, "weight of the border prior")
-    multiscale: bool = option(False, "multi-scale consistency (Boosting trick)")
-    crop_scale: tuple[float, float] = option(
-        (0.5, 0.5),
-        "crop side as a fraction of the image side (LO HI)",
-    )
-    fixed_crop: bool = option(
-        False,
-        "the reference code's near-fixed (top-left) crop, for comparison",
-    )
-    crop_mode: CropMode = option(
-        "cache",
-        "crop features: cache (backbone once per pooled crop), roi (RoI-align of the full map) "
-        "or backbone (every step)",
-    )
-    crop_pool: int = option(4, "crops cached per image")
-    weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
     weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
-    guided_filter: bool = option(True, "guided-filter refinement at prediction")
-    guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = option(0, "random seed")
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unseg.data.inputs import output_name
+from unseg.data.resize import upsample_argmax
 from unseg.feature_store import FeatureSet
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.pseudo_labels import hwc
@@ -35,10 +36,6 @@ from unseg.utils.progress import Bar, progress_bar
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
-TILE = 1 << 24  # float32 elements in one tile of upsampled probabilities (64 MB)
-# tile columns start at multiples of this: a multiple of every CPU vector width, so each tile
-# is computed as in the one-piece upsampling (its vectorised and scalar columns are the same)
-_ALIGN = 64
 PNG_LEVEL = 1  # zlib level of the label PNGs: the same pixels, ~60x faster than Pillow's 6
 JPEG_QUALITY = 90
 OVERLAY_ALPHA = 0.5
@@ -82,50 +79,6 @@ def overlay_image(image: torch.Tensor, mask: Image.Image) -> Image.Image:
     ``[H, W]`` and blended half and half with its label colours, in uint8 by Pillow."""
     big = Image.fromarray(hwc(image)).resize(mask.size, Image.Resampling.BILINEAR)
     return Image.blend(big, mask.convert("RGB"), OVERLAY_ALPHA)
-
-
-def upsample_argmax(
-    probs: torch.Tensor, size: tuple[int, int], tile: int = TILE
-) -> np.ndarray:
-    """Class ids ``[H, W]`` (uint8 when ``K <= 256``) of ``probs [K, h, w]`` upsampled
-    bilinearly (half-pixel centres) to ``size``, without holding ``[K, H, W]``: the labels of
-    ``F.interpolate(probs[None], size, mode="bilinear").argmax(1)[0]``.
-
-    Torch's bilinear kernel interpolates along the width, then the height, each class alone;
-    rows never mix in the first pass and columns never mix in the second, so the first runs on
-    whole rows (classes in groups of ``tile / (h * W)``), the second on column tiles of about
-    ``tile`` elements starting at multiples of 64; a running maximum joins the groups. For most
-    shapes the probabilities are bitwise those of the one-piece call; for some (three classes,
-    narrow maps) torch's one-piece kernel rounds the last bit differently, and a label can then
-    differ only where two classes tie to within that bit.
-    """
-    k, h, _ = probs.shape
-    height, width = size
-    probs = probs.float().cpu()
-    most = max(1, min(k, tile // (h * width)))
-    groups = [range(g0, min(k, g0 + most)) for g0 in range(0, k, most)]
-    cols = max(_ALIGN, tile // (len(groups[0]) * height) // _ALIGN * _ALIGN)
-    labels = np.empty(size, dtype=np.uint8 if k <= 256 else np.int64)
-    best = torch.empty(size) if len(groups) > 1 else None
-    for group in groups:
-        rows = F.interpolate(probs[None, group.start : group.stop], size=(h, width),
-                             mode="bilinear", align_corners=False)
-        for c0 in range(0, width, cols):
-            part = rows[..., c0 : c0 + cols]
-            up = F.interpolate(part, size=(height, part.shape[-1]), mode="bilinear",
-                               align_corners=False)[0]
-            value, index = up.max(0)  # the first index of the maximum, as argmax
-            out = labels[:, c0 : c0 + cols]
-            if group.start == 0:
-                out[...] = index.numpy()
-            else:  # a later group wins where strictly larger: ties keep the first class
-                assert best is not None
-                better = (value > best[:, c0 : c0 + cols]).numpy()
-                out[better] = index.numpy()[better] + group.start
-            if best is not None:
-                seen = best[:, c0 : c0 + cols]
-                seen.copy_(value if group.start == 0 else torch.maximum(seen, value))
-    return labels
 
 
 @torch.inference_mode()

@@ -39,6 +39,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
+from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
@@ -377,7 +378,10 @@ def predict_images(
                                 int(meta.get("max_side") or 0) or None, settings)
         predict_in_parts(fitted, ImageInputs(paths), writer, dev, num_workers,
                          overrides.get("max_pixels"), timings)
-    return gather_report(report)
+    predicted = gather_report(report)
+    if dist.is_main():
+        log_class_balance(predicted.written, int(meta["num_classes"]))
+    return predicted
 
 
 @dataclass(frozen=True)
@@ -466,4 +470,6 @@ def segment(
         dist.barrier()
     predicted = gather_report(writer.report)
     predicted.failed = session.report.failed + predicted.failed
+    if dist.is_main():
+        log_class_balance(predicted.written, config.num_classes)
     return predicted

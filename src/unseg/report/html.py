@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unseg._version import __version__
+from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
 from unseg.pipelines.evaluate import CorLocResult
 from unseg.report.charts import (
@@ -207,6 +208,19 @@ def _legend(outputs: RunOutputs, evaluation: SemanticEvaluation | None) -> str:
     return f'<div class="legend">{items}</div>'
 
 
+def _balance_section(outputs: RunOutputs) -> str:
+    """Share of the predicted pixels per cluster, with a warning when some are nearly empty."""
+    k = None if outputs.config is None else outputs.config.get("num_classes")
+    if outputs.kind != "semantic" or not isinstance(k, int) or not outputs.masks:
+        return ""
+    shares = class_shares(class_counts(read_labels(outputs.masks), k))
+    message = balance_message(shares)
+    note = f'<p class="note"><strong>{_esc(message)}</strong></p>' if message else ""
+    rows = [[_swatch(c) + f"cluster {c}", _pct(float(s))] for c, s in enumerate(shares)]
+    return (f'<section id="balance"><h2>Class balance</h2>{note}'
+            f'{_table(["cluster", "share of pixels"], rows)}</section>')
+
+
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(obj, dict):
         rows: list[tuple[str, Any]] = []
@@ -293,6 +307,7 @@ def render_report(
     if corloc is not None:
         sections.append(_corloc_section(corloc))
     legend = _legend(outputs, evaluation if isinstance(evaluation, SemanticEvaluation) else None)
+    sections.append(_balance_section(outputs))
     sections.append(_gallery_section(outputs, gallery, legend))
     sections.append(_config_section(outputs))
     method = (outputs.config or {}).get("method", "discover" if outputs.kind == "saliency"

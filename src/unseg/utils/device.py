@@ -10,12 +10,56 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from unseg.errors import UnsegError
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """Return ``device`` as a ``torch.device``; ``None`` or ``"auto"`` picks CUDA if available."""
+    """Return ``device`` as a ``torch.device``; ``None`` or ``"auto"`` picks CUDA if available.
+
+    A device this torch build or machine cannot use (no such device type, CUDA on a CPU-only
+    build or without a GPU, an index past the last GPU) is an :class:`UnsegError` naming it.
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UnsegError(
+            f"device {str(device)!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+        ) from exc
+    _check_available(dev)
+    return dev
+
+
+def _check_available(dev: torch.device) -> None:
+    """Raise :class:`UnsegError` unless tensors can be put on ``dev``."""
+    build = f"torch {torch.__version__}"
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise UnsegError(
+                f"device {str(dev)!r}: CUDA is not available in this torch build ({build}, CPU "
+                "only); use --device cpu, or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise UnsegError(
+                f"device {str(dev)!r}: this torch build ({build}, CUDA {torch.version.cuda}) "
+                "finds no usable GPU (driver or CUDA_VISIBLE_DEVICES?); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnsegError(
+                f"device {str(dev)!r}: there are {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+        return
+    if dev.type == "cpu":
+        return
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        raise UnsegError(
+            f"device {str(dev)!r} is not available in this torch build ({build}) or on this "
+            "machine; use --device cpu"
+        ) from exc
 
 
 def cpu_count() -> int:

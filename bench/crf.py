@@ -1,0 +1,154 @@
+"""The torch dense CRF against ``pydensecrf2`` (the reference): agreement and speed, in one run.
+
+Images: the first ``--max-images`` VOC2012 images at the pipelines' resolution (the features'
+320 short side; decoded and cached by `extract_features` under ``--cache``). Two cases, the
+two ways the pipelines call the CRF:
+
+- ``voc21``: K = 21 with realistic probabilities (smooth random logits: Gaussian noise at 1/8
+  of the image size, box-smoothed, scaled to a peaked softmax; seeded);
+- ``primaps``: the PriMaPs pseudo-label case, the proposals' log-probabilities of the default
+  backbone's features, upsampled to the image as `pseudo_labels_one` does.
+
+Per case: mean absolute difference of the marginals and identical-argmax fraction (torch with
+every label, and with the default ``label_floor``), and seconds per image of pydensecrf2 in 2
+single-threaded worker processes (the former pool) against torch on 2 threads, one image at
+a time, the two interleaved ``--repeats`` times (the best of each). Prints JSON.
+
+Usage: python bench/crf.py [--images ../shared/data/VOC2012] [--max-images 16]
+       [--cache DIR] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unseg.backbones import create_backbone
+from unseg.data.datasets import dataset_images
+from unseg.features import extract_features
+from unseg.pipelines.backbone import resolve_backbone_name
+from unseg.pipelines.pseudo_labels import hwc
+from unseg.proposals.primaps import PriMaPsConfig, principal_masks, proposal_log_probs
+from unseg.refine.crf import CRFConfig, dense_crf, dense_crf_reference
+
+REPO = Path(__file__).resolve().parents[1]
+VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
+THREADS = 2
+
+
+def smooth_logits(shape: tuple[int, int], k: int, seed: int) -> torch.Tensor:
+    """``[k, H, W]`` smooth random logits: noise at 1/8 size, box-smoothed, scaled by 12."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = max(1, shape[0] // 8), max(1, shape[1] // 8)
+    noise = torch.randn(1, k, h, w, generator=gen)
+    return F.avg_pool2d(noise, 5, 1, 2, count_include_pad=False)[0] * 12.0
+
+
+def _reference_worker(args: tuple[np.ndarray, torch.Tensor]) -> np.ndarray:
+    torch.set_num_threads(1)
+    return dense_crf_reference(*args)
+
+
+def _timed_reference(pool: Any, cases: list[tuple[np.ndarray, torch.Tensor]]) -> tuple[float, list]:
+    start = time.perf_counter()
+    out = pool.map(_reference_worker, cases, chunksize=1)
+    return time.perf_counter() - start, out
+
+
+def _timed_torch(cases: list[tuple[np.ndarray, torch.Tensor]], config: CRFConfig) -> tuple[float, list]:
+    start = time.perf_counter()
+    out = [dense_crf(img, lg, config) for img, lg in cases]
+    return time.perf_counter() - start, out
+
+
+def _agreement(ours: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, float]:
+    mad = np.mean([np.abs(a - b).mean() for a, b in zip(ours, ref, strict=True)])
+    same = sum(int((a.argmax(0) == b.argmax(0)).sum()) for a, b in zip(ours, ref, strict=True))
+    total = sum(b[0].size for b in ref)
+    return {"mean_abs_diff": float(f"{mad:.3g}"), "argmax_identical": round(same / total, 6)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default=str(VOC2012))
+    parser.add_argument("--max-images", type=int, default=16)
+    parser.add_argument("--cache", default=None, help="feature cache (default: a temp folder)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    paths = dataset_images(Path(args.images))[: args.max_images]
+    cache = Path(args.cache or tempfile.mkdtemp(prefix="unseg-bench-crf-"))
+    backbone = resolve_backbone_name(None)
+    feats = extract_features(paths, create_backbone(backbone, device="cpu"), cache_dir=cache,
+                             extras=("image",))
+    images = [hwc(feats.extra(p, "image")) for p in paths]
+    cases: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {"voc21": [], "primaps": []}
+    for i, (p, img) in enumerate(zip(paths, images, strict=True)):
+        cases["voc21"].append((img, smooth_logits(img.shape[:2], 21, i)))
+        cfg = PriMaPsConfig()
+        log_probs = proposal_log_probs(principal_masks(feats[p], cfg).masks, cfg)
+        up = F.interpolate(log_probs[None], size=img.shape[:2], mode="bilinear",
+                           align_corners=False)[0]
+        cases["primaps"].append((img, up))
+
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(THREADS) as pool:
+        pool.map(_reference_worker, cases["voc21"][:THREADS], chunksize=1)  # warm the workers
+        dense_crf(*cases["voc21"][0])  # and torch
+        for name, items in cases.items():
+            ref_s, torch_s, floor_s = [], [], []
+            for _ in range(args.repeats):
+                t_ref, ref = _timed_reference(pool, items)
+                t_all, ours_all = _timed_torch(items, CRFConfig(label_floor=0.0))
+                t_floor, ours = _timed_torch(items, CRFConfig())
+                ref_s.append(t_ref)
+                torch_s.append(t_all)
+                floor_s.append(t_floor)
+            n = len(items)
+            result[name] = {
+                "labels": sorted({int(lg.shape[0]) for _, lg in items}),
+                "torch_all_labels": _agreement(ours_all, ref),
+                "torch_default": _agreement(ours, ref),
+                "seconds_per_image": {
+                    "pydensecrf2_2_processes": round(min(ref_s) / n, 3),
+                    "torch_2_threads_all_labels": round(min(torch_s) / n, 3),
+                    "torch_2_threads_default": round(min(floor_s) / n, 3),
+                },
+                "speedup_vs_pydensecrf2": {
+                    "all_labels": round(min(ref_s) / min(torch_s), 2),
+                    "default": round(min(ref_s) / min(floor_s), 2),
+                },
+                "runs_seconds": {"pydensecrf2": [round(v, 2) for v in ref_s],
+                                 "torch_all_labels": [round(v, 2) for v in torch_s],
+                                 "torch_default": [round(v, 2) for v in floor_s]},
+            }
+    print(json.dumps({
+        "benchmark": "torch dense CRF vs pydensecrf2, 2 cores each",
+        "images": {"from": args.images, "count": len(paths),
+                   "sizes": sorted({img.shape[:2] for img in images})[:3]},
+        "default_label_floor": CRFConfig().label_floor,
+        "cases": result,
+        "machine": {
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        },
+    }, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

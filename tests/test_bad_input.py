@@ -1,0 +1,177 @@
+"""Bad options and inputs end in one clear line and exit status 2 (or a listed failure), never a
+traceback: out-of-range --size / --max-side, an unavailable --device, a file that is not weights,
+animated GIFs, and the output folder's own settings honoured by report and evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unseg.backbones.create import create_backbone
+from unseg.cli.main import main
+from unseg.data.image import list_images, load_image
+from unseg.data.resize import resolve_max_side
+from unseg.errors import InputFileError, UnsegError
+from unseg.utils.device import resolve_device
+
+
+def _one_image(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save(folder / "a.png")
+    return folder
+
+
+def test_cuda_on_a_cpu_only_build_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(UnsegError, match="CUDA is not available in this torch build"):
+        resolve_device("cuda")
+
+
+def test_missing_gpu_index_and_unknown_device_are_clear_errors(monkeypatch) -> None:
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UnsegError, match=r"1 CUDA device\(s\)"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UnsegError, match="'foo' is not a torch device"):
+        resolve_device("foo")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cli_device_cuda_without_cuda_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    images = _one_image(tmp_path / "images")
+    code = main(["features", str(images), "--out", str(tmp_path / "f"), "--backbone",
+                 "efficientnet_lite0", "--size", "64", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "CUDA is not available in this torch build" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--size", "0"], "--size 0: must be 64 to 2048 with efficientnet_lite0 (stride 32)"),
+    (["--size", "7"], "--size 7: must be 64 to 2048"),
+    (["--size", "32"], "--size 32: must be 64 to 2048"),
+    (["--size", "100000"], "--size 100000: must be 64 to 2048"),
+    (["--max-side", "-5"], "--max-side -5: must be 0 (no limit) or at least 64"),
+    (["--max-side", "40"], "--max-side 40: must be 0 (no limit) or at least 64"),
+])
+def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -> None:
+    images = _one_image(tmp_path / "images")
+    out = tmp_path / "out"
+    code = main(["segment", str(images), "--out", str(out), "-k", "2", "--backbone",
+                 "efficientnet_lite0", "--method", "kmeans", "--refine", "none", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["features", "fit-maskcontrast"])
+def test_features_and_fit_bound_size_too(tmp_path: Path, capsys, command) -> None:
+    images = _one_image(tmp_path / "images")
+    argv = (["features", str(images)] if command == "features" else
+            ["fit", "maskcontrast", str(images), "--saliency", str(images)])
+    code = main([*argv, "--out", str(tmp_path / "out"), "--backbone", "efficientnet_lite0",
+                 "--tap", "s16", "--size", "16"])
+    assert code == 2
+    assert "--size 16: must be 32 to 2048 with efficientnet_lite0 (stride 16)" in (
+        capsys.readouterr().err)
+
+
+def test_resolve_max_side_refuses_negative() -> None:
+    with pytest.raises(UnsegError, match="--max-side must be >= 0"):
+        resolve_max_side(320, -5)
+
+
+def _not_weights(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "jpeg":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, format="JPEG")
+    else:  # a training checkpoint with its argparse options pickled beside the state dict
+        torch.save({"args": argparse.Namespace(lr=0.1), "model": {"w": torch.zeros(2)}}, path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("text", "not a weights file (expected a PyTorch state dict"),
+    ("jpeg", "not a weights file (expected a PyTorch state dict"),
+    ("checkpoint", "pickled Python objects (argparse.Namespace) besides tensors"),
+])
+def test_a_file_that_is_not_weights_is_named_without_torch_s_advice(
+    tmp_path: Path, monkeypatch, kind, says
+) -> None:
+    path = _not_weights(tmp_path, kind)
+    calls: list[object] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(InputFileError) as caught:
+        create_backbone("efficientnet_lite0", weights=path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read weights: ")
+    assert says in message
+    assert "weights_only" not in message and "file an issue" not in message
+    assert calls == [True]
+
+
+def test_cli_weights_not_weights_exits_2(tmp_path: Path, capsys) -> None:
+    images = _one_image(tmp_path / "images")
+    path = _not_weights(tmp_path, "text")
+    code = main(["features", str(images), "--out", str(tmp_path / "f"), "--backbone",
+                 "efficientnet_lite0", "--size", "64", "--weights", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{path}: cannot read weights: not a weights file" in err
+    assert "Traceback" not in err and "weights_only" not in err
+
+
+def _animated_gif(path: Path, frames: int = 3) -> Path:
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    imgs = [Image.new("RGB", (96, 64), colours[i % 3]) for i in range(frames)]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
+    return path
+
+
+def test_an_animated_gif_is_read_as_its_first_frame_with_a_warning(tmp_path: Path,
+                                                                    caplog) -> None:
+    path = _animated_gif(tmp_path / "anim.gif")
+    assert Image.open(path).n_frames == 3
+    with caplog.at_level(logging.WARNING, logger="unseg.data.image"):
+        first = load_image(path)
+        again = load_image(path)
+    assert first.shape == (64, 96, 3)
+    np.testing.assert_array_equal(first, again)
+    reference = np.asarray(Image.open(path).convert("RGB"))  # Pillow's frame 0
+    np.testing.assert_array_equal(first, reference)
+    assert first[0, 0, 0] > 150 and first[0, 0, 1] < 80  # red: the first frame
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [f"{path}: animated GIF (3 frames): the first frame is used"]
+    assert list_images(tmp_path) == [path]
+
+
+def test_features_processes_an_animated_gif(tmp_path: Path, capsys, caplog) -> None:
+    images = _one_image(tmp_path / "images")
+    _animated_gif(images / "b.gif")
+    code = main(["features", str(images), "--out", str(tmp_path / "f"), "--backbone",
+                 "efficientnet_lite0", "--size", "64"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "2 images: 2 computed" in captured.out
+    assert any(r.getMessage().endswith("b.gif: animated GIF (3 frames): the first frame is used")
+               for r in caplog.records)
