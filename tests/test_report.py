@@ -24,11 +24,11 @@ from unseg.metrics.semantic import scores_from_assignment
 from unseg.report.gallery import pick
 from unseg.report.html import write_report
 from unseg.report.outputs import find_outputs, match_images
-from unseg.report.palette import label_colors, png_palette
 from unseg.report.scores import evaluate_saliency_run, evaluate_semantic_run
 from unseg.report.thumbs import IGNORE_COLOR
 from unseg.runs import save_run
 from unseg.utils.io import save_png_atomic, write_json_atomic
+from unseg.utils.palette import label_colors, png_palette
 
 PERM = np.array([2, 0, 1])  # cluster -> class of the fake ground truth
 QUADRANT_COLORS = np.array([[230, 20, 20], [20, 200, 40], [30, 40, 220], [240, 220, 30]], np.uint8)

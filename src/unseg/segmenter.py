@@ -60,6 +60,7 @@ from unseg.pipelines import maskcontrast as mc
 from unseg.pipelines import saliency as sal
 from unseg.pipelines import semantic as sem
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.embeddings import EmbeddedFeatures, open_embeddings
 from unseg.pipelines.fitting import build_config
 from unseg.pipelines.label_maps import PredictSettings, refined_probabilities
 from unseg.proposals.saliency_masks import load_mask_proposals, mask_proposals
@@ -240,7 +241,7 @@ class Segmenter:
         self.timings = session.timings
         source = None
         if settings.embeddings:
-            source = mc.open_embeddings(settings.embeddings, session.device)
+            source = open_embeddings(settings.embeddings, session.device)
         predict = sem.FittedSemantic(fitted.estimator, fitted.backbone, source, settings.size,
                                      settings.max_side or None, fitted.predict)
         return _Fit(fitted.estimator, fitted.backbone, {"predict": predict}, state=fitted)
@@ -392,7 +393,7 @@ class Segmenter:
                                      arrays=inputs.arrays)
             _raise_failures(report)
             if predict.source is not None:
-                feats = mc.EmbeddedFeatures(feats, predict.source.estimator)
+                feats = EmbeddedFeatures(feats, predict.source.estimator)
             for p, q, _ in refined_probabilities(predict.estimator, feats, feats.paths,
                                                  predict.predict, dev, pool, self.timings):
                 up = F.interpolate(q[None].float(), size=feats.original_size(p),
@@ -459,7 +460,7 @@ class Segmenter:
                 predict = replace(predict, refine=sem.check_refine(options["refine"]))
             source = None
             if meta.get("embeddings"):
-                source = mc.open_embeddings(meta["embeddings"]["run"], dev,
+                source = open_embeddings(meta["embeddings"]["run"], dev,
                                             meta["embeddings"]["sha256"])
             fitted = sem.FittedSemantic(estimator, model, source, int(meta["feature_size"]),
                                         int(meta.get("max_side") or 0) or None, predict)

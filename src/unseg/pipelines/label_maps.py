@@ -27,11 +27,11 @@ from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.pseudo_labels import hwc
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import DEFAULT_REFINE, RefineConfig, refine_many
-from unseg.report.palette import png_palette
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
+from unseg.utils.palette import png_palette
 from unseg.utils.progress import Bar, progress_bar
 from unseg.utils.timing import Timings
 

@@ -43,6 +43,14 @@ from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
+from unseg.layout import (
+    CACHE_DIR,
+    DISCOVER_DIR,
+    MASKS_DIR,
+    OVERLAYS_DIR,
+    RUN_DIR,
+    TRAIN_PROTOTYPES,
+)
 from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
@@ -52,27 +60,25 @@ from unseg.methods.maskcontrast import (
     photometric_view,
     weighted_prototype,
 )
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
 from unseg.pipelines.pseudo_labels import hwc
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
-from unseg.report.overlays import overlay
-from unseg.report.palette import png_palette
-from unseg.runs import WEIGHTS_FILE, load_fitted, save_fitted
+from unseg.runs import load_fitted, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads, resolve_device, seed_everything
-from unseg.utils.hashing import file_sha256, settings_key
+from unseg.utils.hashing import settings_key
 from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
+from unseg.utils.overlays import overlay
+from unseg.utils.palette import png_palette
 from unseg.utils.progress import progress
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
 METHOD = "maskcontrast"
-TRAIN_PROTOTYPES = "train_prototypes.safetensors"
 Clusters = Literal["predicted", "training"]
 CHUNK = 32  # images per feature extraction round at prediction
 
@@ -282,7 +288,7 @@ def fit_maskcontrast(
     with dist.joined(resolve_device(settings.device)) as dev:
         model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
         inputs = ImageInputs(resolve_inputs(data, report, model.stride))
-        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
+        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / CACHE_DIR
         trained = train_maskcontrast(
             data, inputs,
             lambda paths: load_mask_proposals(paths, saliency, names_root=names_root),
@@ -502,75 +508,18 @@ def segment_maskcontrast(
     if saliency is None:
         head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
         with timings.stage("discover"):
-            found = discover(images, out / "discover", discover_method, settings.backbone,
+            found = discover(images, out / DISCOVER_DIR, discover_method, settings.backbone,
                              config=build_config(head, {}, {}), device=settings.device,
                              cache_dir=settings.cache_dir, weights=settings.weights,
                              tap=settings.tap)
-        saliency = out / "discover" / MASKS_DIR
+        saliency = out / DISCOVER_DIR / MASKS_DIR
         if not found.written:
             raise UnsegError(f"{images}: discover wrote no mask")
-    fit = fit_maskcontrast(images, saliency, out / "run", options=options, settings=settings,
+    fit = fit_maskcontrast(images, saliency, out / RUN_DIR, options=options, settings=settings,
                            timings=timings)
-    report = predict_maskcontrast(out / "run", images, out / MASKS_DIR, num_classes,
+    report = predict_maskcontrast(out / RUN_DIR, images, out / MASKS_DIR, num_classes,
                                   seed=settings.seed, device=settings.device,
                                   weights=settings.weights, overlay_dir=out / OVERLAYS_DIR)
     # an image discover could not use is reported once, with discover's reason
     failed = BatchReport(failed=found.failed).merge(fit.report, BatchReport(failed=report.failed))
     return BatchReport(written=report.written, failed=failed.failed)
-
-
-# ------------------------------------------------------------------------------- chaining
-@dataclass(frozen=True)
-class EmbeddingSource:
-    """A MaskContrast run whose embeddings replace the backbone's features, and what a chained
-    run records of it (``record``: its resolved path and weights sha256)."""
-
-    estimator: MaskContrast
-    meta: dict[str, Any]
-    record: dict[str, str]
-
-
-def open_embeddings(
-    run_dir: str | Path, device: torch.device, sha256: str | None = None
-) -> EmbeddingSource:
-    """The MaskContrast run ``run_dir`` as an :class:`EmbeddingSource`; with ``sha256`` (what a
-    chained run recorded) its weights must be those."""
-    run_dir = Path(run_dir)
-    spec, estimator, meta = load_fitted(run_dir, "embedding", device)
-    if spec.name != METHOD:
-        raise UnsegError(f"{run_dir}: --embeddings needs a maskcontrast run, not {spec.name}")
-    digest = file_sha256(run_dir / WEIGHTS_FILE)
-    if sha256 is not None and digest != sha256:
-        raise UnsegError(f"{run_dir}: the MaskContrast run's weights changed since this run was "
-                         "fitted on its embeddings (sha256 differs); refit")
-    return EmbeddingSource(estimator, meta, {"run": str(run_dir.resolve()), "sha256": digest})
-
-
-class EmbeddedFeatures(FeatureSet):
-    """``feats`` seen through a MaskContrast head: ``"features"``, ``"flipped"`` and
-    ``"student"`` are the head's L2-normalised embeddings ``[D, h, w]`` at the feature grid
-    (computed once per image and extra); other extras (the image) are ``feats``' own."""
-
-    EMBEDDED = ("features", "flipped", "student")
-
-    def __init__(self, feats: FeatureSet, estimator: MaskContrast) -> None:
-        super().__init__({p: feats.record(p) for p in feats.paths}, feats.report,
-                         feats.cache_dir, None, feats.stats, feats.student_seed)
-        self._source = feats
-        self._estimator = estimator
-        self._embedded: dict[tuple[Path, str], torch.Tensor] = {}
-
-    def shape_of(self, path: str | Path) -> tuple[int, int, int]:
-        """Embedding shape ``(D, h, w)`` of ``path``."""
-        _, h, w = self._source.shape_of(path)
-        return self._estimator.config.embed_dim, h, w
-
-    def extra(self, path: str | Path, name: str) -> torch.Tensor:
-        """The embedding of ``"features"``/``"flipped"``/``"student"``, else ``feats``' extra."""
-        if name not in self.EMBEDDED:
-            return self._source.extra(path, name)
-        key = (Path(path), name)
-        if key not in self._embedded:
-            f = self._source.extra(path, name).float()
-            self._embedded[key] = self._estimator.embed(f).cpu()
-        return self._embedded[key]

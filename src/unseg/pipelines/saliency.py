@@ -44,11 +44,11 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
+from unseg.layout import BOXES_FILE, MASKS_DIR, RUN_DIR
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
-from unseg.outdir import MASKS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
 from unseg.pipelines.fitting import FitResult, fit_estimator
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -64,7 +64,6 @@ from unseg.utils.timing import Timings
 logger = logging.getLogger(__name__)
 
 METHOD = "saliency-head"
-BOXES_FILE = "boxes.json"
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
@@ -446,7 +445,7 @@ def discover(
     spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
-        out_dir / "run",
+        out_dir / RUN_DIR,
         cfg,
         backbone,
         weights,

@@ -39,10 +39,11 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
+from unseg.layout import CACHE_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_DIR
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.fitting import (
     FitResult,
     build_config,
@@ -57,7 +58,6 @@ from unseg.pipelines.label_maps import (
     gather_report,
     predict_label_maps,
 )
-from unseg.pipelines.maskcontrast import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
@@ -193,7 +193,7 @@ def _fit(
     extras = tuple(sorted({*extras_for(spec, config), "image", *(("flipped",) if predict.flip
                                                                   else ())}))
     cache = (Path(settings.cache_dir) if settings.cache_dir
-             else None if run_dir is None else run_dir / "cache")
+             else None if run_dir is None else run_dir / CACHE_DIR)
     feats = extract_features(
         paths, model, size=settings.size,
         cache_dir=None if cache is None else cache / "features",
@@ -460,13 +460,13 @@ def segment(
     spec, config, settings = _method(method, num_classes, options, settings)
     out_dir = Path(out_dir)
     with _session(settings) as session:
-        fitted = _fit(images, out_dir / "run", spec, config, settings, session)
+        fitted = _fit(images, out_dir / RUN_DIR, spec, config, settings, session)
         writer = LabelWriter(out_dir / MASKS_DIR, resolve_image_dir(images), out_dir / OVERLAYS_DIR,
                              BatchReport())
         mine = dist.shard(fitted.paths, dist.rank(), dist.world_size())
         predict_label_maps(fitted.estimator, fitted.feats, mine, fitted.predict, session.device,
                            session.pool, writer, session.timings)
-        _save(out_dir / "run", fitted, settings, session.timings)
+        _save(out_dir / RUN_DIR, fitted, settings, session.timings)
         dist.barrier()
     predicted = gather_report(writer.report)
     predicted.failed = session.report.failed + predicted.failed

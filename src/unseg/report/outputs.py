@@ -25,14 +25,11 @@ from PIL import Image
 from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
+from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
 from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
-BOXES_FILE = "boxes.json"
-SKIPPED_DIRS = ("run", OVERLAYS_DIR)
+SKIPPED_DIRS = (RUN_DIR, OVERLAYS_DIR)
 
 
 @dataclass
@@ -120,8 +117,8 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     folder stands for that folder)."""
     if _is_run(path):
         return (path.parent if (path.parent / MASKS_DIR).is_dir() else path), path
-    if _is_run(path / "run"):
-        return path, path / "run"
+    if _is_run(path / RUN_DIR):
+        return path, path / RUN_DIR
     return path, None
 
 
