@@ -1,17 +1,20 @@
 """Which backbone tap clusters best: cosine k-means mIoU/Acc per backbone, tap and centring.
 
 For each offline backbone and each candidate tap (``spec.taps``), with and without subtracting the
-set's mean feature: cosine k-means (K = 21) over every feature vector of the set (subsampled to
-``--budget`` rows with the seed), then per image the cosine logits (centres vs L2-normalised
-features) upsampled bilinearly to the label size, argmax, one confusion matrix over the set,
-Hungarian matching on pixel counts, 255 ignored. Mean and std over the seeds, on the VOC2012 (217)
-and VOC2007 (422 segmentation images) sets of ``../shared/data``. Images: short side 320
-(``unseg.features.prepare_image``) rounded to the coarsest tap stride (32), so every tap sees the
-same input. Extraction speed: images/s of one full forward pass (every tap, up to the head) of
-each backbone on the same images, backbones interleaved round-robin so load changes hit all.
+set's mean feature: cosine k-means (K = the set's classes) over every feature vector of the set
+(subsampled to ``--budget`` rows with the seed), then per image the cosine logits (centres vs
+L2-normalised features) upsampled bilinearly to the label size, argmax, one confusion matrix over
+the set, Hungarian matching on pixel counts, the set's ignore label skipped. Mean and std over the
+seeds, on the VOC2012 (217, K = 21, 255 ignored), VOC2007 (422 segmentation images, K = 21) and
+CamVid val (101 street scenes, K = 11, 11 ignored) sets of ``../shared/data`` (``--sets``). Images:
+short side 320 (``unseg.features.prepare_image``) rounded to the coarsest tap stride (32), so every
+tap sees the same input. Extraction speed: images/s of one full forward pass (every tap, up to the
+head) of each backbone on the same images, backbones interleaved round-robin so load changes hit
+all.
 
 Usage: nice -n 5 python bench/feature_layers.py [--backbones efficientnet_lite0,...]
-       [--taps s16,s32,...] [--seeds 0,1,2] [--max-images N] [--out FILE]
+       [--taps s16,s32,...] [--seeds 0,1,2] [--sets VOC2012,VOC2007,CamVid] [--max-images N]
+       [--out FILE]
 """
 
 from __future__ import annotations
@@ -42,13 +45,17 @@ from unseg.metrics.semantic import ConfusionMatrix, semantic_scores
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-SETS = ("VOC2012", "VOC2007")
-K = 21
+# per set: classes K and the ignored label
+SETS = {"VOC2012": (21, 255), "VOC2007": (21, 255), "CamVid": (11, 11)}
 SIZE = 320
 
 
 def _load_set(root: Path, max_images: int | None) -> tuple[list[Path], list[np.ndarray]]:
-    """Image paths and uint8 label maps ``[H, W]`` of a VOC segmentation set."""
+    """Image paths and uint8 label maps ``[H, W]`` of a VOC segmentation set, or of CamVid
+    (``val/*.png`` with ``valannot/*.png`` of the same name)."""
+    if (root / "valannot").is_dir():
+        paths = sorted((root / "val").glob("*.png"))[:max_images]
+        return paths, [load_label(root / "valannot" / p.name) for p in paths]
     layout = find_layout(root, "semantic")
     if layout is None:
         sys.exit(f"skipped: no VOC segmentation layout at {root} (the real data is absent)")
@@ -89,6 +96,8 @@ def _score(
     units: list[torch.Tensor],
     grids: list[tuple[int, int]],
     labels: list[np.ndarray],
+    k: int,
+    ignore: int,
     seed: int,
     budget: int,
     n_init: int,
@@ -101,12 +110,12 @@ def _score(
     gen = torch.Generator().manual_seed(seed)
     if rows.shape[0] > budget:
         rows = rows[torch.randperm(rows.shape[0], generator=gen)[:budget]]
-    cfg = KMeansConfig(num_classes=K, n_init=n_init, seed=seed)
+    cfg = KMeansConfig(num_classes=k, n_init=n_init, seed=seed)
     centers = CosineKMeans(cfg).fit(rows).centers_
     assert centers is not None
-    confusion = ConfusionMatrix(K, ignore_index=255)
+    confusion = ConfusionMatrix(k, ignore_index=ignore)
     for u, (h, w), lab in zip(units, grids, labels, strict=True):
-        logits = (u @ centers.T).view(1, h, w, K).permute(0, 3, 1, 2)  # channels-last: faster
+        logits = (u @ centers.T).view(1, h, w, k).permute(0, 3, 1, 2)  # channels-last: faster
         up = F.interpolate(logits, size=lab.shape, mode="bilinear", align_corners=False)
         confusion.update(up[0].argmax(0).numpy(), lab)
     s = semantic_scores(confusion, "pixels")
@@ -139,6 +148,8 @@ def main() -> None:
     parser.add_argument("--backbones", default=",".join(BACKBONES))
     parser.add_argument("--taps", default="", help="comma list (default: every listed tap)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sets", default="VOC2012,VOC2007",
+                        help="comma list of " + ", ".join(SETS))
     parser.add_argument("--max-images", type=int, default=None, help="per set")
     parser.add_argument("--budget", type=int, default=40000, help="k-means rows per fit")
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts per fit")
@@ -152,13 +163,18 @@ def main() -> None:
         sys.exit(f"skipped: {data} is absent (the real data lives beside the repo)")
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.backbones.split(",")
-    sets = {s: _load_set(data / s, args.max_images) for s in SETS}
+    set_names = args.sets.split(",")
+    unknown = [s for s in set_names if s not in SETS]
+    if unknown:
+        sys.exit(f"unknown set(s) {unknown}; choose from {list(SETS)}")
+    sets = {s: _load_set(data / s, args.max_images) for s in set_names}
     stride = 32
     images = {
         s: [prepare_image(load_image(p), SIZE, stride) for p in paths]
         for s, (paths, _) in sets.items()
     }
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     results: dict[str, dict] = {}
     models = {}
     for name in names:
@@ -178,7 +194,9 @@ def main() -> None:
                 for centred in (False, True):
                     units = _unit_rows(maps, mean.float() if centred else None)
                     runs = [
-                        _score(units, grids, labels, s, args.budget, args.n_init) for s in seeds
+                        _score(units, grids, labels, *SETS[set_name], s, args.budget,
+                               args.n_init)
+                        for s in seeds
                     ]
                     key = f"{tap}{' centred' if centred else ''}"
                     rows.setdefault(key, {"tap": tap, "centred": centred, **_tap_dims(spec, tap)})
@@ -189,10 +207,11 @@ def main() -> None:
                     print(name, set_name, key, rows[key][set_name], file=sys.stderr, flush=True)
             del store
         for row in rows.values():
-            row["miou_mean_both"] = round(statistics.mean(row[s]["miou"]["mean"] for s in SETS), 2)
-        best = max(rows.values(), key=lambda r: r["miou_mean_both"])
+            row["miou_mean_sets"] = round(
+                statistics.mean(row[s]["miou"]["mean"] for s in set_names), 2)
+        best = max(rows.values(), key=lambda r: r["miou_mean_sets"])
         results[name] = {"rows": list(rows.values()), "best": best}
-    speed_imgs = [x for s in SETS for x in images[s]][: args.speed_images]
+    speed_imgs = [x for s in set_names for x in images[s]][: args.speed_images]
     speed = _speed(models, speed_imgs, rounds=2)
     for name in names:
         results[name]["images_per_s"] = round(speed[name], 2)
@@ -200,17 +219,19 @@ def main() -> None:
             speed.get("efficientnet_lite0", float("nan")) / speed[name], 2
         )
     report = {
-        "benchmark": "feature taps: cosine k-means (K=21) per backbone / tap / centring",
+        "benchmark": ("feature taps: cosine k-means (K = the set's classes) per backbone / tap / "
+                      "centring"),
         "protocol": {
             "size": f"short side {SIZE}, rounded to a multiple of {stride}",
-            "k": K,
+            "k_ignore": {s: SETS[s] for s in set_names},
             "seeds": seeds,
             "budget_rows": args.budget,
             "n_init": args.n_init,
-            "match": "Hungarian on pixel counts, 255 ignored, one confusion matrix per set",
+            "match": ("Hungarian on pixel counts, the ignore label skipped, one confusion matrix "
+                      "per set"),
             "speed": f"median over {len(speed_imgs)} images x 2 rounds, batch 1, full pass",
         },
-        "sets": {s: len(sets[s][1]) for s in SETS},
+        "sets": {s: len(sets[s][1]) for s in set_names},
         "results": results,
         "seconds": round(time.perf_counter() - t_start, 1),
         "machine": {
@@ -219,6 +240,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": "cpu",
+            "load_avg_start": load_start,
             "load_avg": os.getloadavg(),
         },
     }

@@ -1,16 +1,20 @@
-"""k-means vs PriMaPs-EM (reference and cosine classifiers) x refinement, on VOC2012 and VOC2007.
+"""k-means vs PriMaPs-EM (and ablations of the EM) x refinement, on VOC2012, VOC2007 and CamVid.
 
 Runs the CLI exactly as a user would — `unseg segment --refine` (fit and predict in one pass)
-and `unseg evaluate semantic` — for every dataset, method, seed and refinement, with one
+and `unseg evaluate semantic` — for every dataset, variant, seed and refinement, with one
 feature/pseudo-label cache per dataset (`--cache-dir`, so the backbone and PriMaPs run once per
-dataset; the fit is deterministic, so the refinements of one seed share one model), and prints
-JSON: every command, the per-run scores, and mean ± std over the
-seeds for each (dataset, method, refinement), plus the machine it ran on. Resumable: a step whose
-output exists is not run again (delete --work to start over). Cheap refinements run first for
-every seed, the dense CRF last.
+dataset and pseudo-label setting), and prints JSON: every command, the per-run scores with
+per-class IoU, and mean ± std over the seeds for each (dataset, variant, refinement), plus the
+machine and its load at the start and the end. Resumable: a step whose output exists is not run
+again (delete --work to start over). Cheap refinements run first for every seed, the dense CRF
+last.
 
-Usage: python bench/semantic_results.py [--work DIR] [--seeds 0 1 2] [--datasets VOC2012 VOC2007]
-       [--refines none guided crf] [--out FILE]
+A variant is a name and the `unseg segment` options that make it: the built-in ones below, or
+`--variant NAME="--method primaps-em --focal-gamma 0"` (repeatable) for an ablation.
+
+Usage: python bench/semantic_results.py [--work DIR] [--seeds 0 1 2]
+       [--datasets VOC2012 VOC2007 CamVid] [--variants kmeans primaps-em]
+       [--variant NAME=OPTIONS ...] [--refines none guided crf] [--out FILE]
 """
 
 from __future__ import annotations
@@ -19,35 +23,56 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-DATASETS = {"VOC2012": DATA / "VOC2012", "VOC2007": DATA / "VOC2007"}
-METHOD_ARGS = {
-    "kmeans": ["--method", "kmeans"],
-    "primaps-em-reference": ["--method", "primaps-em", "--classifier", "reference"],
-    "primaps-em-cosine": ["--method", "primaps-em", "--classifier", "cosine"],
+
+
+@dataclass(frozen=True)
+class DevSet:
+    """A labelled dev set: images for `segment`, ground truth for `evaluate`, K, ignore id."""
+
+    images: Path
+    gt: Path
+    k: int
+    ignore_index: int | None = None
+
+
+DATASETS = {
+    "VOC2012": DevSet(DATA / "VOC2012", DATA / "VOC2012" / "VOCdevkit" / "VOC2012", 21),
+    "VOC2007": DevSet(DATA / "VOC2007", DATA / "VOC2007" / "VOCdevkit" / "VOC2007", 21),
+    "CamVid": DevSet(DATA / "CamVid" / "val", DATA / "CamVid" / "valannot", 11, 11),
 }
-K = 21
+VARIANTS = {
+    "kmeans": "--method kmeans",
+    "primaps-em": "--method primaps-em",  # the defaults
+    "primaps-em-reference": "--method primaps-em --classifier reference",
+    "primaps-em-cosine": "--method primaps-em --classifier cosine",
+}
 
 
-def voc_root(dataset: Path, name: str) -> Path:
-    """``VOCdevkit/VOCxxxx`` under a dataset folder."""
-    return dataset / "VOCdevkit" / name
-
-
-def run(cmd: list[str], log: list[dict]) -> None:
-    """Run ``unseg`` with ``cmd``; record the command line and its wall time."""
+def run(cmd: list[str], log: list[dict], in_process: bool = False) -> None:
+    """Run ``unseg`` with ``cmd`` (in a new process, or in this one through the CLI's own
+    ``main``); record the command line and its wall time."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "unseg.cli.main", "-q", *cmd], check=True)
-    log.append({"cmd": "unseg " + " ".join(cmd), "seconds": round(time.perf_counter() - t, 1)})
+    if in_process:
+        from unseg.cli.main import main as unseg_main
+
+        code = unseg_main(["-q", *cmd])
+        if code != 0:
+            sys.exit(f"unseg {shlex.join(cmd)} exited with status {code}")
+    else:
+        subprocess.run([sys.executable, "-m", "unseg.cli.main", "-q", *cmd], check=True)
+    log.append({"cmd": "unseg " + shlex.join(cmd), "seconds": round(time.perf_counter() - t, 1)})
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -60,56 +85,107 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def class_means(runs: list[list[float | None]]) -> list[float | None]:
+    """Per-class IoU (%) averaged over runs; ``None`` where a class is absent from the labels."""
+    out: list[float | None] = []
+    for values in zip(*runs, strict=True):
+        got = [v for v in values if v is not None]
+        out.append(round(100 * statistics.fmean(got), 1) if got else None)
+    return out
+
+
+def parse_variants(base: list[str], extra: list[str]) -> dict[str, list[str]]:
+    """The chosen built-in variants plus ``NAME=OPTIONS`` ones, as option lists."""
+    variants = {name: shlex.split(VARIANTS[name]) for name in base}
+    for item in extra:
+        name, sep, options = item.partition("=")
+        if not sep or not name or "/" in name:
+            sys.exit(f"--variant {item!r}: expected NAME=OPTIONS")
+        variants[name] = shlex.split(options)
+    return variants
+
+
+def machine() -> dict:
+    """Where it ran, and the load now."""
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(REPO / "out" / "semantic-results"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    methods = list(METHOD_ARGS)
-    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
-    parser.add_argument("--refines", nargs="+", default=["none", "guided", "crf"])
+    parser.add_argument("--variants", nargs="*", default=["kmeans", "primaps-em"],
+                        choices=list(VARIANTS))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                        help="an extra variant: its name and `unseg segment` options")
+    parser.add_argument("--refines", nargs="+", default=["none", "crf"])
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the CLI in this process (no interpreter start per command: "
+                        "on a loaded machine that start can take a minute)")
     args = parser.parse_args()
-    missing = [d for d in args.datasets if not DATASETS[d].is_dir()]
+    missing = [d for d in args.datasets if not DATASETS[d].images.is_dir()]
     if missing:
-        sys.exit(f"skipped: {', '.join(str(DATASETS[d]) for d in missing)} absent (real data)")
+        sys.exit(f"skipped: {', '.join(str(DATASETS[d].images) for d in missing)} absent")
+    variants = parse_variants(args.variants, args.variant)
     work = Path(args.work)
+    start = machine()
     log: list[dict] = []
     scores: dict[str, dict] = {}
     for refine in args.refines:  # cheap refinements for every run first, the CRF last
         for ds in args.datasets:
-            root = voc_root(DATASETS[ds], ds)
-            for method in args.methods:
+            dev = DATASETS[ds]
+            for name, options in variants.items():
                 for seed in args.seeds:
-                    out = work / ds / f"{method}-s{seed}-{refine}"
+                    out = work / ds / f"{name}-s{seed}-{refine}"
                     result = out / "scores.json"
                     if not result.is_file():
-                        # --resume: a run killed midway continues (same configuration)
-                        run(["segment", str(DATASETS[ds]), *METHOD_ARGS[method], "--num-classes",
-                             str(K), "--seed", str(seed), "--refine", refine, "--cache-dir",
+                        # --resume: a run killed midway continues (same configuration);
+                        # no refinement: no worker processes to start
+                        workers = ["--workers", "1"] if refine == "none" else []
+                        run(["segment", str(dev.images), *options, "--num-classes", str(dev.k),
+                             "--seed", str(seed), "--refine", refine, "--cache-dir",
                              str(work / ds / "cache"), "--out", str(out), "--resume",
-                             "--no-report"], log)
+                             "--no-report", *workers], log, args.in_process)
+                        ignore = [] if dev.ignore_index is None else [
+                            "--ignore-index", str(dev.ignore_index)]
                         run(["evaluate", "semantic", "--pred", str(out / "masks"), "--gt",
-                             str(root), "--num-classes", str(K), "--json", str(result)], log)
+                             str(dev.gt), "--num-classes", str(dev.k), *ignore, "--json",
+                             str(result)], log, args.in_process)
                     got = json.loads(result.read_text())
-                    key = f"{ds}/{method}/{refine}"
-                    scores.setdefault(key, {"acc": [], "miou": []})
-                    scores[key]["acc"].append(got["acc"])
-                    scores[key]["miou"].append(got["miou"])
-    table = {k: {m: summary(v[m]) for m in ("acc", "miou")} for k, v in scores.items()}
-    out = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "load_average": os.getloadavg(),
-        },
-        "k": K,
+                    key = f"{ds}/{name}/{refine}"
+                    entry = scores.setdefault(key, {"acc": [], "miou": [], "per_class": [],
+                                                    "options": shlex.join(options)})
+                    entry["acc"].append(got["acc"])
+                    entry["miou"].append(got["miou"])
+                    entry["per_class"].append(got["per_class_iou"])
+    table = {
+        key: {
+            "options": v["options"],
+            "acc": summary(v["acc"]),
+            "miou": summary(v["miou"]),
+            "miou_per_seed": [round(100 * m, 2) for m in v["miou"]],
+            "acc_per_seed": [round(100 * a, 2) for a in v["acc"]],
+            "per_class_iou_mean": class_means(v["per_class"]),
+        }
+        for key, v in scores.items()
+    }
+    report = {
+        "machine": start,
+        "load_average_end": machine()["load_average"],
+        "sets": {ds: {"k": DATASETS[ds].k, "ignore_index": DATASETS[ds].ignore_index}
+                 for ds in args.datasets},
         "seeds": args.seeds,
         "table_percent": table,
         "commands": log,
     }
-    text = json.dumps(out, indent=2)
+    text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")

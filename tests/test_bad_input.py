@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from unseg.backbones.create import create_backbone
@@ -175,3 +176,86 @@ def test_features_processes_an_animated_gif(tmp_path: Path, capsys, caplog) -> N
     assert "2 images: 2 computed" in captured.out
     assert any(r.getMessage().endswith("b.gif: animated GIF (3 frames): the first frame is used")
                for r in caplog.records)
+
+
+def test_the_output_folder_remembers_its_max_pixels(tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    """An image over the pixel limit: ``segment --max-pixels`` accepts it, and its own report,
+    ``report --format coco`` and ``evaluate`` on its folder accept it
+    and its mask too. The limit is lowered to 40,000 pixels for the test: the same run on a
+    90 MP image over Pillow's real 89.5 MP guard took 5 GB and 90 s (the masks are written at
+    full size)."""
+    import unseg.data.image as image_module
+
+    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 40_000)
+    images = tmp_path / "images"
+    images.mkdir()
+    h, w = 200, 300
+    pixels = np.full((h, w, 3), (60, 140, 50), np.uint8)
+    pixels[: h // 2] = (40, 90, 200)
+    pixels[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = (200, 40, 40)
+    Image.fromarray(pixels).save(images / "big.png")
+    out = tmp_path / "out"
+    code = main(["segment", str(images), "--out", str(out), "-k", "3", "--size", "64",
+                 "--backbone", "efficientnet_lite0", "--method", "kmeans", "--refine", "none",
+                 "--workers", "1", "--max-pixels", str(h * w)])
+    assert code == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Showing 0 of 1" not in page and "image too large" not in page
+    assert page.count("<figcaption>image") == 1
+    assert main(["report", str(out), "--format", "coco"]) == 0
+    assert (out / "coco_results.json").is_file()
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "big.png").write_bytes((out / "masks" / "big.png").read_bytes())
+    assert main(["evaluate", "semantic", "--pred", str(out), "--gt", str(gt),
+                 "--num-classes", "3"]) == 0
+    assert "1 image(s) scored" in capsys.readouterr().out
+    # evaluate's own option overrides the folder's limit
+    assert main(["evaluate", "semantic", "--pred", str(out), "--gt", str(gt),
+                 "--num-classes", "3", "--max-pixels", "1000"]) == 2
+    assert "pass --max-pixels 60000 or more" in capsys.readouterr().err
+
+
+def test_report_of_an_existing_output_shows_the_recorded_photos(tmp_path: Path) -> None:
+    images = _one_image(tmp_path / "images")
+    Image.fromarray(np.full((64, 96, 3), 30, np.uint8)).save(images / "b.png")
+    out = tmp_path / "out"
+    assert main(["segment", str(images), "--out", str(out), "-k", "2", "--size", "64",
+                 "--backbone", "efficientnet_lite0", "--method", "kmeans", "--refine", "none",
+                 "--workers", "1", "--no-report"]) == 0
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count("<figcaption>image") == 2
+    assert "Original images not found" not in page
+
+
+def _saliency_root(root: Path) -> Path:
+    """An ECSSD-layout root: images/ and ground_truth_mask/."""
+    _one_image(root / "images")
+    (root / "ground_truth_mask").mkdir()
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(root / "ground_truth_mask" / "a.png")
+    return root
+
+
+def test_semantic_scoring_of_a_saliency_root_says_what_it_is(tmp_path: Path, capsys) -> None:
+    gt = _saliency_root(tmp_path / "sal")
+    pred = _one_image(tmp_path / "pred")
+    code = main(["evaluate", "semantic", "--pred", str(pred), "--gt", str(gt),
+                 "--num-classes", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f"{gt}: ECSSD is a saliency dataset (foreground masks): it has no class label "
+            "PNGs to score against; use `unseg evaluate saliency`") in err
+    assert "no images found" not in err
+
+
+def test_the_real_ecssd_and_voc_roots_name_their_task(tmp_path: Path, capsys) -> None:
+    ecssd, voc = shared_data("ECSSD"), shared_data("VOC2012")
+    pred = _one_image(tmp_path / "pred")
+    assert main(["evaluate", "semantic", "--pred", str(pred), "--gt", str(ecssd)]) == 2
+    assert "ECSSD is a saliency dataset" in capsys.readouterr().err
+    assert main(["evaluate", "saliency", "--pred", str(pred), "--gt", str(voc)]) == 2
+    assert ("VOC2012 is a semantic segmentation dataset (class label PNGs): it has no "
+            "foreground masks to score against; use `unseg evaluate semantic`"
+            ) in capsys.readouterr().err

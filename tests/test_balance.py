@@ -72,3 +72,13 @@ def test_palette_pngs_are_read_as_class_ids_and_logged(tmp_path, caplog) -> None
     assert "class shares of the predicted pixels" in caplog.text
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "3: 0.00 %" in warned[0].getMessage()
+
+
+def test_an_unreadable_mask_is_left_out_of_the_counts(tmp_path, caplog):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.array([[0, 1], [1, 1]], dtype=np.uint8), mode="L").save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:20])
+    counts = class_counts(read_labels([bad, good]), 2)
+    assert counts.tolist() == [1, 3]
+    assert "bad.png" in caplog.text

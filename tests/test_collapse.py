@@ -97,7 +97,24 @@ def test_mostly_foreground_over_the_set_fires_though_no_rule_per_image_does():
     share = float((most > 0.5).float().mean())
     assert 0.9 < share < 0.98
     assert _verdict(most) == "mostly-foreground"
-    assert _verdict(most, config=CollapseConfig(max_mean_foreground=0.95)) == "ok"
+    assert _verdict(most, config=CollapseConfig(max_mean_foreground=0.95)) == "oversized"
+    loose = CollapseConfig(max_mean_foreground=0.95, max_typical_foreground=0.95)
+    assert _verdict(most, config=loose) == "ok"
+
+
+def test_oversized_masks_fire_between_the_typical_and_the_mostly_foreground_share():
+    maps = torch.zeros(10, 1, 10, 10)
+    maps[:, :, :7] = 0.8  # 70 % of every map foreground, no map constant or all-foreground
+    report = CollapseCheck()
+    report.update(maps)
+    result = report.report([0.5, 0.4])
+    assert result.verdict == "oversized" and result.failed
+    assert result.mean_foreground == pytest.approx(0.7)
+    assert "70%" in result.message() and "training images" in result.message()
+    assert "predicted images" in result.message("prediction")
+    maps[:, :, 5:7] = 0.2  # 50 %: a large object, not oversized
+    assert _verdict(maps) == "ok"
+    assert _verdict(maps, config=CollapseConfig(max_typical_foreground=0.4)) == "oversized"
 
 
 @pytest.mark.parametrize(

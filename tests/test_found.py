@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs
+from unseg.methods.base import FitInputs, feature_moments
 from unseg.methods.found import (
     FoundConfig,
     FoundHead,
@@ -20,7 +20,6 @@ from unseg.methods.found import (
     background_seed,
     background_similarity,
     border_ring,
-    channel_stats,
     pseudo_masks,
 )
 
@@ -194,7 +193,7 @@ def test_standardized_conv_folds_into_the_same_plain_conv():
 
 def test_channel_stats_match_numpy():
     x = torch.randn(7, 4, 3, 5) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 5
-    mean, std = channel_stats(x, chunk=3)
+    mean, std = feature_moments(x)
     flat = x.permute(1, 0, 2, 3).reshape(4, -1).double().numpy()
     np.testing.assert_allclose(mean.numpy(), flat.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(std.numpy(), flat.std(axis=1), rtol=1e-5)

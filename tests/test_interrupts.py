@@ -1,7 +1,7 @@
-"""Ctrl-C, SIGTERM and killed parents: the CRF pool's shutdown, the CLI's exit statuses, orphans.
+"""Ctrl-C, SIGTERM and killed parents: the CLI's exit statuses, no orphans, no temp files.
 
 The tests marked ``slow`` run ``python -m unseg.cli.main segment`` for real in a subprocess (the
-offline efficientnet_lite0 backbone, 22 small images, ``--refine crf --workers 2``), wait until
+offline efficientnet_lite0 backbone, 22 small images, ``--refine crf``), wait until
 it is in the dense CRF of the prediction with some masks already written, send the signal and
 check what a user sees. They take tens of seconds each on a loaded 2-core machine: model start-up,
 features, PriMaPs-EM and a first round of CRFs come before the signal. The bounds on waiting are
@@ -10,14 +10,12 @@ guards against hanging, not timings.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from PIL import Image
 
 from unseg.cli.main import main
 from unseg.errors import UnsegError
-from unseg.refine.crf import CRFPool
 from unseg.utils import io as unseg_io
 from unseg.utils.signals import Terminated, sigterm_raises
 
@@ -38,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 BOUND_S = 60.0  # a hang guard: generous for a loaded machine, far below "forever"
 N_IMAGES = 22  # more than one 16-image prediction round, so masks exist before the last CRFs
-CRF_MARKER = "CRF pool: _refine_task"  # the pool's debug line as a prediction CRF round starts
+CRF_MARKER = "CRF: _refine_task"  # the debug line as a prediction CRF round starts
 
 
 def _state(pid: int) -> str | None:
@@ -83,76 +80,7 @@ def _wait_gone(pids: set[int], bound: float = BOUND_S) -> set[int]:
     return {p for p in pids if _alive(p)}
 
 
-# ---------------------------------------------------------------- the pool and the handlers alone
-
-
-class _Alarm(Exception):
-    pass
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """SIGALRM raises :class:`_Alarm` in the main thread while the test runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Alarm
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def test_an_exception_during_a_long_map_terminates_the_workers(alarm):
-    """Tasks that sleep 120 s, an exception one second into the map: the block is left long
-    before the tasks could finish (the old close+join waited for them, or forever after
-    Ctrl-C), and no worker survives it."""
-    start = time.monotonic()
-    with pytest.raises(_Alarm), CRFPool(2) as pool:
-        pids = pool.worker_pids
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
-        signal.setitimer(signal.ITIMER_REAL, 1.0)
-        pool.map_fn(time.sleep, [120.0] * 4)
-    assert time.monotonic() - start < 120.0  # it did not wait for the sleeping tasks
-    assert not any(_alive(p) for p in pids)
-    assert pool.worker_pids == []
-
-
-def test_a_worker_error_is_raised_with_its_traceback_and_the_pool_goes_on():
-    with CRFPool(2) as pool:
-        with pytest.raises(ValueError, match="math domain error") as info:
-            pool.map_fn(math.sqrt, [4.0, -1.0, 9.0, 16.0])
-        assert "Traceback" in str(info.value.__cause__)
-        assert pool.map_fn(math.sqrt, [4.0, 9.0, 16.0, 25.0, 36.0]) == [2.0, 3.0, 4.0, 5.0, 6.0]
-        pids = pool.worker_pids
-    assert not any(_alive(p) for p in pids)  # a normal exit stops them too
-
-
-def test_a_worker_killed_mid_task_is_a_clear_error_not_a_hang():
-    with CRFPool(2) as pool:
-        victim, other = pool.worker_pids
-        timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
-        timer.start()
-        try:
-            with pytest.raises(UnsegError, match=r"worker process died \(killed by SIGKILL"):
-                pool.map_fn(time.sleep, [120.0] * 4)
-        finally:
-            timer.cancel()
-        assert not _alive(other)  # the pool stopped the other worker on the way out
-        assert pool.map_fn(math.sqrt, [4.0]) == [2.0]  # then it runs in this process
-
-
-def test_workers_ignore_sigint_sent_to_them():
-    """A terminal's Ctrl-C reaches every process of the group: the workers must not react."""
-    with CRFPool(2) as pool:
-        assert pool.map_fn(math.sqrt, [1.0, 4.0]) == [1.0, 2.0]  # both are up and idle
-        for pid in pool.worker_pids:
-            os.kill(pid, signal.SIGINT)
-        time.sleep(0.5)
-        assert all(_alive(p) for p in pool.worker_pids)
-        assert pool.map_fn(math.sqrt, [9.0, 16.0]) == [3.0, 4.0]
+# ---------------------------------------------------------------- the handlers alone
 
 
 def test_sigterm_raises_terminated_inside_the_block_only():
@@ -216,47 +144,6 @@ def test_an_error_without_sigterm_is_not_taken_for_one(monkeypatch, capsys):
     monkeypatch.setattr(unseg.cli.backbones, "run", broken)
     assert main(["backbones"]) == 2
     assert capsys.readouterr().err == "unseg: error: broken\n"
-
-
-_WATCHED_CHILD = """
-import sys, time
-from unseg.utils import signals
-if sys.argv[1] == "thread":
-    signals._prctl_pdeathsig = lambda: False  # the fallback of systems without prctl
-signals.die_with_parent(int(sys.argv[2]))
-print("armed", flush=True)
-time.sleep(120)
-"""
-_PARENT = """
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], str(os.getpid())])
-print(child.pid, flush=True)
-time.sleep(120)
-"""
-
-
-@pytest.mark.parametrize("how", ["prctl", "thread"])
-def test_a_worker_dies_with_its_parent_on_kill_9(how):
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _WATCHED_CHILD, how],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        assert parent.stdout.readline().strip() == "armed"
-        parent.kill()
-        parent.wait(BOUND_S)
-        assert _wait_gone({child}) == set()
-    finally:
-        parent.kill()
-        parent.wait()
-
-
-def test_a_parent_dead_before_the_worker_armed_its_signal_is_noticed():
-    """The race: the pid given is not the worker's parent any more (here: never was)."""
-    code = "import sys, time; from unseg.utils import signals; signals.die_with_parent(1); " \
-           "time.sleep(120)"
-    result = subprocess.run([sys.executable, "-c", code], timeout=BOUND_S)
-    assert result.returncode == 1
 
 
 def test_an_interrupted_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -325,7 +212,7 @@ def _start(images: tuple[Path, Path], out: Path, torchrun: bool = False) -> _Run
                 "--nproc_per_node=2"] if torchrun else [sys.executable]
     cmd = [*launcher, "-m", "unseg.cli.main", "-vv", "segment", str(folder), "--out",
            str(out), "--backbone", "efficientnet_lite0", "-k", "3", "--size", "512",
-           "--refine", "crf", "--pseudo-refine", "none", "--workers", "2", "--cache-dir",
+           "--refine", "crf", "--pseudo-refine", "none", "--cache-dir",
            str(cache), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     # SIGINT back to its default in the child: a test run started in the background (nohup,
@@ -356,9 +243,7 @@ def _wait_for_crf(run: _Run) -> set[int]:
             run.proc.kill()
             pytest.fail("the run never reached a CRF round after its first masks "
                         f"(exit {run.proc.poll()}):\n{run.stderr()[-3000:]}")
-    children = _descendants(run.proc.pid)
-    assert len(children) >= 2, "the CRF workers should be running"
-    return children
+    return _descendants(run.proc.pid)
 
 
 def _check_masks(out: Path, at_least: int) -> None:
@@ -404,23 +289,13 @@ def test_a_signal_in_the_crf_stage_exits_cleanly(images, tmp_path, name, code, m
     assert [p for p in run.out.rglob("*") if p.name.endswith(".tmp")] == []
 
 
-@pytest.mark.slow  # a real segment run up to its CRF stage
-def test_kill_9_of_the_command_takes_its_workers_down(images, tmp_path):
-    run = _start(images, tmp_path / "out")
-    children = _wait_for_crf(run)
-    run.proc.kill()
-    run.proc.wait(BOUND_S)
-    assert _wait_gone(children) == set()
-    _check_masks(run.out, run.masks_before)  # (a temp file may be left: nothing runs on kill -9)
-
-
 @pytest.mark.slow  # two real segment ranks under torchrun up to their CRF stage
 def test_kill_9_of_torchrun_ends_its_ranks_and_their_workers(images, tmp_path):
     """torchrun arms no death signal for its ranks: each rank notices the launcher is gone and
-    takes the SIGTERM path (one line each, no traceback), its CRF workers with it."""
+    takes the SIGTERM path (one line each, no traceback)."""
     run = _start(images, tmp_path / "out", torchrun=True)
     children = _wait_for_crf(run)
-    assert len(children) >= 6  # 2 ranks, each with 2 CRF workers
+    assert len(children) >= 2  # the 2 ranks
     run.proc.kill()
     run.proc.wait(BOUND_S)
     assert _wait_gone(children) == set()

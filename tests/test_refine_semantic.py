@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from unseg.errors import UnsegError
-from unseg.refine.crf import CRFPool, dense_crf
+from unseg.refine.crf import dense_crf
 from unseg.refine.semantic import (
     REFINES,
     RefineConfig,
     check_refine,
     guided_probs,
     refine_logits,
-    refine_many,
 )
 
 R, EPS = 9, 1e-3
@@ -65,16 +64,6 @@ def test_guided_then_crf_feeds_the_filtered_probabilities_as_unary(rng):
     expected = dense_crf(image, filtered.clamp_min(1e-8).log())
     got = refine_logits(logits, image, RefineConfig("guided+crf", subsample=1))
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
-
-
-def test_the_pool_gives_what_one_process_gives(rng):
-    pairs = [_scene(rng) for _ in range(3)]
-    cfg = RefineConfig("guided+crf")
-    alone = refine_many([lg for _, lg in pairs], [im for im, _ in pairs], cfg)
-    with CRFPool(2) as pool:
-        pooled = refine_many([lg for _, lg in pairs], [im for im, _ in pairs], cfg, pool)
-    for a, b in zip(alone, pooled, strict=True):
-        torch.testing.assert_close(a, b)
 
 
 def test_bad_choices_and_shapes_are_clear_errors(rng):

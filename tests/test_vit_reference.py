@@ -37,7 +37,7 @@ from vit_reference import (
 )
 
 from unseg.backbones.base import build_backbone, list_backbones
-from unseg.backbones.vit import interpolate_pos_embed
+from unseg.backbones.vit import VisionTransformer, interpolate_pos_embed
 from unseg.backbones.weights import load_strict
 from unseg.errors import UnsegError
 
@@ -71,8 +71,9 @@ def test_official_layout_loads_strictly_at_full_depth(name):
         load_strict(model, bad, name)
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
-def test_tokens_and_keys_match_transformers(name):
+def _pair(name: str) -> tuple[VisionTransformer, torch.nn.Module]:
+    """unseg's ViT ``name`` and its ``transformers`` counterpart, ``DEPTH`` blocks, loaded with
+    the same random official-format weights (strictly on both sides)."""
     arch = ARCHS[name]
     state = official_state_dict(arch, DEPTH, seed=1)
     with torch.device("meta"):
@@ -81,16 +82,23 @@ def test_tokens_and_keys_match_transformers(name):
     load_strict(ours, state, name)
     ref = hf_model(arch, DEPTH)
     ref.load_state_dict(official_to_hf(state, arch), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_tokens_and_keys_match_transformers(name):
+    arch = ARCHS[name]
+    ours, ref = _pair(name)
     gen = torch.Generator().manual_seed(2)
     for i, (h, w) in enumerate(_sizes(arch)):
         if i == 1 and not arch.registers:
             use_official_interpolation(ref, arch)  # transformers' own recipe differs off-native
-        images = torch.rand(1, 3, h, w, generator=gen)
+        images = torch.rand(2 if i == 1 else 1, 3, h, w, generator=gen)  # a batch once
         with torch.no_grad():
             tokens = ours.forward_features(images, "tokens")
             keys = ours.forward_features(images, "keys")
         ref_tokens, ref_keys = hf_outputs(ref, arch, ours.normalize(images))
-        assert tokens.shape == (1, arch.dim, h // arch.patch, w // arch.patch)
+        assert tokens.shape == (images.shape[0], arch.dim, h // arch.patch, w // arch.patch)
         torch.testing.assert_close(tokens, ref_tokens, **TOL, msg=f"tokens at {h}x{w}")
         torch.testing.assert_close(keys, ref_keys, **TOL, msg=f"keys at {h}x{w}")
 
@@ -140,3 +148,18 @@ def test_transformers_recipe_is_official_only_with_registers(name):
             assert gap <= 1e-6, (gh, gw, gap)
         else:
             assert gap > 1e-2, (gh, gw, gap)
+
+
+def test_a_wrong_layernorm_epsilon_would_be_seen():
+    """The random weights keep the residual stream's variance near the epsilon
+    (``official_state_dict``), so 1e-5 instead of the official 1e-6 is far outside ``TOL``."""
+    arch = ARCHS["dino_vits16"]
+    ours, ref = _pair("dino_vits16")
+    images = torch.rand(1, 3, arch.image, arch.image, generator=torch.Generator().manual_seed(2))
+    ref_tokens, _ = hf_outputs(ref, arch, ours.normalize(images))
+    for m in ours.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 1e-5
+    with torch.no_grad():
+        tokens = ours.forward_features(images, "tokens")
+    assert (tokens - ref_tokens).abs().max() > 100 * TOL["atol"]

@@ -120,13 +120,18 @@ def official_shapes(arch: Arch, depth: int = FULL_DEPTH) -> dict[str, tuple[int,
 
 
 def official_state_dict(
-    arch: Arch, depth: int = FULL_DEPTH, seed: int = 0
+    arch: Arch, depth: int = FULL_DEPTH, seed: int = 0, stream: float = 0.01
 ) -> dict[str, torch.Tensor]:
     """A random state dict in the official format, scaled so that every part matters: weights
     ``N(0, 1/fan_in)``, biases ``N(0, 0.1²)``, LayerNorm gains ``1 + N(0, 0.1²)``, layer scales
-    ``U(0.2, 1)``, tokens and position table ``N(0, 0.5²)`` (so that a wrong interpolation shows).
+    ``U(0.2, 1)``, tokens and position table ``N(0, 0.5²)`` (so that a wrong interpolation shows);
+    then what writes into the residual stream (tokens, position table, patch embedding, the
+    attention and MLP output layers) is multiplied by ``stream``, so that the stream's variance
+    (about ``stream²``) is near the LayerNorm epsilon and a wrong epsilon shows too.
     """
     gen = torch.Generator().manual_seed(seed)
+    writers = ("cls_token", "pos_embed", "register_tokens", "patch_embed.", "attn.proj.",
+               "mlp.fc2.")
     out = {}
     for key, shape in official_shapes(arch, depth).items():
         module = key.split(".")[-2] if "." in key else ""
@@ -141,6 +146,8 @@ def official_state_dict(
             t = 0.1 * torch.randn(shape, generator=gen)
         else:
             t = 0.5 * torch.randn(shape, generator=gen)
+        if any(w in key for w in writers):
+            t = t * stream
         out[key] = t
     return out
 

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
-from unseg.layout import MANIFEST_FILE
+from unseg.layout import MANIFEST_FILE, MASKS_DIR
 from unseg.utils.io import write_json_atomic
 from unseg.utils.timing import Timings, collect
 
@@ -109,6 +109,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         raise InputFileError(path, "not an unseg manifest (expected a 'commands' list); "
                              "choose another --out")
     return data
+
+
+def recorded_setting(folder: str | Path, name: str) -> Any:
+    """The value of setting ``name`` (e.g. ``"--max-pixels"``) in the last command of
+    ``folder``'s manifest that records it; None without a (readable) manifest or such a
+    command."""
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the reading commands work without it
+        logger.debug("recorded settings not read: %s", exc)
+        return None
+    for command in reversed([] if manifest is None else manifest["commands"]):
+        settings = command.get("settings")
+        if isinstance(settings, dict) and name in settings:
+            return settings[name]
+    return None
+
+
+def recorded_max_pixels(path: str | Path) -> int | None:
+    """The ``--max-pixels`` the command that wrote the output folder ``path`` (or its
+    ``masks`` folder) was given; None when it records none (Pillow's default applies)."""
+    path = Path(path)
+    folder = path.parent if path.name == MASKS_DIR and not (path / MANIFEST_FILE).exists() \
+        else path
+    value = recorded_setting(folder, "--max-pixels")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def normalized(settings: Mapping[str, Any]) -> dict[str, Any]:

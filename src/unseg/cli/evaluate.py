@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
+from unseg.data.image import max_pixels_default
 from unseg.metrics.saliency import BETA2, FOUND_BETA2
+from unseg.outdir import recorded_max_pixels
 from unseg.pipelines.evaluate import evaluate_corloc, evaluate_saliency, evaluate_semantic
 from unseg.utils.io import write_json_atomic
 
@@ -72,10 +76,25 @@ def _common(p: argparse.ArgumentParser, gt_help: str) -> None:
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     p.add_argument(
+        "--max-pixels", type=int, default=None, metavar="N",
+        help="accept predictions and ground truth of up to N pixels (default: the --max-pixels "
+        "the command that wrote --pred was given, else Pillow's decompression-bomb limit; 0: "
+        "no limit)",
+    )
+    p.add_argument(
         "--allow-missing", action="store_true",
         help="score even if predictions are missing or unusable: they count as wrong and are "
         "reported (exit status 1)",
     )
+
+
+def _pixel_limit(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """The per-file pixel limit for the files read: ``--max-pixels``, else the one the
+    command that wrote ``--pred`` was given (its manifest)."""
+    given = args.max_pixels
+    pred = Path(args.pred)
+    return max_pixels_default(given if given is not None or not pred.is_dir()
+                              else recorded_max_pixels(pred))
 
 
 def _fmt(value: Any) -> str:
@@ -118,10 +137,11 @@ def _json_safe(obj: Any) -> Any:
 
 def _semantic(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    r = evaluate_semantic(
-        args.pred, args.gt, num_classes=args.num_classes, ignore_index=args.ignore_index,
-        match=args.match, allow_missing=args.allow_missing,
-    )
+    with _pixel_limit(args):
+        r = evaluate_semantic(
+            args.pred, args.gt, num_classes=args.num_classes, ignore_index=args.ignore_index,
+            match=args.match, allow_missing=args.allow_missing,
+        )
     rows: list[tuple[str, Any]] = [
         ("pixel acc", r.acc), ("mIoU", r.miou), ("match", r.match), ("classes", r.num_classes),
     ]
@@ -135,10 +155,11 @@ def _semantic(args: argparse.Namespace) -> int:
 
 def _saliency(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    r = evaluate_saliency(
-        args.pred, args.gt, fbeta_mode=args.fbeta_mode, beta2=args.beta2,
-        allow_missing=args.allow_missing,
-    )
+    with _pixel_limit(args):
+        r = evaluate_saliency(
+            args.pred, args.gt, fbeta_mode=args.fbeta_mode, beta2=args.beta2,
+            allow_missing=args.allow_missing,
+        )
     rows: list[tuple[str, Any]] = [
         ("maxFβ", r.max_fbeta), ("IoU", r.iou), ("Acc", r.acc), ("MAE", r.mae),
         ("Fβ mode", r.fbeta_mode), ("β²", r.beta2),
@@ -148,7 +169,8 @@ def _saliency(args: argparse.Namespace) -> int:
 
 def _corloc(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    r = evaluate_corloc(args.pred, args.annotations, allow_missing=args.allow_missing)
+    with _pixel_limit(args):
+        r = evaluate_corloc(args.pred, args.annotations, allow_missing=args.allow_missing)
     rows: list[tuple[str, Any]] = [("CorLoc", r.corloc), ("correct", r.n_correct),
                                    ("boxes from", r.source)]
     return _finish(args, r, rows, started)

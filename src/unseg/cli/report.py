@@ -58,13 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"images shown in the gallery, evenly spread over the run (default "
         f"{DEFAULT_MAX_IMAGES})",
     )
+    p.add_argument(
+        "--max-pixels", type=int, default=None, metavar="N",
+        help="accept images and masks of up to N pixels (default: the --max-pixels the "
+        "folder's command was given, else Pillow's decompression-bomb limit; 0: no limit)",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.format == "coco":
-        path = write_coco(args.path, out=args.out)
+        path = write_coco(args.path, out=args.out, max_pixels=args.max_pixels)
         print(f"unseg report: COCO results written to {path}, in "
               f"{time.perf_counter() - started:.1f} s")
         return 0
@@ -78,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         match=args.match,
         max_images=args.max_images,
+        max_pixels=args.max_pixels,
     )
     print(f"unseg report: report written to {path}, in {time.perf_counter() - started:.1f} s")
     return 0

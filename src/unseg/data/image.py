@@ -3,6 +3,8 @@
 Pillow's decompression-bomb guard becomes unseg's own per-file limit (``max_pixels``: None =
 Pillow's default :data:`DEFAULT_MAX_PIXELS`, 0 = no limit), reported as an
 :class:`InputFileError` that names the option to pass; no Pillow warning reaches stderr.
+:func:`max_pixels_default` sets what ``None`` stands for within a block: ``report`` and
+``evaluate`` use it to apply the limit an output folder's run was given.
 A file of several frames (animated GIF, WebP or PNG, multi-page TIFF) is read as its first frame,
 as other image tools do, with a warning naming the file and its frame count (once per process).
 """
@@ -13,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ _EXIF_ORIENTATION = 0x0112
 _PILLOW_GUARD = threading.Lock()
 _NOTED_FRAMES: set[Path] = set()  # multi-frame files already warned about in this process
 _NOTED_LOCK = threading.Lock()
+_MAX_PIXELS_DEFAULT: ContextVar[int | None] = ContextVar("unseg_max_pixels", default=None)
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +49,22 @@ def _without_pillow_guard() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+@contextmanager
+def max_pixels_default(max_pixels: int | None) -> Iterator[None]:
+    """Within the block, ``max_pixels=None`` stands for ``max_pixels`` (None: Pillow's default,
+    0: no limit) in this thread."""
+    token = _MAX_PIXELS_DEFAULT.set(max_pixels)
+    try:
+        yield
+    finally:
+        _MAX_PIXELS_DEFAULT.reset(token)
+
+
 def pixel_limit(max_pixels: int | None) -> int | None:
-    """The pixel limit ``max_pixels`` stands for: None → Pillow's default, 0 → no limit."""
+    """The pixel limit ``max_pixels`` stands for: None → the :func:`max_pixels_default` of the
+    block, else Pillow's default; 0 → no limit."""
+    if max_pixels is None:
+        max_pixels = _MAX_PIXELS_DEFAULT.get()
     if max_pixels is None:
         return DEFAULT_MAX_PIXELS
     if max_pixels < 0:

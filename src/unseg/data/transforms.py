@@ -40,7 +40,8 @@ def _check(image: torch.Tensor, label: torch.Tensor | None) -> None:
         raise ValueError(f"label {tuple(label.shape)} must match image {tuple(image.shape[1:])}")
 
 
-def _uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:
+def uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:
+    """A float drawn uniformly from ``[low, high)`` with ``generator``."""
     return low + (high - low) * torch.rand((), generator=generator).item()
 
 
@@ -90,7 +91,7 @@ def hflip(
 ) -> Pair:
     """Mirror left-right with probability ``p`` (``p=1``: always)."""
     _check(image, label)
-    if p < 1.0 and _uniform(generator) >= p:
+    if p < 1.0 and uniform(generator) >= p:
         return image, label
     return image.flip(-1), None if label is None else label.flip(-1)
 
@@ -110,8 +111,8 @@ def sample_crop_box(
     h, w = size
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = h * w * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
+        target = h * w * uniform(generator, *scale)
+        aspect = math.exp(uniform(generator, *log_ratio))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             top = int(torch.randint(0, h - ch + 1, (), generator=generator))
@@ -190,18 +191,18 @@ def color_jitter(
     (in ``[-hue, hue]`` turns), applied in that order; the label is returned unchanged."""
     _check(image, label)
     if brightness > 0:
-        image = (image * _uniform(generator, 1 - brightness, 1 + brightness)).clamp(0, 1)
+        image = (image * uniform(generator, 1 - brightness, 1 + brightness)).clamp(0, 1)
     if contrast > 0:
         mean = luma(image).mean()
-        factor = _uniform(generator, 1 - contrast, 1 + contrast)
+        factor = uniform(generator, 1 - contrast, 1 + contrast)
         image = (mean + factor * (image - mean)).clamp(0, 1)
     if saturation > 0:
         grey = luma(image)
-        factor = _uniform(generator, 1 - saturation, 1 + saturation)
+        factor = uniform(generator, 1 - saturation, 1 + saturation)
         image = (grey + factor * (image - grey)).clamp(0, 1)
     if hue > 0:
         hsv = rgb_to_hsv(image)
-        hsv = torch.stack([(hsv[0] + _uniform(generator, -hue, hue)) % 1.0, hsv[1], hsv[2]])
+        hsv = torch.stack([(hsv[0] + uniform(generator, -hue, hue)) % 1.0, hsv[1], hsv[2]])
         image = hsv_to_rgb(hsv).clamp(0, 1)
     return image, label
 
@@ -250,13 +251,13 @@ def student_view(image: torch.Tensor, generator: torch.Generator | None = None) 
     it acts on the ``[0, 1]`` image, as colour jitter is defined.)
     """
     _check(image, None)
-    out = gaussian_blur(image, _uniform(generator, 0.1, 2.0), 21)
-    if _uniform(generator) < 0.5:
-        if _uniform(generator) < 0.3:
+    out = gaussian_blur(image, uniform(generator, 0.1, 2.0), 21)
+    if uniform(generator) < 0.5:
+        if uniform(generator) < 0.3:
             names = ("brightness", "contrast", "saturation", "hue")
             for j in torch.randperm(4, generator=generator).tolist():
                 amounts = {name: 0.1 if i == j else 0.0 for i, name in enumerate(names)}
                 out, _ = color_jitter(out, None, generator, **amounts)
-    elif _uniform(generator) < 0.1:
+    elif uniform(generator) < 0.1:
         out = luma(out).expand(3, -1, -1).clone()
     return out

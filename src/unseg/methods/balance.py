@@ -34,10 +34,14 @@ def class_counts(labels: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
 
 def read_labels(paths: Iterable[str | Path]) -> Iterable[np.ndarray]:
     """The label PNGs at ``paths`` as ``[H, W]`` arrays of class ids (palette indices), one at
-    a time."""
+    a time; a file that cannot be read is logged and left out, so one corrupt mask does not
+    hide the balance of the others."""
     for path in paths:
-        with Image.open(path) as im:
-            yield np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
+        try:
+            with Image.open(path) as im:
+                yield np.asarray(im if im.mode in ("P", "L") else im.convert("L"))
+        except (OSError, ValueError) as exc:
+            logger.warning("class balance: skipping %s: %s", path, exc)
 
 
 def class_shares(counts: np.ndarray) -> np.ndarray:

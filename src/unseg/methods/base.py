@@ -112,3 +112,40 @@ class SemanticEstimator(Estimator, Protocol):
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
         ...
+
+
+def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
+    accumulation, returned as float32)."""
+    return _moments(features, with_std=False)[0]
+
+
+def feature_moments(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std ``[C]`` (float32) over every position of every ``features[i]
+    [C, h, w]`` (a sequence or an ``[N, C, h, w]`` tensor; float64 sums, one image at a
+    time); std floored at 1e-6."""
+    mean, std = _moments(features, with_std=True)
+    assert std is not None
+    return mean, std
+
+
+def _moments(
+    features: Sequence[torch.Tensor], with_std: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not len(features):
+        raise UnsegError("no feature maps to average")
+    total: torch.Tensor | int = 0
+    squares: torch.Tensor | int = 0
+    count = 0
+    for f in features:
+        x = f.double()
+        total = total + x.sum(dim=(1, 2))
+        if with_std:
+            squares = squares + (x * x).sum(dim=(1, 2))
+        count += x.shape[1] * x.shape[2]
+    mean = total / count
+    assert isinstance(mean, torch.Tensor)
+    if not with_std:
+        return mean.float(), None
+    var = (squares / count - mean * mean).clamp_min(0.0)
+    return mean.float(), var.sqrt().clamp_min(1e-6).float()

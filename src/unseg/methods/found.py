@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs, stack_crops
+from unseg.methods.base import FitInputs, feature_moments, stack_crops
 from unseg.methods.collapse import CollapseReport, check_head
 from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
 from unseg.methods.head_config import HeadTrainingConfig
@@ -176,21 +176,6 @@ class Standardized(nn.Module):
         return out
 
 
-def channel_stats(features: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std ``[C]`` over all images and positions of ``features``
-    ``[N, C, h, w]`` (float64 sums, ``chunk`` images at a time); std floored at 1e-6."""
-    c = features.shape[1]
-    total, sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for i in range(0, features.shape[0], chunk):
-        f = features[i : i + chunk].double().transpose(0, 1).reshape(c, -1)
-        total += f.sum(dim=1)
-        sq += (f * f).sum(dim=1)
-        count += f.shape[1]
-    mean = total / count
-    var = (sq / count - mean * mean).clamp_min(0.0)
-    return mean.float(), var.sqrt().clamp_min(1e-6).float()
-
-
 def refine_binary(
     masks: torch.Tensor, images: torch.Tensor, guided: GuidedFilterConfig
 ) -> torch.Tensor:
@@ -257,7 +242,7 @@ class FoundHead:
         dev = self.device
         self.net = nn.Conv2d(features.shape[1], 1, 1).to(dev)
         if c.standardize:
-            mean, std = channel_stats(features)
+            mean, std = feature_moments(features)
             self.net = Standardized(self.net, mean.to(dev), std.to(dev))
         crops = None
         if c.multiscale:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
+from unseg.methods.base import feature_mean as feature_mean  # re-exported (moved)
+from unseg.methods.prototypes import PrototypeEstimator, state_tensor
+from unseg.methods.prototypes import center_features as center_features  # re-exported (moved)
 from unseg.registry import register
 from unseg.utils.options import option
 
@@ -202,26 +204,9 @@ def cosine_logits(
     return lg / norm.to(lg.device)
 
 
-def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
-    accumulation, returned as float32)."""
-    if not features:
-        raise UnsegError("no feature maps to average")
-    total = sum(f.double().sum(dim=(1, 2)) for f in features)
-    count = sum(f.shape[1] * f.shape[2] for f in features)
-    return (total / count).float()
-
-
 def feature_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """All feature vectors ``[N, C]`` of ``features[i] [C, h, w]``, image after image."""
     return torch.cat([f.float().reshape(f.shape[0], -1).T for f in features])
-
-
-def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
-    """``features [C, h, w]`` minus ``mean [C]`` (unchanged when ``mean`` is None)."""
-    if mean is None:
-        return features
-    return features.float() - mean.to(features.device)[:, None, None]
 
 
 @register(
@@ -233,31 +218,31 @@ def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.
     pipeline_fields=("num_classes", "seed"),
     rank=20,
 )
-class KMeans:
+class KMeans(PrototypeEstimator):
     """The semantic k-means method: cosine k-means of the training images' feature vectors.
 
     ``fit(FitInputs)`` reads ``features``; the state is ``prototypes [K, C]`` (unit centres)
     and, with ``center``, ``mean [C]``; ``logits`` are the cosine logits of the (centred)
-    features to the centres.
+    features to the centres (the shared state and centring:
+    :class:`~unseg.methods.prototypes.PrototypeEstimator`).
     """
+
+    what = "k-means"
+    config: KMeansConfig
 
     def __init__(
         self, config: KMeansConfig | None = None, device: str | torch.device | None = None
     ) -> None:
-        self.config = config or KMeansConfig()
-        self.device = torch.device(device or "cpu")
-        self.prototypes_: torch.Tensor | None = None
-        self.mean_: torch.Tensor | None = None
+        super().__init__(config or KMeansConfig(), device)
         self.inertia_: float | None = None
-        self.history_: list[float] = []
 
     def fit(self, inputs: FitInputs) -> KMeans:
         """Cluster every feature vector of ``inputs.features[i] [C, h, w]``; returns ``self``."""
         if not len(inputs):
             raise UnsegError("k-means needs at least one feature map (FitInputs.features is empty)")
         feats = [f.to(self.device) for f in inputs.features]
-        self.mean_ = feature_mean(feats).to(self.device) if self.config.center else None
-        rows = feature_rows([center_features(f, self.mean_) for f in feats])
+        self.fit_center(feats)
+        rows = feature_rows([self.centered(f) for f in feats])
         km = CosineKMeans(self.config).fit(rows)
         assert km.centers_ is not None and km.inertia_ is not None
         self.prototypes_, self.inertia_ = km.centers_, km.inertia_
@@ -268,10 +253,7 @@ class KMeans:
         """``prototypes [K, C]`` and, with ``center``, ``mean [C]`` (CPU tensors)."""
         if self.prototypes_ is None:
             raise UnsegError("KMeans has not been fitted")
-        state = {"prototypes": self.prototypes_.cpu()}
-        if self.mean_ is not None:
-            state["mean"] = self.mean_.cpu()
-        return state
+        return {"prototypes": self.prototypes_.cpu(), **self.center_state()}
 
     @classmethod
     def from_state(
@@ -288,27 +270,11 @@ class KMeans:
             raise UnsegError(
                 f"k-means prototypes {tuple(model.prototypes_.shape)} do not fit K={k}"
             )
-        if config.center:
-            model.mean_ = state_tensor(state, "mean", "k-means").to(model.device)
+        model.load_center(state)
         return model
 
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
         """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]`` to the centres."""
         if self.prototypes_ is None:
             raise UnsegError("KMeans.predict called before fit")
-        x = center_features(features.to(self.device), self.mean_)
-        return cosine_logits(x, self.prototypes_, factor)
-
-    def predict(
-        self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
-    ) -> torch.Tensor:
-        """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
-        logits = self.logits(features, factor)
-        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
-
-
-def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-    """``state[key]`` as float32, or a clear error naming the missing tensor."""
-    if key not in state:
-        raise UnsegError(f"{what} state lacks tensor '{key}'")
-    return state[key].float()
+        return cosine_logits(self.centered(features.to(self.device)), self.prototypes_, factor)

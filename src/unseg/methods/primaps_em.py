@@ -48,14 +48,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
 from unseg.methods.kmeans import (
     CosineKMeans,
     KMeansConfig,
-    center_features,
-    feature_mean,
     feature_rows,
     linear_logits,
     state_tensor,
@@ -64,6 +61,7 @@ from unseg.methods.kmeans import (
 from unseg.methods.kmeans import (
     cosine_logits as cosine_logits,  # re-exported: the semantic pipeline imports it from here
 )
+from unseg.methods.prototypes import PrototypeEstimator
 from unseg.registry import register
 from unseg.utils import dist
 from unseg.utils.device import cpu_threads
@@ -237,25 +235,25 @@ def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     pipeline_fields=("num_classes", "seed", "label_factor", "crf"),
     rank=10,
 )
-class PriMaPsEM:
+class PriMaPsEM(PrototypeEstimator):
     """PriMaPs-EM estimator on precomputed features and PriMaPs pseudo-labels.
 
     ``fit(FitInputs(features, proposals=..., student_features=...))``; fitted state: θ_m's
     ``prototypes_ [K, C]`` and ``gain_ [K]``, θ's ``running_`` and ``running_gain_``, and with
-    ``center`` the ``mean_ [C]``.
+    ``center`` the ``mean_ [C]`` (the shared state and centring:
+    :class:`~unseg.methods.prototypes.PrototypeEstimator`).
     """
+
+    what = "PriMaPs-EM"
+    config: PriMaPsEMConfig
 
     def __init__(
         self, config: PriMaPsEMConfig | None = None, device: str | torch.device | None = None
     ) -> None:
-        self.config = config or PriMaPsEMConfig()
-        self.device = torch.device(device or "cpu")
-        self.prototypes_: torch.Tensor | None = None
+        super().__init__(config or PriMaPsEMConfig(), device)
         self.gain_: torch.Tensor | None = None
         self.running_: torch.Tensor | None = None
         self.running_gain_: torch.Tensor | None = None
-        self.mean_: torch.Tensor | None = None
-        self.history_: list[float] = []
 
     # ------------------------------------------------------------------ fitting
     def _factor(self, features: torch.Tensor, labels: torch.Tensor) -> int:
@@ -311,11 +309,11 @@ class PriMaPsEM:
         for i, (f, p) in enumerate(zip(features, proposals, strict=True)):
             r = self._factor(f, p)
             size = (f.shape[1] * r, f.shape[2] * r)
-            clean = center_features(f.to(self.device).float(), self.mean_)
+            clean = self.centered(f.to(self.device).float())
             if student is None:
                 stud = clean
             else:
-                stud = center_features(student[i].to(self.device).float(), self.mean_)
+                stud = self.centered(student[i].to(self.device).float())
             cn = upsampled_norm(clean, size) if cosine else None
             sn = (cn if student is None else upsampled_norm(stud, size)) if cosine else None
             labels = _resize_labels(p.to(self.device), size).reshape(-1)
@@ -332,7 +330,7 @@ class PriMaPsEM:
         cfg = self.config
         features, proposals = self._check(inputs)
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.mean_ = feature_mean(features).to(self.device) if cfg.center else None
+        self.fit_center(features)
         views = self._views(features, proposals, inputs.student_features)
         init = self.initialise([v.clean for v in views], gen).to(self.device)
         direction = init.clone().requires_grad_(True)
@@ -426,16 +424,9 @@ class PriMaPsEM:
         """θ_m's logits ``[K, h·factor, w·factor]`` for ``features [C, h, w]``."""
         if self.prototypes_ is None or self.gain_ is None:
             raise UnsegError("PriMaPsEM.predict called before fit")
-        x = center_features(features.to(self.device).float(), self.mean_)
+        x = self.centered(features.to(self.device).float())
         with torch.no_grad():
             return prototype_logits(x, self.prototypes_, self.gain_, self.config.classifier, factor)
-
-    def predict(
-        self, features: torch.Tensor, size: tuple[int, int], factor: int = 1
-    ) -> torch.Tensor:
-        """Class ids ``[H, W]`` (int64): θ_m's logits upsampled bilinearly to ``size``, argmax."""
-        logits = self.logits(features, factor)
-        return torch.from_numpy(upsample_argmax(logits, size)).to(logits.device, torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """θ_m (``prototypes [K, C]``, ``gain [K]``), θ (``running``, ``running_gain``) and,
@@ -449,9 +440,7 @@ class PriMaPsEM:
             "running": self.running_.cpu(),
             "running_gain": self.running_gain_.cpu(),
         }
-        if self.mean_ is not None:
-            state["mean"] = self.mean_.cpu()
-        return state
+        return {**state, **self.center_state()}
 
     @classmethod
     def from_state(
@@ -474,8 +463,7 @@ class PriMaPsEM:
             )
         model.prototypes_, model.gain_ = get["prototypes"], get["gain"]
         model.running_, model.running_gain_ = get["running"], get["running_gain"]
-        if config.center:
-            model.mean_ = state_tensor(state, "mean", "PriMaPs-EM").to(model.device)
+        model.load_center(state)
         return model
 
 

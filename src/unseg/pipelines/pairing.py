@@ -56,10 +56,30 @@ def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dic
     return out
 
 
+# each task's kind of dataset, its ground truth, and the command that scores it
+_TASK_GT = {
+    "semantic": ("semantic segmentation", "class label PNGs", "unseg evaluate semantic"),
+    "saliency": ("saliency", "foreground masks", "unseg evaluate saliency"),
+    "boxes": ("object detection", "XML boxes", "unseg evaluate corloc"),
+}
+
+
+def _refuse_other_task(gt: Path, task: Task) -> None:
+    """Raise :class:`UnsegError` when ``gt`` is a dataset root of another task than ``task``
+    (say ECSSD, saliency masks, given to semantic scoring): its ground truth is not ``task``'s."""
+    other = find_layout(gt)
+    if other is None or other.task == task:
+        return
+    kind, holds, command = _TASK_GT[other.task]
+    raise UnsegError(f"{gt}: {other.name} is a {kind} dataset ({holds}): it has no "
+                     f"{_TASK_GT[task][1]} to score against; use `{command}`")
+
+
 def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
     """Ground-truth files by stem, from a dataset root in its layout or a plain folder."""
     layout = find_layout(gt, task)
     if layout is None:
+        _refuse_other_task(gt, task)
         if task == "boxes":
             if not gt.is_dir():
                 raise UnsegError(f"{gt}: no such folder")

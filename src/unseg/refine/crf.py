@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,7 +42,8 @@ class CRFConfig:
     """Dense CRF parameters; the defaults are the reference values.
 
     ``label_floor``: an image's CRF runs over the labels whose probability reaches this value
-    at some pixel (0 = every label, exactly the reference).
+    at some pixel (0 = every label, exactly the reference). At 0.05 the argmax stayed that of
+    every label's CRF on 99.9+ % of pixels (docs/pipeline-cost.md).
     """
 
     iterations: int = 10
@@ -50,7 +52,7 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    label_floor: float = 0.0
+    label_floor: float = 0.05
 
 
 def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,8 @@ def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if image.dtype not in (np.uint8, torch.uint8):
         raise UnsegError(f"CRF image must be uint8 RGB, got {image.dtype}")
     if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(image))
+        image = np.ascontiguousarray(image)
+        return torch.from_numpy(image if image.flags.writeable else image.copy())
     return image
 
 
@@ -93,7 +96,7 @@ def _normalised(lattice: Lattice, compat: float) -> Lattice:
 def _kept_labels(probs: torch.Tensor, floor: float) -> torch.Tensor:
     """Indices of the labels of ``probs [K, H, W]`` that reach ``floor`` somewhere (never
     none: the labels at the image's highest probability always take part)."""
-    peak = probs.flatten(1).amax(1)
+    peak = probs.detach().flatten(1).amax(1)
     return torch.nonzero(peak >= min(floor, float(peak.max()))).flatten()
 
 
@@ -207,33 +210,65 @@ def dense_crf_reference(
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
 
 
-class CRFPool:
-    """Runs :func:`dense_crf` (and other per-image refinement) in this process.
+def _one_torch_thread() -> None:
+    """A runner thread's torch ops use one thread (the setting is per thread)."""
+    torch.set_num_threads(1)
 
-    The interface of the former process pool, kept for its callers: a context manager with
-    :meth:`map` and :meth:`map_fn`. ``num_workers`` is accepted and unused (the torch CRF uses
-    torch's threads, or the GPU).
+
+def _crf_task(args: tuple[np.ndarray, torch.Tensor | np.ndarray, CRFConfig]) -> np.ndarray:
+    return dense_crf(*args)
+
+
+class CRFPool:
+    """Runs per-image refinement (:func:`dense_crf`, or any function) on ``num_workers``
+    threads of this process, each running torch on one thread.
+
+    Why threads with one torch thread each rather than one image on all of torch's threads:
+    the CRF is many mid-sized ops, and torch's intra-op threads meet at a barrier after each;
+    on a machine busier than its cores those barriers cost more than the work (measured: 2
+    intra-op threads 7x slower than 1 at load 19 on 2 cores; docs/pipeline-cost.md). No
+    processes: nothing to orphan, and Ctrl-C is an ordinary ``KeyboardInterrupt`` in the
+    calling thread (items not started are dropped; those running finish their one image).
     """
 
     def __init__(self, num_workers: int = 1, config: CRFConfig | None = None) -> None:
         self.num_workers = max(1, int(num_workers))
         self.config = config or CRFConfig()
+        self._executor: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> CRFPool:
+        if self.num_workers > 1:
+            self._executor = ThreadPoolExecutor(self.num_workers, "unseg-crf",
+                                                initializer=_one_torch_thread)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def map(
         self, images: Sequence[np.ndarray], logits: Sequence[torch.Tensor | np.ndarray]
     ) -> list[np.ndarray]:
         """Marginals ``[K_i, H_i, W_i]`` for each ``(image, logits)`` pair, in order."""
-        return dense_crf_batch(images, logits, self.config)
+        if len(images) != len(logits):
+            raise UnsegError(f"{len(images)} images but {len(logits)} logit maps")
+        return self.map_fn(_crf_task, [(im, lg, self.config)
+                                       for im, lg in zip(images, logits, strict=True)])
 
     def map_fn(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        """``[fn(item) for item in items]``."""
-        return [fn(item) for item in items]
+        """``[fn(item) for item in items]``, across the threads; the first error is raised
+        once the items already running are done (the rest are not started)."""
+        log.debug("CRF: %s on %d item(s)", getattr(fn, "__name__", fn), len(items))
+        if self._executor is None or len(items) <= 1:
+            return [fn(item) for item in items]
+        futures = [self._executor.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def dense_crf_batch(
@@ -242,9 +277,13 @@ def dense_crf_batch(
     config: CRFConfig | None = None,
     num_workers: int = 1,
 ) -> list[np.ndarray]:
-    """:func:`dense_crf` for many images, in one batch (``num_workers`` is unused)."""
+    """:func:`dense_crf` for many images: one batch (``num_workers <= 1``), or one image at a
+    time on ``num_workers`` threads (:class:`CRFPool`)."""
     if len(images) != len(logits):
         raise UnsegError(f"{len(images)} images but {len(logits)} logit maps")
+    if num_workers > 1:
+        with CRFPool(num_workers, config) as pool:
+            return pool.map(images, logits)
     imgs = [_check_image(im) for im in images]
     unaries = [_unary(lg, tuple(im.shape[:2])) for im, lg in zip(imgs, logits, strict=True)]
     return [q.cpu().numpy() for q in crf_marginals(imgs, unaries, config)]

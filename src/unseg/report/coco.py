@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from unseg.data.image import load_label
+from unseg.data.image import load_label, max_pixels_default
+from unseg.outdir import recorded_max_pixels
 from unseg.report.outputs import RunOutputs, find_outputs
 from unseg.utils.io import atomic_write
 
@@ -108,11 +109,17 @@ def coco_results(outputs: RunOutputs) -> list[dict[str, Any]]:
     return results
 
 
-def write_coco(output_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_coco(
+    output_dir: str | Path, out: str | Path | None = None, max_pixels: int | None = None
+) -> Path:
     """Write the COCO results JSON of a run or output folder; returns its path (default
-    ``OUTPUT_DIR/coco_results.json``). Written atomically."""
+    ``OUTPUT_DIR/coco_results.json``). Written atomically. ``max_pixels``: the per-file pixel
+    limit (default: the ``--max-pixels`` the folder's run was given, else Pillow's)."""
     outputs = find_outputs(output_dir)
-    text = json.dumps(coco_results(outputs), separators=(",", ":")) + "\n"
+    if max_pixels is None:
+        max_pixels = recorded_max_pixels(outputs.output_dir)
+    with max_pixels_default(max_pixels):
+        text = json.dumps(coco_results(outputs), separators=(",", ":")) + "\n"
     target = Path(out) if out is not None else outputs.output_dir / COCO_FILE
     atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
     return target

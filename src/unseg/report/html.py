@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from unseg._version import __version__
+from unseg.data.image import max_pixels_default
 from unseg.layout import CONFIG_FILE, REPORT_FILE
 from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
+from unseg.outdir import recorded_max_pixels
 from unseg.pipelines.evaluate import CorLocResult
 from unseg.report.charts import (
     confusion_heatmap,
@@ -336,6 +338,7 @@ def write_report(
     num_classes: int | None = None,
     match: MatchMode = "pixels",
     max_images: int = DEFAULT_MAX_IMAGES,
+    max_pixels: int | None = None,
 ) -> Path:
     """Write the report of a run or output folder; returns the page's path.
 
@@ -343,10 +346,14 @@ def write_report(
     (label or mask PNGs, or a dataset root) for the metrics and charts; ``annotations``: VOC XML
     for CorLoc of ``boxes.json``; ``run``: the run that made the masks when it is not in
     ``output_dir`` (``unseg predict``); ``out``: the page (default ``OUTPUT_DIR/report.html``).
-    The page is written atomically.
+    ``max_pixels``: the per-file pixel limit (default: the ``--max-pixels`` the folder's run
+    was given, else Pillow's). The page is written atomically.
     """
     outputs = find_outputs(output_dir, images, run)
-    page = render_report(outputs, gt, annotations, num_classes, match, max_images)
+    if max_pixels is None:
+        max_pixels = recorded_max_pixels(outputs.output_dir)
+    with max_pixels_default(max_pixels):
+        page = render_report(outputs, gt, annotations, num_classes, match, max_images)
     target = Path(out) if out is not None else outputs.output_dir / REPORT_FILE
     atomic_write(target, lambda p: p.write_text(page, encoding="utf-8"))
     return target

@@ -26,6 +26,7 @@ from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
+from unseg.outdir import recorded_setting
 from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
@@ -105,10 +106,14 @@ def _kind_of_method(method: str, masks: list[Path], boxes: Path | None) -> Kind:
     return "saliency" if output == "saliency" else "semantic"
 
 
-def _images_from_record(config: dict[str, Any] | None) -> Path | None:
-    value = None if config is None else config.get("images")
-    if isinstance(value, str) and Path(value).exists():
-        return Path(value)
+def _images_from_record(output_dir: Path, config: dict[str, Any] | None) -> Path | None:
+    """The images the masks were made from, as recorded: the ``images`` the command that wrote
+    ``output_dir`` read (its manifest), else the run's ``config.json``; None when neither
+    records a folder that still exists."""
+    for value in (recorded_setting(output_dir, "images"),
+                  None if config is None else config.get("images")):
+        if isinstance(value, str) and Path(value).exists():
+            return resolve_image_dir(value)
     return None
 
 
@@ -127,8 +132,9 @@ def find_outputs(
 ) -> RunOutputs:
     """Read the folder ``path`` (a run or a command's output folder) as :class:`RunOutputs`.
 
-    ``images`` is the folder of original images; default: the ``images`` path the run's
-    ``config.json`` records, when it records one that exists. ``run``: the run folder that
+    ``images`` is the folder of original images; default: the ``images`` the folder's manifest
+    records (the command that wrote it), else the run's ``config.json``, when one that exists
+    is recorded. ``run``: the run folder that
     made the masks when it is not inside ``path`` (``unseg predict RUN IMAGES --out PATH``).
     Raises :class:`UnsegError` for a folder that holds neither masks nor a run.
     """
@@ -164,7 +170,7 @@ def find_outputs(
             raise UnsegError(f"{images}: no such image folder")
         images_root: Path | None = resolve_image_dir(images)
     else:
-        images_root = _images_from_record(config)
+        images_root = _images_from_record(output_dir, config)
     return RunOutputs(
         output_dir=output_dir,
         kind=kind,

@@ -1,17 +1,11 @@
-"""Signals and shutdown: SIGTERM as a clean exit, worker processes that never outlive their parent.
+"""Signals and shutdown: SIGTERM as a clean exit, ranks that never outlive their launcher.
 
 - :func:`sigterm_raises` (installed by the CLI's ``main`` around a command, never at import)
   makes SIGTERM raise :class:`Terminated` in the main thread. ``Terminated`` is a
   ``KeyboardInterrupt``, so a SIGTERM takes the path of a Ctrl-C: ``finally`` blocks run, atomic
-  writes remove their temporary file, worker pools are terminated, and the CLI exits with 143
+  writes remove their temporary file, and the CLI exits with 143
   (130 for Ctrl-C) keeping the outputs already written. A process forked from this one gets the
   default action back (it dies quietly), and outside the block SIGTERM is untouched.
-- :func:`children_start_without_sigint` wraps the start of worker processes so that they are born
-  with SIGINT blocked (the signal mask survives fork and exec): a Ctrl-C in a terminal reaches the
-  whole process group, and the parent alone decides what happens to its workers.
-- :func:`die_with_parent`, called first thing in a worker, kills the worker when its parent dies,
-  even by ``kill -9``: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux, elsewhere a daemon thread
-  that checks the parent's pid every second. A parent that died before the call is noticed too.
 - :func:`follow_launcher`: a process started by ``torchrun`` sends itself SIGTERM (a clean exit
   through :func:`sigterm_raises`) when ``torchrun`` dies, even by ``kill -9``: torchrun arms no
   death signal for its ranks, which would otherwise run on as orphans. (A signal to ``torchrun``
@@ -20,21 +14,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 _PARENT_POLL_S = 1.0
 
 
@@ -77,40 +64,6 @@ def sigterm_raises() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def children_start_without_sigint() -> Iterator[None]:
-    """Block SIGINT in the calling thread for the block: processes started inside inherit the
-    blocked signal (through fork and exec), so a Ctrl-C never interrupts their start-up. A SIGINT
-    that arrives meanwhile is delivered when the block ends (or to another thread at once).
-    A no-op where ``pthread_sigmask`` does not exist."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def ignore_sigint() -> None:
-    """Ignore SIGINT in this process (a worker: its parent handles Ctrl-C) and unblock it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-def _prctl_pdeathsig() -> bool:
-    """Ask Linux to SIGKILL this process when its parent dies; False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _watch_parent(parent_pid: int, signum: int) -> None:
     """Send this process ``signum`` once its parent is not ``parent_pid`` any more."""
     while os.getppid() == parent_pid:
@@ -121,18 +74,6 @@ def _watch_parent(parent_pid: int, signum: int) -> None:
 def _start_watch(parent_pid: int, signum: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid, signum), daemon=True,
                      name="unseg-parent-watch").start()
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """End this process (without cleanup) as soon as ``parent_pid``, its parent, is gone.
-
-    Call it at the start of a worker with the pid its parent had when starting it.
-    """
-    if not _prctl_pdeathsig():
-        log.debug("no PR_SET_PDEATHSIG here: a thread watches the parent's pid")
-        _start_watch(parent_pid, int(getattr(signal, "SIGKILL", signal.SIGTERM)))
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(1)
 
 
 def follow_launcher() -> None:
