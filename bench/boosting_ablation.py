@@ -10,9 +10,11 @@ near-fixed crop) and
 predicted once; the guided-filter variants filter the same probabilities. Multi-scale crops come
 from the crop cache (``--crop-pool`` crops per image). Each row also gets the collapse verdict
 (:mod:`unseg.methods.collapse`) of its predicted maps. Prints one JSON document and writes it
-(after every finished row, so partial results survive) to ``--out/results.json``.
+(after every finished row, so partial results survive) to ``--out/seed<N>/results.json``, and
+the rows over all ``--seeds`` to ``--out/summary.json``.
 
-    .venv/bin/python bench/boosting_ablation.py --out /tmp/boosting --epochs 4 --lr 1e-3
+    .venv/bin/python bench/boosting_ablation.py --out /tmp/boosting --epochs 4 --lr 1e-3 \
+        --seeds 0 1 2 3 4
     .venv/bin/python bench/boosting_ablation.py --out /tmp/b --heads found sempart --no-spectral
 """
 
@@ -132,7 +134,15 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train-n", type=int, default=422)
     ap.add_argument("--tasks", nargs="+", default=["saliency", "corloc"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="training seeds, one after another in this process (the backbone runs "
+                    "once per image for all of them); OUT/seed<N>/results.json each, and "
+                    "OUT/summary.json with every row's per-seed values, mean and std")
+    ap.add_argument("--restarts", type=int, default=1,
+                    help="SEMPART-style head: short restarts of its cut, one kept by "
+                    "--restart-rule (unseg.methods.restarts)")
+    ap.add_argument("--restart-steps", type=int, default=SaliencyHeadConfig().restart_steps)
+    ap.add_argument("--restart-rule", default="agreement", choices=["agreement", "cut"])
     ap.add_argument("--no-spectral", action="store_true", help="only the head rows")
     ap.add_argument("--limit", type=int, default=None, help="smoke test: first N images only")
     ap.add_argument("--heads", nargs="+", default=["sempart"], choices=["sempart", "found"])
@@ -149,7 +159,42 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    backbone = CachedKeys(create_backbone(args.backbone, tap=args.tap))
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = run_seed(args, seed, Path(args.out) / f"seed{seed}", backbone)
+        write_json_atomic(Path(args.out) / "summary.json", summarise(per_seed))
+    json.dump(summarise(per_seed), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """Every row's metrics over the seeds: per-seed values, mean and sample std (percent)."""
+    rows: dict[str, dict] = {}
+    for seed, res in per_seed.items():
+        for row, tasks in res["rows"].items():
+            for task, metrics in tasks.items():
+                for key in ("iou", "acc", "max_fbeta", "mae", "corloc"):
+                    if key in metrics:
+                        rows.setdefault(row, {}).setdefault(f"{task} {key}", {})[seed] = (
+                            metrics[key] if key == "mae" else 100 * metrics[key]
+                        )
+    out = {}
+    for row, metrics in rows.items():
+        out[row] = {}
+        for name, values in metrics.items():
+            v = np.array(list(values.values()))
+            out[row][name] = {
+                "seeds": {str(k): round(x, 3) for k, x in values.items()},
+                "mean": round(float(v.mean()), 3),
+                "std": round(float(v.std(ddof=1)), 3) if v.size > 1 else None,
+            }
+    return {"seeds": list(per_seed), "rows": out}
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKeys) -> dict:
+    """The whole table for one training ``seed`` into ``out`` (``out/results.json``)."""
     res = {
         "machine": {
             "platform": platform.platform(),
@@ -157,11 +202,10 @@ def main() -> int:
             "torch": torch.__version__,
             "device": "cpu",
         },
-        "settings": vars(args),
+        "settings": {**vars(args), "seed": seed},
         "rows": {},
         "training": {},
     }
-    backbone = CachedKeys(create_backbone(args.backbone, tap=args.tap))
     size = SaliencyHeadConfig().image_size
     ecssd = list_images(DATA / "ECSSD" / "images")
     voc = list_images(DATA / "VOC2007" / "VOCdevkit" / "VOC2007" / "JPEGImages")
@@ -186,20 +230,22 @@ def main() -> int:
         ):
             if head_kind == "sempart":
                 method, name, budget = "saliency-head", "head" + suffix, {"epochs": args.epochs}
-                cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                                         crop_pool=args.crop_pool, **kw)
+                cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, seed=seed,
+                                         crop_pool=args.crop_pool, restarts=args.restarts,
+                                         restart_steps=args.restart_steps,
+                                         restart_rule=args.restart_rule, **kw)
                 budget["lr"] = args.lr
             else:
                 method, name = "found", "found" + suffix
                 budget = {"steps": args.found_steps, "lr": args.found_lr}
                 std = {"auto": None, "standardized": True, "raw": False}[args.found_input]
-                cfg = FoundConfig(steps=args.found_steps, lr=args.found_lr, seed=args.seed,
+                cfg = FoundConfig(steps=args.found_steps, lr=args.found_lr, seed=seed,
                                   crop_pool=args.crop_pool, standardize=std, **kw)
             t0 = time.perf_counter()
             tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
             run = out / "runs" / f"{task}_{head_kind}_{tag}"
-            torch.manual_seed(args.seed)
-            fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out / "cache",
+            torch.manual_seed(seed)
+            fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out.parent / "cache",
                                method=method, tap=args.tap)
             res["training"][f"{task}: {name}"] = {
                 "images": fit.n_images,
@@ -219,9 +265,7 @@ def main() -> int:
                 backbone.stride,
                 res,
             )
-    json.dump(res, sys.stdout, indent=2)
-    print()
-    return 0
+    return res
 
 
 if __name__ == "__main__":

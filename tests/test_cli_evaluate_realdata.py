@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
@@ -27,7 +26,7 @@ def _evaluate(argv: list[str], out_json: Path) -> dict:
     return json.loads(out_json.read_text())
 
 
-def test_ecssd_ground_truth_against_itself(tmp_path: Path) -> None:
+def test_ecssd_ground_truth_against_itself(shared_data, tmp_path: Path) -> None:
     root = shared_data("ECSSD")
     r = _evaluate(["saliency", "--pred", str(root / "ground_truth_mask"), "--gt", str(root)],
                   tmp_path / "r.json")
@@ -35,7 +34,7 @@ def test_ecssd_ground_truth_against_itself(tmp_path: Path) -> None:
     assert (r["acc"], r["iou"], r["max_fbeta"], r["mae"]) == (1.0, 1.0, 1.0, 0.0)
 
 
-def test_ecssd_perturbed_predictions_match_pysodmetrics(tmp_path: Path) -> None:
+def test_ecssd_perturbed_predictions_match_pysodmetrics(shared_data, tmp_path: Path) -> None:
     py_sod_metrics = pytest.importorskip("py_sod_metrics")
     masks = sorted((shared_data("ECSSD") / "ground_truth_mask").glob("*.png"))[::20]
     rng = np.random.default_rng(0)
@@ -70,7 +69,7 @@ def test_ecssd_perturbed_predictions_match_pysodmetrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("match", ["pixels", "iou"])
-def test_voc2012_permuted_ground_truth_scores_one(tmp_path: Path, match: str) -> None:
+def test_voc2012_permuted_ground_truth_scores_one(shared_data, tmp_path: Path, match: str) -> None:
     root = shared_data(VOC12)
     perm = np.random.default_rng(0).permutation(21)
     lut = np.arange(256, dtype=np.uint8)
@@ -86,7 +85,7 @@ def test_voc2012_permuted_ground_truth_scores_one(tmp_path: Path, match: str) ->
     assert [r["assignment"][perm[c]] for c in range(21)] == list(range(21))
 
 
-def test_voc2007_first_ground_truth_box_gives_corloc_one(tmp_path: Path) -> None:
+def test_voc2007_first_ground_truth_box_gives_corloc_one(shared_data, tmp_path: Path) -> None:
     root = shared_data(VOC07)
     boxes = {p.stem: parse_voc_xml(p)[1][0] for p in sorted((root / "Annotations").glob("*.xml"))}
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))

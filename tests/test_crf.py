@@ -273,3 +273,26 @@ def test_an_error_in_one_item_is_raised_and_the_rest_are_dropped() -> None:
         with pytest.raises(ValueError, match="item 3"):
             pool.map_fn(fail_on_three, list(range(8)))
         assert pool.map_fn(fail_on_three, [0, 1, 2]) == [0, 1, 2]  # the pool goes on
+
+
+def test_leaving_the_pool_by_an_exception_stops_a_running_crf() -> None:
+    """The CRF a thread runs stops at its next iteration once the pool is left by an
+    exception (a Ctrl-C exits promptly, not after the images in flight)."""
+    image, logits, _ = two_region_case()
+    seen: list[BaseException] = []
+
+    def crf_until_stopped(_: int) -> None:
+        try:
+            dense_crf(image, logits, CRFConfig(iterations=10**6))
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    with pytest.raises(KeyboardInterrupt), CRFPool(2) as pool:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        pool.map_fn(crf_until_stopped, [0, 1])
+    for _ in range(600):
+        if len(seen) == 2:
+            break
+        time.sleep(0.1)
+    assert len(seen) == 2 and all(type(e).__name__ == "_Stopped" for e in seen)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 from PIL import Image
 from scipy.io import savemat
 
@@ -182,7 +181,7 @@ def test_resolve_image_dir(tmp_path):
     assert resolve_image_dir(tmp_path / "v") == voc / "JPEGImages"
 
 
-def test_real_layouts():
+def test_real_layouts(shared_data):
     ecssd = shared_data("ECSSD")
     assert find_layout(ecssd).name == "ECSSD"
     assert resolve_image_dir(ecssd) == ecssd / "images"
@@ -322,7 +321,7 @@ def test_transform_is_applied(tmp_path):
     assert ds[0]["mask"][0, -4:].tolist() == [True, True, False, False]
 
 
-def test_real_datasets():
+def test_real_datasets(shared_data):
     ecssd = SaliencyDataset(shared_data("ECSSD"))
     assert len(ecssd) == 1000
     s = ecssd[0]

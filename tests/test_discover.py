@@ -8,38 +8,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import ColourPatches
 from PIL import Image
 
-import unseg.pipelines.backbone as pipeline_backbone
-from unseg.backbones import (
-    BackboneSpec,
-    build_backbone,
-    list_backbones,
-    register_backbone,
-)
-from unseg.backbones import create as backbones_create
 from unseg.cli.main import main
 from unseg.data.image import load_label
 from unseg.methods.collapse import MIN_PREDICTED
 from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
 from unseg.refine.guided_filter import GuidedFilterConfig
 
-BACKBONE = "tiny_test16"
-
-
-@pytest.fixture(autouse=True)
-def tiny_backbone(monkeypatch):
-    """``create_backbone`` in the pipeline builds the stand-in (no weight files involved)."""
-    if not list_backbones(BACKBONE):
-        spec = BackboneSpec(BACKBONE, "test", 16, 6, (0.5,) * 3, (0.5,) * 3)
-        register_backbone(spec, ColourPatches)
-
-    def create(name, weights=None, device=None, **kwargs):
-        return build_backbone(name).requires_grad_(False).eval()
-
-    monkeypatch.setattr(pipeline_backbone, "create_backbone", create)
-    monkeypatch.setattr(backbones_create, "create_backbone", create)  # used by predict
+BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("registered_stand_in")
 
 
 def _square(h: int, w: int, seed: int) -> np.ndarray:
@@ -316,3 +294,33 @@ def test_degenerate_masks_over_the_predicted_set_are_warned_about(tmp_path, capl
         predict_masks(paths[: MIN_PREDICTED - 1], tmp_path / "q",
                       lambda im: torch.ones(im.shape[:2]), None, 320, 16)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_auto_trains_the_found_head_only_on_a_large_enough_folder(tmp_path):
+    from unseg.pipelines.saliency import AUTO_TRAINED, MIN_TRAIN_IMAGES, resolve_discover_method
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for i in range(MIN_TRAIN_IMAGES - 1):
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    method, why = resolve_discover_method("auto", folder)
+    assert method == "spectral" and f"only {MIN_TRAIN_IMAGES - 1} images" in why
+    method, why = resolve_discover_method("auto", folder, train_images=tmp_path / "other")
+    assert method == AUTO_TRAINED and "trained on" in why
+    Image.fromarray(pixels).save(folder / "last.png")
+    method, why = resolve_discover_method("auto", folder)
+    assert method == AUTO_TRAINED and f"these {MIN_TRAIN_IMAGES} images" in why
+    assert resolve_discover_method("spectral", folder)[0] == "spectral"
+    assert resolve_discover_method("saliency-head", folder)[0] == "saliency-head"
+
+
+def test_discover_says_which_method_ran(tmp_path, capsys):
+    d = tmp_path / "few"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_square(64, 96, i)).save(d / f"{i}.png")
+    out = tmp_path / "o"
+    assert main(["discover", str(d), "--out", str(out), "--backbone", BACKBONE, "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert "method spectral: only 2 images" in err

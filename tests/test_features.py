@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 from PIL import Image
 from safetensors.torch import load_file
-from torch import nn
 
-from unseg.backbones.base import Backbone, BackboneSpec, Tap
+from unseg.backbones.base import Tap
 from unseg.data.image import load_image
 from unseg.data.resize import prepare_image, target_size
 from unseg.errors import UnsegError
@@ -27,29 +25,6 @@ from unseg.utils import dist
 
 TESTS = Path(__file__).resolve().parent
 SIZES = [(40, 60), (60, 40), (40, 60), (50, 50), (33, 47), (40, 60)]
-
-
-class TinyBackbone(Backbone):
-    """A stride-8 patch conv with seeded weights that counts its calls."""
-
-    def __init__(self, seed: int = 0, fail_after: int | None = None) -> None:
-        super().__init__(BackboneSpec("tiny-test", "test", 8, 4, (0.5,) * 3, (0.25,) * 3))
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(3, 4, 8, 8)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.1)
-            self.conv.bias.zero_()
-        self.calls = 0
-        self.images = 0
-        self.fail_after = fail_after
-
-    def _features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise KeyboardInterrupt
-        self.calls += 1
-        self.images += x.shape[0]
-        out = self.conv(x)
-        return out if kind == "tokens" else -out
 
 
 def make_images(root: Path, sizes=SIZES) -> list[Path]:
@@ -86,9 +61,9 @@ def test_prepare_image_close_to_pil_and_crop_is_central(rng):
     assert torch.allclose(c, x[:, :, 8:40], atol=1e-6)
 
 
-def test_features_equal_direct_model_call(tmp_path):
+def test_features_equal_direct_model_call(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
-    model = TinyBackbone()
+    model = stand_in(8)
     fs = extract_features(paths, model, size=32, batch_size=4, num_workers=0)
     assert isinstance(fs, FeatureSet) and fs.paths == paths and len(fs) == len(paths)
     for p in paths:
@@ -98,24 +73,24 @@ def test_features_equal_direct_model_call(tmp_path):
         h, w = Image.open(p).size[::-1]
         assert fs.original_size(p) == (h, w)
         assert fs.image_size(p) == tuple(x.shape[1:])
-        assert fs.shape_of(p) == (4, x.shape[1] // 8, x.shape[2] // 8) == tuple(fs[p].shape)
+        assert fs.shape_of(p) == (6, x.shape[1] // 8, x.shape[2] // 8) == tuple(fs[p].shape)
     assert fs.report.ok
 
 
-def test_images_of_one_shape_share_batches(tmp_path):
+def test_images_of_one_shape_share_batches(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
-    model = TinyBackbone()
+    model = stand_in(8)
     extract_features(paths, model, size=32, batch_size=8, num_workers=0)
     shapes = {target_size(h, w, 32, 8) for h, w in SIZES}
     assert model.calls == len(shapes) and model.images == len(paths)
-    model = TinyBackbone()
+    model = stand_in(8)
     extract_features(paths, model, size=32, batch_size=2, num_workers=0)
     assert model.calls == 4  # three (40, 60) images → 2 batches, plus one per other shape
 
 
-def test_second_run_computes_nothing(tmp_path):
+def test_second_run_computes_nothing(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
-    model = TinyBackbone()
+    model = stand_in(8)
     first = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=2)
     assert model.images == len(paths) and first.stats["computed"] == len(paths)
     model.calls = model.images = 0
@@ -126,17 +101,17 @@ def test_second_run_computes_nothing(tmp_path):
         assert torch.equal(first[p], second[p])
     index = json.loads(next((tmp_path / "c").glob("*/index.json")).read_text())
     assert set(index["images"]) == {str(p) for p in paths}
-    assert index["backbone"] == "tiny-test" and index["size"] == 32
+    assert index["backbone"] == "stand_in8" and index["size"] == 32
     reopened = load_cache(second.cache_dir)
     assert set(reopened.paths) == set(paths)
     for p in paths:
         assert reopened.record(p) == second.record(p) and torch.equal(reopened[p], first[p])
 
 
-def test_cache_is_keyed_by_content_and_setting(tmp_path):
+def test_cache_is_keyed_by_content_and_setting(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
     cache = tmp_path / "c"
-    model = TinyBackbone()
+    model = stand_in(8)
     extract_features(paths, model, size=32, cache_dir=cache, num_workers=0)
     # same bytes under another name: a cache hit
     copy = tmp_path / "renamed.jpg"
@@ -150,7 +125,7 @@ def test_cache_is_keyed_by_content_and_setting(tmp_path):
         ({"kind": "keys"}, model),
         ({"dtype": torch.float16}, model),
         ({"crop": True}, model),
-        ({}, TinyBackbone(seed=1)),
+        ({}, stand_in(8, seed=1)),
     ]:
         m.images = 0
         extract_features(paths[:1], m, **{"size": 32, **kw}, cache_dir=cache, num_workers=0)
@@ -158,17 +133,18 @@ def test_cache_is_keyed_by_content_and_setting(tmp_path):
     assert len(list(cache.iterdir())) == 6
 
 
-def test_in_memory_equals_cached_and_dtype(tmp_path):
+def test_in_memory_equals_cached_and_dtype(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
-    mem = extract_features(paths, TinyBackbone(), size=32, num_workers=0)
+    mem = extract_features(paths, stand_in(8), size=32, num_workers=0)
     half = extract_features(
-        paths, TinyBackbone(), size=32, cache_dir=tmp_path / "c", dtype=torch.float16,
+        paths, stand_in(8), size=32, cache_dir=tmp_path / "c", dtype=torch.float16,
         num_workers=0,
     )
     for p in paths:
         assert half[p].dtype == torch.float16
         assert torch.allclose(half[p].float(), mem[p], atol=1e-2)
-    keys = extract_features(paths, TinyBackbone(), size=32, kind="keys", num_workers=0)
+    keys = extract_features(paths, stand_in(8, negate_keys=True), size=32, kind="keys",
+                            num_workers=0)
     assert torch.equal(keys[paths[0]], -mem[paths[0]])
 
 
@@ -189,11 +165,11 @@ def _broken(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_bad_files_are_reported_and_skipped(tmp_path, workers):
+def test_bad_files_are_reported_and_skipped(stand_in, tmp_path, workers):
     paths = make_images(tmp_path / "im")
     bad = _broken(tmp_path)
     inputs = [paths[0], *bad.values(), *paths[1:]]
-    fs = extract_features(inputs, TinyBackbone(), size=32, cache_dir=tmp_path / "c",
+    fs = extract_features(inputs, stand_in(8), size=32, cache_dir=tmp_path / "c",
                           num_workers=workers)
     assert fs.paths == paths
     failed = dict(fs.report.failed)
@@ -203,22 +179,22 @@ def test_bad_files_are_reported_and_skipped(tmp_path, workers):
     assert fs.stats["failed"] == 4 and len(cache_files(tmp_path / "c")) == len(paths)
 
 
-def test_interrupted_run_resumes_without_partial_files(tmp_path):
+def test_interrupted_run_resumes_without_partial_files(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
     cache = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(paths, TinyBackbone(fail_after=2), size=32, batch_size=1,
+        extract_features(paths, stand_in(8, fail_after=2), size=32, batch_size=1,
                          cache_dir=cache, num_workers=0)
     done = cache_files(cache)
     assert len(done) == 2
     assert [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".safetensors"] == []
     for f in done:
-        assert load_file(f)["features"].shape[0] == 4  # whole, readable files
-    model = TinyBackbone()
+        assert load_file(f)["features"].shape[0] == 6  # whole, readable files (6 channels)
+    model = stand_in(8)
     fs = extract_features(paths, model, size=32, batch_size=1, cache_dir=cache, num_workers=0)
     assert model.images == len(paths) - 2
     assert fs.stats["computed"] == len(paths) - 2 and fs.stats["cached"] == 2
-    ref = extract_features(paths, TinyBackbone(), size=32, num_workers=0)
+    ref = extract_features(paths, stand_in(8), size=32, num_workers=0)
     for p in paths:
         assert torch.allclose(fs[p], ref[p], atol=1e-6)
 
@@ -235,11 +211,11 @@ def test_shard_is_a_partition():
 RANK_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from test_features import TinyBackbone
+from conftest import StandInBackbone, stand_in_spec
 from unseg.features import extract_features
 from unseg.utils import dist
 rank, world = dist.init_distributed()
-model = TinyBackbone()
+model = StandInBackbone(stand_in_spec("stand_in8", 8)).requires_grad_(False).eval()
 fs = extract_features(sys.argv[4:], model, size=32, batch_size=2, cache_dir=sys.argv[2],
                       num_workers=0)
 result = {"rank": rank, "world": world, "images": model.images, "stats": fs.stats,
@@ -250,7 +226,7 @@ dist.cleanup()
 """
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")
     bad = _broken(tmp_path)["truncated"]
     inputs = [*paths, bad]
@@ -271,7 +247,7 @@ def test_two_processes_equal_one(tmp_path):
     assert all(r["stats"] == results[0]["stats"] for r in results)
     assert all(r["failed"] == [str(bad)] for r in results)
 
-    one = extract_features(inputs, TinyBackbone(), size=32, batch_size=2,
+    one = extract_features(inputs, stand_in(8), size=32, batch_size=2,
                            cache_dir=tmp_path / "one", num_workers=0)
     assert one.stats == results[0]["stats"]
     files_one = cache_files(tmp_path / "one")
@@ -287,7 +263,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 @pytest.mark.realdata
-def test_efficientnet_lite0_on_real_images(tmp_path):
+def test_efficientnet_lite0_on_real_images(shared_data, tmp_path):
     from unseg.backbones import create_backbone
 
     images = shared_data("ECSSD") / "images"
@@ -304,7 +280,7 @@ def test_efficientnet_lite0_on_real_images(tmp_path):
 
 
 @pytest.mark.realdata
-def test_cli_features_summary_and_exit_code(tmp_path, capsys):
+def test_cli_features_summary_and_exit_code(shared_data, tmp_path, capsys):
     from unseg.cli.main import main
 
     images = shared_data("ECSSD") / "images"
@@ -323,14 +299,14 @@ def test_cli_features_summary_and_exit_code(tmp_path, capsys):
     assert "broken.jpg" in captured.err and "efficientnet_lite0" in captured.err
 
 
-def test_extras_are_computed_in_the_same_pass(tmp_path):
+def test_extras_are_computed_in_the_same_pass(stand_in, tmp_path):
     """Flipped features, the resized image and the student view's features: each equal to a
     direct computation, from one forward per batch, each image decoded once."""
     from unseg.data.resize import resize_image
     from unseg.data.transforms import student_view
 
     paths = make_images(tmp_path / "im")
-    model = TinyBackbone()
+    model = stand_in(8)
     fs = extract_features(paths, model, size=32, batch_size=8, num_workers=0,
                           extras=("flipped", "image", "student"), student_seed=3)
     shapes = {target_size(h, w, 32, 8) for h, w in SIZES}
@@ -347,9 +323,9 @@ def test_extras_are_computed_in_the_same_pass(tmp_path):
         assert torch.allclose(fs.extra(p, "student"), student, atol=1e-5)
 
 
-def test_extras_are_cached_and_a_missing_one_is_computed(tmp_path):
+def test_extras_are_cached_and_a_missing_one_is_computed(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")[:2]
-    model = TinyBackbone()
+    model = stand_in(8)
     first = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
                              extras=("flipped",))
     names = sorted(p.name.split(".", 1)[1] for p in cache_files(tmp_path / "c"))
@@ -369,11 +345,11 @@ def test_extras_are_cached_and_a_missing_one_is_computed(tmp_path):
         extract_features(paths, model, size=32, extras=("depth",))
 
 
-def test_the_tap_is_part_of_the_cache_key(tmp_path):
+def test_the_tap_is_part_of_the_cache_key(stand_in, tmp_path):
     paths = make_images(tmp_path / "im")[:1]
-    model = TinyBackbone()
+    model = stand_in(8)
     model.spec = dataclasses.replace(
-        model.spec, taps=(("last", Tap(4, 8)), ("stage4", Tap(4, 8))), default_tap="last"
+        model.spec, taps=(("last", Tap(6, 8)), ("stage4", Tap(6, 8))), default_tap="last"
     )
     a = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0)
     model.tap = "stage4"  # another tap of the same weights
@@ -382,7 +358,7 @@ def test_the_tap_is_part_of_the_cache_key(tmp_path):
     assert json.loads((b.cache_dir / "index.json").read_text())["tap"] == "stage4"
 
 
-def test_the_progress_bar_counts_images_good_and_bad(tmp_path, monkeypatch):
+def test_the_progress_bar_counts_images_good_and_bad(stand_in, tmp_path, monkeypatch):
     """The extraction's bar advances by images (a batch's good and bad ones), not by batches."""
     from contextlib import contextmanager
 
@@ -402,7 +378,7 @@ def test_the_progress_bar_counts_images_good_and_bad(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "progress_bar", recording_bar)
     paths = make_images(tmp_path / "im")
     truncated = _broken(tmp_path)["truncated"]
-    extract_features([*paths, truncated], TinyBackbone(), size=32, batch_size=2, num_workers=0)
+    extract_features([*paths, truncated], stand_in(8), size=32, batch_size=2, num_workers=0)
     assert len(bars) == 1
     total, updates = bars[0]
     assert total == len(paths) + 1 and sum(updates) == total and max(updates) <= 2

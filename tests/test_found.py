@@ -105,38 +105,22 @@ def test_border_ring():
     assert border_ring(2, 7).all()
 
 
-def _planted_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dark noisy backgrounds with one bright square each (random place): images, truth."""
-    images = 0.2 + 0.05 * torch.rand(n, 3, 64, 64, generator=gen)
-    truth = torch.zeros(n, 1, 64, 64)
-    for i in range(n):
-        top, left = torch.randint(8, 32, (2,), generator=gen).tolist()
-        images[i, :, top : top + 24, left : left + 24] += 0.6
-        truth[i, :, top : top + 24, left : left + 24] = 1.0
-    return images.clamp(0, 1), truth
-
-
-def _colour_features(images: torch.Tensor) -> torch.Tensor:
-    """A stand-in backbone at stride 8: mean colour per patch, centred (cosine needs a sign)."""
-    f = F.avg_pool2d(images, 8)
-    return torch.cat([f - 0.5, 0.5 - f], dim=1)
-
-
 def _iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return ((pred & truth).sum() / (pred | truth).sum()).item()
 
 
 @pytest.mark.parametrize("multiscale", [False, True])
-def test_head_learns_the_planted_object_and_roundtrips(multiscale):
+def test_head_learns_the_planted_object_and_roundtrips(planted_squares, stand_in, multiscale):
+    colours = stand_in(8, std=1.0).forward_features
     gen = torch.Generator().manual_seed(0)
-    images, truth = _planted_images(16, gen)
-    feats = _colour_features(images)
+    images, truth = planted_squares(16, gen)
+    feats = colours(images)
     cfg = FoundConfig(
         steps=60, batch_size=8, stop_bkg_loss=30, lr_step=20, multiscale=multiscale,
         crop_scale=(0.5, 0.8), crop_pool=2,
     )
     head = FoundHead(cfg)
-    head.feature_fn = _colour_features
+    head.feature_fn = colours
     head.fit(FitInputs(list(feats), list((images * 255).round().to(torch.uint8))))
     assert len(head.history_) == 60
     probs = head.predict_proba(feats, images)
@@ -151,14 +135,15 @@ def test_head_learns_the_planted_object_and_roundtrips(multiscale):
     torch.testing.assert_close(again.predict_proba(feats, images), probs)
 
 
-def test_fit_is_deterministic_given_the_seed():
-    images, _ = _planted_images(8, torch.Generator().manual_seed(2))
-    inputs = FitInputs(list(_colour_features(images)), list(images))
+def test_fit_is_deterministic_given_the_seed(planted_squares, stand_in):
+    colours = stand_in(8, std=1.0).forward_features
+    images, _ = planted_squares(8, torch.Generator().manual_seed(2))
+    inputs = FitInputs(list(colours(images)), list(images))
     cfg = FoundConfig(steps=6, batch_size=4, stop_bkg_loss=3, multiscale=True, crop_pool=2)
     runs = []
     for seed in (0, 0, 1):
         head = FoundHead(replace(cfg, seed=seed))
-        head.feature_fn = _colour_features
+        head.feature_fn = colours
         runs.append(head.fit(inputs).history_)
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -199,11 +184,12 @@ def test_channel_stats_match_numpy():
     np.testing.assert_allclose(std.numpy(), flat.std(axis=1), rtol=1e-5)
 
 
-def test_standardized_training_ignores_the_features_scale():
+def test_standardized_training_ignores_the_features_scale(planted_squares, stand_in):
     """With ``standardize`` the head's maps do not depend on the features' scale (the pseudo-
     masks are cosine-based, the conv sees standardised input); without it they do."""
-    images, _ = _planted_images(8, torch.Generator().manual_seed(5))
-    feats = _colour_features(images)
+    colours = stand_in(8, std=1.0).forward_features
+    images, _ = planted_squares(8, torch.Generator().manual_seed(5))
+    feats = colours(images)
     u8 = list((images * 255).round().to(torch.uint8))
     cfg = FoundConfig(steps=12, batch_size=4, stop_bkg_loss=6, lr_step=5)
     probs = {}

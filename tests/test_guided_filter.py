@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import kornia
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 
 from unseg.data.image import load_image, load_label
 from unseg.errors import UnsegError
@@ -22,8 +23,7 @@ from unseg.refine.guided_filter import (
 R, EPS = 9, 1e-3
 
 
-def _ecssd_pairs(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    root = shared_data("ECSSD")
+def _ecssd_pairs(root: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     images = sorted((root / "images").glob("*.jpg"))[:n]
     pairs = []
     for path in images:
@@ -40,7 +40,7 @@ def _ours(guide: np.ndarray, src: np.ndarray, dtype=torch.float32) -> np.ndarray
 
 
 @pytest.mark.realdata
-def test_matches_opencv_on_real_images_interior_and_border():
+def test_matches_opencv_on_real_images_interior_and_border(shared_data):
     """Interior (2r from the border): the same formula, so only float32 rounding differs.
 
     OpenCV keeps float32 and does not centre the guide before var(I) = E[I²] − E[I]², which
@@ -49,7 +49,7 @@ def test_matches_opencv_on_real_images_interior_and_border():
     divide by its true size. Mirroring our inputs by 3r first must reproduce OpenCV everywhere,
     which shows the remaining border difference is only that convention.
     """
-    for guide, mask in _ecssd_pairs(3):
+    for guide, mask in _ecssd_pairs(shared_data("ECSSD"), 3):
         ref = cv2.ximgproc.guidedFilter(guide, mask, R, EPS)
         ours = _ours(guide, mask)
         b = 2 * R
@@ -66,8 +66,8 @@ def test_matches_opencv_on_real_images_interior_and_border():
 
 
 @pytest.mark.realdata
-def test_matches_kornia_guided_blur_interior():
-    guide, mask = _ecssd_pairs(1)[0]
+def test_matches_kornia_guided_blur_interior(shared_data):
+    guide, mask = _ecssd_pairs(shared_data("ECSSD"), 1)[0]
     ref = kornia.filters.guided_blur(
         torch.from_numpy(guide)[None, None], torch.from_numpy(mask)[None, None], 2 * R + 1, EPS
     )[0, 0].numpy()

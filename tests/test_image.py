@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
 from PIL import Image
 
 from unseg.data.image import list_images, load_image, load_label
@@ -144,7 +143,7 @@ def test_list_images_recursive_skips_hidden(tmp_path, rng):
         list_images(tmp_path / "empty")
 
 
-def test_real_ecssd_image_loads():
+def test_real_ecssd_image_loads(shared_data):
     path = shared_data("ECSSD") / "images" / "0001.jpg"
     out = load_image(path)
     with Image.open(path) as img:

@@ -23,47 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ColourPatches
 from PIL import Image
 
-import unseg.features as features_module
-import unseg.pipelines.backbone as pipeline_backbone
-from unseg.backbones import (
-    BackboneSpec,
-    build_backbone,
-    list_backbones,
-    register_backbone,
-)
-from unseg.backbones import create as backbones_create
 from unseg.cli.main import main
 from unseg.data.datasets import resolve_inputs
 from unseg.data.inputs import PERMISSION, output_name, unreadable
 from unseg.errors import UnsegError
 from unseg.utils.batch import BatchReport
 
-BACKBONE = "inputs_test16"
+BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("registered_stand_in")
 STRIDE = 16
 SIZE = ["--size", "64"]
 # the MaskContrast head at its smallest (see tests/test_maskcontrast_cli.py)
 MASKCONTRAST = ["--epochs", "1", "--width", "16", "--aspp-rates", "1", "2", "--view-size", "32",
                 "--loss-size", "16", "--batch-size", "4"]
 FAILED = re.compile(r"^failed: (.+?): (.+)$")
-
-
-def _create(name, weights=None, device=None, **kwargs):
-    return build_backbone(name).requires_grad_(False).eval()
-
-
-@pytest.fixture(scope="module")
-def stand_in() -> Iterator[None]:
-    """Every command builds the stand-in backbone (no weight files involved)."""
-    if not list_backbones(BACKBONE):
-        register_backbone(BackboneSpec(BACKBONE, "test", STRIDE, 6, (0.5,) * 3, (0.5,) * 3),
-                          ColourPatches)
-    with pytest.MonkeyPatch.context() as mp:
-        for module in (pipeline_backbone, backbones_create, features_module):
-            mp.setattr(module, "create_backbone", _create)
-        yield
 
 
 def _photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -189,7 +164,7 @@ def _saliency_folder(cases: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(stand_in: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def runs(registered_stand_in: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Every command, once, on the folder of every case: (the folder, name → :class:`Ran`
     and its output folder)."""
     tmp = tmp_path_factory.mktemp("inputs")
@@ -295,7 +270,7 @@ def test_fitting_commands_use_every_good_image_once(runs, command: str) -> None:
     assert n == len(GOOD)
 
 
-def test_the_resolver_refuses_the_same_cases(stand_in, tmp_path: Path) -> None:
+def test_the_resolver_refuses_the_same_cases(tmp_path: Path) -> None:
     """The library's one listing (what every command calls) against a brute-force account
     of the folder: exactly the good files come back, each bad one is recorded once."""
     cases = tmp_path / "cases"
@@ -312,7 +287,7 @@ def test_the_resolver_refuses_the_same_cases(stand_in, tmp_path: Path) -> None:
         assert problem == messages[name]
 
 
-def test_everything_refused_is_one_error_naming_each_file(stand_in, tmp_path: Path) -> None:
+def test_everything_refused_is_one_error_naming_each_file(tmp_path: Path) -> None:
     d = tmp_path / "bad"
     d.mkdir()
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(d / "tiny.png")
@@ -336,7 +311,7 @@ def _ecssd(root: Path) -> Path:
     return root
 
 
-def test_every_command_reads_a_dataset_root_through_its_layout(stand_in, tmp_path: Path) -> None:
+def test_every_command_reads_a_dataset_root_through_its_layout(tmp_path: Path) -> None:
     """The ground-truth masks of a dataset root are never taken for photos."""
     root = _ecssd(tmp_path / "ECSSD")
     b = ["--backbone", BACKBONE, *SIZE]

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, REPO
 from PIL import Image
 
 from unseg.cli.main import main
@@ -33,6 +32,8 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc to find child processes (Linux)"
 )
 
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "images"
 BOUND_S = 60.0  # a hang guard: generous for a loaded machine, far below "forever"
 N_IMAGES = 22  # more than one 16-image prediction round, so masks exist before the last CRFs
 CRF_MARKER = "CRF: _refine_task"  # the debug line as a prediction CRF round starts

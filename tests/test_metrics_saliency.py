@@ -7,7 +7,6 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from conftest import shared_data
 
 from unseg.data.image import load_label
 from unseg.metrics.saliency import (
@@ -173,7 +172,7 @@ def _perturb(gt: np.ndarray, rng: np.random.Generator, soft: bool) -> np.ndarray
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("soft", [False, True])
-def test_against_pysodmetrics_on_ecssd(soft: bool) -> None:
+def test_against_pysodmetrics_on_ecssd(shared_data, soft: bool) -> None:
     py_sod_metrics = pytest.importorskip("py_sod_metrics")
     root = shared_data("ECSSD")
     masks = sorted((root / "ground_truth_mask").glob("*.png"))[::10]

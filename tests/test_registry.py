@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from unseg.backbones import Backbone
 from unseg.cli.options import add_method_options, given_options
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs
@@ -34,21 +34,12 @@ FAST = {"steps": 6, "epochs": 2, "batch_size": 4, "dim": 8, "layers": 1, "heads"
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.1, 0.2, 0.9]])
 
 
-class _ColourBackbone:
-    """Stand-in frozen backbone at stride 4: mean colour per patch and its negation."""
-
-    stride = STRIDE
-
-    def forward_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
-        f = F.avg_pool2d(images.float(), STRIDE)
-        return torch.cat([f - 0.5, 0.5 - f], dim=1)
-
-
-def _planted(n: int = 6, seed: int = 0) -> tuple[FitInputs, list[torch.Tensor]]:
+def _planted(
+    backbone: Backbone, n: int = 6, seed: int = 0
+) -> tuple[FitInputs, list[torch.Tensor]]:
     """Images of three colour regions (their layout varies), their features, the regions as
     proposals, and the region ids (the planted classes) at the image size."""
     gen = torch.Generator().manual_seed(seed)
-    backbone = _ColourBackbone()
     images, feats, props, truth = [], [], [], []
     for _ in range(n):
         cut_r, cut_c = (int(v) for v in torch.randint(2, 4, (2,), generator=gen) * STRIDE)
@@ -82,11 +73,11 @@ def _outputs(spec: MethodSpec, estimator, inputs: FitInputs) -> list[torch.Tenso
 
 
 @pytest.mark.parametrize("spec", list_methods(), ids=lambda s: s.name)
-def test_fit_save_reload_predicts_identically(spec: MethodSpec, tmp_path):
-    inputs, _ = _planted()
+def test_fit_save_reload_predicts_identically(stand_in, spec: MethodSpec, tmp_path):
+    backbone = stand_in(STRIDE, std=1.0)
+    inputs, _ = _planted(backbone)
     config = _config(spec)
-    estimator = fit_estimator(spec, config, inputs, _ColourBackbone(), torch.device("cpu"),
-                              Timings())
+    estimator = fit_estimator(spec, config, inputs, backbone, torch.device("cpu"), Timings())
     assert isinstance(estimator.history_, list)
     state = estimator.state_dict()
     assert all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in state.values())
@@ -104,12 +95,13 @@ def test_fit_save_reload_predicts_identically(spec: MethodSpec, tmp_path):
 
 
 @pytest.mark.parametrize("spec", list_methods("semantic"), ids=lambda s: s.name)
-def test_semantic_methods_recover_planted_classes(spec: MethodSpec):
+def test_semantic_methods_recover_planted_classes(stand_in, spec: MethodSpec):
     """Three colours, three classes: every semantic method separates them (up to a relabeling:
     each true region maps to one predicted class, and different regions to different ones)."""
-    inputs, truth = _planted()
-    estimator = fit_estimator(spec, _config(spec), inputs, _ColourBackbone(),
-                              torch.device("cpu"), Timings())
+    backbone = stand_in(STRIDE, std=1.0)
+    inputs, truth = _planted(backbone)
+    estimator = fit_estimator(spec, _config(spec), inputs, backbone, torch.device("cpu"),
+                              Timings())
     pred = torch.stack([estimator.predict(f, (16, 20), 2) for f in inputs.features])
     gt = torch.stack(truth)
     majority = [int(pred[gt == c].mode().values) for c in range(3)]
@@ -119,8 +111,9 @@ def test_semantic_methods_recover_planted_classes(spec: MethodSpec):
 
 
 @pytest.mark.parametrize("spec", list_methods(), ids=lambda s: s.name)
-def test_bad_inputs_are_refused_with_clear_errors(spec: MethodSpec):
-    inputs, _ = _planted(2)
+def test_bad_inputs_are_refused_with_clear_errors(stand_in, spec: MethodSpec):
+    backbone = stand_in(STRIDE, std=1.0)
+    inputs, _ = _planted(backbone, 2)
     est = spec.estimator(_config(spec), "cpu")
     with pytest.raises(UnsegError):
         est.fit(FitInputs([]))
@@ -131,8 +124,7 @@ def test_bad_inputs_are_refused_with_clear_errors(spec: MethodSpec):
     ]
     for wrong in bad:
         with pytest.raises(UnsegError):
-            fit_estimator(spec, _config(spec), wrong, _ColourBackbone(), torch.device("cpu"),
-                          Timings())
+            fit_estimator(spec, _config(spec), wrong, backbone, torch.device("cpu"), Timings())
 
 
 def test_check_fit_inputs_names_the_problem():

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 from PIL import Image
 
 from unseg.cli.main import main
@@ -346,7 +345,7 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.realdata
-def test_report_on_real_ecssd_masks(tmp_path: Path) -> None:
+def test_report_on_real_ecssd_masks(shared_data, tmp_path: Path) -> None:
     ecssd = shared_data("ECSSD")
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)

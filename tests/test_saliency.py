@@ -114,29 +114,12 @@ def test_border_prior():
     assert border_prior(torch.full((2, 1, 5, 5), 0.3)).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def _planted_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dark noisy backgrounds with one bright square each (at a random place): images, truth."""
-    images = 0.2 + 0.05 * torch.rand(n, 3, 64, 64, generator=gen)
-    truth = torch.zeros(n, 1, 64, 64)
-    for i in range(n):
-        top, left = torch.randint(8, 32, (2,), generator=gen).tolist()
-        side = 24
-        images[i, :, top : top + side, left : left + side] += 0.6
-        truth[i, :, top : top + side, left : left + side] = 1.0
-    return images.clamp(0, 1), truth
-
-
-def _colour_features(images: torch.Tensor) -> torch.Tensor:
-    """A stand-in backbone at stride 8: mean colour per patch, centred (cosine needs a sign)."""
-    f = F.avg_pool2d(images, 8)
-    return torch.cat([f - 0.5, 0.5 - f], dim=1)
-
-
 @pytest.mark.parametrize("multiscale", [False, True])
-def test_training_finds_planted_squares_and_roundtrips(multiscale):
+def test_training_finds_planted_squares_and_roundtrips(planted_squares, stand_in, multiscale):
+    colours = stand_in(8, std=1.0).forward_features
     gen = torch.Generator().manual_seed(0)
-    images, truth = _planted_images(16, gen)
-    feats = _colour_features(images)
+    images, truth = planted_squares(16, gen)
+    feats = colours(images)
     # 20 epochs: at 12 the loss was still falling fast and the IoU sat 0.02 above the bound,
     # so float rounding alone (channels-last convolutions) moved it across
     cfg = SaliencyHeadConfig(
@@ -150,7 +133,7 @@ def test_training_finds_planted_squares_and_roundtrips(multiscale):
         crop_scale=(0.5, 0.8),
     )
     head = SaliencyHead(cfg)
-    head.feature_fn = _colour_features
+    head.feature_fn = colours
     head.fit(FitInputs(list(feats), list(images)))
     assert head.history_[-1] < head.history_[0]
     probs = head.predict_proba(feats, images)
@@ -168,10 +151,11 @@ def test_fit_needs_the_backbone_for_multiscale():
         )
 
 
-def test_orient_undoes_an_inverted_cut():
+def test_orient_undoes_an_inverted_cut(planted_squares, stand_in):
+    colours = stand_in(8, std=1.0).forward_features
     gen = torch.Generator().manual_seed(0)
-    images, _ = _planted_images(16, gen)
-    feats = _colour_features(images)
+    images, _ = planted_squares(16, gen)
+    feats = colours(images)
     cfg = SaliencyHeadConfig(epochs=12, lr=3e-3, batch_size=8, dim=16, layers=1, heads=2)
     head = SaliencyHead(cfg).fit(FitInputs(list(feats), list(images)))
     good = head.predict_proba(feats, images)

@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import shared_data
 from PIL import Image
 
 from unseg.errors import UnsegError
@@ -131,7 +130,7 @@ def test_nothing_left_raises_with_the_reason(tmp_path: Path):
 
 
 @pytest.mark.realdata
-def test_ecssd_ground_truth_masks_are_kept():
+def test_ecssd_ground_truth_masks_are_kept(shared_data):
     root = shared_data("ECSSD")
     images = [root / "images" / f"000{i}.jpg" for i in range(1, 4)]
     props, report = load_mask_proposals(images, root / "ground_truth_mask")

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_features import TinyBackbone
 
 import unseg.data.image as image_module
 from unseg.cli.main import main
@@ -84,20 +83,24 @@ def test_max_side_caps_the_long_side_and_leaves_normal_images_alone() -> None:
     assert resolve_max_side(320, 0) is None and resolve_max_side(320, 500) == 500
 
 
-def test_feature_map_follows_max_side_and_the_cache_key_tells_them_apart(tmp_path) -> None:
+def test_feature_map_follows_max_side_and_the_cache_key_tells_them_apart(
+    stand_in, tmp_path
+) -> None:
     path = _photo(tmp_path / "pano.png", 48, 480)
-    model = TinyBackbone()
+    model = stand_in(8)
     capped = extract_features([path], model, size=32, max_side=128, cache_dir=tmp_path / "c")
     free = extract_features([path], model, size=32, cache_dir=tmp_path / "c")
-    assert capped.image_size(path) == (16, 128) and capped.shape_of(path) == (4, 2, 16)
-    assert free.image_size(path) == (32, 320) and free.shape_of(path) == (4, 4, 40)
+    assert capped.image_size(path) == (16, 128) and capped.shape_of(path) == (6, 2, 16)
+    assert free.image_size(path) == (32, 320) and free.shape_of(path) == (6, 4, 40)
     assert capped.original_size(path) == free.original_size(path) == (48, 480)
     assert capped.cache_dir != free.cache_dir
     index = json.loads((capped.cache_dir / "index.json").read_text())
     assert index["max_side"] == 128
 
 
-def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(tmp_path) -> None:
+def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(
+    stand_in, tmp_path
+) -> None:
     path = _photo(tmp_path / "big.jpg", 1200, 1600)
     need = decode_size(1200, 1600, 96, 32)
     small = load_image(path, min_size=need)
@@ -109,7 +112,7 @@ def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(tmp_
     b = resize_image(full, 96, 32)
     assert a.shape == b.shape == (3, 96, 128)
     assert (a.float() - b.float()).abs().mean() < 2.0  # the same picture, resampled otherwise
-    feats = extract_features([path], TinyBackbone(), size=96, extras=("image",))
+    feats = extract_features([path], stand_in(8), size=96, extras=("image",))
     assert feats.original_size(path) == (1200, 1600)
     assert feats.image_size(path) == (96, 128)
     assert torch.equal(feats.extra(path, "image"), a)
@@ -179,14 +182,14 @@ def test_pillow_default_bomb_is_refused_by_name_without_warnings(tmp_path) -> No
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_permission_denied_is_said_so(tmp_path) -> None:
+def test_permission_denied_is_said_so(stand_in, tmp_path) -> None:
     path = _photo(tmp_path / "locked.png", 20, 30)
     path.chmod(0)
     try:
         for read in (load_image, image_size):
             with pytest.raises(InputFileError, match="permission denied"):
                 read(path)
-        feats = extract_features([path], TinyBackbone(), size=32)
+        feats = extract_features([path], stand_in(8), size=32)
         assert "permission denied" in feats.report.failed[0][1]
     finally:
         path.chmod(0o644)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
 from PIL import Image
 
 import unseg
@@ -34,16 +33,16 @@ def _copy(files: list[Path], folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def voc(shared_data, tmp_path: Path) -> Path:
     jpegs = shared_data("VOC2012") / "VOCdevkit" / "VOC2012" / "JPEGImages"
-    return _copy(sorted(jpegs.glob("*.jpg"))[:3], tmp_path_factory.mktemp("voc") / "images")
+    return _copy(sorted(jpegs.glob("*.jpg"))[:3], tmp_path / "voc")
 
 
-@pytest.fixture(scope="module")
-def ecssd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def ecssd(shared_data, tmp_path: Path) -> Path:
     images = shared_data("ECSSD") / "images"
-    return _copy(sorted(images.glob("*.jpg"))[:3], tmp_path_factory.mktemp("ecssd") / "images")
+    return _copy(sorted(images.glob("*.jpg"))[:3], tmp_path / "ecssd")
 
 
 def _pngs(out: Path, images: Path) -> list[np.ndarray]:

@@ -37,7 +37,7 @@ from unseg.runs import load_fitted
 NAME = "dino_vits8"
 IMAGES = ("2007_000033.jpg", "2007_000042.jpg", "2007_000061.jpg")
 K = 4
-FEATURE_TOL = {"rtol": 1e-4, "atol": 1e-4}  # 12 blocks of float32 round-off
+FEATURE_TOL = {"rtol": 3e-5, "atol": 3e-5}  # 12 blocks of float32 round-off (seen: 3e-6)
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]  # two full-depth S/8 runs on VOC images
 
 
@@ -97,7 +97,7 @@ def test_primaps_proposals_match(runs):
         a, b = principal_masks(ours[p]), principal_masks(ref[p])
         assert a.masks.shape[0] >= 2 and a.masks.shape == b.masks.shape
         assert (a.stop, a.iterations) == (b.stop, b.iterations)
-        torch.testing.assert_close(a.masks, b.masks, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a.masks, b.masks, rtol=1e-5, atol=1e-5)  # seen: 9e-7
     labels = [sorted((run / "run" / "cache" / "primaps").glob("*/*.safetensors"))
               for run in (runs["unseg"], runs["reference"])]
     assert len(labels[0]) == len(IMAGES)
@@ -115,8 +115,8 @@ def test_fitted_model_and_masks_match(runs):
     assert meta["backbone"] == ref_meta["backbone"] == NAME
     assert meta["weights_sha256"] != ref_meta["weights_sha256"]  # the reference really ran
     assert meta["config"]["classifier"] == "reference"  # the ViT's LayerNorm-ed tokens
-    torch.testing.assert_close(ours.prototypes_, ref.prototypes_, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.gain_, ref.gain_, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.prototypes_, ref.prototypes_, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.gain_, ref.gain_, rtol=1e-5, atol=1e-6)
     masks = sorted((runs["unseg"] / "masks").glob("*.png"))
     assert len(masks) == len(IMAGES)
     used = set()

@@ -34,7 +34,7 @@ the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pix
 ``label_factor`` (2), ``refine`` ("crf"), ``pseudo_refine`` ("crf"), ``weights``, ``tap``,
 ``cache_dir`` (features and pseudo-labels on disk; default: none, all in memory), ``workers``,
 ``embeddings`` (a MaskContrast run, for semantic methods); MaskContrast also takes
-``saliency`` (a folder of masks) or ``discover`` (the method making them, default spectral) and
+``saliency`` (a folder of masks) or ``discover`` (the method making them, default ``auto``) and
 ``clusters`` ("predicted" or "training").
 """
 
@@ -263,13 +263,16 @@ class Segmenter:
 
     def _discovered_masks(self, inputs: ImageInputs) -> Any:
         """The mask proposals MaskContrast trains on: a folder's (``saliency``) or those of a
-        discover method run on the same images (``discover``, default spectral, with its
-        default settings as ``unseg segment --method maskcontrast`` runs it)."""
+        discover method run on the same images (``discover``, default ``auto`` as ``unseg
+        discover``: the FOUND-style head from 150 images on, else spectral; with its default
+        settings as ``unseg segment --method maskcontrast`` runs it)."""
         s = self._settings
         if s.get("saliency"):
             root = inputs.names_root
             return lambda paths: load_mask_proposals(paths, s["saliency"], names_root=root)
-        method = s.get("discover", SPECTRAL)
+        method = s.get("discover", sal.AUTO)
+        if method == sal.AUTO:  # as `unseg discover` decides (sal.resolve_discover_method)
+            method = sal.AUTO_TRAINED if len(inputs) >= sal.MIN_TRAIN_IMAGES else SPECTRAL
         finder = Segmenter(method, backbone=self.backbone, device=self.device,
                            **{k: s[k] for k in ("weights", "tap", "cache_dir") if s.get(k)})
         masks = finder.fit_predict(_as_images(inputs))

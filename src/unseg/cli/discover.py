@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from unseg.cli.common import (
     Outcome,
@@ -16,9 +17,10 @@ from unseg.cli.common import (
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.fitting import build_config
-from unseg.pipelines.saliency import discover
+from unseg.pipelines.saliency import AUTO, MIN_TRAIN_IMAGES, discover, resolve_discover_method
 from unseg.registry import get_method, list_methods
 from unseg.report.html import write_report
+from unseg.utils import dist
 
 HEAD = "saliency-head"  # the registered method whose config sets the guided filter
 
@@ -35,9 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--method",
-        choices=["spectral", *names],
-        default="spectral",
-        help="spectral: training-free TokenCut bipartition (default); "
+        choices=[AUTO, "spectral", *names],
+        default=AUTO,
+        help=f"{AUTO} (default): the best measured method the folder allows — the FOUND-style "
+        f"head trained on IMAGES themselves (no labels) when they hold at least "
+        f"{MIN_TRAIN_IMAGES} images or --train-images is given, else spectral; the command "
+        "says which ran; spectral: training-free TokenCut bipartition; "
         + "; ".join(f"{s.name}: {s.summary}, trained first (its run is kept in OUT/run)"
                     for s in specs),
     )
@@ -60,11 +65,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _discover(args: argparse.Namespace) -> Outcome:
-    spec = get_method(HEAD if args.method == "spectral" else args.method)
+    method, why = resolve_discover_method(args.method, args.images, args.train_images)
+    if dist.is_main_env():
+        print(f"unseg discover: {why}", file=sys.stderr)
+    spec = get_method(HEAD if method == "spectral" else method)
     report = discover(
         args.images,
         args.out,
-        args.method,
+        method,
         resolve_backbone(args.backbone, "discover"),
         args.train_images,
         build_config(spec, given_options(args, spec), {}),
@@ -76,6 +84,6 @@ def _discover(args: argparse.Namespace) -> Outcome:
         max_side=args.max_side,
     )
     return batch_outcome(
-        report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", args.method,
+        report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", method,
         lambda: write_report(args.out, args.images, args.gt),
     )

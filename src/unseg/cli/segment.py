@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`unseg discover` first, into OUT/discover)",
     )
     p.add_argument(
-        "--discover", choices=["spectral", *discovery], default="spectral",
-        help="maskcontrast: the discover method giving the masks (default spectral, "
-        "training-free)",
+        "--discover", choices=["auto", "spectral", *discovery], default="auto",
+        help="maskcontrast: the discover method giving the masks (default auto, as `unseg "
+        "discover`'s: the FOUND-style head trained on the images when there are enough, else "
+        "spectral)",
     )
     add_output_arguments(p, report=True)
     add_method_options(p, specs, "method options")

@@ -26,18 +26,26 @@ Trained without labels on frozen patch features (attention keys) and the images:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
-from unseg.methods.collapse import CollapseReport, check_head
+from unseg.methods.collapse import CollapseConfig, CollapseReport, check_head
 from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
+from unseg.methods.restarts import (
+    RestartScore,
+    Rule,
+    choose,
+    holdout_split,
+    orient_sign,
+    score_restarts,
+)
 from unseg.methods.saliency_head import SaliencyHeadNet
 from unseg.registry import register
 from unseg.utils.device import resolve_device
@@ -64,6 +72,15 @@ class SaliencyHeadConfig(HeadTrainingConfig):
     weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
     weight_border: float = option(0.1, "weight of the border prior")
     weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
+    restarts: int = field(default=1, metadata={
+        "help": "short restarts of the patch-level cut, one kept by a label-free rule "
+        "(unseg.methods.restarts; 1: none)"})
+    restart_steps: int = field(default=150, metadata={"help": "training steps of each restart"})
+    restart_holdout: float = field(default=0.1, metadata={
+        "help": "share of the training images held back to choose the restart"})
+    restart_rule: Rule = field(default="agreement", metadata={
+        "help": "which restart is kept: agreement (the partition most restarts find) or cut "
+        "(the lowest normalized cut on the held-back images)"})
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:
@@ -103,6 +120,7 @@ class SaliencyHead:
         self.net: SaliencyHeadNet | None = None
         self.history_: list[float] = []
         self.collapse_: CollapseReport | None = None
+        self.restarts_: list[RestartScore] = []
 
     def _build(self, in_dim: int, stride: int) -> SaliencyHeadNet:
         c = self.config
@@ -143,7 +161,7 @@ class SaliencyHead:
                 c.crop_mode, images, self.feature_fn, c.crop_pool, tuple(c.crop_scale),
                 c.fixed_crop, gen, c.batch_size, dev,
             )
-        self.net = self._build(features.shape[1], stride).to(dev)
+        self.net = self._start(features, stride, gen)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
         n = features.shape[0]
         self.history_ = []
@@ -168,6 +186,64 @@ class SaliencyHead:
         if self.collapse_.failed:
             logger.warning("%s", self.collapse_.message())
         return self
+
+    def _start(self, features: torch.Tensor, stride: int, gen: torch.Generator) -> SaliencyHeadNet:
+        """The network training starts from: a fresh one, or with ``restarts`` > 1 the restart
+        :mod:`unseg.methods.restarts` keeps (its scores in ``restarts_``)."""
+        c = self.config
+        self.restarts_ = []
+        if c.restarts < 1:
+            raise UnsegError(f"restarts must be >= 1, got {c.restarts}")
+        if c.restarts == 1:
+            return self._build(features.shape[1], stride).to(self.device)
+        train, held = holdout_split(features.shape[0], c.restart_holdout, gen)
+        held_f = features[held].to(self.device, torch.float32)
+        nets, probs = [], []
+        for r in range(c.restarts):
+            net = self._short_restart(features, train, stride, gen, r)
+            with torch.no_grad():
+                logits = torch.cat([net.coarse_logits(f) for f in held_f.split(c.batch_size)])
+                sign = orient_sign(float(border_prior(torch.sigmoid(logits))))
+            if sign < 0:
+                net.polarity.neg_()
+            nets.append(net)
+            probs.append(torch.sigmoid(logits * sign)[:, 0])
+        affinity = key_affinity(held_f, c.tau, c.eps)
+        scores = score_restarts(probs, lambda p: float(soft_ncut_loss(p.flatten(1), affinity)))
+        k = choose(scores, c.restart_rule, CollapseConfig().max_typical_foreground)
+        self.restarts_ = [replace(s, chosen=i == k) for i, s in enumerate(scores)]
+        logger.info(
+            "kept restart %d of %d (%s rule): %s", k + 1, c.restarts, c.restart_rule,
+            ", ".join(f"cut {s.cut:.3f} fg {s.foreground:.0%} agree {s.agreement:.2f}"
+                      for s in scores),
+        )
+        return nets[k].train()
+
+    def _short_restart(
+        self, features: torch.Tensor, train: torch.Tensor, stride: int, gen: torch.Generator,
+        index: int,
+    ) -> SaliencyHeadNet:
+        """Restart ``index``: a fresh network whose patch-level part is trained for
+        ``restart_steps`` steps on the ``train`` images with the coarse cut and border prior."""
+        c = self.config
+        torch.manual_seed(c.seed * 1009 + index)
+        net = self._build(features.shape[1], stride).to(self.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=c.lr)
+        order, pos = train[torch.randperm(train.numel(), generator=gen)], 0
+        for _ in range(c.restart_steps):
+            if pos >= order.numel():
+                order, pos = train[torch.randperm(train.numel(), generator=gen)], 0
+            idx = order[pos : pos + c.batch_size]
+            pos += idx.numel()
+            feats = features[idx].to(self.device, torch.float32)
+            probs = torch.sigmoid(net.coarse_logits(feats))
+            loss = soft_ncut_loss(probs.flatten(1), key_affinity(feats, c.tau, c.eps))
+            if c.weight_border:
+                loss = loss + c.weight_border * border_prior(probs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return net.eval()
 
     @torch.no_grad()
     def check_collapse(self, features: torch.Tensor, images: torch.Tensor) -> CollapseReport:

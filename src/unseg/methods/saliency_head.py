@@ -73,16 +73,26 @@ class SaliencyHeadNet(nn.Module):
         self.register_buffer("polarity", torch.ones(()))
         self.to(memory_format=torch.channels_last)
 
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` → the normed patch tokens ``[B, dim, h, w]`` (a channels-last view)."""
+        b, _, h, w = features.shape
+        x = self.proj(features.contiguous(memory_format=torch.channels_last))
+        tokens = self.encoder(x.flatten(2).transpose(1, 2))
+        return self.norm(tokens).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def coarse_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The coarse logits ``[B, 1, h, w]`` alone (as :meth:`forward` gives them), without the
+        image-resolution stages: what the short restarts train (:mod:`unseg.methods.restarts`)."""
+        return self.coarse(self._encode(features)) * self.polarity
+
     def forward(
         self, features: torch.Tensor, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse and fine logits (see the class docstring)."""
-        b, _, h, w = features.shape
-        last = torch.channels_last
-        x = self.proj(features.contiguous(memory_format=last))
-        tokens = self.encoder(x.flatten(2).transpose(1, 2))
-        x = self.norm(tokens).reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last view
+        h, w = features.shape[-2:]
+        x = self._encode(features)
         coarse = self.coarse(x)
+        last = torch.channels_last
         hidden, logit = self.to_hidden(x), coarse
         images = images.contiguous(memory_format=last)
         big_h, big_w = images.shape[-2:]

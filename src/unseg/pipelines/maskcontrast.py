@@ -491,14 +491,14 @@ def segment_maskcontrast(
     num_classes: int,
     *,
     saliency: str | Path | None = None,
-    discover_method: str = "spectral",
+    discover_method: str = "auto",
     options: Mapping[str, Any] | None = None,
     settings: MaskContrastSettings | None = None,
 ) -> BatchReport:
     """discover → fit → predict on one folder: ``out_dir/discover`` (the masks, unless
     ``saliency`` names a folder of them), ``out_dir/run``, ``out_dir/masks``,
     ``out_dir/overlays``. Returns the prediction's report with the fit's failures added."""
-    from unseg.pipelines.saliency import discover
+    from unseg.pipelines.saliency import discover, resolve_discover_method
 
     settings = settings or MaskContrastSettings()
     settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
@@ -506,6 +506,8 @@ def segment_maskcontrast(
     timings = Timings()
     found = BatchReport()
     if saliency is None:
+        discover_method, why = resolve_discover_method(discover_method, images)
+        logger.info("discover: %s", why)
         head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
         with timings.stage("discover"):
             found = discover(images, out / DISCOVER_DIR, discover_method, settings.backbone,

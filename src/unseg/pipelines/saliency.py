@@ -64,6 +64,9 @@ from unseg.utils.timing import Timings
 logger = logging.getLogger(__name__)
 
 METHOD = "saliency-head"
+AUTO = "auto"  # discover's default: the best measured method the folder allows
+AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/results-boosting.md)
+MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
@@ -287,6 +290,8 @@ def train_saliency(
     logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
     head = fit_estimator(spec, config, fit_inputs, model, device, timings)
     facts: dict[str, Any] = {"n_images": len(used), "loss_history": list(head.history_)}
+    if getattr(head, "restarts_", None):  # the restarts' label-free scores, the kept one marked
+        facts["restarts"] = [r.as_dict() for r in head.restarts_]
     collapse = getattr(head, "collapse_", None)
     if collapse is not None:  # the failure check of the head's training, saved with the run
         facts["collapse"] = collapse.as_dict()
@@ -401,6 +406,35 @@ def predict_run(
         max_side,
     )
     return report.merge(predicted)
+
+
+def resolve_discover_method(
+    method: str, images: str | Path, train_images: str | Path | None = None
+) -> tuple[str, str]:
+    """The method ``discover`` runs for ``method`` and one line saying why.
+
+    ``"auto"`` (the default): the FOUND-style head (:data:`AUTO_TRAINED`), trained without labels
+    on ``train_images`` when given, else on ``images`` themselves when they hold at least
+    :data:`MIN_TRAIN_IMAGES` images; below that, the training-free spectral cut (a head trained
+    on a handful of images has not been measured). Any other name is returned as it is.
+    """
+    if method != AUTO:
+        return method, f"method {method} (as asked)"
+    if train_images is not None:
+        return AUTO_TRAINED, (
+            f"method {AUTO_TRAINED}: the FOUND-style head, trained on {train_images} (the best "
+            "measured method; --method spectral for the training-free cut)"
+        )
+    n = len(resolve_inputs(images, BatchReport()))
+    if n >= MIN_TRAIN_IMAGES:
+        return AUTO_TRAINED, (
+            f"method {AUTO_TRAINED}: the FOUND-style head, trained on these {n} images without "
+            "labels (the best measured method; --method spectral for the training-free cut)"
+        )
+    return "spectral", (
+        f"method spectral: only {n} images, too few to train a head on (at least "
+        f"{MIN_TRAIN_IMAGES}, or --train-images / `unseg predict` with a trained run)"
+    )
 
 
 def discover(

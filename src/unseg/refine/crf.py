@@ -21,6 +21,7 @@ the others share the rest of each pixel's mass as the CRF over them says.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,18 @@ from unseg.refine.lattice import Lattice, build_lattice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_runner = threading.local()  # .stop: the Event of the CRFPool whose thread this is
+
+
+class _Stopped(Exception):
+    """The CRFPool this thread works for was left by an exception (Ctrl-C, SIGTERM, an error):
+    the CRF it runs stops at its next iteration."""
+
+
+def _check_stopped() -> None:
+    stop = getattr(_runner, "stop", None)
+    if stop is not None and stop.is_set():
+        raise _Stopped
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,9 @@ class CRFConfig:
     """Dense CRF parameters; the defaults are the reference values.
 
     ``label_floor``: an image's CRF runs over the labels whose probability reaches this value
-    at some pixel (0 = every label, exactly the reference). At 0.05 the argmax stayed that of
-    every label's CRF on 99.9+ % of pixels (docs/pipeline-cost.md).
+    at some pixel (0 = every label, exactly the reference). 0.01: k-means' soft probabilities
+    on VOC keep every label there (at 0.05 the argmax moved on 1-4 % of pixels; measured in
+    docs/pipeline-cost.md); confident maps drop the labels they do not use.
     """
 
     iterations: int = 10
@@ -52,7 +66,7 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    label_floor: float = 0.05
+    label_floor: float = 0.01
 
 
 def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -141,6 +155,7 @@ def crf_marginals(
     ]
     q = torch.softmax(-unary, 1)
     for _ in range(config.iterations):
+        _check_stopped()
         energy = kernels[0].filter(q) - unary
         for kernel in kernels[1:]:
             energy += kernel.filter(q)
@@ -210,9 +225,10 @@ def dense_crf_reference(
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
 
 
-def _one_torch_thread() -> None:
-    """A runner thread's torch ops use one thread (the setting is per thread)."""
+def _runner_thread(stop: threading.Event) -> None:
+    """A runner thread: torch on one thread (the setting is per thread), and ``stop``."""
     torch.set_num_threads(1)
+    _runner.stop = stop
 
 
 def _crf_task(args: tuple[np.ndarray, torch.Tensor | np.ndarray, CRFConfig]) -> np.ndarray:
@@ -228,23 +244,29 @@ class CRFPool:
     on a machine busier than its cores those barriers cost more than the work (measured: 2
     intra-op threads 7x slower than 1 at load 19 on 2 cores; docs/pipeline-cost.md). No
     processes: nothing to orphan, and Ctrl-C is an ordinary ``KeyboardInterrupt`` in the
-    calling thread (items not started are dropped; those running finish their one image).
+    calling thread. Leaving the block by an exception drops the items not started and stops
+    the CRFs running at their next mean-field iteration.
     """
 
     def __init__(self, num_workers: int = 1, config: CRFConfig | None = None) -> None:
         self.num_workers = max(1, int(num_workers))
         self.config = config or CRFConfig()
         self._executor: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
 
     def __enter__(self) -> CRFPool:
         if self.num_workers > 1:
+            self._stop = threading.Event()
             self._executor = ThreadPoolExecutor(self.num_workers, "unseg-crf",
-                                                initializer=_one_torch_thread)
+                                                initializer=_runner_thread,
+                                                initargs=(self._stop,))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
+            if exc_type is not None:
+                self._stop.set()
             executor.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def map(
