@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from unseg.cli.main import main
-from unseg.outdir import MANIFEST_FILE
+from unseg.layout import MANIFEST_FILE
 from unseg.utils import progress as progress_module
 from unseg.utils.timing import Timings, collect, log_totals
 

@@ -20,8 +20,8 @@ from unseg.report.coco import (
     write_coco,
 )
 from unseg.report.outputs import find_outputs
-from unseg.report.palette import png_palette
 from unseg.utils.io import save_png_atomic, write_json_atomic
+from unseg.utils.palette import png_palette
 
 mask_util = pytest.importorskip(
     "pycocotools.mask", reason="pycocotools is not installed (pip install -e '.[dev]')"

@@ -30,8 +30,9 @@ from unseg.methods.maskcontrast import (
     cluster_prototypes,
     pca_whiten,
 )
+from unseg.pipelines.embeddings import EmbeddedFeatures
 from unseg.pipelines.fitting import build_config
-from unseg.pipelines.maskcontrast import EmbeddedFeatures, salient_pixels
+from unseg.pipelines.maskcontrast import salient_pixels
 from unseg.registry import get_method
 from unseg.utils.batch import BatchReport
 

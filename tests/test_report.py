@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from unseg.cli.main import main
@@ -22,10 +23,11 @@ from unseg.metrics.semantic import scores_from_assignment
 from unseg.report.gallery import pick
 from unseg.report.html import write_report
 from unseg.report.outputs import find_outputs, match_images
-from unseg.report.palette import label_colors, png_palette
 from unseg.report.scores import evaluate_saliency_run, evaluate_semantic_run
 from unseg.report.thumbs import IGNORE_COLOR
+from unseg.runs import save_run
 from unseg.utils.io import save_png_atomic, write_json_atomic
+from unseg.utils.palette import label_colors, png_palette
 
 PERM = np.array([2, 0, 1])  # cluster -> class of the fake ground truth
 QUADRANT_COLORS = np.array([[230, 20, 20], [20, 200, 40], [30, 40, 220], [240, 220, 30]], np.uint8)
@@ -439,3 +441,18 @@ def test_class_balance_section_gives_each_clusters_share_and_warns_of_empty_ones
     assert "1 of 4 classes hold under 2.50 %" in section and "3: 0.00 %" in section
     balanced = write_report(_semantic_run(tmp_path / "k3")["out"]).read_text()
     assert 'id="balance"' in balanced and "nearly empty" not in balanced
+
+
+@pytest.mark.parametrize(("method", "kind"), [("found", "saliency"), ("saliency-head", "saliency"),
+                                              ("kmeans", "semantic"),
+                                              ("maskcontrast", "semantic")])
+def test_the_kind_of_masks_is_the_registered_methods(tmp_path: Path, method: str,
+                                                     kind: str) -> None:
+    """The run's method decides the kind through the registry, not its name: a FOUND run's
+    masks are saliency maps (its name has no "saliency"), MaskContrast's are class ids."""
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    mode = "L" if kind == "saliency" else "P"
+    Image.new(mode, (8, 8)).save(out / "masks" / "a.png")
+    save_run(out / "run", method, {}, {"w": torch.zeros(1)})
+    assert find_outputs(out).kind == kind

@@ -21,10 +21,10 @@ from unseg.data.resize import decode_size, resize_image, resolve_max_side, targe
 from unseg.errors import InputFileError
 from unseg.features import extract_features
 from unseg.pipelines.label_maps import LabelWriter, overlay_image, upsample_argmax
-from unseg.report.overlays import overlay
-from unseg.report.palette import png_palette
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import save_png_atomic
+from unseg.utils.overlays import overlay
+from unseg.utils.palette import png_palette
 
 BACKBONE = "efficientnet_lite0"
 

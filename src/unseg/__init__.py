@@ -1,7 +1,23 @@
-"""unseg: unsupervised image segmentation on frozen self-supervised backbones."""
+"""unseg: unsupervised image segmentation on frozen self-supervised backbones.
+
+The library's front door is :class:`unseg.Segmenter` (images in, masks out, for every method);
+:func:`unseg.list_methods` and :func:`unseg.list_backbones` say what exists. They are imported
+on first use, so ``import unseg`` stays light (no torch until a segmenter is made).
+"""
 
 import logging
+from typing import Any
 
-__version__ = "0.1.0"
+from unseg._version import __version__
+
+__all__ = ["Segmenter", "__version__", "list_backbones", "list_methods"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Segmenter", "list_methods", "list_backbones"):
+        from unseg import segmenter
+
+        return getattr(segmenter, name)
+    raise AttributeError(f"module 'unseg' has no attribute {name!r}")

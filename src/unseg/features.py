@@ -26,11 +26,12 @@ import ctypes
 import ctypes.util
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,6 +39,7 @@ from unseg.backbones import create_backbone
 from unseg.backbones.base import Backbone, FeatureKind
 from unseg.data.datasets import resolve_inputs
 from unseg.data.image import image_size, load_image
+from unseg.data.memory import pixels_sha256
 from unseg.data.resize import decode_size, prepare_image, resize_image, target_size
 from unseg.data.transforms import student_view
 from unseg.errors import InputFileError, UnsegError
@@ -77,6 +79,7 @@ class _Item:
     sha256: str
     original_size: tuple[int, int]
     image_size: tuple[int, int]
+    pixels: np.ndarray | None = None  # an in-memory image (uint8 [H, W, 3]) instead of a file
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class _ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         item, r = self.items[i], self.resize
+        if item.pixels is not None:
+            return i, resize_image(item.pixels, r.size, r.stride, r.crop, r.max_side), None
         need = decode_size(*item.original_size, r.size, r.stride, r.crop, r.max_side)
         try:
             decoded = load_image(item.path, r.max_pixels, need)
@@ -153,12 +158,19 @@ def _default_workers(n_items: int) -> int:
 
 
 def _scan(
-    paths: Sequence[Path], resize: _Resize
+    paths: Sequence[Path], resize: _Resize, arrays: Mapping[Path, np.ndarray]
 ) -> tuple[list[_Item], list[tuple[Path, str]]]:
-    """Read the header of each file and hash it; unusable ones are returned as failures."""
+    """Read the header of each file and hash it (an in-memory image of ``arrays``: its pixels);
+    unusable ones are returned as failures."""
     items: list[_Item] = []
     failed: list[tuple[Path, str]] = []
     for i, path in enumerate(paths):
+        pixels = arrays.get(path)
+        if pixels is not None:
+            h, w = pixels.shape[:2]
+            items.append(_Item(i, path, pixels_sha256(pixels), (h, w), resize.target(h, w),
+                               pixels))
+            continue
         try:
             h, w = image_size(path, resize.max_pixels)
             sha = file_sha256(path)
@@ -191,6 +203,7 @@ def extract_features(
     timings: Timings | None = None,
     max_side: int | None = None,
     max_pixels: int | None = None,
+    arrays: Mapping[Path, np.ndarray] | None = None,
 ) -> FeatureSet:
     """Dense features ``[C, H'/stride, W'/stride]`` of every image in ``paths``, and the
     ``extras`` (see the module docstring) computed in the same pass.
@@ -203,7 +216,9 @@ def extract_features(
     receives the seconds spent decoding (hashing, reading, resizing), in the backbone and
     writing the cache. ``max_side``: the working resolution's long-side limit (None: none;
     see :func:`unseg.data.resize.resolve_max_side` for the commands' default); ``max_pixels``:
-    the per-file pixel limit (None: Pillow's, 0: none).
+    the per-file pixel limit (None: Pillow's, 0: none). ``arrays``: in-memory images (uint8
+    ``[H, W, 3]``) standing for the entries of ``paths`` they are keyed by (no file is read for
+    them; their hash is :func:`unseg.data.memory.pixels_sha256`'s).
     """
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
@@ -223,9 +238,10 @@ def extract_features(
 
     mine = dist.shard(list(range(len(paths))), rank, world)
     with timings.stage("decode"):
-        items, failed = _scan([paths[i] for i in mine], resize)
+        items, failed = _scan([paths[i] for i in mine], resize, arrays or {})
     items = [
-        _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size) for it in items
+        _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size, it.pixels)
+        for it in items
     ]
     todo = [
         it for it in items
@@ -238,7 +254,8 @@ def extract_features(
         feats, bad = _compute(todo, job, batch_size, cache, num_workers, timings)
         failed += bad
     local = {
-        "items": [(it, feats[it.index][1] if it.index in feats else None) for it in items],
+        "items": [(replace(it, pixels=None), feats[it.index][1] if it.index in feats else None)
+                  for it in items],
         "failed": [(str(p), m) for p, m in failed],
         "computed": len(feats),
     }
@@ -264,8 +281,11 @@ def extract_features(
     ordered = {records[i][0]: records[i][1] for i in sorted(records)}
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     if cache is None:
-        for i, (_, rec) in records.items():
-            tensors.update({(rec.sha256, n): t for n, t in feats[i][0].items()})
+        # normal tensors, as the cache's are: a fit may train on them (autograd refuses
+        # inference tensors)
+        with torch.inference_mode(False):
+            for i, (_, rec) in records.items():
+                tensors.update({(rec.sha256, n): t.clone() for n, t in feats[i][0].items()})
     else:
         if rank == 0:
             merge_index(cache / "index.json", setting, ordered)

@@ -46,16 +46,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
+from unseg.layout import MANIFEST_FILE, MASKS_DIR
 from unseg.utils.io import write_json_atomic
 from unseg.utils.timing import Timings, collect
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "unseg-manifest.json"
-MASKS_DIR = "masks"  # where a segmenting command writes its masks inside OUT
-OVERLAYS_DIR = "overlays"  # and its overlays
 MANIFEST_VERSION = 1
 Mode = Literal["new", "resume", "overwrite"]
 Signature = tuple[int, int]  # (size, mtime_ns) of a file as last seen

@@ -14,18 +14,22 @@ logit, turned into class ids by clustering the images a run predicts). From it:
 - a run folder records the method's name and config (:func:`config_to_dict`), and
   :func:`config_from_dict` plus the estimator's ``from_state`` rebuild it.
 
-Adding a method: one module with its config and estimator, and one :func:`register_method` call
-at the end of this file.
+Adding a method (timm's ``@register_model`` habit): one module in :mod:`unseg.methods` with
+its config dataclass, whose fields carry their option help (:func:`unseg.utils.options.option`),
+and its estimator class under the :func:`register` decorator; the methods package imports the
+module. This module imports no method: the built-ins register when :mod:`unseg.methods` is
+first imported, which :func:`get_method` and :func:`list_methods` do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from unseg.errors import UnsegError
 
@@ -53,8 +57,9 @@ class MethodSpec:
     aliases: tuple[str, ...] = ()
     feature_kind: Literal["tokens", "keys"] = "tokens"
     pipeline_fields: tuple[str, ...] = ()
-    option_help: Mapping[str, str] = field(default_factory=dict)
+    option_help: Mapping[str, str] = field(default_factory=dict)  # besides the fields' own
     option_flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    rank: int = 100  # place in listings (lower first; ties in registration order)
 
     def needs_for(self, config: Any) -> tuple[str, ...]:
         """What a fit with ``config`` needs: :attr:`needs`, less ``student_features`` when the
@@ -65,6 +70,12 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+BUILTINS = "unseg.methods"  # the package whose import registers the built-in methods
+T = TypeVar("T")
+
+
+def _builtins() -> None:
+    importlib.import_module(BUILTINS)
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -82,17 +93,39 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def register(
+    name: str,
+    *,
+    config: type,
+    output: Output,
+    needs: tuple[str, ...],
+    summary: str,
+    **extra: Any,
+) -> Callable[[T], T]:
+    """Class decorator registering the estimator it decorates as method ``name`` (the other
+    arguments are :class:`MethodSpec`'s); returns the class unchanged."""
+
+    def decorate(estimator: T) -> T:
+        register_method(MethodSpec(name=name, config=config, estimator=estimator,  # type: ignore[arg-type]
+                                   output=output, needs=needs, summary=summary, **extra))
+        return estimator
+
+    return decorate
+
+
 def list_methods(output: Output | None = None) -> list[MethodSpec]:
     """Registered methods (each once, in registration order), optionally of one output kind."""
+    _builtins()
     seen: dict[str, MethodSpec] = {}
     for spec in _METHODS.values():
         if output is None or spec.output == output:
             seen.setdefault(spec.name, spec)
-    return list(seen.values())
+    return sorted(seen.values(), key=lambda s: s.rank)
 
 
 def get_method(name: str) -> MethodSpec:
     """The method registered as ``name`` (or an alias of it), or a clear error listing them."""
+    _builtins()
     spec = _METHODS.get(name)
     if spec is None:
         known = ", ".join(s.name for s in list_methods())
@@ -167,7 +200,8 @@ def _options(spec: MethodSpec, cls: type, prefix: tuple[str, ...]) -> list[Confi
         kind, choices = _kind(tp)
         default = getattr(defaults, f.name)
         text = f.metadata.get("help") or spec.option_help.get(key) or key.replace("_", " ")
-        flags = ("--" + "-".join(path).replace("_", "-"), *spec.option_flags.get(key, ()))
+        flags = ("--" + "-".join(path).replace("_", "-"), *f.metadata.get("flags", ()),
+                 *spec.option_flags.get(key, ()))
         shown = text if "(default:" in text else f"{text} (default: {default})"
         out.append(ConfigOption(path, flags, kind, default, shown,
                                 choices))  # type: ignore[arg-type]
@@ -214,191 +248,3 @@ def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
     for head, sub in by_head.items():
         direct[head] = config_with(getattr(config, head), sub)
     return dataclasses.replace(config, **direct)
-
-
-# ---------------------------------------------------------------------------- registrations
-
-# Options both saliency heads have: the Boosting multi-scale trick and the guided filter.
-_MULTISCALE_HELP = {
-    "multiscale": "multi-scale consistency (Boosting trick)",
-    "crop_scale": "crop side as a fraction of the image side (LO HI)",
-    "fixed_crop": "the reference code's near-fixed (top-left) crop, for comparison",
-    "crop_mode": "crop features: cache (backbone once per pooled crop), roi "
-    "(RoI-align of the full map) or backbone (every step)",
-    "crop_pool": "crops cached per image",
-    "weight_consistency": "weight of the multi-scale MSE",
-}
-_GUIDED_HELP = {
-    "guided_filter": "guided-filter refinement at prediction",
-    "guided.radius": "guided-filter radius",
-    "guided.eps": "guided-filter ε",
-    "guided.guide": "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
-    "guided.standardize": "standardise each mask channel before filtering",
-}
-
-
-def _register_builtin() -> None:
-    from unseg.methods.found import FoundConfig, FoundHead
-    from unseg.methods.kmeans import KMeans, KMeansConfig
-    from unseg.methods.maskcontrast import MaskContrast, MaskContrastConfig
-    from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
-    from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
-
-    register_method(MethodSpec(
-        name="primaps-em",
-        config=PriMaPsEMConfig,
-        estimator=PriMaPsEM,
-        output="semantic",
-        needs=("features", "images", "proposals", "student_features"),
-        summary="PriMaPs-EM: class prototypes fitted to principal mask proposals",
-        pipeline_fields=("num_classes", "seed", "label_factor", "crf"),
-        option_help={
-            "epochs": "EM epochs over the images (paper: 50)",
-            "steps": "a fixed number of EM steps instead of epochs",
-            "batch_size": "images per EM step",
-            "lr": "Adam learning rate of θ",
-            "focal_gamma": "focal weighting exponent γ",
-            "ema_decay": "ceiling of θ_m's warm-up EMA decay",
-            "ema_every": "steps between θ_m updates",
-            "ema_warmup": "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update "
-            "(off: the ceiling from the first update, unseg 0.1.0's schedule; on street scenes "
-            "--no-ema-warmup --no-student-augs --no-center scored best, "
-            "docs/results-primaps.md)",
-            "kmeans_passes": "cosine k-means passes of the initialisation",
-            "init_max_points": "feature vectors sampled for the initialisation",
-            "classifier": "reference: weight-normalised θ with trainable gain on raw features; "
-            "cosine: unit-gain cosine classifier (default: reference on a ViT's LayerNorm-ed "
-            "tokens and on MaskContrast embeddings, cosine on a CNN's features, as measured)",
-            "center": "subtract the training images' mean feature, kept in the run (default: "
-            "on where the backbone's default tap was measured best centred)",
-            "student_augs": "train θ on the student view (blur, jitter/greyscale; seeded)",
-            "flip": "average the features of the image and its mirror image at prediction",
-            "ignore_index": "pseudo-label id of pixels outside every proposal",
-        },
-    ))
-    register_method(MethodSpec(
-        name="kmeans",
-        config=KMeansConfig,
-        estimator=KMeans,
-        output="semantic",
-        needs=("features",),
-        summary="cosine k-means of the backbone features (the baseline)",
-        pipeline_fields=("num_classes", "seed"),
-        option_help={
-            "n_init": "k-means++ restarts (the best inertia is kept)",
-            "max_iter": "Lloyd iterations per restart",
-            "tol": "relative inertia change that stops the iterations",
-            "chunk_size": "feature vectors per distance block (memory)",
-            "center": "subtract the training images' mean feature, kept in the run (default: "
-            "on where the backbone's default tap was measured best centred)",
-        },
-    ))
-    register_method(MethodSpec(
-        name="saliency-head",
-        config=SaliencyHeadConfig,
-        estimator=SaliencyHead,
-        output="saliency",
-        needs=("features", "images", "backbone"),
-        summary="SEMPART-style saliency head trained with the soft normalized cut",
-        aliases=("saliency", "head"),
-        feature_kind="keys",
-        option_help={
-            "image_size": "training crop side and prediction short side in pixels",
-            "lr": "AdamW learning rate",
-            "batch_size": "images per step",
-            "epochs": "training epochs (paper: 30)",
-            "tau": "key-affinity threshold τ of the cut",
-            "eps": "affinity below τ",
-            "dim": "head width",
-            "layers": "transformer layers of the head",
-            "heads": "attention heads",
-            "weight_coarse": "weight of the cut on the coarse prediction",
-            "weight_agree": "weight of the coarse/fine agreement",
-            "weight_border": "weight of the border prior",
-            **_MULTISCALE_HELP,
-            "weight_crop_ncut": "weight of the cut on the crop",
-            **_GUIDED_HELP,
-            "seed": "random seed",
-        },
-        option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
-    ))
-    register_method(MethodSpec(
-        name="found",
-        config=FoundConfig,
-        estimator=FoundHead,
-        output="saliency",
-        needs=("features", "images", "backbone"),
-        summary="FOUND-style head: a 1x1 conv trained against background-seed pseudo-masks",
-        aliases=("found-head",),
-        feature_kind="keys",
-        option_help={
-            "image_size": "training crop side and prediction short side in pixels",
-            "seed_rule": "background seed: the most typical patch of the border ring or of "
-            "the whole grid",
-            "bkg_threshold": "cosine similarity to the seed above which a patch is background",
-            "n_seeds": "patches averaged as the background seed (the seed and its nearest)",
-            "refine_targets": "guided-filter the 0/1 targets (stands in for the bilateral "
-            "solver)",
-            "lr": "AdamW learning rate",
-            "batch_size": "images per step",
-            "steps": "training steps (reference: 500)",
-            "lr_step": "steps between learning-rate decays",
-            "lr_gamma": "learning-rate decay factor",
-            "stop_bkg_loss": "steps trained on the pseudo-masks before self-training",
-            "weight_refined": "weight of the loss against the refined own prediction",
-            "weight_self": "weight of the self-training loss",
-            "standardize": "standardise each input channel by its training-set mean and std "
-            "(folded into the conv after training) (default: on for CNN backbones, off for "
-            "ViTs, whose scale the reference's lr was set for)",
-            **_MULTISCALE_HELP,
-            "weight_crop_base": "weight of the base loss on the crop",
-            **_GUIDED_HELP,
-            "seed": "random seed",
-        },
-        option_flags={"image_size": ("--size",), "guided.guide": ("--guide",)},
-    ))
-    register_method(MethodSpec(
-        name="maskcontrast",
-        config=MaskContrastConfig,
-        estimator=MaskContrast,
-        output="embedding",
-        needs=("features", "student_features", "masks"),
-        summary="MaskContrast: pixel embeddings contrasting salient-object mask proposals",
-        aliases=("mask-contrast",),
-        pipeline_fields=("seed", "stage_of"),
-        option_help={
-            "embed_dim": "pixel embedding dimension",
-            "width": "decoder width",
-            "aspp_rates": "dilation rates of the ASPP branches",
-            "momentum": "momentum of the key model",
-            "temperature": "contrastive temperature T",
-            "queue_size": "prototype queue length (paper: 256 unsupervised, 128 supervised "
-            "saliency)",
-            "lr": "SGD learning rate (paper: 0.004 at batch 128)",
-            "sgd_momentum": "SGD momentum",
-            "weight_decay": "SGD weight decay",
-            "poly_power": "exponent of the poly learning-rate decay",
-            "epochs": "training epochs (the paper's 40)",
-            "batch_size": "images per step (paper: 128 unsupervised, 64 supervised saliency; "
-            "16 scored higher on a few hundred images)",
-            "view_size": "view side in image pixels",
-            "loss_size": "pixels per side where the losses are taken (0: the view size)",
-            "crop_scale": "random resized crop area range (LO HI)",
-            "crop_ratio": "random resized crop aspect range (LO HI)",
-            "flip_p": "horizontal flip probability",
-            "min_view_area": "smallest salient share of a view",
-            "max_view_area": "largest salient share of a view",
-            "max_redraws": "view redraws before the whole image is used",
-            "saliency_weight": "weight of the balanced BCE saliency loss",
-            "jitter": "colour jitter strengths (not an option: photometric views come from "
-            "the student features)",
-            "jitter_p": "colour jitter probability (photometric_view)",
-            "grey_p": "greyscale probability (photometric_view)",
-            "train_last_stage": "fine-tune the backbone's last stage with the head (CNN taps "
-            "but the first; features are cached before that stage)",
-        },
-        option_flags={"queue_size": ("--queue",)},
-    ))
-
-
-_register_builtin()

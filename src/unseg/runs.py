@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.errors import UnsegError
+from unseg.layout import CONFIG_FILE, WEIGHTS_FILE
 from unseg.registry import MethodSpec, Output, config_from_dict, config_to_dict, get_method
 from unseg.utils.io import atomic_write, write_json_atomic
 
 RUN_FORMAT_VERSION = 2  # 2: estimator state_dict, registry config, prediction defaults
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 
 
 def save_run(

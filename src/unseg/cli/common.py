@@ -16,7 +16,8 @@ from unseg.backbones.base import get_spec
 from unseg.data.image import DEFAULT_MAX_PIXELS
 from unseg.data.resize import MAX_SIDE_FACTOR
 from unseg.errors import UnsegError
-from unseg.outdir import MANIFEST_FILE, Mode, recorded
+from unseg.layout import MANIFEST_FILE
+from unseg.outdir import Mode, recorded
 from unseg.pipelines.backbone import choose_backbone
 from unseg.pipelines.semantic import SemanticSettings
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE, REFINES

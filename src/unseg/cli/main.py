@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.errors import UnsegError
 from unseg.utils.progress import set_progress
 from unseg.utils.signals import Terminated, follow_launcher, sigterm_raises

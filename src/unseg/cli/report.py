@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from unseg.layout import REPORT_FILE
 from unseg.report.coco import COCO_FILE, write_coco
-from unseg.report.html import DEFAULT_MAX_IMAGES, REPORT_FILE, write_report
+from unseg.report.html import DEFAULT_MAX_IMAGES, write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -190,10 +190,15 @@ def load_image(
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # malformed EXIF blocks raise many kinds of errors
         raise InputFileError(path, f"unreadable EXIF orientation ({exc})") from None
-    arr = np.asarray(_to_rgb(img), dtype=np.uint8)
+    arr = rgb_pixels(img)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InputFileError(path, f"unexpected decoded shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def rgb_pixels(img: Image.Image) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of a decoded image of any mode (see :func:`load_image`)."""
+    return np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
 
 
 def load_label(path: str | Path) -> np.ndarray:

@@ -62,7 +62,9 @@ from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
+from unseg.registry import register
 from unseg.utils.device import resolve_device
+from unseg.utils.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +76,34 @@ class FoundConfig(HeadTrainingConfig):
     """FOUND-style head settings; defaults are the reference's (``configs/found_DUTS-TR.yaml``);
     the multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    seed_rule: SeedRule = "border"
-    bkg_threshold: float = 0.3
-    n_seeds: int = 1
-    refine_targets: bool = True
-    lr: float = 5e-2
-    batch_size: int = 50
-    steps: int = 500
-    lr_step: int = 50
-    lr_gamma: float = 0.95
-    stop_bkg_loss: int = 100
-    weight_refined: float = 1.5
-    weight_self: float = 4.0
-    standardize: bool | None = None
-    weight_crop_base: float = 0.01
+    seed_rule: SeedRule = option(
+        "border",
+        "background seed: the most typical patch of the border ring or of the whole grid",
+    )
+    bkg_threshold: float = option(
+        0.3,
+        "cosine similarity to the seed above which a patch is background",
+    )
+    n_seeds: int = option(1, "patches averaged as the background seed (the seed and its nearest)")
+    refine_targets: bool = option(
+        True,
+        "guided-filter the 0/1 targets (stands in for the bilateral solver)",
+    )
+    lr: float = option(5e-2, "AdamW learning rate")
+    batch_size: int = option(50, "images per step")
+    steps: int = option(500, "training steps (reference: 500)")
+    lr_step: int = option(50, "steps between learning-rate decays")
+    lr_gamma: float = option(0.95, "learning-rate decay factor")
+    stop_bkg_loss: int = option(100, "steps trained on the pseudo-masks before self-training")
+    weight_refined: float = option(1.5, "weight of the loss against the refined own prediction")
+    weight_self: float = option(4.0, "weight of the self-training loss")
+    standardize: bool | None = option(
+        None,
+        "standardise each input channel by its training-set mean and std (folded into the conv "
+        "after training) (default: on for CNN backbones, off for ViTs, whose scale the "
+        "reference's lr was set for)",
+    )
+    weight_crop_base: float = option(0.01, "weight of the base loss on the crop")
 
 
 def _cosine(features: torch.Tensor) -> torch.Tensor:
@@ -185,6 +201,16 @@ def pseudo_masks(
     return fg
 
 
+@register(
+    "found",
+    config=FoundConfig,
+    output="saliency",
+    needs=("features", "images", "backbone"),
+    summary="FOUND-style head: a 1x1 conv trained against background-seed pseudo-masks",
+    aliases=("found-head",),
+    feature_kind="keys",
+    rank=40,
+)
 class FoundHead:
     """Estimator (contract of :mod:`unseg.methods.base`): ``fit(FitInputs)`` on the keys and the
     images, then ``predict_proba(features, images)``.

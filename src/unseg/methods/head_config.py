@@ -12,19 +12,34 @@ from dataclasses import dataclass, field
 
 from unseg.methods.crop_cache import CropMode
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.utils.options import option
 
 
 @dataclass
 class HeadTrainingConfig:
     """Multi-scale consistency, guided filter and seed of a saliency head's training."""
 
-    image_size: int = 320
-    multiscale: bool = False
-    crop_scale: tuple[float, float] = (0.5, 0.5)
-    fixed_crop: bool = False
-    crop_mode: CropMode = "cache"
-    crop_pool: int = 4
-    weight_consistency: float = 0.01
-    guided_filter: bool = True
+    image_size: int = option(
+        320,
+        "training crop side and prediction short side in pixels",
+        flags=("--size",),
+    )
+    multiscale: bool = option(False, "multi-scale consistency (Boosting trick)")
+    crop_scale: tuple[float, float] = option(
+        (0.5, 0.5),
+        "crop side as a fraction of the image side (LO HI)",
+    )
+    fixed_crop: bool = option(
+        False,
+        "the reference code's near-fixed (top-left) crop, for comparison",
+    )
+    crop_mode: CropMode = option(
+        "cache",
+        "crop features: cache (backbone once per pooled crop), roi (RoI-align of the full map) "
+        "or backbone (every step)",
+    )
+    crop_pool: int = option(4, "crops cached per image")
+    weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
+    guided_filter: bool = option(True, "guided-filter refinement at prediction")
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    seed: int = 0
+    seed: int = option(0, "random seed")

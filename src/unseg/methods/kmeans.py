@@ -26,6 +26,8 @@ from unseg.methods.base import FitInputs
 from unseg.methods.base import feature_mean as feature_mean  # re-exported (moved)
 from unseg.methods.prototypes import PrototypeEstimator, state_tensor
 from unseg.methods.prototypes import center_features as center_features  # re-exported (moved)
+from unseg.registry import register
+from unseg.utils.options import option
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,15 @@ class KMeansConfig:
     training images' mean feature before clustering and before the logits)."""
 
     num_classes: int = 27
-    n_init: int = 3
-    max_iter: int = 100
-    tol: float = 1e-6
-    chunk_size: int = 65536
-    center: bool = False
+    n_init: int = option(3, "k-means++ restarts (the best inertia is kept)")
+    max_iter: int = option(100, "Lloyd iterations per restart")
+    tol: float = option(1e-6, "relative inertia change that stops the iterations")
+    chunk_size: int = option(65536, "feature vectors per distance block (memory)")
+    center: bool = option(
+        False,
+        "subtract the training images' mean feature, kept in the run (default: on where the "
+        "backbone's default tap was measured best centred)",
+    )
     seed: int = 0
 
 
@@ -203,6 +209,15 @@ def feature_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([f.float().reshape(f.shape[0], -1).T for f in features])
 
 
+@register(
+    "kmeans",
+    config=KMeansConfig,
+    output="semantic",
+    needs=("features",),
+    summary="cosine k-means of the backbone features (the baseline)",
+    pipeline_fields=("num_classes", "seed"),
+    rank=20,
+)
 class KMeans(PrototypeEstimator):
     """The semantic k-means method: cosine k-means of the training images' feature vectors.
 

@@ -62,8 +62,10 @@ from unseg.methods.kmeans import (
     cosine_logits as cosine_logits,  # re-exported: the semantic pipeline imports it from here
 )
 from unseg.methods.prototypes import PrototypeEstimator
+from unseg.registry import register
 from unseg.utils import dist
 from unseg.utils.device import cpu_threads
+from unseg.utils.options import option
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -81,23 +83,46 @@ class PriMaPsEMConfig:
     """
 
     num_classes: int = 27
-    epochs: int = 50
-    steps: int | None = None  # a fixed step budget instead of epochs
-    batch_size: int = 32
-    lr: float = 5e-3
-    focal_gamma: float = 2.0
-    ema_decay: float = 0.98  # the warm-up decay's ceiling
-    ema_every: int = 10
-    ema_warmup: bool = True  # False: the constant decay from the first update (unseg 0.1.0)
-    kmeans_passes: int = 2
-    init_max_points: int = 200_000
+    epochs: int = option(50, "EM epochs over the images (paper: 50)")
+    steps: int | None = option(None, "a fixed number of EM steps instead of epochs")
+    batch_size: int = option(32, "images per EM step")
+    lr: float = option(5e-3, "Adam learning rate of θ")
+    focal_gamma: float = option(2.0, "focal weighting exponent γ")
+    ema_decay: float = option(
+        0.98,
+        "ceiling of θ_m's warm-up EMA decay",
+    )
+    ema_every: int = option(10, "steps between θ_m updates")
+    ema_warmup: bool = option(
+        True,
+        "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update (off: the ceiling "
+        "from the first update, unseg 0.1.0's schedule; on street scenes --no-ema-warmup "
+        "--no-student-augs --no-center scored best, docs/results-primaps.md)",
+    )
+    kmeans_passes: int = option(2, "cosine k-means passes of the initialisation")
+    init_max_points: int = option(200_000, "feature vectors sampled for the initialisation")
     label_factor: int | None = None  # None: upsample features by the stride (paper)
-    classifier: Classifier = "reference"
-    center: bool = False
-    student_augs: bool = True
-    flip: bool = True
+    classifier: Classifier = option(
+        "reference",
+        "reference: weight-normalised θ with trainable gain on raw features; cosine: unit-gain "
+        "cosine classifier (default: reference on a ViT's LayerNorm-ed tokens and on "
+        "MaskContrast embeddings, cosine on a CNN's features, as measured)",
+    )
+    center: bool = option(
+        False,
+        "subtract the training images' mean feature, kept in the run (default: on where the "
+        "backbone's default tap was measured best centred)",
+    )
+    student_augs: bool = option(
+        True,
+        "train θ on the student view (blur, jitter/greyscale; seeded)",
+    )
+    flip: bool = option(
+        True,
+        "average the features of the image and its mirror image at prediction",
+    )
     crf: bool = True
-    ignore_index: int = 255
+    ignore_index: int = option(255, "pseudo-label id of pixels outside every proposal")
     seed: int = 0
 
 
@@ -202,6 +227,15 @@ def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0, 0].to(torch.int16)
 
 
+@register(
+    "primaps-em",
+    config=PriMaPsEMConfig,
+    output="semantic",
+    needs=("features", "images", "proposals", "student_features"),
+    summary="PriMaPs-EM: class prototypes fitted to principal mask proposals",
+    pipeline_fields=("num_classes", "seed", "label_factor", "crf"),
+    rank=10,
+)
 class PriMaPsEM(PrototypeEstimator):
     """PriMaPs-EM estimator on precomputed features and PriMaPs pseudo-labels.
 

@@ -51,7 +51,9 @@ from unseg.methods.restarts import (
     score_restarts,
 )
 from unseg.methods.saliency_head import SaliencyHeadNet
+from unseg.registry import register
 from unseg.utils.device import resolve_device
+from unseg.utils.options import option
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -62,18 +64,18 @@ class SaliencyHeadConfig(HeadTrainingConfig):
     """Training and inference settings; defaults are the Boosting/SEMPART reference values; the
     multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    lr: float = 1e-4
-    batch_size: int = 8
-    epochs: int = 30
-    tau: float = 0.4
-    eps: float = 1e-6
-    dim: int = 128
-    layers: int = 2
-    heads: int = 4
-    weight_coarse: float = 1.0
-    weight_agree: float = 1.0
-    weight_border: float = 0.1
-    weight_crop_ncut: float = 0.01
+    lr: float = option(1e-4, "AdamW learning rate")
+    batch_size: int = option(8, "images per step")
+    epochs: int = option(30, "training epochs (paper: 30)")
+    tau: float = option(0.4, "key-affinity threshold τ of the cut")
+    eps: float = option(1e-6, "affinity below τ")
+    dim: int = option(128, "head width")
+    layers: int = option(2, "transformer layers of the head")
+    heads: int = option(4, "attention heads")
+    weight_coarse: float = option(1.0, "weight of the cut on the coarse prediction")
+    weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
+    weight_border: float = option(0.1, "weight of the border prior")
+    weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
     restarts: int = field(default=1, metadata={
         "help": "short restarts of the patch-level cut, one kept by a label-free rule "
         "(unseg.methods.restarts; 1: none)"})
@@ -94,6 +96,16 @@ def border_prior(probs: torch.Tensor) -> torch.Tensor:
     return (probs[..., ring].mean(dim=-1) - probs.flatten(1).mean(dim=-1, keepdim=True)).mean()
 
 
+@register(
+    "saliency-head",
+    config=SaliencyHeadConfig,
+    output="saliency",
+    needs=("features", "images", "backbone"),
+    summary="SEMPART-style saliency head trained with the soft normalized cut",
+    aliases=("saliency", "head"),
+    feature_kind="keys",
+    rank=30,
+)
 class SaliencyHead:
     """Estimator under the contract of :mod:`unseg.methods.base`: ``fit(FitInputs)`` on the
     attention keys and the images, then ``predict_proba(features, images)``.

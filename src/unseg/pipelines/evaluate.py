@@ -27,6 +27,7 @@ from unseg.data.layouts import IGNORE_INDEX
 from unseg.data.resize import resizable, resize_nearest, resize_probability
 from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
+from unseg.layout import BOXES_FILE
 from unseg.metrics.corloc import is_correct, largest_component_box
 from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
@@ -35,7 +36,6 @@ from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
-BOXES_FILE = "boxes.json"
 
 
 @dataclass
@@ -375,7 +375,7 @@ def evaluate_corloc(
         corloc=n_correct / n if n else float("nan"),
         n_images=n,
         n_correct=n_correct,
-        source="boxes.json" if boxes is not None else "masks",
+        source=BOXES_FILE if boxes is not None else "masks",
         n_missing=len(missing),
         missing=missing,
         n_extra=len(pairing.extra),

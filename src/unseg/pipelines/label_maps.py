@@ -10,7 +10,7 @@ by Pillow in uint8.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,11 @@ from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.pseudo_labels import hwc
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import DEFAULT_REFINE, RefineConfig, refine_many
-from unseg.report.palette import png_palette
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
+from unseg.utils.palette import png_palette
 from unseg.utils.progress import Bar, progress_bar
 from unseg.utils.timing import Timings
 
@@ -95,6 +95,31 @@ def class_logits(
     return F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
 
 
+def refined_probabilities(
+    estimator: SemanticEstimator,
+    feats: FeatureSet,
+    paths: Sequence[Path],
+    settings: PredictSettings,
+    device: torch.device,
+    pool: CRFPool,
+    timings: Timings,
+) -> Iterator[tuple[Path, torch.Tensor, torch.Tensor]]:
+    """``(path, refined class probabilities [K, H', W'], resized uint8 image [3, H', W'])`` of
+    each of ``paths`` (whose features and extras are in ``feats``), :data:`CHUNK` at a time."""
+    refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
+    paths = list(paths)
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start : start + CHUNK]
+        images = [feats.extra(p, "image") for p in chunk]
+        with timings.stage("predicting"), cpu_threads(device, 1):
+            # one intra-op thread: many mid-sized ops, and the refinement processes need
+            # the cores; on a shared machine this is several times faster than two
+            logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
+        with timings.stage("refinement"):
+            probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
+        yield from zip(chunk, probs, images, strict=True)
+
+
 def predict_label_maps(
     estimator: SemanticEstimator,
     feats: FeatureSet,
@@ -106,27 +131,20 @@ def predict_label_maps(
     timings: Timings,
     bar: Bar | None = None,
 ) -> None:
-    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``).
+    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``):
+    :func:`refined_probabilities`, argmaxed at each image's own size
+    (:func:`upsample_argmax`), handed to ``writer.write(path, labels, image)``.
 
     ``bar``: a caller's progress bar to advance by the images written (a command that predicts
     in several parts keeps one bar); None: this call shows its own."""
-    refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
     paths = list(paths)
     own = progress_bar(len(paths), "predict") if bar is None else nullcontext(bar)
     with own as shown:
-        for start in range(0, len(paths), CHUNK):
-            chunk = paths[start : start + CHUNK]
-            images = [feats.extra(p, "image") for p in chunk]
-            with timings.stage("predicting"), cpu_threads(device, 1):
-                # one intra-op thread: many mid-sized ops, and the refinement processes need
-                # the cores; on a shared machine this is several times faster than two
-                logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
-            with timings.stage("refinement"):
-                probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
+        for p, q, image in refined_probabilities(estimator, feats, paths, settings, device, pool,
+                                                 timings):
             with timings.stage("writing"):
-                for p, q, image in zip(chunk, probs, images, strict=True):
-                    writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
-            shown.update(len(chunk))
+                writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
+            shown.update(1)
 
 
 def gather_report(report: BatchReport) -> BatchReport:

@@ -24,7 +24,7 @@ cluster + 1, the rest 0 (background); palette label PNGs as the other semantic m
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +39,18 @@ from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
+from unseg.layout import (
+    CACHE_DIR,
+    DISCOVER_DIR,
+    MASKS_DIR,
+    OVERLAYS_DIR,
+    RUN_DIR,
+    TRAIN_PROTOTYPES,
+)
 from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
@@ -51,27 +60,25 @@ from unseg.methods.maskcontrast import (
     photometric_view,
     weighted_prototype,
 )
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
 from unseg.pipelines.pseudo_labels import hwc
-from unseg.proposals.saliency_masks import ProposalReport, load_mask_proposals
+from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
-from unseg.report.overlays import overlay
-from unseg.report.palette import png_palette
-from unseg.runs import WEIGHTS_FILE, load_fitted, save_fitted
+from unseg.runs import load_fitted, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads, resolve_device, seed_everything
-from unseg.utils.hashing import file_sha256, settings_key
+from unseg.utils.hashing import settings_key
 from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
+from unseg.utils.overlays import overlay
+from unseg.utils.palette import png_palette
 from unseg.utils.progress import progress
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
 METHOD = "maskcontrast"
-TRAIN_PROTOTYPES = "train_prototypes.safetensors"
 Clusters = Literal["predicted", "training"]
 CHUNK = 32  # images per feature extraction round at prediction
 
@@ -102,17 +109,19 @@ def _photometric_features(
     feats: FeatureSet,
     model: Backbone,
     config: MaskContrastConfig,
-    cache: Path,
+    cache: Path | None,
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Features ``[C, h, w]`` of a photometric copy of each image (its ``"image"`` extra),
-    seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image)."""
-    cache.mkdir(parents=True, exist_ok=True)
+    seeded by the config's seed and the image's hash, cached in ``cache`` (one file per image;
+    None: not cached)."""
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
     out: list[torch.Tensor] = []
     for p in progress(paths, total=len(paths), desc="photometric views", unit="img"):
         sha = feats.record(p).sha256
-        file = cache / f"{sha}.safetensors"
-        if file.is_file():
+        file = None if cache is None else cache / f"{sha}.safetensors"
+        if file is not None and file.is_file():
             out.append(load_file(str(file))["features"])
             continue
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + int(sha[:12], 16))
@@ -120,7 +129,8 @@ def _photometric_features(
         with torch.inference_mode():
             f = model.forward_features(image[None].to(device), "tokens")[0]
         f = f.to("cpu", feats[p].dtype).contiguous()
-        atomic_write(file, lambda t, f=f: save_file({"features": f}, str(t)))
+        if file is not None:
+            atomic_write(file, lambda t, f=f: save_file({"features": f}, str(t)))
         out.append(f)
     return out
 
@@ -142,6 +152,115 @@ def _view_cache(cache: Path, feats: FeatureSet, config: MaskContrastConfig) -> P
     return cache / "maskcontrast-views" / key
 
 
+def maskcontrast_config(options: Mapping[str, Any] | None, seed: int) -> MaskContrastConfig:
+    """The MaskContrast config of ``options`` (config fields by name) and the run's ``seed``."""
+    return build_config(get_method(METHOD), options, {"seed": seed})
+
+
+@dataclass
+class TrainedMaskContrast:
+    """A MaskContrast fit in memory: the estimator, its backbone (at the tap it was trained
+    on), the tap asked for, the images used, their features and training facts, and the
+    training images' prototypes ``[N, D]``."""
+
+    estimator: MaskContrast
+    backbone: Backbone
+    trained_tap: str | None
+    paths: list[Path]
+    feature_dim: int
+    facts: dict[str, Any]
+    prototypes: torch.Tensor
+    masks: ProposalReport
+
+
+def train_maskcontrast(
+    root: str | Path,
+    inputs: ImageInputs,
+    masks: Callable[[list[Path]], tuple[MaskProposals, ProposalReport]],
+    config: MaskContrastConfig,
+    model: Backbone,
+    size: int,
+    cache: Path | None,
+    device: torch.device,
+    report: BatchReport,
+    timings: Timings,
+    checkpoint_dir: Path | None = None,
+) -> TrainedMaskContrast:
+    """Train MaskContrast on ``inputs`` with the saliency proposals ``masks(paths)`` gives
+    (see the module docstring); ``cache`` None: nothing cached on disk; ``checkpoint_dir``: a
+    checkpoint after every epoch, resumed by the same call after a kill."""
+    trained_tap, stage = model.tap, None
+    if config.train_last_stage:
+        stage = model.last_stage()
+        config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
+        model.tap = stage.input_tap
+    proposals, mask_report = masks(inputs.paths)
+    report.merge(mask_report)
+    mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
+    feats = extract_features(
+        proposals.paths, model, size=size,
+        cache_dir=None if cache is None else cache / "features",
+        report=report, extras=("image",), timings=timings, arrays=inputs.arrays,
+    )
+    good = feats.paths
+    if not good:
+        raise no_usable_images(root, report)
+    with timings.stage("photometric views"):
+        views = _photometric_features(
+            good, feats, model, config,
+            None if cache is None else _view_cache(cache, feats, config), device,
+        )
+    fit_inputs = FitInputs(
+        features=[feats[p] for p in good],
+        masks=[_at_size(mask_of[p], feats.image_size(p)) for p in good],
+        student_features=views,
+    )
+    check_fit_inputs(fit_inputs)
+    estimator = MaskContrast(config, device, stage=stage)
+    with timings.stage("fitting"):
+        estimator.fit(fit_inputs, checkpoint_dir=checkpoint_dir)
+    facts = {
+        "epochs": config.epochs,
+        "steps": len(estimator.history_),
+        "final_loss": estimator.history_[-1] if estimator.history_ else None,
+        "view_fallbacks": estimator.fallbacks_,
+        "masks": {"kept": mask_report.kept, "dropped": len(mask_report.dropped),
+                  "bad": len(mask_report.failed)},
+    }
+    # many mid-sized ops: one intra-op thread (two only spin-wait on a loaded machine)
+    with timings.stage("prototypes"), cpu_threads(device, 1):
+        protos = torch.stack([
+            image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
+        ])
+    logger.info("%s", mask_report.summary())
+    return TrainedMaskContrast(estimator, model, trained_tap, good,
+                               int(feats[good[0]].shape[0]), facts, protos, mask_report)
+
+
+def save_maskcontrast_run(
+    run_dir: Path, trained: TrainedMaskContrast, size: int, weights: str | Path | None,
+    timings: Timings,
+) -> None:
+    """The run folder of a MaskContrast fit (``unseg predict`` and ``--embeddings`` read it)."""
+    protos = trained.prototypes
+    atomic_write(run_dir / TRAIN_PROTOTYPES,
+                 lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
+    model = trained.backbone
+    save_fitted(run_dir, get_method(METHOD), trained.estimator, extra={
+        "backbone": model.spec.name,
+        "tap": getattr(model, "tap", None),
+        "trained_tap": trained.trained_tap,
+        "weights_sha256": backbone_weights_sha256(model),
+        "weights_path": str(Path(weights).resolve()) if weights else None,
+        "feature_size": size,
+        "feature_dim": trained.feature_dim,
+        "stride": model.stride,
+        "n_images": len(trained.paths),
+        "fit": trained.facts,
+        "timings": timings.as_dict(),
+    })
+
+
 def fit_maskcontrast(
     data: str | Path,
     saliency: str | Path,
@@ -159,80 +278,27 @@ def fit_maskcontrast(
     feature size, seed, device, cache.
     """
     settings = settings or MaskContrastSettings()
-    spec = get_method(METHOD)
-    config: MaskContrastConfig = build_config(spec, options, {"seed": settings.seed})
+    config = maskcontrast_config(options, settings.seed)
     backbone_name = resolve_backbone_name(settings.backbone)
     run_dir = Path(run_dir)
     timings = timings if timings is not None else Timings()
     report = BatchReport()
     seed_everything(settings.seed)
+    names_root = resolve_image_dir(data)
     with dist.joined(resolve_device(settings.device)) as dev:
         model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
-        paths = resolve_inputs(data, report, model.stride)
-        trained_tap, stage = model.tap, None
-        if config.train_last_stage:
-            stage = model.last_stage()
-            config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
-            model.tap = stage.input_tap
-        proposals, mask_report = load_mask_proposals(
-            paths, saliency, names_root=resolve_image_dir(data)
+        inputs = ImageInputs(resolve_inputs(data, report, model.stride))
+        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / CACHE_DIR
+        trained = train_maskcontrast(
+            data, inputs,
+            lambda paths: load_mask_proposals(paths, saliency, names_root=names_root),
+            config, model, settings.size, cache, dev, report, timings, checkpoint_dir=run_dir,
         )
-        report.merge(mask_report)
-        mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
-        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
-        feats = extract_features(
-            proposals.paths, model, size=settings.size, cache_dir=cache / "features",
-            report=report, extras=("image",), timings=timings,
-        )
-        good = feats.paths
-        if not good:
-            raise no_usable_images(data, report)
-        with timings.stage("photometric views"):
-            views = _photometric_features(good, feats, model, config,
-                                          _view_cache(cache, feats, config), dev)
-        inputs = FitInputs(
-            features=[feats[p] for p in good],
-            masks=[_at_size(mask_of[p], feats.image_size(p)) for p in good],
-            student_features=views,
-        )
-        check_fit_inputs(inputs)
-        estimator = MaskContrast(config, dev, stage=stage)
-        with timings.stage("fitting"):
-            estimator.fit(inputs, checkpoint_dir=run_dir)
-        facts = {
-            "epochs": config.epochs,
-            "steps": len(estimator.history_),
-            "final_loss": estimator.history_[-1] if estimator.history_ else None,
-            "view_fallbacks": estimator.fallbacks_,
-            "saliency": str(Path(saliency).resolve()),
-            "masks": {"kept": mask_report.kept, "dropped": len(mask_report.dropped),
-                      "bad": len(mask_report.failed)},
-        }
+        trained.facts["saliency"] = str(Path(saliency).resolve())
         if dist.is_main():
-            # many mid-sized ops: one intra-op thread (two only spin-wait on a loaded machine)
-            with timings.stage("prototypes"), cpu_threads(dev, 1):
-                protos = torch.stack([
-                    image_prototype(estimator, feats[p], feats.image_size(p))[0] for p in good
-                ])
-            atomic_write(run_dir / TRAIN_PROTOTYPES,
-                         lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
-            save_fitted(run_dir, spec, estimator, extra={
-                "backbone": model.spec.name,
-                "tap": getattr(model, "tap", None),
-                "trained_tap": trained_tap,
-                "weights_sha256": backbone_weights_sha256(model),
-                "weights_path": str(Path(settings.weights).resolve()) if settings.weights
-                else None,
-                "feature_size": settings.size,
-                "feature_dim": int(feats[good[0]].shape[0]),
-                "stride": model.stride,
-                "n_images": len(good),
-                "fit": facts,
-                "timings": timings.as_dict(),
-            })
+            save_maskcontrast_run(run_dir, trained, settings.size, settings.weights, timings)
         dist.barrier()
-    logger.info("%s", mask_report.summary())
-    return MaskContrastFit(run_dir, report, len(good), facts, mask_report)
+    return MaskContrastFit(run_dir, report, len(trained.paths), trained.facts, trained.masks)
 
 
 @torch.no_grad()
@@ -255,9 +321,11 @@ def salient_pixels(logit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _assign(
-    run_dir: Path, protos: torch.Tensor, num_clusters: int, clusters: Clusters, seed: int
+    where: str | Path, protos: torch.Tensor, num_clusters: int, clusters: Clusters, seed: int,
+    train: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Cluster ids ``[N]`` of ``protos [N, D]``, fitted on them or on the run's training set."""
+    """Cluster ids ``[N]`` of ``protos [N, D]``, fitted on them or on the training set's
+    prototypes ``train`` (None: the run ``where`` has none)."""
     if clusters == "predicted":
         if protos.shape[0] < max(num_clusters, 2):
             raise UnsegError(
@@ -268,15 +336,19 @@ def _assign(
         return cluster_prototypes(protos, num_clusters, seed=seed)
     if clusters != "training":
         raise UnsegError(f"clusters must be 'predicted' or 'training', got {clusters!r}")
-    file = run_dir / TRAIN_PROTOTYPES
-    if not file.is_file():
-        raise UnsegError(f"{run_dir}: no {TRAIN_PROTOTYPES}; refit the run or use --clusters "
+    if train is None:
+        raise UnsegError(f"{where}: no {TRAIN_PROTOTYPES}; refit the run or use --clusters "
                          "predicted")
-    train = load_file(str(file))["prototypes"]
     if train.shape[0] < num_clusters:
-        raise UnsegError(f"{run_dir}: {train.shape[0]} training images cannot make "
+        raise UnsegError(f"{where}: {train.shape[0]} training images cannot make "
                          f"{num_clusters} clusters")
     return PrototypeClusters.fit(train, num_clusters, seed=seed).assign(protos)
+
+
+def train_prototypes(run_dir: Path) -> torch.Tensor | None:
+    """The training images' prototypes ``[N, D]`` a run keeps (None: it has none)."""
+    file = run_dir / TRAIN_PROTOTYPES
+    return load_file(str(file))["prototypes"] if file.is_file() else None
 
 
 def _write(
@@ -300,6 +372,56 @@ def _write(
         save_jpeg_atomic(jpg, overlay(hwc(big), lab8))
 
 
+def maskcontrast_labels(
+    estimator: MaskContrast,
+    model: Backbone,
+    size: int,
+    inputs: ImageInputs,
+    num_classes: int,
+    *,
+    clusters: Clusters = "predicted",
+    seed: int = 0,
+    train: torch.Tensor | None = None,
+    where: str | Path = "run",
+    report: BatchReport,
+    device: torch.device,
+    with_images: bool = False,
+) -> list[tuple[Path, np.ndarray, torch.Tensor | None]]:
+    """``(path, class ids [H, W] int64, resized image or None)`` of each image of ``inputs``
+    (module docstring: 0 = background, clusters ``1..num_classes − 1``); ``seed``: k-means;
+    ``train``: the training prototypes (``clusters="training"``). Under torchrun each rank
+    passes its share: it computes those prototypes, every rank clusters all of them (same
+    seed, same ids) and labels its share."""
+    if not 2 <= num_classes <= 256:
+        raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
+    paths = inputs.paths
+    kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
+    protos: list[torch.Tensor] = []
+    for start in range(0, len(paths), CHUNK):
+        feats = extract_features(
+            paths[start : start + CHUNK], model, size=size, report=report,
+            extras=("image",) if with_images else (), shard=False, arrays=inputs.arrays,
+        )
+        for p in feats.paths:
+            with cpu_threads(device, 1):
+                proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
+            protos.append(proto)
+            image = feats.extra(p, "image") if with_images else None
+            kept.append((p, logit, feats.original_size(p), image))
+    parts = dist.all_gather_objects(torch.stack(protos) if protos else None)
+    everyone = [x for x in parts if x is not None]
+    if not everyone:
+        raise UnsegError(f"{where}: no image could be predicted")
+    ids = _assign(where, torch.cat(everyone), num_clusters=num_classes - 1, clusters=clusters,
+                  seed=seed, train=train)
+    offset = sum(x.shape[0] for x in parts[: dist.rank()] if x is not None)
+    return [
+        (p, (salient_pixels(logit, size).long() * (int(c) + 1)).numpy(), image)
+        for (p, logit, size, image), c in zip(kept, ids[offset : offset + len(kept)],
+                                              strict=True)
+    ]
+
+
 def predict_maskcontrast(
     run_dir: str | Path,
     images: str | Path,
@@ -313,11 +435,7 @@ def predict_maskcontrast(
     overlay_dir: str | Path | None = None,
 ) -> BatchReport:
     """Label PNGs (0 = background, clusters ``1..num_classes − 1``) for the images of
-    ``images`` with the MaskContrast run ``run_dir`` (module docstring); ``seed``: k-means.
-
-    Under torchrun each rank computes its share of the prototypes, every rank clusters all of
-    them (same seed, same ids) and writes its share.
-    """
+    ``images`` with the MaskContrast run ``run_dir`` (:func:`maskcontrast_labels`)."""
     if not 2 <= num_classes <= 256:
         raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
     run_dir, root = Path(run_dir), Path(images)
@@ -329,32 +447,16 @@ def predict_maskcontrast(
         model = open_fitted_backbone(meta, weights, dev, str(run_dir))
         paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
                            dist.world_size())
-        kept: list[tuple[Path, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
-        protos: list[torch.Tensor] = []
-        for start in range(0, len(paths), CHUNK):
-            feats = extract_features(
-                paths[start : start + CHUNK], model, size=int(meta["feature_size"]),
-                report=report, extras=("image",) if overlays else (), shard=False,
-            )
-            for p in feats.paths:
-                with cpu_threads(dev, 1):
-                    proto, logit = image_prototype(estimator, feats[p], feats.image_size(p))
-                protos.append(proto)
-                image = feats.extra(p, "image") if overlays else None
-                kept.append((p, logit, feats.original_size(p), image))
-        parts = dist.all_gather_objects(torch.stack(protos) if protos else None)
-        everyone = [x for x in parts if x is not None]
-        if not everyone:
-            raise UnsegError(f"{images}: no image could be predicted")
-        all_protos = torch.cat(everyone)
-        ids = _assign(run_dir, all_protos, num_clusters=num_classes - 1, clusters=clusters,
-                      seed=seed)
-        offset = sum(x.shape[0] for x in parts[: dist.rank()] if x is not None)
+        labelled = maskcontrast_labels(
+            estimator, model, int(meta["feature_size"]), ImageInputs(paths), num_classes,
+            clusters=clusters, seed=seed,
+            train=train_prototypes(run_dir) if clusters == "training" else None,
+            where=run_dir if clusters == "training" else images, report=report, device=dev,
+            with_images=overlays is not None,
+        )
         names_root = resolve_image_dir(root)
-        for (p, logit, size, image), c in zip(kept, ids[offset : offset + len(kept)],
-                                              strict=True):
-            labels = salient_pixels(logit, size).long() * (int(c) + 1)
-            _write(p, labels.numpy(), names_root, out, overlays, image, report)
+        for p, labels, image in labelled:
+            _write(p, labels, names_root, out, overlays, image, report)
     if dist.is_distributed():
         gathered = dist.all_gather_objects((report.written, report.failed))
         report = BatchReport().merge(*(BatchReport(w, f) for w, f in gathered))
@@ -408,75 +510,18 @@ def segment_maskcontrast(
         logger.info("discover: %s", why)
         head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
         with timings.stage("discover"):
-            found = discover(images, out / "discover", discover_method, settings.backbone,
+            found = discover(images, out / DISCOVER_DIR, discover_method, settings.backbone,
                              config=build_config(head, {}, {}), device=settings.device,
                              cache_dir=settings.cache_dir, weights=settings.weights,
                              tap=settings.tap)
-        saliency = out / "discover" / MASKS_DIR
+        saliency = out / DISCOVER_DIR / MASKS_DIR
         if not found.written:
             raise UnsegError(f"{images}: discover wrote no mask")
-    fit = fit_maskcontrast(images, saliency, out / "run", options=options, settings=settings,
+    fit = fit_maskcontrast(images, saliency, out / RUN_DIR, options=options, settings=settings,
                            timings=timings)
-    report = predict_maskcontrast(out / "run", images, out / MASKS_DIR, num_classes,
+    report = predict_maskcontrast(out / RUN_DIR, images, out / MASKS_DIR, num_classes,
                                   seed=settings.seed, device=settings.device,
                                   weights=settings.weights, overlay_dir=out / OVERLAYS_DIR)
     # an image discover could not use is reported once, with discover's reason
     failed = BatchReport(failed=found.failed).merge(fit.report, BatchReport(failed=report.failed))
     return BatchReport(written=report.written, failed=failed.failed)
-
-
-# ------------------------------------------------------------------------------- chaining
-@dataclass(frozen=True)
-class EmbeddingSource:
-    """A MaskContrast run whose embeddings replace the backbone's features, and what a chained
-    run records of it (``record``: its resolved path and weights sha256)."""
-
-    estimator: MaskContrast
-    meta: dict[str, Any]
-    record: dict[str, str]
-
-
-def open_embeddings(
-    run_dir: str | Path, device: torch.device, sha256: str | None = None
-) -> EmbeddingSource:
-    """The MaskContrast run ``run_dir`` as an :class:`EmbeddingSource`; with ``sha256`` (what a
-    chained run recorded) its weights must be those."""
-    run_dir = Path(run_dir)
-    spec, estimator, meta = load_fitted(run_dir, "embedding", device)
-    if spec.name != METHOD:
-        raise UnsegError(f"{run_dir}: --embeddings needs a maskcontrast run, not {spec.name}")
-    digest = file_sha256(run_dir / WEIGHTS_FILE)
-    if sha256 is not None and digest != sha256:
-        raise UnsegError(f"{run_dir}: the MaskContrast run's weights changed since this run was "
-                         "fitted on its embeddings (sha256 differs); refit")
-    return EmbeddingSource(estimator, meta, {"run": str(run_dir.resolve()), "sha256": digest})
-
-
-class EmbeddedFeatures(FeatureSet):
-    """``feats`` seen through a MaskContrast head: ``"features"``, ``"flipped"`` and
-    ``"student"`` are the head's L2-normalised embeddings ``[D, h, w]`` at the feature grid
-    (computed once per image and extra); other extras (the image) are ``feats``' own."""
-
-    EMBEDDED = ("features", "flipped", "student")
-
-    def __init__(self, feats: FeatureSet, estimator: MaskContrast) -> None:
-        super().__init__({p: feats.record(p) for p in feats.paths}, feats.report,
-                         feats.cache_dir, None, feats.stats, feats.student_seed)
-        self._source = feats
-        self._estimator = estimator
-        self._embedded: dict[tuple[Path, str], torch.Tensor] = {}
-
-    def shape_of(self, path: str | Path) -> tuple[int, int, int]:
-        """Embedding shape ``(D, h, w)`` of ``path``."""
-        _, h, w = self._source.shape_of(path)
-        return self._estimator.config.embed_dim, h, w
-
-    def extra(self, path: str | Path, name: str) -> torch.Tensor:
-        """The embedding of ``"features"``/``"flipped"``/``"student"``, else ``feats``' extra."""
-        if name not in self.EMBEDDED:
-            return self._source.extra(path, name)
-        key = (Path(path), name)
-        if key not in self._embedded:
-            f = self._source.extra(path, name).float()
-            self._embedded[key] = self._estimator.embed(f).cpu()
-        return self._embedded[key]

@@ -18,7 +18,7 @@ from unseg.data.datasets import read_split
 from unseg.data.image import list_images
 from unseg.data.layouts import DatasetLayout, Task, find_layout
 from unseg.errors import ManyFilesError, UnsegError
-from unseg.outdir import MANIFEST_FILE, MASKS_DIR
+from unseg.layout import MANIFEST_FILE, MASKS_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -45,16 +45,26 @@ def pseudo_label_dir(cache: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CR
 def compute_pseudo_labels(
     paths: list[Path],
     feats: FeatureSet,
-    out_dir: Path,
+    out_dir: Path | None,
     config: PriMaPsConfig,
     pool: CRFPool,
     timings: Timings,
 ) -> list[torch.Tensor]:
     """PriMaPs pseudo-labels ``[H', W']`` (int16, as stored) of ``paths`` at their resized size,
-    cached in ``out_dir``; ``feats`` must hold the ``"image"`` extra. Refinement runs in ``pool``.
+    cached in ``out_dir`` (None: computed in memory, in one process); ``feats`` must hold the
+    ``"image"`` extra. Refinement runs in ``pool``.
 
     Under torchrun each rank computes its share of the missing ones; all ranks return all.
     """
+    if out_dir is None:
+        out: list[torch.Tensor] = []
+        for chunk in chunked(paths, CHUNK, desc="PriMaPs"):
+            with timings.stage("proposals"):
+                out += [lab.to(torch.int16) for lab in primaps_pseudo_labels(
+                    [hwc(feats.extra(p, "image")) for p in chunk], [feats[p] for p in chunk],
+                    config, pool.config, pool=pool,
+                )]
+        return out
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def file(p: Path) -> Path:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,14 +40,15 @@ from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
 from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
+from unseg.layout import BOXES_FILE, MASKS_DIR, RUN_DIR
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.metrics.corloc import largest_component_box
-from unseg.outdir import MASKS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
 from unseg.pipelines.fitting import FitResult, fit_estimator
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -66,7 +67,6 @@ METHOD = "saliency-head"
 AUTO = "auto"  # discover's default: the best measured method the folder allows
 AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/results-boosting.md)
 MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
-BOXES_FILE = "boxes.json"
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
@@ -151,6 +151,51 @@ def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> to
     return out
 
 
+def saliency_maps(
+    paths: Sequence[Path],
+    prob_fn: ProbFn,
+    guided: GuidedFilterConfig | None,
+    size: int,
+    stride: int,
+    report: BatchReport,
+    timings: Timings | None = None,
+    max_pixels: int | None = None,
+    max_side: int | None = None,
+    arrays: Mapping[Path, np.ndarray] | None = None,
+) -> Iterator[tuple[Path, np.ndarray, list[float] | None]]:
+    """``(path, 8-bit foreground probability [H, W], box)`` of each of ``paths`` (see the
+    module docstring); an image that cannot be read or predicted goes to ``report``.
+    ``arrays``: in-memory images (uint8 ``[H, W, 3]``) standing for their keys in ``paths``.
+    Maps that look degenerate over the whole set (:mod:`unseg.methods.collapse`) are reported
+    with a warning at the end."""
+    timings = timings if timings is not None else Timings()
+    arrays = arrays or {}
+    check = CollapseCheck()
+    done = 0
+    for path in progress(paths, total=len(paths), desc="discover", unit="img"):
+        try:
+            with timings.stage("decode"):
+                image = arrays[path] if path in arrays else load_image(path, max_pixels)
+            _check_grid(path, image, size, stride, max_side)
+            with timings.stage("predicting"):
+                prob = prob_fn(image)
+        except InputFileError as exc:
+            report.fail(path, exc.problem)
+            continue
+        if guided is not None:
+            with timings.stage("refinement"):
+                prob = _refine(prob, image, guided)
+        check.update(prob[None])
+        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+        box = largest_component_box(mask8 >= 128)
+        done += 1
+        yield path, mask8, None if box is None else [float(v) for v in box]
+    if done >= MIN_PREDICTED:
+        verdict = check.report()
+        if verdict.flagged:
+            logger.warning("%s", verdict.message("prediction"))
+
+
 def predict_masks(
     paths: Sequence[Path],
     out_dir: str | Path,
@@ -163,57 +208,37 @@ def predict_masks(
     max_pixels: int | None = None,
     max_side: int | None = None,
 ) -> BatchReport:
-    """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (see the module docstring).
+    """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (:func:`saliency_maps`).
 
     ``guided`` None: no guided filter. Bad files (and files over ``max_pixels``, see
     :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``max_side``: the long-side
     limit ``prob_fn`` works at (None: none), for the patch-count check. ``names_root``: the
     folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
-    seconds spent decoding, predicting, refining and writing. Maps that look degenerate over the
-    whole set (:mod:`unseg.methods.collapse`) are reported with a warning.
+    seconds spent decoding, predicting, refining and writing.
     """
     timings = timings if timings is not None else Timings()
     out_dir = Path(out_dir)
     root = names_root if names_root is not None else Path(os.path.commonpath(paths or ["."]))
     report = BatchReport()
     boxes: dict[str, list[float] | None] = {}
-    check = CollapseCheck()
-    for i, path in enumerate(progress(paths, total=len(paths), desc="discover", unit="img")):
+    maps = saliency_maps(paths, prob_fn, guided, size, stride, report, timings, max_pixels,
+                         max_side)
+    for i, (path, mask8, box) in enumerate(maps):
         name = output_name(path, root)
-        try:
-            with timings.stage("decode"):
-                image = load_image(path, max_pixels)
-            _check_grid(path, image, size, stride, max_side)
-            with timings.stage("predicting"):
-                prob = prob_fn(image)
-        except InputFileError as exc:
-            report.fail(path, exc.problem)
-            continue
-        if guided is not None:
-            with timings.stage("refinement"):
-                prob = _refine(prob, image, guided)
-        check.update(prob[None])
         with timings.stage("writing"):
-            mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
             target = out_dir / MASKS_DIR / name
             save_png_atomic(target, mask8)
-            box = largest_component_box(mask8 >= 128)
-            key = name.with_suffix("").as_posix()
-            boxes[key] = None if box is None else [float(v) for v in box]
+            boxes[name.with_suffix("").as_posix()] = box
             report.written.append(target)
             if (i + 1) % 50 == 0:
                 write_json_atomic(out_dir / BOXES_FILE, boxes)
     write_json_atomic(out_dir / BOXES_FILE, boxes)
-    if len(report.written) >= MIN_PREDICTED:
-        verdict = check.report()
-        if verdict.flagged:
-            logger.warning("%s", verdict.message("prediction"))
     return report
 
 
 def _training_inputs(
     root: str | Path,
-    paths: list[Path],
+    inputs: ImageInputs,
     backbone: Backbone,
     spec: MethodSpec,
     size: int,
@@ -222,17 +247,76 @@ def _training_inputs(
     report: BatchReport,
     timings: Timings,
 ) -> tuple[FitInputs, list[Path]]:
-    """Keys ``[C, h, w]`` (float16) and uint8 centre crops ``[3, S, S]`` of ``paths``, computed
+    """Keys ``[C, h, w]`` (float16) and uint8 centre crops ``[3, S, S]`` of ``inputs``, computed
     in one pass (each image decoded once)."""
     feats = extract_features(
-        paths, backbone, size=size, kind=spec.feature_kind, batch_size=batch_size, crop=True,
-        cache_dir=cache_dir, report=report, extras=("image",), timings=timings,
+        inputs.paths, backbone, size=size, kind=spec.feature_kind, batch_size=batch_size,
+        crop=True, cache_dir=cache_dir, report=report, extras=("image",), timings=timings,
+        arrays=inputs.arrays,
     )
     used = feats.paths
     if not used:
         raise no_usable_images(root, report)
     keys = [feats[p].to(torch.float16) for p in used]
     return FitInputs(keys, images=[feats.extra(p, "image") for p in used]), used
+
+
+def saliency_config(spec: MethodSpec, config: Any, backbone: Backbone) -> Any:
+    """``config`` with what the backbone decides: ``standardize=None`` → on for a CNN (measured
+    on a CNN's features, methods/found.py), off for a ViT (the reference's raw input)."""
+    if getattr(config, "standardize", False) is None:
+        return replace(config, standardize=not backbone.spec.layer_normed)
+    return config
+
+
+def train_saliency(
+    root: str | Path,
+    inputs: ImageInputs,
+    spec: MethodSpec,
+    config: Any,
+    model: Backbone,
+    device: torch.device,
+    cache_dir: Path | None,
+    report: BatchReport,
+    timings: Timings,
+) -> tuple[Any, list[Path], dict[str, Any]]:
+    """The saliency method ``spec`` trained on ``inputs``: the estimator, the images used, and
+    the training facts (with the collapse verdict). The caller seeds (``config.seed``) before
+    it opens the backbone, as the run was always seeded."""
+    fit_inputs, used = _training_inputs(
+        root, inputs, model, spec, config.image_size, config.batch_size, cache_dir, report,
+        timings,
+    )
+    logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
+    head = fit_estimator(spec, config, fit_inputs, model, device, timings)
+    facts: dict[str, Any] = {"n_images": len(used), "loss_history": list(head.history_)}
+    if getattr(head, "restarts_", None):  # the restarts' label-free scores, the kept one marked
+        facts["restarts"] = [r.as_dict() for r in head.restarts_]
+    collapse = getattr(head, "collapse_", None)
+    if collapse is not None:  # the failure check of the head's training, saved with the run
+        facts["collapse"] = collapse.as_dict()
+    return head, used, facts
+
+
+def save_saliency_run(
+    run_dir: Path, spec: MethodSpec, head: Any, model: Backbone, weights: str | Path | None,
+    facts: dict[str, Any], timings: Timings,
+) -> None:
+    """The run folder of a trained saliency method (``unseg predict`` reads it)."""
+    save_fitted(
+        run_dir,
+        spec,
+        head,
+        extra={
+            "backbone": model.spec.name,
+            "tap": getattr(model, "tap", None),
+            "weights_sha256": backbone_weights_sha256(model),
+            "weights_path": str(Path(weights).resolve()) if weights else None,
+            "stride": int(model.stride),
+            "training": facts,
+            "timings": timings.as_dict(),
+        },
+    )
 
 
 def fit_saliency(
@@ -252,44 +336,20 @@ def fit_saliency(
     spec = get_method(method)
     if spec.output != "saliency":
         raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
-    cfg = config or spec.config()
     timings = timings if timings is not None else Timings()
-    run_dir = Path(run_dir)
     dev = resolve_device(device)
+    cfg = config or spec.config()
     seed_everything(cfg.seed)
     model = open_backbone(backbone, weights, tap, dev)
-    if getattr(cfg, "standardize", False) is None:
-        # measured on a CNN's features (methods/found.py); a ViT keeps the reference's raw input
-        cfg = replace(cfg, standardize=not model.spec.layer_normed)
+    cfg = saliency_config(spec, cfg, model)
     report = BatchReport()
-    cache = Path(cache_dir) if cache_dir is not None else None
-    inputs, used = _training_inputs(
-        images, resolve_inputs(images, report, model.stride), model, spec, cfg.image_size,
-        cfg.batch_size, cache, report, timings,
+    inputs = ImageInputs(resolve_inputs(images, report, model.stride))
+    head, used, facts = train_saliency(
+        images, inputs, spec, cfg, model, dev,
+        Path(cache_dir) if cache_dir is not None else None, report, timings,
     )
-    logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
-    head = fit_estimator(spec, cfg, inputs, model, dev, timings)
-    facts: dict[str, Any] = {"n_images": len(used), "loss_history": list(head.history_)}
-    if getattr(head, "restarts_", None):  # the restarts' label-free scores, the kept one marked
-        facts["restarts"] = [r.as_dict() for r in head.restarts_]
-    collapse = getattr(head, "collapse_", None)
-    if collapse is not None:  # the failure check of the head's training, saved with the run
-        facts["collapse"] = collapse.as_dict()
-    save_fitted(
-        run_dir,
-        spec,
-        head,
-        extra={
-            "backbone": model.spec.name,
-            "tap": getattr(model, "tap", None),
-            "weights_sha256": backbone_weights_sha256(model),
-            "weights_path": str(Path(weights).resolve()) if weights else None,
-            "stride": int(model.stride),
-            "training": facts,
-            "timings": timings.as_dict(),
-        },
-    )
-    return FitResult(run_dir, report, len(used), facts)
+    save_saliency_run(Path(run_dir), spec, head, model, weights, facts, timings)
+    return FitResult(Path(run_dir), report, len(used), facts)
 
 
 def load_head(
@@ -419,7 +479,7 @@ def discover(
     spec = get_method(method)
     fit = fit_saliency(
         train_images if train_images is not None else images,
-        out_dir / "run",
+        out_dir / RUN_DIR,
         cfg,
         backbone,
         weights,

@@ -35,13 +35,15 @@ from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
+from unseg.layout import CACHE_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_DIR
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.fitting import (
     FitResult,
     build_config,
@@ -56,7 +58,6 @@ from unseg.pipelines.label_maps import (
     gather_report,
     predict_label_maps,
 )
-from unseg.pipelines.maskcontrast import EmbeddedFeatures, open_embeddings
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
@@ -170,44 +171,51 @@ def _session(settings: SemanticSettings) -> Iterator[_Session]:
 
 
 def _fit(
-    data: str | Path,
-    run_dir: Path,
+    data: str | Path | ImageInputs,
+    run_dir: Path | None,
     spec: MethodSpec,
     config: Any,
     settings: SemanticSettings,
     session: _Session,
 ) -> _Fitted:
-    """Extract (one pass), propose, fit; nothing saved yet."""
+    """Extract (one pass), propose, fit; nothing saved yet. ``data``: a folder or file (listed
+    by the input rules) or a caller's :class:`ImageInputs`; ``run_dir`` None: nothing cached
+    on disk unless ``settings.cache_dir``."""
     seed_everything(settings.seed)
     dev, pool, timings, report = session.device, session.pool, session.timings, session.report
     model = open_backbone(settings.backbone, settings.weights, settings.tap, dev)
-    paths = resolve_inputs(data, report, model.stride)
+    inputs = data if isinstance(data, ImageInputs) else ImageInputs(
+        resolve_inputs(data, report, model.stride))
+    paths = inputs.paths
     predict = PredictSettings(
         getattr(config, "flip", True), settings.refine, settings.label_factor
     )
     extras = tuple(sorted({*extras_for(spec, config), "image", *(("flipped",) if predict.flip
                                                                   else ())}))
-    cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
+    cache = (Path(settings.cache_dir) if settings.cache_dir
+             else None if run_dir is None else run_dir / CACHE_DIR)
     feats = extract_features(
-        paths, model, size=settings.size, cache_dir=cache / "features",
+        paths, model, size=settings.size,
+        cache_dir=None if cache is None else cache / "features",
         max_side=settings.max_side or None, max_pixels=settings.max_pixels,
         report=report, extras=extras, student_seed=settings.seed, timings=timings,
+        arrays=inputs.arrays,
     )
     good = feats.paths
     if not good:
-        raise no_usable_images(data, report)
+        raise no_usable_images(data if not isinstance(data, ImageInputs) else "images", report)
     embedded = None
     if settings.embeddings:
         source = open_embeddings(settings.embeddings, dev)
         feats, embedded = EmbeddedFeatures(feats, source.estimator), source.record
-        cache = cache / f"embedded-{source.record['sha256'][:16]}"  # its own pseudo-labels
+        if cache is not None:  # its own pseudo-labels
+            cache = cache / f"embedded-{source.record['sha256'][:16]}"
     proposals = None
     facts: dict[str, Any] = {}
     if "proposals" in spec.needs_for(config):
         pcfg = PriMaPsConfig(refine=settings.pseudo_refine)  # type: ignore[arg-type]
-        proposals = compute_pseudo_labels(
-            good, feats, pseudo_label_dir(cache, feats, pcfg, pool.config), pcfg, pool, timings
-        )
+        where = None if cache is None else pseudo_label_dir(cache, feats, pcfg, pool.config)
+        proposals = compute_pseudo_labels(good, feats, where, pcfg, pool, timings)
         facts["primaps"] = asdict(pcfg)
     inputs = training_inputs(spec, config, feats, good, proposals)
     estimator = fit_estimator(spec, config, inputs, model, dev, timings)
@@ -366,25 +374,57 @@ def predict_images(
                            dist.world_size())
         writer = LabelWriter(Path(out_dir), resolve_image_dir(root),
                              None if overlay_dir is None else Path(overlay_dir), report)
-        extras = ("image", "flipped") if settings.flip else ("image",)
-        workers = (num_workers or default_workers()) if settings.refine != "none" else 1
-        with CRFPool(workers) as pool, progress_bar(len(paths), "predict") as bar:
-            for start in range(0, len(paths), PART):
-                part = paths[start : start + PART]
-                feats = extract_features(
-                    part, model, size=int(meta["feature_size"]), report=report, extras=extras,
-                    max_side=int(meta.get("max_side") or 0) or None,
-                    max_pixels=overrides.get("max_pixels"),
-                    shard=False, timings=timings,
-                )
-                if source is not None:
-                    feats = EmbeddedFeatures(feats, source.estimator)
-                predict_label_maps(estimator, feats, feats.paths, settings, dev, pool, writer,
-                                   timings, bar)
+        fitted = FittedSemantic(estimator, model, source, int(meta["feature_size"]),
+                                int(meta.get("max_side") or 0) or None, settings)
+        predict_in_parts(fitted, ImageInputs(paths), writer, dev, num_workers,
+                         overrides.get("max_pixels"), timings)
     predicted = gather_report(report)
     if dist.is_main():
         log_class_balance(predicted.written, int(meta["num_classes"]))
     return predicted
+
+
+@dataclass(frozen=True)
+class FittedSemantic:
+    """What predicting with a fitted semantic run takes: the estimator, its backbone, the
+    embedding run it was fitted on (if any), the feature short side, the working resolution's
+    long side (None: no limit) and the prediction settings."""
+
+    estimator: SemanticEstimator
+    backbone: Backbone
+    source: EmbeddingSource | None
+    size: int
+    max_side: int | None
+    predict: PredictSettings
+
+
+def predict_in_parts(
+    fitted: FittedSemantic,
+    inputs: ImageInputs,
+    writer: Any,
+    device: torch.device,
+    num_workers: int | None = None,
+    max_pixels: int | None = None,
+    timings: Timings | None = None,
+) -> None:
+    """Extract and predict ``inputs`` :data:`PART` images at a time, each image's labels
+    handed to ``writer.write(path, labels, image)`` (failures in ``writer.report``)."""
+    timings = timings if timings is not None else Timings()
+    settings, paths = fitted.predict, inputs.paths
+    extras = ("image", "flipped") if settings.flip else ("image",)
+    workers = (num_workers or default_workers()) if settings.refine != "none" else 1
+    with CRFPool(workers) as pool, progress_bar(len(paths), "predict") as bar:
+        for start in range(0, len(paths), PART):
+            part = paths[start : start + PART]
+            feats = extract_features(
+                part, fitted.backbone, size=fitted.size, report=writer.report, extras=extras,
+                max_side=fitted.max_side, max_pixels=max_pixels, shard=False,
+                timings=timings, arrays=inputs.arrays,
+            )
+            if fitted.source is not None:
+                feats = EmbeddedFeatures(feats, fitted.source.estimator)
+            predict_label_maps(fitted.estimator, feats, feats.paths, settings, device, pool,
+                               writer, timings, bar)
 
 
 def predict_run(
@@ -420,13 +460,13 @@ def segment(
     spec, config, settings = _method(method, num_classes, options, settings)
     out_dir = Path(out_dir)
     with _session(settings) as session:
-        fitted = _fit(images, out_dir / "run", spec, config, settings, session)
+        fitted = _fit(images, out_dir / RUN_DIR, spec, config, settings, session)
         writer = LabelWriter(out_dir / MASKS_DIR, resolve_image_dir(images), out_dir / OVERLAYS_DIR,
                              BatchReport())
         mine = dist.shard(fitted.paths, dist.rank(), dist.world_size())
         predict_label_maps(fitted.estimator, fitted.feats, mine, fitted.predict, session.device,
                            session.pool, writer, session.timings)
-        _save(out_dir / "run", fitted, settings, session.timings)
+        _save(out_dir / RUN_DIR, fitted, settings, session.timings)
         dist.barrier()
     predicted = gather_report(writer.report)
     predicted.failed = session.report.failed + predicted.failed

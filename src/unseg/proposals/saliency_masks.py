@@ -145,18 +145,41 @@ def load_mask_proposals(
                 f"{size[0]}x{size[1]}",
             )
             continue
-        mask = binarise(raw, threshold, min_area)
-        area = float(mask.mean())
-        if area < min_area:
-            logger.info("dropping %s: salient area %.4f under %.4f", image, area, min_area)
-            report.dropped.append((image, area))
-            continue
-        kept.paths.append(image)
-        kept.masks.append(torch.from_numpy(mask))
+        _keep(image, raw, threshold, min_area, kept, report)
     report.kept = len(kept.paths)
     if not kept.paths:
         raise UnsegError(_nothing_left(mask_dir, len(images), report, min_area))
     logger.info("%s", report.summary())
+    return kept, report
+
+
+def _keep(image: Path, raw: np.ndarray, threshold: float, min_area: float,
+          kept: MaskProposals, report: ProposalReport) -> None:
+    """Add ``image``'s binarised mask of ``raw [H, W]`` to ``kept``, or count it as dropped."""
+    mask = binarise(raw, threshold, min_area)
+    area = float(mask.mean())
+    if area < min_area:
+        logger.info("dropping %s: salient area %.4f under %.4f", image, area, min_area)
+        report.dropped.append((image, area))
+        return
+    kept.paths.append(image)
+    kept.masks.append(torch.from_numpy(mask))
+
+
+def mask_proposals(
+    images: Sequence[Path], masks: Sequence[np.ndarray], threshold: float = 0.5,
+    min_area: float = 0.01,
+) -> tuple[MaskProposals, ProposalReport]:
+    """:func:`load_mask_proposals` of masks held in memory: ``masks[i]`` (8-bit ``[H, W]``, as
+    ``unseg discover`` writes them) is the saliency of ``images[i]``."""
+    report = ProposalReport()
+    kept = MaskProposals(paths=[], masks=[])
+    for image, raw in zip(images, masks, strict=True):
+        _keep(image, raw, threshold, min_area, kept, report)
+    report.kept = len(kept.paths)
+    if not kept.paths:
+        raise UnsegError(f"no usable saliency mask for any of the {len(images)} image(s): "
+                         f"{report.summary()}")
     return kept, report
 
 

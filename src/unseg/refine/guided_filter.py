@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from unseg.data.color import luma
 from unseg.errors import UnsegError
+from unseg.utils.options import option
 
 GuideMode = Literal["mean", "luma"]
 _CV_MAX_CHANNELS = 128  # channels per OpenCV call (its filters refuse 129 and more)
@@ -42,10 +43,14 @@ _CV_MAX_CHANNELS = 128  # channels per OpenCV call (its filters refuse 129 and m
 class GuidedFilterConfig:
     """Guided-filter refinement as in the Boosting paper (radius 9, ε = 1e-3, mean-RGB guide)."""
 
-    radius: int = 9
-    eps: float = 1e-3
-    guide: GuideMode = "mean"
-    standardize: bool = True
+    radius: int = option(9, "guided-filter radius")
+    eps: float = option(1e-3, "guided-filter ε")
+    guide: GuideMode = option(
+        "mean",
+        "guided-filter guide: mean of RGB (reference code) or BT.601 luma",
+        flags=("--guide",),
+    )
+    standardize: bool = option(True, "standardise each mask channel before filtering")
 
 
 def _box_sum_1d(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The report's charts as PNG bytes, drawn with matplotlib's Agg canvas (no pyplot, no display).
 
-Cluster colours are the PNG palette's (:func:`unseg.report.palette.label_colors`), so a class's
+Cluster colours are the PNG palette's (:func:`unseg.utils.palette.label_colors`), so a class's
 bar and heat-map column have the colour of its matched cluster in the masks and overlays.
 """
 
@@ -14,8 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from unseg.report.palette import label_colors
 from unseg.report.thumbs import UNMATCHED_COLOR
+from unseg.utils.palette import label_colors
 
 DPI = 100
 MAX_ANNOTATED = 30

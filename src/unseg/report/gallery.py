@@ -23,7 +23,6 @@ from unseg.data.resize import resize_nearest
 from unseg.errors import InputFileError
 from unseg.metrics.saliency import binarize_gt
 from unseg.report.outputs import RunOutputs, match_images
-from unseg.report.overlays import overlay
 from unseg.report.scores import SaliencyEvaluation, SemanticEvaluation
 from unseg.report.thumbs import (
     class_colors,
@@ -32,6 +31,7 @@ from unseg.report.thumbs import (
     saliency_overlay,
     thumbnail,
 )
+from unseg.utils.overlays import overlay
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from unseg import __version__
+from unseg._version import __version__
 from unseg.data.image import max_pixels_default
+from unseg.layout import CONFIG_FILE, REPORT_FILE
 from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
 from unseg.outdir import recorded_max_pixels
@@ -33,7 +34,6 @@ from unseg.report.charts import (
 )
 from unseg.report.gallery import Gallery, render_gallery
 from unseg.report.outputs import RunOutputs, find_outputs
-from unseg.report.palette import label_colors
 from unseg.report.scores import (
     SaliencyEvaluation,
     SemanticEvaluation,
@@ -43,8 +43,8 @@ from unseg.report.scores import (
 )
 from unseg.report.thumbs import bytes_uri
 from unseg.utils.io import atomic_write
+from unseg.utils.palette import label_colors
 
-REPORT_FILE = "report.html"
 DEFAULT_MAX_IMAGES = 60
 SUMMARY_KEYS = (
     ("method", "method"),
@@ -248,7 +248,7 @@ def _config_section(outputs: RunOutputs) -> str:
     full = {k: v for k, v in cfg.items() if k != "timings"}
     parts = [
         '<section id="config"><h2>Configuration</h2>',
-        f'<p class="note">From {_esc(outputs.run_dir / "config.json")}.</p>' if outputs.run_dir
+        f'<p class="note">From {_esc(outputs.run_dir / CONFIG_FILE)}.</p>' if outputs.run_dir
         else "",
         _table(["setting", "value"], rows, numeric_from=2) if rows else "",
         "<details><summary>Full configuration</summary>"

@@ -7,8 +7,9 @@ Layouts read (as the commands write them):
 - ``predict``: PNGs directly in ``OUT`` (with ``boxes.json`` for saliency runs);
 - ``fit``: a bare run folder (``config.json`` + ``weights.safetensors``), reported without masks.
 
-A run folder given as ``OUT/run`` stands for ``OUT``. The kind of masks is the run's (a saliency
-method writes 8-bit probabilities, the others label PNGs); without a run it is read off the
+A run folder given as ``OUT/run`` stands for ``OUT``. The kind of masks is the run's method's
+output kind in the registry (a saliency method writes 8-bit probabilities, the others label
+PNGs); without a run it is read off the
 files: ``boxes.json`` or a greyscale PNG means saliency, a palette PNG semantic labels.
 """
 
@@ -24,13 +25,12 @@ from PIL import Image
 from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
-from unseg.outdir import MASKS_DIR, OVERLAYS_DIR, recorded_setting
+from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
+from unseg.outdir import recorded_setting
+from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
-BOXES_FILE = "boxes.json"
-SKIPPED_DIRS = ("run", OVERLAYS_DIR)
+SKIPPED_DIRS = (RUN_DIR, OVERLAYS_DIR)
 
 
 @dataclass
@@ -93,6 +93,19 @@ def _kind_from_files(masks: list[Path], boxes: Path | None) -> Kind:
     return "semantic" if mode == "P" else "saliency"
 
 
+def _kind_of_method(method: str, masks: list[Path], boxes: Path | None) -> Kind:
+    """The kind of masks the registered ``method`` writes: 8-bit probabilities for saliency
+    methods, class ids for the others (MaskContrast's clusters included); read off the files
+    when no run names a method this unseg knows."""
+    try:
+        output = get_method(method).output if method else None
+    except UnsegError:
+        output = None
+    if output is None:
+        return _kind_from_files(masks, boxes)
+    return "saliency" if output == "saliency" else "semantic"
+
+
 def _images_from_record(output_dir: Path, config: dict[str, Any] | None) -> Path | None:
     """The images the masks were made from, as recorded: the ``images`` the command that wrote
     ``output_dir`` read (its manifest), else the run's ``config.json``; None when neither
@@ -109,8 +122,8 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     folder stands for that folder)."""
     if _is_run(path):
         return (path.parent if (path.parent / MASKS_DIR).is_dir() else path), path
-    if _is_run(path / "run"):
-        return path, path / "run"
+    if _is_run(path / RUN_DIR):
+        return path, path / RUN_DIR
     return path, None
 
 
@@ -150,9 +163,7 @@ def find_outputs(
     boxes = output_dir / BOXES_FILE
     boxes_file = boxes if boxes.is_file() else None
     method = "" if config is None else str(config.get("method", ""))
-    kind: Kind = "saliency" if "saliency" in method else "semantic"
-    if not method:
-        kind = _kind_from_files(masks, boxes_file)
+    kind = _kind_of_method(method, masks, boxes_file)
     overlays = output_dir / OVERLAYS_DIR
     if images is not None:
         if not Path(images).exists():

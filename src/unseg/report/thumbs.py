@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from unseg.report.palette import label_colors
+from unseg.utils.palette import label_colors
 
 THUMB_SIDE = 240
 JPEG_QUALITY = 82

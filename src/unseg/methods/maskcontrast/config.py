@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unseg.utils.options import option
+
 
 @dataclass(frozen=True)
 class MaskContrastConfig:
@@ -17,30 +19,55 @@ class MaskContrastConfig:
     of ``../shared/data`` take minutes on a shared 2-core CPU, and beat 15 epochs in every
     measured pair on both VOC sets; ``loss_size=None`` gives the paper's losses."""
 
-    embed_dim: int = 32
-    width: int = 256
-    aspp_rates: tuple[int, ...] = (2, 4, 6)
-    momentum: float = 0.999
-    temperature: float = 0.5
-    queue_size: int = 256  # 128 with supervised saliency
-    lr: float = 0.01  # paper: 0.004 at batch 128
-    sgd_momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    epochs: int = 40
-    batch_size: int = 16  # paper: 128 (64 with supervised saliency)
-    view_size: int = 224
-    loss_size: int | None = 56  # pixels per side of the losses (None: view_size, the paper)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    min_view_area: float = 0.01
-    max_view_area: float = 0.99
-    max_redraws: int = 10
-    saliency_weight: float = 1.0
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    grey_p: float = 0.2
-    train_last_stage: bool = False
+    embed_dim: int = option(32, "pixel embedding dimension")
+    width: int = option(256, "decoder width")
+    aspp_rates: tuple[int, ...] = option((2, 4, 6), "dilation rates of the ASPP branches")
+    momentum: float = option(0.999, "momentum of the key model")
+    temperature: float = option(0.5, "contrastive temperature T")
+    queue_size: int = option(
+        256,
+        "prototype queue length (paper: 256 unsupervised, 128 supervised saliency)",
+        flags=("--queue",),
+    )
+    lr: float = option(0.01, "SGD learning rate (paper: 0.004 at batch 128)")
+    sgd_momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "SGD weight decay")
+    poly_power: float = option(0.9, "exponent of the poly learning-rate decay")
+    epochs: int = option(
+        40,
+        "training epochs (the paper's 40)",
+    )
+    batch_size: int = option(
+        16,
+        "images per step (paper: 128 unsupervised, 64 supervised saliency; 16 scored higher on "
+        "a few hundred images)",
+    )
+    view_size: int = option(224, "view side in image pixels")
+    loss_size: int | None = option(
+        56,
+        "pixels per side where the losses are taken (0: the view size)",
+    )
+    crop_scale: tuple[float, float] = option((0.2, 1.0), "random resized crop area range (LO HI)")
+    crop_ratio: tuple[float, float] = option(
+        (3 / 4, 4 / 3),
+        "random resized crop aspect range (LO HI)",
+    )
+    flip_p: float = option(0.5, "horizontal flip probability")
+    min_view_area: float = option(0.01, "smallest salient share of a view")
+    max_view_area: float = option(0.99, "largest salient share of a view")
+    max_redraws: int = option(10, "view redraws before the whole image is used")
+    saliency_weight: float = option(1.0, "weight of the balanced BCE saliency loss")
+    jitter: tuple[float, float, float, float] = option(
+        (0.4, 0.4, 0.4, 0.1),
+        "colour jitter strengths (not an option: photometric views come from the student "
+        "features)",
+    )
+    jitter_p: float = option(0.8, "colour jitter probability (photometric_view)")
+    grey_p: float = option(0.2, "greyscale probability (photometric_view)")
+    train_last_stage: bool = option(
+        False,
+        "fine-tune the backbone's last stage with the head (CNN taps but the first; features "
+        "are cached before that stage)",
+    )
     stage_of: str = ""  # "backbone:tap" of the trained stage (the pipeline fills it)
     seed: int = 0

@@ -31,6 +31,7 @@ from unseg.methods.maskcontrast.model import (
 )
 from unseg.methods.maskcontrast.protocol import kmeans_protocol, weighted_prototype
 from unseg.methods.maskcontrast.views import ViewPair, draw_views, view_cells
+from unseg.registry import register
 from unseg.utils import dist
 from unseg.utils.device import cpu_threads
 from unseg.utils.io import atomic_write
@@ -49,6 +50,16 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+@register(
+    "maskcontrast",
+    config=MaskContrastConfig,
+    output="embedding",
+    needs=("features", "student_features", "masks"),
+    summary="MaskContrast: pixel embeddings contrasting salient-object mask proposals",
+    aliases=("mask-contrast",),
+    pipeline_fields=("seed", "stage_of"),
+    rank=50,
+)
 class MaskContrast:
     """MaskContrast on frozen dense features (module docstring); estimator contract of
     :mod:`unseg.methods.base`. ``model_`` is the trained (query) head."""

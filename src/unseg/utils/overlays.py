@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unseg.report.palette import label_colors
+from unseg.utils.palette import label_colors
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -1,0 +1,118 @@
+"""Images a caller holds in memory (PIL images, ``H×W×3`` uint8 arrays) beside image files.
+
+:func:`image_inputs` turns what a user hands :class:`unseg.Segmenter` — a folder, one file, or
+a list of paths, PIL images and arrays — into the paths the pipeline works on plus the pixels
+of the in-memory ones, each keyed by a stand-in path ``<image N>`` (``N``: its position in the
+list). A PIL image is converted as :func:`unseg.data.image.load_image` converts a file (EXIF
+orientation applied, every mode to RGB), so an image and the file it came from give the same
+pixels. Bad entries are refused with an error naming their position and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from unseg.data.image import rgb_pixels
+from unseg.data.inputs import too_small, unreadable
+from unseg.errors import UnsegError
+
+
+def pixels_sha256(pixels: np.ndarray) -> str:
+    """sha256 of an in-memory image's shape and bytes (its identity in caches and seeds)."""
+    digest = hashlib.sha256(f"{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def memory_path(index: int) -> Path:
+    """The stand-in path of the ``index``-th image of a list when it is held in memory."""
+    return Path(f"<image {index}>")
+
+
+@dataclass
+class ImageInputs:
+    """What a caller's images are: ``paths`` in order (stand-ins for in-memory images), the
+    pixels of those stand-ins (``arrays``), and the folder file names mirror (``names_root``:
+    the folder given, else None)."""
+
+    paths: list[Path]
+    arrays: dict[Path, np.ndarray] = field(default_factory=dict)
+    names_root: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def as_pixels(image: Any, where: str) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of a PIL image or an ``H×W×3`` uint8 array; ``where`` names the
+    entry in errors."""
+    if isinstance(image, Image.Image):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception as exc:  # malformed EXIF blocks raise many kinds of errors
+            raise UnsegError(f"{where}: unreadable EXIF orientation ({exc})") from None
+        return rgb_pixels(image)
+    if not isinstance(image, np.ndarray):
+        raise UnsegError(
+            f"{where}: expected a path, a PIL image or an H×W×3 uint8 array, got "
+            f"{type(image).__name__}"
+        )
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise UnsegError(
+            f"{where}: expected an H×W×3 uint8 array (RGB), got {image.dtype} of shape "
+            f"{tuple(image.shape)}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise UnsegError(f"{where}: empty image of shape {tuple(image.shape)}")
+    return np.ascontiguousarray(image)
+
+
+def image_inputs(images: Any, stride: int) -> ImageInputs:
+    """The caller's ``images`` (a folder or file path, or a list of paths, PIL images and arrays)
+    as :class:`ImageInputs`. A folder is listed as the commands list it
+    (:func:`unseg.data.datasets.resolve_inputs`: its usable images; refused ones are an error
+    here). Raises :class:`UnsegError` naming the first bad entry."""
+    from unseg.data.datasets import resolve_inputs
+    from unseg.utils.batch import BatchReport
+
+    if isinstance(images, (str, Path)):
+        report = BatchReport()
+        paths = resolve_inputs(images, report, stride)
+        if report.failed:
+            path, problem = report.failed[0]
+            raise UnsegError(f"{path}: {problem}")
+        root = Path(images)
+        return ImageInputs(paths, names_root=root if root.is_dir() else None)
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    if not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
+        raise UnsegError(
+            f"images: expected a folder, a file, or a list of paths, PIL images or arrays; got "
+            f"{type(images).__name__}"
+        )
+    if not images:
+        raise UnsegError("images: the list is empty")
+    out = ImageInputs([])
+    for i, image in enumerate(images):
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            problem = unreadable(path)
+            if problem is not None:
+                raise UnsegError(f"{path}: {problem}")
+            out.paths.append(path)
+            continue
+        pixels = as_pixels(image, f"images[{i}]")
+        problem = too_small(pixels.shape[0], pixels.shape[1], stride)
+        if problem is not None:
+            raise UnsegError(f"images[{i}]: {problem}")
+        key = memory_path(i)
+        out.paths.append(key)
+        out.arrays[key] = pixels
+    return out

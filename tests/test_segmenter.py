@@ -1,0 +1,200 @@
+"""unseg.Segmenter: the masks the commands write, from images in memory, for every kind of method.
+
+Real images (a few VOC2012 / ECSSD ones at a small working size on efficientnet_lite0, to keep
+the CPU low): ``Segmenter(...).fit_predict`` equals ``unseg segment`` / ``unseg discover``'s
+PNGs byte for byte; save → load → predict equals predict; paths, PIL images, arrays and a folder
+give the same masks; bad inputs give errors that name them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unseg
+from unseg.cli.main import main
+from unseg.errors import UnsegError
+from unseg.registry import list_methods
+
+BACKBONE = "efficientnet_lite0"
+SMALL = 64  # the working short side of these tests
+
+
+def _copy(files: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture
+def voc(shared_data, tmp_path: Path) -> Path:
+    jpegs = shared_data("VOC2012") / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    return _copy(sorted(jpegs.glob("*.jpg"))[:3], tmp_path / "voc")
+
+
+@pytest.fixture
+def ecssd(shared_data, tmp_path: Path) -> Path:
+    images = shared_data("ECSSD") / "images"
+    return _copy(sorted(images.glob("*.jpg"))[:3], tmp_path / "ecssd")
+
+
+def _pngs(out: Path, images: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(out / "masks" / f"{p.stem}.png"))
+            for p in sorted(images.glob("*.jpg"))]
+
+
+def _equal(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.uint8 and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+
+
+SEMANTIC = {
+    "kmeans": ([], {}),
+    "primaps-em": (["--steps", "6"], {"steps": 6}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SEMANTIC))
+def test_fit_predict_equals_unseg_segment(method: str, voc: Path, tmp_path: Path) -> None:
+    flags, options = SEMANTIC[method]
+    out = tmp_path / "out"
+    code = main(["segment", str(voc), "--out", str(out), "--method", method, "-k", "3",
+                 "--backbone", BACKBONE, "--size", str(SMALL), "--no-report", *flags])
+    assert code == 0
+    seg = unseg.Segmenter(method, num_classes=3, backbone=BACKBONE, size=SMALL, **options)
+    masks = seg.fit_predict(voc)
+    _equal(masks, _pngs(out, voc))
+    assert max(int(m.max()) for m in masks) < 3
+    # the run it saves is the one `unseg predict` reads, both ways
+    seg.save(tmp_path / "run")
+    again = unseg.Segmenter.load(tmp_path / "run").predict(voc)
+    _equal(again, seg.predict(voc))
+    assert main(["predict", str(tmp_path / "run"), str(voc), "--out", str(tmp_path / "p"),
+                 "--no-report"]) == 0
+    _equal(again, _pngs(tmp_path / "p", voc))
+    loaded = unseg.Segmenter.load(out / "run")  # and the CLI's run loads in Python
+    assert loaded.num_classes == 3 and loaded.output == "semantic"
+
+
+SALIENCY = {
+    "spectral": ([], {}),
+    "saliency-head": (["--epochs", "2", "--size", str(SMALL), "--batch-size", "3"],
+                      {"epochs": 2, "image_size": SMALL, "batch_size": 3}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SALIENCY))
+def test_fit_predict_equals_unseg_discover(method: str, ecssd: Path, tmp_path: Path) -> None:
+    flags, options = SALIENCY[method]
+    out = tmp_path / "out"
+    code = main(["discover", str(ecssd), "--out", str(out), "--method", method,
+                 "--backbone", BACKBONE, "--no-report", *flags])
+    assert code == 0
+    seg = unseg.Segmenter(method, backbone=BACKBONE, **options)
+    masks = seg.fit_predict(ecssd)
+    _equal(masks, _pngs(out, ecssd))
+    import json
+
+    boxes = json.loads((out / "boxes.json").read_text())
+    want = [boxes[p.stem] for p in sorted(ecssd.glob("*.jpg"))]
+    assert seg.predict_boxes(ecssd) == want
+    proba = seg.predict_proba(ecssd)
+    assert all(p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1 for p in proba)
+    if method == "spectral":
+        with pytest.raises(UnsegError, match="training-free"):
+            seg.save(tmp_path / "run")
+        return
+    seg.save(tmp_path / "run")
+    _equal(unseg.Segmenter.load(tmp_path / "run").predict(ecssd), masks)
+
+
+def test_paths_pil_images_arrays_and_a_folder_give_the_same_masks(voc: Path,
+                                                                  tmp_path: Path) -> None:
+    """PNG copies (lossless; a JPEG path is decoded at a reduced DCT scale when it is much
+    larger than the working size, an array is not, see unseg.segmenter)."""
+    folder = tmp_path / "png"
+    folder.mkdir()
+    arrays = []
+    for f in sorted(voc.glob("*.jpg")):
+        arr = np.asarray(Image.open(f).convert("RGB"))
+        Image.fromarray(arr).save(folder / f"{f.stem}.png")
+        arrays.append(arr)
+    paths = sorted(folder.glob("*.png"))
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL, refine="none")
+    want = seg.fit_predict(folder)
+    _equal(seg.predict([str(p) for p in paths]), seg.predict(folder))
+    for images in (paths, [Image.open(p) for p in paths], arrays, [paths[0], arrays[1],
+                                                                     Image.open(paths[2])]):
+        fresh = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL,
+                                refine="none")
+        _equal(fresh.fit_predict(images), want)
+    probs = seg.predict_proba(arrays)
+    assert [p.shape for p in probs] == [(3, *a.shape[:2]) for a in arrays]
+    agree = np.mean([(p.argmax(0) == m).mean() for p, m in zip(probs, want, strict=True)])
+    assert agree > 0.999  # the argmax of the soft maps is the labels (up to exact ties)
+
+
+def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
+    with pytest.raises(UnsegError, match="kmeans has no option 'epochs'"):
+        unseg.Segmenter("kmeans", epochs=3)
+    with pytest.raises(UnsegError, match="--num-classes must be at least 2"):
+        unseg.Segmenter("kmeans", num_classes=1)
+    with pytest.raises(UnsegError, match="unknown method 'kmean'"):
+        unseg.Segmenter("kmean")
+    with pytest.raises(UnsegError, match="saliency method: it has no num_classes"):
+        unseg.Segmenter("spectral", num_classes=3)
+    with pytest.raises(UnsegError, match="refine"):
+        unseg.Segmenter("kmeans", backbone=BACKBONE, refine="bilateral")
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL)
+    with pytest.raises(UnsegError, match="not fitted"):
+        seg.predict([np.zeros((64, 64, 3), np.uint8)])
+    with pytest.raises(UnsegError, match=r"images\[1\]: expected an H×W×3 uint8 array"):
+        seg.fit([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.float32)])
+    with pytest.raises(UnsegError, match=r"images\[0\]: expected an H×W×3 uint8 array"):
+        seg.fit([np.zeros((64, 64), np.uint8)])
+    with pytest.raises(UnsegError, match="no such file"):
+        seg.fit([tmp_path / "absent.jpg"])
+    with pytest.raises(UnsegError, match="smaller than one 32-pixel patch"):
+        seg.fit([np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(UnsegError, match="the list is empty"):
+        seg.fit([])
+    with pytest.raises(UnsegError, match="expected a path, a PIL image"):
+        seg.fit([3])
+    with pytest.raises(UnsegError, match="boxes come from saliency methods"):
+        seg.predict_boxes([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_the_package_lists_what_exists_and_imports_light() -> None:
+    names = unseg.list_methods()
+    assert [s.name for s in list_methods()] + ["spectral"] == names
+    assert {"kmeans", "primaps-em", "found", "saliency-head", "maskcontrast"} <= set(names)
+    assert BACKBONE in unseg.list_backbones()
+    code = "import sys, unseg; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_the_example_script_runs(tmp_path: Path) -> None:
+    """examples/segment_in_python.py, as the README shows it, on the bundled photos."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "segment_in_python.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--backbone", BACKBONE,
+         "--size", str(SMALL)], capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("object box") == 4
+    for photo in ("astronaut", "chelsea", "coffee", "rocket"):
+        classes = np.asarray(Image.open(tmp_path / f"classes-{photo}.png"))
+        photo_size = Image.open(script.parent / "images" / f"{photo}.jpg").size
+        assert classes.shape == photo_size[::-1]
+        assert (tmp_path / f"object-{photo}.png").is_file()
