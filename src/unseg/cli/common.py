@@ -100,7 +100,10 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
         help=f"refinement of the PriMaPs pseudo-labels (default {DEFAULT_PSEUDO_REFINE}, as "
         "the paper)",
     )
-    p.add_argument("--workers", type=int, default=None, help="PriMaPs/refinement processes")
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="threads for the PriMaPs pseudo-labels and the CRF refinement (images at once)",
+    )
     p.add_argument(
         "--cache-dir", default=None,
         help="feature and pseudo-label cache, shareable between runs (default: RUN/cache)",

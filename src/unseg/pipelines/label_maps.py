@@ -112,7 +112,7 @@ def refined_probabilities(
         chunk = paths[start : start + CHUNK]
         images = [feats.extra(p, "image") for p in chunk]
         with timings.stage("predicting"), cpu_threads(device, 1):
-            # one intra-op thread: many mid-sized ops, and the refinement processes need
+            # one intra-op thread: many mid-sized ops, and the refinement threads need
             # the cores; on a shared machine this is several times faster than two
             logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
         with timings.stage("refinement"):
