@@ -59,7 +59,7 @@ def test_cached_weights_make_dino_vits8_the_default_and_load_strictly(dino_cache
 def test_segment_defaults_with_dino_weights(dino_cache):
     args = build_parser().parse_args(["segment", "images", "--out", "out"])
     assert (args.method, args.num_classes, args.discover, args.device) == (
-        "primaps-em", 5, "spectral", None)
+        "primaps-em", 5, "auto", None)
     settings = semantic_settings(args, "segment")
     assert settings.backbone == "dino_vits8" and settings.tap is None
     assert (settings.size, settings.max_side, settings.label_factor) == (320, None, 2)
@@ -77,7 +77,7 @@ def test_segment_defaults_with_dino_weights(dino_cache):
 
 def test_discover_defaults_with_dino_weights(dino_cache):
     args = build_parser().parse_args(["discover", "images", "--out", "out"])
-    assert (args.method, args.backbone, args.tap, args.device) == ("spectral", None, None, None)
+    assert (args.method, args.backbone, args.tap, args.device) == ("auto", None, None, None)
     assert choose_backbone(args.backbone)[0] == "dino_vits8"
     head = SaliencyHeadConfig()
     assert (head.image_size, head.batch_size) == (320, 8)  # spectral predicts at image_size

@@ -150,10 +150,9 @@ def crf_marginals(
     unary = torch.cat(rows)  # [N, width]; padding labels have probability 0
 
     gauss_f, bilat_f, batch = _kernel_features(imgs, config, device)
-    kernels = [
-        _normalised(build_lattice(gauss_f, batch), config.gaussian_compat),
-        _normalised(build_lattice(bilat_f, batch), config.bilateral_compat),
-    ]
+    gauss = _normalised(build_lattice(gauss_f, batch), config.gaussian_compat)
+    _check_stopped()
+    kernels = [gauss, _normalised(build_lattice(bilat_f, batch), config.bilateral_compat)]
     q = torch.softmax(-unary, 1)
     for _ in range(config.iterations):
         _check_stopped()
@@ -268,7 +267,10 @@ class CRFPool:
         if executor is not None:
             if exc_type is not None:
                 self._stop.set()
-            executor.shutdown(wait=exc_type is None, cancel_futures=True)
+            # wait even when leaving by an exception: the running CRFs stop at their next
+            # iteration, and a thread still running after the caller's exit message would
+            # log (or write) after it
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def map(
         self, images: Sequence[np.ndarray], logits: Sequence[torch.Tensor | np.ndarray]
