@@ -30,7 +30,7 @@ Trained without labels on frozen patch features (attention keys) and the images:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +76,20 @@ class SaliencyHeadConfig(HeadTrainingConfig):
     weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
     weight_border: float = option(0.1, "weight of the border prior")
     weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
-    restarts: int = field(default=1, metadata={
-        "help": "short restarts of the patch-level cut, one kept by a label-free rule "
-        "(unseg.methods.restarts; 1: none)"})
-    restart_steps: int = field(default=150, metadata={"help": "training steps of each restart"})
-    restart_holdout: float = field(default=0.1, metadata={
-        "help": "share of the training images held back to choose the restart"})
-    restart_rule: Rule = field(default="agreement", metadata={
-        "help": "which restart is kept: agreement (the partition most restarts find) or cut "
-        "(the lowest normalized cut on the held-back images)"})
+    restarts: int = option(
+        1,
+        "short restarts of the patch-level cut, one kept by a label-free rule "
+        "(unseg.methods.restarts; 1: none)",
+    )
+    restart_steps: int = option(150, "training steps of each restart")
+    restart_holdout: float = option(
+        0.1, "share of the training images held back to choose the restart"
+    )
+    restart_rule: Rule = option(
+        "agreement",
+        "which restart is kept: agreement (the partition most restarts find) or cut "
+        "(the lowest normalized cut on the held-back images)",
+    )
 
 
 def border_prior(probs: torch.Tensor) -> torch.Tensor:
