@@ -162,6 +162,23 @@ def test_a_batch_gives_what_one_image_at_a_time_gives() -> None:
             np.testing.assert_array_equal(a, b)
 
 
+def test_images_of_one_size_share_the_gaussian_kernel_and_get_the_same_marginals() -> None:
+    from unseg.refine import crf
+
+    image, logits, _ = two_region_case()
+    other, other_logits = image[:40, :50].copy(), logits[:, :40, :50].contiguous()
+    crf._gaussian_kernel.cache_clear()
+    fresh = dense_crf(image, logits)
+    fresh_other = dense_crf(other, other_logits)
+    assert crf._gaussian_kernel.cache_info().misses == 2
+    again = dense_crf(image, -logits)  # same size, other values: the kernel is reused
+    assert crf._gaussian_kernel.cache_info().hits == 1
+    crf._gaussian_kernel.cache_clear()
+    np.testing.assert_array_equal(again, dense_crf(image, -logits))
+    np.testing.assert_array_equal(fresh, dense_crf(image, logits))
+    np.testing.assert_array_equal(fresh_other, dense_crf(other, other_logits))
+
+
 def test_the_label_floor_leaves_unused_labels_their_unary_probability() -> None:
     image, logits, _ = two_region_case()
     faint = torch.full((3, 48, 64), -20.0)  # three labels at probability ~1e-9 everywhere

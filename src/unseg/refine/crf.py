@@ -20,6 +20,7 @@ the others share the rest of each pixel's mass as the CRF over them says.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -80,23 +81,30 @@ def _check_image(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _kernel_features(
+def _pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[H*W, 2]`` float32 ``(x, y)`` of every pixel, row-major."""
+    rows = torch.arange(height, dtype=torch.float32, device=device)
+    cols = torch.arange(width, dtype=torch.float32, device=device)
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([xx, yy], -1).reshape(-1, 2)
+
+
+def _batch_index(sizes: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """``[N]`` int64: the index of the image each pixel of a batch of ``sizes`` belongs to."""
+    counts = torch.tensor([h * w for h, w in sizes], device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+def _bilateral_features(
     images: Sequence[torch.Tensor], config: CRFConfig, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gaussian ``[N, 2]`` and bilateral ``[N, 5]`` features of all pixels of ``images``
-    (row-major, image after image) and each pixel's image index ``[N]``."""
-    gauss, bilat, batch = [], [], []
-    for b, image in enumerate(images):
-        height, width = image.shape[:2]
-        rows = torch.arange(height, dtype=torch.float32, device=device)
-        cols = torch.arange(width, dtype=torch.float32, device=device)
-        yy, xx = torch.meshgrid(rows, cols, indexing="ij")
-        xy = torch.stack([xx, yy], -1).reshape(-1, 2)
-        rgb = image.to(device).reshape(-1, 3).float()
-        gauss.append(xy / config.gaussian_sxy)
-        bilat.append(torch.cat([xy / config.bilateral_sxy, rgb / config.bilateral_srgb], 1))
-        batch.append(torch.full((height * width,), b, dtype=torch.long, device=device))
-    return torch.cat(gauss), torch.cat(bilat), torch.cat(batch)
+) -> torch.Tensor:
+    """Bilateral features ``[N, 5]`` (``x, y`` over ``sxy``, ``RGB`` over ``srgb``) of all
+    pixels of ``images``, row-major, image after image."""
+    return torch.cat([
+        torch.cat([_pixel_grid(*image.shape[:2], device) / config.bilateral_sxy,
+                   image.to(device).reshape(-1, 3).float() / config.bilateral_srgb], 1)
+        for image in images
+    ])
 
 
 def _normalised(lattice: Lattice, compat: float) -> Lattice:
@@ -105,6 +113,17 @@ def _normalised(lattice: Lattice, compat: float) -> Lattice:
     ones = torch.ones(lattice.num_points, 1, device=lattice.slice_weight.device)
     norm = torch.rsqrt(lattice.filter(ones) + 1e-20)[:, 0]
     return lattice.scaled(norm, compat * norm)
+
+
+@functools.lru_cache(maxsize=4)
+def _gaussian_kernel(
+    sizes: tuple[tuple[int, int], ...], sxy: float, compat: float, device: torch.device
+) -> Lattice:
+    """The normalised Gaussian kernel of a batch of images of ``sizes``: it depends on the
+    pixel grid only, so images of one size (a folder of photos from one camera, the features'
+    fixed short side) share it; built once per size and kept for the next images."""
+    grid = torch.cat([_pixel_grid(h, w, device) for h, w in sizes]) / sxy
+    return _normalised(build_lattice(grid, _batch_index(sizes, device)), compat)
 
 
 def _kept_labels(probs: torch.Tensor, floor: float) -> torch.Tensor:
@@ -149,10 +168,12 @@ def crf_marginals(
         rows.append(F.pad(u, (0, width - u.shape[1]), value=float("inf")))
     unary = torch.cat(rows)  # [N, width]; padding labels have probability 0
 
-    gauss_f, bilat_f, batch = _kernel_features(imgs, config, device)
-    gauss = _normalised(build_lattice(gauss_f, batch), config.gaussian_compat)
+    sizes = tuple((int(im.shape[0]), int(im.shape[1])) for im in imgs)
+    gauss = _gaussian_kernel(sizes, config.gaussian_sxy, config.gaussian_compat, device)
     _check_stopped()
-    kernels = [gauss, _normalised(build_lattice(bilat_f, batch), config.bilateral_compat)]
+    bilateral = build_lattice(_bilateral_features(imgs, config, device),
+                              _batch_index(sizes, device))
+    kernels = [gauss, _normalised(bilateral, config.bilateral_compat)]
     q = torch.softmax(-unary, 1)
     for _ in range(config.iterations):
         _check_stopped()
