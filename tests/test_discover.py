@@ -345,3 +345,26 @@ def test_discover_says_which_method_ran(tmp_path, capsys):
     assert main(["discover", str(d), "--out", str(out), "--backbone", BACKBONE, "--no-report"]) == 0
     err = capsys.readouterr().err
     assert "method spectral: only 2 images" in err
+
+
+def test_a_heads_training_options_are_not_silently_ignored_by_spectral(tmp_path, capsys):
+    d = tmp_path / "few"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_square(64, 96, i)).save(d / f"{i}.png")
+    base = ["discover", str(d), "--backbone", BACKBONE, "--no-report"]
+    # asked for spectral: a training option is a clear error naming it
+    assert main([*base, "--method", "spectral", "--out", str(tmp_path / "a"), "--epochs", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs" in err and "trains nothing" in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "masks").exists()
+    # auto falls back to spectral on 2 images: the run goes on, and says what it ignored
+    out = tmp_path / "b"
+    assert main([*base, "--out", str(out), "--epochs", "7", "--guided-radius", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --epochs" in err and "ignored" in err and "--guided-radius" not in err
+    assert len(list((out / "masks").glob("*.png"))) == 2
+    # the options spectral does use are accepted without a word
+    assert main([*base, "--method", "spectral", "--out", str(tmp_path / "c"),
+                 "--guided-radius", "5", "--no-guided-filter"]) == 0
+    assert "warning" not in capsys.readouterr().err

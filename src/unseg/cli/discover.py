@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from unseg.cli.common import (
     Outcome,
@@ -16,13 +17,21 @@ from unseg.cli.common import (
     run_into_output,
 )
 from unseg.cli.options import add_method_options, given_options
+from unseg.errors import UnsegError
 from unseg.pipelines.fitting import build_config
-from unseg.pipelines.saliency import AUTO, MIN_TRAIN_IMAGES, discover, resolve_discover_method
-from unseg.registry import get_method, list_methods
+from unseg.pipelines.saliency import (
+    AUTO,
+    AUTO_TRAINED,
+    MIN_TRAIN_IMAGES,
+    discover,
+    resolve_discover_method,
+)
+from unseg.registry import config_options, get_method, list_methods
 from unseg.report.html import write_report
 from unseg.utils import dist
 
 HEAD = "saliency-head"  # the registered method whose config sets the guided filter
+SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided")  # its config fields spectral uses
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,18 +73,38 @@ def _run(args: argparse.Namespace) -> int:
     return run_into_output(args, "discover", ("images",), lambda: _discover(args))
 
 
+def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
+    """The options spectral discovery uses (the image size and the guided filter); a head's
+    training option is an error with ``--method spectral`` and a warning under ``auto``."""
+    unused = [o for o in config_options(get_method(HEAD))
+              if ".".join(o.path) in given and o.path[0] not in SPECTRAL_FIELDS]
+    if not unused:
+        return given
+    flags = ", ".join(o.flags[0] for o in unused)
+    message = f"{flags}: a head's training option, and spectral discovery trains nothing"
+    if args.method == "spectral":
+        raise UnsegError(f"{message} (it uses only --image-size and the guided-filter options)")
+    if dist.is_main_env():
+        print(f"unseg discover: warning: {message}; ignored (--method "
+              f"{AUTO_TRAINED} trains the head on these images anyway)", file=sys.stderr)
+    return {k: v for k, v in given.items() if k.split(".")[0] in SPECTRAL_FIELDS}
+
+
 def _discover(args: argparse.Namespace) -> Outcome:
     method, why = resolve_discover_method(args.method, args.images, args.train_images)
     if dist.is_main_env():
         print(f"unseg discover: {why}", file=sys.stderr)
     spec = get_method(HEAD if method == "spectral" else method)
+    given = given_options(args, spec)
+    if method == "spectral":
+        given = _spectral_options(args, given)
     report = discover(
         args.images,
         args.out,
         method,
         resolve_backbone(args.backbone, "discover"),
         args.train_images,
-        build_config(spec, given_options(args, spec), {}),
+        build_config(spec, given, {}),
         device=args.device,
         cache_dir=args.cache_dir,
         weights=args.weights,
