@@ -336,13 +336,23 @@ def test_extras_are_cached_and_a_missing_one_is_computed(stand_in, tmp_path):
     assert model.images == 0
     for p in paths:
         assert torch.equal(again.extra(p, "flipped"), first.extra(p, "flipped"))
-    extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
-                     extras=("flipped", "student"), student_seed=1)
-    assert model.images == 3 * len(paths)  # the student view was missing: recomputed
+    seeded = extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
+                              extras=("flipped", "student"), student_seed=1)
+    assert model.images == len(paths)  # only the missing student views went through the model
+    fresh = extract_features(paths, stand_in(8), size=32, num_workers=0,
+                             extras=("flipped", "student"), student_seed=1)
+    for p in paths:
+        assert torch.allclose(seeded.extra(p, "student"), fresh.extra(p, "student"), atol=1e-6)
+        assert torch.equal(seeded[p], first[p])
     with pytest.raises(KeyError, match="no 'image' computed"):
         again.extra(paths[0], "image")
     with pytest.raises(UnsegError, match="unknown feature extras"):
         extract_features(paths, model, size=32, extras=("depth",))
+    model.images = 0
+    extract_features(paths, model, size=32, cache_dir=tmp_path / "c", num_workers=0,
+                     extras=("flipped", "image"))
+    assert model.images == 0  # the resized image needs no forward
+    assert len(list(seeded.cache_dir.glob("*.image.safetensors"))) == len(paths)
 
 
 def test_the_tap_is_part_of_the_cache_key(stand_in, tmp_path):

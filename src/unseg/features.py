@@ -17,7 +17,9 @@ decoded once: ``"flipped"``, the features of its mirror image flipped back (flip
 prediction); ``"image"``, the resized uint8 image ``[3, H', W']`` (PriMaPs, CRF, guided filter,
 the saliency head); ``"student"``, the features of PriMaPs-EM's student view
 (:func:`unseg.data.transforms.student_view`, seeded by ``student_seed`` and the image's hash).
-Each is cached as ``<sha256>.<extra>.safetensors`` beside the features.
+Each is cached as ``<sha256>.<extra>.safetensors`` beside the features; an image runs through
+the backbone only for the tensors its cache lacks (a new ``student_seed`` on a cached folder
+computes the student views alone, not the features and mirror images again).
 """
 
 from __future__ import annotations
@@ -243,15 +245,19 @@ def extract_features(
         _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size, it.pixels)
         for it in items
     ]
-    todo = [
-        it for it in items
-        if cache is None
-        or not all((cache / file_name(it.sha256, n, student_seed)).is_file() for n in names)
-    ]
-    feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
-    if todo:
-        job = _Job(backbone, device, resize, kind, dtype, tuple(extras), student_seed)
-        feats, bad = _compute(todo, job, batch_size, cache, num_workers, timings)
+    todo: dict[tuple[str, ...], list[_Item]] = defaultdict(list)  # what is missing -> images
+    for it in items:
+        missing = tuple(
+            n for n in names
+            if cache is None or not (cache / file_name(it.sha256, n, student_seed)).is_file()
+        )
+        if missing:
+            todo[missing].append(it)
+    feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]] = {}
+    for missing, group in todo.items():
+        job = _Job(backbone, device, resize, kind, dtype, missing, student_seed)
+        done, bad = _compute(group, job, batch_size, cache, num_workers, timings)
+        feats.update(done)
         failed += bad
     local = {
         "items": [(replace(it, pixels=None), feats[it.index][1] if it.index in feats else None)
@@ -303,14 +309,15 @@ def extract_features(
 
 @dataclass(frozen=True)
 class _Job:
-    """What one extraction computes: the model and the image settings, and the extras."""
+    """What one extraction computes: the model and the image settings, and the tensors
+    (``"features"`` and extras) to compute."""
 
     backbone: Backbone
     device: torch.device
     resize: _Resize
     kind: FeatureKind
     dtype: torch.dtype
-    extras: tuple[str, ...]
+    names: tuple[str, ...]
     student_seed: int
 
 
@@ -325,25 +332,20 @@ def _student_views(images: torch.Tensor, items: list[_Item], seed: int) -> torch
 
 
 def _forward(job: _Job, images: torch.Tensor, items: list[_Item]) -> dict[str, torch.Tensor]:
-    """Features of the batch ``images [B, 3, H, W]`` (uint8) and of the extras, in one forward."""
+    """``job.names`` of the batch ``images [B, 3, H, W]`` (uint8): the features, those of the
+    mirror images and student views (one forward for all), the images."""
     x = images.to(job.device, non_blocking=True).float().div_(255.0)
-    parts = [x]
-    if "flipped" in job.extras:
-        parts.append(x.flip(-1))
-    if "student" in job.extras:
-        parts.append(_student_views(x, items, job.student_seed))
-    autocast = job.device.type == "cuda" and job.dtype in (torch.float16, torch.bfloat16)
-    with torch.autocast(job.device.type, dtype=job.dtype, enabled=autocast):
-        f = job.backbone.forward_features(torch.cat(parts), job.kind)
-    chunks = f.to("cpu", job.dtype).split(x.shape[0])
-    out = {"features": chunks[0]}
-    k = 1
-    if "flipped" in job.extras:
-        out["flipped"] = chunks[k].flip(-1)
-        k += 1
-    if "student" in job.extras:
-        out["student"] = chunks[k]
-    if "image" in job.extras:
+    views = {"features": lambda: x, "flipped": lambda: x.flip(-1),
+             "student": lambda: _student_views(x, items, job.student_seed)}
+    wanted = [n for n in views if n in job.names]
+    out: dict[str, torch.Tensor] = {}
+    if wanted:
+        autocast = job.device.type == "cuda" and job.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(job.device.type, dtype=job.dtype, enabled=autocast):
+            f = job.backbone.forward_features(torch.cat([views[n]() for n in wanted]), job.kind)
+        for name, chunk in zip(wanted, f.to("cpu", job.dtype).split(x.shape[0]), strict=True):
+            out[name] = chunk.flip(-1) if name == "flipped" else chunk
+    if "image" in job.names:
         out["image"] = images.cpu()
     return out
 
@@ -356,9 +358,11 @@ def _compute(
     num_workers: int | None,
     timings: Timings,
 ) -> tuple[
-    dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]], list[tuple[Path, str]]
+    dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]], list[tuple[Path, str]]
 ]:
-    """Run the backbone over ``todo``; returns the tensors by input index and the failures."""
+    """Run the backbone over ``todo``; returns the tensors by input index with the features'
+    shape (None when only an image was computed: the cached features say it), and the
+    failures."""
     workers = _default_workers(len(todo)) if num_workers is None else num_workers
     batches = _shape_batches(todo, batch_size)
     loader = DataLoader(
@@ -370,7 +374,7 @@ def _compute(
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    out: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int]]] = {}
+    out: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]] = {}
     failed: list[tuple[Path, str]] = []
 
     def save(path: Path, name: str, tensor: torch.Tensor) -> None:
@@ -403,7 +407,7 @@ def _compute(
                     for name, t in mine.items():
                         path = cache / file_name(item.sha256, name, job.student_seed)
                         pending.append(writer.submit(save, path, name, t))
-                shape = tuple(mine["features"].shape)
+                shape = next((tuple(t.shape) for n, t in mine.items() if n != "image"), None)
                 out[item.index] = ({} if cache is not None else mine, shape)
             pending = [p for p in pending if not _done(p)]
             del tensors
