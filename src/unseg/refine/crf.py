@@ -186,16 +186,29 @@ def _unary(logits: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Te
     return -torch.log_softmax(up, dim=0)
 
 
-def dense_crf(
-    image: np.ndarray, logits: torch.Tensor | np.ndarray, config: CRFConfig | None = None
-) -> np.ndarray:
-    """Refine per-class ``logits [K, h, w]`` on ``image`` (uint8 RGB ``[H, W, 3]``).
+def crf_probabilities(
+    image: np.ndarray | torch.Tensor,
+    logits: torch.Tensor | np.ndarray,
+    config: CRFConfig | None = None,
+) -> torch.Tensor:
+    """Refine per-class ``logits [K, h, w]`` on ``image`` (uint8 RGB ``[H, W, 3]``, an array
+    or a tensor on any device).
 
-    Returns the CRF's marginals ``[K, H, W]`` (float32, each pixel sums to 1).
+    Returns the CRF's marginals ``[K, H, W]`` (float32, each pixel sums to 1) on the logits'
+    device (the CPU for an array): nothing goes through the host.
     """
     img = _check_image(image)
     unary = _unary(logits, tuple(img.shape[:2]))
-    return crf_marginals([img], [unary], config)[0].cpu().numpy()
+    return crf_marginals([img], [unary], config)[0]
+
+
+def dense_crf(
+    image: np.ndarray | torch.Tensor,
+    logits: torch.Tensor | np.ndarray,
+    config: CRFConfig | None = None,
+) -> np.ndarray:
+    """:func:`crf_probabilities` as a float32 array ``[K, H, W]`` (each pixel sums to 1)."""
+    return crf_probabilities(image, logits, config).cpu().numpy()
 
 
 def dense_crf_reference(
