@@ -36,6 +36,7 @@ from unseg.refine.lattice import Lattice, build_lattice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_VECTOR_LABELS = 16  # from this many labels on, torch's own row softmax is the faster
 _runner = threading.local()  # .stop: the Event of the CRFPool whose thread this is
 
 
@@ -107,6 +108,17 @@ def _normalised(lattice: Lattice, compat: float) -> Lattice:
     return lattice.scaled(norm, compat * norm)
 
 
+def _row_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax of each row of ``x [N, K]``. Below 16 labels spelled out: torch's CPU softmax
+    over a last dimension shorter than its vector width runs scalar, e.g. at ``[140k, K]`` on
+    one thread 13 / 36 ms for K = 5 / 15 against 3 / 7 ms here (about a quarter of a 15-label
+    CRF), while from K = 16 on its 3-8 ms beat the spelled-out 7-12 ms."""
+    if x.shape[1] >= _VECTOR_LABELS:
+        return torch.softmax(x, 1)
+    e = (x - x.amax(1, keepdim=True)).exp_()  # exp_ keeps its output for the gradient
+    return e / e.sum(1, keepdim=True)
+
+
 def _kept_labels(probs: torch.Tensor, floor: float) -> torch.Tensor:
     """Indices of the labels of ``probs [K, H, W]`` that reach ``floor`` somewhere (never
     none: the labels at the image's highest probability always take part)."""
@@ -153,13 +165,13 @@ def crf_marginals(
     gauss = _normalised(build_lattice(gauss_f, batch), config.gaussian_compat)
     _check_stopped()
     kernels = [gauss, _normalised(build_lattice(bilat_f, batch), config.bilateral_compat)]
-    q = torch.softmax(-unary, 1)
+    q = _row_softmax(-unary)
     for _ in range(config.iterations):
         _check_stopped()
         energy = kernels[0].filter(q) - unary
         for kernel in kernels[1:]:
             energy += kernel.filter(q)
-        q = torch.softmax(energy, 1)
+        q = _row_softmax(energy)
 
     out = []
     start = 0
