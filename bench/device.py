@@ -122,7 +122,7 @@ def main() -> int:
     crf["per_image_over_backbone_per_image"] = round(
         crf["per_image_batched"] / (backbone_s / len(paths)), 3)
     print(json.dumps({
-        "benchmark": "segment on CUDA: seconds per stage beside features",
+        "benchmark": f"segment on {DEVICE}: seconds per stage beside features",
         "images": {"from": args.images, "count": len(paths)},
         "backbone": backbone,
         "features": floor,
