@@ -5,8 +5,10 @@ Runs in this process, each into a fresh folder: ``features`` twice (the better o
 then the torch dense CRF alone on the same images at the features' resolution (K = 21 smooth
 random logits; all images in one batch, and one at a time), timed with CUDA synchronisation,
 beside the backbone's seconds per image. Prints JSON. Exits 2 when no CUDA device is visible.
+``--device cpu`` runs the same steps on the CPU (a dry run of the script: ``--max-images 4``).
 
 Usage: python bench/device.py [--images ../shared/data/VOC2012] [--max-images N] [-k 21]
+                              [--device cuda]
 """
 
 from __future__ import annotations
@@ -36,29 +38,33 @@ REPO = Path(__file__).resolve().parents[1]
 VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
 
 
+DEVICE = torch.device("cuda")
+
+
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _features(paths: list[Path], out: Path, backbone: str) -> tuple[dict[str, Any], Any]:
     timings = Timings()
     _sync()
     start = time.perf_counter()
-    model = create_backbone(backbone, device="cuda")
+    model = create_backbone(backbone, device=DEVICE)
     feats = extract_features(paths, model, cache_dir=out, timings=timings, extras=("image",))
     _sync()
     return {"seconds": round(time.perf_counter() - start, 3), "stages": timings.as_dict()}, feats
 
 
 def _crf_alone(images: list[torch.Tensor], k: int) -> dict[str, float]:
-    """Seconds of the torch CRF on the GPU: the batch at once, then image by image."""
+    """Seconds of the torch CRF on the device: the batch at once, then image by image."""
     unaries = []
     gen = torch.Generator().manual_seed(0)
     for img in images:
         h, w = img.shape[:2]
         noise = torch.randn(1, k, max(1, h // 8), max(1, w // 8), generator=gen)
         logits = F.interpolate(F.avg_pool2d(noise, 5, 1, 2) * 12, size=(h, w), mode="bilinear")
-        unaries.append((-torch.log_softmax(logits[0], 0)).cuda())
+        unaries.append((-torch.log_softmax(logits[0], 0)).to(DEVICE))
     crf_marginals(images[:1], unaries[:1])  # warm-up
     _sync()
     start = time.perf_counter()
@@ -81,8 +87,11 @@ def main() -> int:
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--num-classes", "-k", type=int, default=21)
     parser.add_argument("--backbone", default=None)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:1, or cpu (a dry run)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print("bench/device.py: no CUDA device visible to torch", file=sys.stderr)
         return 2
     backbone = resolve_backbone_name(args.backbone)
@@ -101,26 +110,27 @@ def main() -> int:
         _sync()
         start = time.perf_counter()
         segment(folder, out, method, args.num_classes,
-                settings=SemanticSettings(backbone=backbone, device="cuda"))
+                settings=SemanticSettings(backbone=backbone, device=str(DEVICE)))
         _sync()
         seconds = time.perf_counter() - start
         meta = json.loads((out / "run" / "config.json").read_text())
         runs[f"segment {method}"] = {"seconds": round(seconds, 3), "stages": meta["timings"],
                                      "over_features": round(seconds / floor["seconds"], 2)}
-    images = [feats.extra(p, "image").permute(1, 2, 0).contiguous() for p in paths]
+    images = [feats.extra(p, "image").to(DEVICE).permute(1, 2, 0).contiguous() for p in paths]
     crf = _crf_alone(images, args.num_classes)
     backbone_s = floor["stages"].get("backbone", floor["seconds"])
     crf["per_image_over_backbone_per_image"] = round(
         crf["per_image_batched"] / (backbone_s / len(paths)), 3)
     print(json.dumps({
-        "benchmark": "segment on CUDA: seconds per stage beside features",
+        "benchmark": f"segment on {DEVICE}: seconds per stage beside features",
         "images": {"from": args.images, "count": len(paths)},
         "backbone": backbone,
         "features": floor,
         "runs": runs,
         "crf_alone_k21": crf,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(0), "cpu_count": os.cpu_count(),
+                    "device": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+                               else "cpu"), "cpu_count": os.cpu_count(),
                     "load_average": [round(v, 2) for v in os.getloadavg()]},
     }, indent=2))
     return 0

@@ -21,6 +21,7 @@ from unseg.proposals.primaps import PriMaPsConfig, principal_masks, proposal_log
 from unseg.refine.crf import (
     CRFConfig,
     CRFPool,
+    _row_softmax,
     crf_marginals,
     dense_crf,
     dense_crf_batch,
@@ -199,6 +200,19 @@ def test_a_floor_above_every_label_keeps_the_most_probable_one() -> None:
     unary = torch.softmax(logits, 0).numpy()
     np.testing.assert_allclose(q[1], unary[1], rtol=1e-5)  # left out: its unary probability
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 15, 16, 21])
+def test_the_row_softmax_is_scipys(k: int, rng: np.random.Generator) -> None:
+    """Both of its branches (spelled out below 16 labels, torch's from 16), with an infinite
+    energy (a padding label) in every row."""
+    from scipy.special import softmax
+
+    x = rng.normal(0, 20, (300, k)).astype(np.float32)
+    if k > 1:
+        x[:, -1] = -np.inf
+    got = _row_softmax(torch.from_numpy(x.copy()))
+    np.testing.assert_allclose(got.numpy(), softmax(x.astype(np.float64), axis=1), atol=1e-6)
 
 
 def test_the_lattice_blurs_like_a_gaussian_of_unit_width() -> None:

@@ -19,6 +19,7 @@ from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, SemanticEstimator
 from unseg.methods.kmeans import KMeans, KMeansConfig, cosine_logits
 from unseg.methods.primaps_em import (
+    Adam,
     PriMaPsEM,
     PriMaPsEMConfig,
     e_step,
@@ -28,6 +29,7 @@ from unseg.methods.primaps_em import (
     focal_weights,
     pca_directions,
     prototype_logits,
+    top_eigenvectors,
 )
 
 
@@ -357,6 +359,38 @@ def test_pca_directions_match_numpy_svd() -> None:
     xc = x.double().numpy() - x.double().numpy().mean(0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     np.testing.assert_allclose(np.abs((vt[:3] * d.double().numpy()).sum(1)), 1.0, atol=1e-5)
+
+
+def test_adam_is_torchs_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(5)
+    ours = [torch.randn(5, 7, generator=g).requires_grad_(True), torch.ones(5, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    mine, reference = Adam(ours, lr=5e-3), torch.optim.Adam(theirs, lr=5e-3)
+    for _ in range(30):
+        grads = [torch.randn(p.shape, generator=g) * 10 ** float(torch.randint(-6, 2, (1,),
+                                                                             generator=g))
+                 for p in ours]
+        for p, q, grad in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        mine.step()
+        reference.step()
+        for p, q in zip(ours, theirs, strict=True):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("size", [8, 64])
+def test_top_eigenvectors_are_numpys(size: int) -> None:
+    """Lanczos (k below size / 2) and eigh (the others) give numpy's eigenvectors, largest
+    eigenvalue first."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3 * size, size, generator=g, dtype=torch.float64) * torch.linspace(
+        5, 0.1, size, dtype=torch.float64)
+    m = a.T @ a
+    _, v = np.linalg.eigh(m.numpy())
+    for k in (1, 3, size // 2 + 1):
+        got = top_eigenvectors(m, k).numpy()
+        assert got.shape == (size, k)
+        np.testing.assert_allclose(np.abs((got * v[:, ::-1][:, :k]).sum(0)), 1.0, atol=1e-10)
 
 
 def test_bad_inputs() -> None:

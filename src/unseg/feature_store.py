@@ -65,6 +65,8 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
     """Mapping image path → features ``[C, h, w]``, loaded lazily from the cache when cached.
 
     ``paths`` are the images that succeeded, in input order; ``report`` lists the failures.
+    ``device``: where the backbone that computed them ran, so where the stages that use them
+    (proposals, refinement) run; the tensors themselves are held on the host or on disk.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
         tensors: dict[tuple[str, str], torch.Tensor] | None = None,
         stats: dict[str, int] | None = None,
         student_seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         self._records = records
         self.report = report
@@ -82,6 +85,7 @@ class FeatureSet(Mapping[Path, torch.Tensor]):
         self._tensors = tensors or {}
         self.stats = stats or {}
         self.student_seed = student_seed
+        self.device = torch.device(device)
 
     @property
     def paths(self) -> list[Path]:

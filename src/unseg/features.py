@@ -304,7 +304,7 @@ def extract_features(
         "cached": len(ordered) - computed,
         "failed": len(failures),
     }
-    return FeatureSet(ordered, report, cache, tensors, stats, student_seed)
+    return FeatureSet(ordered, report, cache, tensors, stats, student_seed, device)
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ def _student_views(images: torch.Tensor, items: list[_Item], seed: int) -> torch
     views = []
     for x, item in zip(images, items, strict=True):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + int(item.sha256[:12], 16))
-        views.append(student_view(x.cpu(), gen).to(images.device))
+        views.append(student_view(x, gen))  # on the images' device: the draws are scalars
     return torch.stack(views)
 
 

@@ -401,7 +401,7 @@ class Segmenter:
                                                  predict.predict, dev, pool, self.timings):
                 up = F.interpolate(q[None].float(), size=feats.original_size(p),
                                    mode="bilinear", align_corners=False)[0]
-                out.append(up.numpy())
+                out.append(up.cpu().numpy())
         return out
 
     def predict_boxes(self, images: Any) -> list[list[float] | None]:

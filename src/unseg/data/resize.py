@@ -145,16 +145,17 @@ def upsample_argmax(
     ``tile`` elements starting at multiples of 64; a running maximum joins the groups. For most
     shapes the probabilities are bitwise those of the one-piece call; for some (three classes,
     narrow maps) torch's one-piece kernel rounds the last bit differently, and a label can then
-    differ only where two classes tie to within that bit.
+    differ only where two classes tie to within that bit. Runs on ``probs``' device; only the
+    labels come to the host.
     """
     k, h, _ = probs.shape
     height, width = size
-    probs = probs.detach().float().cpu()
+    probs = probs.detach().float()
     most = max(1, min(k, tile // (h * width)))
     groups = [range(g0, min(k, g0 + most)) for g0 in range(0, k, most)]
     cols = max(_ALIGN, tile // (len(groups[0]) * height) // _ALIGN * _ALIGN)
     labels = np.empty(size, dtype=np.uint8 if k <= 256 else np.int64)
-    best = torch.empty(size) if len(groups) > 1 else None
+    best = torch.empty(size, device=probs.device) if len(groups) > 1 else None
     for group in groups:
         rows = F.interpolate(probs[None, group.start : group.stop], size=(h, width),
                              mode="bilinear", align_corners=False)
@@ -165,11 +166,11 @@ def upsample_argmax(
             value, index = up.max(0)  # the first index of the maximum, as argmax
             out = labels[:, c0 : c0 + cols]
             if group.start == 0:
-                out[...] = index.numpy()
+                out[...] = index.cpu().numpy()
             else:  # a later group wins where strictly larger: ties keep the first class
                 assert best is not None
-                better = (value > best[:, c0 : c0 + cols]).numpy()
-                out[better] = index.numpy()[better] + group.start
+                better = (value > best[:, c0 : c0 + cols]).cpu().numpy()
+                out[better] = index.cpu().numpy()[better] + group.start
             if best is not None:
                 seen = best[:, c0 : c0 + cols]
                 seen.copy_(value if group.start == 0 else torch.maximum(seen, value))

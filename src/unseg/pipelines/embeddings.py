@@ -54,7 +54,7 @@ class EmbeddedFeatures(FeatureSet):
 
     def __init__(self, feats: FeatureSet, estimator: MaskContrast) -> None:
         super().__init__({p: feats.record(p) for p in feats.paths}, feats.report,
-                         feats.cache_dir, None, feats.stats, feats.student_seed)
+                         feats.cache_dir, None, feats.stats, feats.student_seed, feats.device)
         self._source = feats
         self._estimator = estimator
         self._embedded: dict[tuple[Path, str], torch.Tensor] = {}

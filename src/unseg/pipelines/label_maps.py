@@ -81,18 +81,24 @@ def overlay_image(image: torch.Tensor, mask: Image.Image) -> Image.Image:
     return Image.blend(big, mask.convert("RGB"), OVERLAY_ALPHA)
 
 
+def on_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` → ``[H, W, 3]`` on ``device`` (what the refinement takes)."""
+    return image.to(device).permute(1, 2, 0)
+
+
 @torch.inference_mode()
 def class_logits(
     estimator: SemanticEstimator, feats: FeatureSet, path: Path, settings: PredictSettings,
     device: torch.device,
 ) -> torch.Tensor:
-    """The estimator's logits ``[K, H', W']`` for ``path`` at its resized image size."""
+    """The estimator's logits ``[K, H', W']`` for ``path`` at its resized image size, on
+    ``device``."""
     f = feats[path].float()
     if settings.flip:
         f = (f + feats.extra(path, "flipped").float()) / 2
     lg = estimator.logits(f.to(device), settings.label_factor)
     size = feats.image_size(path)
-    return F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0].cpu()
+    return F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def refined_probabilities(
@@ -105,7 +111,10 @@ def refined_probabilities(
     timings: Timings,
 ) -> Iterator[tuple[Path, torch.Tensor, torch.Tensor]]:
     """``(path, refined class probabilities [K, H', W'], resized uint8 image [3, H', W'])`` of
-    each of ``paths`` (whose features and extras are in ``feats``), :data:`CHUNK` at a time."""
+    each of ``paths`` (whose features and extras are in ``feats``), :data:`CHUNK` at a time.
+
+    The logits and their refinement stay on ``device`` (each image is taken there once, for
+    its refinement); the probabilities are on ``device``, the image where ``feats`` keeps it."""
     refine = RefineConfig(settings.refine, pool.config)  # type: ignore[arg-type]
     paths = list(paths)
     for start in range(0, len(paths), CHUNK):
@@ -116,7 +125,7 @@ def refined_probabilities(
             # the cores; on a shared machine this is several times faster than two
             logits = [class_logits(estimator, feats, p, settings, device) for p in chunk]
         with timings.stage("refinement"):
-            probs = refine_many(logits, [hwc(im) for im in images], refine, pool)
+            probs = refine_many(logits, [on_device(im, device) for im in images], refine, pool)
         yield from zip(chunk, probs, images, strict=True)
 
 

@@ -3,7 +3,9 @@ image's sha256, under a folder named by the settings they depend on), shared acr
 
 Each image's proposals come from its features and its resized uint8 image (the ``"image"``
 extra of the extraction: the features' 320 short side, the reference's resolution), so nothing
-is decoded again.
+is decoded again. Both are taken once to the features' device (``FeatureSet.device``, the
+backbone's), where the proposals and their refinement run; only what is cached on disk comes
+back to the host.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ def hwc(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
 
 
+def _inputs(
+    feats: FeatureSet, chunk: list[Path]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The resized images ``[H, W, 3]`` and features ``[C, h, w]`` of ``chunk`` on
+    ``feats.device``."""
+    images = [feats.extra(p, "image").to(feats.device).permute(1, 2, 0) for p in chunk]
+    return images, [feats[p].to(feats.device) for p in chunk]
+
+
 def pseudo_label_dir(cache: Path, feats: FeatureSet, cfg: PriMaPsConfig, crf: CRFConfig) -> Path:
     """Cache folder of the pseudo-labels under ``cache``: named by the feature setting, PriMaPs
     and the CRF."""
@@ -51,8 +62,8 @@ def compute_pseudo_labels(
     timings: Timings,
 ) -> list[torch.Tensor]:
     """PriMaPs pseudo-labels ``[H', W']`` (int16, as stored) of ``paths`` at their resized size,
-    cached in ``out_dir`` (None: computed in memory, in one process); ``feats`` must hold the
-    ``"image"`` extra. Refinement runs in ``pool``.
+    cached in ``out_dir`` (None: computed in memory, in one process, and left on
+    ``feats.device``); ``feats`` must hold the ``"image"`` extra. Refinement runs in ``pool``.
 
     Under torchrun each rank computes its share of the missing ones; all ranks return all.
     """
@@ -60,10 +71,9 @@ def compute_pseudo_labels(
         out: list[torch.Tensor] = []
         for chunk in chunked(paths, CHUNK, desc="PriMaPs"):
             with timings.stage("proposals"):
+                images, features = _inputs(feats, chunk)
                 out += [lab.to(torch.int16) for lab in primaps_pseudo_labels(
-                    [hwc(feats.extra(p, "image")) for p in chunk], [feats[p] for p in chunk],
-                    config, pool.config, pool=pool,
-                )]
+                    images, features, config, pool.config, pool=pool)]
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -73,14 +83,12 @@ def compute_pseudo_labels(
     todo = [p for p in paths if not file(p).is_file()]
     mine = dist.shard(todo, dist.rank(), dist.world_size())
     for chunk in chunked(mine, CHUNK, desc="PriMaPs"):
-        images = [hwc(feats.extra(p, "image")) for p in chunk]
         with timings.stage("proposals"):
-            labels = primaps_pseudo_labels(
-                images, [feats[p] for p in chunk], config, pool.config, pool=pool
-            )
+            images, features = _inputs(feats, chunk)
+            labels = primaps_pseudo_labels(images, features, config, pool.config, pool=pool)
         with timings.stage("writing"):
             for p, lab in zip(chunk, labels, strict=True):
-                tensor = {"labels": lab.to(torch.int16).contiguous()}
+                tensor = {"labels": lab.to("cpu", torch.int16).contiguous()}
                 atomic_write(file(p), lambda t, tensor=tensor: save_file(tensor, str(t)))
     dist.barrier()
     return [load_file(str(file(p)))["labels"] for p in paths]

@@ -15,7 +15,8 @@ Then a 3x3 median filter (reflect padding, as the reference's ``MedianPool2d``),
 to ``[0, 1]``, a background channel first, log-softmax, refinement at the given image's size
 (``refine``: the dense CRF by default, as the paper; :mod:`unseg.refine.semantic`), argmax, and
 the background id becomes the ignore label. The pipelines give the image resized as for the
-features (the 320 short side, the reference's resolution).
+features (the 320 short side, the reference's resolution). Everything runs on the features'
+device (the image is taken there once): on a GPU the proposals and their CRF stay there.
 
 Details the paper leaves open, fixed here and documented:
 
@@ -245,48 +246,50 @@ def ids_from_argmax(argmax: torch.Tensor, ignore_index: int = 255) -> torch.Tens
 
 
 def pseudo_labels_one(
-    image: np.ndarray,
+    image: np.ndarray | torch.Tensor,
     features: torch.Tensor,
     config: PriMaPsConfig | None = None,
     crf_config: CRFConfig | None = None,
 ) -> torch.Tensor:
-    """PriMaPs pseudo-label ``[H, W]`` (int64) of one image: proposals, refinement (the CRF by
-    default), background → ignore.
+    """PriMaPs pseudo-label ``[H, W]`` (int64, on the features' device) of one image:
+    proposals, refinement (the CRF by default), background → ignore.
 
-    ``image`` is uint8 RGB ``[H, W, 3]`` (the output resolution), ``features`` ``[C, h, w]``.
+    ``image`` is uint8 RGB ``[H, W, 3]`` (the output resolution; an array or a tensor),
+    ``features`` ``[C, h, w]``.
     """
     config = config or PriMaPsConfig()
     log_probs = proposal_log_probs(principal_masks(features, config).masks, config)
     if config.refine == "none":
-        return labels_from_log_probs(log_probs, image.shape[:2], config.ignore_index)
-    up = F.interpolate(log_probs[None].cpu(), size=image.shape[:2], mode="bilinear",
+        return labels_from_log_probs(log_probs, tuple(image.shape[:2]), config.ignore_index)
+    up = F.interpolate(log_probs[None], size=tuple(image.shape[:2]), mode="bilinear",
                        align_corners=False)[0]
     refine = RefineConfig(config.refine, crf_config or CRFConfig())
     return ids_from_argmax(refine_logits(up, image, refine).argmax(dim=0), config.ignore_index)
 
 
 def _pseudo_task(
-    args: tuple[np.ndarray, torch.Tensor, PriMaPsConfig, CRFConfig | None],
+    args: tuple[np.ndarray | torch.Tensor, torch.Tensor, PriMaPsConfig, CRFConfig | None],
 ) -> torch.Tensor:
     return pseudo_labels_one(*args)
 
 
 def primaps_pseudo_labels(
-    images: list[np.ndarray],
+    images: list[np.ndarray] | list[torch.Tensor],
     features: list[torch.Tensor],
     config: PriMaPsConfig | None = None,
     crf_config: CRFConfig | None = None,
     num_workers: int = 1,
     pool: CRFPool | None = None,
 ) -> list[torch.Tensor]:
-    """:func:`pseudo_labels_one` for several images, spread over ``num_workers`` processes.
+    """:func:`pseudo_labels_one` for several images, spread over ``num_workers`` threads, each
+    on its features' device.
 
     An open ``pool`` is used instead of starting one.
     """
     config = config or PriMaPsConfig()
     if len(images) != len(features):
         raise UnsegError(f"{len(images)} images but {len(features)} feature maps")
-    tasks = [(img, f.cpu(), config, crf_config) for img, f in zip(images, features, strict=True)]
+    tasks = [(img, f, config, crf_config) for img, f in zip(images, features, strict=True)]
     if pool is not None:
         return pool.map_fn(_pseudo_task, tasks)
     with CRFPool(num_workers, crf_config) as own:

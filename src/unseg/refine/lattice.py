@@ -188,12 +188,18 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
         shift = (step * strides).sum()
         blur_index[j, :, 0] = itself
         blur_weight[j, :, 0] = 1.0
-        for side, sign in ((1, 1), (2, -1)):
-            wanted = uniq + sign * shift  # sorted queries: a cache-friendly search
-            pos = torch.searchsorted(uniq, wanted).clamp_max(m - 1)
-            found = (uniq[pos] == wanted)[order]
-            blur_index[j, :, side] = torch.where(found, renumber[pos][order], itself)
-            blur_weight[j, :, side] = found.float() * 0.5
+        # in sorted-code order: one search finds each vertex's neighbour at +shift (sorted
+        # queries: a cache-friendly search); the neighbour at -shift is its inverse
+        wanted = uniq + shift
+        pos = torch.searchsorted(uniq, wanted).clamp_max(m - 1)
+        up = uniq[pos] == wanted
+        down = torch.zeros_like(up)
+        down[pos[up]] = True
+        minus = itself.clone()
+        minus[pos[up]] = itself[up]
+        for side, found, neighbour in ((1, up, torch.where(up, pos, itself)), (2, down, minus)):
+            blur_index[j, :, side] = renumber[neighbour][order]
+            blur_weight[j, :, side] = found[order].float() * 0.5
 
     by_vertex = vertex.argsort(stable=True)
     counts = torch.bincount(vertex, minlength=m)

@@ -1,7 +1,9 @@
 """Refinement of per-class scores on the image: none, dense CRF, guided filter, or both.
 
 One function (:func:`refine_logits`) for every choice, so a pipeline composes them the same way
-whichever is chosen, and :class:`RefinePool` runs it across worker processes.
+whichever is chosen, and :class:`unseg.refine.crf.CRFPool` runs it across threads. Everything
+runs on the logits' device (the image is taken there once), so a pipeline on a GPU refines
+there without a round trip through the host.
 
 - ``none``: the softmax of the logits;
 - ``crf``: the dense CRF's marginals (:mod:`unseg.refine.crf`, the reference parameters);
@@ -23,7 +25,7 @@ import torch
 
 from unseg.data.color import luma
 from unseg.errors import UnsegError
-from unseg.refine.crf import CRFConfig, CRFPool, dense_crf
+from unseg.refine.crf import CRFConfig, CRFPool, crf_probabilities
 from unseg.refine.guided_filter import guided_filter
 
 Refine = Literal["none", "crf", "guided", "guided+crf"]
@@ -33,6 +35,7 @@ DEFAULT_REFINE: Refine = "crf"
 # PriMaPs pseudo-labels: the CRF, as the paper.
 DEFAULT_PSEUDO_REFINE: Refine = "crf"
 _FLOOR = 1e-8
+Image = np.ndarray | torch.Tensor  # uint8 RGB [H, W, 3]: an array, or a tensor on any device
 
 
 @dataclass(frozen=True)
@@ -58,60 +61,67 @@ def check_refine(mode: str) -> Refine:
 
 def guided_probs(
     probs: torch.Tensor,
-    image: np.ndarray,
+    image: Image,
     radius: int = 9,
     eps: float = 1e-3,
     subsample: int = 1,
 ) -> torch.Tensor:
     """Guided-filtered probabilities ``[K, H, W]`` of ``probs [K, H, W]`` on uint8 RGB
-    ``image [H, W, 3]`` (luma guide), clipped at 0 and renormalised to sum to 1 per pixel."""
+    ``image [H, W, 3]`` (luma guide), clipped at 0 and renormalised to sum to 1 per pixel;
+    on the probabilities' device."""
     if tuple(probs.shape[1:]) != tuple(image.shape[:2]):
-        raise UnsegError(f"probabilities {tuple(probs.shape)} do not match image {image.shape}")
-    rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
+        raise UnsegError(
+            f"probabilities {tuple(probs.shape)} do not match image {tuple(image.shape)}")
+    pixels = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray)
+                             else image)
+    rgb = pixels.to(probs.device).permute(2, 0, 1).float().div(255.0)
     q = guided_filter(luma(rgb)[None], probs.float()[None], radius, eps, subsample)[0]
     q = q.clamp_min(0)
     return q / q.sum(dim=0, keepdim=True).clamp_min(_FLOOR)
 
 
 def refine_logits(
-    logits: torch.Tensor, image: np.ndarray, config: RefineConfig | None = None
+    logits: torch.Tensor, image: Image, config: RefineConfig | None = None
 ) -> torch.Tensor:
     """Refined class probabilities ``[K, H, W]`` of ``logits [K, H, W]`` (at the image's size)
-    on uint8 RGB ``image [H, W, 3]``; see the module docstring for the modes."""
+    on uint8 RGB ``image [H, W, 3]``, on the logits' device; see the module docstring for the
+    modes."""
     config = config or RefineConfig()
     check_refine(config.mode)
     logits = torch.as_tensor(logits, dtype=torch.float32)
     if logits.ndim != 3 or tuple(logits.shape[1:]) != tuple(image.shape[:2]):
         raise UnsegError(
-            f"logits {tuple(logits.shape)} must be [K, H, W] at the image's size {image.shape[:2]}"
+            f"logits {tuple(logits.shape)} must be [K, H, W] at the image's size "
+            f"{tuple(image.shape[:2])}"
         )
     if config.mode == "crf":
-        return torch.from_numpy(dense_crf(image, logits, config.crf))
+        return crf_probabilities(image, logits, config.crf)
     probs = logits.softmax(dim=0)
     if config.mode == "none":
         return probs
     probs = guided_probs(probs, image, config.radius, config.eps, config.subsample)
     if config.mode == "guided":
         return probs
-    return torch.from_numpy(dense_crf(image, probs.clamp_min(_FLOOR).log(), config.crf))
+    return crf_probabilities(image, probs.clamp_min(_FLOOR).log(), config.crf)
 
 
-def _refine_task(args: tuple[torch.Tensor, np.ndarray, RefineConfig]) -> torch.Tensor:
+def _refine_task(args: tuple[torch.Tensor, Image, RefineConfig]) -> torch.Tensor:
     logits, image, config = args
     return refine_logits(logits, image, config)
 
 
 def refine_many(
     logits: Sequence[torch.Tensor],
-    images: Sequence[np.ndarray],
+    images: Sequence[Image],
     config: RefineConfig,
     pool: CRFPool | None = None,
 ) -> list[torch.Tensor]:
-    """:func:`refine_logits` of each ``(logits, image)`` pair, across ``pool``'s processes when
-    the refinement is worth sending there (any mode but ``none``)."""
+    """:func:`refine_logits` of each ``(logits, image)`` pair, across ``pool``'s threads when
+    the refinement is worth sending there (any mode but ``none``); each result on its logits'
+    device."""
     if len(logits) != len(images):
         raise UnsegError(f"{len(images)} images but {len(logits)} logit maps")
-    tasks = [(lg.float().cpu(), img, config) for lg, img in zip(logits, images, strict=True)]
+    tasks = [(lg.float(), img, config) for lg, img in zip(logits, images, strict=True)]
     if pool is None or config.mode == "none":
         return [_refine_task(t) for t in tasks]
     return pool.map_fn(_refine_task, tasks)

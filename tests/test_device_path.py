@@ -1,0 +1,121 @@
+"""The segment path stays on the backbone's device: no host copies between the features and the
+labels (issue 19 item 4).
+
+There is no GPU here, so the test watches the calls instead: every ``Tensor.cpu()``,
+``Tensor.numpy()`` and ``.to("cpu")`` made while the proposals, their CRF, the EM, the
+prediction and its refinement run is recorded (a torch function mode) with the function that
+made it (``.to`` only with the string ``"cpu"``: here the CPU device stands for the backbone's).
+On a CUDA device each of them would be a round trip through the host. The only ones
+allowed are the CPU-only fast paths, which a CUDA tensor never takes (ARPACK in
+``top_eigenvector``, OpenCV in ``guided_filter``), and the labels' final trip to the PNG writer
+(``upsample_argmax``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from unseg.feature_store import FeatureRecord, FeatureSet
+from unseg.methods.base import FitInputs
+from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
+from unseg.pipelines.label_maps import PredictSettings, refined_probabilities
+from unseg.pipelines.pseudo_labels import compute_pseudo_labels
+from unseg.proposals.primaps import PriMaPsConfig
+from unseg.refine.crf import CRFPool, crf_probabilities
+from unseg.refine.semantic import RefineConfig, refine_logits
+from unseg.utils.batch import BatchReport
+from unseg.utils.timing import Timings
+
+ALLOWED = {"top_eigenvector", "guided_filter", "upsample_argmax"}
+
+
+class HostCopies(TorchFunctionMode):
+    """Records ``(function, caller)`` of each host copy made inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # a literal "cpu" (a torch.device is where the caller was told to compute: here the
+        # CPU stands for the backbone's device)
+        to_cpu = name == "to" and "cpu" in (*args[1:], kwargs.get("device"))
+        if name in ("cpu", "numpy") or to_cpu:
+            frame = sys._getframe(1)
+            while frame.f_code.co_name.startswith("<") and frame.f_back is not None:
+                frame = frame.f_back  # a comprehension's frame: its function's
+            caller = frame.f_code.co_name
+            if caller not in ALLOWED:
+                self.seen.append((name, caller))
+        return func(*args, **kwargs)
+
+
+def _scene(seed: int = 0) -> tuple[FeatureSet, list[Path]]:
+    """Two images with planted regions and their features ``[16, 6, 8]`` (stride 8) in memory."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, records, paths = {}, {}, []
+    for i in range(2):
+        regions = torch.zeros(6, 8, dtype=torch.long)
+        regions[:3, 3:] = 1
+        regions[3:, : 4 + i] = 2
+        centres = torch.randn(3, 16, generator=g) * 2
+        feats = (centres[regions] + 0.1 * torch.randn(6, 8, 16, generator=g)).permute(2, 0, 1)
+        colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.uint8)
+        image = colours[regions].permute(2, 0, 1)
+        image = image.repeat_interleave(8, 1).repeat_interleave(8, 2).contiguous()
+        sha = f"sha{i}"
+        tensors |= {(sha, "features"): feats.contiguous(), (sha, "image"): image,
+                    (sha, "flipped"): feats.flip(-1).contiguous()}
+        path = Path(f"img{i}.png")
+        records[path] = FeatureRecord(sha, (48, 64), (48, 64), (16, 6, 8))
+        paths.append(path)
+    return FeatureSet(records, BatchReport(), None, tensors), paths
+
+
+@pytest.mark.parametrize("refine", ["crf", "guided+crf", "none"])
+def test_proposals_em_prediction_and_refinement_make_no_host_copies(refine: str) -> None:
+    feats, paths = _scene()
+    timings = Timings()
+    with CRFPool(1) as pool, HostCopies() as copies:
+        labels = compute_pseudo_labels(paths, feats, None, PriMaPsConfig(), pool, timings)
+        est = PriMaPsEM(PriMaPsEMConfig(num_classes=3, steps=3, batch_size=2), "cpu")
+        est.fit(FitInputs(features=[feats[p] for p in paths], proposals=labels))
+        out = list(refined_probabilities(est, feats, paths, PredictSettings(refine=refine),
+                                         torch.device("cpu"), pool, timings))
+    assert copies.seen == []
+    assert len(labels) == 2 and labels[0].shape == (48, 64)
+    for _, q, _ in out:
+        assert q.shape == (3, 48, 64)
+        torch.testing.assert_close(q.sum(0), torch.ones(48, 64))
+
+
+def test_the_crf_and_the_refinement_take_a_tensor_image_with_the_arrays_result() -> None:
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (24, 32, 3), dtype=torch.uint8, generator=g)
+    logits = torch.randn(4, 24, 32, generator=g)
+    with HostCopies() as copies:
+        q = crf_probabilities(image, logits)
+        r = refine_logits(logits, image, RefineConfig("guided+crf"))
+    assert copies.seen == []
+    torch.testing.assert_close(q, crf_probabilities(image.numpy(), logits.numpy()))
+    torch.testing.assert_close(r, refine_logits(logits, image.numpy(),
+                                                RefineConfig("guided+crf")))
+    assert isinstance(q, torch.Tensor) and q.device == logits.device
+
+
+def test_the_watch_sees_a_host_copy() -> None:
+    """The mode records what the segment path must not do."""
+    with HostCopies() as copies:
+        torch.ones(2).cpu()
+        np.asarray(torch.ones(2).numpy())
+        torch.ones(2).to("cpu")
+    assert [name for name, _ in copies.seen] == ["cpu", "numpy", "to"]
