@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # bottom to top; a module may import its own layer and those below it
 LAYERS: list[tuple[str, ...]] = [

@@ -23,7 +23,7 @@ from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features, load_cache
 from unseg.utils import dist
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, which the rank script imports
 SIZES = [(40, 60), (60, 40), (40, 60), (50, 50), (33, 47), (40, 60)]
 
 

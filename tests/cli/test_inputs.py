@@ -377,7 +377,7 @@ def test_a_file_without_read_permission_as_a_user(tmp_path: Path) -> None:
     locked.chmod(0)
     code = ("import sys; from pathlib import Path; from unseg.data.inputs import unreadable; "
             f"print(unreadable(Path({str(locked)!r})))")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     out = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
          code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src},
