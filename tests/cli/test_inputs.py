@@ -35,7 +35,7 @@ BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("registered_stand_in")
 STRIDE = 16
 SIZE = ["--size", "64"]
-# the MaskContrast head at its smallest (see tests/test_maskcontrast_cli.py)
+# the MaskContrast head at its smallest (see tests/cli/test_maskcontrast_cli.py)
 MASKCONTRAST = ["--epochs", "1", "--width", "16", "--aspp-rates", "1", "2", "--view-size", "32",
                 "--loss-size", "16", "--batch-size", "4"]
 FAILED = re.compile(r"^failed: (.+?): (.+)$")
