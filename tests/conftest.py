@@ -17,13 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unseg.backbones import (
-    Backbone,
-    BackboneSpec,
-    build_backbone,
-    list_backbones,
-    register_backbone,
-)
+import unseg.backbones.base as backbone_registry
+from unseg.backbones import Backbone, BackboneSpec, build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -126,10 +121,10 @@ def _create(name: str, weights=None, device=None, **kwargs) -> Backbone:
 @pytest.fixture(scope="module")
 def registered_stand_in() -> Iterator[str]:
     """The stand-in registered as ``stand_in16`` (stride 16), and every ``create_backbone`` of
-    the commands building it (no weight files involved); yields the name."""
-    if not list_backbones(STAND_IN):
-        register_backbone(stand_in_spec(), StandInBackbone)
+    the commands building it (no weight files involved), for the module; yields the name."""
     with pytest.MonkeyPatch.context() as mp:
+        # registered for the module only: the tests after it see the package's backbones
+        mp.setitem(backbone_registry._REGISTRY, STAND_IN, (stand_in_spec(), StandInBackbone))
         for module in CREATE_BACKBONE_IN:
             mp.setattr(importlib.import_module(module), "create_backbone", _create)
         yield STAND_IN
