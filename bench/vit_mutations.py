@@ -1,6 +1,6 @@
 """How sensitive the ViT reference comparison is: plausible mistakes in unseg's ViT, each
 applied to a copy of the model, must move its tokens or keys far outside the tolerance of
-``tests/test_vit_reference.py`` (rtol = atol = 1e-5).
+``tests/unit/test_vit_reference.py`` (rtol = atol = 1e-5).
 
 Uses the test helpers (``tests/vit_reference.py``: random official-format weights, 2 blocks,
 the ``transformers`` reference with the official interpolation restated off the native grid)
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # vit_reference.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
 
 import test_vit_reference as T
 from vit_reference import ARCHS, hf_outputs, use_official_interpolation

@@ -1,5 +1,6 @@
 """Shared test fixtures: paths to the real data beside the repo, seeded RNGs, the stand-in
-backbone (an instance, or registered for the commands) and the planted images.
+backbone (an instance, or registered for the commands), the planted images and a smooth
+random photo written to a file.
 
 Test modules take these as fixtures; none imports this file.
 """
@@ -14,14 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from unseg.backbones import (
-    Backbone,
-    BackboneSpec,
-    build_backbone,
-    list_backbones,
-    register_backbone,
-)
+import unseg.backbones.base as backbone_registry
+from unseg.backbones import Backbone, BackboneSpec, build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -124,10 +121,10 @@ def _create(name: str, weights=None, device=None, **kwargs) -> Backbone:
 @pytest.fixture(scope="module")
 def registered_stand_in() -> Iterator[str]:
     """The stand-in registered as ``stand_in16`` (stride 16), and every ``create_backbone`` of
-    the commands building it (no weight files involved); yields the name."""
-    if not list_backbones(STAND_IN):
-        register_backbone(stand_in_spec(), StandInBackbone)
+    the commands building it (no weight files involved), for the module; yields the name."""
     with pytest.MonkeyPatch.context() as mp:
+        # registered for the module only: the tests after it see the package's backbones
+        mp.setitem(backbone_registry._REGISTRY, STAND_IN, (stand_in_spec(), StandInBackbone))
         for module in CREATE_BACKBONE_IN:
             mp.setattr(importlib.import_module(module), "create_backbone", _create)
         yield STAND_IN
@@ -147,5 +144,21 @@ def planted_squares() -> Callable[[int, torch.Generator], tuple[torch.Tensor, to
             images[i, :, top : top + 24, left : left + 24] += 0.6
             truth[i, :, top : top + 24, left : left + 24] = 1.0
         return images.clamp(0, 1), truth
+
+    return make
+
+
+@pytest.fixture
+def smooth_photo() -> Callable[..., Path]:
+    """``smooth_photo(path, h, w, seed=0, quality=90)``: a smooth random ``h x w`` picture
+    (bilinear noise) saved at ``path`` as JPEG or PNG by its suffix; returns ``path``."""
+
+    def make(path: Path, h: int, w: int, seed: int = 0, quality: int = 90) -> Path:
+        g = torch.Generator().manual_seed(seed)
+        low = torch.rand(1, 3, h // 50 + 2, w // 50 + 2, generator=g) * 255
+        img = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+        arr = img.round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(path, quality=quality)
+        return path
 
     return make

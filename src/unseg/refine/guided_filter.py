@@ -3,7 +3,7 @@
 Batched and O(pixels) whatever the radius. Two implementations of the same box sums, chosen by
 the input: plain torch ops (cumulative sums and slices; differentiable, any device) when a tensor
 needs a gradient or lives off the CPU, else OpenCV's ``boxFilter`` on channel-last arrays (about
-5x faster on the CPU, the same numbers to float32 rounding; ``tests/test_guided_filter.py``
+5x faster on the CPU, the same numbers to float32 rounding; ``tests/unit/test_guided_filter.py``
 checks one against the other). ``subsample > 1`` is the *fast guided filter* (He and Sun 2015):
 the coefficients ``a, b`` are fitted on the inputs shrunk by ``subsample`` with radius
 ``radius / subsample``, and upsampled bilinearly before ``q = a·I + b`` at full resolution, which

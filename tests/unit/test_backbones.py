@@ -1,4 +1,5 @@
-"""ViT backbones: shapes, position-embedding interpolation, keys vs tokens, size policies, CLI."""
+"""ViT backbones: shapes, position-embedding interpolation, keys vs tokens, size policies
+(the `unseg backbones` command: tests/cli/test_backbones_cli.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from unseg.backbones import (
 )
 from unseg.backbones.base import Tap
 from unseg.backbones.vit import interpolate_pos_embed
-from unseg.cli.main import main
 from unseg.errors import UnsegError
 
 ALL = [
@@ -279,24 +279,3 @@ def _replicate_pad(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     rows = torch.arange(h).clamp(max=x.shape[-2] - 1)
     cols = torch.arange(w).clamp(max=x.shape[-1] - 1)
     return x[..., rows, :][..., cols]
-
-
-def test_cli_lists_backbones_and_the_default(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("UNSEG_HOME", str(tmp_path))
-    assert main(["backbones", "dino_vit*"]) == 0
-    out = capsys.readouterr().out
-    assert "dino_vits8" in out and "dinov2" not in out.split("default")[0]
-    assert "download" in out and str(tmp_path / "weights" / "dino_deitsmall8_pretrain.pth") in out
-    assert f"efficientnet_lite2: DINO weights not found in {tmp_path / 'weights'}" in out
-    assert "taps (dim/stride)" not in out  # ViTs have one tap
-    assert main(["backbones", "efficientnet*"]) == 0
-    out = capsys.readouterr().out
-    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        spec = get_spec(name)
-        row = next(line for line in out.splitlines() if line.startswith(name + " "))
-        assert row.split()[2:5] == [spec.default_tap, str(spec.stride), str(spec.dim)]
-        taps = next(line for line in out.splitlines() if line.startswith(f"{name} taps"))
-        d = spec.tap_info(spec.default_tap)
-        assert f"{spec.default_tap} {d.dim}/{d.stride} (default)" in taps
-        assert "head 1280/32" in taps
-    assert main(["backbones", "nothing*"]) == 2

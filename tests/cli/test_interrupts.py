@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc to find child processes (Linux)"
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "images"
 BOUND_S = 60.0  # a hang guard: generous for a loaded machine, far below "forever"
 N_IMAGES = 22  # more than one 16-image prediction round, so masks exist before the last CRFs

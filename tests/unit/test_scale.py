@@ -1,5 +1,6 @@
 """Bounded memory for any image size: the working resolution (max_side), reduced JPEG decoding,
-tiled upsampling of the class probabilities, the per-file pixel limit, fast label writing."""
+tiled upsampling of the class probabilities, the per-file pixel limit, fast label writing (the
+commands at these sizes: tests/cli/test_scale_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import unseg.data.image as image_module
-from unseg.cli.main import main
-from unseg.data.image import DEFAULT_MAX_PIXELS, image_size, load_image
+from unseg.data.image import image_size, load_image
 from unseg.data.resize import decode_size, resize_image, resolve_max_side, target_size
 from unseg.errors import InputFileError
 from unseg.features import extract_features
@@ -26,22 +25,10 @@ from unseg.utils.io import save_png_atomic
 from unseg.utils.overlays import overlay
 from unseg.utils.palette import png_palette
 
-BACKBONE = "efficientnet_lite0"
-
 
 def _one_piece(probs: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     up = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
     return up.argmax(0).numpy()
-
-
-def _photo(path: Path, h: int, w: int, seed: int = 0, quality: int = 90) -> Path:
-    """A smooth random picture (bilinear noise) saved as JPEG or PNG by suffix."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, h // 50 + 2, w // 50 + 2, generator=g) * 255
-    img = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
-    arr = img.round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path, quality=quality)
-    return path
 
 
 @pytest.mark.parametrize("k", [2, 5, 21])
@@ -84,9 +71,9 @@ def test_max_side_caps_the_long_side_and_leaves_normal_images_alone() -> None:
 
 
 def test_feature_map_follows_max_side_and_the_cache_key_tells_them_apart(
-    stand_in, tmp_path
+    stand_in, smooth_photo, tmp_path
 ) -> None:
-    path = _photo(tmp_path / "pano.png", 48, 480)
+    path = smooth_photo(tmp_path / "pano.png", 48, 480)
     model = stand_in(8)
     capped = extract_features([path], model, size=32, max_side=128, cache_dir=tmp_path / "c")
     free = extract_features([path], model, size=32, cache_dir=tmp_path / "c")
@@ -99,9 +86,9 @@ def test_feature_map_follows_max_side_and_the_cache_key_tells_them_apart(
 
 
 def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(
-    stand_in, tmp_path
+    stand_in, smooth_photo, tmp_path
 ) -> None:
-    path = _photo(tmp_path / "big.jpg", 1200, 1600)
+    path = smooth_photo(tmp_path / "big.jpg", 1200, 1600)
     need = decode_size(1200, 1600, 96, 32)
     small = load_image(path, min_size=need)
     assert small.shape == (150, 200, 3)  # DCT scale 1/8, still >= the need
@@ -116,54 +103,6 @@ def test_big_jpegs_are_decoded_at_a_reduced_scale_at_least_the_working_size(
     assert feats.original_size(path) == (1200, 1600)
     assert feats.image_size(path) == (96, 128)
     assert torch.equal(feats.extra(path, "image"), a)
-
-
-def test_segment_a_large_image_at_a_small_working_resolution(tmp_path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    _photo(images / "large.jpg", 2000, 3000)
-    _photo(images / "small.png", 64, 96, seed=1)
-    out = tmp_path / "out"
-    args = ["-q", "segment", str(images), "--out", str(out), "--backbone", BACKBONE,
-            "--size", "96", "--max-side", "128", "--workers", "1", "-k", "2",
-            "--method", "kmeans", "--refine", "none", "--n-init", "1", "--no-report"]
-    assert main(args) == 0
-    with Image.open(out / "masks" / "large.png") as mask:
-        assert mask.size == (3000, 2000) and mask.mode == "P"
-    with Image.open(out / "overlays" / "large.jpg") as ov:
-        assert ov.size == (3000, 2000)
-    with Image.open(out / "masks" / "small.png") as mask:
-        assert mask.size == (96, 64)
-    meta = json.loads((out / "run" / "config.json").read_text())
-    assert meta["max_side"] == 128 and meta["max_pixels"] is None
-    index = next((out / "run" / "cache" / "features").glob("*/index.json"))
-    records = json.loads(index.read_text())["images"]
-    large = next(r for p, r in records.items() if p.endswith("large.jpg"))
-    assert large["original_size"] == [2000, 3000] and large["image_size"] == [96, 128]
-
-
-def test_pixel_limit_is_a_per_file_message_and_no_pillow_warning(tmp_path, monkeypatch, capfd):
-    assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # the default stays Pillow's
-    images = tmp_path / "images"
-    images.mkdir()
-    path = _photo(images / "wide.png", 80, 100)  # 8000 pixels
-    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 5000)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # Pillow itself would warn now
-    with pytest.warns(Image.DecompressionBombWarning):
-        Image.open(path).close()
-    base = ["features", str(images), "--backbone", BACKBONE, "--size", "64", "--workers", "0"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert main([*base, "--out", str(tmp_path / "refused")]) == 1  # an input failed
-        err = capfd.readouterr().err
-        assert f"{path}: image too large: 100x80 = 8000 pixels" in err
-        assert "--max-pixels 8000" in err
-        assert "DecompressionBomb" not in err and "Warning" not in err
-        assert main([*base, "--out", str(tmp_path / "accepted"), "--max-pixels", "8000"]) == 0
-        err = capfd.readouterr().err
-        assert "failed" not in err and "Warning" not in err
-        assert main([*base, "--out", str(tmp_path / "free"), "--max-pixels", "0"]) == 0
-    assert Image.MAX_IMAGE_PIXELS == 5000  # Pillow's setting is restored after each open
 
 
 def test_pillow_default_bomb_is_refused_by_name_without_warnings(tmp_path) -> None:
@@ -182,8 +121,8 @@ def test_pillow_default_bomb_is_refused_by_name_without_warnings(tmp_path) -> No
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_permission_denied_is_said_so(stand_in, tmp_path) -> None:
-    path = _photo(tmp_path / "locked.png", 20, 30)
+def test_permission_denied_is_said_so(stand_in, smooth_photo, tmp_path) -> None:
+    path = smooth_photo(tmp_path / "locked.png", 20, 30)
     path.chmod(0)
     try:
         for read in (load_image, image_size):
@@ -219,10 +158,10 @@ def test_label_png_has_the_same_pixels_and_palette_and_the_overlay_its_size(tmp_
     assert got.shape == want.shape and np.abs(got - want).max() <= 2
 
 
-def test_discover_masks_respect_the_pixel_limit(tmp_path) -> None:
+def test_discover_masks_respect_the_pixel_limit(smooth_photo, tmp_path) -> None:
     from unseg.pipelines.saliency import predict_masks
 
-    path = _photo(tmp_path / "a.png", 80, 100)
+    path = smooth_photo(tmp_path / "a.png", 80, 100)
 
     def prob(image: np.ndarray) -> torch.Tensor:
         return torch.full(image.shape[:2], 0.75)

@@ -186,7 +186,7 @@ def test_the_package_lists_what_exists_and_imports_light() -> None:
 
 def test_the_example_script_runs(tmp_path: Path) -> None:
     """examples/segment_in_python.py, as the README shows it, on the bundled photos."""
-    script = Path(__file__).resolve().parents[1] / "examples" / "segment_in_python.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "segment_in_python.py"
     done = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path), "--backbone", BACKBONE,
          "--size", str(SMALL)], capture_output=True, text=True, timeout=900,

@@ -1,4 +1,5 @@
-"""Feature extraction: sizes, batching, content-addressed cache, resuming, bad files, torchrun."""
+"""Feature extraction: sizes, batching, content-addressed cache, resuming, bad files, torchrun
+(the `unseg features` command: tests/cli/test_features_cli.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features, load_cache
 from unseg.utils import dist
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, which the rank script imports
 SIZES = [(40, 60), (60, 40), (40, 60), (50, 50), (33, 47), (40, 60)]
 
 
@@ -277,26 +278,6 @@ def test_efficientnet_lite0_on_real_images(shared_data, tmp_path):
         assert fs[p].shape == (model.dim, h // s, w // s) and torch.isfinite(fs[p]).all()
     again = extract_features(paths, model, size=320, cache_dir=tmp_path / "c", num_workers=0)
     assert again.stats["computed"] == 0
-
-
-@pytest.mark.realdata
-def test_cli_features_summary_and_exit_code(shared_data, tmp_path, capsys):
-    from unseg.cli.main import main
-
-    images = shared_data("ECSSD") / "images"
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("0001.jpg", "0002.jpg"):
-        (folder / name).write_bytes((images / name).read_bytes())
-    args = ["-q", "features", str(folder), "--backbone", "efficientnet_lite0",
-            "--out", str(tmp_path / "out"), "--workers", "0"]
-    assert main(args) == 0
-    assert "2 images: 2 computed, 0 from cache, 0 failed" in capsys.readouterr().out
-    (folder / "broken.jpg").write_text("nope")
-    assert main(args) == 1
-    captured = capsys.readouterr()
-    assert "3 images: 0 computed, 2 from cache, 1 failed" in captured.out
-    assert "broken.jpg" in captured.err and "efficientnet_lite0" in captured.err
 
 
 def test_extras_are_computed_in_the_same_pass(stand_in, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # bottom to top; a module may import its own layer and those below it
 LAYERS: list[tuple[str, ...]] = [
@@ -69,7 +69,7 @@ def layer(module: str) -> int:
             if (module == name or module.startswith(name + ".")) and len(name) > best:
                 best, index = len(name), i
     if index < 0:
-        raise AssertionError(f"{module} is in no layer of tests/test_import_graph.py")
+        raise AssertionError(f"{module} is in no layer of tests/unit/test_import_graph.py")
     return index
 
 

@@ -25,7 +25,7 @@ from unseg.utils.timing import Timings, collect, log_totals
 BACKBONE = "efficientnet_lite0"
 FAST = ["--backbone", BACKBONE, "--size", "64", "--workers", "1", "--method", "kmeans",
         "--refine", "none", "--n-init", "2"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _images(folder: Path, n: int) -> Path:

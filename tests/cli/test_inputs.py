@@ -35,7 +35,7 @@ BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("registered_stand_in")
 STRIDE = 16
 SIZE = ["--size", "64"]
-# the MaskContrast head at its smallest (see tests/test_maskcontrast_cli.py)
+# the MaskContrast head at its smallest (see tests/cli/test_maskcontrast_cli.py)
 MASKCONTRAST = ["--epochs", "1", "--width", "16", "--aspp-rates", "1", "2", "--view-size", "32",
                 "--loss-size", "16", "--batch-size", "4"]
 FAILED = re.compile(r"^failed: (.+?): (.+)$")
@@ -377,7 +377,7 @@ def test_a_file_without_read_permission_as_a_user(tmp_path: Path) -> None:
     locked.chmod(0)
     code = ("import sys; from pathlib import Path; from unseg.data.inputs import unreadable; "
             f"print(unreadable(Path({str(locked)!r})))")
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     out = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
          code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src},
