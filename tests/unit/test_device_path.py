@@ -6,9 +6,9 @@ There is no GPU here, so the test watches the calls instead: every ``Tensor.cpu(
 prediction and its refinement run is recorded (a torch function mode) with the function that
 made it (``.to`` only with the string ``"cpu"``: here the CPU device stands for the backbone's).
 On a CUDA device each of them would be a round trip through the host. The only ones
-allowed are the CPU-only fast paths, which a CUDA tensor never takes (ARPACK in
-``top_eigenvector``, OpenCV in ``guided_filter``), and the labels' final trip to the PNG writer
-(``upsample_argmax``).
+allowed are the CPU-only fast paths, which a CUDA tensor never takes (ARPACK in the
+proposals' ``top_eigenvector`` and the EM's ``top_eigenvectors``, OpenCV in ``guided_filter``),
+and the labels' final trip to the PNG writer (``upsample_argmax``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from unseg.refine.semantic import RefineConfig, refine_logits
 from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
 
-ALLOWED = {"top_eigenvector", "guided_filter", "upsample_argmax"}
+ALLOWED = {"top_eigenvector", "top_eigenvectors", "guided_filter", "upsample_argmax"}
 
 
 class HostCopies(TorchFunctionMode):
