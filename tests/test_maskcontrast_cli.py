@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import unseg
 from unseg.backbones import create_backbone
 from unseg.cli.main import main
 from unseg.cli.options import add_method_options, given_options
@@ -218,6 +219,28 @@ def test_segment_runs_discover_fit_predict(tmp_path):
     assert len(list((out / "overlays").glob("*.jpg"))) == 6
 
 
+def test_the_segmenter_gives_the_commands_masks(tmp_path):
+    """`unseg segment --method maskcontrast` (fit → predict into folders) and
+    `Segmenter("maskcontrast").fit_predict` on the same images, masks and settings: the same
+    class ids in every pixel (one kind's fit and prediction behind both), and not all
+    background (a fit long enough to learn the planted saliency)."""
+    images, masks = write_set(tmp_path / "d")
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+                 "-k", "3", "--saliency", str(masks), *TINY, "--epochs", "10",
+                 "--lr", "0.05"]) == 0
+    seg = unseg.Segmenter("maskcontrast", num_classes=3, backbone="efficientnet_lite0",
+                          tap="s16", size=96, width=16, aspp_rates=(1, 2), view_size=64,
+                          loss_size=16, batch_size=6, epochs=10, lr=0.05,
+                          saliency=str(masks))
+    got = seg.fit_predict(images)
+    want = _labels(out / "masks")
+    assert len(got) == len(want) == 12
+    for mask, name in zip(got, sorted(want), strict=True):
+        np.testing.assert_array_equal(mask, want[name])
+    assert len(np.unique(np.concatenate([m.ravel() for m in got]))) >= 2  # not all background
+
+
 def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):
     images, _, run = fitted
     em = tmp_path / "em"
@@ -333,7 +356,7 @@ def test_masks_at_different_strides_are_refused_before_training():
 
 
 def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, capsys):
-    images, masks = write_set(tmp_path / "d", n=6)
+    images, masks = write_set(tmp_path / "d")
     run = tmp_path / "run"
     stage_args = ["--backbone", "efficientnet_lite0", "--tap", "s32", "--size", "96",
                   "--width", "16", "--aspp-rates", "1", "--view-size", "64", "--loss-size",

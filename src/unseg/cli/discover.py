@@ -16,8 +16,9 @@ from unseg.cli.common import (
     run_into_output,
 )
 from unseg.cli.options import add_method_options, given_options
-from unseg.pipelines.fitting import build_config
-from unseg.pipelines.saliency import AUTO, MIN_TRAIN_IMAGES, discover, resolve_discover_method
+from unseg.pipelines.folder import discover
+from unseg.pipelines.kind import Settings
+from unseg.pipelines.saliency import AUTO, MIN_TRAIN_IMAGES, resolve_discover_method
 from unseg.registry import get_method, list_methods
 from unseg.report.html import write_report
 from unseg.utils import dist
@@ -70,18 +71,13 @@ def _discover(args: argparse.Namespace) -> Outcome:
         print(f"unseg discover: {why}", file=sys.stderr)
     spec = get_method(HEAD if method == "spectral" else method)
     report = discover(
-        args.images,
-        args.out,
-        method,
-        resolve_backbone(args.backbone, "discover"),
-        args.train_images,
-        build_config(spec, given_options(args, spec), {}),
-        device=args.device,
-        cache_dir=args.cache_dir,
-        weights=args.weights,
-        tap=args.tap,
-        max_pixels=args.max_pixels,
-        max_side=args.max_side,
+        args.images, args.out, method, train_images=args.train_images,
+        options=given_options(args, spec),
+        settings=Settings(
+            backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
+            tap=args.tap, device=args.device, cache_dir=args.cache_dir,
+            max_pixels=args.max_pixels, max_side=args.max_side,
+        ),
     )
     return batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", method,
