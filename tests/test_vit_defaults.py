@@ -82,5 +82,5 @@ def test_discover_defaults_with_dino_weights(dino_cache):
     head = SaliencyHeadConfig()
     assert (head.image_size, head.batch_size) == (320, 8)  # spectral predicts at image_size
     assert get_method("saliency-head").feature_kind == get_method("found").feature_kind == "keys"
-    # FOUND standardises its input only on CNN features (resolved in fit_saliency)
+    # FOUND standardises its input only on CNN features (resolved in saliency_config)
     assert FoundConfig().standardize is None and get_spec("dino_vits8").layer_normed
