@@ -239,6 +239,8 @@ def test_the_segmenter_gives_the_commands_masks(tmp_path):
     for mask, name in zip(got, sorted(want), strict=True):
         np.testing.assert_array_equal(mask, want[name])
     assert len(np.unique(np.concatenate([m.ravel() for m in got]))) >= 2  # not all background
+    with pytest.raises(UnsegError, match="no class probabilities"):
+        seg.predict_proba(images)
 
 
 def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):
@@ -356,7 +358,7 @@ def test_masks_at_different_strides_are_refused_before_training():
 
 
 def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, capsys):
-    images, masks = write_set(tmp_path / "d")
+    images, masks = write_set(tmp_path / "d", n=6)
     run = tmp_path / "run"
     stage_args = ["--backbone", "efficientnet_lite0", "--tap", "s32", "--size", "96",
                   "--width", "16", "--aspp-rates", "1", "--view-size", "64", "--loss-size",

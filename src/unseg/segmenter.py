@@ -47,20 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.nn.functional as F
 
 from unseg.data.memory import ImageInputs, image_inputs
 from unseg.errors import UnsegError
-from unseg.features import extract_features
-from unseg.pipelines.embeddings import EmbeddedFeatures
 from unseg.pipelines.kind import Kind, Prediction, Settings
 from unseg.pipelines.kinds import create_kind, output_of, run_kind
-from unseg.pipelines.label_maps import refined_probabilities
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.pipelines.saliency import AUTO, AUTO_TRAINED, MIN_TRAIN_IMAGES, SPECTRAL
-from unseg.pipelines.semantic import FittedSemantic, default_workers
 from unseg.proposals.saliency_masks import mask_proposals
-from unseg.refine.crf import CRFPool
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
 from unseg.utils.batch import BatchReport
@@ -210,32 +204,12 @@ class Segmenter:
         foreground probability ``[H, W]`` float32 in ``[0, 1]`` (saliency methods, before the
         8-bit rounding). MaskContrast assigns whole clusters and has none."""
         fitted = self._require_fit()
-        if self.output == "saliency":
-            return [m.astype(np.float32) / 255.0 for m in self.predict(images)]
-        if not isinstance(fitted, FittedSemantic):
-            raise UnsegError(f"{self.method} assigns clusters to whole images' salient "
-                             "regions: it has no class probabilities (use predict)")
         inputs = self._inputs(images)
-        settings = self._kind.settings  # type: ignore[attr-defined]
-        out: list[np.ndarray] = []
-        report = BatchReport()
-        extras = ("image", "flipped") if fitted.predict.flip else ("image",)
-        with self._kind.session() as session, CRFPool(settings.num_workers
-                                                      or default_workers()) as pool:
-            feats = extract_features(inputs.paths, fitted.backbone, size=fitted.size,
-                                     report=report, extras=extras, max_side=fitted.max_side,
-                                     max_pixels=settings.max_pixels, shard=False,
-                                     arrays=inputs.arrays)
-            _raise_failures(report)
-            if fitted.source is not None:
-                feats = EmbeddedFeatures(feats, fitted.source.estimator)
-            for p, q, _ in refined_probabilities(fitted.estimator, feats, feats.paths,
-                                                 fitted.predict, session.device, pool,
-                                                 self.timings):
-                up = F.interpolate(q[None].float(), size=feats.original_size(p),
-                                   mode="bilinear", align_corners=False)[0]
-                out.append(up.numpy())
-        return out
+        with self._kind.session() as session:
+            session.timings = self.timings
+            out = dict(self._kind.predict_proba(fitted, inputs, session))
+        _raise_failures(session.report)
+        return [out[p] for p in inputs.paths]
 
     def predict_boxes(self, images: Any) -> list[list[float] | None]:
         """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixels, inclusive) of the largest

@@ -188,5 +188,11 @@ class Kind(ABC):
         ``reuse``: ``inputs`` are :meth:`fitted_inputs` of this fit, whose kept features may
         serve."""
 
+    def predict_proba(self, fitted: Any, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        """``(path, soft map at the image's size)`` per image of ``inputs`` (float32), for the
+        kinds that have one."""
+        raise UnsegError(f"{self.method} has no soft maps (use predict)")
+
     def finish(self, fitted: Any, written: list[Path]) -> None:  # noqa: B027 (optional step)
         """After a prediction wrote ``written`` (every rank's): the kind's closing log."""

@@ -483,6 +483,12 @@ class MaskContrastKind(Kind):
             yield Prediction(p, labels.astype(np.uint8), image)
 
 
+    def predict_proba(self, fitted: FittedMaskContrast, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        raise UnsegError(f"{self.method} assigns clusters to whole images' salient regions: it "
+                         "has no class probabilities (use predict)")
+
+
 def _check_classes(k: int) -> None:
     if not 2 <= k <= 256:
         raise UnsegError(f"--num-classes must be between 2 and 256, got {k}")

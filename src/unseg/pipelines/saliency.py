@@ -445,3 +445,9 @@ class SaliencyKind(Kind):
             session.timings, self.settings.max_pixels, max_side, inputs.arrays,
         ):
             yield Prediction(path, mask8, None, box)
+
+    def predict_proba(self, fitted: FittedSaliency, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        """The foreground probability ``[H, W]`` in ``[0, 1]`` of the 8-bit masks."""
+        for pred in self.predict(fitted, inputs, session, "images"):
+            yield pred.path, pred.mask.astype(np.float32) / 255.0

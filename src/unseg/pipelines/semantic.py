@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch.nn.functional as F
+
 from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images
@@ -375,6 +378,25 @@ class SemanticKind(Kind):
                 if fitted.source is not None:
                     feats = EmbeddedFeatures(feats, fitted.source.estimator)
                 yield from _label_maps(fitted, feats, feats.paths, session, pool, bar)
+
+    def predict_proba(self, fitted: FittedSemantic, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        """The refined class probabilities ``[K, H, W]`` upsampled bilinearly to each image's
+        size (their argmax is :meth:`predict`'s up to ties)."""
+        extras = ("image", "flipped") if fitted.predict.flip else ("image",)
+        feats = extract_features(inputs.paths, fitted.backbone, size=fitted.size,
+                                 report=session.report, extras=extras, max_side=fitted.max_side,
+                                 max_pixels=self.settings.max_pixels, shard=False,
+                                 timings=session.timings, arrays=inputs.arrays)
+        if fitted.source is not None:
+            feats = EmbeddedFeatures(feats, fitted.source.estimator)
+        with CRFPool(self.settings.num_workers or default_workers()) as pool:
+            for p, q, _ in refined_probabilities(fitted.estimator, feats, feats.paths,
+                                                 fitted.predict, session.device, pool,
+                                                 session.timings):
+                up = F.interpolate(q[None].float(), size=feats.original_size(p),
+                                   mode="bilinear", align_corners=False)[0]
+                yield p, up.numpy()
 
     def finish(self, fitted: FittedSemantic, written: list[Path]) -> None:
         """The predicted classes' shares (a never-predicted class is a warning)."""
