@@ -26,8 +26,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from unseg.backbones import get_spec
 from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
+from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE
 from unseg.utils.batch import BatchReport
@@ -113,6 +115,9 @@ class Kind(ABC):
     output: ClassVar[str]
     labels: ClassVar[bool]  # class ids (palette PNG + overlay) vs foreground (PNG + box)
     method: str
+    settings: Settings
+    _config: Any  # the method's config (None until a run is loaded)
+    _run: dict[str, Any]  # a run's config.json and `unseg predict`'s overrides (else empty)
 
     @classmethod
     @abstractmethod
@@ -131,13 +136,17 @@ class Kind(ABC):
         ``overrides``: what ``unseg predict`` may change (see each kind)."""
 
     @property
-    @abstractmethod
     def config(self) -> Any:
-        """The method's config dataclass."""
+        """The method's config dataclass (a run's, once loaded)."""
+        return self._config
 
-    @abstractmethod
     def stride(self) -> int:
-        """The backbone's stride (images smaller than two strides are refused when listed)."""
+        """The backbone's stride (images smaller than two strides are refused when listed):
+        the run's, else that of the settings' backbone and tap."""
+        if "stride" in self._run:
+            return int(self._run["stride"])
+        spec = get_spec(resolve_backbone_name(self.settings.backbone))
+        return int(spec.tap_info(self.settings.tap or spec.default_tap).stride)
 
     @abstractmethod
     def session(self) -> AbstractContextManager[Session]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from unseg.backbones import backbone_weights_sha256, get_spec
+from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images
 from unseg.data.memory import ImageInputs
@@ -386,16 +386,6 @@ class MaskContrastKind(Kind):
                             weights=overrides.get("weights"),
                             seed=int(overrides.get("seed") or 0), clusters=clusters)
         return cls(None, settings, k, {**meta, "run_dir": run_dir})
-
-    @property
-    def config(self) -> Any:
-        return self._config
-
-    def stride(self) -> int:
-        if "stride" in self._run:
-            return int(self._run["stride"])
-        spec = get_spec(resolve_backbone_name(self.settings.backbone))
-        return int(spec.tap_info(self.settings.tap or spec.default_tap).stride)
 
     def use_masks(
         self, masks: Callable[[list[Path]], tuple[MaskProposals, ProposalReport]] | str | Path,

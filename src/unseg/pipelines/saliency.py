@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import backbone_weights_sha256, get_spec
+from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
@@ -44,7 +44,7 @@ from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
 from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -378,18 +378,8 @@ class SaliencyKind(Kind):
                    {**meta, "overrides": dict(overrides)})
 
     @property
-    def config(self) -> Any:
-        return self._config
-
-    @property
     def trains(self) -> bool:
         return self.spec is not None
-
-    def stride(self) -> int:
-        if "stride" in self._run:
-            return int(self._run["stride"])
-        spec = get_spec(resolve_backbone_name(self.settings.backbone))
-        return int(spec.tap_info(self.settings.tap or spec.default_tap).stride)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -163,40 +163,6 @@ def _method(
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 
 
-def _embedding_backbone(settings: Settings) -> Settings:
-    """``settings`` with the backbone, tap, weights and feature size of the MaskContrast run
-    ``settings.embeddings`` (a different backbone or tap asked for is an error)."""
-    meta, _ = load_run(settings.embeddings)  # type: ignore[arg-type]
-    for name, key in (("backbone", "backbone"), ("tap", "tap")):
-        asked = getattr(settings, name)
-        if asked is not None and asked != meta.get(key):
-            raise UnsegError(
-                f"--{name} {asked}: the embeddings of {settings.embeddings} come from "
-                f"{name} {meta.get(key)}; leave --{name} out"
-            )
-    if settings.size != meta.get("feature_size"):
-        logger.info("feature size %s of the embedding run is used", meta.get("feature_size"))
-    return replace(
-        settings, backbone=meta.get("backbone"), tap=meta.get("tap"),
-        weights=settings.weights or meta.get("weights_path"),
-        size=int(meta.get("feature_size", settings.size)),
-    )
-
-
-def _method(
-    method: str, num_classes: int, options: Mapping[str, Any] | None, settings: Settings
-) -> tuple[MethodSpec, Any, Settings]:
-    """The registered semantic ``method``, its config, and the settings with the backbone
-    resolved (the default one when none is named), checked."""
-    spec = get_method(method)
-    _check(spec, num_classes, settings)
-    if settings.embeddings:
-        settings = _embedding_backbone(settings)
-    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone),
-                       max_side=resolve_max_side(settings.size, settings.max_side) or 0)
-    return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
-
-
 class SemanticKind(Kind):
     """Semantic methods (k-means, PriMaPs-EM): class ids per image."""
 
@@ -226,16 +192,6 @@ class SemanticKind(Kind):
                             max_pixels=overrides.get("max_pixels"),
                             num_workers=overrides.get("workers"))
         return cls(spec, None, settings, {**meta, "overrides": dict(overrides)})
-
-    @property
-    def config(self) -> Any:
-        return self._config
-
-    def stride(self) -> int:
-        if "stride" in self._run:
-            return int(self._run["stride"])
-        spec = get_spec(self.settings.backbone or resolve_backbone_name(None))
-        return int(spec.tap_info(self.settings.tap or spec.default_tap).stride)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
