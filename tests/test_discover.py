@@ -362,3 +362,15 @@ def test_discover_says_which_method_ran(tmp_path, capsys):
     assert main(["discover", str(d), "--out", str(out), "--backbone", BACKBONE, "--no-report"]) == 0
     err = capsys.readouterr().err
     assert "method spectral: only 2 images" in err
+
+
+def test_discover_gives_its_stage_seconds_to_a_callers_timings(folder, tmp_path):
+    from unseg.pipelines.folder import discover
+    from unseg.pipelines.kind import Settings
+    from unseg.utils.timing import Timings
+
+    timings = Timings()
+    report = discover(folder, tmp_path / "o", "spectral", settings=Settings(backbone=BACKBONE),
+                      timings=timings)
+    assert len(report.written) == 4 and {p.stem for p, _ in report.failed} == {"broken", "tiny"}
+    assert {"decode", "predicting", "writing"} <= set(timings.as_dict())

@@ -38,6 +38,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import atomic_write, save_png_atomic, write_json_atomic
 from unseg.utils.palette import png_palette
+from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def discover(
     train_images: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
     settings: Settings | None = None,
+    timings: Timings | None = None,
 ) -> BatchReport:
     """``unseg discover``: a foreground mask and its box for every image of ``images``.
 
@@ -228,13 +230,16 @@ def discover(
     trained on ``train_images`` (default: ``images`` themselves, no labels used) into
     ``out_dir/run``, reusable with ``unseg predict``. ``options``: the method's config fields
     (the guided filter applies to spectral too); ``settings``: backbone, weights, tap, device,
-    the training's feature cache, ``max_pixels`` and ``max_side`` of the images predicted.
-    Training uses square centre crops, which no long-side limit changes.
+    the training's feature cache, ``max_pixels`` and ``max_side`` of the images predicted;
+    ``timings``: receives the seconds per stage. Training uses square centre crops, which no
+    long-side limit changes.
     """
     settings = settings or Settings()
     kind = create_kind(method, None, options, settings)
     out = Path(out_dir)
     with kind.session() as session:
+        if timings is not None:
+            session.timings = timings
         train = images if train_images is None else train_images
         fitting = list_images(train, kind, session.report) if kind.trains else ImageInputs([])
         fitted = kind.fit(fitting, train, out / RUN_DIR, session)
