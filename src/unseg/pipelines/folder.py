@@ -93,8 +93,10 @@ def list_images(images: str | Path, kind: Kind, report: BatchReport) -> ImageInp
                        names_root=resolve_image_dir(images))
 
 
-def _mine(inputs: ImageInputs) -> ImageInputs:
-    """This rank's share of ``inputs`` (all of them in a single process)."""
+def _mine(kind: Kind, inputs: ImageInputs) -> ImageInputs:
+    """This rank's share of ``inputs`` when the kind shards (all of them in a single process)."""
+    if not kind.shards:
+        return inputs
     paths = dist.shard(inputs.paths, dist.rank(), dist.world_size())
     return ImageInputs(paths, inputs.arrays, inputs.names_root)
 
@@ -105,7 +107,7 @@ def _predict_into(kind: Kind, fitted: Any, inputs: ImageInputs, session: Session
     and every failure of the command so far (``session.report``'s)."""
     writer = MaskWriter(out_dir, resolve_image_dir(images), kind.labels, kind.labels,
                         BatchReport())
-    for pred in kind.predict(fitted, _mine(inputs), session, images, overlays=kind.labels,
+    for pred in kind.predict(fitted, _mine(kind, inputs), session, images, overlays=kind.labels,
                              reuse=reuse):
         with session.timings.stage("writing"):
             writer.write(pred)
@@ -114,8 +116,10 @@ def _predict_into(kind: Kind, fitted: Any, inputs: ImageInputs, session: Session
 
 
 def _finish(kind: Kind, fitted: Any, report: BatchReport) -> BatchReport:
-    """Every rank's ``report`` (masks written, failures), closed by the kind's own log."""
-    report = gather_report(report)
+    """Every rank's ``report`` (masks written, failures) where the kind shards, closed by the
+    kind's own log."""
+    if kind.shards:
+        report = gather_report(report)
     kind.finish(fitted, report.written)
     return report
 

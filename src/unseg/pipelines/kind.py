@@ -114,6 +114,7 @@ class Kind(ABC):
 
     output: ClassVar[str]
     labels: ClassVar[bool]  # class ids (palette PNG + overlay) vs foreground (PNG + box)
+    shards: ClassVar[bool] = True  # under torchrun each rank predicts its share
     method: str
     settings: Settings
     _config: Any  # the method's config (None until a run is loaded)

@@ -343,6 +343,7 @@ class SaliencyKind(Kind):
 
     output = "saliency"
     labels = False
+    shards = False  # each process discovers all its images (boxes.json is one file)
 
     def __init__(self, spec: MethodSpec | None, config: Any, settings: Settings,
                  run: Mapping[str, Any] | None = None) -> None:
