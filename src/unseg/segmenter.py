@@ -7,7 +7,8 @@ A notebook user's object (scikit-learn's estimator habit)::
     seg.save("run")                                         # `unseg predict run ...` reads it
     masks = unseg.Segmenter.load("run").predict("more/")    # a folder works too
 
-It runs the same stages as the commands, with the same defaults and the same seed handling, so
+It runs the same :class:`~unseg.pipelines.kind.Kind` as the commands' folder pipeline
+(:mod:`unseg.pipelines.folder`), with the same defaults and the same seed handling, so
 ``fit_predict`` returns exactly the PNGs ``unseg segment`` / ``unseg discover`` write for the
 same images and settings: the working resolution (short side ``size``, long side at most
 ``max_side``), the features (with the mirror image and the student view where the method uses
@@ -40,50 +41,37 @@ the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pix
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from unseg.backbones import get_spec
 from unseg.data.memory import ImageInputs, image_inputs
-from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
-from unseg.pipelines import maskcontrast as mc
-from unseg.pipelines import saliency as sal
-from unseg.pipelines import semantic as sem
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
-from unseg.pipelines.embeddings import EmbeddedFeatures, open_embeddings
-from unseg.pipelines.fitting import build_config
-from unseg.pipelines.label_maps import PredictSettings, refined_probabilities
-from unseg.proposals.saliency_masks import load_mask_proposals, mask_proposals
-from unseg.proposals.spectral import SpectralConfig
-from unseg.refine.crf import CRFPool
-from unseg.registry import MethodSpec, get_method
+from unseg.pipelines.kind import Kind, Prediction, Settings
+from unseg.pipelines.kinds import create_kind, output_of, run_kind
+from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
+from unseg.pipelines.saliency import AUTO, AUTO_TRAINED, MIN_TRAIN_IMAGES, SPECTRAL
+from unseg.proposals.saliency_masks import mask_proposals
 from unseg.registry import list_methods as registered_methods
-from unseg.runs import load_fitted, load_run
-from unseg.utils import dist
+from unseg.runs import load_run
 from unseg.utils.batch import BatchReport
-from unseg.utils.device import resolve_device, seed_everything
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-SPECTRAL = "spectral"  # training-free discovery; its options are the saliency head's
-SPECTRAL_OPTIONS = "saliency-head"  # whose config gives its size and guided filter
-# the pipeline's own settings (every other option is a config field of the method)
+# the pipeline's own settings (every other option is a config field of the method), by the
+# Segmenter's name → the Settings field
 SEMANTIC_SETTINGS = ("size", "max_side", "max_pixels", "label_factor", "refine",
                      "pseudo_refine", "weights", "tap", "cache_dir", "workers", "embeddings")
 SALIENCY_SETTINGS = ("max_side", "max_pixels", "weights", "tap", "cache_dir")
 MASKCONTRAST_SETTINGS = ("size", "weights", "tap", "cache_dir", "saliency", "discover",
                          "clusters")
+SETTINGS_OF = {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
+               "embedding": MASKCONTRAST_SETTINGS}
+FIELD = {"workers": "num_workers"}  # a Segmenter option named otherwise in Settings
 
 
 def list_methods() -> list[str]:
@@ -97,22 +85,6 @@ def list_backbones() -> list[str]:
     from unseg.backbones import list_backbones as specs
 
     return [s.name for s in specs()]
-
-
-def _settings_of(output: str) -> tuple[str, ...]:
-    return {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
-            "embedding": MASKCONTRAST_SETTINGS}[output]
-
-
-@dataclass
-class _Fit:
-    """What a fit leaves: the estimator, its backbone, and what predicting needs of the fit."""
-
-    estimator: Any
-    backbone: Any
-    meta: dict[str, Any]
-    inputs: ImageInputs | None = None  # the fitted images (kept for fit_predict)
-    state: Any = None  # the method's in-memory fit (features, facts) for saving
 
 
 class Segmenter:
@@ -139,297 +111,123 @@ class Segmenter:
         self.seed = seed
         self.device = device
         self.options = dict(options)
-        if method == SPECTRAL:
-            self.spec: MethodSpec | None = None
-            self.output = "saliency"
-        else:
-            self.spec = get_method(method)
-            self.output = self.spec.output
-        allowed = _settings_of(self.output)
-        self._settings = {k: v for k, v in self.options.items() if k in allowed}
-        self._config_options = {k: v for k, v in self.options.items() if k not in allowed}
-        if self.output == "saliency" and num_classes is not None:
-            raise UnsegError(f"{method} is a saliency method: it has no num_classes")
+        self.output = output_of(method)
+        allowed = SETTINGS_OF[self.output]
         if self.output != "semantic" and "embeddings" in self.options:
             raise UnsegError(f"{method} has no option 'embeddings' (semantic methods only)")
-        self._config = self._build_config()
-        self._fit: _Fit | None = None
+        settings = Settings(backbone=backbone, seed=seed, device=device, **{
+            FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
+        config_options = {k: v for k, v in self.options.items() if k not in allowed}
+        self._kind: Kind = create_kind(method, num_classes, config_options, settings)
+        self._fitted: Any = None
+        self._fit_inputs: ImageInputs | None = None
         self.timings = Timings()
-
-    # ------------------------------------------------------------------ configuration
-    def _k(self) -> int:
-        return sem.DEFAULT_SEGMENT_CLASSES if self.num_classes is None else int(self.num_classes)
-
-    def _semantic_settings(self) -> sem.SemanticSettings:
-        s = self._settings
-        return sem.SemanticSettings(
-            backbone=self.backbone, weights=s.get("weights"), tap=s.get("tap"),
-            size=s.get("size", 320), label_factor=s.get("label_factor", 2),
-            refine=s.get("refine", sem.DEFAULT_REFINE),
-            pseudo_refine=s.get("pseudo_refine", sem.DEFAULT_PSEUDO_REFINE), seed=self.seed,
-            device=self.device, num_workers=s.get("workers"), cache_dir=s.get("cache_dir"),
-            embeddings=s.get("embeddings"), max_side=s.get("max_side"),
-            max_pixels=s.get("max_pixels"),
-        )
-
-    def _build_config(self) -> Any:
-        if self.output == "semantic":
-            assert self.spec is not None
-            spec, config, settings = sem._method(self.spec.name, self._k(),
-                                                 self._config_options,
-                                                 self._semantic_settings())
-            self._resolved = settings
-            return config
-        if self.output == "embedding":
-            k = self._k()
-            if not 2 <= k <= 256:
-                raise UnsegError(f"--num-classes must be between 2 and 256, got {k}")
-            clusters = self._settings.get("clusters", "predicted")
-            if clusters not in ("predicted", "training"):
-                raise UnsegError(f"clusters must be 'predicted' or 'training', got {clusters!r}")
-            return mc.maskcontrast_config(self._config_options, self.seed)
-        spec = get_method(SPECTRAL_OPTIONS) if self.spec is None else self.spec
-        resolve_max_side(320, self._settings.get("max_side"))  # its check
-        return build_config(spec, self._config_options, {"seed": self.seed})
 
     @property
     def config(self) -> Any:
         """The method's config dataclass, as the run records it."""
-        return self._config if self._fit is None else self._fit.estimator.config
+        return self._kind.config
 
     @property
     def fitted(self) -> bool:
         """True once :meth:`fit` ran (or the segmenter was loaded)."""
-        return self._fit is not None
-
-    def _stride(self) -> int:
-        name = resolve_backbone_name(self.backbone)
-        spec = get_spec(name)
-        tap = self._settings.get("tap") or spec.default_tap
-        return int(spec.tap_info(tap).stride)
+        return self._fitted is not None
 
     def _inputs(self, images: Any) -> ImageInputs:
-        stride = self._fit.backbone.stride if self._fit is not None else self._stride()
-        return image_inputs(images, stride)
-
-    @contextmanager
-    def _device(self) -> Iterator[torch.device]:
-        with dist.joined(resolve_device(self.device)) as dev:
-            yield dev
+        return image_inputs(images, self._kind.stride())
 
     # -------------------------------------------------------------------------- fit
     def fit(self, images: Any) -> Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
         ``spectral`` only opens its backbone."""
-        self.timings = Timings()
         inputs = self._inputs(images)
-        if self.output == "semantic":
-            self._fit = self._fit_semantic(inputs)
-        elif self.output == "saliency":
-            self._fit = self._fit_saliency(inputs)
-        else:
-            self._fit = self._fit_maskcontrast(inputs)
-        self._fit.inputs = inputs
-        return self
-
-    def _fit_semantic(self, inputs: ImageInputs) -> _Fit:
-        assert self.spec is not None
-        settings = self._resolved
-        with sem._session(settings) as session:
-            fitted = sem._fit(inputs, None, self.spec, self._config, settings, session)
+        kind = self._kind
+        if kind.needs_masks:
+            kind.use_masks(self._discovered_masks(inputs))
+        with kind.session() as session:
+            self._fitted = kind.fit(inputs, "images", None, session)
         _raise_failures(session.report)
         self.timings = session.timings
-        source = None
-        if settings.embeddings:
-            source = open_embeddings(settings.embeddings, session.device)
-        predict = sem.FittedSemantic(fitted.estimator, fitted.backbone, source, settings.size,
-                                     settings.max_side or None, fitted.predict)
-        return _Fit(fitted.estimator, fitted.backbone, {"predict": predict}, state=fitted)
-
-    def _fit_saliency(self, inputs: ImageInputs) -> _Fit:
-        s = self._settings
-        dev = resolve_device(self.device)
-        seed_everything(self._config.seed)
-        model = open_backbone(self.backbone, s.get("weights"), s.get("tap"), dev)
-        if self.spec is None:
-            return _Fit(None, model, {})
-        config = sal.saliency_config(self.spec, self._config, model)
-        report = BatchReport()
-        cache = Path(s["cache_dir"]) if s.get("cache_dir") else None
-        head, _, facts = sal.train_saliency("images", inputs, self.spec, config, model, dev,
-                                            cache, report, self.timings)
-        _raise_failures(report)
-        return _Fit(head, model, {"training": facts})
+        self._fit_inputs = inputs
+        return self
 
     def _discovered_masks(self, inputs: ImageInputs) -> Any:
-        """The mask proposals MaskContrast trains on: a folder's (``saliency``) or those of a
-        discover method run on the same images (``discover``, default ``auto`` as ``unseg
-        discover``: the FOUND-style head from 150 images on, else spectral; with its default
-        settings as ``unseg segment --method maskcontrast`` runs it)."""
-        s = self._settings
-        if s.get("saliency"):
-            root = inputs.names_root
-            return lambda paths: load_mask_proposals(paths, s["saliency"], names_root=root)
-        method = s.get("discover", sal.AUTO)
-        if method == sal.AUTO:  # as `unseg discover` decides (sal.resolve_discover_method)
-            method = sal.AUTO_TRAINED if len(inputs) >= sal.MIN_TRAIN_IMAGES else SPECTRAL
-        finder = Segmenter(method, backbone=self.backbone, device=self.device,
-                           **{k: s[k] for k in ("weights", "tap", "cache_dir") if s.get(k)})
+        """The mask proposals MaskContrast trains on: those of a discover method run on the
+        same images (``discover``, default ``auto`` as ``unseg discover``: the FOUND-style head
+        from 150 images on, else spectral; with its default settings as ``unseg segment
+        --method maskcontrast`` runs it)."""
+        s = self._kind.settings  # type: ignore[attr-defined]
+        method = s.discover
+        if method == AUTO:  # as `unseg discover` decides (resolve_discover_method)
+            method = AUTO_TRAINED if len(inputs) >= MIN_TRAIN_IMAGES else SPECTRAL
+        options = {k: getattr(s, k) for k in ("weights", "tap", "cache_dir") if getattr(s, k)}
+        finder = Segmenter(method, backbone=self.backbone, device=self.device, **options)
         masks = finder.fit_predict(_as_images(inputs))
         by_path = dict(zip(inputs.paths, masks, strict=True))
         return lambda paths: mask_proposals(paths, [by_path[p] for p in paths])
 
-    def _fit_maskcontrast(self, inputs: ImageInputs) -> _Fit:
-        s = self._settings
-        masks = self._discovered_masks(inputs)
-        seed_everything(self.seed)
-        report = BatchReport()
-        size = int(s.get("size", 320))
-        with self._device() as dev:
-            model = open_backbone(resolve_backbone_name(self.backbone), s.get("weights"),
-                                  s.get("tap"), dev)
-            cache = Path(s["cache_dir"]) if s.get("cache_dir") else None
-            trained = mc.train_maskcontrast("images", inputs, masks, self._config, model, size,
-                                            cache, dev, report, self.timings)
-        _raise_failures(report)
-        return _Fit(trained.estimator, trained.backbone,
-                    {"feature_size": size, "train": trained.prototypes}, state=trained)
-
     # ---------------------------------------------------------------------- predict
-    def _require_fit(self) -> _Fit:
-        if self._fit is None:
+    def _require_fit(self) -> Any:
+        if self._fitted is None:
             raise UnsegError(f"this {self.method} Segmenter is not fitted: call fit(images) "
                              "or fit_predict(images) first, or Segmenter.load(run)")
-        return self._fit
+        return self._fitted
+
+    def _predictions(self, inputs: ImageInputs, reuse: bool = False) -> list[Prediction]:
+        """The kind's :class:`Prediction` of every image of ``inputs``, in their order (an
+        image that cannot be predicted is an error)."""
+        fitted = self._require_fit()
+        with self._kind.session() as session:
+            session.timings = self.timings
+            out = {p.path: p for p in self._kind.predict(fitted, inputs, session, "images",
+                                                         reuse=reuse)}
+        _raise_failures(session.report)
+        return [out[p] for p in inputs.paths]
 
     def predict(self, images: Any) -> list[np.ndarray]:
         """One ``[H, W]`` uint8 array per image, at its own size: class ids (semantic methods,
         MaskContrast) or the 8-bit foreground probability (saliency methods), equal to the
         PNG ``unseg predict`` writes with the saved run."""
-        return self._predict(self._inputs(images), fitted_images=False)
+        return [_mask(p) for p in self._predictions(self._inputs(images))]
 
     def fit_predict(self, images: Any) -> list[np.ndarray]:
         """:meth:`fit` then the masks of the same images, as ``unseg segment`` (semantic
         methods: predicted from the fit's own features) or ``unseg discover`` writes them."""
         self.fit(images)
-        fit = self._require_fit()
-        assert fit.inputs is not None
-        return self._predict(fit.inputs, fitted_images=True)
-
-    def _predict(self, inputs: ImageInputs, fitted_images: bool) -> list[np.ndarray]:
-        fit = self._require_fit()
-        if self.output == "semantic":
-            collector = _Collector()
-            if fitted_images:
-                fitted = fit.state
-                settings = self._resolved
-                with sem._session(settings) as session:
-                    sem.predict_label_maps(fitted.estimator, fitted.feats, fitted.paths,
-                                           fitted.predict, session.device, session.pool,
-                                           collector, session.timings)
-            else:
-                with self._device() as dev:
-                    sem.predict_in_parts(fit.meta["predict"], inputs, collector, dev,
-                                         self._settings.get("workers"),
-                                         self._settings.get("max_pixels"), self.timings)
-            _raise_failures(collector.report)
-            return [collector.labels[p] for p in inputs.paths]
-        if self.output == "saliency":
-            return [mask for mask, _ in self._saliency(inputs)]
-        return [labels.astype(np.uint8) for labels in self._maskcontrast(inputs)]
-
-    def _saliency(self, inputs: ImageInputs) -> list[tuple[np.ndarray, list[float] | None]]:
-        fit = self._require_fit()
-        cfg = self._config if fit.estimator is None else fit.estimator.config
-        max_side = resolve_max_side(cfg.image_size, self._settings.get("max_side"))
-        if fit.estimator is None:
-            prob_fn = sal.spectral_prob_fn(fit.backbone, cfg.image_size, SpectralConfig(),
-                                           max_side)
-            guided = replace(cfg.guided) if cfg.guided_filter else None
-        else:
-            prob_fn = sal.head_prob_fn(fit.backbone, fit.estimator, cfg.image_size, max_side)
-            guided = sal._guided_settings(cfg, {})
-        report = BatchReport()
-        out = {p: (mask, box) for p, mask, box in sal.saliency_maps(
-            inputs.paths, prob_fn, guided, cfg.image_size, fit.backbone.stride, report,
-            self.timings, self._settings.get("max_pixels"), max_side, inputs.arrays)}
-        _raise_failures(report)
-        return [out[p] for p in inputs.paths]
-
-    def _maskcontrast(self, inputs: ImageInputs) -> list[np.ndarray]:
-        fit = self._require_fit()
-        report = BatchReport()
-        clusters = self._settings.get("clusters", "predicted")
-        with self._device() as dev:
-            labelled = mc.maskcontrast_labels(
-                fit.estimator, fit.backbone, int(fit.meta["feature_size"]), inputs, self._k(),
-                clusters=clusters, seed=self.seed, train=fit.meta.get("train"),
-                where="images", report=report, device=dev,
-            )
-        _raise_failures(report)
-        by_path = {p: labels for p, labels, _ in labelled}
-        return [by_path[p] for p in inputs.paths]
+        assert self._fit_inputs is not None
+        used = self._kind.fitted_inputs(self._fitted, self._fit_inputs)
+        return [_mask(p) for p in self._predictions(used, reuse=True)]
 
     def predict_proba(self, images: Any) -> list[np.ndarray]:
         """Soft maps at each image's own size: class probabilities ``[K, H, W]`` float32 after
         the refinement (semantic methods; their argmax is :meth:`predict`'s up to ties) or the
         foreground probability ``[H, W]`` float32 in ``[0, 1]`` (saliency methods, before the
         8-bit rounding). MaskContrast assigns whole clusters and has none."""
-        fit = self._require_fit()
+        fitted = self._require_fit()
         inputs = self._inputs(images)
-        if self.output == "saliency":
-            return [m.astype(np.float32) / 255.0 for m in self.predict(images)]
-        if self.output != "semantic":
-            raise UnsegError(f"{self.method} assigns clusters to whole images' salient "
-                             "regions: it has no class probabilities (use predict)")
-        predict: sem.FittedSemantic = fit.meta["predict"]
-        from unseg.features import extract_features
-
-        out: list[np.ndarray] = []
-        report = BatchReport()
-        extras = ("image", "flipped") if predict.predict.flip else ("image",)
-        workers = self._settings.get("workers") or sem.default_workers()
-        with self._device() as dev, CRFPool(workers) as pool:
-            feats = extract_features(inputs.paths, predict.backbone, size=predict.size,
-                                     report=report, extras=extras, max_side=predict.max_side,
-                                     max_pixels=self._settings.get("max_pixels"), shard=False,
-                                     arrays=inputs.arrays)
-            _raise_failures(report)
-            if predict.source is not None:
-                feats = EmbeddedFeatures(feats, predict.source.estimator)
-            for p, q, _ in refined_probabilities(predict.estimator, feats, feats.paths,
-                                                 predict.predict, dev, pool, self.timings):
-                up = F.interpolate(q[None].float(), size=feats.original_size(p),
-                                   mode="bilinear", align_corners=False)[0]
-                out.append(up.cpu().numpy())
-        return out
+        with self._kind.session() as session:
+            session.timings = self.timings
+            out = dict(self._kind.predict_proba(fitted, inputs, session))
+        _raise_failures(session.report)
+        return [out[p] for p in inputs.paths]
 
     def predict_boxes(self, images: Any) -> list[list[float] | None]:
         """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixels, inclusive) of the largest
         4-connected component of each mask above 0.5, or None for an empty mask, as
         ``boxes.json`` of ``unseg discover``."""
-        if self.output != "saliency":
+        if self._kind.labels:
             raise UnsegError(f"{self.method} is a {self.output} method; boxes come from "
                              "saliency methods")
-        return [box for _, box in self._saliency(self._inputs(images))]
+        return [p.box for p in self._predictions(self._inputs(images))]
 
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:
         """Write the fitted model as the run folder ``unseg predict`` reads; returns it."""
-        fit = self._require_fit()
+        fitted = self._require_fit()
         run_dir = Path(run_dir)
-        weights = self._settings.get("weights")
-        if self.output == "semantic":
-            sem._save(run_dir, fit.state, self._resolved, self.timings)
-        elif self.output == "saliency":
-            if fit.estimator is None:
-                raise UnsegError("spectral is training-free: there is no run to save")
-            assert self.spec is not None
-            sal.save_saliency_run(run_dir, self.spec, fit.estimator, fit.backbone, weights,
-                                  fit.meta.get("training", {}), self.timings)
-        else:
-            mc.save_maskcontrast_run(run_dir, fit.state, int(fit.meta["feature_size"]),
-                                     weights, self.timings)
+        with self._kind.session() as session:
+            session.timings = self.timings
+            self._kind.save(fitted, run_dir, session)
         return run_dir
 
     @classmethod
@@ -440,42 +238,21 @@ class Segmenter:
         ``num_classes``, ``clusters`` and ``seed`` (MaskContrast runs: the clustering)."""
         run_dir = Path(run_dir)
         meta, _ = load_run(run_dir)
-        spec = get_method(meta["method"])
-        dev = resolve_device(device)
-        _, estimator, meta = load_fitted(run_dir, None, dev)
-        model = open_fitted_backbone(meta, options.get("weights"), dev, str(run_dir))
-        num_classes = options.pop("num_classes", None)
-        seed = int(options.pop("seed", 0) or 0)
-        if spec.output == "semantic":
-            num_classes = int(meta["num_classes"])
+        if output_of(meta["method"]) == "embedding":  # clusters the images it predicts
+            options.setdefault("num_classes", DEFAULT_CLASSES)
+        kind = run_kind(run_dir, {k: v for k, v in options.items() if v is not None}, device)
+        with kind.session() as session:
+            fitted = kind.load(run_dir, session)
         seg = cls.__new__(cls)
-        seg.method, seg.spec, seg.output = spec.name, spec, spec.output
-        seg.num_classes, seg.backbone, seg.seed, seg.device = (
-            num_classes, meta["backbone"], seed, device)
+        seg.method, seg.output, seg._kind = kind.method, kind.output, kind
+        num_classes = options.pop("num_classes", None)
+        if kind.output == "semantic":
+            num_classes = int(meta["num_classes"])
+        seg.num_classes, seg.backbone, seg.device = num_classes, meta["backbone"], device
+        seg.seed = int(options.pop("seed", 0) or 0)
         seg.options = dict(options)
-        seg._settings = {k: v for k, v in options.items() if v is not None}
-        seg._config_options = {}
-        seg._config = estimator.config
+        seg._fitted, seg._fit_inputs = fitted, None
         seg.timings = Timings()
-        if spec.output == "semantic":
-            predict = PredictSettings(**meta["predict"])
-            if options.get("refine") is not None:
-                predict = replace(predict, refine=sem.check_refine(options["refine"]))
-            source = None
-            if meta.get("embeddings"):
-                source = open_embeddings(meta["embeddings"]["run"], dev,
-                                            meta["embeddings"]["sha256"])
-            fitted = sem.FittedSemantic(estimator, model, source, int(meta["feature_size"]),
-                                        int(meta.get("max_side") or 0) or None, predict)
-            seg._fit = _Fit(estimator, model, {"predict": fitted})
-        elif spec.output == "saliency":
-            if "max_side" not in seg._settings:
-                seg._settings["max_side"] = None
-            seg._fit = _Fit(estimator, model, {})
-        else:
-            train = mc.train_prototypes(run_dir)
-            seg._fit = _Fit(estimator, model, {"feature_size": int(meta["feature_size"]),
-                                               "train": train})
         return seg
 
     def __repr__(self) -> str:
@@ -484,16 +261,9 @@ class Segmenter:
                 f"backbone={self.backbone!r}, seed={self.seed}{extra})")
 
 
-@dataclasses.dataclass
-class _Collector:
-    """A label writer that keeps each image's labels in memory."""
-
-    report: BatchReport = dataclasses.field(default_factory=BatchReport)
-    labels: dict[Path, np.ndarray] = dataclasses.field(default_factory=dict)
-
-    def write(self, path: Path, labels: np.ndarray, image: torch.Tensor) -> None:
-        """Keep ``labels [H, W]`` of ``path`` (uint8, as the PNG stores them)."""
-        self.labels[path] = np.ascontiguousarray(labels, dtype=np.uint8)
+def _mask(pred: Prediction) -> np.ndarray:
+    """The prediction's mask as the PNG stores it (uint8)."""
+    return np.ascontiguousarray(pred.mask, dtype=np.uint8)
 
 
 def _raise_failures(report: BatchReport) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +14,13 @@ from PIL import Image
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
+from unseg.layout import BOXES_FILE, MASKS_DIR
 from unseg.methods.collapse import MIN_PREDICTED
-from unseg.pipelines.saliency import BOXES_FILE, MASKS_DIR, predict_masks
+from unseg.pipelines.folder import MaskWriter
+from unseg.pipelines.kind import Prediction
+from unseg.pipelines.saliency import saliency_maps
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.utils.batch import BatchReport
 
 BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("registered_stand_in")
@@ -25,6 +31,17 @@ def _square(h: int, w: int, seed: int) -> np.ndarray:
     img = (40 + 20 * rng.random((h, w, 3))).astype(np.uint8)
     img[h // 4 : h // 2 + 10, w // 3 : w // 3 + h // 3] = (230, 220, 40)
     return img
+
+
+def predict_masks(paths, out, prob_fn, guided, size, stride):
+    """The folder pipeline's saliency prediction of ``paths`` with the map ``prob_fn``: its
+    :func:`saliency_maps` written by its :class:`MaskWriter` (masks and boxes.json)."""
+    report = BatchReport()
+    writer = MaskWriter(out, Path(os.path.commonpath(paths)), False, False, report)
+    for path, mask, box in saliency_maps(paths, prob_fn, guided, size, stride, report):
+        writer.write(Prediction(path, mask, None, box))
+    writer.close()
+    return report
 
 
 @pytest.fixture
@@ -368,3 +385,15 @@ def test_a_heads_training_options_are_not_silently_ignored_by_spectral(tmp_path,
     assert main([*base, "--method", "spectral", "--out", str(tmp_path / "c"),
                  "--guided-radius", "5", "--no-guided-filter"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_discover_gives_its_stage_seconds_to_a_callers_timings(folder, tmp_path):
+    from unseg.pipelines.folder import discover
+    from unseg.pipelines.kind import Settings
+    from unseg.utils.timing import Timings
+
+    timings = Timings()
+    report = discover(folder, tmp_path / "o", "spectral", settings=Settings(backbone=BACKBONE),
+                      timings=timings)
+    assert len(report.written) == 4 and {p.stem for p, _ in report.failed} == {"broken", "tiny"}
+    assert {"decode", "predicting", "writing"} <= set(timings.as_dict())

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import unseg
 from unseg.backbones import create_backbone
 from unseg.cli.main import main
 from unseg.cli.options import add_method_options, given_options
@@ -216,6 +217,30 @@ def test_segment_runs_discover_fit_predict(tmp_path):
     labels = _labels(out / "masks")
     assert len(labels) == 6 and all(set(np.unique(v)) <= {0, 1, 2} for v in labels.values())
     assert len(list((out / "overlays").glob("*.jpg"))) == 6
+
+
+def test_the_segmenter_gives_the_commands_masks(tmp_path):
+    """`unseg segment --method maskcontrast` (fit → predict into folders) and
+    `Segmenter("maskcontrast").fit_predict` on the same images, masks and settings: the same
+    class ids in every pixel (one kind's fit and prediction behind both), and not all
+    background (a fit long enough to learn the planted saliency)."""
+    images, masks = write_set(tmp_path / "d")
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+                 "-k", "3", "--saliency", str(masks), *TINY, "--epochs", "10",
+                 "--lr", "0.05"]) == 0
+    seg = unseg.Segmenter("maskcontrast", num_classes=3, backbone="efficientnet_lite0",
+                          tap="s16", size=96, width=16, aspp_rates=(1, 2), view_size=64,
+                          loss_size=16, batch_size=6, epochs=10, lr=0.05,
+                          saliency=str(masks))
+    got = seg.fit_predict(images)
+    want = _labels(out / "masks")
+    assert len(got) == len(want) == 12
+    for mask, name in zip(got, sorted(want), strict=True):
+        np.testing.assert_array_equal(mask, want[name])
+    assert len(np.unique(np.concatenate([m.ravel() for m in got]))) >= 2  # not all background
+    with pytest.raises(UnsegError, match="no class probabilities"):
+        seg.predict_proba(images)
 
 
 def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):

@@ -16,7 +16,7 @@ from vit_reference import ARCHS, official_state_dict
 
 import unseg.pipelines.semantic as semantic
 from unseg.backbones import create_backbone, default_backbone_name, get_spec
-from unseg.cli.common import semantic_settings
+from unseg.cli.common import run_settings
 from unseg.cli.main import build_parser
 from unseg.features import extract_features
 from unseg.methods.found import FoundConfig
@@ -60,7 +60,7 @@ def test_segment_defaults_with_dino_weights(dino_cache):
     args = build_parser().parse_args(["segment", "images", "--out", "out"])
     assert (args.method, args.num_classes, args.discover, args.device) == (
         "primaps-em", 5, "auto", None)
-    settings = semantic_settings(args, "segment")
+    settings = run_settings(args, "segment")
     assert settings.backbone == "dino_vits8" and settings.tap is None
     assert (settings.size, settings.max_side, settings.label_factor) == (320, None, 2)
     spec, config, resolved = semantic._method(args.method, args.num_classes, None, settings)
@@ -82,5 +82,5 @@ def test_discover_defaults_with_dino_weights(dino_cache):
     head = SaliencyHeadConfig()
     assert (head.image_size, head.batch_size) == (320, 8)  # spectral predicts at image_size
     assert get_method("saliency-head").feature_kind == get_method("found").feature_kind == "keys"
-    # FOUND standardises its input only on CNN features (resolved in fit_saliency)
+    # FOUND standardises its input only on CNN features (resolved in saliency_config)
     assert FoundConfig().standardize is None and get_spec("dino_vits8").layer_normed

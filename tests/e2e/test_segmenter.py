@@ -74,6 +74,12 @@ def test_fit_predict_equals_unseg_segment(method: str, voc: Path, tmp_path: Path
     masks = seg.fit_predict(voc)
     _equal(masks, _pngs(out, voc))
     assert max(int(m.max()) for m in masks) < 3
+    # the soft maps: class probabilities at each image's size whose argmax is the mask (up to
+    # ties of the tiled upsampling)
+    for proba, mask in zip(seg.predict_proba(voc), masks, strict=True):
+        assert proba.dtype == np.float32 and proba.shape == (3, *mask.shape)
+        np.testing.assert_allclose(proba.sum(0), 1.0, atol=1e-4)
+        assert (proba.argmax(0) == mask).mean() > 0.99
     # the run it saves is the one `unseg predict` reads, both ways
     seg.save(tmp_path / "run")
     again = unseg.Segmenter.load(tmp_path / "run").predict(voc)

@@ -30,6 +30,7 @@ from vit_reference import (
 
 import unseg.pipelines.semantic as semantic
 from unseg.feature_store import load_cache
+from unseg.pipelines.folder import segment
 from unseg.proposals.primaps import principal_masks
 from unseg.runs import load_fitted
 
@@ -65,8 +66,8 @@ def runs(shared_data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
             mp = pytest.MonkeyPatch()
             mp.setattr(semantic, "open_backbone", lambda *a, **k: ref_backbone)
         try:
-            report = semantic.segment(images, root / which, "primaps-em", K, options=options,
-                                      settings=settings)
+            report = segment(images, root / which, "primaps-em", K, options=options,
+                             settings=settings)
         finally:
             if which == "reference":
                 mp.undo()

@@ -206,6 +206,7 @@ def test_standardized_training_ignores_the_features_scale(planted_squares, stand
 def test_pipeline_standardizes_cnn_features_only(tmp_path, monkeypatch):
     """``standardize=None`` is decided by the backbone: on without a final LayerNorm."""
     import unseg.pipelines.saliency as pipeline
+    from unseg.pipelines.folder import fit
 
     seen = []
 
@@ -225,5 +226,5 @@ def test_pipeline_standardizes_cnn_features_only(tmp_path, monkeypatch):
             pipeline, "_training_inputs", lambda *a: (FitInputs([torch.zeros(2, 4, 4)]), [d])
         )
         with pytest.raises(UnsegError, match="stop here"):
-            pipeline.fit_saliency(d, tmp_path / name, FoundConfig(), method="found")
+            fit(d, tmp_path / name, "found")
     assert seen == [True, False]

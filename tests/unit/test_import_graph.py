@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("unseg.registry",),
     ("unseg.methods",),
     ("unseg.runs",),
-    ("unseg.pipelines",),  # the stages the Segmenter and the folder functions share
-    ("unseg.segmenter",),
+    ("unseg.pipelines",),  # the stages and the kinds the Segmenter and the folders share
+    ("unseg.pipelines.folder", "unseg.segmenter"),  # folders and memory, side by side
     ("unseg.report",),
     ("unseg.cli",),
     ("unseg",),  # the package's front door: lazy attributes only

@@ -16,10 +16,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unseg.data.image import image_size, load_image
-from unseg.data.resize import decode_size, resize_image, resolve_max_side, target_size
+from unseg.data.resize import (
+    decode_size,
+    resize_image,
+    resolve_max_side,
+    target_size,
+    upsample_argmax,
+)
 from unseg.errors import InputFileError
 from unseg.features import extract_features
-from unseg.pipelines.label_maps import LabelWriter, overlay_image, upsample_argmax
+from unseg.pipelines.folder import MaskWriter
+from unseg.pipelines.kind import Prediction
+from unseg.pipelines.label_maps import overlay_image
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import save_png_atomic
 from unseg.utils.overlays import overlay
@@ -138,14 +146,15 @@ def test_label_png_has_the_same_pixels_and_palette_and_the_overlay_its_size(tmp_
     g = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 7, (90, 130), generator=g).numpy().astype(np.uint8)
     image = (torch.rand(3, 30, 44, generator=g) * 255).byte()
-    writer = LabelWriter(tmp_path / "m", tmp_path, tmp_path / "o", BatchReport())
-    writer.write(tmp_path / "x.jpg", labels, image)
+    writer = MaskWriter(tmp_path / "out", tmp_path, True, True, BatchReport())
+    writer.write(Prediction(tmp_path / "x.jpg", labels, image))
     save_png_atomic(tmp_path / "ref.png", labels, palette=png_palette())
-    with Image.open(tmp_path / "m" / "x.png") as a, Image.open(tmp_path / "ref.png") as b:
+    with Image.open(tmp_path / "out" / "masks" / "x.png") as a, \
+            Image.open(tmp_path / "ref.png") as b:
         assert a.mode == b.mode == "P"
         assert np.array_equal(np.asarray(a), np.asarray(b))
         assert a.getpalette() == b.getpalette()
-    with Image.open(tmp_path / "o" / "x.jpg") as jpg:
+    with Image.open(tmp_path / "out" / "overlays" / "x.jpg") as jpg:
         assert jpg.size == (130, 90) and jpg.format == "JPEG"
     # the blend, before JPEG: the image upscaled bilinearly and mixed half and half with the
     # label colours, as the float reference does it to within rounding
@@ -159,12 +168,21 @@ def test_label_png_has_the_same_pixels_and_palette_and_the_overlay_its_size(tmp_
 
 
 def test_discover_masks_respect_the_pixel_limit(smooth_photo, tmp_path) -> None:
-    from unseg.pipelines.saliency import predict_masks
+    from unseg.pipelines.saliency import saliency_maps
 
     path = smooth_photo(tmp_path / "a.png", 80, 100)
 
     def prob(image: np.ndarray) -> torch.Tensor:
         return torch.full(image.shape[:2], 0.75)
+
+    def predict_masks(paths, out, prob_fn, guided, size, stride, max_pixels):
+        report = BatchReport()
+        writer = MaskWriter(out, tmp_path, False, False, report)
+        for p, mask, box in saliency_maps(paths, prob_fn, guided, size, stride, report,
+                                          max_pixels=max_pixels):
+            writer.write(Prediction(p, mask, None, box))
+        writer.close()
+        return report
 
     refused = predict_masks([path], tmp_path / "r", prob, None, 64, 8, max_pixels=5000)
     assert refused.failed == [(path, refused.failed[0][1])]

@@ -19,7 +19,7 @@ from unseg.errors import UnsegError
 from unseg.layout import MANIFEST_FILE
 from unseg.outdir import Mode, recorded
 from unseg.pipelines.backbone import choose_backbone
-from unseg.pipelines.semantic import SemanticSettings
+from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE, REFINES
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
@@ -131,31 +131,30 @@ def check_resolution(size: int, max_side: int | None, backbone: str, tap: str | 
         )
 
 
-def semantic_settings(args: argparse.Namespace, command: str) -> SemanticSettings:
-    """:class:`SemanticSettings` from :func:`add_semantic_arguments`' and the backbone's
-    options; the backbone choice is announced on stderr (with ``--embeddings`` the embedding
-    run's backbone is used instead); ``--size`` and ``--max-side`` are checked
+# Settings fields and the argument each comes from (where the command has it)
+_SETTINGS_ARGS = {
+    "weights": "weights", "tap": "tap", "size": "size", "label_factor": "label_factor",
+    "refine": "refine", "pseudo_refine": "pseudo_refine", "seed": "seed", "device": "device",
+    "num_workers": "workers", "cache_dir": "cache_dir", "embeddings": "embeddings",
+    "max_side": "max_side", "max_pixels": "max_pixels", "saliency": "saliency",
+    "discover": "discover",
+}
+
+
+def run_settings(args: argparse.Namespace, command: str) -> Settings:
+    """The pipeline's :class:`Settings` from the options the command has; the backbone choice is
+    announced on stderr (with ``--embeddings`` the embedding run's backbone is used instead);
+    ``--size`` and ``--max-side`` are checked where the command sets the feature size
     (:func:`check_resolution`)."""
     embeddings = getattr(args, "embeddings", None)
+    backbone = args.backbone
     if not embeddings:
         backbone = resolve_backbone(args.backbone, command)
-        check_resolution(args.size, args.max_side, backbone, args.tap)
-    return SemanticSettings(
-        backbone=args.backbone if embeddings else backbone,
-        weights=args.weights,
-        tap=args.tap,
-        size=args.size,
-        label_factor=args.label_factor,
-        refine=args.refine,
-        pseudo_refine=args.pseudo_refine,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.workers,
-        cache_dir=args.cache_dir,
-        embeddings=embeddings,
-        max_side=args.max_side,
-        max_pixels=args.max_pixels,
-    )
+        if hasattr(args, "size"):
+            check_resolution(args.size, getattr(args, "max_side", None), backbone, args.tap)
+    values = {name: getattr(args, arg) for name, arg in _SETTINGS_ARGS.items()
+              if getattr(args, arg, None) is not None}
+    return Settings(backbone=backbone, **values)
 
 
 def resolve_backbone(name: str | None, command: str) -> str:

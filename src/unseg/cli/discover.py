@@ -18,14 +18,9 @@ from unseg.cli.common import (
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.errors import UnsegError
-from unseg.pipelines.fitting import build_config
-from unseg.pipelines.saliency import (
-    AUTO,
-    AUTO_TRAINED,
-    MIN_TRAIN_IMAGES,
-    discover,
-    resolve_discover_method,
-)
+from unseg.pipelines.folder import discover
+from unseg.pipelines.kind import Settings
+from unseg.pipelines.saliency import AUTO, AUTO_TRAINED, MIN_TRAIN_IMAGES, resolve_discover_method
 from unseg.registry import config_options, get_method, list_methods
 from unseg.report.html import write_report
 from unseg.utils import dist
@@ -99,18 +94,13 @@ def _discover(args: argparse.Namespace) -> Outcome:
     if method == "spectral":
         given = _spectral_options(args, given)
     report = discover(
-        args.images,
-        args.out,
-        method,
-        resolve_backbone(args.backbone, "discover"),
-        args.train_images,
-        build_config(spec, given, {}),
-        device=args.device,
-        cache_dir=args.cache_dir,
-        weights=args.weights,
-        tap=args.tap,
-        max_pixels=args.max_pixels,
-        max_side=args.max_side,
+        args.images, args.out, method, train_images=args.train_images,
+        options=given,
+        settings=Settings(
+            backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
+            tap=args.tap, device=args.device, cache_dir=args.cache_dir,
+            max_pixels=args.max_pixels, max_side=args.max_side,
+        ),
     )
     return batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", method,

@@ -13,7 +13,6 @@ diverged or collapsed (``unseg.methods.collapse``) is saved with its verdict in 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 from unseg.cli.common import (
     Outcome,
@@ -21,17 +20,44 @@ from unseg.cli.common import (
     add_device_argument,
     add_output_arguments,
     add_semantic_arguments,
-    check_resolution,
-    resolve_backbone,
     run_into_output,
-    semantic_settings,
+    run_settings,
 )
 from unseg.cli.options import add_method_options, given_options
-from unseg.pipelines.fitting import FitResult, build_config
-from unseg.pipelines.maskcontrast import MaskContrastSettings, fit_maskcontrast
-from unseg.pipelines.saliency import fit_saliency
-from unseg.pipelines.semantic import fit_semantic
+from unseg.pipelines.folder import fit
+from unseg.pipelines.kind import FitResult
 from unseg.registry import MethodSpec, get_method, list_methods
+
+
+def _semantic_arguments(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--num-classes", "-k", type=int, required=True, help="number of classes K")
+    add_semantic_arguments(m)
+    m.add_argument(
+        "--embeddings", default=None, metavar="RUN",
+        help="fit on the pixel embeddings of a maskcontrast run instead of the backbone's "
+        "features (its backbone, tap, weights and size are used; recorded in the run, applied "
+        "again at prediction)",
+    )
+
+
+def _embedding_arguments(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--saliency", required=True, metavar="DIR",
+                   help="folder of 8-bit saliency PNGs named by the images' stems "
+                   "(e.g. `unseg discover` output)")
+    m.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--cache-dir", default=None, help="feature cache folder (default: RUN/cache)")
+    add_device_argument(m)
+
+
+def _saliency_arguments(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--cache-dir", default=None, help="feature cache folder")
+    add_device_argument(m)
+
+
+# the pipeline's options each output kind takes (its config fields are added for every method)
+ARGUMENTS = {"semantic": _semantic_arguments, "embedding": _embedding_arguments,
+             "saliency": _saliency_arguments}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,93 +70,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         m.add_argument("data", help="dataset root, image folder (recursive) or image file")
         m.add_argument("--out", required=True, help="run folder to write")
         add_backbone_arguments(m)
-        if spec.output == "semantic":
-            m.add_argument("--num-classes", "-k", type=int, required=True,
-                           help="number of classes K")
-            add_semantic_arguments(m)
-            m.add_argument(
-                "--embeddings", default=None, metavar="RUN",
-                help="fit on the pixel embeddings of a maskcontrast run instead of the "
-                "backbone's features (its backbone, tap, weights and size are used; recorded "
-                "in the run, applied again at prediction)",
-            )
-            m.set_defaults(func=_semantic)
-        elif spec.output == "embedding":
-            m.add_argument("--saliency", required=True, metavar="DIR",
-                           help="folder of 8-bit saliency PNGs named by the images' stems "
-                           "(e.g. `unseg discover` output)")
-            m.add_argument("--size", type=int, default=320,
-                           help="feature short side in pixels (320)")
-            m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-            m.add_argument("--cache-dir", default=None,
-                           help="feature cache folder (default: RUN/cache)")
-            add_device_argument(m)
-            m.set_defaults(func=_embedding)
-        else:
-            m.add_argument("--cache-dir", default=None, help="feature cache folder")
-            add_device_argument(m)
-            m.set_defaults(func=_saliency)
+        ARGUMENTS[spec.output](m)
         add_output_arguments(m, report=False)
         add_method_options(m, [spec], f"{spec.name} options")
-        m.set_defaults(spec_name=spec.name)
+        m.set_defaults(func=_run, spec_name=spec.name)
 
 
-def _spec(args: argparse.Namespace) -> MethodSpec:
-    return get_method(args.spec_name)
-
-
-def _fit_into_run(args: argparse.Namespace, fit: Callable[[MethodSpec], Outcome]) -> int:
-    spec = _spec(args)
+def _run(args: argparse.Namespace) -> int:
+    spec = get_method(args.spec_name)
     args.method = spec.name  # an alias and the name are the same configuration
-    return run_into_output(args, f"fit {spec.name}", ("method", "data"), lambda: fit(spec))
+    return run_into_output(args, f"fit {spec.name}", ("method", "data"),
+                           lambda: _fit(args, spec))
 
 
-def _outcome(result: FitResult, what: str, where: str) -> Outcome:
-    summary = (f"{what}{result.n_images} image(s) fitted, run in {where}, "
-               f"{len(result.report.failed)} input(s) failed")
-    return Outcome(summary, 0 if result.report.ok else 1, list(result.report.failed))
+def _fit(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
+    result = fit(args.data, args.out, spec.name, getattr(args, "num_classes", None),
+                 options=given_options(args, spec),
+                 settings=run_settings(args, f"fit {spec.name}"))
+    return _outcome(result, args.out)
 
 
-def _semantic(args: argparse.Namespace) -> int:
-    return _fit_into_run(args, lambda spec: _fit_semantic(args, spec))
-
-
-def _fit_semantic(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
-    result = fit_semantic(
-        args.data, args.out, spec.name, args.num_classes,
-        options=given_options(args, spec),
-        settings=semantic_settings(args, f"fit {spec.name}"),
-    )
-    return _outcome(result, f"{args.num_classes} classes, ", args.out)
-
-
-def _embedding(args: argparse.Namespace) -> int:
-    return _fit_into_run(args, lambda spec: _fit_embedding(args, spec))
-
-
-def _fit_embedding(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
-    backbone = resolve_backbone(args.backbone, f"fit {spec.name}")
-    check_resolution(args.size, None, backbone, args.tap)
-    result = fit_maskcontrast(
-        args.data, args.saliency, args.out,
-        options=given_options(args, spec),
-        settings=MaskContrastSettings(
-            backbone=backbone, weights=args.weights,
-            tap=args.tap, size=args.size, seed=args.seed, device=args.device,
-            cache_dir=args.cache_dir,
-        ),
-    )
-    return _outcome(result, f"{result.masks.summary()}; ", args.out)
-
-
-def _saliency(args: argparse.Namespace) -> int:
-    return _fit_into_run(args, lambda spec: _saliency_outcome(_fit_saliency(args, spec), args.out))
-
-
-def _saliency_outcome(result: FitResult, where: str) -> Outcome:
+def _outcome(result: FitResult, where: str) -> Outcome:
     """The fit's outcome; a head whose training diverged or collapsed (``facts["collapse"]``)
     is saved but reported as failed: its verdict in the completion line, exit status 1."""
-    outcome = _outcome(result, "", where)
+    summary = (f"{result.notes}{result.n_images} image(s) fitted, run in {where}, "
+               f"{len(result.report.failed)} input(s) failed")
+    outcome = Outcome(summary, 0 if result.report.ok else 1, list(result.report.failed))
     collapse = result.facts.get("collapse") or {}
     if collapse.get("failed"):
         outcome.summary += (f"; TRAINING FAILED ({collapse['verdict']}: see training.collapse "
@@ -140,17 +105,3 @@ def _saliency_outcome(result: FitResult, where: str) -> Outcome:
         outcome.summary += (f"; check the masks ({collapse['verdict']}: see training.collapse "
                             f"in {where}/config.json)")
     return outcome
-
-
-def _fit_saliency(args: argparse.Namespace, spec: MethodSpec) -> FitResult:
-    return fit_saliency(
-        args.data,
-        args.out,
-        build_config(spec, given_options(args, spec), {}),
-        resolve_backbone(args.backbone, f"fit {spec.name}"),
-        args.weights,
-        args.device,
-        args.cache_dir,
-        method=spec.name,
-        tap=args.tap,
-    )

@@ -12,7 +12,7 @@ from unseg.cli.common import (
     batch_outcome,
     run_into_output,
 )
-from unseg.pipelines import predict_run
+from unseg.pipelines.folder import predict
 from unseg.refine.semantic import REFINES
 from unseg.report.html import write_report
 
@@ -77,7 +77,7 @@ def _predict(args: argparse.Namespace) -> Outcome:
         "max_pixels": args.max_pixels,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
-    report = predict_run(args.run, args.images, args.out, overrides, device=args.device)
+    report = predict(args.run, args.images, args.out, overrides, device=args.device)
     return batch_outcome(
         report, f"{args.out}/masks", f"run {args.run}",
         lambda: write_report(args.out, args.images, args.gt, run=args.run),

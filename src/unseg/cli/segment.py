@@ -20,14 +20,13 @@ from unseg.cli.common import (
     add_semantic_arguments,
     batch_outcome,
     run_into_output,
-    semantic_settings,
+    run_settings,
 )
 from unseg.cli.options import add_method_options, given_options
-from unseg.pipelines.maskcontrast import MaskContrastSettings, segment_maskcontrast
-from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES, segment
+from unseg.pipelines.folder import segment
+from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES
 from unseg.registry import get_method, list_methods
 from unseg.report.html import write_report
-from unseg.utils.batch import BatchReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,25 +70,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace) -> Outcome:
     spec = get_method(args.method)
-    report: BatchReport
-    if spec.output == "embedding":
-        settings = semantic_settings(args, "segment")
-        report = segment_maskcontrast(
-            args.images, args.out, args.num_classes,
-            saliency=args.saliency, discover_method=args.discover,
-            options=given_options(args, spec),
-            settings=MaskContrastSettings(
-                backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
-                size=settings.size, seed=settings.seed, device=settings.device,
-                cache_dir=settings.cache_dir,
-            ),
-        )
-    else:
-        report = segment(
-            args.images, args.out, spec.name, args.num_classes,
-            options=given_options(args, spec),
-            settings=semantic_settings(args, "segment"),
-        )
+    report = segment(
+        args.images, args.out, spec.name, args.num_classes,
+        options=given_options(args, spec), settings=run_settings(args, "segment"),
+    )
     return batch_outcome(
         report, f"{args.out}/masks (overlays in {args.out}/overlays)",
         f"{spec.name}, {args.num_classes} classes",

@@ -57,13 +57,12 @@ from torch import nn
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, feature_moments, stack_crops
-from unseg.methods.collapse import CollapseReport, check_head
-from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.crop_cache import CropSource, as_float_images
+from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.registry import register
-from unseg.utils.device import resolve_device
 from unseg.utils.options import option
 
 logger = logging.getLogger(__name__)
@@ -211,26 +210,20 @@ def pseudo_masks(
     feature_kind="keys",
     rank=40,
 )
-class FoundHead:
+class FoundHead(HeadEstimator):
     """Estimator (contract of :mod:`unseg.methods.base`): ``fit(FitInputs)`` on the keys and the
-    images, then ``predict_proba(features, images)``.
-
-    ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
-    backbone) is needed for multi-scale consistency with the ``"cache"`` or ``"backbone"`` crop
-    modes; the pipeline sets it before :meth:`fit`. After ``fit``, ``collapse_`` holds the
-    :class:`~unseg.methods.collapse.CollapseReport` of the training images.
+    images, then ``predict_proba(features, images)``; ``feature_fn`` and ``collapse_`` as
+    :class:`~unseg.methods.head_base.HeadEstimator`'s.
     """
+
+    config_class = FoundConfig
+    title = "the FOUND head"
 
     def __init__(
         self, config: FoundConfig | None = None, device: str | torch.device | None = None
     ) -> None:
-        self.config = config or FoundConfig()
-        self.device = resolve_device(device or "cpu")
-        self.feature_fn: FeatureFn | None = None
-        self.net: nn.Module | None = None
+        super().__init__(config, device)
         self.stride: int = 0
-        self.history_: list[float] = []
-        self.collapse_: CollapseReport | None = None
 
     def fit(self, inputs: FitInputs) -> FoundHead:
         """Train on ``inputs.features[i]`` ``[C, h, w]`` and ``inputs.images[i]`` ``[3, H, W]``
@@ -244,12 +237,7 @@ class FoundHead:
         if c.standardize:
             mean, std = feature_moments(features)
             self.net = Standardized(self.net, mean.to(dev), std.to(dev))
-        crops = None
-        if c.multiscale:
-            crops = CropSource(
-                c.crop_mode, images, self.feature_fn, c.crop_pool, tuple(c.crop_scale),
-                c.fixed_crop, gen, device=dev,
-            )
+        crops = self.crop_source(images, gen)
         pseudo = self._pseudo_all(features, images)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.lr_gamma)
@@ -273,9 +261,7 @@ class FoundHead:
         if isinstance(self.net, Standardized):
             self.net = self.net.folded()
         self.net.eval()
-        self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.flagged:
-            logger.warning("%s", self.collapse_.message())
+        self.after_fit(features, images)
         return self
 
     def _pseudo_all(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -336,27 +322,15 @@ class FoundHead:
         return loss + c.weight_crop_base * crop_loss + c.weight_consistency * cons
 
     @torch.no_grad()
-    def check_collapse(self, features: torch.Tensor, images: torch.Tensor) -> CollapseReport:
-        """:class:`CollapseReport` of the head's maps on ``features`` ``[N, C, h, w]`` and
-        ``images`` ``[N, 3, H, W]`` (with ``history_``)."""
-        return check_head(
-            self.predict_proba, features, images, self.config.batch_size, self.history_
-        )
-
-    @torch.no_grad()
     def predict_proba(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Foreground probabilities ``[B, 1, H, W]`` (no guided filter) for features
         ``[B, C, h, w]`` and their images ``[B, 3, H, W]`` (only their size is used)."""
-        if self.net is None:
-            raise UnsegError("the FOUND head is not fitted")
-        logits = self.net(features.to(self.device, torch.float32))
+        logits = self.fitted_net()(features.to(self.device, torch.float32))
         return torch.sigmoid(_upsample(logits, tuple(images.shape[-2:])))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The 1x1 conv's ``weight`` ``[1, C, 1, 1]`` and ``bias`` ``[1]``, and ``stride``."""
-        if self.net is None:
-            raise UnsegError("the FOUND head is not fitted")
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        state = self.net_state()
         state["stride"] = torch.tensor(self.stride)
         return state
 

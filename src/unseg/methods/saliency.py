@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
-from unseg.methods.collapse import CollapseConfig, CollapseReport, check_head
-from unseg.methods.crop_cache import CropSource, FeatureFn, as_float_images
+from unseg.methods.collapse import CollapseConfig
+from unseg.methods.crop_cache import CropSource, as_float_images
+from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
 from unseg.methods.ncut import key_affinity, soft_ncut_loss
@@ -52,7 +53,6 @@ from unseg.methods.restarts import (
 )
 from unseg.methods.saliency_head import SaliencyHeadNet
 from unseg.registry import register
-from unseg.utils.device import resolve_device
 from unseg.utils.options import option
 from unseg.utils.progress import progress
 
@@ -111,24 +111,19 @@ def border_prior(probs: torch.Tensor) -> torch.Tensor:
     feature_kind="keys",
     rank=30,
 )
-class SaliencyHead:
+class SaliencyHead(HeadEstimator):
     """Estimator under the contract of :mod:`unseg.methods.base`: ``fit(FitInputs)`` on the
-    attention keys and the images, then ``predict_proba(features, images)``.
-
-    ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
-    backbone) is needed for multi-scale consistency with the ``"cache"`` or ``"backbone"`` crop
-    modes, to see the resized crops; the pipeline sets it before :meth:`fit`.
+    attention keys and the images, then ``predict_proba(features, images)``; ``feature_fn`` and
+    ``collapse_`` as :class:`~unseg.methods.head_base.HeadEstimator`'s.
     """
+
+    config_class = SaliencyHeadConfig
+    title = "the saliency head"
 
     def __init__(
         self, config: SaliencyHeadConfig | None = None, device: str | torch.device | None = None
     ) -> None:
-        self.config = config or SaliencyHeadConfig()
-        self.device = resolve_device(device or "cpu")
-        self.feature_fn: FeatureFn | None = None
-        self.net: SaliencyHeadNet | None = None
-        self.history_: list[float] = []
-        self.collapse_: CollapseReport | None = None
+        super().__init__(config, device)
         self.restarts_: list[RestartScore] = []
 
     def _build(self, in_dim: int, stride: int) -> SaliencyHeadNet:
@@ -164,12 +159,7 @@ class SaliencyHead:
         dev = self.device
         gen = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed)
-        crops = None
-        if c.multiscale:
-            crops = CropSource(
-                c.crop_mode, images, self.feature_fn, c.crop_pool, tuple(c.crop_scale),
-                c.fixed_crop, gen, c.batch_size, dev,
-            )
+        crops = self.crop_source(images, gen, batch_size=c.batch_size)
         self.net = self._start(features, stride, gen)
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr)
         n = features.shape[0]
@@ -191,9 +181,7 @@ class SaliencyHead:
             logger.info("epoch %d/%d: loss %.4f", epoch + 1, c.epochs, self.history_[-1])
         self.net.eval()
         self.orient(features, images)
-        self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.flagged:
-            logger.warning("%s", self.collapse_.message())
+        self.after_fit(features, images)
         return self
 
     def _start(self, features: torch.Tensor, stride: int, gen: torch.Generator) -> SaliencyHeadNet:
@@ -255,14 +243,6 @@ class SaliencyHead:
         return net.eval()
 
     @torch.no_grad()
-    def check_collapse(self, features: torch.Tensor, images: torch.Tensor) -> CollapseReport:
-        """:class:`CollapseReport` of the head's maps on ``features`` ``[N, C, h, w]`` and
-        ``images`` ``[N, 3, H, W]`` (with ``history_``)."""
-        return check_head(
-            self.predict_proba, features, images, self.config.batch_size, self.history_
-        )
-
-    @torch.no_grad()
     def orient(self, features: torch.Tensor, images: torch.Tensor) -> bool:
         """Fix which side of the cut is foreground, once for the model; returns True if flipped.
 
@@ -270,18 +250,17 @@ class SaliencyHead:
         over ``features`` ``[N, C, h, w]`` is on average brighter on the border ring than over
         the whole grid (:func:`border_prior` > 0), the output is negated from then on.
         """
-        if self.net is None:
-            raise UnsegError("the saliency head is not fitted")
-        dev = next(self.net.parameters()).device
+        net = self.fitted_net()
+        dev = next(net.parameters()).device
         total, n = 0.0, features.shape[0]
         for i in range(0, n, self.config.batch_size):
             f = features[i : i + self.config.batch_size].to(dev, torch.float32)
             x = as_float_images(images[i : i + self.config.batch_size]).to(dev)
-            coarse, _ = self.net(f, x)
+            coarse, _ = net(f, x)
             total += float(border_prior(torch.sigmoid(coarse))) * f.shape[0]
         flipped = total / max(n, 1) > 0
         if flipped:
-            self.net.polarity.neg_()
+            net.polarity.neg_()
             logger.info("the head's cut came out inverted (border brighter); output negated")
         return flipped
 
@@ -315,17 +294,14 @@ class SaliencyHead:
     def predict_proba(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Foreground probabilities ``[B, 1, H, W]`` (no guided filter) for ``[B, C, h, w]``
         features and their ``[B, 3, H, W]`` images."""
-        if self.net is None:
-            raise UnsegError("the saliency head is not fitted")
-        dev = next(self.net.parameters()).device
-        _, fine = self.net(features.to(dev, torch.float32), as_float_images(images).to(dev))
+        net = self.fitted_net()
+        dev = next(net.parameters()).device
+        _, fine = net(features.to(dev, torch.float32), as_float_images(images).to(dev))
         return torch.sigmoid(fine)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The network's weights and its ``in_dim`` and ``stride`` (int64 scalars), on the CPU."""
-        if self.net is None:
-            raise UnsegError("the saliency head is not fitted")
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        state = self.net_state()
         state["in_dim"] = torch.tensor(self.net.proj.in_channels)
         state["stride"] = torch.tensor(self.net.stride)
         return state

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,7 @@ from unseg.errors import UnsegError
 from unseg.features import FeatureSet
 from unseg.methods.base import Estimator, FitInputs
 from unseg.registry import MethodSpec, config_with
-from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
-
-
-@dataclass
-class FitResult:
-    """What a fit did: the run folder, the images used, failures, and training facts."""
-
-    run_dir: Path
-    report: BatchReport
-    n_images: int
-    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def build_config(

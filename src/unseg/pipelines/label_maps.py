@@ -1,6 +1,6 @@
 """Semantic label maps from a fitted estimator: logits of cached or fresh features, refined at
-the working resolution (the resized image), upsampled to the original size, written as palette
-PNGs and overlays.
+the working resolution (the resized image), upsampled to the original size; the overlay of
+class ids on the image.
 
 Memory does not follow the input's size beyond its ``[H, W]`` labels and overlay: the class
 probabilities are upsampled and argmaxed tile by tile (:func:`upsample_argmax`, equal to the
@@ -11,17 +11,13 @@ by Pillow in uint8.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unseg.data.inputs import output_name
-from unseg.data.resize import upsample_argmax
 from unseg.feature_store import FeatureSet
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.pseudo_labels import hwc
@@ -30,14 +26,9 @@ from unseg.refine.semantic import DEFAULT_REFINE, RefineConfig, refine_many
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
-from unseg.utils.io import atomic_write
-from unseg.utils.palette import png_palette
-from unseg.utils.progress import Bar, progress_bar
 from unseg.utils.timing import Timings
 
 CHUNK = 16  # images per round of prediction (logits, refinement in the pool, writing)
-PNG_LEVEL = 1  # zlib level of the label PNGs: the same pixels, ~60x faster than Pillow's 6
-JPEG_QUALITY = 90
 OVERLAY_ALPHA = 0.5
 
 
@@ -48,30 +39,6 @@ class PredictSettings:
     flip: bool = True
     refine: str = DEFAULT_REFINE
     label_factor: int = 2
-
-
-@dataclass
-class LabelWriter:
-    """Where and how label PNGs (and overlays) are written, and what was written."""
-
-    out_dir: Path
-    names_root: Path
-    overlay_dir: Path | None
-    report: BatchReport
-    palette: list[int] = field(default_factory=png_palette)
-
-    def write(self, path: Path, labels: np.ndarray, image: torch.Tensor) -> None:
-        """``labels [H, W]`` (class ids < 256) of ``path``; the overlay on its resized ``image``
-        ``[3, h, w]`` uint8, upscaled to ``[H, W]``."""
-        mask = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8)).convert("P")
-        mask.putpalette(self.palette)
-        target = self.out_dir / output_name(path, self.names_root)
-        atomic_write(target, lambda p: mask.save(p, format="PNG", compress_level=PNG_LEVEL))
-        self.report.written.append(target)
-        if self.overlay_dir is not None:
-            picture = overlay_image(image, mask)
-            jpg = (self.overlay_dir / output_name(path, self.names_root)).with_suffix(".jpg")
-            atomic_write(jpg, lambda p: picture.save(p, format="JPEG", quality=JPEG_QUALITY))
 
 
 def overlay_image(image: torch.Tensor, mask: Image.Image) -> Image.Image:
@@ -127,33 +94,6 @@ def refined_probabilities(
         with timings.stage("refinement"):
             probs = refine_many(logits, [on_device(im, device) for im in images], refine, pool)
         yield from zip(chunk, probs, images, strict=True)
-
-
-def predict_label_maps(
-    estimator: SemanticEstimator,
-    feats: FeatureSet,
-    paths: Sequence[Path],
-    settings: PredictSettings,
-    device: torch.device,
-    pool: CRFPool,
-    writer: LabelWriter,
-    timings: Timings,
-    bar: Bar | None = None,
-) -> None:
-    """Predict, refine and write ``paths`` (whose features and extras are in ``feats``):
-    :func:`refined_probabilities`, argmaxed at each image's own size
-    (:func:`upsample_argmax`), handed to ``writer.write(path, labels, image)``.
-
-    ``bar``: a caller's progress bar to advance by the images written (a command that predicts
-    in several parts keeps one bar); None: this call shows its own."""
-    paths = list(paths)
-    own = progress_bar(len(paths), "predict") if bar is None else nullcontext(bar)
-    with own as shown:
-        for p, q, image in refined_probabilities(estimator, feats, paths, settings, device, pool,
-                                                 timings):
-            with timings.stage("writing"):
-                writer.write(p, upsample_argmax(q, feats.original_size(p)), image)
-            shown.update(1)
 
 
 def gather_report(report: BatchReport) -> BatchReport:

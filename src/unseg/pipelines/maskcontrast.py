@@ -1,6 +1,5 @@
-"""MaskContrast pipelines: fit on a folder with its saliency masks, predict label PNGs by
-clustering the predicted images' prototypes, ``segment`` = discover → fit → predict, and the
-embeddings other methods can be fitted on (chaining: ``unseg fit primaps-em --embeddings RUN``).
+"""The embedding kind (MaskContrast): fit on images with their saliency masks, predict class ids
+by clustering the predicted images' prototypes (``unseg segment`` first discovers the masks).
 
 Fit: the images are paired with the masks of the saliency folder by stem
 (:func:`unseg.proposals.saliency_masks.load_mask_proposals`: bad or missing masks are skipped and
@@ -18,14 +17,15 @@ The run also keeps the training images' prototypes
 Predict: one prototype per image (the paper's protocol: raw embeddings weighted by the saliency
 logit where it exceeds 0.5), clustered into ``K − 1`` clusters on the predicted set (as the
 paper) or on the training set (``clusters="training"``); an image's salient pixels take its
-cluster + 1, the rest 0 (background); palette label PNGs as the other semantic methods.
+cluster + 1, the rest 0 (background); written as the semantic methods' class ids.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,19 +36,13 @@ from safetensors.torch import load_file, save_file
 
 from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import no_usable_images, resolve_inputs
-from unseg.data.inputs import output_name
-from unseg.data.layouts import resolve_image_dir
+from unseg.data.datasets import no_usable_images
 from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
 from unseg.layout import (
     CACHE_DIR,
-    DISCOVER_DIR,
-    MASKS_DIR,
-    OVERLAYS_DIR,
-    RUN_DIR,
     TRAIN_PROTOTYPES,
 )
 from unseg.methods.base import FitInputs
@@ -61,8 +55,8 @@ from unseg.methods.maskcontrast import (
     weighted_prototype,
 )
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
-from unseg.pipelines.fitting import FitResult, build_config, check_fit_inputs
-from unseg.pipelines.pseudo_labels import hwc
+from unseg.pipelines.fitting import build_config, check_fit_inputs
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
 from unseg.runs import load_fitted, save_fitted
@@ -70,9 +64,7 @@ from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads, resolve_device, seed_everything
 from unseg.utils.hashing import settings_key
-from unseg.utils.io import atomic_write, save_jpeg_atomic, save_png_atomic
-from unseg.utils.overlays import overlay
-from unseg.utils.palette import png_palette
+from unseg.utils.io import atomic_write
 from unseg.utils.progress import progress
 from unseg.utils.timing import Timings
 
@@ -81,27 +73,7 @@ logger = logging.getLogger(__name__)
 METHOD = "maskcontrast"
 Clusters = Literal["predicted", "training"]
 CHUNK = 32  # images per feature extraction round at prediction
-
-
-@dataclass(frozen=True)
-class MaskContrastSettings:
-    """How a MaskContrast command runs, besides the method's config: backbone, feature short
-    side ``size``, seed, device, feature cache folder (None: the run's ``cache/``)."""
-
-    backbone: str | None = None
-    weights: str | None = None
-    tap: str | None = None
-    size: int = 320
-    seed: int = 0
-    device: str | None = None
-    cache_dir: str | None = None
-
-
-@dataclass
-class MaskContrastFit(FitResult):
-    """:class:`FitResult` plus the mask proposals' report (kept, dropped, bad masks)."""
-
-    masks: ProposalReport = field(default_factory=ProposalReport)
+DEFAULT_CLASSES = 5  # background + 4 clusters, as `unseg segment`'s default
 
 
 def _photometric_features(
@@ -261,46 +233,6 @@ def save_maskcontrast_run(
     })
 
 
-def fit_maskcontrast(
-    data: str | Path,
-    saliency: str | Path,
-    run_dir: str | Path,
-    *,
-    options: Mapping[str, Any] | None = None,
-    settings: MaskContrastSettings | None = None,
-    timings: Timings | None = None,
-) -> MaskContrastFit:
-    """Train MaskContrast on the images of ``data`` with the masks of the folder ``saliency``
-    (8-bit PNGs named by the images' stems) and save it to ``run_dir``; a checkpoint in
-    ``run_dir`` after every epoch, resumed by the same call after a kill.
-
-    ``options``: config fields by name (e.g. ``{"epochs": 5}``); ``settings``: backbone,
-    feature size, seed, device, cache.
-    """
-    settings = settings or MaskContrastSettings()
-    config = maskcontrast_config(options, settings.seed)
-    backbone_name = resolve_backbone_name(settings.backbone)
-    run_dir = Path(run_dir)
-    timings = timings if timings is not None else Timings()
-    report = BatchReport()
-    seed_everything(settings.seed)
-    names_root = resolve_image_dir(data)
-    with dist.joined(resolve_device(settings.device)) as dev:
-        model = open_backbone(backbone_name, settings.weights, settings.tap, dev)
-        inputs = ImageInputs(resolve_inputs(data, report, model.stride))
-        cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / CACHE_DIR
-        trained = train_maskcontrast(
-            data, inputs,
-            lambda paths: load_mask_proposals(paths, saliency, names_root=names_root),
-            config, model, settings.size, cache, dev, report, timings, checkpoint_dir=run_dir,
-        )
-        trained.facts["saliency"] = str(Path(saliency).resolve())
-        if dist.is_main():
-            save_maskcontrast_run(run_dir, trained, settings.size, settings.weights, timings)
-        dist.barrier()
-    return MaskContrastFit(run_dir, report, len(trained.paths), trained.facts, trained.masks)
-
-
 @torch.no_grad()
 def image_prototype(
     estimator: MaskContrast, features: torch.Tensor, size: tuple[int, int]
@@ -349,27 +281,6 @@ def train_prototypes(run_dir: Path) -> torch.Tensor | None:
     """The training images' prototypes ``[N, D]`` a run keeps (None: it has none)."""
     file = run_dir / TRAIN_PROTOTYPES
     return load_file(str(file))["prototypes"] if file.is_file() else None
-
-
-def _write(
-    path: Path,
-    labels: np.ndarray,
-    names_root: Path,
-    out_dir: Path,
-    overlay_dir: Path | None,
-    image: torch.Tensor | None,
-    report: BatchReport,
-) -> None:
-    """Palette PNG of ``labels [H, W]`` (and the overlay on ``image [3, H', W']`` when asked)."""
-    lab8 = labels.astype(np.uint8)
-    target = out_dir / output_name(path, names_root)
-    save_png_atomic(target, lab8, palette=png_palette())
-    report.written.append(target)
-    if overlay_dir is not None and image is not None:
-        big = F.interpolate(image[None].float(), size=lab8.shape, mode="bilinear",
-                            align_corners=False)[0].round().clamp(0, 255).byte()
-        jpg = (overlay_dir / output_name(path, names_root)).with_suffix(".jpg")
-        save_jpeg_atomic(jpg, overlay(hwc(big), lab8))
 
 
 def maskcontrast_labels(
@@ -422,106 +333,157 @@ def maskcontrast_labels(
     ]
 
 
-def predict_maskcontrast(
-    run_dir: str | Path,
-    images: str | Path,
-    out_dir: str | Path,
-    num_classes: int,
-    *,
-    clusters: Clusters = "predicted",
-    seed: int = 0,
-    device: str | None = None,
-    weights: str | Path | None = None,
-    overlay_dir: str | Path | None = None,
-) -> BatchReport:
-    """Label PNGs (0 = background, clusters ``1..num_classes − 1``) for the images of
-    ``images`` with the MaskContrast run ``run_dir`` (:func:`maskcontrast_labels`)."""
-    if not 2 <= num_classes <= 256:
-        raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
-    run_dir, root = Path(run_dir), Path(images)
-    out = Path(out_dir)
-    overlays = None if overlay_dir is None else Path(overlay_dir)
-    report = BatchReport()
-    with dist.joined(resolve_device(device)) as dev:
-        _, estimator, meta = load_fitted(run_dir, "embedding", dev)
-        model = open_fitted_backbone(meta, weights, dev, str(run_dir))
-        paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
-                           dist.world_size())
+@dataclass
+class FittedMaskContrast:
+    """A MaskContrast head, its backbone (at the tap it was trained on), the feature short side,
+    the training images' prototypes ``[N, D]`` (None: a run without them), and the fit in
+    memory (None: loaded from a run)."""
+
+    estimator: MaskContrast
+    backbone: Backbone
+    size: int
+    train: torch.Tensor | None
+    trained: TrainedMaskContrast | None = None
+
+
+class MaskContrastKind(Kind):
+    """MaskContrast: pixel embeddings and a saliency logit, class ids by clustering."""
+
+    output = "embedding"
+    labels = True
+
+    def __init__(self, config: Any, settings: Settings, num_classes: int | None,
+                 run: Mapping[str, Any] | None = None) -> None:
+        self.method, self._config, self.settings = METHOD, config, settings
+        self.num_classes = num_classes
+        self._run = dict(run or {})
+        self._masks: Callable[[list[Path]], tuple[MaskProposals, ProposalReport]] | None = None
+
+    @classmethod
+    def create(cls, method: str, num_classes: int | None, options: Mapping[str, Any] | None,
+               settings: Settings) -> MaskContrastKind:
+        """``num_classes``: background + K − 1 clusters (default 5); ``settings.saliency``:
+        the masks' folder, else ``settings.discover`` finds them."""
+        k = DEFAULT_CLASSES if num_classes is None else int(num_classes)
+        _check_classes(k)
+        _check_clusters(settings.clusters)
+        settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
+        return cls(maskcontrast_config(options, settings.seed), settings, k)
+
+    @classmethod
+    def from_run(cls, run_dir: Path, meta: dict[str, Any],
+                 overrides: Mapping[str, Any], device: str | None) -> MaskContrastKind:
+        """``overrides`` must hold ``num_classes``; may hold ``clusters`` (``predicted`` /
+        ``training``), ``seed`` (the k-means') and ``weights``."""
+        if overrides.get("num_classes") is None:
+            raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it "
+                             "predicts; give --num-classes K (background + K − 1 clusters)")
+        k = int(overrides["num_classes"])
+        _check_classes(k)
+        clusters = overrides.get("clusters") or "predicted"
+        _check_clusters(clusters)
+        settings = Settings(backbone=meta.get("backbone"), device=device,
+                            weights=overrides.get("weights"),
+                            seed=int(overrides.get("seed") or 0), clusters=clusters)
+        return cls(None, settings, k, {**meta, "run_dir": run_dir})
+
+    def use_masks(
+        self, masks: Callable[[list[Path]], tuple[MaskProposals, ProposalReport]] | str | Path,
+        names_root: Path | None = None,
+    ) -> None:
+        """Train on the proposals ``masks(paths)`` gives, or on a folder of mask PNGs named as
+        the images under ``names_root``."""
+        if isinstance(masks, (str, Path)):
+            folder = masks
+            self.settings = replace(self.settings, saliency=str(folder))
+            self._masks = lambda paths: load_mask_proposals(paths, folder, names_root=names_root)
+        else:
+            self._masks = masks
+
+    @property
+    def needs_masks(self) -> bool:
+        """True until masks are given (:meth:`use_masks`) or named (``settings.saliency``)."""
+        return self._masks is None and not self.settings.saliency
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """The device, joining the torchrun group when launched by it."""
+        with dist.joined(resolve_device(self.settings.device)) as dev:
+            yield Session(dev)
+
+    def fit(self, inputs: ImageInputs, root: str | Path, where: Path | None,
+            session: Session) -> FittedMaskContrast:
+        """Train on ``inputs`` and their masks; ``where``: the run folder (its ``cache/`` and
+        a checkpoint after every epoch, resumed after a kill)."""
+        s = self.settings
+        if self._masks is None:
+            if not s.saliency:
+                raise UnsegError("maskcontrast needs saliency masks: a folder of them "
+                                 "(saliency) or masks given to use_masks")
+            self.use_masks(s.saliency, inputs.names_root)
+        assert self._masks is not None
+        seed_everything(s.seed)
+        model = open_backbone(s.backbone, s.weights, s.tap, session.device)
+        cache = (Path(s.cache_dir) if s.cache_dir
+                 else None if where is None else where / CACHE_DIR)
+        trained = train_maskcontrast(root, inputs, self._masks, self._config, model, s.size,
+                                     cache, session.device, session.report, session.timings,
+                                     checkpoint_dir=where)
+        if s.saliency:
+            trained.facts["saliency"] = str(Path(s.saliency).resolve())
+        return FittedMaskContrast(trained.estimator, trained.backbone, s.size,
+                                  trained.prototypes, trained)
+
+    def result(self, fitted: FittedMaskContrast, run_dir: Path,
+               report: BatchReport) -> FitResult:
+        trained = fitted.trained
+        assert trained is not None
+        return FitResult(run_dir, report, len(trained.paths), trained.facts,
+                         f"{trained.masks.summary()}; ")
+
+    def save(self, fitted: FittedMaskContrast, run_dir: Path, session: Session) -> None:
+        if fitted.trained is None:
+            raise UnsegError("this MaskContrast model was loaded from a run: nothing to save")
+        if dist.is_main():
+            save_maskcontrast_run(run_dir, fitted.trained, fitted.size, self.settings.weights,
+                                  session.timings)
+
+    def load(self, run_dir: Path, session: Session) -> FittedMaskContrast:
+        _, estimator, meta = load_fitted(run_dir, "embedding", session.device)
+        model = open_fitted_backbone(meta, self.settings.weights, session.device, str(run_dir))
+        self._config = estimator.config
+        return FittedMaskContrast(estimator, model, int(meta["feature_size"]),
+                                  train_prototypes(run_dir))
+
+    def predict(self, fitted: FittedMaskContrast, inputs: ImageInputs, session: Session,
+                root: str | Path, overlays: bool = False,
+                reuse: bool = False) -> Iterator[Prediction]:
+        """:func:`maskcontrast_labels` of ``inputs`` (this rank's share: every rank clusters
+        all the prototypes)."""
+        clusters = self.settings.clusters
+        where = self._run.get("run_dir", root) if clusters == "training" else root
+        assert self.num_classes is not None
         labelled = maskcontrast_labels(
-            estimator, model, int(meta["feature_size"]), ImageInputs(paths), num_classes,
-            clusters=clusters, seed=seed,
-            train=train_prototypes(run_dir) if clusters == "training" else None,
-            where=run_dir if clusters == "training" else images, report=report, device=dev,
-            with_images=overlays is not None,
+            fitted.estimator, fitted.backbone, fitted.size, inputs, self.num_classes,
+            clusters=clusters, seed=self.settings.seed,  # type: ignore[arg-type]
+            train=fitted.train if clusters == "training" else None, where=where,
+            report=session.report, device=session.device, with_images=overlays,
         )
-        names_root = resolve_image_dir(root)
         for p, labels, image in labelled:
-            _write(p, labels, names_root, out, overlays, image, report)
-    if dist.is_distributed():
-        gathered = dist.all_gather_objects((report.written, report.failed))
-        report = BatchReport().merge(*(BatchReport(w, f) for w, f in gathered))
-    return report
+            yield Prediction(p, labels.astype(np.uint8), image)
 
 
-def predict_run(
-    run_dir: str | Path,
-    images: str | Path,
-    out_dir: str | Path,
-    overrides: Mapping[str, Any],
-    device: str | None,
-) -> BatchReport:
-    """``unseg predict`` for MaskContrast runs (``out_dir/masks`` and ``out_dir/overlays``, as
-    ``segment``): ``overrides`` must hold ``num_classes``; may hold ``clusters``
-    (``predicted``/``training``), ``seed`` and ``weights``."""
-    if overrides.get("num_classes") is None:
-        raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it predicts; "
-                         "give --num-classes K (background + K − 1 clusters)")
-    out = Path(out_dir)
-    return predict_maskcontrast(
-        run_dir, images, out / MASKS_DIR, int(overrides["num_classes"]),
-        clusters=overrides.get("clusters") or "predicted",
-        seed=int(overrides.get("seed") or 0), device=device, weights=overrides.get("weights"),
-        overlay_dir=out / OVERLAYS_DIR,
-    )
+    def predict_proba(self, fitted: FittedMaskContrast, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        raise UnsegError(f"{self.method} assigns clusters to whole images' salient regions: it "
+                         "has no class probabilities (use predict)")
 
 
-def segment_maskcontrast(
-    images: str | Path,
-    out_dir: str | Path,
-    num_classes: int,
-    *,
-    saliency: str | Path | None = None,
-    discover_method: str = "auto",
-    options: Mapping[str, Any] | None = None,
-    settings: MaskContrastSettings | None = None,
-) -> BatchReport:
-    """discover → fit → predict on one folder: ``out_dir/discover`` (the masks, unless
-    ``saliency`` names a folder of them), ``out_dir/run``, ``out_dir/masks``,
-    ``out_dir/overlays``. Returns the prediction's report with the fit's failures added."""
-    from unseg.pipelines.saliency import discover, resolve_discover_method
+def _check_classes(k: int) -> None:
+    if not 2 <= k <= 256:
+        raise UnsegError(f"--num-classes must be between 2 and 256, got {k}")
 
-    settings = settings or MaskContrastSettings()
-    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
-    out = Path(out_dir)
-    timings = Timings()
-    found = BatchReport()
-    if saliency is None:
-        discover_method, why = resolve_discover_method(discover_method, images)
-        logger.info("discover: %s", why)
-        head = get_method("saliency-head" if discover_method == "spectral" else discover_method)
-        with timings.stage("discover"):
-            found = discover(images, out / DISCOVER_DIR, discover_method, settings.backbone,
-                             config=build_config(head, {}, {}), device=settings.device,
-                             cache_dir=settings.cache_dir, weights=settings.weights,
-                             tap=settings.tap)
-        saliency = out / DISCOVER_DIR / MASKS_DIR
-        if not found.written:
-            raise UnsegError(f"{images}: discover wrote no mask")
-    fit = fit_maskcontrast(images, saliency, out / RUN_DIR, options=options, settings=settings,
-                           timings=timings)
-    report = predict_maskcontrast(out / RUN_DIR, images, out / MASKS_DIR, num_classes,
-                                  seed=settings.seed, device=settings.device,
-                                  weights=settings.weights, overlay_dir=out / OVERLAYS_DIR)
-    # an image discover could not use is reported once, with discover's reason
-    failed = BatchReport(failed=found.failed).merge(fit.report, BatchReport(failed=report.failed))
-    return BatchReport(written=report.written, failed=failed.failed)
+
+def _check_clusters(clusters: str) -> None:
+    if clusters not in ("predicted", "training"):
+        raise UnsegError(f"clusters must be 'predicted' or 'training', got {clusters!r}")

@@ -1,11 +1,9 @@
-"""Object discovery pipelines: spectral (training-free) or a trained saliency method (the head).
+"""The saliency kind (object discovery): spectral (training-free) or a trained saliency method.
 
-Outputs of every prediction: ``OUT/masks/<name>.png``, the 8-bit foreground probability at the
-input image's own size, and ``OUT/boxes.json`` mapping each name to ``[x0, y0, x1, y1]``, the
-box of the largest 4-connected component of the mask (8-bit value >= 128, i.e. ``p > 0.5``),
-or ``null`` when the mask is empty. ``<name>`` is the image's path under the images folder
-without its extension (its stem in a flat folder), as the masks of ``unseg segment``; inputs
-are listed and refused by the rules of :mod:`unseg.data.inputs`.
+Every prediction: the 8-bit foreground probability at the input image's own size, and the box
+``[x0, y0, x1, y1]`` of the largest 4-connected component of the mask (8-bit value >= 128,
+i.e. ``p > 0.5``), or None when the mask is empty (the folder pipeline writes them as
+``OUT/masks/<name>.png`` and ``OUT/boxes.json``).
 
 Per image: resized so the short side is 320 (sides multiples of the stride, as for the
 features), attention keys from the frozen backbone, then
@@ -24,8 +22,8 @@ tap and weights sha256, the stride, and seconds per stage (``timings``).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,32 +36,30 @@ from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
-from unseg.data.inputs import output_name
-from unseg.data.layouts import resolve_image_dir
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
-from unseg.layout import BOXES_FILE, MASKS_DIR, RUN_DIR
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
-from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
+from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
-from unseg.pipelines.fitting import FitResult, fit_estimator
+from unseg.pipelines.fitting import build_config, fit_estimator
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.registry import MethodSpec, get_method
 from unseg.runs import load_fitted, save_fitted
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import resolve_device, seed_everything
-from unseg.utils.io import save_png_atomic, write_json_atomic
 from unseg.utils.progress import progress
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-METHOD = "saliency-head"
+METHOD = "saliency-head"  # the registered method whose config the spectral cut takes
+SPECTRAL = "spectral"  # training-free discovery
 AUTO = "auto"  # discover's default: the best measured method the folder allows
 AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/results-boosting.md)
 MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
@@ -186,7 +182,7 @@ def saliency_maps(
             with timings.stage("refinement"):
                 prob = _refine(prob, image, guided)
         check.update(prob[None])
-        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
         box = largest_component_box(mask8 >= 128)
         done += 1
         yield path, mask8, None if box is None else [float(v) for v in box]
@@ -194,46 +190,6 @@ def saliency_maps(
         verdict = check.report()
         if verdict.flagged:
             logger.warning("%s", verdict.message("prediction"))
-
-
-def predict_masks(
-    paths: Sequence[Path],
-    out_dir: str | Path,
-    prob_fn: ProbFn,
-    guided: GuidedFilterConfig | None,
-    size: int,
-    stride: int,
-    timings: Timings | None = None,
-    names_root: Path | None = None,
-    max_pixels: int | None = None,
-    max_side: int | None = None,
-) -> BatchReport:
-    """Write ``masks/<name>.png`` and ``boxes.json`` for ``paths`` (:func:`saliency_maps`).
-
-    ``guided`` None: no guided filter. Bad files (and files over ``max_pixels``, see
-    :func:`unseg.data.image.pixel_limit`) are reported and skipped. ``max_side``: the long-side
-    limit ``prob_fn`` works at (None: none), for the patch-count check. ``names_root``: the
-    folder the mask names mirror (default: the paths' common folder). ``timings`` receives the
-    seconds spent decoding, predicting, refining and writing.
-    """
-    timings = timings if timings is not None else Timings()
-    out_dir = Path(out_dir)
-    root = names_root if names_root is not None else Path(os.path.commonpath(paths or ["."]))
-    report = BatchReport()
-    boxes: dict[str, list[float] | None] = {}
-    maps = saliency_maps(paths, prob_fn, guided, size, stride, report, timings, max_pixels,
-                         max_side)
-    for i, (path, mask8, box) in enumerate(maps):
-        name = output_name(path, root)
-        with timings.stage("writing"):
-            target = out_dir / MASKS_DIR / name
-            save_png_atomic(target, mask8)
-            boxes[name.with_suffix("").as_posix()] = box
-            report.written.append(target)
-            if (i + 1) % 50 == 0:
-                write_json_atomic(out_dir / BOXES_FILE, boxes)
-    write_json_atomic(out_dir / BOXES_FILE, boxes)
-    return report
 
 
 def _training_inputs(
@@ -319,39 +275,6 @@ def save_saliency_run(
     )
 
 
-def fit_saliency(
-    images: str | Path,
-    run_dir: str | Path,
-    config: SaliencyHeadConfig | None = None,
-    backbone: str | None = None,
-    weights: str | Path | None = None,
-    device: str | None = None,
-    cache_dir: str | Path | None = None,
-    method: str = METHOD,
-    tap: str | None = None,
-    timings: Timings | None = None,
-) -> FitResult:
-    """Train the saliency ``method`` (a registered saliency method; default the head) on the
-    images of ``images`` (dataset root, folder or file) and save it in ``run_dir``."""
-    spec = get_method(method)
-    if spec.output != "saliency":
-        raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
-    timings = timings if timings is not None else Timings()
-    dev = resolve_device(device)
-    cfg = config or spec.config()
-    seed_everything(cfg.seed)
-    model = open_backbone(backbone, weights, tap, dev)
-    cfg = saliency_config(spec, cfg, model)
-    report = BatchReport()
-    inputs = ImageInputs(resolve_inputs(images, report, model.stride))
-    head, used, facts = train_saliency(
-        images, inputs, spec, cfg, model, dev,
-        Path(cache_dir) if cache_dir is not None else None, report, timings,
-    )
-    save_saliency_run(Path(run_dir), spec, head, model, weights, facts, timings)
-    return FitResult(Path(run_dir), report, len(used), facts)
-
-
 def load_head(
     run_dir: Path, device: torch.device, weights: str | Path | None = None
 ) -> tuple[SaliencyHead, Backbone, dict]:
@@ -374,38 +297,6 @@ def _guided_settings(cfg: Any, overrides: Mapping[str, Any]) -> GuidedFilterConf
     if overrides.get("guide"):
         gf.guide = overrides["guide"]
     return gf
-
-
-def predict_run(
-    run_dir: str | Path,
-    images: str | Path,
-    out_dir: str | Path,
-    overrides: Mapping[str, Any],
-    device: str | None,
-    timings: Timings | None = None,
-) -> BatchReport:
-    """``unseg predict`` for saliency runs; ``overrides``: ``guided_filter``, ``guide``,
-    ``weights``, ``max_pixels``, ``max_side`` (the working resolution's long side: None → 4 x
-    the run's size, 0 → no limit; see :func:`unseg.data.resize.resolve_max_side`)."""
-    dev = resolve_device(device)
-    head, model, _ = load_head(Path(run_dir), dev, overrides.get("weights"))
-    cfg = head.config
-    report = BatchReport()
-    paths = resolve_inputs(images, report, model.stride)
-    max_side = resolve_max_side(cfg.image_size, overrides.get("max_side"))
-    predicted = predict_masks(
-        paths,
-        out_dir,
-        head_prob_fn(model, head, cfg.image_size, max_side),
-        _guided_settings(cfg, overrides),
-        cfg.image_size,
-        model.stride,
-        timings,
-        resolve_image_dir(images),
-        overrides.get("max_pixels"),
-        max_side,
-    )
-    return report.merge(predicted)
 
 
 def resolve_discover_method(
@@ -437,60 +328,117 @@ def resolve_discover_method(
     )
 
 
-def discover(
-    images: str | Path,
-    out_dir: str | Path,
-    method: str = "spectral",
-    backbone: str | None = None,
-    train_images: str | Path | None = None,
-    config: SaliencyHeadConfig | None = None,
-    spectral: SpectralConfig | None = None,
-    device: str | None = None,
-    cache_dir: str | Path | None = None,
-    weights: str | Path | None = None,
-    tap: str | None = None,
-    timings: Timings | None = None,
-    max_pixels: int | None = None,
-    max_side: int | None = None,
-) -> BatchReport:
-    """``unseg discover``: masks and boxes for every image of ``images``.
+class FittedSaliency:
+    """A saliency head (None: spectral, training-free), its backbone, the training facts and
+    the images it was trained on."""
 
-    ``method``: ``spectral`` (training-free TokenCut) or a registered saliency method (e.g.
-    ``head``), first trained on ``train_images`` (default: ``images`` themselves, no labels
-    used) into ``out_dir/run``, reusable with ``unseg predict``. The guided filter and its guide
-    come from ``config`` for both. ``weights``: explicit backbone weights. ``timings`` receives
-    the seconds per stage. ``max_pixels``: the per-file pixel limit of the images predicted;
-    ``max_side``: their working resolution's long side (None: 4 x size, 0: no limit). Training
-    uses square centre crops, which no long-side limit changes.
-    """
-    timings = timings if timings is not None else Timings()
-    cfg = config or SaliencyHeadConfig()
-    out_dir = Path(out_dir)
-    gf = replace(cfg.guided) if cfg.guided_filter else None
-    if method == "spectral":
-        dev = resolve_device(device)
-        model = open_backbone(backbone, weights, tap, dev)
-        report = BatchReport()
-        paths = resolve_inputs(images, report, model.stride)
-        limit = resolve_max_side(cfg.image_size, max_side)
-        fn = spectral_prob_fn(model, cfg.image_size, spectral or SpectralConfig(), limit)
-        return report.merge(predict_masks(paths, out_dir, fn, gf, cfg.image_size, model.stride,
-                                          timings, resolve_image_dir(images), max_pixels, limit))
-    spec = get_method(method)
-    fit = fit_saliency(
-        train_images if train_images is not None else images,
-        out_dir / RUN_DIR,
-        cfg,
-        backbone,
-        weights,
-        device=device,
-        cache_dir=cache_dir,
-        method=spec.name,
-        tap=tap,
-        timings=timings,
-    )
-    predicted = predict_run(fit.run_dir, images, out_dir,
-                            {"max_pixels": max_pixels, "max_side": max_side}, device, timings)
-    return BatchReport(written=predicted.written).merge(
-        BatchReport(failed=fit.report.failed), BatchReport(failed=predicted.failed)
-    )
+    def __init__(self, head: Any, backbone: Backbone, facts: dict[str, Any] | None = None,
+                 paths: list[Path] | None = None) -> None:
+        self.head, self.backbone = head, backbone
+        self.facts, self.paths = dict(facts or {}), list(paths or [])
+
+
+class SaliencyKind(Kind):
+    """Saliency methods and ``spectral``: the foreground probability and its box per image."""
+
+    output = "saliency"
+    labels = False
+    shards = False  # each process discovers all its images (boxes.json is one file)
+
+    def __init__(self, spec: MethodSpec | None, config: Any, settings: Settings,
+                 run: Mapping[str, Any] | None = None) -> None:
+        self.spec, self._config, self.settings = spec, config, settings
+        self.method = SPECTRAL if spec is None else spec.name
+        self._run = dict(run or {})
+
+    @classmethod
+    def create(cls, method: str, num_classes: int | None, options: Mapping[str, Any] | None,
+               settings: Settings) -> SaliencyKind:
+        """``method``: a registered saliency method or ``spectral`` (whose options are the
+        head's: its size and guided filter)."""
+        if num_classes is not None:
+            raise UnsegError(f"{method} is a saliency method: it has no num_classes")
+        spec = None if method == SPECTRAL else get_method(method)
+        if spec is not None and spec.output != "saliency":
+            raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
+        resolve_max_side(320, settings.max_side)  # its check
+        config = build_config(spec or get_method(METHOD), options, {"seed": settings.seed})
+        return cls(spec, config, settings)
+
+    @classmethod
+    def from_run(cls, run_dir: Path, meta: dict[str, Any],
+                 overrides: Mapping[str, Any], device: str | None) -> SaliencyKind:
+        """``overrides``: ``guided_filter``, ``guide``, ``weights``, ``max_pixels``,
+        ``max_side`` (the working resolution's long side: None → 4 x the run's size, 0 → no
+        limit; see :func:`unseg.data.resize.resolve_max_side`)."""
+        settings = Settings(backbone=meta.get("backbone"), device=device,
+                            weights=overrides.get("weights"),
+                            max_pixels=overrides.get("max_pixels"),
+                            max_side=overrides.get("max_side"))
+        return cls(get_method(meta["method"]), None, settings,
+                   {**meta, "overrides": dict(overrides)})
+
+    @property
+    def trains(self) -> bool:
+        return self.spec is not None
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """The device; each process discovers all its images (no torchrun group)."""
+        yield Session(resolve_device(self.settings.device))
+
+    def fit(self, inputs: ImageInputs, root: str | Path, where: Path | None,
+            session: Session) -> FittedSaliency:
+        """The head trained on ``inputs`` (seeded by ``config.seed`` before the backbone
+        opens, as the run was always seeded); ``spectral`` only opens its backbone."""
+        s = self.settings
+        seed_everything(self._config.seed)
+        model = open_backbone(s.backbone, s.weights, s.tap, session.device)
+        if self.spec is None:
+            return FittedSaliency(None, model)
+        self._config = saliency_config(self.spec, self._config, model)
+        head, used, facts = train_saliency(
+            root, inputs, self.spec, self._config, model, session.device,
+            Path(s.cache_dir) if s.cache_dir else None, session.report, session.timings,
+        )
+        return FittedSaliency(head, model, facts, used)
+
+    def result(self, fitted: FittedSaliency, run_dir: Path, report: BatchReport) -> FitResult:
+        return FitResult(run_dir, report, len(fitted.paths), fitted.facts)
+
+    def save(self, fitted: FittedSaliency, run_dir: Path, session: Session) -> None:
+        if self.spec is None or fitted.head is None:
+            raise UnsegError("spectral is training-free: there is no run to save")
+        save_saliency_run(run_dir, self.spec, fitted.head, fitted.backbone,
+                          self.settings.weights, fitted.facts, session.timings)
+
+    def load(self, run_dir: Path, session: Session) -> FittedSaliency:
+        head, model, _ = load_head(run_dir, session.device, self.settings.weights)
+        self._config = head.config
+        return FittedSaliency(head, model)
+
+    def predict(self, fitted: FittedSaliency, inputs: ImageInputs, session: Session,
+                root: str | Path, overlays: bool = False,
+                reuse: bool = False) -> Iterator[Prediction]:
+        """:func:`saliency_maps` of ``inputs`` with the head (its guided filter, as fitted or
+        as ``unseg predict`` overrides it) or the spectral cut."""
+        model = fitted.backbone
+        cfg = self._config if fitted.head is None else fitted.head.config
+        max_side = resolve_max_side(cfg.image_size, self.settings.max_side)
+        if fitted.head is None:
+            prob_fn = spectral_prob_fn(model, cfg.image_size, SpectralConfig(), max_side)
+            guided = replace(cfg.guided) if cfg.guided_filter else None
+        else:
+            prob_fn = head_prob_fn(model, fitted.head, cfg.image_size, max_side)
+            guided = _guided_settings(cfg, self._run.get("overrides", {}))
+        for path, mask8, box in saliency_maps(
+            inputs.paths, prob_fn, guided, cfg.image_size, model.stride, session.report,
+            session.timings, self.settings.max_pixels, max_side, inputs.arrays,
+        ):
+            yield Prediction(path, mask8, None, box)
+
+    def predict_proba(self, fitted: FittedSaliency, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        """The foreground probability ``[H, W]`` in ``[0, 1]`` of the 8-bit masks."""
+        for pred in self.predict(fitted, inputs, session, "images"):
+            yield pred.path, pred.mask.astype(np.float32) / 255.0

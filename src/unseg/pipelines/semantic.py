@@ -1,12 +1,11 @@
-"""Semantic pipelines: fit a registered semantic method on a folder, predict label PNGs, and
-``segment`` = both in one pass.
+"""The semantic kind: fit a registered semantic method on images and predict their class ids.
 
 One image flows once: decoded and resized once by the extraction, which computes and caches
 what later stages need (the features, the features of the mirror image for flip-averaged
 prediction, the resized uint8 image for PriMaPs and the refinement, the student view's features
 when the method trains on them); the proposals, the fit and the prediction take those in memory.
-``segment`` predicts with the estimator it has just fitted (and still saves the run); one worker
-pool serves the pseudo-labels and the prediction's refinement.
+A fit predicts its own images from those features; one worker pool serves the pseudo-labels and
+the prediction's refinement.
 
 Run folder (``unseg.runs``): the method's config and state, the backbone (name, tap, weights
 sha256), the feature size, the prediction defaults (``flip``, ``refine``, ``label_factor``) and
@@ -16,8 +15,8 @@ pseudo-labels.
 Prediction per image: the estimator's ``logits`` of its features (averaged with those of the
 mirror image when ``flip``) at ``label_factor`` times the feature resolution, upsampled
 bilinearly to the resized image, refined there (``unseg.refine.semantic``: none, CRF, guided
-filter, or both), the probabilities upsampled bilinearly to the original image size, argmax →
-palette PNG (pixel value = class id) and a JPEG overlay.
+filter, or both), the probabilities upsampled bilinearly to the original image size, argmax:
+class ids (the folder pipeline writes them as a palette PNG and a JPEG overlay).
 """
 
 from __future__ import annotations
@@ -29,90 +28,43 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
+import torch.nn.functional as F
 
 from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import no_usable_images, resolve_inputs
-from unseg.data.layouts import resolve_image_dir
+from unseg.data.datasets import no_usable_images
 from unseg.data.memory import ImageInputs
-from unseg.data.resize import resolve_max_side
+from unseg.data.resize import resolve_max_side, upsample_argmax
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
-from unseg.layout import CACHE_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_DIR
+from unseg.layout import CACHE_DIR
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
-from unseg.pipelines.fitting import (
-    FitResult,
-    build_config,
-    extras_for,
-    fit_estimator,
-    training_inputs,
-)
-from unseg.pipelines.label_maps import (
-    CHUNK,
-    LabelWriter,
-    PredictSettings,
-    gather_report,
-    predict_label_maps,
-)
+from unseg.pipelines.fitting import build_config, extras_for, fit_estimator, training_inputs
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.label_maps import CHUNK, PredictSettings, refined_probabilities
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
-from unseg.refine.semantic import (
-    DEFAULT_PSEUDO_REFINE,
-    DEFAULT_REFINE,
-    check_refine,
-)
+from unseg.refine.semantic import check_refine
 from unseg.registry import MethodSpec, get_method
 from unseg.runs import load_fitted, load_run, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device, seed_everything
 from unseg.utils.progress import progress_bar
-from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-PART = 4 * CHUNK  # images extracted (and held) at a time by `predict`
+PART = 4 * CHUNK  # images extracted (and held) at a time when predicting new images
 MAX_CLASSES = 256  # label PNGs are 8-bit palette images
 # `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
 # sky, ground, object) rather than a dataset's 21 or 27.
 DEFAULT_SEGMENT_CLASSES = 5
-
-
-@dataclass(frozen=True)
-class SemanticSettings:
-    """How a semantic command runs, besides the method's own config.
-
-    ``size``: feature short side; ``label_factor``: logits at this multiple of the feature
-    resolution (training and prediction); ``refine``: the prediction's refinement (stored in the
-    run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF);
-    ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
-    entries are keyed by everything they depend on, so runs may share one; ``embeddings``: a
-    MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights
-    and feature size are used; the run records it and prediction applies it again);
-    ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no limit; recorded
-    in the run, which predicts at it); ``max_pixels``: the per-file pixel limit (None: Pillow's,
-    0: none).
-    """
-
-    backbone: str | None = None
-    weights: str | None = None
-    tap: str | None = None
-    size: int = 320
-    label_factor: int = 2
-    refine: str = DEFAULT_REFINE
-    pseudo_refine: str = DEFAULT_PSEUDO_REFINE
-    seed: int = 0
-    device: str | None = None
-    num_workers: int | None = None
-    cache_dir: str | None = None
-    embeddings: str | None = None
-    max_side: int | None = None
-    max_pixels: int | None = None
+SemanticSettings = Settings  # the name the semantic callers know
 
 
 def default_workers() -> int:
@@ -121,7 +73,7 @@ def default_workers() -> int:
     return max(1, min(8, cpu_count() // dist.world_size()))
 
 
-def _check(spec: MethodSpec, num_classes: int, settings: SemanticSettings) -> None:
+def _check(spec: MethodSpec, num_classes: int, settings: Settings) -> None:
     if spec.output != "semantic":
         raise UnsegError(f"{spec.name} is a {spec.output} method, not a semantic one")
     if num_classes < 2:
@@ -138,122 +90,24 @@ def _check(spec: MethodSpec, num_classes: int, settings: SemanticSettings) -> No
 
 
 @dataclass
-class _Fitted:
-    """A fit in memory: the estimator, its backbone, the features, the images used."""
+class FittedSemantic:
+    """What predicting with a fitted semantic method takes: the estimator, its backbone, the
+    embedding run it was fitted on (if any), the feature short side, the working resolution's
+    long side (None: no limit) and the prediction settings; after a fit also the features of
+    the images used (``feats``, ``paths``), the fit's facts and the embedding run's record."""
 
-    spec: MethodSpec
     estimator: SemanticEstimator
     backbone: Backbone
-    feats: FeatureSet
-    paths: list[Path]
+    source: EmbeddingSource | None
+    size: int
+    max_side: int | None
     predict: PredictSettings
-    facts: dict[str, Any]
-    embeddings: dict[str, str] | None = None
+    feats: FeatureSet | None = None
+    paths: list[Path] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Session:
-    """What one command shares across its stages: the device, the one worker pool, the stage
-    timings and the report of failed inputs."""
-
-    device: torch.device
-    pool: CRFPool
-    timings: Timings = field(default_factory=Timings)
-    report: BatchReport = field(default_factory=BatchReport)
-
-
-@contextmanager
-def _session(settings: SemanticSettings) -> Iterator[_Session]:
-    """The command's :class:`_Session` (joining the torchrun group when launched by it)."""
-    workers = settings.num_workers or default_workers()
-    with dist.joined(resolve_device(settings.device)) as dev, CRFPool(workers) as pool:
-        yield _Session(dev, pool)
-
-
-def _fit(
-    data: str | Path | ImageInputs,
-    run_dir: Path | None,
-    spec: MethodSpec,
-    config: Any,
-    settings: SemanticSettings,
-    session: _Session,
-) -> _Fitted:
-    """Extract (one pass), propose, fit; nothing saved yet. ``data``: a folder or file (listed
-    by the input rules) or a caller's :class:`ImageInputs`; ``run_dir`` None: nothing cached
-    on disk unless ``settings.cache_dir``."""
-    seed_everything(settings.seed)
-    dev, pool, timings, report = session.device, session.pool, session.timings, session.report
-    model = open_backbone(settings.backbone, settings.weights, settings.tap, dev)
-    inputs = data if isinstance(data, ImageInputs) else ImageInputs(
-        resolve_inputs(data, report, model.stride))
-    paths = inputs.paths
-    predict = PredictSettings(
-        getattr(config, "flip", True), settings.refine, settings.label_factor
-    )
-    extras = tuple(sorted({*extras_for(spec, config), "image", *(("flipped",) if predict.flip
-                                                                  else ())}))
-    cache = (Path(settings.cache_dir) if settings.cache_dir
-             else None if run_dir is None else run_dir / CACHE_DIR)
-    feats = extract_features(
-        paths, model, size=settings.size,
-        cache_dir=None if cache is None else cache / "features",
-        max_side=settings.max_side or None, max_pixels=settings.max_pixels,
-        report=report, extras=extras, student_seed=settings.seed, timings=timings,
-        arrays=inputs.arrays,
-    )
-    good = feats.paths
-    if not good:
-        raise no_usable_images(data if not isinstance(data, ImageInputs) else "images", report)
-    embedded = None
-    if settings.embeddings:
-        source = open_embeddings(settings.embeddings, dev)
-        feats, embedded = EmbeddedFeatures(feats, source.estimator), source.record
-        if cache is not None:  # its own pseudo-labels
-            cache = cache / f"embedded-{source.record['sha256'][:16]}"
-    proposals = None
-    facts: dict[str, Any] = {}
-    if "proposals" in spec.needs_for(config):
-        pcfg = PriMaPsConfig(refine=settings.pseudo_refine)  # type: ignore[arg-type]
-        where = None if cache is None else pseudo_label_dir(cache, feats, pcfg, pool.config)
-        proposals = compute_pseudo_labels(good, feats, where, pcfg, pool, timings)
-        facts["primaps"] = asdict(pcfg)
-    inputs = training_inputs(spec, config, feats, good, proposals)
-    estimator = fit_estimator(spec, config, inputs, model, dev, timings)
-    history = list(estimator.history_)
-    facts.update(steps=len(history), final_loss=history[-1] if history else None)
-    return _Fitted(spec, estimator, model, feats, good, predict, facts,  # type: ignore[arg-type]
-                   embedded)
-
-
-def _save(run_dir: Path, fitted: _Fitted, settings: SemanticSettings, timings: Timings) -> None:
-    if not dist.is_main():
-        return
-    first = fitted.feats[fitted.paths[0]]
-    save_fitted(
-        run_dir,
-        fitted.spec,
-        fitted.estimator,
-        extra={
-            "backbone": fitted.backbone.spec.name,
-            "tap": getattr(fitted.backbone, "tap", None),
-            "weights_sha256": backbone_weights_sha256(fitted.backbone),
-            "weights_path": str(Path(settings.weights).resolve()) if settings.weights else None,
-            "feature_size": settings.size,
-            "max_side": settings.max_side,
-            "max_pixels": settings.max_pixels,
-            "feature_dim": int(first.shape[0]),
-            "stride": fitted.backbone.stride,
-            "num_classes": int(fitted.estimator.config.num_classes),
-            "predict": asdict(fitted.predict),
-            "embeddings": fitted.embeddings,
-            "n_images": len(fitted.paths),
-            "fit": fitted.facts,
-            "timings": timings.as_dict(),
-        },
-    )
-
-
-def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, Any]:
+def pipeline_values(num_classes: int, settings: Settings) -> dict[str, Any]:
     """The config fields the pipeline sets on every config that has them: the classes, seed,
     label factor, CRF use, ``center`` as measured best for the backbone's default tap
     (``spec.default_center``), and PriMaPs-EM's ``classifier``: the reference's (trainable gain
@@ -275,7 +129,7 @@ def pipeline_values(num_classes: int, settings: SemanticSettings) -> dict[str, A
     }
 
 
-def _embedding_backbone(settings: SemanticSettings) -> SemanticSettings:
+def _embedding_backbone(settings: Settings) -> Settings:
     """``settings`` with the backbone, tap, weights and feature size of the MaskContrast run
     ``settings.embeddings`` (a different backbone or tap asked for is an error)."""
     meta, _ = load_run(settings.embeddings)  # type: ignore[arg-type]
@@ -296,8 +150,8 @@ def _embedding_backbone(settings: SemanticSettings) -> SemanticSettings:
 
 
 def _method(
-    method: str, num_classes: int, options: Mapping[str, Any] | None, settings: SemanticSettings
-) -> tuple[MethodSpec, Any, SemanticSettings]:
+    method: str, num_classes: int, options: Mapping[str, Any] | None, settings: Settings
+) -> tuple[MethodSpec, Any, Settings]:
     """The registered semantic ``method``, its config, and the settings with the backbone
     resolved (the default one when none is named), checked."""
     spec = get_method(method)
@@ -309,167 +163,210 @@ def _method(
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 
 
-def fit_semantic(
-    data: str | Path,
-    run_dir: str | Path,
-    method: str,
-    num_classes: int,
-    *,
-    options: Mapping[str, Any] | None = None,
-    settings: SemanticSettings | None = None,
-) -> FitResult:
-    """Fit ``method`` (a registered semantic method) with ``num_classes`` classes on the images
-    of ``data`` (dataset root, folder or file) and save it to ``run_dir``.
+class SemanticKind(Kind):
+    """Semantic methods (k-means, PriMaPs-EM): class ids per image."""
 
-    ``options``: the method's config fields by name (e.g. ``{"steps": 100}``); ``settings``:
-    backbone, feature size, refinement, seed, device, workers.
-    """
-    settings = settings or SemanticSettings()
-    spec, config, settings = _method(method, num_classes, options, settings)
-    run_dir = Path(run_dir)
-    with _session(settings) as session:
-        fitted = _fit(data, run_dir, spec, config, settings, session)
-        _save(run_dir, fitted, settings, session.timings)
-        dist.barrier()
-    return FitResult(run_dir, session.report, len(fitted.paths), fitted.facts)
+    output = "semantic"
+    labels = True
 
+    def __init__(self, spec: MethodSpec, config: Any, settings: Settings,
+                 run: Mapping[str, Any] | None = None) -> None:
+        self.spec, self.method, self._config, self.settings = spec, spec.name, config, settings
+        self._run = dict(run or {})  # the run's meta and `unseg predict`'s overrides
 
-def predict_images(
-    run_dir: str | Path,
-    images: str | Path,
-    out_dir: str | Path,
-    overrides: Mapping[str, Any] | None = None,
-    device: str | None = None,
-    overlay_dir: str | Path | None = None,
-    num_workers: int | None = None,
-) -> BatchReport:
-    """Label PNGs (palette embedded, value = class id) for every image of ``images`` (dataset
-    root, folder or file) with the semantic run in ``run_dir``.
+    @classmethod
+    def create(cls, method: str, num_classes: int | None, options: Mapping[str, Any] | None,
+               settings: Settings) -> SemanticKind:
+        k = DEFAULT_SEGMENT_CLASSES if num_classes is None else int(num_classes)
+        return cls(*_method(method, k, options, settings))
 
-    ``overrides``: ``refine`` (default: the run's), ``weights`` (the backbone weights file,
-    when the run's is not found) and ``max_pixels`` (see :class:`SemanticSettings`); images are
-    predicted at the run's working resolution (``max_side``; none for runs that predate it).
-    Optional JPEG overlays in ``overlay_dir``. Broken images are reported and skipped. Under
-    torchrun each rank predicts its share.
-    """
-    overrides = dict(overrides or {})
-    run_dir, root = Path(run_dir), Path(images)
-    timings = Timings()
-    with dist.joined(resolve_device(device)) as dev:
+    @classmethod
+    def from_run(cls, run_dir: Path, meta: dict[str, Any],
+                 overrides: Mapping[str, Any], device: str | None) -> SemanticKind:
+        """``overrides``: ``refine`` (default: the run's), ``weights`` (the backbone weights
+        file, when the run's is not found), ``max_pixels`` and ``workers``; images are
+        predicted at the run's working resolution (``max_side``; none for runs that predate
+        it)."""
+        spec = get_method(meta["method"])
+        settings = Settings(backbone=meta.get("backbone"), device=device,
+                            max_pixels=overrides.get("max_pixels"),
+                            num_workers=overrides.get("workers"))
+        return cls(spec, None, settings, {**meta, "overrides": dict(overrides)})
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """The device (joining the torchrun group when launched by it) and the one worker
+        pool of a fit (a prediction opens its own, sized by its refinement)."""
+        workers = self.settings.num_workers or default_workers()
+        with dist.joined(resolve_device(self.settings.device)) as dev:
+            if self._run:
+                yield Session(dev)
+                return
+            with CRFPool(workers) as pool:
+                yield Session(dev, pool)
+
+    def fit(self, inputs: ImageInputs, root: str | Path, where: Path | None,
+            session: Session) -> FittedSemantic:
+        """Extract (one pass), propose, fit; nothing saved yet (``where`` None: nothing cached
+        on disk unless ``settings.cache_dir``)."""
+        spec, config, settings = self.spec, self._config, self.settings
+        seed_everything(settings.seed)
+        dev, pool, timings, report = session.device, session.pool, session.timings, session.report
+        assert pool is not None
+        model = open_backbone(settings.backbone, settings.weights, settings.tap, dev)
+        predict = PredictSettings(getattr(config, "flip", True), settings.refine,
+                                  settings.label_factor)
+        extras = tuple(sorted({*extras_for(spec, config), "image",
+                               *(("flipped",) if predict.flip else ())}))
+        cache = (Path(settings.cache_dir) if settings.cache_dir
+                 else None if where is None else where / CACHE_DIR)
+        feats = extract_features(
+            inputs.paths, model, size=settings.size,
+            cache_dir=None if cache is None else cache / "features",
+            max_side=settings.max_side or None, max_pixels=settings.max_pixels,
+            report=report, extras=extras, student_seed=settings.seed, timings=timings,
+            arrays=inputs.arrays,
+        )
+        good = feats.paths
+        if not good:
+            raise no_usable_images(root, report)
+        source = None
+        if settings.embeddings:
+            source = open_embeddings(settings.embeddings, dev)
+            feats = EmbeddedFeatures(feats, source.estimator)
+            if cache is not None:  # its own pseudo-labels
+                cache = cache / f"embedded-{source.record['sha256'][:16]}"
+        proposals = None
+        facts: dict[str, Any] = {}
+        if "proposals" in spec.needs_for(config):
+            pcfg = PriMaPsConfig(refine=settings.pseudo_refine)  # type: ignore[arg-type]
+            at = None if cache is None else pseudo_label_dir(cache, feats, pcfg, pool.config)
+            proposals = compute_pseudo_labels(good, feats, at, pcfg, pool, timings)
+            facts["primaps"] = asdict(pcfg)
+        fit_inputs = training_inputs(spec, config, feats, good, proposals)
+        estimator = fit_estimator(spec, config, fit_inputs, model, dev, timings)
+        history = list(estimator.history_)
+        facts.update(steps=len(history), final_loss=history[-1] if history else None)
+        return FittedSemantic(estimator, model, source, settings.size,  # type: ignore[arg-type]
+                              settings.max_side or None, predict, feats, good, facts)
+
+    def result(self, fitted: FittedSemantic, run_dir: Path, report: BatchReport) -> FitResult:
+        return FitResult(run_dir, report, len(fitted.paths), fitted.facts,
+                         f"{self._config.num_classes} classes, ")
+
+    def save(self, fitted: FittedSemantic, run_dir: Path, session: Session) -> None:
+        if not dist.is_main():
+            return
+        settings = self.settings
+        assert fitted.feats is not None
+        first = fitted.feats[fitted.paths[0]]
+        save_fitted(
+            run_dir,
+            self.spec,
+            fitted.estimator,
+            extra={
+                "backbone": fitted.backbone.spec.name,
+                "tap": getattr(fitted.backbone, "tap", None),
+                "weights_sha256": backbone_weights_sha256(fitted.backbone),
+                "weights_path": (str(Path(settings.weights).resolve()) if settings.weights
+                                 else None),
+                "feature_size": settings.size,
+                "max_side": settings.max_side,
+                "max_pixels": settings.max_pixels,
+                "feature_dim": int(first.shape[0]),
+                "stride": fitted.backbone.stride,
+                "num_classes": int(fitted.estimator.config.num_classes),
+                "predict": asdict(fitted.predict),
+                "embeddings": None if fitted.source is None else fitted.source.record,
+                "n_images": len(fitted.paths),
+                "fit": fitted.facts,
+                "timings": session.timings.as_dict(),
+            },
+        )
+
+    def load(self, run_dir: Path, session: Session) -> FittedSemantic:
+        dev = session.device
+        overrides = self._run.get("overrides", {})
         _, estimator, meta = load_fitted(run_dir, "semantic", dev)
         if int(meta.get("num_classes", 0)) > MAX_CLASSES:
             raise UnsegError(
                 f"{run_dir}: {meta['num_classes']} classes do not fit the 8-bit label PNGs "
                 f"(at most {MAX_CLASSES})"
             )
-        settings = PredictSettings(**meta["predict"])
+        predict = PredictSettings(**meta["predict"])
         if overrides.get("refine") is not None:
-            settings = replace(settings, refine=check_refine(overrides["refine"]))
+            predict = replace(predict, refine=check_refine(overrides["refine"]))
         model = open_fitted_backbone(meta, overrides.get("weights"), dev, str(run_dir))
         source = None
         if meta.get("embeddings"):
             source = open_embeddings(meta["embeddings"]["run"], dev, meta["embeddings"]["sha256"])
-        report = BatchReport()
-        paths = dist.shard(resolve_inputs(root, report, model.stride), dist.rank(),
-                           dist.world_size())
-        writer = LabelWriter(Path(out_dir), resolve_image_dir(root),
-                             None if overlay_dir is None else Path(overlay_dir), report)
-        fitted = FittedSemantic(estimator, model, source, int(meta["feature_size"]),
-                                int(meta.get("max_side") or 0) or None, settings)
-        predict_in_parts(fitted, ImageInputs(paths), writer, dev, num_workers,
-                         overrides.get("max_pixels"), timings)
-    predicted = gather_report(report)
-    if dist.is_main():
-        log_class_balance(predicted.written, int(meta["num_classes"]))
-    return predicted
+        self._config = estimator.config
+        return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
+                              int(meta.get("max_side") or 0) or None, predict)
+
+    def fitted_inputs(self, fitted: FittedSemantic, inputs: ImageInputs) -> ImageInputs:
+        """The images the fit could use: predicted from the fit's own features."""
+        return ImageInputs(list(fitted.paths), inputs.arrays, inputs.names_root)
+
+    def predict(self, fitted: FittedSemantic, inputs: ImageInputs, session: Session,
+                root: str | Path, overlays: bool = False,
+                reuse: bool = False) -> Iterator[Prediction]:
+        """Class ids of ``inputs``: from the fit's features (``reuse``, in the fit's pool), else
+        extracted :data:`PART` images at a time, under one progress bar."""
+        settings, paths = fitted.predict, inputs.paths
+        if reuse and fitted.feats is not None:
+            assert session.pool is not None
+            with progress_bar(len(paths), "predict") as bar:
+                yield from _label_maps(fitted, fitted.feats, paths, session, session.pool, bar)
+            return
+        extras = ("image", "flipped") if settings.flip else ("image",)
+        workers = ((self.settings.num_workers or default_workers())
+                   if settings.refine != "none" else 1)
+        with CRFPool(workers) as pool, progress_bar(len(paths), "predict") as bar:
+            for start in range(0, len(paths), PART):
+                part = paths[start : start + PART]
+                feats = extract_features(
+                    part, fitted.backbone, size=fitted.size, report=session.report,
+                    extras=extras, max_side=fitted.max_side,
+                    max_pixels=self.settings.max_pixels, shard=False,
+                    timings=session.timings, arrays=inputs.arrays,
+                )
+                if fitted.source is not None:
+                    feats = EmbeddedFeatures(feats, fitted.source.estimator)
+                yield from _label_maps(fitted, feats, feats.paths, session, pool, bar)
+
+    def predict_proba(self, fitted: FittedSemantic, inputs: ImageInputs,
+                      session: Session) -> Iterator[tuple[Path, np.ndarray]]:
+        """The refined class probabilities ``[K, H, W]`` upsampled bilinearly to each image's
+        size (their argmax is :meth:`predict`'s up to ties)."""
+        extras = ("image", "flipped") if fitted.predict.flip else ("image",)
+        feats = extract_features(inputs.paths, fitted.backbone, size=fitted.size,
+                                 report=session.report, extras=extras, max_side=fitted.max_side,
+                                 max_pixels=self.settings.max_pixels, shard=False,
+                                 timings=session.timings, arrays=inputs.arrays)
+        if fitted.source is not None:
+            feats = EmbeddedFeatures(feats, fitted.source.estimator)
+        with CRFPool(self.settings.num_workers or default_workers()) as pool:
+            for p, q, _ in refined_probabilities(fitted.estimator, feats, feats.paths,
+                                                 fitted.predict, session.device, pool,
+                                                 session.timings):
+                up = F.interpolate(q[None].float(), size=feats.original_size(p),
+                                   mode="bilinear", align_corners=False)[0]
+                yield p, up.cpu().numpy()
+
+    def finish(self, fitted: FittedSemantic, written: list[Path]) -> None:
+        """The predicted classes' shares (a never-predicted class is a warning)."""
+        if dist.is_main():
+            log_class_balance(written, int(fitted.estimator.config.num_classes))
 
 
-@dataclass(frozen=True)
-class FittedSemantic:
-    """What predicting with a fitted semantic run takes: the estimator, its backbone, the
-    embedding run it was fitted on (if any), the feature short side, the working resolution's
-    long side (None: no limit) and the prediction settings."""
-
-    estimator: SemanticEstimator
-    backbone: Backbone
-    source: EmbeddingSource | None
-    size: int
-    max_side: int | None
-    predict: PredictSettings
-
-
-def predict_in_parts(
-    fitted: FittedSemantic,
-    inputs: ImageInputs,
-    writer: Any,
-    device: torch.device,
-    num_workers: int | None = None,
-    max_pixels: int | None = None,
-    timings: Timings | None = None,
-) -> None:
-    """Extract and predict ``inputs`` :data:`PART` images at a time, each image's labels
-    handed to ``writer.write(path, labels, image)`` (failures in ``writer.report``)."""
-    timings = timings if timings is not None else Timings()
-    settings, paths = fitted.predict, inputs.paths
-    extras = ("image", "flipped") if settings.flip else ("image",)
-    workers = (num_workers or default_workers()) if settings.refine != "none" else 1
-    with CRFPool(workers) as pool, progress_bar(len(paths), "predict") as bar:
-        for start in range(0, len(paths), PART):
-            part = paths[start : start + PART]
-            feats = extract_features(
-                part, fitted.backbone, size=fitted.size, report=writer.report, extras=extras,
-                max_side=fitted.max_side, max_pixels=max_pixels, shard=False,
-                timings=timings, arrays=inputs.arrays,
-            )
-            if fitted.source is not None:
-                feats = EmbeddedFeatures(feats, fitted.source.estimator)
-            predict_label_maps(fitted.estimator, feats, feats.paths, settings, device, pool,
-                               writer, timings, bar)
-
-
-def predict_run(
-    run_dir: str | Path,
-    images: str | Path,
-    out_dir: str | Path,
-    overrides: Mapping[str, Any],
-    device: str | None,
-) -> BatchReport:
-    """``unseg predict`` for semantic runs (see :func:`predict_images`): ``out_dir/masks`` and
-    ``out_dir/overlays``, as ``segment`` writes them."""
-    out = Path(out_dir)
-    return predict_images(run_dir, images, out / MASKS_DIR, overrides, device,
-                          overlay_dir=out / OVERLAYS_DIR)
-
-
-def segment(
-    images: str | Path,
-    out_dir: str | Path,
-    method: str = "primaps-em",
-    num_classes: int = DEFAULT_SEGMENT_CLASSES,
-    *,
-    options: Mapping[str, Any] | None = None,
-    settings: SemanticSettings | None = None,
-) -> BatchReport:
-    """Fit on ``images`` and predict them in one pass: ``out_dir/run`` (reusable with
-    ``unseg predict``), ``out_dir/masks``, ``out_dir/overlays``.
-
-    Returns the prediction's report, with the images the fit could not use among the failures;
-    the run's ``config.json`` holds the seconds per stage (``timings``).
-    """
-    settings = settings or SemanticSettings()
-    spec, config, settings = _method(method, num_classes, options, settings)
-    out_dir = Path(out_dir)
-    with _session(settings) as session:
-        fitted = _fit(images, out_dir / RUN_DIR, spec, config, settings, session)
-        writer = LabelWriter(out_dir / MASKS_DIR, resolve_image_dir(images), out_dir / OVERLAYS_DIR,
-                             BatchReport())
-        mine = dist.shard(fitted.paths, dist.rank(), dist.world_size())
-        predict_label_maps(fitted.estimator, fitted.feats, mine, fitted.predict, session.device,
-                           session.pool, writer, session.timings)
-        _save(out_dir / RUN_DIR, fitted, settings, session.timings)
-        dist.barrier()
-    predicted = gather_report(writer.report)
-    predicted.failed = session.report.failed + predicted.failed
-    if dist.is_main():
-        log_class_balance(predicted.written, config.num_classes)
-    return predicted
+def _label_maps(
+    fitted: FittedSemantic, feats: FeatureSet, paths: list[Path], session: Session,
+    pool: CRFPool, bar: Any,
+) -> Iterator[Prediction]:
+    """:func:`refined_probabilities` of ``paths``, argmaxed at each image's own size
+    (:func:`upsample_argmax`), the progress ``bar`` advanced per image."""
+    for p, q, image in refined_probabilities(fitted.estimator, feats, paths, fitted.predict,
+                                             session.device, pool, session.timings):
+        yield Prediction(p, upsample_argmax(q, feats.original_size(p)), image)
+        bar.update(1)
