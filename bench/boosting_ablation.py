@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -36,16 +37,14 @@ from unseg.data.image import list_images
 from unseg.methods.collapse import CollapseCheck
 from unseg.methods.found import FoundConfig
 from unseg.methods.saliency import SaliencyHeadConfig
+from unseg.pipelines import folder
 from unseg.pipelines.evaluate import evaluate_corloc, evaluate_saliency
-from unseg.pipelines.saliency import (
-    fit_saliency,
-    head_prob_fn,
-    load_head,
-    predict_masks,
-    spectral_prob_fn,
-)
+from unseg.pipelines.folder import MaskWriter
+from unseg.pipelines.kind import Prediction, Settings
+from unseg.pipelines.saliency import head_prob_fn, load_head, saliency_maps, spectral_prob_fn
 from unseg.proposals.spectral import SpectralConfig
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.utils.batch import BatchReport
 from unseg.utils.io import write_json_atomic
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -102,6 +101,16 @@ def _evaluate(task: str, out_dir: Path, partial: bool) -> dict:
     return {"corloc": r.n_correct / max(n, 1), "n_images": n, "n_correct": r.n_correct}
 
 
+def _predict_masks(paths, out: Path, prob_fn, guided, size: int, stride: int) -> None:
+    """``out/masks/<stem>.png`` and ``out/boxes.json`` of ``paths`` with the map ``prob_fn``, as
+    the folder pipeline writes them (names under the paths' common folder)."""
+    report = BatchReport()
+    writer = MaskWriter(out, Path(os.path.commonpath(paths)), False, False, report)
+    for path, mask, box in saliency_maps(paths, prob_fn, guided, size, stride, report):
+        writer.write(Prediction(path, mask, None, box))
+    writer.close()
+
+
 def _both(name: str, fn, paths, out: Path, task: str, size: int, stride: int, res: dict) -> None:
     """Predict once, score without and with the guided filter (rows ``name`` / ``name + gf``),
     and record the collapse verdict of the unfiltered maps."""
@@ -109,7 +118,7 @@ def _both(name: str, fn, paths, out: Path, task: str, size: int, stride: int, re
     for gf, row in ((None, name), (GuidedFilterConfig(), f"{name} + guided filter")):
         t0 = time.perf_counter()
         d = out / task / row.replace(" ", "_").replace("+", "plus")
-        predict_masks(paths, d, memo, gf, size, stride)
+        _predict_masks(paths, d, memo, gf, size, stride)
         res["rows"].setdefault(row, {})[task] = {
             **_evaluate(task, d, res["settings"]["limit"] is not None),
             "predict_s": round(time.perf_counter() - t0, 1),
@@ -214,7 +223,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
         evaluated, train = evaluated[: args.limit], train[: args.limit]
         train_dir = out / f"train_{task}"
         train_dir.mkdir(parents=True, exist_ok=True)
-        for p in train:  # a folder of links: fit_saliency takes a folder
+        for p in train:  # a folder of links: folder.fit takes a folder
             link = train_dir / p.name
             if not link.exists():
                 link.symlink_to(p)
@@ -230,23 +239,24 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
         ):
             if head_kind == "sempart":
                 method, name, budget = "saliency-head", "head" + suffix, {"epochs": args.epochs}
-                cfg = SaliencyHeadConfig(epochs=args.epochs, lr=args.lr, seed=seed,
-                                         crop_pool=args.crop_pool, restarts=args.restarts,
-                                         restart_steps=args.restart_steps,
-                                         restart_rule=args.restart_rule, **kw)
+                options = {"epochs": args.epochs, "lr": args.lr, "seed": seed,
+                           "crop_pool": args.crop_pool, "restarts": args.restarts,
+                           "restart_steps": args.restart_steps,
+                           "restart_rule": args.restart_rule, **kw}
                 budget["lr"] = args.lr
             else:
                 method, name = "found", "found" + suffix
                 budget = {"steps": args.found_steps, "lr": args.found_lr}
                 std = {"auto": None, "standardized": True, "raw": False}[args.found_input]
-                cfg = FoundConfig(steps=args.found_steps, lr=args.found_lr, seed=seed,
-                                  crop_pool=args.crop_pool, standardize=std, **kw)
+                options = {"steps": args.found_steps, "lr": args.found_lr, "seed": seed,
+                           "crop_pool": args.crop_pool, "standardize": std, **kw}
             t0 = time.perf_counter()
             tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
             run = out / "runs" / f"{task}_{head_kind}_{tag}"
             torch.manual_seed(seed)
-            fit = fit_saliency(train_dir, run, cfg, args.backbone, cache_dir=out.parent / "cache",
-                               method=method, tap=args.tap)
+            fit = folder.fit(train_dir, run, method, options=options, settings=Settings(
+                backbone=args.backbone, tap=args.tap, seed=seed,
+                cache_dir=str(out.parent / "cache")))
             res["training"][f"{task}: {name}"] = {
                 "images": fit.n_images,
                 **budget,

@@ -30,7 +30,8 @@ from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
 from unseg.features import extract_features
 from unseg.pipelines.backbone import resolve_backbone_name
-from unseg.pipelines.semantic import SemanticSettings, segment
+from unseg.pipelines.folder import segment
+from unseg.pipelines.kind import Settings
 from unseg.refine.crf import crf_marginals
 from unseg.utils.timing import Timings
 
@@ -110,7 +111,7 @@ def main() -> int:
         _sync()
         start = time.perf_counter()
         segment(folder, out, method, args.num_classes,
-                settings=SemanticSettings(backbone=backbone, device=str(DEVICE)))
+                settings=Settings(backbone=backbone, device=str(DEVICE)))
         _sync()
         seconds = time.perf_counter() - start
         meta = json.loads((out / "run" / "config.json").read_text())

@@ -40,8 +40,8 @@ from unseg.data.layouts import find_layout
 from unseg.features import extract_features
 from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.pipelines.evaluate import evaluate_semantic
-from unseg.pipelines.saliency import discover
-from unseg.pipelines.semantic import SemanticSettings, segment
+from unseg.pipelines.folder import discover, segment
+from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_REFINE, REFINES
 from unseg.utils.timing import Timings
 
@@ -79,7 +79,7 @@ def _features(
 
 
 def _segment(
-    images: Path, out: Path, method: str, k: int, settings: SemanticSettings,
+    images: Path, out: Path, method: str, k: int, settings: Settings,
     gt: Path | None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
@@ -102,7 +102,8 @@ def _segment(
 def _discover(images: Path, out: Path, backbone: str) -> dict[str, Any]:
     timings = Timings()
     start = time.perf_counter()
-    report = discover(images, out, "spectral", backbone, timings=timings)
+    report = discover(images, out, "spectral", settings=Settings(backbone=backbone),
+                      timings=timings)
     return {"seconds": round(time.perf_counter() - start, 3), "stages": timings.as_dict(),
             "masks": len(report.written)}
 
@@ -123,8 +124,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="unseg-bench-pipeline-"))
     images = _link_images(paths, work / "images")
     gt = _ground_truth(root, [p.stem for p in paths], work / "gt")
-    settings = SemanticSettings(backbone=args.backbone, refine=args.refine, device="cpu",
-                                num_workers=args.workers)
+    settings = Settings(backbone=args.backbone, refine=args.refine, device="cpu",
+                        num_workers=args.workers)
     load_before = os.getloadavg()
     runs: dict[str, Any] = {}
     first = _features(images, work / "features-1", args.backbone)

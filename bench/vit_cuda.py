@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from unseg.backbones import build_backbone
-from unseg.pipelines.saliency import discover
-from unseg.pipelines.semantic import SemanticSettings, segment
+from unseg.pipelines.folder import discover, segment
+from unseg.pipelines.kind import Settings
 from unseg.runs import load_fitted
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -107,14 +107,13 @@ def main() -> None:
         "tf32": (not args.no_tf32) if "cuda" in devices else None,
     }
     for device in devices:
-        settings = SemanticSettings(backbone="dino_vits8", weights=str(weights), device=device)
+        settings = Settings(backbone="dino_vits8", weights=str(weights), device=device)
         seg = args.out / f"segment-{device}"
         disc = args.out / f"discover-{device}"
         result[f"segment_{device}_s"] = _timed(
             lambda s=settings, o=seg: segment(images, o, "primaps-em", args.k, settings=s))
         result[f"discover_{device}_s"] = _timed(
-            lambda o=disc, d=device: discover(images, o, "spectral", backbone="dino_vits8",
-                                              weights=weights, device=d))
+            lambda s=settings, o=disc: discover(images, o, "spectral", settings=s))
         meta = json.loads((seg / "run" / "config.json").read_text())
         result[f"segment_{device}_stages_s"] = meta.get("timings")
     if devices != ["cpu", "cuda"]:
