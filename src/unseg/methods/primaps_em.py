@@ -102,8 +102,7 @@ class PriMaPsEMConfig:
     ema_warmup: bool = option(
         True,
         "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update (off: the ceiling "
-        "from the first update, unseg 0.1.0's schedule; on street scenes --no-ema-warmup "
-        "--no-student-augs --no-center scored best, docs/results-primaps.md)",
+        "from the first update, unseg 0.1.0's schedule)",
     )
     kmeans_passes: int = option(2, "cosine k-means passes of the initialisation")
     init_max_points: int = option(200_000, "feature vectors sampled for the initialisation")
