@@ -142,7 +142,8 @@ class ConfigOption:
 
     path: tuple[str, ...]
     flags: tuple[str, ...]
-    kind: Literal["bool", "int", "float", "str", "pair", "optional-int", "ints", "floats"]
+    kind: Literal["bool", "int", "float", "str", "pair", "optional-int", "optional-float",
+                  "ints", "floats"]
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -169,6 +170,8 @@ def _kind(tp: Any) -> tuple[str, tuple[str, ...] | None]:
         return "str", tuple(str(a) for a in args)
     if origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)}:
         return "optional-int", None
+    if origin in (typing.Union, types.UnionType) and set(args) == {float, type(None)}:
+        return "optional-float", None  # None: the method decides (e.g. from another field)
     if origin is tuple and len(args) == 2 and all(a in (int, float) for a in args):
         return "pair", None
     if origin is tuple and len(args) == 2 and args == (int, Ellipsis):

@@ -27,6 +27,7 @@ from unseg.methods.primaps_em import (
     ema_update,
     focal_loss_terms,
     focal_weights,
+    learning_rate,
     pca_directions,
     prototype_logits,
     top_eigenvectors,
@@ -456,3 +457,29 @@ def test_reference_em_recovers_planted_classes_at_least_as_well_as_kmeans() -> N
         em_acc.append(matched_accuracy(truth, [em.predict(f, (8, 8)).numpy() for f in feats], 4))
     assert np.mean(em_acc) >= np.mean(km_acc)
     assert min(em_acc) > 0.9
+
+
+def test_the_learning_rate_defaults_by_classifier_and_an_explicit_one_wins() -> None:
+    assert learning_rate(PriMaPsEMConfig(classifier="reference")) == 5e-3  # the paper's
+    assert learning_rate(PriMaPsEMConfig(classifier="cosine")) == 1e-3
+    assert learning_rate(PriMaPsEMConfig(classifier="cosine", lr=0.02)) == 0.02
+    with pytest.raises(UnsegError, match="lr must be positive"):
+        learning_rate(PriMaPsEMConfig(lr=0.0))
+    # the default and the rate it stands for train identically; another rate does not
+    feats, props = blobs()
+    runs = {lr: PriMaPsEM(PriMaPsEMConfig(num_classes=3, classifier="cosine", lr=lr, steps=5))
+            .fit(FitInputs(feats, proposals=props)).running_ for lr in (None, 1e-3, 5e-3)}
+    assert torch.equal(runs[None], runs[1e-3]) and not torch.allclose(runs[None], runs[5e-3])
+
+
+def test_the_lr_option_is_optional_on_the_command_line() -> None:
+    import argparse
+
+    from unseg.cli.options import add_method_options, given_options
+    from unseg.registry import get_method
+
+    spec = get_method("primaps-em")
+    parser = argparse.ArgumentParser()
+    add_method_options(parser, [spec])
+    assert given_options(parser.parse_args([]), spec) == {}
+    assert given_options(parser.parse_args(["--lr", "0.002"]), spec) == {"lr": 0.002}

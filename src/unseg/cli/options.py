@@ -22,7 +22,7 @@ def _kwargs(option: ConfigOption, help_text: str) -> dict[str, Any]:
     metavar = option.path[-1].upper()
     if option.kind in ("int", "optional-int"):
         return {**base, "type": int, "metavar": metavar}
-    if option.kind == "float":
+    if option.kind in ("float", "optional-float"):
         return {**base, "type": float, "metavar": metavar}
     if option.kind == "pair":
         return {**base, "type": float, "nargs": 2, "metavar": ("LO", "HI")}
