@@ -31,6 +31,7 @@ from vit_reference import (
 import unseg.pipelines.semantic as semantic
 from unseg.feature_store import load_cache
 from unseg.pipelines.folder import segment
+from unseg.pipelines.kind import Settings
 from unseg.proposals.primaps import principal_masks
 from unseg.runs import load_fitted
 
@@ -57,7 +58,7 @@ def runs(shared_data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     reference.load_state_dict(official_to_hf(state, arch), strict=True)
     use_official_interpolation(reference, arch)
     ref_backbone = ReferenceBackbone(NAME, reference).requires_grad_(False).eval()
-    settings = semantic.SemanticSettings(backbone=NAME, weights=str(weights), size=160,
+    settings = Settings(backbone=NAME, weights=str(weights), size=160,
                                          num_workers=1)
     options = {"epochs": 4, "batch_size": 2}
     out = {}

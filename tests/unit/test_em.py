@@ -470,6 +470,7 @@ def test_the_learning_rate_defaults_by_classifier_and_an_explicit_one_wins() -> 
     runs = {lr: PriMaPsEM(PriMaPsEMConfig(num_classes=3, classifier="cosine", lr=lr, steps=5))
             .fit(FitInputs(feats, proposals=props)).running_ for lr in (None, 1e-3, 5e-3)}
     assert torch.equal(runs[None], runs[1e-3]) and not torch.allclose(runs[None], runs[5e-3])
+    assert PriMaPsEM(PriMaPsEMConfig(classifier="cosine")).config.lr == 1e-3  # saved as it ran
 
 
 def test_the_lr_option_is_optional_on_the_command_line() -> None:

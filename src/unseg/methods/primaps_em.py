@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -142,6 +142,8 @@ def learning_rate(config: PriMaPsEMConfig) -> float:
         if config.lr <= 0:
             raise UnsegError(f"lr must be positive, got {config.lr}")
         return config.lr
+    if config.classifier not in DEFAULT_LR:
+        raise UnsegError(f"unknown classifier {config.classifier!r}; choose from {CLASSIFIERS}")
     return DEFAULT_LR[config.classifier]
 
 
@@ -320,7 +322,9 @@ class PriMaPsEM(PrototypeEstimator):
     def __init__(
         self, config: PriMaPsEMConfig | None = None, device: str | torch.device | None = None
     ) -> None:
-        super().__init__(config or PriMaPsEMConfig(), device)
+        config = config or PriMaPsEMConfig()
+        # the rate that runs, so a run's saved configuration says it
+        super().__init__(replace(config, lr=learning_rate(config)), device)
         self.gain_: torch.Tensor | None = None
         self.running_: torch.Tensor | None = None
         self.running_gain_: torch.Tensor | None = None

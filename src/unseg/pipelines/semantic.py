@@ -64,7 +64,6 @@ MAX_CLASSES = 256  # label PNGs are 8-bit palette images
 # `unseg segment` on a handful of photos: a few coarse classes shared by them (person, animal,
 # sky, ground, object) rather than a dataset's 21 or 27.
 DEFAULT_SEGMENT_CLASSES = 5
-SemanticSettings = Settings  # the name the semantic callers know
 
 
 def default_workers() -> int:
