@@ -83,7 +83,7 @@ def test_fit_save_reload_predicts_identically(stand_in, spec: MethodSpec, tmp_pa
     assert all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in state.values())
     save_fitted(tmp_path / "run", spec, estimator, extra={"note": "contract"})
     again_spec, again, meta = load_fitted(tmp_path / "run")
-    assert again_spec is spec and meta["note"] == "contract" and again.config == config
+    assert again_spec is spec and meta["note"] == "contract" and again.config == estimator.config
     for a, b in zip(_outputs(spec, estimator, inputs), _outputs(spec, again, inputs),
                     strict=True):
         torch.testing.assert_close(a, b)
