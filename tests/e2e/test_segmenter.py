@@ -158,6 +158,9 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         unseg.Segmenter("kmean")
     with pytest.raises(UnsegError, match="saliency method: it has no num_classes"):
         unseg.Segmenter("spectral", num_classes=3)
+    with pytest.raises(UnsegError, match="epochs: a head's training option, and spectral"):
+        unseg.Segmenter("spectral", epochs=3)
+    assert not unseg.Segmenter("spectral", guided_filter=False, image_size=160).config.guided_filter
     with pytest.raises(UnsegError, match="refine"):
         unseg.Segmenter("kmeans", backbone=BACKBONE, refine="bilateral")
     seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL)

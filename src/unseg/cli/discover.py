@@ -20,13 +20,17 @@ from unseg.cli.options import add_method_options, given_options
 from unseg.errors import UnsegError
 from unseg.pipelines.folder import discover
 from unseg.pipelines.kind import Settings
-from unseg.pipelines.saliency import AUTO, AUTO_TRAINED, MIN_TRAIN_IMAGES, resolve_discover_method
+from unseg.pipelines.saliency import (
+    AUTO,
+    AUTO_TRAINED,
+    METHOD,
+    MIN_TRAIN_IMAGES,
+    resolve_discover_method,
+    spectral_unused,
+)
 from unseg.registry import config_options, get_method, list_methods
 from unseg.report.html import write_report
 from unseg.utils import dist
-
-HEAD = "saliency-head"  # the registered method whose config sets the guided filter
-SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided")  # its config fields spectral uses
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,27 +73,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
-    """The options spectral discovery uses (the image size and the guided filter); a head's
-    training option is an error with ``--method spectral`` and a warning under ``auto``."""
-    unused = [o for o in config_options(get_method(HEAD))
-              if ".".join(o.path) in given and o.path[0] not in SPECTRAL_FIELDS]
+    """The options spectral discovery uses (:func:`spectral_unused` says which it does not);
+    a head's training option is an error with ``--method spectral`` and a warning under
+    ``auto``."""
+    unused = spectral_unused(given)
     if not unused:
         return given
-    flags = ", ".join(o.flags[0] for o in unused)
+    flags = ", ".join(o.flags[0] for o in config_options(get_method(METHOD))
+                      if ".".join(o.path) in unused)
     message = f"{flags}: a head's training option, and spectral discovery trains nothing"
     if args.method == "spectral":
         raise UnsegError(f"{message} (it uses only --image-size and the guided-filter options)")
     if dist.is_main_env():
         print(f"unseg discover: warning: {message}; ignored (--method "
               f"{AUTO_TRAINED} trains the head on these images anyway)", file=sys.stderr)
-    return {k: v for k, v in given.items() if k.split(".")[0] in SPECTRAL_FIELDS}
+    return {k: v for k, v in given.items() if k not in unused}
 
 
 def _discover(args: argparse.Namespace) -> Outcome:
     method, why = resolve_discover_method(args.method, args.images, args.train_images)
     if dist.is_main_env():
         print(f"unseg discover: {why}", file=sys.stderr)
-    spec = get_method(HEAD if method == "spectral" else method)
+    spec = get_method(METHOD if method == "spectral" else method)
     given = given_options(args, spec)
     if method == "spectral":
         given = _spectral_options(args, given)

@@ -64,6 +64,7 @@ AUTO = "auto"  # discover's default: the best measured method the folder allows
 AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/results-boosting.md)
 MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
+SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided")  # METHOD's fields spectral uses
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
 
@@ -338,6 +339,12 @@ class FittedSaliency:
         self.facts, self.paths = dict(facts or {}), list(paths or [])
 
 
+def spectral_unused(options: Mapping[str, Any] | None) -> list[str]:
+    """The ``options`` (``field`` or ``outer.inner``) that spectral discovery has no use for:
+    a head's training options (it uses only the image size and the guided filter)."""
+    return [k for k in options or {} if k.split(".")[0] not in SPECTRAL_FIELDS]
+
+
 class SaliencyKind(Kind):
     """Saliency methods and ``spectral``: the foreground probability and its box per image."""
 
@@ -359,6 +366,11 @@ class SaliencyKind(Kind):
         if num_classes is not None:
             raise UnsegError(f"{method} is a saliency method: it has no num_classes")
         spec = None if method == SPECTRAL else get_method(method)
+        unused = spectral_unused(options) if spec is None else []
+        if unused:
+            raise UnsegError(f"{', '.join(unused)}: a head's training option, and spectral "
+                             "discovery trains nothing (it uses only the image size and the "
+                             "guided filter)")
         if spec is not None and spec.output != "saliency":
             raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
         resolve_max_side(320, settings.max_side)  # its check
