@@ -3,6 +3,9 @@ that their backbone weights are the ones they were fitted with."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from unseg.backbones import backbone_weights_sha256, create_backbone, create_fitted_backbone
@@ -45,3 +48,12 @@ def test_random_backbones_are_fingerprinted_by_their_parameters():
     assert a.weights_sha256 is None
     assert backbone_weights_sha256(a) == backbone_weights_sha256(a)
     assert backbone_weights_sha256(a) != backbone_weights_sha256(b)
+
+
+def test_parser_does_not_import_matplotlib():
+    """Building the parser (every command does) leaves matplotlib for the report to import:
+    it costs most of a second on a small folder."""
+    code = ("import sys; from unseg.cli.main import build_parser; build_parser(); "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,5 +1,8 @@
 """The report's charts as PNG bytes, drawn with matplotlib's Agg canvas (no pyplot, no display).
 
+matplotlib is imported when the first chart is drawn, not with this module: it costs most of a
+second, and every command imports the report code whether or not it writes a report.
+
 Cluster colours are the PNG palette's (:func:`unseg.utils.palette.label_colors`), so a class's
 bar and heat-map column have the colour of its matched cluster in the masks and overlays.
 """
@@ -8,21 +11,30 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from unseg.report.thumbs import UNMATCHED_COLOR
 from unseg.utils.palette import label_colors
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 MAX_ANNOTATED = 30
 TEXT = "#1f2937"
 
 
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _png(fig: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
@@ -55,7 +67,7 @@ def iou_bar_chart(
     clusters = matched_cluster(assignment, n)
     values = [0.0 if v is None else float(v) for v in per_class_iou]
     colors = [_rgb(palette[c]) if 0 <= c < 256 else _rgb(UNMATCHED_COLOR) for c in clusters]
-    fig = Figure(figsize=(6.4, max(2.4, 0.6 + 0.28 * n)), layout="constrained")
+    fig = _figure(figsize=(6.4, max(2.4, 0.6 + 0.28 * n)), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(n)
     ax.barh(y, values, color=colors, edgecolor="#374151", linewidth=0.4)
@@ -102,7 +114,7 @@ def confusion_heatmap(
     totals = table.sum(axis=1, keepdims=True)
     share = np.divide(table, totals, out=np.zeros_like(table), where=totals > 0)
     n_rows, n_cols = share.shape
-    fig = Figure(
+    fig = _figure(
         figsize=(max(4.0, 1.8 + 0.36 * n_cols), max(3.0, 1.4 + 0.3 * n_rows)), layout="constrained"
     )
     ax = fig.add_subplot()
@@ -130,7 +142,7 @@ def pixel_confusion_heatmap(confusion: np.ndarray) -> bytes:
     table = confusion.astype(np.float64)
     totals = table.sum(axis=1, keepdims=True)
     share = np.divide(table, totals, out=np.zeros_like(table), where=totals > 0)
-    fig = Figure(figsize=(4.2, 3.2), layout="constrained")
+    fig = _figure(figsize=(4.2, 3.2), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for (r, c), v in np.ndenumerate(share):
@@ -146,7 +158,7 @@ def pixel_confusion_heatmap(confusion: np.ndarray) -> bytes:
 
 def iou_histogram(values: Sequence[float]) -> bytes:
     """Histogram of per-image IoU values (fractions) in 20 bins, with their mean marked."""
-    fig = Figure(figsize=(5.6, 3.0), layout="constrained")
+    fig = _figure(figsize=(5.6, 3.0), layout="constrained")
     ax = fig.add_subplot()
     data = np.asarray(values, dtype=np.float64)
     ax.hist(data, bins=20, range=(0.0, 1.0), color=_rgb(label_colors(1)[0]), edgecolor="white")
@@ -157,6 +169,8 @@ def iou_histogram(values: Sequence[float]) -> bytes:
                 color=TEXT, transform=ax.get_xaxis_transform())
     ax.set_xlabel("IoU of the image's mask (p > 0.5) with its ground truth")
     ax.set_ylabel("images")
+    from matplotlib.ticker import MaxNLocator
+
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
