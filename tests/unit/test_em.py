@@ -29,6 +29,7 @@ from unseg.methods.primaps_em import (
     focal_weights,
     learning_rate,
     pca_directions,
+    probe_kmeans,
     prototype_logits,
     top_eigenvectors,
 )
@@ -379,6 +380,51 @@ def test_adam_is_torchs_bit_for_bit() -> None:
             assert torch.equal(p, q)
 
 
+def _probe_by_hand(features, init, batch_size, seed, epochs, lr):
+    """The reference's probe spelled out: explicit one-hot of the argmax, torch's own Adam."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.nn.Parameter(init.clone())
+    optimiser = torch.optim.Adam([v], lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=gen).tolist()
+        for start in range(0, len(features), batch_size):
+            x = torch.cat([features[i].reshape(features[i].shape[0], -1).T
+                           for i in order[start:start + batch_size]])
+            cos = (x / x.norm(dim=1, keepdim=True)) @ (v / v.norm(dim=1, keepdim=True)).T
+            onehot = F.one_hot(cos.argmax(dim=1), init.shape[0]).float()
+            loss = -(onehot * cos).sum() / x.shape[0]
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return (v / v.norm(dim=1, keepdim=True)).detach()
+
+
+def test_probe_initialisation_is_the_reference_probe_spelled_out() -> None:
+    feats, _ = blobs(n_images=7, seed=2)
+    init = pca_directions(torch.cat([f.reshape(16, -1).T for f in feats]), 3)
+    got = probe_kmeans(feats, init, 3, torch.Generator().manual_seed(9), epochs=2, lr=5e-3)
+    want = _probe_by_hand(feats, init, 3, 9, 2, 5e-3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, F.normalize(init, dim=1), atol=1e-3)  # it moved
+
+
+def test_probe_initialisation_raises_the_cosine_objective_and_fits() -> None:
+    classes: list = []
+    feats, props = blobs(n_images=8, seed=4, classes=classes)
+    rows = F.normalize(torch.cat([f.reshape(16, -1).T for f in feats]), dim=1)
+    init = pca_directions(rows, 3)
+    probed = probe_kmeans(feats, init, 4, torch.Generator().manual_seed(0), epochs=20, lr=5e-2)
+
+    def objective(v: torch.Tensor) -> float:
+        return float((rows @ F.normalize(v, dim=1).T).max(dim=1).values.mean())
+
+    assert objective(probed) > objective(init) + 0.05
+    model = fit(feats, props, steps=30, init="probe")
+    preds = [model.predict(f, size=(6, 12)).numpy().ravel() for f in feats]
+    truth = np.concatenate([c.ravel() for c in classes])
+    assert adjusted_rand_score(truth, np.concatenate(preds)) > 0.95
+
+
 @pytest.mark.parametrize("size", [8, 64])
 def test_top_eigenvectors_are_numpys(size: int) -> None:
     """Lanczos (k below size / 2) and eigh (the others) give numpy's eigenvectors, largest
@@ -406,6 +452,8 @@ def test_bad_inputs() -> None:
         PriMaPsEM().fit(FitInputs(feats))
     with pytest.raises(UnsegError, match="unknown classifier"):
         fit(feats, props, classifier="linear")
+    with pytest.raises(UnsegError, match="unknown init"):
+        fit(feats, props, init="random")
     with pytest.raises(UnsegError, match="one to one"):
         fit(feats, props, feats + feats)
     with pytest.raises(UnsegError, match="before fit"):

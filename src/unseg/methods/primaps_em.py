@@ -26,7 +26,10 @@ One step on a batch of images:
 
 Initialisation: the top-K principal directions of the centred features (exact ``eigh`` of the
 C×C covariance instead of the reference's ``pca_lowrank(q=2K, niter=200)``), ``g = 1``, then
-``kmeans_passes`` passes of cosine k-means from them; θ and θ_m start there.
+``kmeans_passes`` full passes of cosine k-means from them (``init="kmeans"``, the default) or,
+with ``init="probe"``, the reference's refinement: 2 epochs of a unit-gain cosine probe trained
+by Adam at 5e-3 on batches of ``batch_size`` images (:func:`probe_kmeans`); θ and θ_m start
+there.
 
 ``center``: subtract the training images' mean feature (fitted in ``fit``, kept in the state as
 ``mean``) before everything, at prediction too.
@@ -73,6 +76,10 @@ logger = logging.getLogger(__name__)
 
 Classifier = Literal["reference", "cosine"]
 CLASSIFIERS: tuple[str, ...] = ("reference", "cosine")
+Init = Literal["kmeans", "probe"]
+INITS: tuple[str, ...] = ("kmeans", "probe")
+PROBE_EPOCHS = 2  # the reference's initialisation: 2 epochs of a cosine probe, Adam lr 5e-3
+PROBE_LR = 5e-3
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,12 @@ class PriMaPsEMConfig:
         "from the first update, unseg 0.1.0's schedule)",
     )
     kmeans_passes: int = option(2, "cosine k-means passes of the initialisation")
+    init: Init = option(
+        "kmeans",
+        "how the initial PCA directions are refined: kmeans: `kmeans_passes` full passes of "
+        "cosine k-means; probe: the reference's 2 epochs of a cosine probe trained by Adam "
+        "(lr 5e-3) on batches of `batch_size` images",
+    )
     init_max_points: int = option(200_000, "feature vectors sampled for the initialisation")
     label_factor: int | None = None  # None: upsample features by the stride (paper)
     classifier: Classifier = option(
@@ -244,6 +257,34 @@ def pca_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     return dirs.to(x.dtype)
 
 
+def probe_kmeans(
+    features: Sequence[torch.Tensor],
+    init: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+    epochs: int = PROBE_EPOCHS,
+    lr: float = PROBE_LR,
+) -> torch.Tensor:
+    """The reference's refinement of the initial directions: mini-batch cosine k-means as a
+    unit-gain cosine probe trained by Adam. For each batch of ``batch_size`` images (shuffled by
+    ``gen``) of ``features[i] [C, h, w]``, every feature vector's cosine to its best direction is
+    maximised (loss ``−mean max_k cos(f, v_k)``, so only the winning direction moves).
+    ``init [K, C]``; returns unit rows ``[K, C]``."""
+    direction = init.detach().float().clone().requires_grad_(True)
+    optim = Adam([direction], lr=lr)
+    n = len(features)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, batch_size):
+            rows = feature_rows([features[i] for i in order[start : start + batch_size]])
+            cos = F.normalize(rows.to(direction.device), dim=1) @ F.normalize(direction, dim=1).T
+            loss = -cos.max(dim=1).values.mean()
+            direction.grad = None
+            loss.backward()
+            optim.step()
+    return F.normalize(direction.detach(), dim=1)
+
+
 class Adam:
     """Adam with ``torch.optim.Adam``'s defaults (betas 0.9 / 0.999, eps 1e-8, no weight decay),
     its single-tensor update operation for operation, so the same parameters bit for bit.
@@ -354,6 +395,8 @@ class PriMaPsEM(PrototypeEstimator):
         if init.shape[0] < k:  # fewer channels than classes: pad with k-means++ picks
             extra = CosineKMeans(KMeansConfig(num_classes=k, n_init=1, seed=self.config.seed))
             init = torch.cat([init, extra.fit(rows, max_iter=0).centers_[init.shape[0] :]])
+        if self.config.init == "probe":
+            return probe_kmeans(features, init, self.config.batch_size, gen)
         km = CosineKMeans(KMeansConfig(num_classes=k, seed=self.config.seed))
         return km.fit(rows, init=init, max_iter=self.config.kmeans_passes).centers_
 
@@ -362,6 +405,8 @@ class PriMaPsEM(PrototypeEstimator):
         cfg = self.config
         if cfg.classifier not in CLASSIFIERS:
             raise UnsegError(f"unknown classifier {cfg.classifier!r}; choose from {CLASSIFIERS}")
+        if cfg.init not in INITS:
+            raise UnsegError(f"unknown init {cfg.init!r}; choose from {INITS}")
         if inputs.proposals is None:
             raise UnsegError("PriMaPs-EM needs FitInputs.proposals (PriMaPs pseudo-labels)")
         features, proposals = list(inputs.features), list(inputs.proposals)
