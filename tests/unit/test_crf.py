@@ -104,7 +104,7 @@ def test_matches_pydensecrf_on_primaps_pseudo_labels(shared_data) -> None:
     features (patch colours and positions), their log-probabilities upsampled to the image."""
     cfg = PriMaPsConfig()
     for image in voc_images(shared_data("VOC2012"), 2):
-        rgb = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+        rgb = torch.from_numpy(image.copy()).permute(2, 0, 1).float()[None] / 255
         patches = F.avg_pool2d(rgb, 8)[0]
         gen = torch.Generator().manual_seed(0)
         feats = torch.einsum("chw,cd->dhw", patches, torch.randn(3, 24, generator=gen))

@@ -122,7 +122,7 @@ def test_restarts_without_further_epochs_predict_the_upsampled_coarse_cut(
     images, _ = planted_squares(24, gen)
     feats = colours(images)
     head = SaliencyHead(_restart_cfg(epochs=0)).fit(FitInputs(list(feats), list(images)))
-    assert all(float(st.to_logit.weight.abs().sum()) == 0 for st in head.net.stages)
+    assert all(float(st.to_logit.weight.detach().abs().sum()) == 0 for st in head.net.stages)
     coarse, fine = head.net(feats, images)
     # the stages' logit corrections start at zero: the fine logit is the coarse one upsampled
     # (bilinearly, stage by stage), so it lies between the coarse logits' extremes
