@@ -6,7 +6,7 @@ run folder) records itself in ``OUT/unseg-manifest.json`` (written atomically):
 .. code-block:: json
 
     {"format_version": 1,
-     "commands": [{"command": "segment", "argv": [...], "unseg_version": "0.1.0",
+     "commands": [{"command": "segment", "argv": [...], "unseg_version": "0.2.0",
                    "settings": {"images": "/abs/photos", "--num-classes": 5, ...},
                    "fingerprint": "<sha256 of command, version and settings>",
                    "resumed": false, "started": "...Z", "finished": "...Z",

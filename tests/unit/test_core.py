@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from unseg import __version__
 from unseg.errors import ManyFilesError, UnsegError
 from unseg.runs import load_run, save_run
 from unseg.utils.io import atomic_write, save_png_atomic
@@ -57,3 +60,11 @@ def test_many_files_error_lists_ten_and_count():
     err = ManyFilesError("missing predictions", [f"f{i}.png" for i in range(13)])
     assert "13 file(s)" in str(err) and "f9.png" in str(err) and "f10.png" not in str(err)
     assert "(and 3 more)" in str(err)
+
+
+def test_package_version_is_the_one_pyproject_declares():
+    """The version is written in two places (pyproject.toml for pip, unseg._version for runs,
+    --resume and --version); they must agree."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    declared = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)
+    assert declared is not None and declared.group(1) == __version__
