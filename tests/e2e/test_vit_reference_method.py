@@ -58,8 +58,7 @@ def runs(shared_data, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     reference.load_state_dict(official_to_hf(state, arch), strict=True)
     use_official_interpolation(reference, arch)
     ref_backbone = ReferenceBackbone(NAME, reference).requires_grad_(False).eval()
-    settings = Settings(backbone=NAME, weights=str(weights), size=160,
-                                         num_workers=1)
+    settings = Settings(backbone=NAME, weights=str(weights), size=160, num_workers=1)
     options = {"epochs": 4, "batch_size": 2}
     out = {}
     for which in ("unseg", "reference"):

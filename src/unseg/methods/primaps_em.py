@@ -155,9 +155,16 @@ def learning_rate(config: PriMaPsEMConfig) -> float:
         if config.lr <= 0:
             raise UnsegError(f"lr must be positive, got {config.lr}")
         return config.lr
-    if config.classifier not in DEFAULT_LR:
-        raise UnsegError(f"unknown classifier {config.classifier!r}; choose from {CLASSIFIERS}")
+    _check_choices(config)
     return DEFAULT_LR[config.classifier]
+
+
+def _check_choices(config: PriMaPsEMConfig) -> None:
+    """A clear error for an unknown ``classifier`` or ``init``."""
+    if config.classifier not in CLASSIFIERS:
+        raise UnsegError(f"unknown classifier {config.classifier!r}; choose from {CLASSIFIERS}")
+    if config.init not in INITS:
+        raise UnsegError(f"unknown init {config.init!r}; choose from {INITS}")
 
 
 def prototype_logits(
@@ -364,6 +371,7 @@ class PriMaPsEM(PrototypeEstimator):
         self, config: PriMaPsEMConfig | None = None, device: str | torch.device | None = None
     ) -> None:
         config = config or PriMaPsEMConfig()
+        _check_choices(config)
         # the rate that runs, so a run's saved configuration says it
         super().__init__(replace(config, lr=learning_rate(config)), device)
         self.gain_: torch.Tensor | None = None
@@ -402,11 +410,6 @@ class PriMaPsEM(PrototypeEstimator):
 
     def _check(self, inputs: FitInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Features and proposals of ``inputs``, or a clear error."""
-        cfg = self.config
-        if cfg.classifier not in CLASSIFIERS:
-            raise UnsegError(f"unknown classifier {cfg.classifier!r}; choose from {CLASSIFIERS}")
-        if cfg.init not in INITS:
-            raise UnsegError(f"unknown init {cfg.init!r}; choose from {INITS}")
         if inputs.proposals is None:
             raise UnsegError("PriMaPs-EM needs FitInputs.proposals (PriMaPs pseudo-labels)")
         features, proposals = list(inputs.features), list(inputs.proposals)
