@@ -42,7 +42,13 @@ from unseg.features import extract_features
 from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.pipelines.pseudo_labels import hwc
 from unseg.proposals.primaps import PriMaPsConfig, principal_masks, proposal_log_probs
-from unseg.refine.crf import CRFConfig, CRFPool, _gaussian_kernel, dense_crf, dense_crf_reference
+from unseg.refine.crf import (
+    CRFConfig,
+    CRFPool,
+    clear_kernel_cache,
+    dense_crf,
+    dense_crf_reference,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
@@ -82,7 +88,7 @@ def _timed_torch(cases: Cases, config: CRFConfig, pooled: bool) -> tuple[float, 
     """Torch on 2 cores: 2 threads of :class:`CRFPool` (one torch thread each, the pipelines'
     way), or one image at a time on 2 intra-op threads. Each run starts with no Gaussian
     kernel kept from an earlier run: it builds one per image size, as a folder's first pass."""
-    _gaussian_kernel.cache_clear()
+    clear_kernel_cache()
     start = time.perf_counter()
     if pooled:
         with CRFPool(THREADS, config) as pool:

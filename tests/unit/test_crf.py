@@ -168,13 +168,14 @@ def test_images_of_one_size_share_the_gaussian_kernel_and_get_the_same_marginals
 
     image, logits, _ = two_region_case()
     other, other_logits = image[:40, :50].copy(), logits[:, :40, :50].contiguous()
-    crf._gaussian_kernel.cache_clear()
+    crf.clear_kernel_cache()
     fresh = dense_crf(image, logits)
     fresh_other = dense_crf(other, other_logits)
     assert crf._gaussian_kernel.cache_info().misses == 2
     again = dense_crf(image, -logits)  # same size, other values: the kernel is reused
     assert crf._gaussian_kernel.cache_info().hits == 1
-    crf._gaussian_kernel.cache_clear()
+    crf.clear_kernel_cache()
+    assert crf._gaussian_kernel.cache_info().currsize == 0
     np.testing.assert_array_equal(again, dense_crf(image, -logits))
     np.testing.assert_array_equal(fresh, dense_crf(image, logits))
     np.testing.assert_array_equal(fresh_other, dense_crf(other, other_logits))

@@ -127,6 +127,11 @@ def _gaussian_kernel(
     return _normalised(build_lattice(grid, _batch_index(sizes, device)), compat)
 
 
+def clear_kernel_cache() -> None:
+    """Forget the Gaussian kernels kept per image size (their memory; a benchmark's cold start)."""
+    _gaussian_kernel.cache_clear()
+
+
 def _row_softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax of each row of ``x [N, K]``. Below 16 labels spelled out: torch's CPU softmax
     over a last dimension shorter than its vector width runs scalar, e.g. at ``[140k, K]`` on
