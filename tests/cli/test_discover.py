@@ -89,7 +89,9 @@ def test_discover_says_which_default_backbone(folder, tmp_path, capsys, monkeypa
     monkeypatch.undo()
     img = folder / "img0.png"
     assert main(["-q", "discover", str(img), "--out", str(tmp_path / "o")]) == 0
-    assert "default backbone" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "default backbone" in err
+    assert "method spectral" in err and "tap s16+s32" in err  # the tap it was measured best on
     assert (tmp_path / "o" / MASKS_DIR / "img0.png").is_file()
 
 
@@ -397,3 +399,21 @@ def test_discover_gives_its_stage_seconds_to_a_callers_timings(folder, tmp_path)
                       timings=timings)
     assert len(report.written) == 4 and {p.stem for p, _ in report.failed} == {"broken", "tiny"}
     assert {"decode", "predicting", "writing"} <= set(timings.as_dict())
+
+
+def test_spectral_and_the_found_head_default_to_the_measured_tap() -> None:
+    """No tap asked: spectral and the FOUND-style head run on the stride-16 ``s16+s32`` tap
+    (measured better than the default ``head`` tap), where the backbone has it."""
+    from unseg.pipelines.kind import Settings
+    from unseg.pipelines.saliency import SaliencyKind, method_tap
+
+    lite2 = Settings(backbone="efficientnet_lite2")
+    assert method_tap("spectral", lite2).tap == "s16+s32"
+    assert method_tap("found", lite2).tap == "s16+s32"
+    assert method_tap("found-head", lite2).tap == "s16+s32"
+    assert method_tap("saliency-head", lite2).tap is None  # its default stays the backbone's
+    assert method_tap("found", Settings(backbone="efficientnet_lite2", tap="head")).tap == "head"
+    assert method_tap("spectral", Settings(backbone=BACKBONE)).tap is None  # no such tap
+    kind = SaliencyKind.create("found-head", None, None, lite2)  # an alias: the same method
+    assert kind.settings.tap == "s16+s32" and kind.stride() == 16
+    assert SaliencyKind.create("spectral", None, None, lite2).settings.tap == "s16+s32"

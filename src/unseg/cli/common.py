@@ -51,8 +51,9 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tap", default=None,
-        help="the backbone's feature tap (default: its registered default; "
-        "`unseg backbones` lists them); recorded in runs",
+        help="the backbone's feature tap (default: its registered default, except that spectral "
+        "discovery and the FOUND-style head take s16+s32 where the backbone has it, measured "
+        "better for them; `unseg backbones` lists them); recorded in runs",
     )
 
 

@@ -25,6 +25,7 @@ from unseg.pipelines.saliency import (
     AUTO_TRAINED,
     METHOD,
     MIN_TRAIN_IMAGES,
+    method_tap,
     resolve_discover_method,
     spectral_unused,
 )
@@ -92,20 +93,21 @@ def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[s
 
 def _discover(args: argparse.Namespace) -> Outcome:
     method, why = resolve_discover_method(args.method, args.images, args.train_images)
+    settings = method_tap(method, Settings(
+        backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
+        tap=args.tap, device=args.device, cache_dir=args.cache_dir,
+        max_pixels=args.max_pixels, max_side=args.max_side,
+    ))
     if dist.is_main_env():
-        print(f"unseg discover: {why}", file=sys.stderr)
+        tap = f", tap {settings.tap}" if settings.tap else ""
+        print(f"unseg discover: {why}{tap}", file=sys.stderr)
     spec = get_method(METHOD if method == "spectral" else method)
     given = given_options(args, spec)
     if method == "spectral":
         given = _spectral_options(args, given)
     report = discover(
         args.images, args.out, method, train_images=args.train_images,
-        options=given,
-        settings=Settings(
-            backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
-            tap=args.tap, device=args.device, cache_dir=args.cache_dir,
-            max_pixels=args.max_pixels, max_side=args.max_side,
-        ),
+        options=given, settings=settings,
     )
     return batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", method,

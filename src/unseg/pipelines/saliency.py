@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.backbones import backbone_weights_sha256
+from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
@@ -44,7 +44,7 @@ from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone
+from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
 from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -65,6 +65,10 @@ AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/res
 MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
 SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided")  # METHOD's fields spectral uses
+# the tap a discovery method runs on when none is asked and the backbone has it: the finer
+# stride-16 graph beat the default stride-32 `head` tap on ECSSD and VOC2007 for these methods
+# (efficientnet_lite2; docs/results-boosting.md, "The defaults measured")
+METHOD_TAPS = {SPECTRAL: "s16+s32", AUTO_TRAINED: "s16+s32"}
 
 ProbFn = Callable[[np.ndarray], torch.Tensor]
 
@@ -329,6 +333,18 @@ def resolve_discover_method(
     )
 
 
+def method_tap(method: str, settings: Settings) -> Settings:
+    """``settings`` with ``method``'s measured tap (:data:`METHOD_TAPS`) when no tap is asked
+    and the backbone has that tap; otherwise unchanged (the backbone's default tap).
+    ``method``: ``spectral`` or a registered saliency method's name or alias."""
+    tap = METHOD_TAPS.get(method if method == SPECTRAL else get_method(method).name)
+    if settings.tap is not None or tap is None:
+        return settings
+    if tap not in get_spec(resolve_backbone_name(settings.backbone)).tap_table:
+        return settings
+    return replace(settings, tap=tap)
+
+
 class FittedSaliency:
     """A saliency head (None: spectral, training-free), its backbone, the training facts and
     the images it was trained on."""
@@ -375,7 +391,7 @@ class SaliencyKind(Kind):
             raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
         resolve_max_side(320, settings.max_side)  # its check
         config = build_config(spec or get_method(METHOD), options, {"seed": settings.seed})
-        return cls(spec, config, settings)
+        return cls(spec, config, method_tap(method, settings))
 
     @classmethod
     def from_run(cls, run_dir: Path, meta: dict[str, Any],
