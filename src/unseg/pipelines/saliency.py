@@ -44,7 +44,7 @@ from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.backbone import choose_backbone, open_backbone, open_fitted_backbone
 from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -340,7 +340,7 @@ def method_tap(method: str, settings: Settings) -> Settings:
     tap = METHOD_TAPS.get(method if method == SPECTRAL else get_method(method).name)
     if settings.tap is not None or tap is None:
         return settings
-    if tap not in get_spec(resolve_backbone_name(settings.backbone)).tap_table:
+    if tap not in get_spec(choose_backbone(settings.backbone)[0]).tap_table:  # opening logs why
         return settings
     return replace(settings, tap=tap)
 
