@@ -162,6 +162,9 @@ def main() -> int:
     ap.add_argument("--found-input", choices=["auto", "standardized", "raw"], default="auto",
                     help="the FOUND-style head's input: standardised per channel or raw (auto: "
                     "the pipeline's choice for the backbone)")
+    ap.add_argument("--found-threshold", type=float, default=None,
+                    help="the FOUND-style head's background threshold (default: the "
+                    "pipeline's choice for the backbone)")
     ap.add_argument("--base-only", action="store_true", help="no multi-scale rows")
     ap.add_argument("--tap", default=None, help="backbone tap (default: the backbone's)")
     ap.add_argument("--crop-pool", type=int, default=4, help="cached crops per image")
@@ -246,10 +249,12 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
                 budget["lr"] = args.lr
             else:
                 method, name = "found", "found" + suffix
-                budget = {"steps": args.found_steps, "lr": args.found_lr}
+                budget = {"steps": args.found_steps, "lr": args.found_lr,
+                          "bkg_threshold": args.found_threshold}
                 std = {"auto": None, "standardized": True, "raw": False}[args.found_input]
                 options = {"steps": args.found_steps, "lr": args.found_lr, "seed": seed,
-                           "crop_pool": args.crop_pool, "standardize": std, **kw}
+                           "crop_pool": args.crop_pool, "standardize": std,
+                           "bkg_threshold": args.found_threshold, **kw}
             t0 = time.perf_counter()
             tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
             run = out / "runs" / f"{task}_{head_kind}_{tag}"

@@ -76,9 +76,13 @@ def test_pseudo_mask_is_the_planted_object():
     mask = pseudo_masks(f, cfg)
     assert mask.shape == (1, 1, 8, 10)
     assert torch.equal(mask[0, 0].bool(), truth)
-    # threshold semantics by hand: background = cosine to the seed above the threshold
+    # threshold semantics by hand: background = cosine to the seed above the threshold;
+    # unresolved (no backbone to decide), the threshold is the reference's 0.3
     sim = background_similarity(f, background_seed(f, "border"))[0]
-    assert torch.equal(mask[0, 0].bool(), sim <= cfg.bkg_threshold)
+    assert torch.equal(mask[0, 0].bool(), sim <= 0.3)
+    for t in (-0.5, 0.0, 0.5, 0.99):
+        mask = pseudo_masks(f, replace(cfg, bkg_threshold=t))
+        assert torch.equal(mask[0, 0].bool(), sim <= t)
 
 
 def test_seed_expansion_is_the_mean_over_the_nearest_patches():
@@ -204,14 +208,15 @@ def test_standardized_training_ignores_the_features_scale(planted_squares, stand
 
 
 def test_pipeline_standardizes_cnn_features_only(tmp_path, monkeypatch):
-    """``standardize=None`` is decided by the backbone: on without a final LayerNorm."""
+    """``standardize=None`` and ``bkg_threshold=None`` are decided by the backbone: on and 0.2
+    without a final LayerNorm, off and the reference's 0.3 with one; a given threshold stays."""
     import unseg.pipelines.saliency as pipeline
     from unseg.pipelines.folder import fit
 
     seen = []
 
     def fake_fit(spec, cfg, inputs, model, dev, timings):
-        seen.append(cfg.standardize)
+        seen.append((cfg.standardize, cfg.bkg_threshold))
         raise UnsegError("stop here")
 
     monkeypatch.setattr(pipeline, "fit_estimator", fake_fit)
@@ -225,6 +230,7 @@ def test_pipeline_standardizes_cnn_features_only(tmp_path, monkeypatch):
         monkeypatch.setattr(
             pipeline, "_training_inputs", lambda *a: (FitInputs([torch.zeros(2, 4, 4)]), [d])
         )
-        with pytest.raises(UnsegError, match="stop here"):
-            fit(d, tmp_path / name, "found")
-    assert seen == [True, False]
+        for given in (None, 0.45):
+            with pytest.raises(UnsegError, match="stop here"):
+                fit(d, tmp_path / name, "found", options={"bkg_threshold": given})
+    assert seen == [(True, 0.2), (True, 0.45), (False, 0.3), (False, 0.45)]

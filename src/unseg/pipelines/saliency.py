@@ -42,6 +42,7 @@ from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
+from unseg.methods.found import CNN_THRESHOLD, VIT_THRESHOLD
 from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
 from unseg.pipelines.backbone import choose_backbone, open_backbone, open_fitted_backbone
@@ -223,10 +224,14 @@ def _training_inputs(
 
 
 def saliency_config(spec: MethodSpec, config: Any, backbone: Backbone) -> Any:
-    """``config`` with what the backbone decides: ``standardize=None`` → on for a CNN (measured
-    on a CNN's features, methods/found.py), off for a ViT (the reference's raw input)."""
+    """``config`` with what the backbone decides (measured on a CNN's features,
+    methods/found.py): ``standardize=None`` → on for a CNN, off for a ViT (the reference's raw
+    input); ``bkg_threshold=None`` → 0.2 for a CNN, 0.3 (the reference's) for a ViT."""
+    vit = backbone.spec.layer_normed
     if getattr(config, "standardize", False) is None:
-        return replace(config, standardize=not backbone.spec.layer_normed)
+        config = replace(config, standardize=not vit)
+    if hasattr(config, "bkg_threshold") and config.bkg_threshold is None:
+        config = replace(config, bkg_threshold=VIT_THRESHOLD if vit else CNN_THRESHOLD)
     return config
 
 
