@@ -88,6 +88,40 @@ def test_features_and_fit_bound_size_too(tmp_path: Path, capsys, command) -> Non
         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    # discover and the saliency heads run on s16+s32 (stride 16) when no --tap is given
+    (["discover", "--method", "spectral", "--size", "16"], "--size 16: must be 32 to 2048"),
+    (["discover", "--method", "spectral", "--size", "0"], "--size 0: must be 32 to 2048"),
+    (["discover", "--method", "found", "--size", "100000"], "--size 100000: must be 32"),
+    (["discover", "--method", "spectral", "--tap", "head", "--size", "32"],
+     "--size 32: must be 64 to 2048 with efficientnet_lite0 (stride 32)"),
+    (["fit", "found", "--size", "100000"], "--size 100000: must be 32 to 2048"),
+    # the SEMPART-style head runs on the backbone's own tap (stride 32)
+    (["fit", "saliency-head", "--size", "-5"], "--size -5: must be 64 to 2048"),
+])
+def test_discover_and_saliency_fit_bound_size_at_their_tap(tmp_path: Path, capsys, argv,
+                                                           says) -> None:
+    images = _one_image(tmp_path / "images")
+    command = argv[:2] if argv[0] == "fit" else argv[:1]
+    out = tmp_path / "out"
+    code = main([*command, str(images), *argv[len(command):], "--out", str(out),
+                 "--backbone", "efficientnet_lite0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err
+    assert "Traceback" not in err
+    assert not (out / "masks").exists()
+
+
+def test_discover_runs_at_the_smallest_size_its_tap_allows(tmp_path: Path) -> None:
+    images = _one_image(tmp_path / "images")
+    out = tmp_path / "out"
+    code = main(["discover", str(images), "--out", str(out), "--method", "spectral",
+                 "--backbone", "efficientnet_lite0", "--size", "32", "--no-report"])
+    assert code == 0
+    assert (out / "masks" / "a.png").is_file()
+
+
 def test_resolve_max_side_refuses_negative() -> None:
     with pytest.raises(UnsegError, match="--max-side must be >= 0"):
         resolve_max_side(320, -5)

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unseg.backbones.base import get_spec
 from unseg.data.image import DEFAULT_MAX_PIXELS
 from unseg.data.resize import MAX_SIDE_FACTOR
 from unseg.errors import UnsegError
 from unseg.layout import MANIFEST_FILE
 from unseg.outdir import Mode, recorded
-from unseg.pipelines.backbone import choose_backbone
+from unseg.pipelines.backbone import MAX_SIZE, check_resolution, choose_backbone
 from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE, REFINES
 from unseg.utils import dist
@@ -32,9 +31,6 @@ NOT_SETTINGS = frozenset(
     {"func", "command", "spec_name", "out", "verbose", "quiet", "overwrite", "resume", "report",
      "gt", "workers"}
 )
-# the largest --size: a working image of up to 2048 x 8192 pixels (4 x on the long side); larger
-# ones upsample ordinary photos and their feature maps and pseudo-labels outgrow memory
-MAX_SIZE = 2048
 # settings naming files or folders: compared as absolute paths
 PATH_SETTINGS = frozenset(
     {"images", "data", "run", "train_images", "saliency", "cache_dir", "weights", "embeddings"}
@@ -110,26 +106,6 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
         help="feature and pseudo-label cache, shareable between runs (default: RUN/cache)",
     )
     add_device_argument(p)
-
-
-def check_resolution(size: int, max_side: int | None, backbone: str, tap: str | None) -> None:
-    """Refuse (``UnsegError``) a ``--size`` outside ``[2 x stride, MAX_SIZE]`` of ``backbone``'s
-    ``tap`` and a ``--max-side`` that is negative or below two strides: a working image one
-    feature row (or column) wide leaves PriMaPs and the CRF nothing to work on."""
-    spec = get_spec(backbone)
-    stride = spec.tap_info(tap or spec.default_tap).stride
-    floor = 2 * stride
-    if not floor <= size <= MAX_SIZE:
-        raise UnsegError(
-            f"--size {size}: must be {floor} to {MAX_SIZE} with {backbone} (stride {stride}): "
-            f"the short side must span at least two feature rows ({floor} px), and above "
-            f"{MAX_SIZE} px images are upsampled and their features outgrow memory"
-        )
-    if max_side is not None and max_side != 0 and not floor <= max_side:
-        raise UnsegError(
-            f"--max-side {max_side}: must be 0 (no limit) or at least {floor} with {backbone} "
-            f"(two feature rows at stride {stride})"
-        )
 
 
 # Settings fields and the argument each comes from (where the command has it)

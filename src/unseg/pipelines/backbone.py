@@ -14,9 +14,34 @@ from unseg.backbones import (
     default_backbone_name,
     default_backbone_reason,
 )
-from unseg.backbones.base import Backbone
+from unseg.backbones.base import Backbone, get_spec
+from unseg.errors import UnsegError
 
 logger = logging.getLogger(__name__)
+
+# the largest --size: a working image of up to 2048 x 8192 pixels (4 x on the long side); larger
+# ones upsample ordinary photos and their feature maps and pseudo-labels outgrow memory
+MAX_SIZE = 2048
+
+
+def check_resolution(size: int, max_side: int | None, backbone: str, tap: str | None) -> None:
+    """Refuse (``UnsegError``) a ``--size`` outside ``[2 x stride, MAX_SIZE]`` of ``backbone``'s
+    ``tap`` and a ``--max-side`` that is negative or below two strides: a working image one
+    feature row (or column) wide leaves PriMaPs and the CRF nothing to work on."""
+    spec = get_spec(backbone)
+    stride = spec.tap_info(tap or spec.default_tap).stride
+    floor = 2 * stride
+    if not floor <= size <= MAX_SIZE:
+        raise UnsegError(
+            f"--size {size}: must be {floor} to {MAX_SIZE} with {backbone} (stride {stride}): "
+            f"the short side must span at least two feature rows ({floor} px), and above "
+            f"{MAX_SIZE} px images are upsampled and their features outgrow memory"
+        )
+    if max_side is not None and max_side != 0 and not floor <= max_side:
+        raise UnsegError(
+            f"--max-side {max_side}: must be 0 (no limit) or at least {floor} with {backbone} "
+            f"(two feature rows at stride {stride})"
+        )
 
 
 def choose_backbone(name: str | None) -> tuple[str, str]:

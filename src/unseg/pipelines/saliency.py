@@ -45,7 +45,12 @@ from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck
 from unseg.methods.found import CNN_THRESHOLD, VIT_THRESHOLD
 from unseg.methods.saliency import SaliencyHead
 from unseg.metrics.corloc import largest_component_box
-from unseg.pipelines.backbone import choose_backbone, open_backbone, open_fitted_backbone
+from unseg.pipelines.backbone import (
+    check_resolution,
+    choose_backbone,
+    open_backbone,
+    open_fitted_backbone,
+)
 from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
@@ -396,7 +401,10 @@ class SaliencyKind(Kind):
             raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
         resolve_max_side(320, settings.max_side)  # its check
         config = build_config(spec or get_method(METHOD), options, {"seed": settings.seed})
-        return cls(spec, config, method_tap(method, settings))
+        settings = method_tap(method, settings)
+        check_resolution(config.image_size, settings.max_side,
+                         choose_backbone(settings.backbone)[0], settings.tap)
+        return cls(spec, config, settings)
 
     @classmethod
     def from_run(cls, run_dir: Path, meta: dict[str, Any],
