@@ -389,3 +389,25 @@ def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, 
                  str(tmp_path / "bad"), *stage_args[:2], "--tap", "s16", *stage_args[4:],
                  "--train-last-stage"]) == 2
     assert "'s16' is the first tap" in capsys.readouterr().err
+
+
+def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path, monkeypatch):
+    """The chain's FOUND-style masks keep the 0.3 threshold (measured best for MaskContrast),
+    not discover's CNN default; other sources run with discover's own defaults."""
+    import unseg.pipelines.folder as folder
+    from unseg.methods.found import CNN_THRESHOLD
+    from unseg.pipelines.kind import Settings
+    from unseg.utils.batch import BatchReport
+
+    seen = {}
+
+    def fake_discover(images, out_dir, method, *, options=None, settings=None, **kw):
+        seen[method] = options
+        return BatchReport()
+
+    monkeypatch.setattr(folder, "discover", fake_discover)
+    for method in ("found", "spectral", "saliency-head"):
+        with pytest.raises(UnsegError, match="discover wrote no mask"):
+            folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method))
+    assert seen == {"found": {"bkg_threshold": 0.3}, "spectral": None, "saliency-head": None}
+    assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
