@@ -26,15 +26,15 @@ patch features is trained against these pseudo-masks and predicts a foreground l
 - **Threshold on CNN features** (``bkg_threshold=None``: the pipeline decides by the backbone,
   :func:`unseg.pipelines.saliency.saliency_config`). A CNN's features are non-negative, so their
   cosine similarities run higher than DINO's, and 0.3 calls most of an image foreground. On
-  ``efficientnet_lite2`` ``s16+s32`` at 320, the raw pseudo-masks (first 300 ECSSD images, IoU;
-  422 VOC2007 images, CorLoc) score 42.9 / 33.4 at 0.3, 48.7 / 35.1 at 0.2, 47.1 / 35.1 at 0.25,
-  and worse with every per-image rule tried (Otsu 40.1 / 31.0, the image's mean similarity
-  36.9 / 30.8, its 25 % quantile 44.1 / 31.3; similarities of mean-centred features, 0.0: 34.9 /
-  30.3). Trained heads (5 seeds, ``bench/boosting_ablation.py``; trained on VOC2007 and scored on
-  ECSSD IoU, trained on ECSSD and scored on VOC2007 CorLoc): 0.3 gives 47.99 ± 2.48 / 33.22 ±
-  0.81 (70 % of VOC2007 called foreground), 0.25 gives 36.64 ± 0.95 CorLoc (still over 60 %),
-  0.2 gives 43.97 ± 1.55 / 46.21 ± 2.50 with no oversized map: the best mean over the two tasks
-  (docs/results-boosting.md).
+  ``efficientnet_lite2`` ``s16+s32`` at 320, the raw pseudo-masks (``bench/found_threshold.py``:
+  first 300 ECSSD images, IoU; 422 VOC2007 images, CorLoc) score 42.9 / 33.4 at 0.3, 48.7 / 35.1 at
+  0.2, 47.1 / 35.1 at 0.25, and worse with every per-image rule tried (Otsu 40.1 / 31.0, the image's
+  mean similarity 36.9 / 30.8, its 25 % quantile 44.1 / 31.3; similarities of mean-centred features,
+  0.0: 34.9 / 30.3). Trained heads (5 seeds, ``bench/boosting_ablation.py``; trained on VOC2007 and
+  scored on ECSSD IoU, trained on ECSSD and scored on VOC2007 CorLoc): 0.3 gives 47.99 ± 2.48 /
+  33.22 ± 0.81 (70 % of VOC2007 called foreground), 0.25 gives 36.64 ± 0.95 CorLoc
+  (still over 60 %), 0.2 gives 43.97 ± 1.55 / 46.21 ± 2.50 with no oversized map: the best mean
+  over the two tasks (docs/results-boosting.md).
 - **Training** (reference values): AdamW lr 5e-2, batch 50, step decay ×0.95 every 50 steps,
   500 steps; loss = 1.5 × BCE(prediction, its refined binarisation) + BCE(prediction,
   pseudo-mask) for the first 100 steps, then 4 × BCE(prediction, its own binarisation) instead of
