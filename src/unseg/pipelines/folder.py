@@ -30,6 +30,7 @@ from unseg.data.layouts import resolve_image_dir
 from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.layout import BOXES_FILE, DISCOVER_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_DIR
+from unseg.methods.found import VIT_THRESHOLD
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.kinds import create_kind, run_kind
 from unseg.pipelines.label_maps import gather_report, overlay_image
@@ -50,7 +51,7 @@ BOXES_EVERY = 50  # boxes.json is rewritten after this many masks (a killed run 
 # uses 0.2 on CNN features): the default chain scored 14.93 ± 2.12 mIoU at 0.3 against
 # 10.98 ± 1.12 at 0.2 on VOC2012's 217 images (3 seeds), 18.79 against 14.80 on VOC2007's 422
 # (seed 0); Acc moves the other way (docs/results-maskcontrast.md)
-MASK_SOURCE_OPTIONS: dict[str, dict[str, Any]] = {"found": {"bkg_threshold": 0.3}}
+MASK_SOURCE_OPTIONS: dict[str, dict[str, Any]] = {"found": {"bkg_threshold": VIT_THRESHOLD}}
 
 
 @dataclass
