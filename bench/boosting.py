@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.backbones import build_backbone, create_backbone
 from unseg.data.image import load_image
@@ -87,18 +87,6 @@ def _full_size_image() -> tuple[np.ndarray, str]:
         return load_image(files[0]), str(files[0].name)
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), "synthetic 400x300"
-
-
-def _machine(dev: torch.device) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(dev),
-        "load_average_1_5_15": list(os.getloadavg()),
-    }
 
 
 VARIANTS = ("base", "multiscale_cache", "multiscale_roi", "multiscale_backbone")
@@ -204,7 +192,7 @@ def training(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
             }
             print(f"{name} {variant}: {rows[name][variant]}", file=sys.stderr)
     return {
-        "machine": _machine(dev),
+        "machine": machine(dev),
         "load_average_at_start": load_start,
         "images": f"first {n} ECSSD images, 320x320 centre crops",
         "backbone": f"efficientnet_lite0, tap {args.tap} (packaged weights)",
@@ -275,7 +263,7 @@ def main() -> int:
                 for r in RADII
             }
     result = {
-        "machine": _machine(dev),
+        "machine": machine(dev),
         "repeats": args.repeats,
         "dino_vits8_forward_320_ms": dino_ms,
         "guided_filter_ms": gf_ms,

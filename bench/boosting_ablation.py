@@ -24,13 +24,13 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.image import list_images
@@ -208,12 +208,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKeys) -> dict:
     """The whole table for one training ``seed`` into ``out`` (``out/results.json``)."""
     res = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": "cpu",
-        },
+        "machine": machine(),
         "settings": {**vars(args), "seed": seed},
         "rows": {},
         "training": {},

@@ -26,7 +26,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -165,12 +165,7 @@ def main() -> None:
                    "sizes": sorted({img.shape[:2] for img in images})[:3]},
         "default_label_floor": CRFConfig().label_floor,
         "cases": result,
-        "machine": {
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        },
+        "machine": {**machine(), "load_average_before": [round(v, 2) for v in load_before]},
     }, indent=2, default=str))
 
 

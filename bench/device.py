@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -129,10 +128,7 @@ def main() -> int:
         "features": floor,
         "runs": runs,
         "crf_alone_k21": crf,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "device": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
-                               else "cpu"), "cpu_count": os.cpu_count(),
-                    "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine(DEVICE),
     }, indent=2))
     return 0
 

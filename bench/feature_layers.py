@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.backbones import Backbone, BackboneSpec, create_backbone, get_spec
 from unseg.backbones.base import concat_maps, tap_parts
@@ -234,15 +234,7 @@ def main() -> None:
         "sets": {s: len(sets[s][1]) for s in set_names},
         "results": results,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": "cpu",
-            "load_avg_start": load_start,
-            "load_avg": os.getloadavg(),
-        },
+        "machine": {**machine(), "load_average_before": load_start},
     }
     text = json.dumps(report, indent=2)
     print(text)

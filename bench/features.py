@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.image import list_images, load_image
@@ -165,15 +164,7 @@ def main() -> None:
         "repeat": f"best of {args.repeat} alternating runs per mode, each in its own process",
         "dtype": args.dtype,
         "target": "pipeline_over_model >= 0.9",
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        },
+        "machine": machine(dev),
         "results": results,
     }, indent=2))
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine
 from PIL import Image
 
 from unseg.backbones import create_backbone
@@ -119,9 +119,7 @@ def main() -> int:
         raise SystemExit(f"{DATA}: no shared data beside the repository; nothing to score")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     backbone = create_backbone(args.backbone, tap=args.tap)
-    result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__},
+    result: dict = {"machine": machine(),
                     "backbone": args.backbone, "tap": args.tap, "size": args.size}
     if args.ecssd:
         gt_dir = DATA / "ECSSD" / "ground_truth_mask"

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.data.image import load_label
 from unseg.feature_store import load_cache
@@ -80,8 +79,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "fast (subsample 2) vs exact guided refinement, same models and logits",
         "runs": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "load_average": os.getloadavg()},
+        "machine": machine(),
     }, indent=2))
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import layout_pairs
@@ -69,12 +68,7 @@ def main() -> None:
         "acc": scores.acc,
         "miou": scores.miou,
         "seconds": round(time.perf_counter() - t0, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "device": "cpu",
-        },
+        "machine": machine(),
     }, indent=2))
 
 

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -281,14 +281,7 @@ def main() -> None:
         return
     out: dict = {
         "benchmark": "maskcontrast",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "device": "cpu",
-            "load_average": list(os.getloadavg()),
-        },
+        "machine": machine(),
         "settings": {"images": args.images, "size": args.size, "batch": args.batch,
                      "epochs": args.epochs, "loss_size": args.loss_size or args.size,
                      "train_last_stage": args.train_last_stage,

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import layout_pairs
@@ -200,13 +199,7 @@ def main() -> None:
         "backbone": args.backbone,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "torch": torch.__version__,
-            "device": "cpu",
-        },
+        "machine": machine(),
     }, indent=2))
 
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
+from _machine import machine
 
 from unseg.data.image import load_label
 from unseg.data.voc import parse_voc_xml
@@ -131,15 +128,7 @@ def main() -> None:
     data = Path(args.data)
     result: dict = {
         "benchmark": "metrics",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "device": "cpu",
-        },
+        "machine": {**machine(), "numpy": np.__version__},
         "target_ms_per_image": 10,
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -166,15 +165,7 @@ def main() -> None:
                      "runs_seconds": [first["seconds"], second["seconds"]]},
         "own_floors": floors,
         "runs": runs,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        },
+        "machine": {**machine(), "load_average_before": [round(v, 2) for v in load_before]},
     }, indent=2))
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _machine import machine
 
 from unseg.methods.base import FitInputs
 from unseg.methods.primaps_em import PriMaPsEM, PriMaPsEMConfig
@@ -355,15 +355,7 @@ def main() -> None:
     sections = set(args.only.split(","))
     out: dict = {
         "benchmark": "primaps",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
-            "load_average": list(os.getloadavg()),
-        },
+        "machine": machine(),
         "image_size": [SIZE, SIZE],
         "feature_shape": [DIM, GRID, GRID],
     }

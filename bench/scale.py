@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
+from _machine import machine
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,24 +165,6 @@ def big_photo(path: Path, height: int, width: int, seed: int = 0) -> Path:
     return path
 
 
-def machine() -> dict:
-    """Where the bench ran."""
-    mem = next(
-        (int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-         if line.startswith("MemTotal:")), 0,
-    )
-    return {
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "memory_gb": round(mem / GB, 1),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "sampler": "psutil" if psutil is not None else "/proc",
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", type=int, nargs="*", default=[100, 1000],
@@ -195,7 +176,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("segment_args", nargs="*", help="more `unseg segment` options, after --")
     args = ap.parse_args()
-    result: dict = {"bench": "scale", "machine": machine(), "runs": {}}
+    sampler = "psutil" if psutil is not None else "/proc"
+    result: dict = {"bench": "scale", "machine": {**machine(), "sampler": sampler}, "runs": {}}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         if args.counts and not (ECSSD / "images").is_dir():

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -31,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from _machine import load_average, machine
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -105,16 +103,6 @@ def parse_variants(base: list[str], extra: list[str]) -> dict[str, list[str]]:
     return variants
 
 
-def machine() -> dict:
-    """Where it ran, and the load now."""
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(REPO / "out" / "semantic-results"))
@@ -179,7 +167,7 @@ def main() -> None:
     }
     report = {
         "machine": start,
-        "load_average_end": machine()["load_average"],
+        "load_average_end": load_average(),
         "sets": {ds: {"k": DATASETS[ds].k, "ignore_index": DATASETS[ds].ignore_index}
                  for ds in args.datasets},
         "seeds": args.seeds,

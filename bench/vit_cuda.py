@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _machine import machine
 from PIL import Image
 
 from unseg.backbones import build_backbone
@@ -100,9 +99,7 @@ def main() -> None:
             warm(torch.rand(1, 3, 320, 320, device="cuda"))
         del warm
     result: dict[str, Any] = {
-        "machine": platform.node(), "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if "cuda" in devices else None,
-        "load": os.getloadavg(),
+        "machine": machine("cuda" if "cuda" in devices else "cpu"),
         "images": len(list(images.iterdir())), "k": args.k,
         "tf32": (not args.no_tf32) if "cuda" in devices else None,
     }
