@@ -165,7 +165,11 @@ def main() -> int:
     ap.add_argument("--found-threshold", type=float, default=None,
                     help="the FOUND-style head's background threshold (default: the "
                     "pipeline's choice for the backbone)")
-    ap.add_argument("--base-only", action="store_true", help="no multi-scale rows")
+    rows = ap.add_mutually_exclusive_group()
+    rows.add_argument("--base-only", action="store_true", help="no multi-scale rows")
+    rows.add_argument("--multiscale-only", action="store_true",
+                      help="only the multi-scale rows (the base rows of an earlier run, same "
+                      "seeds, are their pairs: training is deterministic given the seed)")
     ap.add_argument("--tap", default=None, help="backbone tap (default: the backbone's)")
     ap.add_argument("--crop-pool", type=int, default=4, help="cached crops per image")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -228,8 +232,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
         if not args.no_spectral:
             fn = spectral_prob_fn(backbone, size, SpectralConfig())
             _both("spectral", fn, evaluated, out, task, size, backbone.stride, res)
-        variants = [("", {})] + ([] if args.base_only else [(" + multi-scale",
-                                                            {"multiscale": True})])
+        base = [] if args.multiscale_only else [("", {})]
+        variants = base + ([] if args.base_only else [(" + multi-scale", {"multiscale": True})])
         fixed = (" + multi-scale (fixed crop)", {"multiscale": True, "fixed_crop": True})
         for head_kind, (suffix, kw) in (
             (h, v) for h in args.heads
