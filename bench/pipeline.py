@@ -147,13 +147,16 @@ def main() -> None:
         if name in floors:
             run["over_own_floor"] = round(run["seconds"] / floors[name]["seconds"], 2)
     em, km = runs["segment primaps-em"], runs["segment kmeans"]
-    targets = {
+    n = len(paths)
+
+    def target(ratio: float, bound: float, folder: int) -> dict[str, Any]:
+        return {"ratio": ratio, "met": ratio <= bound, "applies_to_this_run": n == folder}
+
+    targets = {  # the targets, each set for one folder size
         "primaps-em <= 1.5x its own floor (217 VOC2012 images)":
-            {"ratio": em["over_own_floor"], "met": em["over_own_floor"] <= 1.5},
-        "kmeans <= 1.5x its own floor (217 VOC2012 images)":
-            {"ratio": km["over_own_floor"], "met": km["over_own_floor"] <= 1.5},
-        "primaps-em <= 4x features (40-image folder)":
-            {"ratio": em["over_features"], "met": em["over_features"] <= 4.0},
+            target(em["over_own_floor"], 1.5, 217),
+        "kmeans <= 1.5x its own floor (217 VOC2012 images)": target(km["over_own_floor"], 1.5, 217),
+        "primaps-em <= 4x features (the 40-image folder)": target(em["over_features"], 4.0, 40),
     }
     print(json.dumps({
         "benchmark": "pipeline stages vs `unseg features` on the same images (CPU)",
