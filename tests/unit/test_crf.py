@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -270,8 +271,20 @@ def test_bad_inputs_are_clear_errors() -> None:
         crf_marginals([image], [logits[:, :10]])
 
 
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Python's own Ctrl-C handler for the test, whatever the runner started with: a background
+    job of a non-interactive shell (``make test &`` in a script, ``nohup``) starts with SIGINT
+    ignored, and then a SIGINT to ourselves would do nothing (docs/troubleshooting.md)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="no SIGINT here")
-def test_an_interrupt_during_a_map_starts_no_more_items() -> None:
+def test_an_interrupt_during_a_map_starts_no_more_items(ctrl_c: None) -> None:
     """Ctrl-C while the threads work: the caller gets the KeyboardInterrupt, the items not yet
     started never start, and the threads are left (each finishes the one item it runs)."""
     started: list[int] = []
@@ -307,7 +320,8 @@ def test_an_error_in_one_item_is_raised_and_the_rest_are_dropped() -> None:
         assert pool.map_fn(fail_on_three, [0, 1, 2]) == [0, 1, 2]  # the pool goes on
 
 
-def test_leaving_the_pool_by_an_exception_stops_a_running_crf() -> None:
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="no SIGINT here")
+def test_leaving_the_pool_by_an_exception_stops_a_running_crf(ctrl_c: None) -> None:
     """The CRF a thread runs stops at its next iteration once the pool is left by an
     exception (a Ctrl-C exits promptly, not after the images in flight)."""
     image, logits, _ = two_region_case()
