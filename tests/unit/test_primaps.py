@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +196,24 @@ def test_more_channels_than_positions_gives_the_reference_solvers_proposals(
     ref = principal_masks(feats, PriMaPsConfig(solver="lowrank", lowrank_niter=100))
     assert fast.masks.shape == ref.masks.shape
     torch.testing.assert_close(fast.masks, ref.masks, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_first_pseudo_labels_of_a_process_on_a_gpu_from_several_threads() -> None:
+    """torch loads its CUDA linear algebra at a process's first ``torch.linalg`` call on a GPU,
+    and not thread-safely: threads making that first call at once used to fail ("lazy wrapper
+    should be called at most once"). A fresh process, so that the load has not happened yet."""
+    code = textwrap.dedent("""
+        import numpy as np, torch
+        from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
+        g = torch.Generator().manual_seed(0)
+        feats = [torch.randn(256, 10, 10, generator=g).cuda() for _ in range(8)]
+        images = [np.zeros((40, 40, 3), np.uint8)] * 8
+        labels = primaps_pseudo_labels(images, feats, PriMaPsConfig(refine="none"),
+                                       num_workers=4)
+        print(len(labels), tuple(labels[0].shape))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8", "(40,", "40)"]

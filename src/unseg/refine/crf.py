@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from unseg.errors import UnsegError
 from unseg.refine.lattice import Lattice, build_lattice
+from unseg.utils.device import load_cuda_linalg
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -338,6 +339,7 @@ class CRFPool:
         log.debug("CRF: %s on %d item(s)", getattr(fn, "__name__", fn), len(items))
         if self._executor is None or len(items) <= 1:
             return [fn(item) for item in items]
+        load_cuda_linalg()  # the items may call torch.linalg on a GPU, each in its own thread
         futures = [self._executor.submit(fn, item) for item in items]
         try:
             return [f.result() for f in futures]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Iterator
@@ -60,6 +61,23 @@ def _check_available(dev: torch.device) -> None:
             f"device {str(dev)!r} is not available in this torch build ({build}) or on this "
             "machine; use --device cpu"
         ) from exc
+
+
+def load_cuda_linalg() -> None:
+    """Load torch's CUDA linear-algebra library now, from the calling thread, if CUDA is in use.
+
+    torch loads it at the first ``torch.linalg`` call on a GPU, and that load is not thread-safe:
+    two threads making their first call at once fail with "lazy wrapper should be called at most
+    once". Call this before threads run linear algebra on a GPU. A no-op while this process has
+    not initialised CUDA (CPU runs never touch it), and after the first load.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        _load_cuda_linalg()
+
+
+@functools.cache
+def _load_cuda_linalg() -> None:
+    torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device="cuda"))
 
 
 def cpu_count() -> int:
