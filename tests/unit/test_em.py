@@ -30,6 +30,8 @@ from unseg.methods.primaps_em import (
     learning_rate,
     pca_directions,
     probe_kmeans,
+    proposal_count,
+    proposal_modes,
     prototype_logits,
     top_eigenvectors,
 )
@@ -79,6 +81,38 @@ def test_e_step_ties_go_to_the_smallest_class_and_all_ignore_is_fine() -> None:
     pred = torch.tensor([3, 1])
     assert e_step(pred, torch.tensor([0, 0]), num_classes=4).tolist() == [1, 1]
     assert e_step(pred, torch.tensor([255, 255]), num_classes=4).tolist() == [255, 255]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_proposal_modes_match_a_brute_force_mode_per_proposal(seed: int) -> None:
+    """The training loop's e-step (int16 ids, the count given): each proposal's most frequent
+    prediction by counting with Python's ``Counter``, ties to the smallest class."""
+    from collections import Counter
+
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randint(0, 5, (300,), generator=g)
+    props = torch.randint(0, 9, (300,), generator=g).to(torch.int16)
+    props[torch.rand(300, generator=g) < 0.3] = 255
+    props[props == 4] = 7  # an id missing inside the range
+    count = proposal_count(props)
+    assert count == int(props[props != 255].max()) + 1
+    out = proposal_modes(pred, props, count, num_classes=5)
+    assert out.dtype == torch.int64
+    for pid in set(props.tolist()) - {255}:
+        inside = props == pid
+        votes = Counter(pred[inside].tolist())
+        best = max(votes.values())
+        assert set(out[inside].tolist()) == {min(c for c, v in votes.items() if v == best)}
+    assert (out[props == 255] == 255).all()
+    assert torch.equal(out, e_step(pred, props.long(), num_classes=5))
+
+
+def test_proposal_count_is_zero_when_all_is_ignored_and_rejects_negative_ids() -> None:
+    assert proposal_count(torch.full((4,), 255)) == 0
+    assert proposal_modes(torch.zeros(4, dtype=torch.long), torch.full((4,), 255), 0, 3).tolist() \
+        == [255] * 4
+    with pytest.raises(UnsegError, match="non-negative"):
+        proposal_count(torch.tensor([0, -1, 255]))
 
 
 def test_focal_weights_by_hand() -> None:

@@ -200,18 +200,42 @@ def e_step(
     """
     if predictions.shape != proposals.shape:
         raise UnsegError(f"shapes differ: {tuple(predictions.shape)} vs {tuple(proposals.shape)}")
-    out = torch.full_like(proposals, ignore_index)
-    valid = proposals != ignore_index
-    if not bool(valid.any()):
-        return out
-    pid = proposals[valid]
-    if int(pid.min()) < 0:
+    return proposal_modes(predictions, proposals, proposal_count(proposals, ignore_index),
+                          num_classes, ignore_index)
+
+
+def proposal_count(proposals: torch.Tensor, ignore_index: int = 255) -> int:
+    """One more than the largest proposal id of ``proposals`` (0 when all are ignored); a clear
+    error for a negative id. Reads the tensor (a host sync on a GPU): once per training image."""
+    valid = proposals[proposals != ignore_index]
+    if not valid.numel():
+        return 0
+    if int(valid.min()) < 0:
         raise UnsegError("proposal ids must be non-negative (apart from the ignore index)")
-    n = int(pid.max()) + 1
-    counts = torch.bincount(pid * num_classes + predictions[valid], minlength=n * num_classes)
-    mode = counts.view(n, num_classes).argmax(dim=1)
-    out[valid] = mode[pid]
-    return out
+    return int(valid.max()) + 1
+
+
+def proposal_modes(
+    predictions: torch.Tensor,
+    proposals: torch.Tensor,
+    count: int,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """:func:`e_step` given ``count`` = :func:`proposal_count` of ``proposals`` (any integer
+    dtype, same shape as ``predictions``): no data-dependent shapes, so on a GPU the host
+    never waits for it. Returns int64."""
+    proposals = proposals.long()
+    valid = proposals != ignore_index
+    if count == 0:
+        return torch.full_like(proposals, ignore_index)
+    pid = torch.where(valid, proposals, 0)
+    # ignored pixels vote in a last bucket of their own
+    key = torch.where(valid, pid * num_classes + predictions, count * num_classes)
+    votes = torch.zeros(count * num_classes + 1, dtype=torch.long, device=key.device)
+    votes.scatter_add_(0, key.reshape(-1), torch.ones_like(key).reshape(-1))
+    mode = votes[:-1].view(count, num_classes).argmax(dim=1)
+    return torch.where(valid, mode[pid], ignore_index)
 
 
 def focal_weights(probs: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -326,8 +350,8 @@ class Adam:
 @dataclass
 class _View:
     """One training image at label resolution: clean and student features, their upsampled
-    norms (cosine classifier only), the upsampling factor and the flattened proposal ids
-    (int16; widened per batch)."""
+    norms (cosine classifier only), the upsampling factor, the flattened proposal ids
+    (int16; widened per batch) and their :func:`proposal_count`."""
 
     clean: torch.Tensor
     clean_norm: torch.Tensor | None
@@ -335,6 +359,7 @@ class _View:
     student_norm: torch.Tensor | None
     factor: int
     proposals: torch.Tensor
+    proposal_count: int
 
 
 def _resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -439,7 +464,8 @@ class PriMaPsEM(PrototypeEstimator):
             cn = upsampled_norm(clean, size) if cosine else None
             sn = (cn if student is None else upsampled_norm(stud, size)) if cosine else None
             labels = _resize_labels(p.to(self.device), size).reshape(-1)
-            views.append(_View(clean, cn, stud, sn, r, labels))
+            count = proposal_count(labels, self.config.ignore_index)
+            views.append(_View(clean, cn, stud, sn, r, labels, count))
         return views
 
     def fit(self, inputs: FitInputs) -> PriMaPsEM:
@@ -469,7 +495,7 @@ class PriMaPsEM(PrototypeEstimator):
         rank, world = dist.rank(), dist.world_size()
         order: list[int] = []
         updates = 0
-        self.history_ = []
+        losses: list[torch.Tensor] = []  # on the device: read once at the end, not per step
         # the steps are many small ops on K-channel maps: on CPU one thread beats intra-op
         # parallelism, by far on a loaded machine (idle threads spin-waiting for the cores)
         with cpu_threads(self.device, 1):
@@ -478,7 +504,7 @@ class PriMaPsEM(PrototypeEstimator):
                     order += torch.randperm(n, generator=gen).tolist()
                 idx, order = order[:batch], order[batch:]
                 mine = [views[i] for i in dist.shard(idx, rank, world)]
-                self.history_.append(self._step(mine, params, momentum, optim))
+                losses.append(self._step(mine, params, momentum, optim))
                 if step > 0 and step % cfg.ema_every == 0:
                     updates += 1
                     d = ema_decay(updates, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay
@@ -486,6 +512,7 @@ class PriMaPsEM(PrototypeEstimator):
                         ema_update(momentum[0], direction.detach(), d),
                         ema_update(momentum[1], gain.detach(), d),
                     )
+        self.history_ = torch.cat(losses).tolist() if losses else []
         self.running_, self.running_gain_ = direction.detach(), gain.detach()
         self.prototypes_, self.gain_ = momentum
         logger.info(
@@ -500,19 +527,20 @@ class PriMaPsEM(PrototypeEstimator):
         params: list[torch.Tensor],
         momentum: tuple[torch.Tensor, torch.Tensor],
         optim: Adam,
-    ) -> float:
-        """One E+M step on this rank's ``views``; returns the batch's loss (all ranks)."""
+    ) -> torch.Tensor:
+        """One E+M step on this rank's ``views``; returns the batch's loss ``[1]`` (all ranks),
+        on the device."""
         cfg = self.config
         k = cfg.num_classes
         direction = params[0]
         gain = params[1] if len(params) > 1 else torch.ones(k, device=direction.device)
         with torch.no_grad():
             targets = [
-                e_step(
+                proposal_modes(
                     prototype_logits(
                         v.clean, momentum[0], momentum[1], cfg.classifier, v.factor, v.clean_norm
                     ).reshape(k, -1).argmax(dim=0),
-                    v.proposals.long(), k, cfg.ignore_index,
+                    v.proposals, v.proposal_count, k, cfg.ignore_index,
                 )
                 for v in views
             ]
@@ -540,7 +568,7 @@ class PriMaPsEM(PrototypeEstimator):
                 torch.distributed.all_reduce(p.grad)
             torch.distributed.all_reduce(value)
         optim.step()
-        return float(value)
+        return value
 
     # --------------------------------------------------------------- prediction
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
