@@ -6,6 +6,8 @@ then the torch dense CRF alone on the same images at the features' resolution (K
 random logits; all images in one batch, and one at a time), timed with CUDA synchronisation,
 beside the backbone's seconds per image. Prints JSON. Exits 2 when no CUDA device is visible.
 ``--device cpu`` runs the same steps on the CPU (a dry run of the script: ``--max-images 4``).
+Each method's own floor, the scores and issue 19's targets on a GPU: ``python bench/pipeline.py
+--device cuda``.
 
 Usage: python bench/device.py [--images ../shared/data/VOC2012] [--max-images N] [-k 21]
                               [--device cuda]
