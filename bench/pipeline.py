@@ -32,18 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from _machine import machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
 from unseg.data.layouts import find_layout
+from unseg.errors import UnsegError
 from unseg.features import extract_features
 from unseg.pipelines.backbone import resolve_backbone_name
 from unseg.pipelines.evaluate import evaluate_semantic
 from unseg.pipelines.folder import discover, segment
 from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_REFINE, REFINES
+from unseg.utils.device import resolve_device
 from unseg.utils.timing import Timings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +121,10 @@ def main() -> None:
     parser.add_argument("--no-discover", action="store_true", help="skip the discover run")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args()
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/pipeline.py: no CUDA device visible to torch")
+    try:  # the library's own check: no CUDA build, no GPU, no such index
+        resolve_device(args.device)
+    except UnsegError as exc:
+        raise SystemExit(f"bench/pipeline.py: {exc}") from None
     args.backbone = resolve_backbone_name(args.backbone)
     root = Path(args.images).resolve()  # the links to its ground truth must not be relative
     paths = dataset_images(root)[: args.max_images]
