@@ -44,6 +44,7 @@ from unseg.pipelines.evaluate import evaluate_semantic
 from unseg.pipelines.folder import discover, segment
 from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_REFINE, REFINES
+from unseg.utils.allocator import keep_freed_memory
 from unseg.utils.device import resolve_device
 from unseg.utils.timing import Timings
 
@@ -120,7 +121,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="refinement threads")
     parser.add_argument("--no-discover", action="store_true", help="skip the discover run")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the `unseg` command raises "
+                             "them: unseg.utils.allocator)")
     args = parser.parse_args()
+    kept = False if args.glibc_defaults else keep_freed_memory()  # as the command does
     try:  # the library's own check: no CUDA build, no GPU, no such index
         resolve_device(args.device)
     except UnsegError as exc:
@@ -172,6 +177,7 @@ def main() -> None:
         "images": {"from": str(root), "count": len(paths)},
         "num_classes": args.num_classes,
         "backbone": args.backbone,
+        "allocator_keeps_freed_memory": kept,
         "targets": targets,
         "features": {"seconds": floor["seconds"], "stages": floor["stages"],
                      "runs_seconds": [first["seconds"], second["seconds"]]},

@@ -10,7 +10,7 @@ from typing import Any
 
 from unseg._version import __version__
 
-__all__ = ["Segmenter", "__version__", "list_backbones", "list_methods"]
+__all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_methods"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from unseg import segmenter
 
         return getattr(segmenter, name)
+    if name == "keep_freed_memory":
+        from unseg.utils.allocator import keep_freed_memory
+
+        return keep_freed_memory
     raise AttributeError(f"module 'unseg' has no attribute {name!r}")

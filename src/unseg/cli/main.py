@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from unseg._version import __version__
 from unseg.errors import UnsegError
+from unseg.utils.allocator import keep_freed_memory
 from unseg.utils.progress import set_progress
 from unseg.utils.signals import Terminated, follow_launcher, sigterm_raises
 
@@ -86,6 +87,7 @@ def _run(argv: Sequence[str] | None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     set_progress(not args.quiet and sys.stderr.isatty())
+    keep_freed_memory()  # large tensors reuse mapped pages: a quarter off a run (see its module)
     return int(args.func(args) or 0)
 
 
