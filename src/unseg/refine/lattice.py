@@ -160,22 +160,33 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
     code0 = ((base - low) * strides).sum(1)
     if batch is not None:
         code0 = code0 + batch.long() * image_stride
-    # vertex r adds canonical[r][rank_i] = r - (d+1) [rank_i > d - r] to coordinate i
+    # vertex r adds canonical[r][rank_i] = r - (d+1) [rank_i > d - r] to coordinate i: the
+    # coordinates of rank at least d - r + 1 lose d + 1, a suffix sum over ranks
+    by_rank = torch.zeros(n, d1, dtype=torch.long, device=device)
+    by_rank.scatter_(1, rank[:, :d], strides.expand(n, d).contiguous())  # stride at its rank
+    suffix = by_rank.flip(1).cumsum(1)  # suffix[:, r] = sum of strides of rank >= d - r
     r = torch.arange(d1, device=device)
-    above = rank[:, None, :d] > (d - r)[None, :, None]  # [N, d+1, d]
-    offsets = r[None, :] * strides.sum() - d1 * (above.long() * strides).sum(2)
+    lost = torch.zeros_like(suffix)
+    lost[:, 1:] = suffix[:, :-1]  # ranks >= d - r + 1
+    offsets = r[None, :] * strides.sum() - d1 * lost
     codes = (code0[:, None] + offsets).reshape(-1)  # [N * (d+1)]
 
-    uniq, inverse = torch.unique(codes, return_inverse=True)
+    # one stable sort groups the (point, vertex) pairs by key, in raster order within a key
+    sorted_codes, perm = torch.sort(codes, stable=True)
+    new_key = torch.ones_like(sorted_codes, dtype=torch.bool)
+    new_key[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    starts = torch.nonzero(new_key).flatten()
+    uniq = sorted_codes.index_select(0, starts)
     m = uniq.numel()
+    counts = torch.diff(starts, append=starts.new_tensor([n * d1]))
     # number the vertices in order of first use (raster order), as the reference's hash table
-    # does, so that neighbouring pixels touch neighbouring rows
-    first = torch.full((m,), n * d1, dtype=torch.long, device=device)
-    first.scatter_reduce_(0, inverse, torch.arange(n * d1, device=device), "amin")
-    order = first.argsort()  # row -> sorted-code index
+    # does, so that neighbouring pixels touch neighbouring rows; a key's first use is the first
+    # of its run in the stable sort
+    order = perm.index_select(0, starts).argsort()  # row -> sorted-code index
     renumber = torch.empty_like(order)
-    renumber[order] = torch.arange(m, device=device)
-    vertex = renumber[inverse]  # [N * (d+1)]
+    renumber.index_copy_(0, order, torch.arange(m, device=device))
+    vertex = torch.empty_like(perm)
+    vertex.index_copy_(0, perm, renumber.index_select(0, torch.cumsum(new_key, 0) - 1))
 
     blur_index = torch.empty(d1, m, 3, dtype=torch.int32, device=device)
     blur_weight = torch.empty(d1, m, 3, dtype=torch.float32, device=device)
@@ -189,27 +200,32 @@ def build_lattice(features: torch.Tensor, batch: torch.Tensor | None = None) -> 
         blur_index[j, :, 0] = itself
         blur_weight[j, :, 0] = 1.0
         # in sorted-code order: one search finds each vertex's neighbour at +shift (sorted
-        # queries: a cache-friendly search); the neighbour at -shift is its inverse
+        # queries: a cache-friendly search); the neighbour at -shift is its inverse, written
+        # by a scatter (the vertices without a neighbour write to a spare slot)
         wanted = uniq + shift
         pos = torch.searchsorted(uniq, wanted).clamp_max(m - 1)
-        up = uniq[pos] == wanted
-        down = torch.zeros_like(up)
-        down[pos[up]] = True
-        minus = itself.clone()
-        minus[pos[up]] = itself[up]
-        for side, found, neighbour in ((1, up, torch.where(up, pos, itself)), (2, down, minus)):
-            blur_index[j, :, side] = renumber[neighbour][order]
-            blur_weight[j, :, side] = found[order].float() * 0.5
+        up = uniq.index_select(0, pos) == wanted
+        plus = torch.where(up, pos, itself)
+        minus = torch.arange(m + 1, device=device)
+        minus = minus.scatter_(0, torch.where(up, pos, m), itself)[:m]
+        for side, neighbour in ((1, plus), (2, minus)):
+            in_rows = neighbour.index_select(0, order)
+            blur_index[j, :, side] = renumber.index_select(0, in_rows)
+            blur_weight[j, :, side] = (in_rows != order).float() * 0.5
 
-    by_vertex = vertex.argsort(stable=True)
-    counts = torch.bincount(vertex, minlength=m)
-    offsets = torch.zeros(m, dtype=torch.int32, device=device)
-    offsets[1:] = counts.cumsum(0)[:-1]
+    # the splat's bags in vertex order: vertex v's pairs are its key's run of the sort
+    run_counts = counts.index_select(0, order)
+    bag_start = torch.zeros(m, dtype=torch.long, device=device)
+    bag_start[1:] = run_counts.cumsum(0)[:-1]
+    run_shift = torch.repeat_interleave(starts.index_select(0, order) - bag_start, run_counts,
+                                        output_size=n * d1)  # no device sync
+    by_vertex = perm.index_select(0, run_shift + torch.arange(n * d1, device=device))
+    offsets = bag_start.int()
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
     return Lattice(
         splat_index=(by_vertex // d1).int(),
         splat_offsets=offsets,
-        splat_weight=bary.reshape(-1)[by_vertex].contiguous(),
+        splat_weight=bary.reshape(-1).index_select(0, by_vertex),
         blur_index=blur_index.reshape(d1, m * 3),
         blur_offsets=torch.arange(0, 3 * m, 3, dtype=torch.int32, device=device),
         blur_weight=blur_weight.reshape(d1, m * 3),
