@@ -16,7 +16,7 @@ threads (one torch thread each, as the pipelines run it) with every label and wi
 default floor, and torch one image at a time on 2 intra-op threads; all interleaved
 ``--repeats`` times, the best of each. Prints JSON.
 
-Usage: python bench/crf.py [--images ../shared/data/VOC2012] [--max-images 16]
+Usage: python bench/crf.py [--images ../shared/data/VOC2012] [--max-images 16] [--glibc-defaults]
        [--cache DIR] [--repeats 2]
 """
 
@@ -49,6 +49,7 @@ from unseg.refine.crf import (
     dense_crf,
     dense_crf_reference,
 )
+from unseg.utils.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
@@ -111,7 +112,11 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=16)
     parser.add_argument("--cache", default=None, help="feature cache (default: a temp folder)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the `unseg` command raises "
+                             "them: unseg.utils.allocator)")
     args = parser.parse_args()
+    kept = False if args.glibc_defaults else keep_freed_memory()  # as the command does
     torch.set_num_threads(THREADS)
     paths = dataset_images(Path(args.images))[: args.max_images]
     cache = Path(args.cache or tempfile.mkdtemp(prefix="unseg-bench-crf-"))
@@ -165,6 +170,7 @@ def main() -> None:
                    "sizes": sorted({img.shape[:2] for img in images})[:3]},
         "default_label_floor": CRFConfig().label_floor,
         "cases": result,
+        "allocator_keeps_freed_memory": kept,
         "machine": {**machine(), "load_average_before": [round(v, 2) for v in load_before]},
     }, indent=2, default=str))
 
