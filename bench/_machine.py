@@ -6,12 +6,15 @@ Imported by the scripts as ``from _machine import machine`` (``python bench/x.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from unseg.utils.allocator import keep_freed_memory
 
 
 def _memory_gb() -> float | None:
@@ -44,3 +47,15 @@ def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         "load_average": load_average(),
     }
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--glibc-defaults``: run without the malloc setting the ``unseg`` command applies."""
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the `unseg` command raises "
+                             "them: unseg.utils.allocator)")
+
+
+def keep_memory_as_the_command(args: argparse.Namespace) -> bool:
+    """Apply the command's malloc setting unless ``--glibc-defaults``; whether it applied."""
+    return False if args.glibc_defaults else keep_freed_memory()

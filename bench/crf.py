@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _machine import machine
+from _machine import add_allocator_option, keep_memory_as_the_command, machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -49,7 +49,6 @@ from unseg.refine.crf import (
     dense_crf,
     dense_crf_reference,
 )
-from unseg.utils.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 VOC2012 = REPO.parent / "shared" / "data" / "VOC2012"
@@ -112,11 +111,9 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=16)
     parser.add_argument("--cache", default=None, help="feature cache (default: a temp folder)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--glibc-defaults", action="store_true",
-                        help="leave glibc's malloc thresholds alone (the `unseg` command raises "
-                             "them: unseg.utils.allocator)")
+    add_allocator_option(parser)
     args = parser.parse_args()
-    kept = False if args.glibc_defaults else keep_freed_memory()  # as the command does
+    kept = keep_memory_as_the_command(args)
     torch.set_num_threads(THREADS)
     paths = dataset_images(Path(args.images))[: args.max_images]
     cache = Path(args.cache or tempfile.mkdtemp(prefix="unseg-bench-crf-"))

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine
+from _machine import add_allocator_option, keep_memory_as_the_command, machine
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -44,7 +44,6 @@ from unseg.pipelines.evaluate import evaluate_semantic
 from unseg.pipelines.folder import discover, segment
 from unseg.pipelines.kind import Settings
 from unseg.refine.semantic import DEFAULT_REFINE, REFINES
-from unseg.utils.allocator import keep_freed_memory
 from unseg.utils.device import resolve_device
 from unseg.utils.timing import Timings
 
@@ -121,11 +120,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="refinement threads")
     parser.add_argument("--no-discover", action="store_true", help="skip the discover run")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument("--glibc-defaults", action="store_true",
-                        help="leave glibc's malloc thresholds alone (the `unseg` command raises "
-                             "them: unseg.utils.allocator)")
+    add_allocator_option(parser)
     args = parser.parse_args()
-    kept = False if args.glibc_defaults else keep_freed_memory()  # as the command does
+    kept = keep_memory_as_the_command(args)
     try:  # the library's own check: no CUDA build, no GPU, no such index
         resolve_device(args.device)
     except UnsegError as exc:

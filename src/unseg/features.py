@@ -24,11 +24,9 @@ computes the student views alone, not the features and mirror images again).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +56,7 @@ from unseg.feature_store import (
     save_tensor,
 )
 from unseg.utils import dist
+from unseg.utils.allocator import glibc
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device
 from unseg.utils.hashing import file_sha256
@@ -417,15 +416,7 @@ def _compute(
     return out, failed
 
 
-def _libc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_trim()
+_MALLOC_TRIM = getattr(glibc(), "malloc_trim", None)  # None where the C library is not glibc
 
 
 def release_freed_memory() -> None:

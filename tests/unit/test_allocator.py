@@ -33,13 +33,13 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 def _refill(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in (*allocator._USER_SETTINGS, "LD_PRELOAD", allocator.OPT_OUT)}
+           if k not in (*allocator._USER_SETTINGS, allocator.OPT_OUT)}
     out = subprocess.run([sys.executable, "-c", _REFILL, mode], capture_output=True, text=True,
                          env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(allocator._glibc() is None, reason="the C library is not glibc")
+@pytest.mark.skipif(allocator.glibc() is None, reason="the C library is not glibc")
 def test_a_freed_large_tensor_is_reused_without_new_page_faults() -> None:
     default = _refill("default")
     if default["faults"] < 40 * 1000:
@@ -61,33 +61,33 @@ class _FakeLibc:
 
 
 def test_sets_both_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (*allocator._USER_SETTINGS, "LD_PRELOAD"):
+    for name in allocator._USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     libc = _FakeLibc()
-    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    monkeypatch.setattr(allocator, "glibc", lambda: libc)
     assert allocator.keep_freed_memory(1 << 28) is True
     assert libc.calls == [(allocator.M_MMAP_THRESHOLD, 1 << 28),
                           (allocator.M_TRIM_THRESHOLD, 1 << 28)]
 
 
-@pytest.mark.parametrize("name", [*allocator._USER_SETTINGS, "LD_PRELOAD"])
+@pytest.mark.parametrize("name", allocator._USER_SETTINGS)
 def test_the_users_own_allocator_settings_are_left_alone(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    for other in (*allocator._USER_SETTINGS, "LD_PRELOAD"):
+    for other in allocator._USER_SETTINGS:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(name, "libjemalloc.so" if name == "LD_PRELOAD" else "65536")
     libc = _FakeLibc()
-    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    monkeypatch.setattr(allocator, "glibc", lambda: libc)
     assert allocator.keep_freed_memory() is False
     assert libc.calls == []
 
 
 def test_the_opt_out_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (*allocator._USER_SETTINGS, "LD_PRELOAD"):
+    for name in allocator._USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     libc = _FakeLibc()
-    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    monkeypatch.setattr(allocator, "glibc", lambda: libc)
     monkeypatch.setenv(allocator.OPT_OUT, "0")
     assert allocator.keep_freed_memory() is False
     assert libc.calls == []
@@ -96,11 +96,11 @@ def test_the_opt_out_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_glibc_or_a_refused_value_reports_false(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (*allocator._USER_SETTINGS, "LD_PRELOAD"):
+    for name in allocator._USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    monkeypatch.setattr(allocator, "glibc", lambda: None)
     assert allocator.keep_freed_memory() is False
-    monkeypatch.setattr(allocator, "_glibc", lambda: _FakeLibc(answer=0))
+    monkeypatch.setattr(allocator, "glibc", lambda: _FakeLibc(answer=0))
     assert allocator.keep_freed_memory() is False
 
 

@@ -21,6 +21,7 @@ not glibc; ``UNSEG_KEEP_FREED_MEMORY=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 
@@ -32,10 +33,13 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 30  # 1 GiB: every tensor of a run at the pipelines' sizes stays below
 OPT_OUT = "UNSEG_KEEP_FREED_MEMORY"  # "0": leave glibc's defaults
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+# the environment's own allocator choices: thresholds, tunables, a preloaded allocator
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
+                  "LD_PRELOAD")
 
 
-def _glibc() -> ctypes.CDLL | None:
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
     """The process's C library if it is glibc (it has ``gnu_get_libc_version``), else None."""
     try:
         libc = ctypes.CDLL(None)
@@ -62,12 +66,10 @@ def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
         log.debug("allocator left alone: %s=0", OPT_OUT)
         return False
     chosen = [name for name in _USER_SETTINGS if os.environ.get(name)]
-    if os.environ.get("LD_PRELOAD"):
-        chosen.append("LD_PRELOAD")
     if chosen:
         log.debug("allocator left as the environment sets it (%s)", ", ".join(chosen))
         return False
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         log.debug("allocator left alone: the C library is not glibc")
         return False
