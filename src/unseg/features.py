@@ -56,7 +56,7 @@ from unseg.feature_store import (
     save_tensor,
 )
 from unseg.utils import dist
-from unseg.utils.allocator import glibc
+from unseg.utils.allocator import release_freed_memory
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device
 from unseg.utils.hashing import file_sha256
@@ -414,18 +414,6 @@ def _compute(
         for p in pending:
             p.result()
     return out, failed
-
-
-_MALLOC_TRIM = getattr(glibc(), "malloc_trim", None)  # None where the C library is not glibc
-
-
-def release_freed_memory() -> None:
-    """Give the heap memory freed since the last call back to the system (glibc's
-    ``malloc_trim(0)``; nothing elsewhere). Tensors of ever-changing sizes leave glibc's heap
-    fragmented: measured on 240 ECSSD images, the extraction's resident memory crept from 0.5 to
-    1.8 GB without this, and fell back to 0.3 GB after one trim."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _done(job: Future) -> bool:

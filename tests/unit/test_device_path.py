@@ -119,3 +119,39 @@ def test_the_watch_sees_a_host_copy() -> None:
         np.asarray(torch.ones(2).numpy())
         torch.ones(2).to("cpu")
     assert [name for name, _ in copies.seen] == ["cpu", "numpy", "to"]
+
+
+def test_proposals_fit_and_prediction_give_freed_memory_back_per_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each chunk of proposals and of predictions, and the end of a fit, trims the heap
+    (``release_freed_memory``): without it the resident memory of a run grows with its folder
+    (heap fragmentation, ``unseg.utils.allocator``)."""
+    import unseg.pipelines.fitting as fitting
+    import unseg.pipelines.label_maps as label_maps
+    import unseg.pipelines.pseudo_labels as pseudo_labels
+    from unseg.registry import get_method
+
+    calls: list[str] = []
+    for module in (fitting, label_maps, pseudo_labels):
+        monkeypatch.setattr(module, "release_freed_memory",
+                            lambda name=module.__name__: calls.append(name.rsplit(".", 1)[1]))
+    monkeypatch.setattr(pseudo_labels, "CHUNK", 1)
+    monkeypatch.setattr(label_maps, "CHUNK", 1)
+    feats, paths = _scene()
+    timings = Timings()
+    with CRFPool(1) as pool:
+        labels = compute_pseudo_labels(paths, feats, None, PriMaPsConfig(), pool, timings)
+        assert calls == ["pseudo_labels"] * 2
+        spec = get_method("primaps-em")
+        config = PriMaPsEMConfig(num_classes=3, steps=3, batch_size=2)
+        est = fitting.fit_estimator(spec, config, FitInputs(features=[feats[p] for p in paths],
+                                                            proposals=labels),
+                                    None, torch.device("cpu"), timings)  # type: ignore[arg-type]
+        assert calls[2:] == ["fitting"] and isinstance(est, PriMaPsEM)
+        out = refined_probabilities(est, feats, paths, PredictSettings(refine="none"),
+                                    torch.device("cpu"), pool, timings)
+        next(out)
+        assert calls[3:] == []  # the first image is handed on before its chunk is trimmed
+        assert len(list(out)) == 1
+    assert calls[3:] == ["label_maps"] * 2

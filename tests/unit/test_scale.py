@@ -204,9 +204,9 @@ def test_a_reduced_decode_must_match_the_header_at_some_dct_scale() -> None:
 
 
 def test_freed_heap_memory_goes_back_to_the_system() -> None:
-    from unseg.features import _MALLOC_TRIM, release_freed_memory
+    from unseg.utils.allocator import glibc, release_freed_memory
 
-    if _MALLOC_TRIM is None:
+    if glibc() is None:
         pytest.skip("no glibc malloc_trim here: release_freed_memory does nothing")
 
     def rss() -> int:

@@ -20,6 +20,7 @@ from unseg.errors import UnsegError
 from unseg.features import FeatureSet
 from unseg.methods.base import Estimator, FitInputs
 from unseg.registry import MethodSpec, config_with
+from unseg.utils.allocator import release_freed_memory
 from unseg.utils.timing import Timings
 
 
@@ -116,4 +117,6 @@ def fit_estimator(
 
         estimator.feature_fn = feature_fn
     with timings.stage("fitting"):
-        return estimator.fit(inputs)
+        fitted = estimator.fit(inputs)
+    release_freed_memory()  # the fit's per-image working set (see unseg.utils.allocator)
+    return fitted

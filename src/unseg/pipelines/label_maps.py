@@ -24,6 +24,7 @@ from unseg.pipelines.pseudo_labels import hwc
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import DEFAULT_REFINE, RefineConfig, refine_many
 from unseg.utils import dist
+from unseg.utils.allocator import release_freed_memory
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads
 from unseg.utils.timing import Timings
@@ -94,6 +95,7 @@ def refined_probabilities(
         with timings.stage("refinement"):
             probs = refine_many(logits, [on_device(im, device) for im in images], refine, pool)
         yield from zip(chunk, probs, images, strict=True)
+        release_freed_memory()  # the chunk's buffers: see unseg.utils.allocator
 
 
 def gather_report(report: BatchReport) -> BatchReport:

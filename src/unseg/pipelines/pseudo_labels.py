@@ -21,6 +21,7 @@ from unseg.features import FeatureSet
 from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
 from unseg.refine.crf import CRFConfig, CRFPool
 from unseg.utils import dist
+from unseg.utils.allocator import release_freed_memory
 from unseg.utils.hashing import settings_key
 from unseg.utils.io import atomic_write
 from unseg.utils.progress import chunked
@@ -74,6 +75,7 @@ def compute_pseudo_labels(
                 images, features = _inputs(feats, chunk)
                 out += [lab.to(torch.int16) for lab in primaps_pseudo_labels(
                     images, features, config, pool.config, pool=pool)]
+            release_freed_memory()  # the chunk's buffers: see unseg.utils.allocator
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -90,5 +92,6 @@ def compute_pseudo_labels(
             for p, lab in zip(chunk, labels, strict=True):
                 tensor = {"labels": lab.to("cpu", torch.int16).contiguous()}
                 atomic_write(file(p), lambda t, tensor=tensor: save_file(tensor, str(t)))
+        release_freed_memory()  # the chunk's buffers: see unseg.utils.allocator
     dist.barrier()
     return [load_file(str(file(p)))["labels"] for p in paths]
