@@ -63,12 +63,14 @@ from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+SEM = dict(gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3,
+           bilateral_compat=4)  # the semantic CRF's kernels (CRFConfig())
 PYD = dict(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13,
            bilateral_compat=10)  # pydensecrf's example, the one SelfMask-style code uses
-SETTINGS = {  # eps 0.05 in all; "sem T2" became the library's default (SaliencyCRFConfig())
-    "sem T1": SaliencyCRFConfig(temperature=1.0),
-    "sem T2": SaliencyCRFConfig(temperature=2.0),
-    "sem srgb13": SaliencyCRFConfig(temperature=1.0, bilateral_srgb=13),
+SETTINGS = {  # eps 0.05 in all; "pyd T1" became the library's default (SaliencyCRFConfig())
+    "sem T1": SaliencyCRFConfig(temperature=1.0, **SEM),
+    "sem T2": SaliencyCRFConfig(temperature=2.0, **SEM),
+    "sem srgb13": SaliencyCRFConfig(temperature=1.0, **{**SEM, "bilateral_srgb": 13}),
     "pyd T1": SaliencyCRFConfig(temperature=1.0, **PYD),
     "pyd T2": SaliencyCRFConfig(temperature=2.0, **PYD),
 }

@@ -54,11 +54,12 @@ def ecssd_case(shared_data, n: int = 2) -> list[tuple[np.ndarray, torch.Tensor]]
 
 
 def test_defaults_are_the_measured_setting() -> None:
-    """The semantic CRF's kernels, eps 0.05, temperature 2 (``sem T2`` in
+    """eps 0.05, temperature 1, pydensecrf's example kernels (``pyd T1`` in
     bench/saliency_crf.py)."""
     config = SaliencyCRFConfig()
-    assert config.crf == CRFConfig(label_floor=0.0)
-    assert (config.eps, config.temperature) == (0.05, 2.0)
+    assert config.crf == CRFConfig(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80,
+                                   bilateral_srgb=13, bilateral_compat=10, label_floor=0.0)
+    assert (config.eps, config.temperature) == (0.05, 1.0)
 
 
 def test_logits_are_the_clipped_logit_over_the_temperature() -> None:
@@ -73,9 +74,9 @@ def test_logits_are_the_clipped_logit_over_the_temperature() -> None:
 @needs_reference
 def test_matches_pydensecrf_on_a_blocky_mask() -> None:
     image, mask = object_case()
-    for config in (SaliencyCRFConfig(), SaliencyCRFConfig(
-            temperature=1.0, gaussian_sxy=3, bilateral_sxy=80, bilateral_srgb=13,
-            bilateral_compat=10)):
+    semantic = SaliencyCRFConfig(temperature=2.0, gaussian_sxy=1, bilateral_sxy=67,
+                                 bilateral_srgb=3, bilateral_compat=4)
+    for config in (SaliencyCRFConfig(), semantic):
         ours = crf_foreground(mask, image, config).numpy()
         ref = crf_foreground_reference(mask, image, config)
         assert ours.shape == ref.shape == (64, 72)

@@ -7,12 +7,14 @@ temperature ``T`` (foreground logit ``logit(p) / T``, background 0, so the label
 bilateral kernels on the uint8 RGB image (:mod:`unseg.refine.crf`, the same model and lattice
 as the semantic CRF). The refined map is the CRF's foreground marginal.
 
-The defaults (``eps`` 0.05, ``T`` 2, the semantic CRF's kernels) are the setting chosen by the
-mean of ECSSD IoU and VOC07 CorLoc over the five tried (docs/results-boosting.md, "Dense-CRF
-refinement of the saliency masks"): a 0/1 mask's two unaries then differ by ``log 19 / 2 ≈ 1.5``
-per pixel, and the kernels (compatibilities 3 and 4) move a pixel where its neighbourhood in
-position and colour votes the other way: along a coarse mask's blocky edges, not inside a
-confident region. At ``T`` 1 they barely moved a 0/1 map.
+The defaults (``eps`` 0.05, ``T`` 1; Gaussian kernel sxy 3, weight 3; bilateral sxy 80, srgb 13,
+weight 10: pydensecrf's example, the kernels SelfMask-style code uses) are the setting chosen by
+the mean of ECSSD IoU and VOC07 CorLoc over the settings tried, on FOUND's pseudo-masks, the
+spectral cut and two trained heads (docs/results-boosting.md, "Dense-CRF refinement of the
+saliency masks"). A 0/1 mask's two unaries then differ by ``log 19 ≈ 2.9`` per pixel, which the
+bilateral kernel (weight 10) overrules where a pixel's neighbourhood in position and colour votes
+the other way: along a coarse mask's blocky edges. The semantic CRF's kernels (weights 3 and 4)
+barely moved a 0/1 map at ``T`` 1.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ from unseg.utils.options import option
 
 @dataclass
 class SaliencyCRFConfig:
-    """The 2-label CRF's unary (clip ``eps``, ``temperature``) and its kernels (by default the
-    semantic CRF's, :class:`unseg.refine.crf.CRFConfig`; both labels always take part)."""
+    """The 2-label CRF's unary (clip ``eps``, ``temperature``) and its kernels (as in
+    :class:`unseg.refine.crf.CRFConfig`; both labels always take part)."""
 
     eps: float = option(0.05, "dense CRF: clip the foreground probability to [EPS, 1 - EPS]")
-    temperature: float = option(2.0, "dense CRF: divide the foreground logit by this")
+    temperature: float = option(1.0, "dense CRF: divide the foreground logit by this")
     iterations: int = option(10, "dense CRF: mean-field iterations")
-    gaussian_sxy: float = option(1.0, "dense CRF: Gaussian kernel's width in pixels")
+    gaussian_sxy: float = option(3.0, "dense CRF: Gaussian kernel's width in pixels")
     gaussian_compat: float = option(3.0, "dense CRF: Gaussian kernel's weight")
-    bilateral_sxy: float = option(67.0, "dense CRF: bilateral kernel's width in pixels")
-    bilateral_srgb: float = option(3.0, "dense CRF: bilateral kernel's colour width (0-255)")
-    bilateral_compat: float = option(4.0, "dense CRF: bilateral kernel's weight")
+    bilateral_sxy: float = option(80.0, "dense CRF: bilateral kernel's width in pixels")
+    bilateral_srgb: float = option(13.0, "dense CRF: bilateral kernel's colour width (0-255)")
+    bilateral_compat: float = option(10.0, "dense CRF: bilateral kernel's weight")
 
     @property
     def crf(self) -> CRFConfig:
