@@ -20,6 +20,7 @@ from unseg.pipelines.folder import MaskWriter
 from unseg.pipelines.kind import Prediction
 from unseg.pipelines.saliency import saliency_maps
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
 from unseg.utils.batch import BatchReport
 
 BACKBONE = "stand_in16"  # the stand-in every command builds (tests/conftest.py)
@@ -82,6 +83,43 @@ def test_discover_spectral(folder, tmp_path, gf, capsys):
     assert code == 1  # the broken and the tiny file are reported, the rest are written
     boxes = _check_outputs(out, folder)
     assert boxes["img0"] is not None
+
+
+def test_discover_dense_crf_refines_the_unfiltered_map(folder, tmp_path):
+    """``--dense-crf`` runs the 2-label CRF on the spectral cut's 0/1 map instead of the guided
+    filter (on by default): each mask is the CRF of the unrefined one, to 8-bit rounding."""
+    base = ["-q", "discover", str(folder), "--backbone", BACKBONE, "--method", "spectral"]
+    assert main([*base, "--out", str(tmp_path / "plain"), "--no-guided-filter"]) == 1
+    assert main([*base, "--out", str(tmp_path / "crf"), "--dense-crf", "--crf-temperature",
+                 "2"]) == 1
+    for name in ("img0", "img1", "img2"):
+        plain = load_label(tmp_path / "plain" / MASKS_DIR / f"{name}.png")
+        image = np.asarray(Image.open(folder / f"{name}.png").convert("RGB"))
+        prob = torch.from_numpy(plain / 255.0).float()
+        expected = crf_foreground(prob, image, SaliencyCRFConfig(temperature=2.0))
+        got = load_label(tmp_path / "crf" / MASKS_DIR / f"{name}.png").astype(int)
+        assert np.abs(got - (expected * 255).round().numpy()).max() <= 1
+
+
+def test_dense_crf_above_its_pixel_cap_runs_shrunk(monkeypatch):
+    """Above CRF_MAX_PIXELS the CRF runs on a shrunk copy and its map is upsampled: the same
+    size out, and still pulled onto the object (a colour square the 0/1 map overshoots by 4
+    pixels on every side)."""
+    import unseg.pipelines.saliency as saliency
+
+    image = np.full((80, 120, 3), 30, np.uint8)
+    image[20:60, 30:90] = (230, 190, 70)
+    prob = torch.zeros(80, 120)
+    prob[16:64, 24:96] = 1.0
+    truth = torch.zeros(80, 120, dtype=torch.bool)
+    truth[20:60, 30:90] = True
+    iou = lambda m: float((m & truth).sum() / (m | truth).sum())  # noqa: E731
+    whole = saliency._crf_refine(prob, image, SaliencyCRFConfig())
+    monkeypatch.setattr(saliency, "CRF_MAX_PIXELS", 80 * 120 // 2)
+    shrunk = saliency._crf_refine(prob, image, SaliencyCRFConfig())
+    assert shrunk.shape == whole.shape == (80, 120)
+    assert iou(prob > 0.5) < 0.7
+    assert iou(whole > 0.5) > 0.9 and iou(shrunk > 0.5) > 0.9
 
 
 def test_discover_says_which_default_backbone(folder, tmp_path, capsys, monkeypatch):
@@ -187,6 +225,13 @@ def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
     a = load_label(out / MASKS_DIR / "img1.png").astype(int)
     b = load_label(out2 / MASKS_DIR / "img1.png").astype(int)
     assert a.shape == b.shape and (a != b).any()  # the filter changed something
+    out3 = tmp_path / "pred3"  # the dense CRF instead of the filter: the CRF of the raw map
+    assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out", str(out3),
+                 "--dense-crf"]) == 0
+    c = load_label(out3 / MASKS_DIR / "img1.png").astype(int)
+    image = np.asarray(Image.open(folder / "img1.png").convert("RGB"))
+    expected = crf_foreground(torch.from_numpy(b / 255.0).float(), image)
+    assert np.abs(c - (expected * 255).round().numpy()).max() <= 1
 
 
 def test_discover_head_trains_into_out_run(folder, tmp_path):

@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     add_image_arguments(p)
     add_output_arguments(p, report=True)
-    add_method_options(p, specs, "method options (the guided filter applies to spectral too)")
+    add_method_options(
+        p, specs, "method options (the guided filter and the dense CRF apply to spectral too)")
     p.set_defaults(func=_run)
 
 
@@ -84,7 +85,8 @@ def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[s
                       if ".".join(o.path) in unused)
     message = f"{flags}: a head's training option, and spectral discovery trains nothing"
     if args.method == "spectral":
-        raise UnsegError(f"{message} (it uses only --image-size and the guided-filter options)")
+        raise UnsegError(f"{message} (it uses only --image-size and the guided-filter and "
+                         "dense-CRF options)")
     if dist.is_main_env():
         print(f"unseg discover: warning: {message}; ignored (--method "
               f"{AUTO_TRAINED} trains the head on these images anyway)", file=sys.stderr)

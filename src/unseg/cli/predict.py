@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="guided-filter guide (saliency runs; default: as fitted)",
     )
     p.add_argument(
+        "--dense-crf",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="2-label dense-CRF refinement instead of the guided filter (saliency runs; "
+        "default: as fitted)",
+    )
+    p.add_argument(
         "--num-classes", "-k", type=int, default=None,
         help="classes K: background + K - 1 clusters (maskcontrast runs, required)",
     )
@@ -70,6 +77,7 @@ def _predict(args: argparse.Namespace) -> Outcome:
         "refine": args.refine,
         "guided_filter": args.guided_filter,
         "guide": args.guide,
+        "dense_crf": args.dense_crf,
         "weights": args.weights,
         "num_classes": args.num_classes,
         "clusters": args.clusters,

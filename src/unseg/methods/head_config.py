@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 
 from unseg.methods.crop_cache import CropMode
 from unseg.refine.guided_filter import GuidedFilterConfig
+from unseg.refine.saliency_crf import SaliencyCRFConfig
 from unseg.utils.options import option
 
 
 @dataclass
 class HeadTrainingConfig:
-    """Multi-scale consistency, guided filter and seed of a saliency head's training."""
+    """Multi-scale consistency, guided filter, dense CRF and seed of a saliency head's
+    training and prediction."""
 
     image_size: int = option(
         320,
@@ -42,4 +44,10 @@ class HeadTrainingConfig:
     weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
     guided_filter: bool = option(True, "guided-filter refinement at prediction")
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
+    dense_crf: bool = option(
+        False,
+        "2-label dense-CRF refinement at prediction, on the unfiltered map (replaces the guided "
+        "filter when on)",
+    )
+    crf: SaliencyCRFConfig = field(default_factory=SaliencyCRFConfig)
     seed: int = option(0, "random seed")

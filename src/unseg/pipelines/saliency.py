@@ -12,7 +12,9 @@ features), attention keys from the frozen backbone, then
 - a registered saliency method (``head``): its ``predict_proba`` at the resized size,
   upsampled bilinearly;
 
-and, if enabled, the guided filter at the image's full resolution guided by the image itself.
+and, if enabled, the guided filter at the image's full resolution guided by the image itself,
+or instead (``dense_crf``) a 2-label dense CRF on the image (:mod:`unseg.refine.saliency_crf`;
+above :data:`CRF_MAX_PIXELS` it runs on a shrunk copy and its map is upsampled).
 
 Training (``unseg.registry`` says what the method needs): keys and uint8 centre crops from one
 extraction pass; run folder (``unseg.runs``): the method's config and state, the backbone name,
@@ -28,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,6 +58,7 @@ from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
+from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
 from unseg.registry import MethodSpec, get_method
 from unseg.runs import load_fitted, save_fitted
 from unseg.utils.batch import BatchReport
@@ -70,7 +74,8 @@ AUTO = "auto"  # discover's default: the best measured method the folder allows
 AUTO_TRAINED = "found"  # measured best on ECSSD and stable over seeds (docs/results-boosting.md)
 MIN_TRAIN_IMAGES = 150  # the FOUND-style head's in-domain check trained on 150 images
 MAX_PATCHES = 4096  # longest feature grid one image may need (aspect ratio ~ 10:1 at 320/16)
-SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided")  # METHOD's fields spectral uses
+# METHOD's fields spectral uses
+SPECTRAL_FIELDS = ("image_size", "guided_filter", "guided", "dense_crf", "crf")
 # the tap a discovery method runs on when none is asked and the backbone has it: the finer
 # stride-16 graph beat the default stride-32 `head` tap on ECSSD and VOC2007 for these methods
 # (efficientnet_lite2; docs/results-boosting.md, "The defaults measured")
@@ -158,6 +163,29 @@ def _refine(prob: torch.Tensor, image: np.ndarray, gf: GuidedFilterConfig) -> to
     return out
 
 
+CRF_MAX_PIXELS = 1_000_000  # above this, the dense CRF runs on a shrunk copy (bounded memory)
+
+
+@torch.inference_mode()
+def _crf_refine(prob: torch.Tensor, image: np.ndarray, config: SaliencyCRFConfig) -> torch.Tensor:
+    """The 2-label CRF's foreground map ``[H, W]`` of ``prob [H, W]`` on ``image [H, W, 3]``.
+    An image above :data:`CRF_MAX_PIXELS` is shrunk (area) to that many pixels, its kernels'
+    spatial widths with it, and the CRF's map is upsampled bilinearly: the lattice's memory
+    grows with the pixels (every image of ECSSD and VOC runs at its own size)."""
+    height, width = image.shape[:2]
+    if height * width <= CRF_MAX_PIXELS:
+        return crf_foreground(prob, image, config)
+    scale = (CRF_MAX_PIXELS / (height * width)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    small = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+    p = F.interpolate(prob[None, None].float(), size=(size[1], size[0]), mode="area")[0, 0]
+    shrunk = replace(config, gaussian_sxy=config.gaussian_sxy * scale,
+                     bilateral_sxy=config.bilateral_sxy * scale)
+    q = crf_foreground(p, small, shrunk)
+    return F.interpolate(q[None, None], size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
 def saliency_maps(
     paths: Sequence[Path],
     prob_fn: ProbFn,
@@ -169,9 +197,11 @@ def saliency_maps(
     max_pixels: int | None = None,
     max_side: int | None = None,
     arrays: Mapping[Path, np.ndarray] | None = None,
+    crf: SaliencyCRFConfig | None = None,
 ) -> Iterator[tuple[Path, np.ndarray, list[float] | None]]:
     """``(path, 8-bit foreground probability [H, W], box)`` of each of ``paths`` (see the
     module docstring); an image that cannot be read or predicted goes to ``report``.
+    ``crf``: the 2-label dense CRF on the unfiltered map instead of ``guided``.
     ``arrays``: in-memory images (uint8 ``[H, W, 3]``) standing for their keys in ``paths``.
     Maps that look degenerate over the whole set (:mod:`unseg.methods.collapse`) are reported
     with a warning at the end."""
@@ -189,7 +219,10 @@ def saliency_maps(
         except InputFileError as exc:
             report.fail(path, exc.problem)
             continue
-        if guided is not None:
+        if crf is not None:
+            with timings.stage("refinement"):
+                prob = _crf_refine(prob, image, crf)
+        elif guided is not None:
             with timings.stage("refinement"):
                 prob = _refine(prob, image, guided)
         check.update(prob[None])
@@ -314,6 +347,15 @@ def _guided_settings(cfg: Any, overrides: Mapping[str, Any]) -> GuidedFilterConf
     return gf
 
 
+def _crf_settings(cfg: Any, overrides: Mapping[str, Any]) -> SaliencyCRFConfig | None:
+    """The dense CRF's settings when the run (or ``unseg predict``'s ``dense_crf``) turns it
+    on, else None."""
+    use = overrides.get("dense_crf")
+    if not (getattr(cfg, "dense_crf", False) if use is None else use):
+        return None
+    return replace(getattr(cfg, "crf", SaliencyCRFConfig()))
+
+
 def resolve_discover_method(
     method: str, images: str | Path, train_images: str | Path | None = None
 ) -> tuple[str, str]:
@@ -367,7 +409,8 @@ class FittedSaliency:
 
 def spectral_unused(options: Mapping[str, Any] | None) -> list[str]:
     """The ``options`` (``field`` or ``outer.inner``) that spectral discovery has no use for:
-    a head's training options (it uses only the image size and the guided filter)."""
+    a head's training options (it uses only the image size, the guided filter and the dense
+    CRF)."""
     return [k for k in options or {} if k.split(".")[0] not in SPECTRAL_FIELDS]
 
 
@@ -388,15 +431,15 @@ class SaliencyKind(Kind):
     def create(cls, method: str, num_classes: int | None, options: Mapping[str, Any] | None,
                settings: Settings) -> SaliencyKind:
         """``method``: a registered saliency method or ``spectral`` (whose options are the
-        head's: its size and guided filter)."""
+        head's: its size, guided filter and dense CRF)."""
         if num_classes is not None:
             raise UnsegError(f"{method} is a saliency method: it has no num_classes")
         spec = None if method == SPECTRAL else get_method(method)
         unused = spectral_unused(options) if spec is None else []
         if unused:
             raise UnsegError(f"{', '.join(unused)}: a head's training option, and spectral "
-                             "discovery trains nothing (it uses only the image size and the "
-                             "guided filter)")
+                             "discovery trains nothing (it uses only the image size, the "
+                             "guided filter and the dense CRF)")
         if spec is not None and spec.output != "saliency":
             raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
         resolve_max_side(320, settings.max_side)  # its check
@@ -409,7 +452,7 @@ class SaliencyKind(Kind):
     @classmethod
     def from_run(cls, run_dir: Path, meta: dict[str, Any],
                  overrides: Mapping[str, Any], device: str | None) -> SaliencyKind:
-        """``overrides``: ``guided_filter``, ``guide``, ``weights``, ``max_pixels``,
+        """``overrides``: ``guided_filter``, ``guide``, ``dense_crf``, ``weights``, ``max_pixels``,
         ``max_side`` (the working resolution's long side: None → 4 x the run's size, 0 → no
         limit; see :func:`unseg.data.resize.resolve_max_side`)."""
         settings = Settings(backbone=meta.get("backbone"), device=device,
@@ -469,12 +512,14 @@ class SaliencyKind(Kind):
         if fitted.head is None:
             prob_fn = spectral_prob_fn(model, cfg.image_size, SpectralConfig(), max_side)
             guided = replace(cfg.guided) if cfg.guided_filter else None
+            crf = _crf_settings(cfg, {})
         else:
             prob_fn = head_prob_fn(model, fitted.head, cfg.image_size, max_side)
             guided = _guided_settings(cfg, self._run.get("overrides", {}))
+            crf = _crf_settings(cfg, self._run.get("overrides", {}))
         for path, mask8, box in saliency_maps(
             inputs.paths, prob_fn, guided, cfg.image_size, model.stride, session.report,
-            session.timings, self.settings.max_pixels, max_side, inputs.arrays,
+            session.timings, self.settings.max_pixels, max_side, inputs.arrays, crf,
         ):
             yield Prediction(path, mask8, None, box)
 
