@@ -85,11 +85,35 @@ def test_discover_spectral(folder, tmp_path, gf, capsys):
     assert boxes["img0"] is not None
 
 
+def test_spectral_defaults_to_the_crf_and_a_head_to_the_guided_filter(folder, tmp_path):
+    """The measured defaults: the spectral cut's maps go through the dense CRF (the same masks
+    as ``--dense-crf``), a trained head's through the guided filter unless its run or
+    ``unseg predict`` says otherwise."""
+    from unseg.methods.head_config import HeadTrainingConfig
+    from unseg.pipelines.saliency import HEAD_CRF, SPECTRAL_CRF, _crf_settings
+
+    base = ["-q", "discover", str(folder), "--backbone", BACKBONE, "--method", "spectral"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 1
+    assert main([*base, "--out", str(tmp_path / "crf"), "--dense-crf"]) == 1
+    for name in ("img0", "img1", "img2"):
+        np.testing.assert_array_equal(
+            load_label(tmp_path / "default" / MASKS_DIR / f"{name}.png"),
+            load_label(tmp_path / "crf" / MASKS_DIR / f"{name}.png"))
+    unset, off, on = (HeadTrainingConfig(dense_crf=v) for v in (None, False, True))
+    assert _crf_settings(unset, {}, SPECTRAL_CRF) == SaliencyCRFConfig()
+    assert _crf_settings(unset, {}, HEAD_CRF) is None
+    assert _crf_settings(on, {}, HEAD_CRF) == SaliencyCRFConfig()
+    assert _crf_settings(off, {}, SPECTRAL_CRF) is None
+    assert _crf_settings(off, {"dense_crf": True}, HEAD_CRF) == SaliencyCRFConfig()
+    assert _crf_settings(on, {"dense_crf": False}, SPECTRAL_CRF) is None
+
+
 def test_discover_dense_crf_refines_the_unfiltered_map(folder, tmp_path):
     """``--dense-crf`` runs the 2-label CRF on the spectral cut's 0/1 map instead of the guided
     filter (on by default): each mask is the CRF of the unrefined one, to 8-bit rounding."""
     base = ["-q", "discover", str(folder), "--backbone", BACKBONE, "--method", "spectral"]
-    assert main([*base, "--out", str(tmp_path / "plain"), "--no-guided-filter"]) == 1
+    assert main([*base, "--out", str(tmp_path / "plain"), "--no-guided-filter",
+                 "--no-dense-crf"]) == 1
     assert main([*base, "--out", str(tmp_path / "crf"), "--dense-crf", "--crf-temperature",
                  "2"]) == 1
     for name in ("img0", "img1", "img2"):

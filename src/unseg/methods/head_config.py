@@ -44,10 +44,10 @@ class HeadTrainingConfig:
     weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
     guided_filter: bool = option(True, "guided-filter refinement at prediction")
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
-    dense_crf: bool = option(
-        False,
+    dense_crf: bool | None = option(
+        None,
         "2-label dense-CRF refinement at prediction, on the unfiltered map (replaces the guided "
-        "filter when on)",
+        "filter when on; default: on for the spectral cut, off for a trained head, as measured)",
     )
     crf: SaliencyCRFConfig = field(default_factory=SaliencyCRFConfig)
     seed: int = option(0, "random seed")
