@@ -433,6 +433,16 @@ def test_discover_says_which_method_ran(tmp_path, capsys):
     assert main(["discover", str(d), "--out", str(out), "--backbone", BACKBONE, "--no-report"]) == 0
     err = capsys.readouterr().err
     assert "method spectral: only 2 images" in err
+    assert "refined by the dense CRF" in err  # spectral's measured default
+    for flags, says in ((["--no-dense-crf"], "refined by the guided filter"),
+                        (["--no-dense-crf", "--no-guided-filter"], "unrefined")):
+        assert main(["discover", str(d), "--out", str(tmp_path / says), "--backbone", BACKBONE,
+                     "--no-report", *flags]) == 0
+        assert says in capsys.readouterr().err
+    from unseg.cli.discover import _refinement
+
+    assert _refinement("found", {}) == "refined by the guided filter"  # a head's default
+    assert _refinement("found", {"dense_crf": True}) == "refined by the dense CRF"
 
 
 def test_a_heads_training_options_are_not_silently_ignored_by_spectral(tmp_path, capsys):

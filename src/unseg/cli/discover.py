@@ -23,8 +23,10 @@ from unseg.pipelines.kind import Settings
 from unseg.pipelines.saliency import (
     AUTO,
     AUTO_TRAINED,
+    HEAD_CRF,
     METHOD,
     MIN_TRAIN_IMAGES,
+    SPECTRAL_CRF,
     method_tap,
     resolve_discover_method,
     spectral_unused,
@@ -93,6 +95,17 @@ def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[s
     return {k: v for k, v in given.items() if k not in unused}
 
 
+def _refinement(method: str, given: dict[str, Any]) -> str:
+    """Which refinement the masks get: the dense CRF, the guided filter or none (the options
+    given, else the method's measured default)."""
+    crf = given.get("dense_crf")
+    if crf is None:
+        crf = SPECTRAL_CRF if method == "spectral" else HEAD_CRF
+    if crf:
+        return "refined by the dense CRF"
+    return "refined by the guided filter" if given.get("guided_filter", True) else "unrefined"
+
+
 def _discover(args: argparse.Namespace) -> Outcome:
     method, why = resolve_discover_method(args.method, args.images, args.train_images)
     settings = method_tap(method, Settings(
@@ -100,13 +113,13 @@ def _discover(args: argparse.Namespace) -> Outcome:
         tap=args.tap, device=args.device, cache_dir=args.cache_dir,
         max_pixels=args.max_pixels, max_side=args.max_side,
     ))
-    if dist.is_main_env():
-        tap = f", tap {settings.tap}" if settings.tap else ""
-        print(f"unseg discover: {why}{tap}", file=sys.stderr)
     spec = get_method(METHOD if method == "spectral" else method)
     given = given_options(args, spec)
     if method == "spectral":
         given = _spectral_options(args, given)
+    if dist.is_main_env():
+        tap = f", tap {settings.tap}" if settings.tap else ""
+        print(f"unseg discover: {why}{tap}, {_refinement(method, given)}", file=sys.stderr)
     report = discover(
         args.images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,
