@@ -83,6 +83,9 @@ def compute_pseudo_labels(
         return out_dir / f"{feats.record(p).sha256}.safetensors"
 
     todo = [p for p in paths if not file(p).is_file()]
+    # every rank lists the missing files before any rank writes one: a rank that looked after
+    # another had written would shard a shorter list, and some image would fall to no rank
+    dist.barrier()
     mine = dist.shard(todo, dist.rank(), dist.world_size())
     for chunk in chunked(mine, CHUNK, desc="PriMaPs"):
         with timings.stage("proposals"):
