@@ -155,3 +155,23 @@ def test_proposals_fit_and_prediction_give_freed_memory_back_per_chunk(
         assert calls[3:] == []  # the first image is handed on before its chunk is trimmed
         assert len(list(out)) == 1
     assert calls[3:] == ["label_maps"] * 2
+
+
+def test_ranks_list_the_missing_pseudo_labels_before_any_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """Under torchrun every rank lists the missing pseudo-label files, then waits for the others
+    before writing any: a rank that listed after another had written would shard a shorter
+    list, and an image would fall to no rank (seen once in CI)."""
+    import unseg.pipelines.pseudo_labels as pseudo_labels
+
+    events: list[str] = []
+    real_write = pseudo_labels.atomic_write
+    monkeypatch.setattr(pseudo_labels.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(pseudo_labels, "atomic_write",
+                        lambda *a, **k: (events.append("write"), real_write(*a, **k))[1])
+    feats, paths = _scene()
+    with CRFPool(1) as pool:
+        labels = compute_pseudo_labels(paths, feats, tmp_path, PriMaPsConfig(), pool, Timings())
+    assert events[0] == "barrier" and events.count("write") == 2
+    assert len(labels) == 2
