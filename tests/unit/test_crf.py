@@ -3,7 +3,6 @@ label floor, batching, bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import threading
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from crf_reference import needs_reference
 from PIL import Image
 
 from unseg.errors import UnsegError
@@ -29,11 +29,6 @@ from unseg.refine.crf import (
     dense_crf_reference,
 )
 from unseg.refine.lattice import build_lattice
-
-needs_reference = pytest.mark.skipif(
-    importlib.util.find_spec("pydensecrf") is None,
-    reason="pydensecrf2 (the reference) is not installed: it is a dev extra",
-)
 
 
 def two_region_case(width: int = 64, edge: int = 37) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:

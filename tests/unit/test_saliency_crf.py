@@ -3,11 +3,10 @@ properties checked by hand."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
+from crf_reference import needs_reference
 from PIL import Image
 
 from unseg.errors import UnsegError
@@ -17,11 +16,6 @@ from unseg.refine.saliency_crf import (
     crf_foreground,
     crf_foreground_reference,
     foreground_logits,
-)
-
-needs_reference = pytest.mark.skipif(
-    importlib.util.find_spec("pydensecrf") is None,
-    reason="pydensecrf2 (the reference) is not installed: it is a dev extra",
 )
 
 
