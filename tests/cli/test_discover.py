@@ -90,7 +90,7 @@ def test_spectral_defaults_to_the_crf_and_a_head_to_the_guided_filter(folder, tm
     as ``--dense-crf``), a trained head's through the guided filter unless its run or
     ``unseg predict`` says otherwise."""
     from unseg.methods.head_config import HeadTrainingConfig
-    from unseg.pipelines.saliency import HEAD_CRF, SPECTRAL_CRF, _crf_settings
+    from unseg.pipelines.saliency import _crf_settings
 
     base = ["-q", "discover", str(folder), "--backbone", BACKBONE, "--method", "spectral"]
     assert main([*base, "--out", str(tmp_path / "default")]) == 1
@@ -100,12 +100,12 @@ def test_spectral_defaults_to_the_crf_and_a_head_to_the_guided_filter(folder, tm
             load_label(tmp_path / "default" / MASKS_DIR / f"{name}.png"),
             load_label(tmp_path / "crf" / MASKS_DIR / f"{name}.png"))
     unset, off, on = (HeadTrainingConfig(dense_crf=v) for v in (None, False, True))
-    assert _crf_settings(unset, {}, SPECTRAL_CRF) == SaliencyCRFConfig()
-    assert _crf_settings(unset, {}, HEAD_CRF) is None
-    assert _crf_settings(on, {}, HEAD_CRF) == SaliencyCRFConfig()
-    assert _crf_settings(off, {}, SPECTRAL_CRF) is None
-    assert _crf_settings(off, {"dense_crf": True}, HEAD_CRF) == SaliencyCRFConfig()
-    assert _crf_settings(on, {"dense_crf": False}, SPECTRAL_CRF) is None
+    assert _crf_settings(unset, {}, spectral=True) == SaliencyCRFConfig()
+    assert _crf_settings(unset, {}, spectral=False) is None
+    assert _crf_settings(on, {}, spectral=False) == SaliencyCRFConfig()
+    assert _crf_settings(off, {}, spectral=True) is None
+    assert _crf_settings(off, {"dense_crf": True}, spectral=False) == SaliencyCRFConfig()
+    assert _crf_settings(on, {"dense_crf": False}, spectral=True) is None
 
 
 def test_discover_dense_crf_refines_the_unfiltered_map(folder, tmp_path):

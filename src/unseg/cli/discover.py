@@ -23,10 +23,9 @@ from unseg.pipelines.kind import Settings
 from unseg.pipelines.saliency import (
     AUTO,
     AUTO_TRAINED,
-    HEAD_CRF,
     METHOD,
     MIN_TRAIN_IMAGES,
-    SPECTRAL_CRF,
+    dense_crf_on,
     method_tap,
     resolve_discover_method,
     spectral_unused,
@@ -98,10 +97,7 @@ def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[s
 def _refinement(method: str, given: dict[str, Any]) -> str:
     """Which refinement the masks get: the dense CRF, the guided filter or none (the options
     given, else the method's measured default)."""
-    crf = given.get("dense_crf")
-    if crf is None:
-        crf = SPECTRAL_CRF if method == "spectral" else HEAD_CRF
-    if crf:
+    if dense_crf_on(given.get("dense_crf"), spectral=method == "spectral"):
         return "refined by the dense CRF"
     return "refined by the guided filter" if given.get("guided_filter", True) else "unrefined"
 

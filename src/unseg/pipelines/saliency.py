@@ -352,15 +352,24 @@ def _guided_settings(cfg: Any, overrides: Mapping[str, Any]) -> GuidedFilterConf
     return gf
 
 
+def dense_crf_on(choice: bool | None, spectral: bool) -> bool:
+    """Whether the maps go through the dense CRF: ``choice`` when given, else the measured
+    default of their source (:data:`SPECTRAL_CRF` for the spectral cut, :data:`HEAD_CRF` for a
+    trained head)."""
+    if choice is None:
+        return SPECTRAL_CRF if spectral else HEAD_CRF
+    return choice
+
+
 def _crf_settings(
-    cfg: Any, overrides: Mapping[str, Any], default: bool
+    cfg: Any, overrides: Mapping[str, Any], spectral: bool
 ) -> SaliencyCRFConfig | None:
     """The dense CRF's settings when ``unseg predict``'s ``dense_crf``, else the run's, else
-    ``default`` turns it on; else None."""
+    the source's default (:func:`dense_crf_on`) turns it on; else None."""
     use = overrides.get("dense_crf")
     if use is None:
         use = getattr(cfg, "dense_crf", None)
-    if not (default if use is None else use):
+    if not dense_crf_on(use, spectral):
         return None
     return replace(getattr(cfg, "crf", SaliencyCRFConfig()))
 
@@ -521,11 +530,11 @@ class SaliencyKind(Kind):
         if fitted.head is None:
             prob_fn = spectral_prob_fn(model, cfg.image_size, SpectralConfig(), max_side)
             guided = replace(cfg.guided) if cfg.guided_filter else None
-            crf = _crf_settings(cfg, {}, SPECTRAL_CRF)
+            crf = _crf_settings(cfg, {}, spectral=True)
         else:
             prob_fn = head_prob_fn(model, fitted.head, cfg.image_size, max_side)
             guided = _guided_settings(cfg, self._run.get("overrides", {}))
-            crf = _crf_settings(cfg, self._run.get("overrides", {}), HEAD_CRF)
+            crf = _crf_settings(cfg, self._run.get("overrides", {}), spectral=False)
         for path, mask8, box in saliency_maps(
             inputs.paths, prob_fn, guided, cfg.image_size, model.stride, session.report,
             session.timings, self.settings.max_pixels, max_side, inputs.arrays, crf,
