@@ -53,7 +53,7 @@ from unseg.errors import UnsegError
 from unseg.pipelines.kind import Kind, Prediction, Settings
 from unseg.pipelines.kinds import create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
-from unseg.pipelines.saliency import AUTO, AUTO_TRAINED, MIN_TRAIN_IMAGES, SPECTRAL
+from unseg.pipelines.saliency import SPECTRAL, mask_source
 from unseg.proposals.saliency_masks import mask_proposals
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
@@ -154,13 +154,13 @@ class Segmenter:
     def _discovered_masks(self, inputs: ImageInputs) -> Any:
         """The mask proposals MaskContrast trains on: those of a discover method run on the
         same images (``discover``, default ``auto`` as ``unseg discover``: the FOUND-style head
-        from 150 images on, else spectral; with its default settings as ``unseg segment
-        --method maskcontrast`` runs it)."""
+        from 150 images on, else spectral), with the chain's options
+        (:func:`~unseg.pipelines.saliency.mask_source`), as ``unseg segment --method
+        maskcontrast`` runs it."""
         s = self._kind.settings  # type: ignore[attr-defined]
-        method = s.discover
-        if method == AUTO:  # as `unseg discover` decides (resolve_discover_method)
-            method = AUTO_TRAINED if len(inputs) >= MIN_TRAIN_IMAGES else SPECTRAL
+        method, source_options, _ = mask_source(s.discover, n_images=len(inputs))
         options = {k: getattr(s, k) for k in ("weights", "tap", "cache_dir") if getattr(s, k)}
+        options.update(source_options or {})
         finder = Segmenter(method, backbone=self.backbone, device=self.device, **options)
         masks = finder.fit_predict(_as_images(inputs))
         by_path = dict(zip(inputs.paths, masks, strict=True))

@@ -30,11 +30,10 @@ from unseg.data.layouts import resolve_image_dir
 from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.layout import BOXES_FILE, DISCOVER_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_DIR
-from unseg.methods.found import VIT_THRESHOLD
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.kinds import create_kind, run_kind
 from unseg.pipelines.label_maps import gather_report, overlay_image
-from unseg.pipelines.saliency import resolve_discover_method
+from unseg.pipelines.saliency import mask_source
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import atomic_write, save_png_atomic, write_json_atomic
@@ -46,13 +45,6 @@ logger = logging.getLogger(__name__)
 PNG_LEVEL = 1  # zlib level of the label PNGs: the same pixels, ~60x faster than Pillow's 6
 JPEG_QUALITY = 90
 BOXES_EVERY = 50  # boxes.json is rewritten after this many masks (a killed run keeps most)
-# the masks MaskContrast trains on: discover's method, with these options where they differ from
-# discover's defaults. The FOUND-style head keeps the reference's threshold 0.3 here (discover
-# uses 0.2 on CNN features): the default chain scored 14.93 ± 2.12 mIoU at 0.3 against
-# 10.98 ± 1.12 at 0.2 on VOC2012's 217 images (3 seeds), 18.79 against 14.80 on VOC2007's 422
-# (seed 0); Acc moves the other way (docs/results-maskcontrast.md)
-MASK_SOURCE_OPTIONS: dict[str, dict[str, Any]] = {"found": {"bkg_threshold": VIT_THRESHOLD}}
-
 
 @dataclass
 class MaskWriter:
@@ -168,9 +160,9 @@ def segment(
 
 def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
-    defaults but :data:`MASK_SOURCE_OPTIONS`, for a method that trains on the masks."""
-    method, why = resolve_discover_method(settings.discover, images)
-    options = MASK_SOURCE_OPTIONS.get(method)
+    defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`), for a method
+    that trains on the masks."""
+    method, options, why = mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     found = discover(images, out_dir, method, options=options, settings=Settings(
         backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
