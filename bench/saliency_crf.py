@@ -19,7 +19,10 @@ Sources of ``p`` (``--source``):
   (nearest);
 - ``masks``: the 8-bit probability maps a prediction wrote (``--saliency-masks DIR`` for ECSSD,
   ``--corloc-masks DIR`` for VOC2007; e.g. the unfiltered ``found`` rows of
-  ``bench/boosting_ablation.py``), named ``<stem>.png``.
+  ``bench/boosting_ablation.py``), named ``<stem>.png``; given several folders, their mean
+  (e.g. a trained head's maps and the FOUND pseudo-masks that ``--save-source`` wrote).
+
+``--save-source DIR`` writes each image's unrefined ``p`` to ``DIR/<task>/<stem>.png`` (8-bit).
 
 Scores: ECSSD (first ``--ecssd N``): IoU (p > 0.5), Acc, maxFβ (β² = 0.3, curve mode) of the 8-bit
 map with :class:`unseg.metrics.saliency.SaliencyMeter`; VOC2007 (first ``--voc N``): CorLoc of
@@ -100,16 +103,33 @@ def source_fn(name: str, backbone, size: int, threshold: float
     return prob
 
 
-def masks_fn(folder: Path) -> Callable[[Path, np.ndarray], torch.Tensor]:
-    """``(path, image) → p [H, W]`` read from ``folder/<stem>.png`` (8-bit)."""
+def masks_fn(folders: list[Path]) -> Callable[[Path, np.ndarray], torch.Tensor]:
+    """``(path, image) → p [H, W]``: the mean of ``folder/<stem>.png`` (8-bit) over ``folders``."""
 
     def prob(path: Path, image: np.ndarray) -> torch.Tensor:
-        m = np.asarray(Image.open(folder / f"{path.stem}.png").convert("L"))
-        if m.shape != image.shape[:2]:
-            raise SystemExit(f"{path.stem}: mask {m.shape} against image {image.shape[:2]}")
-        return torch.from_numpy(m.astype(np.float32) / 255.0)
+        maps = []
+        for folder in folders:
+            m = np.asarray(Image.open(folder / f"{path.stem}.png").convert("L"))
+            if m.shape != image.shape[:2]:
+                raise SystemExit(f"{folder / path.stem}: mask {m.shape} against image "
+                                 f"{image.shape[:2]}")
+            maps.append(m.astype(np.float32) / 255.0)
+        return torch.from_numpy(np.mean(maps, axis=0))
 
     return prob
+
+
+def saving(prob: Callable[[Path, np.ndarray], torch.Tensor], folder: Path
+           ) -> Callable[[Path, np.ndarray], torch.Tensor]:
+    """``prob`` that also writes each map to ``folder/<stem>.png`` (8-bit)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def saved(path: Path, image: np.ndarray) -> torch.Tensor:
+        p = prob(path, image)
+        Image.fromarray(to8(p)).save(folder / f"{path.stem}.png")
+        return p
+
+    return saved
 
 
 def score(paths: list[Path], prob: Callable[[Path, np.ndarray], torch.Tensor],
@@ -168,8 +188,11 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.2, help="found: background threshold")
     ap.add_argument("--ecssd", type=int, default=300, help="first N ECSSD images (0: skip)")
     ap.add_argument("--voc", type=int, default=422, help="first N VOC2007 images (0: skip)")
-    ap.add_argument("--saliency-masks", type=Path, help="masks: the ECSSD maps' folder")
-    ap.add_argument("--corloc-masks", type=Path, help="masks: the VOC2007 maps' folder")
+    ap.add_argument("--saliency-masks", type=Path, nargs="+",
+                    help="masks: the ECSSD maps' folder (several: their mean)")
+    ap.add_argument("--corloc-masks", type=Path, nargs="+",
+                    help="masks: the VOC2007 maps' folder (several: their mean)")
+    ap.add_argument("--save-source", type=Path, help="write the unrefined maps here")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -194,6 +217,8 @@ def main() -> int:
             prob = masks_fn(folder)
         else:
             prob = source_fn(args.source, backbone, args.size, args.threshold)
+        if args.save_source is not None:
+            prob = saving(prob, args.save_source / task)
         paths = list_images(images)[:n]
         t0 = time.perf_counter()
         result[task] = {"images": len(paths), "rows": score(paths, prob, args.settings, task,
