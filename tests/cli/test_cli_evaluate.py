@@ -146,6 +146,22 @@ def test_saliency_json_contract_and_modes(saliency, tmp_path: Path, capsys) -> N
         assert (r["fbeta_mode"], r["beta2"], r["n_images"]) == (mode, float(beta2), 3)
 
 
+def test_saliency_warns_about_0_1_masks_only_when_the_folder_is_0_1(saliency, capsys,
+                                                                   caplog) -> None:
+    """Masks saved as 0/1 are read as v/255 and say so; a near-empty 8-bit map (values 0 and 1,
+    as the dense CRF can leave on an image without an object) among graded ones does not warn."""
+    pred, gt = saliency
+    for i in range(3):
+        save_png_atomic(pred / f"s{i}.png", (load_label(gt / f"s{i}.png") > 0).astype(np.uint8))
+    assert _run(["saliency", "--pred", str(pred), "--gt", str(gt)], capsys)[0] == 0
+    assert "3 prediction(s) hold only the values 0 and 1" in caplog.text
+    caplog.clear()
+    save_png_atomic(pred / "s1.png", load_label(gt / "s1.png"))
+    save_png_atomic(pred / "s2.png", load_label(gt / "s2.png") // 2)
+    assert _run(["saliency", "--pred", str(pred), "--gt", str(gt)], capsys)[0] == 0
+    assert "values 0 and 1" not in caplog.text
+
+
 def test_saliency_resizes_prediction_to_ground_truth(saliency, tmp_path: Path, capsys) -> None:
     pred, gt = saliency
     big = np.zeros((40, 60), np.uint8)

@@ -222,7 +222,7 @@ def evaluate_saliency(
     meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
     problems = _Problems(allow_missing)
     missing = list(pairing.missing)
-    n_binary01 = 0
+    n_binary01 = n_graded = 0  # predictions whose largest value is 1 / above 1
     for stem, gt_path in progress(
         pairing.gt.items(), total=len(pairing.gt), desc="saliency", unit="img"
     ):
@@ -241,12 +241,13 @@ def evaluate_saliency(
             p = np.zeros(mask.shape, dtype=np.uint8)
         else:
             n_binary01 += bool(p.max() == 1)
+            n_graded += bool(p.max() > 1)
             if p.shape != mask.shape:
                 p = resize_probability(p, mask.shape)
         meter.update(p, mask)
     if problems.unusable and not allow_missing:
         raise _unusable_error(problems)
-    if n_binary01:
+    if n_binary01 and not n_graded:  # 0/1 masks; a few near-empty maps among 8-bit ones are not
         logger.warning(
             "%d prediction(s) hold only the values 0 and 1: they are read as v/255 (almost "
             "background); save binary masks as 0/255", n_binary01,
