@@ -85,10 +85,9 @@ def test_discover_spectral(folder, tmp_path, gf, capsys):
     assert boxes["img0"] is not None
 
 
-def test_spectral_defaults_to_the_crf_and_a_head_to_the_guided_filter(folder, tmp_path):
-    """The measured defaults: the spectral cut's maps go through the dense CRF (the same masks
-    as ``--dense-crf``), a trained head's through the guided filter unless its run or
-    ``unseg predict`` says otherwise."""
+def test_the_dense_crf_is_the_default_refinement(folder, tmp_path):
+    """The measured default: the spectral cut's maps and a trained head's go through the dense
+    CRF (the same masks as ``--dense-crf``) unless the run or ``unseg predict`` says otherwise."""
     from unseg.methods.head_config import HeadTrainingConfig
     from unseg.pipelines.saliency import _crf_settings
 
@@ -100,12 +99,12 @@ def test_spectral_defaults_to_the_crf_and_a_head_to_the_guided_filter(folder, tm
             load_label(tmp_path / "default" / MASKS_DIR / f"{name}.png"),
             load_label(tmp_path / "crf" / MASKS_DIR / f"{name}.png"))
     unset, off, on = (HeadTrainingConfig(dense_crf=v) for v in (None, False, True))
-    assert _crf_settings(unset, {}, spectral=True) == SaliencyCRFConfig()
-    assert _crf_settings(unset, {}, spectral=False) is None
-    assert _crf_settings(on, {}, spectral=False) == SaliencyCRFConfig()
-    assert _crf_settings(off, {}, spectral=True) is None
-    assert _crf_settings(off, {"dense_crf": True}, spectral=False) == SaliencyCRFConfig()
-    assert _crf_settings(on, {"dense_crf": False}, spectral=True) is None
+    assert _crf_settings(unset, {}) == SaliencyCRFConfig()
+    assert _crf_settings(on, {}) == SaliencyCRFConfig()
+    assert _crf_settings(off, {}) is None
+    assert _crf_settings(off, {"dense_crf": True}) == SaliencyCRFConfig()
+    assert _crf_settings(on, {"dense_crf": False}) is None
+    assert _crf_settings(unset, {"dense_crf": False}) is None
 
 
 def test_discover_dense_crf_refines_the_unfiltered_map(folder, tmp_path):
@@ -228,34 +227,45 @@ def test_fit_saliency_then_predict_roundtrip(folder, tmp_path):
     assert meta["config"]["multiscale"] is True and meta["config"]["lr"] == 1e-3
     assert meta["training"]["n_images"] == 4
     out = tmp_path / "pred"
-    code = main(["-q", "predict", str(run), str(folder), "--out", str(out), "--guide", "luma"])
+    code = main(["-q", "predict", str(run), str(folder), "--out", str(out), "--guide", "luma",
+                 "--no-dense-crf"])
     assert code == 1
     _check_outputs(out, folder)
     out2 = tmp_path / "pred2"
-    assert (
-        main(
-            [
-                "-q",
-                "predict",
-                str(run),
-                str(folder / "img1.png"),
-                "--out",
-                str(out2),
-                "--no-guided-filter",
-            ]
-        )
-        == 0
-    )
+    assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out", str(out2),
+                 "--no-guided-filter", "--no-dense-crf"]) == 0
     a = load_label(out / MASKS_DIR / "img1.png").astype(int)
     b = load_label(out2 / MASKS_DIR / "img1.png").astype(int)
     assert a.shape == b.shape and (a != b).any()  # the filter changed something
-    out3 = tmp_path / "pred3"  # the dense CRF instead of the filter: the CRF of the raw map
-    assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out", str(out3),
-                 "--dense-crf"]) == 0
-    c = load_label(out3 / MASKS_DIR / "img1.png").astype(int)
     image = np.asarray(Image.open(folder / "img1.png").convert("RGB"))
     expected = crf_foreground(torch.from_numpy(b / 255.0).float(), image)
-    assert np.abs(c - (expected * 255).round().numpy()).max() <= 1
+    for name, flags in (("pred3", ["--dense-crf"]), ("pred4", [])):  # the CRF of the raw map,
+        out3 = tmp_path / name  # asked for or by default
+        assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out", str(out3),
+                     *flags]) == 0
+        c = load_label(out3 / MASKS_DIR / "img1.png").astype(int)
+        assert np.abs(c - (expected * 255).round().numpy()).max() <= 1
+
+
+def test_guided_filter_options_under_the_crf_say_they_do_nothing(folder, tmp_path, caplog):
+    """The dense CRF replaces the guided filter: ``--guide`` without ``--no-dense-crf`` warns
+    (predict) or says so on discover's stderr line."""
+    from unseg.cli.discover import _refinement
+
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "found", str(folder), "--out", str(run), "--backbone", BACKBONE,
+                 "--steps", "2", "--size", "64"]) == 1
+    assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out",
+                 str(tmp_path / "p"), "--guide", "luma"]) == 0
+    assert "guided-filter options given do nothing" in caplog.text
+    caplog.clear()
+    assert main(["-q", "predict", str(run), str(folder / "img1.png"), "--out",
+                 str(tmp_path / "q"), "--guide", "luma", "--no-dense-crf"]) == 0
+    assert "do nothing" not in caplog.text
+    assert "do nothing" in _refinement({"guided.guide": "luma"})
+    assert "do nothing" not in _refinement({"guided.guide": "luma", "dense_crf": False})
+    assert "do nothing" not in _refinement({"guided.radius": 5, "guided_filter": False})
+    assert "do nothing" in _refinement({"guided_filter": True})
 
 
 def test_discover_head_trains_into_out_run(folder, tmp_path):
@@ -441,8 +451,8 @@ def test_discover_says_which_method_ran(tmp_path, capsys):
         assert says in capsys.readouterr().err
     from unseg.cli.discover import _refinement
 
-    assert _refinement("found", {}) == "refined by the guided filter"  # a head's default
-    assert _refinement("found", {"dense_crf": True}) == "refined by the dense CRF"
+    assert _refinement({}) == "refined by the dense CRF"  # a head's default too
+    assert _refinement({"dense_crf": False}) == "refined by the guided filter"
 
 
 def test_a_heads_training_options_are_not_silently_ignored_by_spectral(tmp_path, capsys):

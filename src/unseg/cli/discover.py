@@ -23,6 +23,7 @@ from unseg.pipelines.kind import Settings
 from unseg.pipelines.saliency import (
     AUTO,
     AUTO_TRAINED,
+    FILTER_UNUSED,
     METHOD,
     MIN_TRAIN_IMAGES,
     dense_crf_on,
@@ -94,10 +95,13 @@ def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[s
     return {k: v for k, v in given.items() if k not in unused}
 
 
-def _refinement(method: str, given: dict[str, Any]) -> str:
+def _refinement(given: dict[str, Any]) -> str:
     """Which refinement the masks get: the dense CRF, the guided filter or none (the options
-    given, else the method's measured default)."""
-    if dense_crf_on(given.get("dense_crf"), spectral=method == "spectral"):
+    given, else the measured default); says so when guided-filter options were given for
+    nothing."""
+    if dense_crf_on(given.get("dense_crf")):
+        if given.get("guided_filter", any(k.startswith("guided.") for k in given)):
+            return f"refined by the dense CRF (warning: {FILTER_UNUSED})"
         return "refined by the dense CRF"
     return "refined by the guided filter" if given.get("guided_filter", True) else "unrefined"
 
@@ -115,7 +119,7 @@ def _discover(args: argparse.Namespace) -> Outcome:
         given = _spectral_options(args, given)
     if dist.is_main_env():
         tap = f", tap {settings.tap}" if settings.tap else ""
-        print(f"unseg discover: {why}{tap}, {_refinement(method, given)}", file=sys.stderr)
+        print(f"unseg discover: {why}{tap}, {_refinement(given)}", file=sys.stderr)
     report = discover(
         args.images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,

@@ -47,7 +47,7 @@ class HeadTrainingConfig:
     dense_crf: bool | None = option(
         None,
         "2-label dense-CRF refinement at prediction, on the unfiltered map (replaces the guided "
-        "filter when on; default: on for the spectral cut, off for a trained head, as measured)",
+        "filter when on; default: on, as measured for the spectral cut and the trained heads)",
     )
     crf: SaliencyCRFConfig = field(default_factory=SaliencyCRFConfig)
     seed: int = option(0, "random seed")
