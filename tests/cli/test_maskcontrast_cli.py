@@ -392,8 +392,9 @@ def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, 
 
 
 def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path, monkeypatch):
-    """The chain's FOUND-style masks keep the 0.3 threshold (measured best for MaskContrast),
-    not discover's CNN default; other sources run with discover's own defaults."""
+    """The chain's FOUND-style masks keep the 0.3 threshold and the guided filter (measured
+    best for MaskContrast), not discover's CNN default and dense CRF; other sources run with
+    discover's own defaults."""
     import unseg.pipelines.folder as folder
     from unseg.methods.found import CNN_THRESHOLD
     from unseg.pipelines.kind import Settings
@@ -409,7 +410,8 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
     for method in ("found", "spectral", "saliency-head"):
         with pytest.raises(UnsegError, match="discover wrote no mask"):
             folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method))
-    assert seen == {"found": {"bkg_threshold": 0.3}, "spectral": None, "saliency-head": None}
+    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False}, "spectral": None,
+                    "saliency-head": None}
     assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
 
 
@@ -433,4 +435,5 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
         arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
         seg = segmenter_module.Segmenter("maskcontrast", tap="s16")
         seg._discovered_masks(ImageInputs(paths, arrays))
-    assert seen == [("found", {"tap": "s16", "bkg_threshold": 0.3}), ("spectral", {"tap": "s16"})]
+    assert seen == [("found", {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False}),
+                    ("spectral", {"tap": "s16"})]
