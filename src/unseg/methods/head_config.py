@@ -42,12 +42,14 @@ class HeadTrainingConfig:
     )
     crop_pool: int = option(4, "crops cached per image")
     weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
-    guided_filter: bool = option(True, "guided-filter refinement at prediction")
+    guided_filter: bool = option(
+        True, "guided-filter refinement at prediction, when the dense CRF is off"
+    )
     guided: GuidedFilterConfig = field(default_factory=GuidedFilterConfig)
     dense_crf: bool | None = option(
         None,
-        "2-label dense-CRF refinement at prediction, on the unfiltered map (replaces the guided "
-        "filter when on; default: on, as measured for the spectral cut and the trained heads)",
+        "2-label dense-CRF refinement at prediction, of the unfiltered map, in place of the "
+        "guided filter (default: on, as measured for the spectral cut and the trained heads)",
     )
     crf: SaliencyCRFConfig = field(default_factory=SaliencyCRFConfig)
     seed: int = option(0, "random seed")
