@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="2-label dense-CRF refinement instead of the guided filter (saliency runs; "
-        "default: as fitted)",
+        "default: as fitted, and on where the run left it to the default)",
     )
     p.add_argument(
         "--num-classes", "-k", type=int, default=None,

@@ -548,8 +548,8 @@ class SaliencyKind(Kind):
     def predict(self, fitted: FittedSaliency, inputs: ImageInputs, session: Session,
                 root: str | Path, overlays: bool = False,
                 reuse: bool = False) -> Iterator[Prediction]:
-        """:func:`saliency_maps` of ``inputs`` with the head (its guided filter, as fitted or
-        as ``unseg predict`` overrides it) or the spectral cut."""
+        """:func:`saliency_maps` of ``inputs`` with the head (its refinement, the dense CRF or
+        the guided filter, as fitted or as ``unseg predict`` overrides it) or the spectral cut."""
         model = fitted.backbone
         cfg = self._config if fitted.head is None else fitted.head.config
         max_side = resolve_max_side(cfg.image_size, self.settings.max_side)
