@@ -124,6 +124,35 @@ def test_discover_dense_crf_refines_the_unfiltered_map(folder, tmp_path):
         assert np.abs(got - (expected * 255).round().numpy()).max() <= 1
 
 
+def test_a_map_the_crf_erases_stays_unrefined():
+    """The CRF smooths a small confident blob on a flat image away (no pixel left at 0.5);
+    the pipeline then keeps the unrefined map, and the CRF's map everywhere else."""
+    from unseg.pipelines.saliency import saliency_maps, unless_erased
+    from unseg.utils.batch import BatchReport
+
+    flat = np.full((60, 80, 3), 120, np.uint8)
+    blob = torch.zeros(60, 80)
+    blob[30:33, 40:43] = 1.0
+    erased = crf_foreground(blob, flat)
+    assert float(erased.max()) < 0.5
+    assert torch.equal(unless_erased(erased, blob), blob)
+    edged = flat.copy()
+    edged[30:33, 40:43] = 250  # the same blob with an edge the CRF keeps
+    kept = crf_foreground(blob, edged)
+    assert float(kept.max()) >= 0.5 and torch.equal(unless_erased(kept, blob), kept)
+    empty = torch.zeros(60, 80)
+    assert torch.equal(unless_erased(crf_foreground(empty, flat), empty),
+                       crf_foreground(empty, flat))
+    paths = [Path("flat.png"), Path("edged.png")]
+    arrays = {paths[0]: flat, paths[1]: edged}
+    out = {p: m for p, m, _ in saliency_maps(
+        paths, lambda image: blob.clone(), None, 64, 16, BatchReport(), arrays=arrays,
+        crf=SaliencyCRFConfig())}
+    np.testing.assert_array_equal(out[paths[0]], (blob * 255).round().to(torch.uint8).numpy())
+    np.testing.assert_array_equal(out[paths[1]],
+                                  (kept * 255).round().to(torch.uint8).numpy())
+
+
 def test_dense_crf_above_its_pixel_cap_runs_shrunk(monkeypatch):
     """Above CRF_MAX_PIXELS the CRF runs on a shrunk copy and its map is upsampled: the same
     size out, and still pulled onto the object (a colour square the 0/1 map overshoots by 4

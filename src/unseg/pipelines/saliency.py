@@ -191,6 +191,17 @@ def _crf_refine(prob: torch.Tensor, image: np.ndarray, config: SaliencyCRFConfig
                          align_corners=False)[0, 0]
 
 
+def unless_erased(refined: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """``refined`` ``[H, W]``, unless the refinement erased the object: no pixel of ``refined``
+    at 0.5 or above (the 8-bit mask's 128) where ``prob`` ``[H, W]`` has some; then ``prob``.
+    The dense CRF erases small confident objects this way (`discover`'s head, ECSSD seed 0:
+    33 of 1000 masks; falling back gained +0.58 IoU on seeds 0 and 1 and never lost CorLoc;
+    docs/results-boosting.md)."""
+    if bool((refined.clamp(0, 1) * 255.0).round().ge(128).any()):
+        return refined
+    return prob if bool((prob.clamp(0, 1) * 255.0).round().ge(128).any()) else refined
+
+
 def saliency_maps(
     paths: Sequence[Path],
     prob_fn: ProbFn,
@@ -226,7 +237,7 @@ def saliency_maps(
             continue
         if crf is not None:
             with timings.stage("refinement"):
-                prob = _crf_refine(prob, image, crf)
+                prob = unless_erased(_crf_refine(prob, image, crf), prob)
         elif guided is not None:
             with timings.stage("refinement"):
                 prob = _refine(prob, image, guided)
