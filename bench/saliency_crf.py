@@ -8,7 +8,10 @@ Each image's foreground probability ``p [H, W]`` (at the image's size) is refine
   --dense-crf``: unary from ``p`` clipped to ``[eps, 1 − eps]``, foreground logit
   ``logit(p) / T``, background 0; pairwise on the RGB image; the foreground marginal is the
   refined map), at the image's size. The settings (:data:`SETTINGS`) are fixed here, not tuned
-  per set.
+  per set;
+- ``crf <name> kept``: the same, with the unrefined map kept where the CRF erased the object (no
+  pixel at 0.5 or above left; :func:`unseg.pipelines.saliency.unless_erased`, as the pipeline
+  now refines; its seconds are the check's alone).
 
 Sources of ``p`` (``--source``):
 
@@ -58,7 +61,7 @@ from unseg.data.voc import parse_voc_xml
 from unseg.methods.found import background_seed, background_similarity
 from unseg.metrics.corloc import is_correct, largest_component_box
 from unseg.metrics.saliency import SaliencyMeter, binarize_gt
-from unseg.pipelines.saliency import _refine
+from unseg.pipelines.saliency import _refine, unless_erased
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
@@ -135,7 +138,7 @@ def saving(prob: Callable[[Path, np.ndarray], torch.Tensor], folder: Path
 def score(paths: list[Path], prob: Callable[[Path, np.ndarray], torch.Tensor],
           settings: list[str], task: str, voc_root: Path | None = None) -> dict:
     """Every refinement's scores over ``paths`` for ``task`` (``saliency`` or ``corloc``)."""
-    names = ["none", "gf", *(f"crf {s}" for s in settings)]
+    names = ["none", "gf", *(n for s in settings for n in (f"crf {s}", f"crf {s} kept"))]
     meters = {n: SaliencyMeter() for n in names}
     hits: dict[str, list[float]] = {n: [] for n in names}
     fg: dict[str, list[float]] = {n: [] for n in names}
@@ -145,14 +148,17 @@ def score(paths: list[Path], prob: Callable[[Path, np.ndarray], torch.Tensor],
     for path in paths:
         image = load_image(path)
         p = prob(path, image)
+        crf_maps: dict[str, torch.Tensor] = {}
         for n in names:
             t0, c0 = time.perf_counter(), time.process_time()
             if n == "none":
                 q = p
             elif n == "gf":
                 q = _refine(p, image, GuidedFilterConfig())
+            elif n.endswith(" kept"):
+                q = unless_erased(crf_maps[n[:-5]], p)
             else:
-                q = crf_foreground(p, image, SETTINGS[n[4:]])
+                q = crf_maps[n] = crf_foreground(p, image, SETTINGS[n[4:]])
             secs[n] += time.perf_counter() - t0
             cpu[n] += time.process_time() - c0
             m8 = to8(q)
