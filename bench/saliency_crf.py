@@ -61,7 +61,7 @@ from unseg.data.voc import parse_voc_xml
 from unseg.methods.found import background_seed, background_similarity
 from unseg.metrics.corloc import is_correct, largest_component_box
 from unseg.metrics.saliency import SaliencyMeter, binarize_gt
-from unseg.pipelines.saliency import _refine, unless_erased
+from unseg.pipelines.saliency import _refine, eight_bit, unless_erased
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
@@ -84,7 +84,7 @@ SETTINGS = {  # eps 0.05 in all; "pyd T1" became the library's default (Saliency
 
 def to8(prob: torch.Tensor) -> np.ndarray:
     """``[H, W]`` probability → uint8, as the pipeline writes its masks."""
-    return (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return eight_bit(prob).numpy()
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ from unseg.pipelines.saliency import (
     METHOD,
     MIN_TRAIN_IMAGES,
     dense_crf_on,
+    filter_asked,
     method_tap,
     resolve_discover_method,
     spectral_unused,
@@ -100,7 +101,7 @@ def _refinement(given: dict[str, Any]) -> str:
     given, else the measured default); says so when guided-filter options were given for
     nothing."""
     if dense_crf_on(given.get("dense_crf")):
-        if given.get("guided_filter", any(k.startswith("guided.") for k in given)):
+        if filter_asked(given.get("guided_filter"), any(k.startswith("guided.") for k in given)):
             return f"refined by the dense CRF (warning: {FILTER_UNUSED})"
         return "refined by the dense CRF"
     return "refined by the guided filter" if given.get("guided_filter", True) else "unrefined"

@@ -191,15 +191,21 @@ def _crf_refine(prob: torch.Tensor, image: np.ndarray, config: SaliencyCRFConfig
                          align_corners=False)[0, 0]
 
 
+def eight_bit(prob: torch.Tensor) -> torch.Tensor:
+    """The foreground probability ``[H, W]`` as the 8-bit map the masks are written as (uint8;
+    the mask is ``>= 128``)."""
+    return (prob.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
 def unless_erased(refined: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     """``refined`` ``[H, W]``, unless the refinement erased the object: no pixel of ``refined``
     at 0.5 or above (the 8-bit mask's 128) where ``prob`` ``[H, W]`` has some; then ``prob``.
     The dense CRF erases small confident objects this way (`discover`'s head, ECSSD seed 0:
     33 of 1000 masks; falling back gained +0.58 IoU on seeds 0 and 1 and never lost CorLoc;
     docs/results-boosting.md)."""
-    if bool((refined.clamp(0, 1) * 255.0).round().ge(128).any()):
+    if bool(eight_bit(refined).ge(128).any()):
         return refined
-    return prob if bool((prob.clamp(0, 1) * 255.0).round().ge(128).any()) else refined
+    return prob if bool(eight_bit(prob).ge(128).any()) else refined
 
 
 def saliency_maps(
@@ -242,7 +248,7 @@ def saliency_maps(
             with timings.stage("refinement"):
                 prob = _refine(prob, image, guided)
         check.update(prob[None])
-        mask8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+        mask8 = eight_bit(prob).cpu().numpy()
         box = largest_component_box(mask8 >= 128)
         done += 1
         yield path, mask8, None if box is None else [float(v) for v in box]
@@ -365,6 +371,12 @@ def _guided_settings(cfg: Any, overrides: Mapping[str, Any]) -> GuidedFilterConf
 
 FILTER_UNUSED = ("the dense CRF refines these maps (the default) in place of the guided filter, "
                  "so the guided-filter options given do nothing; --no-dense-crf for the filter")
+
+
+def filter_asked(guided_filter: bool | None, options_given: bool) -> bool:
+    """Whether the user asked for the guided filter: ``guided_filter`` when given, else whether
+    any of its options was given (:data:`FILTER_UNUSED` is said when the CRF is on anyway)."""
+    return options_given if guided_filter is None else guided_filter
 
 
 def dense_crf_on(choice: bool | None) -> bool:
@@ -566,15 +578,15 @@ class SaliencyKind(Kind):
         max_side = resolve_max_side(cfg.image_size, self.settings.max_side)
         if fitted.head is None:
             prob_fn = spectral_prob_fn(model, cfg.image_size, SpectralConfig(), max_side)
-            guided = replace(cfg.guided) if cfg.guided_filter else None
-            crf = _crf_settings(cfg, {})
+            overrides: Mapping[str, Any] = {}
         else:
-            overrides = self._run.get("overrides", {})
             prob_fn = head_prob_fn(model, fitted.head, cfg.image_size, max_side)
-            guided = _guided_settings(cfg, overrides)
-            crf = _crf_settings(cfg, overrides)
-            if crf is not None and overrides.get("guided_filter", bool(overrides.get("guide"))):
-                logger.warning("%s", FILTER_UNUSED)
+            overrides = self._run.get("overrides", {})
+        guided = _guided_settings(cfg, overrides)
+        crf = _crf_settings(cfg, overrides)
+        if crf is not None and filter_asked(overrides.get("guided_filter"),
+                                            bool(overrides.get("guide"))):
+            logger.warning("%s", FILTER_UNUSED)
         for path, mask8, box in saliency_maps(
             inputs.paths, prob_fn, guided, cfg.image_size, model.stride, session.report,
             session.timings, self.settings.max_pixels, max_side, inputs.arrays, crf,
