@@ -20,6 +20,7 @@ from unseg.methods.found import (
     background_seed,
     background_similarity,
     border_ring,
+    mean_conv,
     pseudo_masks,
 )
 
@@ -150,6 +151,35 @@ def test_fit_is_deterministic_given_the_seed(planted_squares, stand_in):
         head.feature_fn = colours
         runs.append(head.fit(inputs).history_)
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_ensemble_is_the_mean_of_the_heads_of_consecutive_seeds(planted_squares, stand_in):
+    """``ensemble=3`` at seed 2 gives the conv whose logits are the mean of the three single heads
+    trained with seeds 6, 7, 8 (each one as ``ensemble=1`` trains it); its loss history is
+    theirs averaged per step."""
+    colours = stand_in(8, std=1.0).forward_features
+    images, _ = planted_squares(8, torch.Generator().manual_seed(3))
+    feats = colours(images)
+    inputs = FitInputs(list(feats), list((images * 255).round().to(torch.uint8)))
+    cfg = FoundConfig(steps=8, batch_size=4, stop_bkg_loss=4, lr_step=4, ensemble=1)
+    singles = [FoundHead(replace(cfg, seed=s)).fit(inputs) for s in (6, 7, 8)]
+    both = FoundHead(replace(cfg, seed=2, ensemble=3)).fit(inputs)
+    logits = torch.stack([h.fitted_net()(feats) for h in singles]).mean(0)
+    torch.testing.assert_close(both.fitted_net()(feats), logits, atol=1e-6, rtol=1e-5)
+    expected = [sum(v) / 3 for v in zip(*(h.history_ for h in singles), strict=True)]
+    np.testing.assert_allclose(both.history_, expected, rtol=1e-6)
+    assert singles[0].history_ != singles[1].history_  # the members differ
+    assert isinstance(both.net, torch.nn.Conv2d) and both.collapse_ is not None
+    with pytest.raises(UnsegError, match="ensemble"):
+        FoundHead(replace(cfg, ensemble=0)).fit(inputs)
+
+
+def test_mean_conv_averages_the_outputs():
+    gen = torch.Generator().manual_seed(1)
+    convs = [torch.nn.Conv2d(5, 1, 1) for _ in range(4)]
+    x = torch.randn(2, 5, 3, 4, generator=gen)
+    expected = sum(c(x) for c in convs) / 4
+    torch.testing.assert_close(mean_conv(convs)(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_fit_rejects_bad_inputs():
