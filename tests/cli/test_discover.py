@@ -321,6 +321,21 @@ def test_discover_head_trains_into_out_run(folder, tmp_path):
     assert (out / "run" / "config.json").is_file() and (out / MASKS_DIR / "img0.png").is_file()
 
 
+def test_discover_says_how_many_heads_it_averages(folder, tmp_path, capsys):
+    """The FOUND-style head is the mean of ``--ensemble`` heads (5 by default): discover's
+    stderr line says so, and says nothing of it for one head; the saved run keeps the number."""
+    for extra, said in (([], "the mean of 5 heads"), (["--ensemble", "1"], None)):
+        out = tmp_path / f"o{len(extra)}"
+        main(["-q", "discover", str(folder / "img0.png"), "--out", str(out), "--method",
+              "found", "--backbone", BACKBONE, "--steps", "2", "--size", "64",
+              "--train-images", str(folder), *extra])
+        err = capsys.readouterr().err
+        assert "method found (as asked)" in err
+        assert (said in err) if said else ("the mean of" not in err)
+        config = json.loads((out / "run" / "config.json").read_text())
+        assert json.dumps(config).count(f'"ensemble": {5 if said else 1}') == 1
+
+
 def test_predict_rejects_other_runs(tmp_path):
     with pytest.raises(SystemExit):
         main(["predict"])

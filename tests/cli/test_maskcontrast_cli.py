@@ -410,8 +410,8 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
     for method in ("found", "spectral", "saliency-head"):
         with pytest.raises(UnsegError, match="discover wrote no mask"):
             folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method))
-    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False}, "spectral": None,
-                    "saliency-head": None}
+    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1},
+                    "spectral": None, "saliency-head": None}
     assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
 
 
@@ -435,5 +435,7 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
         arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
         seg = segmenter_module.Segmenter("maskcontrast", tap="s16")
         seg._discovered_masks(ImageInputs(paths, arrays))
-    assert seen == [("found", {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False}),
-                    ("spectral", {"tap": "s16"})]
+    assert seen == [
+        ("found", {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1}),
+        ("spectral", {"tap": "s16"}),
+    ]

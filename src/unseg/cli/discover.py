@@ -107,6 +107,12 @@ def _refinement(given: dict[str, Any]) -> str:
     return "refined by the guided filter" if given.get("guided_filter", True) else "unrefined"
 
 
+def _heads(spec: Any, given: dict[str, Any]) -> str:
+    """", the mean of N heads" for a head trained as an ensemble (``ensemble`` > 1), else ""."""
+    n = given.get("ensemble", getattr(spec.config(), "ensemble", 1))
+    return f", the mean of {n} heads" if n > 1 else ""
+
+
 def _discover(args: argparse.Namespace) -> Outcome:
     method, why = resolve_discover_method(args.method, args.images, args.train_images)
     settings = method_tap(method, Settings(
@@ -120,7 +126,8 @@ def _discover(args: argparse.Namespace) -> Outcome:
         given = _spectral_options(args, given)
     if dist.is_main_env():
         tap = f", tap {settings.tap}" if settings.tap else ""
-        print(f"unseg discover: {why}{tap}, {_refinement(given)}", file=sys.stderr)
+        print(f"unseg discover: {why}{tap}{_heads(spec, given)}, {_refinement(given)}",
+              file=sys.stderr)
     report = discover(
         args.images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,
