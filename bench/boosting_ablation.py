@@ -157,6 +157,8 @@ def main() -> int:
     ap.add_argument("--heads", nargs="+", default=["sempart"], choices=["sempart", "found"])
     ap.add_argument("--found-steps", type=int, default=FoundConfig().steps)
     ap.add_argument("--found-lr", type=float, default=FoundConfig().lr)
+    ap.add_argument("--found-ensemble", type=int, default=FoundConfig().ensemble,
+                    help="FOUND-style heads averaged per seed (1: the earlier rows)")
     ap.add_argument("--fixed-crop", nargs="*", default=[], choices=["sempart", "found"],
                     help="heads that also get the multi-scale rows with the near-fixed crop")
     ap.add_argument("--found-input", choices=["auto", "standardized", "raw"], default="auto",
@@ -249,11 +251,12 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
             else:
                 method, name = "found", "found" + suffix
                 budget = {"steps": args.found_steps, "lr": args.found_lr,
-                          "bkg_threshold": args.found_threshold}
+                          "bkg_threshold": args.found_threshold, "ensemble": args.found_ensemble}
                 std = {"auto": None, "standardized": True, "raw": False}[args.found_input]
                 options = {"steps": args.found_steps, "lr": args.found_lr, "seed": seed,
                            "crop_pool": args.crop_pool, "standardize": std,
-                           "bkg_threshold": args.found_threshold, **kw}
+                           "bkg_threshold": args.found_threshold,
+                           "ensemble": args.found_ensemble, **kw}
             t0 = time.perf_counter()
             tag = (suffix.strip(" +") or "base").replace(" ", "_").replace("(", "").replace(")", "")
             run = out / "runs" / f"{task}_{head_kind}_{tag}"
