@@ -49,6 +49,7 @@ from unseg.methods.base import FitInputs
 from unseg.methods.found import FoundConfig, FoundHead
 from unseg.methods.restarts import mask_agreement
 from unseg.metrics.corloc import is_correct, largest_component_box
+from unseg.metrics.saliency import binary_scores
 from unseg.pipelines.saliency import _keys, eight_bit, saliency_config, saliency_maps
 from unseg.refine.saliency_crf import SaliencyCRFConfig
 from unseg.registry import get_method
@@ -125,19 +126,18 @@ def _prob(data: dict, i: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.interpolate(prob, size=orig, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _score_one(scored: str, path: Path, mask: np.ndarray) -> float:
-    """IoU (ECSSD) or 1/0 for a correct box (VOC2007) of one binary mask."""
+def _score_one(scored: str, path: Path, mask8: np.ndarray) -> float:
+    """IoU (ECSSD, :func:`~unseg.metrics.saliency.binary_scores`) or 1/0 for a correct box
+    (VOC2007) of one 8-bit map ``[H, W]`` (the mask is ``>= 128``)."""
     if scored == "ecssd":
-        gt = load_label(ECSSD / "ground_truth_mask" / f"{path.stem}.png") >= 128
-        union = (mask | gt).sum()
-        return float((mask & gt).sum() / union) if union else 1.0
+        return binary_scores(mask8, load_label(ECSSD / "ground_truth_mask" / f"{path.stem}.png"))[1]
     _, boxes, _ = parse_voc_xml(VOC / "Annotations" / f"{path.stem}.xml")
-    return float(is_correct(largest_component_box(mask), boxes))
+    return float(is_correct(largest_component_box(mask8 >= 128), boxes))
 
 
 def score(scored: str, data: dict, w: torch.Tensor, b: torch.Tensor) -> float:
     """ECSSD IoU or VOC07 CorLoc (percent) of the conv ``w [1, C, 1, 1]``, ``b [1]``, unrefined."""
-    values = [_score_one(scored, Path(p), eight_bit(_prob(data, i, w, b)).numpy() >= 128)
+    values = [_score_one(scored, Path(p), eight_bit(_prob(data, i, w, b)).numpy())
               for i, p in enumerate(data["paths"])]
     return 100 * float(np.mean(values))
 
@@ -154,7 +154,7 @@ def score_crf(scored: str, data: dict, w: torch.Tensor, b: torch.Tensor) -> floa
 
     paths = Paths(Path(p) for p in data["paths"])
     values = [
-        _score_one(scored, path, m8 >= 128)
+        _score_one(scored, path, m8)
         for path, m8, _ in saliency_maps(paths, lambda image: current[0], None, SIZE, 16,
                                          BatchReport(), crf=SaliencyCRFConfig())
     ]
