@@ -18,6 +18,7 @@ from unseg.methods.found import FoundConfig, FoundHead, pseudo_masks
 from unseg.methods.multiscale import sample_crops
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.methods.saliency_head import SaliencyHeadNet
+from unseg.refine.guided_filter import luminance
 
 
 def _backbone(images: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,8 @@ def test_cached_crop_gives_the_same_loss_as_the_backbone_on_the_crop(dtype, tol)
     pseudo = pseudo_masks(feats[index], head.config)
     losses = []
     for crops in (source, _Direct(boxes)):
-        losses.append(head.step_loss(index, feats[index], imgs, pseudo, 0,
-                                     torch.Generator().manual_seed(5), crops))
+        losses.append(head.step_loss(index, feats[index], luminance(imgs), pseudo, 0,
+                                     torch.Generator().manual_seed(5), crops, imgs))
     torch.testing.assert_close(losses[0], losses[1], atol=tol, rtol=tol)
     assert losses[0] > 0
 

@@ -22,7 +22,9 @@ from unseg.methods.found import (
     border_ring,
     mean_conv,
     pseudo_masks,
+    refine_binary,
 )
+from unseg.refine.guided_filter import GuidedFilterConfig, luminance, refine_masks
 
 
 def _planted_features(
@@ -102,6 +104,31 @@ def test_seed_expansion_is_the_mean_over_the_nearest_patches():
         background_similarity(f, seeds, 1)[1].flatten(), (x[1].T @ x[1])[17].float(),
         atol=1e-5, rtol=0,
     )
+
+
+def test_refine_binary_is_the_standardised_refinement_of_the_upsampled_mask():
+    """Against the general path (``refine_masks``: the upsampled 0/1 mask standardised, filtered
+    with the images' luminance, restored, clipped; then averaged per patch and > 0.5): the same
+    targets wherever the reference's patch average is not within rounding of 0.5, and the
+    refinement moves the object's edge off the patch grid it came on."""
+    gen = torch.Generator().manual_seed(4)
+    stride, h, w = 8, 12, 14
+    images = torch.full((3, 3, h * stride, w * stride), 0.2)
+    for i in range(3):  # a bright disc off the patch grid, on noise
+        yy, xx = torch.meshgrid(torch.arange(h * stride), torch.arange(w * stride), indexing="ij")
+        disc = (yy - 40 - 5 * i) ** 2 + (xx - 50 + 3 * i) ** 2 < (25 + 3 * i) ** 2
+        images[i, :, disc] = 0.8
+    images = (images + 0.05 * torch.rand(images.shape, generator=gen)).clamp(0, 1)
+    masks = F.adaptive_avg_pool2d(images[:, :1], (h, w)).gt(0.5).float()
+    masks[:, :, 2:4, 1:3] = 1 - masks[:, :, 2:4, 1:3]  # wrong patches the image contradicts
+    cfg = GuidedFilterConfig()
+    up = F.interpolate(masks, size=images.shape[-2:], mode="nearest")
+    ref_avg = F.adaptive_avg_pool2d(refine_masks(up, images, cfg), (h, w))
+    ours = refine_binary(masks, luminance(images, cfg.guide), cfg)
+    decided = (ref_avg - 0.5).abs() > 1e-4
+    assert decided.float().mean() > 0.99
+    assert torch.equal(ours[decided], (ref_avg > 0.5).float()[decided])
+    assert ours.shape == masks.shape and not torch.equal(ours, masks)
 
 
 def test_border_ring():

@@ -13,6 +13,7 @@ import torch
 from unseg.data.image import load_image, load_label
 from unseg.errors import UnsegError
 from unseg.refine.guided_filter import (
+    GreyGuides,
     GuidedFilterConfig,
     box_mean,
     guided_filter,
@@ -156,6 +157,25 @@ def test_luminance_modes():
     assert luminance(img, "luma").item() == pytest.approx(0.299 + 0.5 * 0.587)
     with pytest.raises(UnsegError):
         luminance(img, "hsv")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("uint8", "mode", "stored"),
+    [(True, "mean", torch.int16), (True, "luma", torch.float32), (False, "mean", torch.float32)],
+)
+def test_grey_guides_are_each_images_luminance(uint8, mode, stored):
+    images = torch.randint(0, 256, (7, 3, 12, 10), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    x = images.float() / 255
+    guides = GreyGuides(images if uint8 else x, mode, chunk=3)  # chunks that do not divide 7
+    ref = luminance(x, mode)
+    assert len(guides) == 7 and guides.values.dtype == stored
+    index = torch.tensor([6, 0, 3])
+    torch.testing.assert_close(guides[index], ref[index], atol=1e-6, rtol=0)
+    torch.testing.assert_close(guides[2:5], ref[2:5], atol=1e-6, rtol=0)
+    assert guides[index].dtype == torch.float32 and guides[index].shape == (3, 1, 12, 10)
+    with pytest.raises(UnsegError, match=r"\[N, 3, H, W\]"):
+        GreyGuides(images[:, :2])
 
 
 def test_shape_errors_are_clear():

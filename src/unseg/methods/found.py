@@ -82,7 +82,7 @@ from unseg.methods.crop_cache import CropSource, as_float_images
 from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss
-from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
+from unseg.refine.guided_filter import GreyGuides, GuidedFilterConfig, guided_filter, luminance
 from unseg.registry import register
 from unseg.utils.options import option
 
@@ -206,13 +206,16 @@ class Standardized(nn.Module):
 
 
 def refine_binary(
-    masks: torch.Tensor, images: torch.Tensor, guided: GuidedFilterConfig
+    masks: torch.Tensor, guides: torch.Tensor, guided: GuidedFilterConfig
 ) -> torch.Tensor:
-    """0/1 patch masks ``[B, 1, h, w]`` refined with their images ``[B, 3, H, W]`` in ``[0, 1]``:
-    upsampled (nearest) to ``H x W``, guided-filtered, averaged back to ``h x w``, ``> 0.5``."""
+    """0/1 patch masks ``[B, 1, h, w]`` refined with their images' grey guides ``[B, 1, H, W]``
+    (:func:`~unseg.refine.guided_filter.luminance` with ``guided.guide``): upsampled (nearest) to
+    ``H x W``, guided-filtered (``guided``'s radius and ε), clipped to ``[0, 1]``, averaged back
+    to ``h x w``, ``> 0.5``. 0/1 values need no standardisation (``guided.standardize``: it
+    changes nothing in exact arithmetic and keeps soft maps' sums well conditioned)."""
     h, w = masks.shape[-2:]
-    up = F.interpolate(masks.float(), size=images.shape[-2:], mode="nearest")
-    smooth = refine_masks(up, images, guided)
+    up = F.interpolate(masks.float(), size=guides.shape[-2:], mode="nearest")
+    smooth = guided_filter(guides, up, guided.radius, guided.eps).clamp_(0.0, 1.0)
     return (F.adaptive_avg_pool2d(smooth, (h, w)) > 0.5).float()
 
 
@@ -223,16 +226,17 @@ def resolved_threshold(config: FoundConfig) -> float:
 
 
 def pseudo_masks(
-    features: torch.Tensor, config: FoundConfig, images: torch.Tensor | None = None
+    features: torch.Tensor, config: FoundConfig, guides: torch.Tensor | None = None
 ) -> torch.Tensor:
     """FOUND's foreground pseudo-masks ``[B, 1, h, w]`` (float 0/1) for ``features``
     ``[B, C, h, w]``: patches not similar to the background seed (see the module docstring);
-    refined with ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` when ``config.refine_targets``."""
+    refined (:func:`refine_binary`) with the images' grey ``guides`` ``[B, 1, H, W]`` when
+    ``config.refine_targets``."""
     seeds = background_seed(features, config.seed_rule)
     sim = background_similarity(features, seeds, config.n_seeds)
     fg = (sim <= resolved_threshold(config)).float()[:, None]
-    if config.refine_targets and images is not None:
-        fg = refine_binary(fg, images.to(fg.device), config.guided)
+    if config.refine_targets and guides is not None:
+        fg = refine_binary(fg, guides.to(fg.device), config.guided)
     return fg
 
 
@@ -270,13 +274,14 @@ class FoundHead(HeadEstimator):
         c = self.config
         if c.ensemble < 1:
             raise UnsegError(f"ensemble must be >= 1 head, got {c.ensemble}")
-        pseudo = self._pseudo_all(features, images)
+        guides = GreyGuides(images, c.guided.guide)
+        pseudo = self._pseudo_all(features, guides)
         members, histories = [], []
         for k in range(c.ensemble):
             seed = c.ensemble * c.seed + k
             if c.ensemble > 1:
                 logger.info("head %d/%d (seed %d)", k + 1, c.ensemble, seed)
-            net, history = self._train_one(features, images, pseudo, seed)
+            net, history = self._train_one(features, images, guides, pseudo, seed)
             members.append(net)
             histories.append(history)
         self.net = mean_conv(members).eval()
@@ -285,10 +290,16 @@ class FoundHead(HeadEstimator):
         return self
 
     def _train_one(
-        self, features: torch.Tensor, images: torch.Tensor, pseudo: torch.Tensor, seed: int
+        self,
+        features: torch.Tensor,
+        images: torch.Tensor,
+        guides: GreyGuides,
+        pseudo: torch.Tensor,
+        seed: int,
     ) -> tuple[nn.Conv2d, list[float]]:
         """One head trained with ``seed`` on ``features`` ``[N, C, h, w]``, ``images`` ``[N, 3,
-        H, W]`` and their pseudo-masks ``[N, 1, h, w]``: its plain 1x1 conv and loss per step."""
+        H, W]`` (their grey ``guides``) and their pseudo-masks ``[N, 1, h, w]``: its plain 1x1
+        conv and loss per step."""
         c = self.config
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -308,8 +319,9 @@ class FoundHead(HeadEstimator):
             idx = order[pos : pos + c.batch_size]
             pos += idx.numel()
             feats = features[idx].to(dev, torch.float32)
-            imgs = as_float_images(images[idx]).to(dev)
-            loss = self.step_loss(idx, feats, imgs, pseudo[idx].to(dev), step, gen, crops)
+            imgs = None if crops is None else as_float_images(images[idx]).to(dev)
+            loss = self.step_loss(idx, feats, guides[idx].to(dev), pseudo[idx].to(dev), step,
+                                  gen, crops, imgs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -320,25 +332,26 @@ class FoundHead(HeadEstimator):
         net = self.net.folded() if isinstance(self.net, Standardized) else self.net
         return net, history
 
-    def _pseudo_all(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Pseudo-masks ``[N, 1, h, w]`` of all training images (computed once: frozen features)."""
+    def _pseudo_all(self, features: torch.Tensor, guides: GreyGuides) -> torch.Tensor:
+        """Pseudo-masks ``[N, 1, h, w]`` of all training images (computed once: frozen features)
+        from their features ``[N, C, h, w]`` and grey ``guides``."""
         c, out = self.config, []
         for i in range(0, features.shape[0], c.batch_size):
             f = features[i : i + c.batch_size].to(self.device, torch.float32)
-            x = as_float_images(images[i : i + c.batch_size]).to(self.device)
-            out.append(pseudo_masks(f, c, x).cpu())
+            g = guides[i : i + c.batch_size].to(self.device)
+            out.append(pseudo_masks(f, c, g).cpu())
         return torch.cat(out)
 
     def base_loss(
-        self, logits: torch.Tensor, pseudo: torch.Tensor, images: torch.Tensor, step: int
+        self, logits: torch.Tensor, pseudo: torch.Tensor, guides: torch.Tensor, step: int
     ) -> torch.Tensor:
         """FOUND's loss at ``step`` for patch ``logits`` ``[B, 1, h, w]``, pseudo-masks ``[B, 1,
-        h, w]`` and images ``[B, 3, H, W]`` in ``[0, 1]`` (see the module docstring)."""
+        h, w]`` and the images' grey guides ``[B, 1, H, W]`` (see the module docstring)."""
         c = self.config
         own = (torch.sigmoid(logits.detach()) > 0.5).float()
         loss = logits.new_zeros(())
         if c.weight_refined:
-            target = refine_binary(own, images, c.guided) if c.refine_targets else own
+            target = refine_binary(own, guides, c.guided) if c.refine_targets else own
             loss = loss + c.weight_refined * F.binary_cross_entropy_with_logits(logits, target)
         if step < c.stop_bkg_loss:
             return loss + F.binary_cross_entropy_with_logits(logits, pseudo)
@@ -348,25 +361,30 @@ class FoundHead(HeadEstimator):
         self,
         index: torch.Tensor,
         feats: torch.Tensor,
-        imgs: torch.Tensor,
+        guides: torch.Tensor,
         pseudo: torch.Tensor,
         step: int,
         generator: torch.Generator,
         crops: CropSource | None,
+        imgs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss of one batch: images ``index`` ``[B]`` of the training set, their
-        features ``[B, C, h, w]``, images ``[B, 3, H, W]`` in ``[0, 1]`` and pseudo-masks
-        ``[B, 1, h, w]``; with multi-scale consistency when ``crops`` is given."""
+        features ``[B, C, h, w]``, grey guides ``[B, 1, H, W]`` and pseudo-masks ``[B, 1, h,
+        w]``; with multi-scale consistency when ``crops`` is given (then ``imgs`` ``[B, 3, H,
+        W]`` in ``[0, 1]``, the images themselves, are needed)."""
         c = self.config
         assert self.net is not None
         logits = self.net(feats)
-        loss = self.base_loss(logits, pseudo, imgs, step)
+        loss = self.base_loss(logits, pseudo, guides, step)
         if crops is None:
             return loss
+        if imgs is None:
+            raise UnsegError("multi-scale consistency needs the batch's images")
         boxes, crop_imgs, crop_feats = crops.crops(index, feats, imgs, generator)
         c_logits = self.net(crop_feats)
-        c_pseudo = pseudo_masks(crop_feats, c, crop_imgs)
-        crop_loss = self.base_loss(c_logits, c_pseudo, crop_imgs, step)
+        c_guides = luminance(crop_imgs, c.guided.guide)
+        c_pseudo = pseudo_masks(crop_feats, c, c_guides)
+        crop_loss = self.base_loss(c_logits, c_pseudo, c_guides, step)
         size = tuple(imgs.shape[-2:])
         cons = consistency_loss(
             torch.sigmoid(_upsample(logits, size)),

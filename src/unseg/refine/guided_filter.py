@@ -24,6 +24,7 @@ same reason K-channel soft maps that sum to one still sum to one after filtering
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import cv2
@@ -72,10 +73,14 @@ def _window_counts(n: int, radius: int) -> np.ndarray:
     return np.minimum(idx + radius, n - 1) - np.maximum(idx - radius, 0) + 1
 
 
+@lru_cache(maxsize=16)
 def _inverse_counts(h: int, w: int, radius: int) -> np.ndarray:
-    """``1 / (pixels in each cut (2r+1)² window)``: float32 ``[H, W]``."""
+    """``1 / (pixels in each cut (2r+1)² window)``: float32 ``[H, W]``, read-only (cached: a
+    batch's images share one size)."""
     counts = _window_counts(h, radius)[:, None] * _window_counts(w, radius)[None, :]
-    return (1.0 / counts).astype(np.float32)
+    inv = (1.0 / counts).astype(np.float32)
+    inv.flags.writeable = False
+    return inv
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -84,7 +89,7 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
         raise UnsegError(f"box filter radius must be >= 0, got {radius}")
     h, w = x.shape[-2], x.shape[-1]
     s = _box_sum_1d(_box_sum_1d(x, radius, x.ndim - 2), radius, x.ndim - 1)
-    inv = torch.from_numpy(_inverse_counts(h, w, radius)).to(x.device, x.dtype)
+    inv = torch.tensor(_inverse_counts(h, w, radius), dtype=x.dtype, device=x.device)
     return s * inv
 
 
@@ -173,19 +178,18 @@ def guided_filter(
         and not (torch.is_grad_enabled() and (src.requires_grad or guide.requires_grad))
     )
     if use_cv:
-        pairs = [
-            _coefficients_cv(
+        shape = (src.shape[0], *small_src.shape[-2:], src.shape[1])
+        mean_a, mean_b = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for i in range(src.shape[0]):
+            a, b = _coefficients_cv(
                 small_guide[i, 0].contiguous().numpy(),
                 small_src[i].permute(1, 2, 0).contiguous().numpy(),
                 r,
                 eps,
             )
-            for i in range(src.shape[0])
-        ]
-        mean_a = torch.stack([torch.from_numpy(a).reshape(a.shape[0], a.shape[1], -1)
-                              for a, _ in pairs]).permute(0, 3, 1, 2)
-        mean_b = torch.stack([torch.from_numpy(b).reshape(b.shape[0], b.shape[1], -1)
-                              for _, b in pairs]).permute(0, 3, 1, 2)
+            mean_a[i], mean_b[i] = a.reshape(shape[1:]), b.reshape(shape[1:])
+        mean_a = torch.from_numpy(mean_a).permute(0, 3, 1, 2)
+        mean_b = torch.from_numpy(mean_b).permute(0, 3, 1, 2)
     else:
         mean_a, mean_b = _coefficients_torch(small_guide, small_src, r, eps)
     if subsample > 1:
@@ -207,6 +211,37 @@ def luminance(images: torch.Tensor, mode: GuideMode = "mean") -> torch.Tensor:
     if mode == "luma":
         return luma(images)
     raise UnsegError(f"unknown guide {mode!r}; use 'mean' or 'luma'")
+
+
+class GreyGuides:
+    """The grey guides (:func:`luminance`) of ``N`` images, computed once for filtering many
+    masks against the same images, as a head's training does (each training image's target is
+    refined about 60 times in FOUND's 500 steps). uint8 images with the ``"mean"`` guide are kept
+    as their exact channel sums (int16: 2 bytes a pixel, half of float32's); others as float32."""
+
+    def __init__(self, images: torch.Tensor, mode: GuideMode = "mean", chunk: int = 64) -> None:
+        """``images``: ``[N, 3, H, W]``, uint8 (0–255) or float in ``[0, 1]``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UnsegError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        self.sums = images.dtype == torch.uint8 and mode == "mean"
+        parts = []
+        for i in range(0, images.shape[0], chunk):
+            x = images[i : i + chunk]
+            if self.sums:
+                parts.append(x.sum(dim=1, keepdim=True, dtype=torch.int16))
+            else:
+                x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+                parts.append(luminance(x, mode))
+        self.values = torch.cat(parts)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The guides of images ``index`` (``[B]`` or a slice): ``[B, 1, H, W]`` float32 in
+        ``[0, 1]``."""
+        g = self.values[index]
+        return g.float().div_(765.0) if self.sums else g
 
 
 def refine_masks(
