@@ -155,13 +155,14 @@ class Segmenter:
         """The mask proposals MaskContrast trains on: those of a discover method run on the
         same images (``discover``, default ``auto`` as ``unseg discover``: the FOUND-style head
         from 150 images on, else spectral), with the chain's options
-        (:func:`~unseg.pipelines.saliency.mask_source`), as ``unseg segment --method
-        maskcontrast`` runs it."""
+        (:func:`~unseg.pipelines.saliency.mask_source`) and this Segmenter's seed, as ``unseg
+        segment --method maskcontrast`` runs it."""
         s = self._kind.settings  # type: ignore[attr-defined]
         method, source_options, _ = mask_source(s.discover, n_images=len(inputs))
         options = {k: getattr(s, k) for k in ("weights", "tap", "cache_dir") if getattr(s, k)}
         options.update(source_options or {})
-        finder = Segmenter(method, backbone=self.backbone, device=self.device, **options)
+        finder = Segmenter(method, backbone=self.backbone, seed=self.seed, device=self.device,
+                           **options)
         masks = finder.fit_predict(_as_images(inputs))
         by_path = dict(zip(inputs.paths, masks, strict=True))
         return lambda paths: mask_proposals(paths, [by_path[p] for p in paths])

@@ -400,17 +400,19 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
     from unseg.pipelines.kind import Settings
     from unseg.utils.batch import BatchReport
 
-    seen = {}
+    seen, seeds = {}, set()
 
     def fake_discover(images, out_dir, method, *, options=None, settings=None, **kw):
         seen[method] = options
+        seeds.add(settings.seed)
         return BatchReport()
 
     monkeypatch.setattr(folder, "discover", fake_discover)
     for method in ("found", "spectral", "saliency-head"):
         with pytest.raises(UnsegError, match="discover wrote no mask"):
-            folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method))
-    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1},
+            folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method, seed=3))
+    assert seeds == {3}  # the run's seed draws the discovery's heads too
+    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False},
                     "spectral": None, "saliency-head": None}
     assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
 
@@ -418,7 +420,7 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
 def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
     """``Segmenter("maskcontrast")`` discovers its masks as ``unseg segment --method
     maskcontrast`` does: the FOUND-style head at 0.3 from 150 images on (it used discover's
-    CNN default, 0.2, before), spectral below, with the settings it was given."""
+    CNN default, 0.2, before), spectral below, with the settings and seed it was given."""
     import unseg.segmenter as segmenter_module
     from unseg.data.memory import ImageInputs
     from unseg.pipelines.saliency import MIN_TRAIN_IMAGES
@@ -426,16 +428,16 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
     seen = []
 
     def fake_fit_predict(self, images):
-        seen.append((self.method, dict(self.options)))
+        seen.append((self.method, self.seed, dict(self.options)))
         return [np.zeros((2, 2), np.uint8) for _ in images]
 
     monkeypatch.setattr(segmenter_module.Segmenter, "fit_predict", fake_fit_predict)
     for n in (MIN_TRAIN_IMAGES, MIN_TRAIN_IMAGES - 1):
         paths = [Path(f"/nowhere/{i}.png") for i in range(n)]
         arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
-        seg = segmenter_module.Segmenter("maskcontrast", tap="s16")
+        seg = segmenter_module.Segmenter("maskcontrast", tap="s16", seed=4)
         seg._discovered_masks(ImageInputs(paths, arrays))
     assert seen == [
-        ("found", {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1}),
-        ("spectral", {"tap": "s16"}),
+        ("found", 4, {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False}),
+        ("spectral", 4, {"tap": "s16"}),
     ]

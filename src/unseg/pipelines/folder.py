@@ -161,12 +161,12 @@ def segment(
 def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
     defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`), for a method
-    that trains on the masks."""
+    that trains on the masks; the run's seed is the discovery's too."""
     method, options, why = mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     found = discover(images, out_dir, method, options=options, settings=Settings(
         backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
-        device=settings.device, cache_dir=settings.cache_dir,
+        device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
     ))
     if not found.written:
         raise UnsegError(f"{images}: discover wrote no mask")
