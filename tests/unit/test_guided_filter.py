@@ -178,6 +178,16 @@ def test_grey_guides_are_each_images_luminance(uint8, mode, stored):
         GreyGuides(images[:, :2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_grey_guides_on_cuda_are_the_cpu_guides():
+    images = torch.randint(0, 256, (5, 3, 8, 9), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    on_gpu = GreyGuides(images, device="cuda")
+    index = torch.tensor([4, 1])
+    assert on_gpu[index].device.type == "cuda"
+    torch.testing.assert_close(on_gpu[index].cpu(), GreyGuides(images)[index], atol=0, rtol=0)
+
+
 def test_shape_errors_are_clear():
     with pytest.raises(UnsegError, match="guide"):
         guided_filter(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))

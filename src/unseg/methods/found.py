@@ -274,7 +274,7 @@ class FoundHead(HeadEstimator):
         c = self.config
         if c.ensemble < 1:
             raise UnsegError(f"ensemble must be >= 1 head, got {c.ensemble}")
-        guides = GreyGuides(images, c.guided.guide)
+        guides = GreyGuides(images, c.guided.guide, device=self.device)
         pseudo = self._pseudo_all(features, guides)
         members, histories = [], []
         for k in range(c.ensemble):
@@ -320,7 +320,7 @@ class FoundHead(HeadEstimator):
             pos += idx.numel()
             feats = features[idx].to(dev, torch.float32)
             imgs = None if crops is None else as_float_images(images[idx]).to(dev)
-            loss = self.step_loss(idx, feats, guides[idx].to(dev), pseudo[idx].to(dev), step,
+            loss = self.step_loss(idx, feats, guides[idx], pseudo[idx].to(dev), step,
                                   gen, crops, imgs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -338,7 +338,7 @@ class FoundHead(HeadEstimator):
         c, out = self.config, []
         for i in range(0, features.shape[0], c.batch_size):
             f = features[i : i + c.batch_size].to(self.device, torch.float32)
-            g = guides[i : i + c.batch_size].to(self.device)
+            g = guides[i : i + c.batch_size]
             out.append(pseudo_masks(f, c, g).cpu())
         return torch.cat(out)
 

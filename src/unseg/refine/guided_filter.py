@@ -219,8 +219,15 @@ class GreyGuides:
     refined about 60 times in FOUND's 500 steps). uint8 images with the ``"mean"`` guide are kept
     as their exact channel sums (int16: 2 bytes a pixel, half of float32's); others as float32."""
 
-    def __init__(self, images: torch.Tensor, mode: GuideMode = "mean", chunk: int = 64) -> None:
-        """``images``: ``[N, 3, H, W]``, uint8 (0–255) or float in ``[0, 1]``."""
+    def __init__(
+        self,
+        images: torch.Tensor,
+        mode: GuideMode = "mean",
+        chunk: int = 64,
+        device: str | torch.device | None = None,
+    ) -> None:
+        """``images``: ``[N, 3, H, W]``, uint8 (0–255) or float in ``[0, 1]``; the guides are
+        kept on ``device`` (default: the images')."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise UnsegError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
         self.sums = images.dtype == torch.uint8 and mode == "mean"
@@ -232,7 +239,7 @@ class GreyGuides:
             else:
                 x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
                 parts.append(luminance(x, mode))
-        self.values = torch.cat(parts)
+        self.values = torch.cat(parts).to(device or images.device)
 
     def __len__(self) -> int:
         return self.values.shape[0]
