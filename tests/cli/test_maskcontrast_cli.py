@@ -392,9 +392,9 @@ def test_train_last_stage_fits_predicts_and_chains_on_the_earlier_tap(tmp_path, 
 
 
 def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path, monkeypatch):
-    """The chain's FOUND-style masks keep the 0.3 threshold and the guided filter (measured
-    best for MaskContrast), not discover's CNN default and dense CRF; other sources run with
-    discover's own defaults."""
+    """The chain's FOUND-style masks keep the 0.3 threshold, the guided filter and one head
+    (measured best for MaskContrast), not discover's CNN default, dense CRF and five heads;
+    other sources run with discover's own defaults; the run's seed is the discovery's."""
     import unseg.pipelines.folder as folder
     from unseg.methods.found import CNN_THRESHOLD
     from unseg.pipelines.kind import Settings
@@ -412,7 +412,7 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
         with pytest.raises(UnsegError, match="discover wrote no mask"):
             folder._discover_masks(tmp_path, tmp_path / "d", Settings(discover=method, seed=3))
     assert seeds == {3}  # the run's seed draws the discovery's heads too
-    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False},
+    assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1},
                     "spectral": None, "saliency-head": None}
     assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
 
@@ -438,6 +438,6 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
         seg = segmenter_module.Segmenter("maskcontrast", tap="s16", seed=4)
         seg._discovered_masks(ImageInputs(paths, arrays))
     assert seen == [
-        ("found", 4, {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False}),
+        ("found", 4, {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1}),
         ("spectral", 4, {"tap": "s16"}),
     ]

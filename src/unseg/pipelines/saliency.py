@@ -434,12 +434,12 @@ def resolve_discover_method(
 # threshold 0.3 here (discover uses 0.2 on CNN features): the default chain scored 14.93 ± 2.12
 # mIoU at 0.3 against 10.98 ± 1.12 at 0.2 on VOC2012's 217 images (3 seeds), 18.79 against
 # 14.80 on VOC2007's 422 (seed 0); Acc moves the other way. And its guided filter, not the dense
-# CRF: 13.40 ± 0.58 with the CRF's masks (paired −3.10, +1.56, −3.06). Those were one head's
-# masks; discover's mean of five (its default `ensemble`) gave the chain 16.43 ± 0.19 on the
-# same discovery seed (paired +1.49 ± 2.18), 17.36 ± 0.69 with the run's seed drawing the heads,
-# so the chain takes discover's ensemble.
+# CRF: 13.40 ± 0.58 with the CRF's masks (paired −3.10, +1.56, −3.06). And one head, not
+# discover's mean of five: with the run's seed drawing the discovery, five heads gave +1.30 ±
+# 0.83 on VOC2012 (17.36 against 16.06) and −2.52 ± 2.90 on VOC2007 (17.56 against 20.08),
+# −0.61 over the six pairs, for five times the training.
 MASK_SOURCE_OPTIONS: dict[str, dict[str, Any]] = {
-    AUTO_TRAINED: {"bkg_threshold": VIT_THRESHOLD, "dense_crf": False},
+    AUTO_TRAINED: {"bkg_threshold": VIT_THRESHOLD, "dense_crf": False, "ensemble": 1},
 }
 
 
