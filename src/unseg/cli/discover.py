@@ -53,8 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=AUTO,
         help=f"{AUTO} (default): the best measured method the folder allows — the FOUND-style "
         f"head (the mean of --ensemble heads, {get_method('found').config().ensemble} by "
-        f"default) trained on IMAGES themselves (no "
-        f"labels) when they hold at least "
+        f"default) trained on IMAGES themselves (no labels) when they hold at least "
         f"{MIN_TRAIN_IMAGES} images or --train-images is given, else spectral; the command "
         "says which ran; spectral: training-free TokenCut bipartition; "
         + "; ".join(f"{s.name}: {s.summary}, trained first (its run is kept in OUT/run)"
