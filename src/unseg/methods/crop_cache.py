@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from unseg.data.color import as_float_images
 from unseg.errors import InputFileError, UnsegError
 from unseg.methods.multiscale import crop_resize, sample_crops
 from unseg.utils.io import atomic_write
@@ -39,11 +40,6 @@ from unseg.utils.io import atomic_write
 CropMode = Literal["cache", "roi", "backbone"]
 CROP_MODES: tuple[str, ...] = ("cache", "roi", "backbone")
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def as_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (0–255) or float images in ``[0, 1]`` → float32 in ``[0, 1]`` (same shape)."""
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def crop_images(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -76,9 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, feature_moments, stack_crops
-from unseg.methods.crop_cache import CropSource, as_float_images
+from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss

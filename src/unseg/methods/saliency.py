@@ -35,10 +35,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
 from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseConfig
-from unseg.methods.crop_cache import CropSource, as_float_images
+from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.methods.multiscale import consistency_loss

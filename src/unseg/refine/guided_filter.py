@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unseg.data.color import luma
+from unseg.data.color import as_float_images, luma
 from unseg.errors import UnsegError
 from unseg.utils.options import option
 
@@ -237,8 +237,7 @@ class GreyGuides:
             if self.sums:
                 parts.append(x.sum(dim=1, keepdim=True, dtype=torch.int16))
             else:
-                x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-                parts.append(luminance(x, mode))
+                parts.append(luminance(as_float_images(x), mode))
         self.values = torch.cat(parts).to(device or images.device)
 
     def __len__(self) -> int:
