@@ -53,7 +53,7 @@ from unseg.errors import UnsegError
 from unseg.pipelines.kind import Kind, Prediction, Settings
 from unseg.pipelines.kinds import create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
-from unseg.pipelines.saliency import SPECTRAL, mask_source
+from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
@@ -163,7 +163,8 @@ class Segmenter:
         options.update(source_options or {})
         finder = Segmenter(method, backbone=self.backbone, seed=self.seed, device=self.device,
                            **options)
-        masks = finder.fit_predict(_as_images(inputs))
+        with mask_source_context(source_options):
+            masks = finder.fit_predict(_as_images(inputs))
         by_path = dict(zip(inputs.paths, masks, strict=True))
         return lambda paths: mask_proposals(paths, [by_path[p] for p in paths])
 

@@ -396,15 +396,17 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
     (measured best for MaskContrast), not discover's CNN default, dense CRF and five heads;
     other sources run with discover's own defaults; the run's seed is the discovery's."""
     import unseg.pipelines.folder as folder
+    from unseg.methods.collapse import _OVERSIZED_REASON
     from unseg.methods.found import CNN_THRESHOLD
     from unseg.pipelines.kind import Settings
     from unseg.utils.batch import BatchReport
 
-    seen, seeds = {}, set()
+    seen, seeds, expected = {}, set(), {}
 
     def fake_discover(images, out_dir, method, *, options=None, settings=None, **kw):
         seen[method] = options
         seeds.add(settings.seed)
+        expected[method] = _OVERSIZED_REASON.get()
         return BatchReport()
 
     monkeypatch.setattr(folder, "discover", fake_discover)
@@ -415,6 +417,10 @@ def test_maskcontrast_masks_come_from_found_at_the_reference_threshold(tmp_path,
     assert seen == {"found": {"bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1},
                     "spectral": None, "saliency-head": None}
     assert seen["found"]["bkg_threshold"] != CNN_THRESHOLD
+    # the raised threshold's large masks are expected (an INFO line, not the seed advice)
+    assert "threshold 0.3" in expected["found"] and "MaskContrast" in expected["found"]
+    assert expected["spectral"] is None and expected["saliency-head"] is None
+    assert _OVERSIZED_REASON.get() is None  # the context ends with the discovery
 
 
 def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
@@ -423,12 +429,13 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
     CNN default, 0.2, before), spectral below, with the settings and seed it was given."""
     import unseg.segmenter as segmenter_module
     from unseg.data.memory import ImageInputs
+    from unseg.methods.collapse import _OVERSIZED_REASON
     from unseg.pipelines.saliency import MIN_TRAIN_IMAGES
 
     seen = []
 
     def fake_fit_predict(self, images):
-        seen.append((self.method, self.seed, dict(self.options)))
+        seen.append((self.method, self.seed, dict(self.options), _OVERSIZED_REASON.get()))
         return [np.zeros((2, 2), np.uint8) for _ in images]
 
     monkeypatch.setattr(segmenter_module.Segmenter, "fit_predict", fake_fit_predict)
@@ -437,7 +444,10 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
         arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
         seg = segmenter_module.Segmenter("maskcontrast", tap="s16", seed=4)
         seg._discovered_masks(ImageInputs(paths, arrays))
+    from unseg.pipelines.saliency import MASK_SOURCE_LARGE
+
     assert seen == [
-        ("found", 4, {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1}),
-        ("spectral", 4, {"tap": "s16"}),
+        ("found", 4, {"tap": "s16", "bkg_threshold": 0.3, "dense_crf": False, "ensemble": 1},
+         MASK_SOURCE_LARGE),
+        ("spectral", 4, {"tap": "s16"}, None),
     ]

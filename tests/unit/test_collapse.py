@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from unseg.errors import UnsegError
-from unseg.methods.collapse import CollapseCheck, CollapseConfig
+from unseg.methods.collapse import CollapseCheck, CollapseConfig, oversized_expected
 from unseg.methods.found import FoundConfig, FoundHead
 from unseg.methods.saliency import SaliencyHead, SaliencyHeadConfig
 from unseg.methods.saliency_head import SaliencyHeadNet
@@ -116,6 +117,37 @@ def test_oversized_masks_fire_between_the_typical_and_the_mostly_foreground_shar
     maps[:, :, 5:7] = 0.2  # 50 %: a large object, not oversized
     assert _verdict(maps) == "ok"
     assert _verdict(maps, config=CollapseConfig(max_typical_foreground=0.4)) == "oversized"
+
+
+def _report(maps: torch.Tensor):
+    check = CollapseCheck()
+    check.update(maps)
+    return check.report([0.5, 0.4])
+
+
+def test_an_expected_oversized_flag_is_an_info_line_with_its_reason(caplog):
+    """Inside ``oversized_expected`` an oversized verdict is logged at INFO with the caller's
+    reason instead of the advice to change seed or method; outside it, and for a collapse
+    inside it, the warning stays."""
+    log = logging.getLogger("unseg.test_collapse")
+    large = torch.zeros(10, 1, 10, 10)
+    large[:, :, :7] = 0.8  # 70 %: oversized
+    allfg = torch.ones(10, 1, 10, 10)
+    allfg[:, :, 0, 0] = 0.0  # all-foreground, not constant
+    with caplog.at_level(logging.INFO, logger=log.name):
+        _report(large).log(log)
+        with oversized_expected("the caller asked for large masks"):
+            _report(large).log(log, "prediction")
+            _report(allfg).log(log)
+            _report(_maps()).log(log)  # sound maps: nothing
+        _report(large).log(log)
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [lv for lv, _ in levels] == [logging.WARNING, logging.INFO, logging.WARNING,
+                                        logging.WARNING]
+    assert "use another seed" in levels[0][1] and "use another seed" in levels[3][1]
+    assert levels[1][1].endswith("expected here: the caller asked for large masks")
+    assert "predicted images" in levels[1][1] and "use another seed" not in levels[1][1]
+    assert "all-foreground" in levels[2][1]
 
 
 @pytest.mark.parametrize(

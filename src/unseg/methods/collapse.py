@@ -26,6 +26,8 @@ fails: a head can pass on its training images and still collapse on other images
   False): a FOUND-style head trained on VOC2007, whose objects are often large, called more than
   60 % of its training images foreground yet scored the session's best ECSSD IoU (50.6), and a
   folder of close-ups can trip it too;
+  A caller that asks for large masks on purpose (MaskContrast's mask source) runs the head
+  inside :func:`oversized_expected`, which turns this flag into an INFO line with its reason;
 - ``"constant"``: the spatial standard deviation of ``p`` is below ``min_std`` (1e-3) for at
   least ``fraction`` of the images (a map that ignores the image, whatever its level);
 - ``"ok"`` otherwise.
@@ -33,8 +35,11 @@ fails: a head can pass on its training images and still collapse on other images
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -43,6 +48,20 @@ import torch
 from unseg.errors import UnsegError
 
 MIN_PREDICTED = 5  # fewer predicted images say too little about a method to warn on
+
+_OVERSIZED_REASON: ContextVar[str | None] = ContextVar("unseg_oversized_reason", default=None)
+
+
+@contextmanager
+def oversized_expected(reason: str) -> Iterator[None]:
+    """Within it, an ``"oversized"`` verdict is expected for ``reason`` (a caller that asks for
+    large masks on purpose): :meth:`CollapseReport.log` gives the reason instead of the advice
+    to change seed or method, at INFO instead of WARNING. The other verdicts still warn."""
+    token = _OVERSIZED_REASON.set(reason)
+    try:
+        yield
+    finally:
+        _OVERSIZED_REASON.reset(token)
 
 
 @dataclass(frozen=True)
@@ -91,12 +110,16 @@ class CollapseReport:
         )
         if self.verdict == "oversized":
             which = "training" if of == "training" else "predicted"
+            reason = _OVERSIZED_REASON.get()
+            advice = (
+                f"expected here: {reason}" if reason else
+                "the cut likely fell on the wrong side or between two background regions: use "
+                "another seed or method, unless these images are close-ups"
+            )
             return (
                 f"the masks look oversized: over {self.n_images} {which} images they call "
                 f"{self.mean_foreground:.0%} of the pixels foreground (objects typically cover a "
-                "quarter to a half); the cut likely fell on the wrong side or between two "
-                "background regions: use another seed or method, unless these images are "
-                "close-ups"
+                f"quarter to a half); {advice}"
             )
         if of == "prediction":
             if not self.failed:
@@ -115,6 +138,15 @@ class CollapseReport:
             f"head training failed ({self.verdict}): over {self.n_images} training images, "
             f"{evidence}; loss final {self.final_loss} / min {self.min_loss}"
         )
+
+    def log(self, logger: logging.Logger,
+            of: Literal["training", "prediction"] = "training") -> None:
+        """Log :meth:`message` to ``logger`` when the report is flagged: a warning, or INFO for
+        an ``"oversized"`` verdict inside :func:`oversized_expected`."""
+        if not self.flagged:
+            return
+        expected = self.verdict == "oversized" and _OVERSIZED_REASON.get() is not None
+        logger.log(logging.INFO if expected else logging.WARNING, "%s", self.message(of))
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able fields, with ``failed``."""

@@ -74,8 +74,7 @@ class HeadEstimator:
         """The collapse check of the trained head on its training set, warned about when
         flagged."""
         self.collapse_ = self.check_collapse(features, images)
-        if self.collapse_.flagged:
-            logger.warning("%s", self.collapse_.message())
+        self.collapse_.log(logger)
 
     def net_state(self) -> dict[str, torch.Tensor]:
         """The fitted network's weights, detached on the CPU."""

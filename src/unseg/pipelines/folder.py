@@ -33,7 +33,7 @@ from unseg.layout import BOXES_FILE, DISCOVER_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.kinds import create_kind, run_kind
 from unseg.pipelines.label_maps import gather_report, overlay_image
-from unseg.pipelines.saliency import mask_source
+from unseg.pipelines.saliency import mask_source, mask_source_context
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import atomic_write, save_png_atomic, write_json_atomic
@@ -164,10 +164,11 @@ def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> Ba
     that trains on the masks; the run's seed is the discovery's too."""
     method, options, why = mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
-    found = discover(images, out_dir, method, options=options, settings=Settings(
-        backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
-        device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
-    ))
+    with mask_source_context(options):
+        found = discover(images, out_dir, method, options=options, settings=Settings(
+            backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
+            device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
+        ))
     if not found.written:
         raise UnsegError(f"{images}: discover wrote no mask")
     return found
