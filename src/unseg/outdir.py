@@ -49,7 +49,7 @@ from typing import Any, Literal
 from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import MANIFEST_FILE, MASKS_DIR
-from unseg.utils.io import write_json_atomic
+from unseg.utils.io import make_folder, write_json_atomic
 from unseg.utils.timing import Timings, collect
 
 logger = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ def claim(
     }
     record = CommandRecord(folder, {"format_version": MANIFEST_VERSION,
                                     "commands": [*earlier, entry]}, entry, files, created)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     write_json_atomic(folder / MANIFEST_FILE, record.manifest)
     return record
 
