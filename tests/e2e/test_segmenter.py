@@ -182,6 +182,17 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.predict_boxes([np.zeros((64, 64, 3), np.uint8)])
 
 
+@pytest.mark.parametrize("method", ["kmeans", "primaps-em", "maskcontrast"])
+def test_size_and_max_side_are_checked_with_the_commands_messages(method: str) -> None:
+    """`unseg segment --size 7` is refused; the Segmenter took it and failed later on an
+    unrelated message (or not at all)."""
+    with pytest.raises(UnsegError, match="--size 7: must be 64 to 2048 with efficientnet_lite0"):
+        unseg.Segmenter(method, backbone=BACKBONE, size=7)
+    if method != "maskcontrast":  # it has no max_side
+        with pytest.raises(UnsegError, match=r"--max-side 10: must be 0 \(no limit\)"):
+            unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names
