@@ -121,6 +121,7 @@ class Segmenter:
         self._kind: Kind = create_kind(method, num_classes, config_options, settings)
         self._fitted: Any = None
         self._fit_inputs: ImageInputs | None = None
+        self._loaded_from: Path | None = None
         self.timings = Timings()
 
     @property
@@ -139,7 +140,12 @@ class Segmenter:
     # -------------------------------------------------------------------------- fit
     def fit(self, images: Any) -> Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
-        ``spectral`` only opens its backbone."""
+        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts."""
+        if self._loaded_from is not None:
+            raise UnsegError(
+                f"this {self.method} Segmenter was loaded from the run {self._loaded_from}: it "
+                f"predicts; to fit, make a new one: Segmenter({self.method!r}, ...)"
+            )
         inputs = self._inputs(images)
         kind = self._kind
         if kind.needs_masks:
@@ -252,7 +258,7 @@ class Segmenter:
         seg.num_classes, seg.backbone, seg.device = num_classes, meta["backbone"], device
         seg.seed = int(options.pop("seed", 0) or 0)
         seg.options = dict(options)
-        seg._fitted, seg._fit_inputs = fitted, None
+        seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
         seg.timings = Timings()
         return seg
 

@@ -193,6 +193,19 @@ def test_size_and_max_side_are_checked_with_the_commands_messages(method: str) -
             unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
 
 
+def test_a_loaded_segmenter_refuses_to_fit_with_a_message(tmp_path: Path) -> None:
+    """Segmenter.load(run).fit(images) died on `assert pool is not None`."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    loaded = unseg.Segmenter.load(seg.fit([image]).save(tmp_path / "run"))
+    with pytest.raises(UnsegError, match=r"loaded from the run .*run: it predicts"):
+        loaded.fit([image])
+    with pytest.raises(UnsegError, match="it predicts"):
+        loaded.fit_predict([image])
+    np.testing.assert_array_equal(loaded.predict([image])[0], seg.predict([image])[0])
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names
