@@ -42,6 +42,7 @@ the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pix
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,10 @@ class Segmenter:
         device: str | None = None,
         **options: Any,
     ) -> None:
+        for name, value in (("num_classes", num_classes), ("seed", seed)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral)):
+                raise UnsegError(f"{name}: expected an integer, got {value!r}")
         self.method = method
         self.num_classes = num_classes
         self.backbone = backbone

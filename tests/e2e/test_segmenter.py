@@ -206,6 +206,15 @@ def test_a_loaded_segmenter_refuses_to_fit_with_a_message(tmp_path: Path) -> Non
     np.testing.assert_array_equal(loaded.predict([image])[0], seg.predict([image])[0])
 
 
+@pytest.mark.parametrize("bad", [{"num_classes": 2.5}, {"num_classes": "5"}, {"seed": "a"},
+                                 {"seed": 1.5}, {"num_classes": True}])
+def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:
+    """num_classes=2.5 silently became 2 classes; seed='a' died in seed_everything."""
+    name, value = next(iter(bad.items()))
+    with pytest.raises(UnsegError, match=f"{name}: expected an integer, got {value!r}"):
+        unseg.Segmenter("kmeans", backbone=BACKBONE, **bad)
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names
