@@ -224,9 +224,10 @@ class Segmenter:
         return [out[p] for p in inputs.paths]
 
     def predict_boxes(self, images: Any) -> list[list[float] | None]:
-        """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixels, inclusive) of the largest
-        4-connected component of each mask above 0.5, or None for an empty mask, as
-        ``boxes.json`` of ``unseg discover``."""
+        """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixel edges: ``x1``/``y1`` one past
+        the last column/row, as :mod:`unseg.metrics.corloc`) of the largest 4-connected
+        component of each mask above 0.5, or None for an empty mask, as ``boxes.json`` of
+        ``unseg discover``."""
         if self._kind.labels:
             raise UnsegError(f"{self.method} is a {self.output} method; boxes come from "
                              "saliency methods")
