@@ -49,7 +49,7 @@ from typing import Any, Literal
 from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import MANIFEST_FILE, MASKS_DIR
-from unseg.utils.io import write_json_atomic
+from unseg.utils.io import make_folder, write_json_atomic
 from unseg.utils.timing import Timings, collect
 
 logger = logging.getLogger(__name__)
@@ -307,10 +307,24 @@ def _attribute(commands: list[dict[str, Any]], files: Mapping[str, Signature]
     return sorted(set(files) & recorded), unrecorded
 
 
+def _check_not_read(folder: Path, ours: list[str], reads: Sequence[str | Path]) -> None:
+    """Refuse to delete a recorded file that is, or lies under, a path the command reads (the
+    run of `unseg predict OUT/run IMAGES --out OUT --overwrite`, images inside ``OUT``)."""
+    sources = [Path(r).resolve() for r in reads]
+    hit = {rel: src for rel in ours for src in sources
+           if (path := (folder / rel).resolve()) == src or src in path.parents}
+    if hit:
+        shown = ", ".join(sorted({str(src) for src in hit.values()}))
+        raise UnsegError(f"{folder}: --overwrite would delete {summarize(sorted(hit))}, which "
+                         f"this command reads ({shown}); choose another --out")
+
+
 def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: list[str],
-           command: str, settings: Mapping[str, Any], mode: Mode) -> None:
+           command: str, settings: Mapping[str, Any], mode: Mode,
+           reads: Sequence[str | Path] = ()) -> None:
     """Refuse a used folder for ``new``, a different configuration for ``resume``, files
-    unseg did not write for ``overwrite``; delete the recorded files for ``overwrite``."""
+    unseg did not write or that the command reads (``reads``) for ``overwrite``; delete the
+    recorded files for ``overwrite``."""
     diffs = differences(
         _compared(last.get("command", "?"), last.get("unseg_version", "?"),
                   last.get("settings", {})),
@@ -337,6 +351,7 @@ def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: l
         return
     if unrecorded:
         raise _foreign(folder, unrecorded, True)
+    _check_not_read(folder, ours, reads)
     logger.info("%s: deleting %s of %s", folder, summarize(ours), _describe(last))
     _remove(folder, ours)
 
@@ -347,13 +362,15 @@ def claim(
     settings: Mapping[str, Any],
     mode: Mode = "new",
     argv: Sequence[str] = (),
+    reads: Sequence[str | Path] = (),
 ) -> CommandRecord:
     """Check that ``command`` may write into ``folder`` (see the module docstring for the
     rules; ``mode``: ``new``, ``resume`` or ``overwrite``), delete the previous outputs for
     ``overwrite``, and record the command as running in the manifest.
 
     ``settings``: the command's configuration (JSON-able, by option name); ``argv``: its
-    command line. Raises :class:`UnsegError` naming the folder, what is there and what to do.
+    command line; ``reads``: the files and folders it reads, which ``overwrite`` never
+    deletes. Raises :class:`UnsegError` naming the folder, what is there and what to do.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -367,7 +384,8 @@ def claim(
         _check_not_in_use(folder, manifest["commands"])
         ours, unrecorded = _attribute(manifest["commands"], files)
         if ours:
-            _reuse(folder, manifest["commands"][-1], ours, unrecorded, command, settings, mode)
+            _reuse(folder, manifest["commands"][-1], ours, unrecorded, command, settings, mode,
+                   reads)
             resumed = mode == "resume"
             files = scan(folder)
         elif unrecorded:
@@ -396,7 +414,7 @@ def claim(
     }
     record = CommandRecord(folder, {"format_version": MANIFEST_VERSION,
                                     "commands": [*earlier, entry]}, entry, files, created)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     write_json_atomic(folder / MANIFEST_FILE, record.manifest)
     return record
 
@@ -408,12 +426,13 @@ def recorded(
     settings: Mapping[str, Any],
     mode: Mode = "new",
     argv: Sequence[str] = (),
+    reads: Sequence[str | Path] = (),
 ) -> Iterator[CommandRecord]:
     """:func:`claim` the folder for the block, gather the stage timings of the command into
     the record's ``timings``, and :meth:`~CommandRecord.close` the record however the block
     ends: ``finished`` (with the ``exit_code`` the block set), ``interrupted`` on Ctrl-C or a
     signal's exit, ``failed`` otherwise."""
-    record = claim(folder, command, settings, mode, argv)
+    record = claim(folder, command, settings, mode, argv, reads)
     with collect() as timings:
         record.timings = timings
         try:

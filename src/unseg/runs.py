@@ -21,7 +21,7 @@ from unseg._version import __version__
 from unseg.errors import UnsegError
 from unseg.layout import CONFIG_FILE, WEIGHTS_FILE
 from unseg.registry import MethodSpec, Output, config_from_dict, config_to_dict, get_method
-from unseg.utils.io import atomic_write, write_json_atomic
+from unseg.utils.io import atomic_write, make_folder, write_json_atomic
 
 RUN_FORMAT_VERSION = 2  # 2: estimator state_dict, registry config, prediction defaults
 
@@ -38,7 +38,7 @@ def save_run(
     ``extra`` holds JSON-able facts needed at prediction time (e.g. backbone name, image size).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     cfg = asdict(config) if is_dataclass(config) else dict(config)
     meta = {
         "method": method,

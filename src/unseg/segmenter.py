@@ -42,6 +42,7 @@ the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pix
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,10 @@ class Segmenter:
         device: str | None = None,
         **options: Any,
     ) -> None:
+        for name, value in (("num_classes", num_classes), ("seed", seed)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral)):
+                raise UnsegError(f"{name}: expected an integer, got {value!r}")
         self.method = method
         self.num_classes = num_classes
         self.backbone = backbone
@@ -121,6 +126,7 @@ class Segmenter:
         self._kind: Kind = create_kind(method, num_classes, config_options, settings)
         self._fitted: Any = None
         self._fit_inputs: ImageInputs | None = None
+        self._loaded_from: Path | None = None
         self.timings = Timings()
 
     @property
@@ -139,7 +145,12 @@ class Segmenter:
     # -------------------------------------------------------------------------- fit
     def fit(self, images: Any) -> Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
-        ``spectral`` only opens its backbone."""
+        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts."""
+        if self._loaded_from is not None:
+            raise UnsegError(
+                f"this {self.method} Segmenter was loaded from the run {self._loaded_from}: it "
+                f"predicts; to fit, make a new one: Segmenter({self.method!r}, ...)"
+            )
         inputs = self._inputs(images)
         kind = self._kind
         if kind.needs_masks:
@@ -214,9 +225,10 @@ class Segmenter:
         return [out[p] for p in inputs.paths]
 
     def predict_boxes(self, images: Any) -> list[list[float] | None]:
-        """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixels, inclusive) of the largest
-        4-connected component of each mask above 0.5, or None for an empty mask, as
-        ``boxes.json`` of ``unseg discover``."""
+        """Saliency methods: the box ``[x0, y0, x1, y1]`` (pixel edges: ``x1``/``y1`` one past
+        the last column/row, as :mod:`unseg.metrics.corloc`) of the largest 4-connected
+        component of each mask above 0.5, or None for an empty mask, as ``boxes.json`` of
+        ``unseg discover``."""
         if self._kind.labels:
             raise UnsegError(f"{self.method} is a {self.output} method; boxes come from "
                              "saliency methods")
@@ -253,7 +265,7 @@ class Segmenter:
         seg.num_classes, seg.backbone, seg.device = num_classes, meta["backbone"], device
         seg.seed = int(options.pop("seed", 0) or 0)
         seg.options = dict(options)
-        seg._fitted, seg._fit_inputs = fitted, None
+        seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
         seg.timings = Timings()
         return seg
 

@@ -249,3 +249,29 @@ def test_chunked_progress_counts_images(monkeypatch) -> None:
     assert bar.total == 7 and bar.unit == "img" and bar.updates == [3, 3, 1]
     with pytest.raises(ValueError, match="chunk size"):
         list(progress_module.chunked(items, 0))
+
+
+def test_overwrite_never_deletes_the_run_that_predict_reads(
+    segmented, tmp_path: Path, capsys
+) -> None:
+    images, out, _ = segmented
+    out = _copy(out, tmp_path)
+    before = _files(out)
+    args = ["-q", "predict", str(out / "run"), str(images), "--out", str(out), "--overwrite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite would delete" in err and "which this command reads" in err
+    assert _files(out) == before  # the fitted run is still there
+
+
+def test_an_out_under_a_file_is_a_usage_error(segmented, tmp_path: Path, capsys) -> None:
+    images, out, _ = segmented
+    (tmp_path / "afile").write_text("x")
+    args = ["-q", "segment", str(images), *FAST, "-k", "3", "--out", str(tmp_path / "afile/o")]
+    assert main(args) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert main(["-q", "report", str(out), "--out", str(tmp_path / "afile/r.html")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert main(["-q", "report", str(out), "--out", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

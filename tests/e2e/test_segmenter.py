@@ -182,6 +182,39 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.predict_boxes([np.zeros((64, 64, 3), np.uint8)])
 
 
+@pytest.mark.parametrize("method", ["kmeans", "primaps-em", "maskcontrast"])
+def test_size_and_max_side_are_checked_with_the_commands_messages(method: str) -> None:
+    """`unseg segment --size 7` is refused; the Segmenter took it and failed later on an
+    unrelated message (or not at all)."""
+    with pytest.raises(UnsegError, match="--size 7: must be 64 to 2048 with efficientnet_lite0"):
+        unseg.Segmenter(method, backbone=BACKBONE, size=7)
+    if method != "maskcontrast":  # it has no max_side
+        with pytest.raises(UnsegError, match=r"--max-side 10: must be 0 \(no limit\)"):
+            unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
+
+
+def test_a_loaded_segmenter_refuses_to_fit_with_a_message(tmp_path: Path) -> None:
+    """Segmenter.load(run).fit(images) died on `assert pool is not None`."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    loaded = unseg.Segmenter.load(seg.fit([image]).save(tmp_path / "run"))
+    with pytest.raises(UnsegError, match=r"loaded from the run .*run: it predicts"):
+        loaded.fit([image])
+    with pytest.raises(UnsegError, match="it predicts"):
+        loaded.fit_predict([image])
+    np.testing.assert_array_equal(loaded.predict([image])[0], seg.predict([image])[0])
+
+
+@pytest.mark.parametrize("bad", [{"num_classes": 2.5}, {"num_classes": "5"}, {"seed": "a"},
+                                 {"seed": 1.5}, {"num_classes": True}])
+def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:
+    """num_classes=2.5 silently became 2 classes; seed='a' died in seed_everything."""
+    name, value = next(iter(bad.items()))
+    with pytest.raises(UnsegError, match=f"{name}: expected an integer, got {value!r}"):
+        unseg.Segmenter("kmeans", backbone=BACKBONE, **bad)
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names

@@ -8,7 +8,14 @@ import stat
 import numpy as np
 import pytest
 
-from unseg.utils.io import file_mode, save_png_atomic, write_bytes_atomic, write_json_atomic
+from unseg.errors import UnsegError
+from unseg.utils.io import (
+    file_mode,
+    make_folder,
+    save_png_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -26,3 +33,18 @@ def test_outputs_get_the_mode_of_a_plain_new_file(tmp_path, umask):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
     finally:
         os.umask(old)
+
+
+def test_a_path_that_cannot_be_written_is_an_error_naming_it(tmp_path):
+    """A parent that is a file, or a target that is a folder: one clear error, no temp file."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UnsegError, match=r"afile/sub/a.json: cannot create its folder .*afile "
+                       r"is a file, not a folder"):
+        write_json_atomic(tmp_path / "afile" / "sub" / "a.json", {"x": 1})
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UnsegError, match=r"folder: is a folder, not a file"):
+        write_json_atomic(tmp_path / "folder", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+    with pytest.raises(UnsegError, match=r"afile/run: cannot create this folder \(.*afile is a "
+                       r"file, not a folder\)"):
+        make_folder(tmp_path / "afile" / "run")

@@ -86,6 +86,14 @@ def test_bad_input_is_a_clear_error() -> None:
         CosineKMeans().predict(x)
 
 
+@pytest.mark.parametrize("field", ["n_init", "chunk_size"])
+def test_a_count_below_one_is_refused_with_the_config(field: str) -> None:
+    """`--n-init 0` ended in an AssertionError after the features, `--chunk-size 0` in a
+    ValueError from range(): both are refused when the config is made."""
+    with pytest.raises(UnsegError, match=f"{field} must be at least 1, got 0"):
+        KMeansConfig(**{field: 0})
+
+
 def feature_maps(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
     """``n`` maps ``[8, 5, 6]`` of three planted directions plus noise, far from the origin."""
     g = torch.Generator().manual_seed(seed)

@@ -260,3 +260,16 @@ def test_differences_fingerprints_and_summaries_by_hand() -> None:
     assert summarize(["masks/a.png", "masks/b.png", "report.html"]) == (
         "3 file(s): masks/ (2), report.html")
     assert summarize([f"f{i}" for i in range(8)], limit=2) == "8 file(s): f0, f1, and 6 more"
+
+
+def test_overwrite_refuses_to_delete_what_the_command_reads(tmp_path: Path) -> None:
+    """`unseg predict OUT/run IMAGES --out OUT --overwrite` must not delete the run it reads."""
+    _run(tmp_path, ["masks/a.png", "run/config.json", "run/weights.safetensors"])
+    with pytest.raises(UnsegError, match=r"--overwrite would delete 2 file\(s\): run/ \(2\), "
+                       r"which this command reads \(.*run\)"):
+        claim(tmp_path, "predict", SETTINGS, "overwrite", reads=[tmp_path / "run"])
+    assert _on_disk(tmp_path) == {"masks/a.png", "run/config.json", "run/weights.safetensors"}
+    with pytest.raises(UnsegError, match=r"would delete 1 file\(s\): masks/ \(1\), which"):
+        claim(tmp_path, "segment", SETTINGS, "overwrite", reads=[tmp_path / "masks" / "a.png"])
+    claim(tmp_path, "segment", SETTINGS, "overwrite", reads=[tmp_path.parent / "elsewhere"])
+    assert _on_disk(tmp_path) == set()

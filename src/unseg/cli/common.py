@@ -215,6 +215,13 @@ def _write_report(write: Callable[[], Path]) -> Path | None:
         return None
 
 
+def read_paths(args: argparse.Namespace) -> list[Path]:
+    """The files and folders a command reads (its inputs, run, weights, ground truth): what
+    ``--overwrite`` must not delete. The feature cache is not one: it is rebuilt."""
+    names = (PATH_SETTINGS - {"cache_dir"}) | {"gt"}
+    return [Path(v) for name in sorted(names) if (v := getattr(args, name, None)) is not None]
+
+
 def run_into_output(
     args: argparse.Namespace,
     command: str,
@@ -231,7 +238,7 @@ def run_into_output(
         raise UnsegError(f"{args.gt}: no such ground-truth folder (--gt)")
     mode: Mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     with recorded(args.out, command, command_settings(args, positional), mode,
-                  sys.argv) as record:
+                  sys.argv, reads=read_paths(args)) as record:
         outcome = work()
         page = None
         if outcome.report is not None and getattr(args, "report", False):

@@ -47,6 +47,13 @@ class KMeansConfig:
     )
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse counts that leave nothing to run (no restart, an empty distance block)."""
+        for name in ("n_init", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise UnsegError(f"{name} must be at least 1, got {value}")
+
 
 def _best_similarity(
     x: torch.Tensor, centers: torch.Tensor, chunk: int

@@ -54,7 +54,12 @@ from unseg.methods.maskcontrast import (
     photometric_view,
     weighted_prototype,
 )
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.backbone import (
+    check_resolution,
+    open_backbone,
+    open_fitted_backbone,
+    resolve_backbone_name,
+)
 from unseg.pipelines.fitting import build_config, check_fit_inputs
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
@@ -368,6 +373,7 @@ class MaskContrastKind(Kind):
         _check_classes(k)
         _check_clusters(settings.clusters)
         settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
+        check_resolution(settings.size, None, settings.backbone, settings.tap)
         return cls(maskcontrast_config(options, settings.seed), settings, k)
 
     @classmethod

@@ -41,7 +41,12 @@ from unseg.features import FeatureSet, extract_features
 from unseg.layout import CACHE_DIR
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
-from unseg.pipelines.backbone import open_backbone, open_fitted_backbone, resolve_backbone_name
+from unseg.pipelines.backbone import (
+    check_resolution,
+    open_backbone,
+    open_fitted_backbone,
+    resolve_backbone_name,
+)
 from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.fitting import build_config, extras_for, fit_estimator, training_inputs
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
@@ -157,7 +162,10 @@ def _method(
     _check(spec, num_classes, settings)
     if settings.embeddings:
         settings = _embedding_backbone(settings)
-    settings = replace(settings, backbone=resolve_backbone_name(settings.backbone),
+    backbone = resolve_backbone_name(settings.backbone)
+    if not settings.embeddings:  # the embedding run's size was checked when it was fitted
+        check_resolution(settings.size, settings.max_side, backbone, settings.tap)
+    settings = replace(settings, backbone=backbone,
                        max_side=resolve_max_side(settings.size, settings.max_side) or 0)
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
 

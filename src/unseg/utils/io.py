@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from unseg.errors import UnsegError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -37,14 +39,38 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def _why_not(folder: Path, exc: OSError) -> str:
+    """Why ``folder`` could not be created: an ancestor that is a file, else the OS's words."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    return f"{blocker} is a file, not a folder" if blocker is not None else str(exc.strerror)
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and its parents (it may exist); an :class:`UnsegError` naming it and
+    why when it cannot be (an ancestor that is a file, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnsegError(f"{folder}: cannot create this folder ({_why_not(folder, exc)})") from None
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The result gets the usual mode of a new file (:func:`file_mode`), not ``mkstemp``'s 0600.
+    A ``path`` that is a folder, or whose folder cannot be created, is an :class:`UnsegError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UnsegError(f"{path}: is a folder, not a file; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnsegError(f"{path}: cannot create its folder {path.parent} "
+                         f"({_why_not(path.parent, exc)})") from None
     tmp_path: Path | None = None
     try:  # an interrupt (Ctrl-C, SIGTERM) right after mkstemp must not leave the temp file
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
