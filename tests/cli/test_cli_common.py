@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from unseg.backbones import backbone_weights_sha256, create_backbone, create_fitted_backbone
-from unseg.cli.main import build_parser
+from unseg.cli.main import build_parser, parse_args
 from unseg.errors import UnsegError
 
 COMMANDS = [
@@ -26,6 +26,25 @@ COMMANDS = [
 def test_backbone_commands_take_weights(argv):
     args = build_parser().parse_args([*argv, "--backbone", "dino_vits8", "--weights", "w.pth"])
     assert args.backbone == "dino_vits8" and args.weights == "w.pth"
+
+
+LOGGED = [*COMMANDS, ["predict", "run", "imgs", "--out", "o"], ["report", "o"],
+          ["evaluate", "semantic", "--pred", "p", "--gt", "g", "--num-classes", "3"]]
+
+
+@pytest.mark.parametrize("argv", LOGGED, ids=lambda a: " ".join(a[:2]))
+def test_verbose_and_quiet_may_follow_the_command(argv):
+    """`unseg segment ... -q` was "unrecognized arguments": -v/-q worked only before the
+    command. Now either place counts, the -v counts add up, and nothing else is left behind
+    (the settings --resume compares are the same either way)."""
+    before = parse_args(["-v", "-q", *argv])
+    after = parse_args([*argv, "-v", "-q"])
+    assert vars(after) == vars(before)
+    assert (after.verbose, after.quiet) == (1, True)
+    assert parse_args(["-v", *argv, "-vv"]).verbose == 3
+    plain = parse_args(argv)
+    assert (plain.verbose, plain.quiet) == (0, False)
+    assert set(vars(plain)) == set(vars(after))
 
 
 def test_predict_takes_weights():

@@ -45,13 +45,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unsupervised image segmentation on frozen self-supervised backbones.",
     )
     parser.add_argument("--version", action="version", version=f"unseg {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _add_logging_flags(parser, 0)
     return parser
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser, level: int) -> None:
+    """``-v`` / ``-q`` on ``parser`` and on every (sub)command under it, so that they may also
+    follow the command. Below the top (``level`` > 0) each level has its own destination,
+    absent unless given, since a subcommand's values replace its parent's: :func:`parse_args`
+    adds them up."""
+    top = level == 0
+    suffix = "" if top else f"_{level}"
+    parser.add_argument("-v", "--verbose", action="count", dest="verbose" + suffix,
+                        default=0 if top else argparse.SUPPRESS, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", dest="quiet" + suffix,
+                        default=False if top else argparse.SUPPRESS, help="no progress bars")
+    children = {id(p): p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                for p in a.choices.values()}  # an alias names the same parser
+    for child in children.values():
+        _add_logging_flags(child, level + 1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed by :func:`build_parser`; ``-v`` and ``-q`` given before or after the
+    command end up in ``verbose`` (the count of all) and ``quiet``."""
+    args = build_parser().parse_args(argv)
+    for name in list(vars(args)):
+        head, _, level = name.rpartition("_")
+        if head == "verbose" and level.isdigit():
+            args.verbose += vars(args).pop(name)
+        elif head == "quiet" and level.isdigit():
+            args.quiet = vars(args).pop(name) or args.quiet
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,8 +111,7 @@ def _terminated() -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     set_progress(not args.quiet and sys.stderr.isatty())
