@@ -18,6 +18,7 @@ from unseg.cli.main import main
 from unseg.data.image import list_images, load_image
 from unseg.data.resize import resolve_max_side
 from unseg.errors import InputFileError, UnsegError
+from unseg.segmenter import Segmenter
 from unseg.utils.device import resolve_device
 
 
@@ -74,6 +75,37 @@ def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -
     assert says in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--workers", "-1"], "--workers must be at least 1, got -1"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--max-iter", "0"], "max_iter must be at least 1, got 0"),
+    (["--tol", "-1"], "tol must be at least 0, got -1"),
+])
+def test_segment_refuses_counts_that_make_no_sense(tmp_path: Path, capsys, flags,
+                                                   says) -> None:
+    """These were taken silently (`--workers -1` ran one thread, `--max-iter 0` no k-means
+    iteration); the Segmenter refuses them with the same words."""
+    images = _one_image(tmp_path / "images")
+    out = tmp_path / "out"
+    code = main(["segment", str(images), "--out", str(out), "-k", "2", "--backbone",
+                 "efficientnet_lite0", "--method", "kmeans", "--refine", "none", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    name, value = flags[0].removeprefix("--").replace("-", "_"), float(flags[1])
+    with pytest.raises(UnsegError, match=says):
+        Segmenter("kmeans", backbone="efficientnet_lite0", **{name: value if name == "tol"
+                                                               else int(value)})
+
+
+def test_report_refuses_a_negative_gallery_size(tmp_path: Path, capsys) -> None:
+    """`unseg report OUT --max-images -3` wrote a page with an empty gallery."""
+    assert main(["report", str(tmp_path), "--max-images", "-3"]) == 2
+    assert "--max-images must be 0 (no gallery) or more, got -3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["features", "fit-maskcontrast"])

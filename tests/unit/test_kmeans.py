@@ -86,12 +86,20 @@ def test_bad_input_is_a_clear_error() -> None:
         CosineKMeans().predict(x)
 
 
-@pytest.mark.parametrize("field", ["n_init", "chunk_size"])
+@pytest.mark.parametrize("field", ["n_init", "max_iter", "chunk_size"])
 def test_a_count_below_one_is_refused_with_the_config(field: str) -> None:
     """`--n-init 0` ended in an AssertionError after the features, `--chunk-size 0` in a
-    ValueError from range(): both are refused when the config is made."""
+    ValueError from range(), `--max-iter 0` fitted the k-means++ seeds without a single
+    iteration: all are refused when the config is made."""
     with pytest.raises(UnsegError, match=f"{field} must be at least 1, got 0"):
         KMeansConfig(**{field: 0})
+
+
+def test_a_negative_tolerance_is_refused_and_zero_kept() -> None:
+    """`--tol -1` was taken silently (the iterations then never stop early)."""
+    with pytest.raises(UnsegError, match="tol must be at least 0, got -1"):
+        KMeansConfig(tol=-1.0)
+    assert KMeansConfig(tol=0.0).tol == 0.0
 
 
 def feature_maps(n: int = 4, seed: int = 0) -> list[torch.Tensor]:

@@ -48,11 +48,14 @@ class KMeansConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        """Refuse counts that leave nothing to run (no restart, an empty distance block)."""
-        for name in ("n_init", "chunk_size"):
+        """Refuse counts that leave nothing to run (no restart, no iteration, an empty
+        distance block) and a negative tolerance."""
+        for name in ("n_init", "max_iter", "chunk_size"):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
                 raise UnsegError(f"{name} must be at least 1, got {value}")
+        if isinstance(self.tol, (int, float)) and self.tol < 0:
+            raise UnsegError(f"tol must be at least 0, got {self.tol}")
 
 
 def _best_similarity(

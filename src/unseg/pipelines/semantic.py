@@ -77,6 +77,12 @@ def default_workers() -> int:
     return max(1, min(8, cpu_count() // dist.world_size()))
 
 
+def check_workers(workers: int | None) -> None:
+    """Refuse a thread count below 1 (None: the default, :func:`default_workers`)."""
+    if workers is not None and workers < 1:
+        raise UnsegError(f"--workers must be at least 1, got {workers}")
+
+
 def _check(spec: MethodSpec, num_classes: int, settings: Settings) -> None:
     if spec.output != "semantic":
         raise UnsegError(f"{spec.name} is a {spec.output} method, not a semantic one")
@@ -89,6 +95,7 @@ def _check(spec: MethodSpec, num_classes: int, settings: Settings) -> None:
         )
     if settings.label_factor < 1:
         raise UnsegError(f"label factor must be >= 1, got {settings.label_factor}")
+    check_workers(settings.num_workers)
     check_refine(settings.refine)
     check_refine(settings.pseudo_refine)
 
@@ -195,6 +202,7 @@ class SemanticKind(Kind):
         predicted at the run's working resolution (``max_side``; none for runs that predate
         it)."""
         spec = get_method(meta["method"])
+        check_workers(overrides.get("workers"))
         settings = Settings(backbone=meta.get("backbone"), device=device,
                             max_pixels=overrides.get("max_pixels"),
                             num_workers=overrides.get("workers"))

@@ -20,6 +20,7 @@ from typing import Any
 
 from unseg._version import __version__
 from unseg.data.image import max_pixels_default
+from unseg.errors import UnsegError
 from unseg.layout import CONFIG_FILE, REPORT_FILE
 from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
@@ -349,6 +350,8 @@ def write_report(
     ``max_pixels``: the per-file pixel limit (default: the ``--max-pixels`` the folder's run
     was given, else Pillow's). The page is written atomically.
     """
+    if max_images < 0:
+        raise UnsegError(f"--max-images must be 0 (no gallery) or more, got {max_images}")
     outputs = find_outputs(output_dir, images, run)
     if max_pixels is None:
         max_pixels = recorded_max_pixels(outputs.output_dir)
