@@ -297,6 +297,30 @@ def test_guided_filter_options_under_the_crf_say_they_do_nothing(folder, tmp_pat
     assert "do nothing" in _refinement({"guided_filter": True})
 
 
+def test_predict_refuses_the_options_of_another_kind_of_run(folder, tmp_path, capsys):
+    """`predict SEMANTIC_RUN --guided-filter` was silently ignored (the option is the saliency
+    runs'): an option of another kind of run is refused, as an option of another method is."""
+    found, km = tmp_path / "found", tmp_path / "km"
+    assert main(["-q", "fit", "found", str(folder), "--out", str(found), "--backbone", BACKBONE,
+                 "--steps", "2", "--size", "64"]) == 1
+    assert main(["-q", "fit", "kmeans", str(folder), "-k", "2", "--out", str(km), "--backbone",
+                 BACKBONE, "--size", "64", "--refine", "none", "--workers", "1"]) == 1
+    capsys.readouterr()
+    for run, flags, says in (
+        (km, ["--guided-filter"], "--guided-filter applies to saliency runs only"),
+        (km, ["--no-dense-crf"], "--dense-crf applies to saliency runs only"),
+        (km, ["--guide", "luma"], "--guide applies to saliency runs only"),
+        (km, ["-k", "3"], "--num-classes applies to maskcontrast runs only"),
+        (found, ["--refine", "crf"], "--refine applies to semantic runs only"),
+        (found, ["--clusters", "training"], "--clusters applies to maskcontrast runs only"),
+    ):
+        out = tmp_path / "p"
+        assert main(["predict", str(run), str(folder), "--out", str(out), *flags]) == 2
+        method = "found" if run == found else "kmeans"
+        assert f"{says}, and {run} is a {method} run" in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_discover_head_trains_into_out_run(folder, tmp_path):
     img = folder / "img0.png"
     out = tmp_path / "o"

@@ -115,6 +115,7 @@ class Kind(ABC):
     output: ClassVar[str]
     labels: ClassVar[bool]  # class ids (palette PNG + overlay) vs foreground (PNG + box)
     shards: ClassVar[bool] = True  # under torchrun each rank predicts its share
+    run_options: ClassVar[tuple[str, ...]]  # the overrides from_run uses
     method: str
     settings: Settings
     _config: Any  # the method's config (None until a run is loaded)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from unseg.errors import UnsegError
 from unseg.pipelines.kind import Kind, Settings
 from unseg.pipelines.maskcontrast import MaskContrastKind
 from unseg.pipelines.saliency import SPECTRAL, SaliencyKind
@@ -17,6 +18,7 @@ from unseg.runs import load_run
 KINDS: dict[str, type[Kind]] = {
     kind.output: kind for kind in (SemanticKind, SaliencyKind, MaskContrastKind)
 }
+RUN_WORDS = {"embedding": "maskcontrast"}  # a kind of run as the options' help names it
 
 
 def output_of(method: str) -> str:
@@ -37,5 +39,18 @@ def run_kind(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
     """The kind that predicts with the run folder ``run_dir`` (its method from ``config.json``);
     ``overrides``: what ``unseg predict`` may change."""
     meta, _ = load_run(run_dir)
-    output = get_method(meta["method"]).output
-    return KINDS[output].from_run(Path(run_dir), meta, dict(overrides or {}), device)
+    kind = KINDS[get_method(meta["method"]).output]
+    overrides = dict(overrides or {})
+    _refuse_foreign(kind, overrides, f"{run_dir} is a {meta['method']} run")
+    return kind.from_run(Path(run_dir), meta, overrides, device)
+
+
+def _refuse_foreign(kind: type[Kind], overrides: Mapping[str, Any], what: str) -> None:
+    """Refuse an override that only another kind of run uses (``--guided-filter`` for a
+    semantic run): ``kind`` would ignore it. ``what``: the run, for the message."""
+    for name in overrides:
+        users = [RUN_WORDS.get(k.output, k.output) for k in KINDS.values()
+                 if name in k.run_options and name not in kind.run_options]
+        if users:
+            flag = "--" + name.replace("_", "-")
+            raise UnsegError(f"{flag} applies to {' and '.join(users)} runs only, and {what}")

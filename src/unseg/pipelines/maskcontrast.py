@@ -356,6 +356,7 @@ class MaskContrastKind(Kind):
 
     output = "embedding"
     labels = True
+    run_options = ("num_classes", "clusters", "seed", "weights")
 
     def __init__(self, config: Any, settings: Settings, num_classes: int | None,
                  run: Mapping[str, Any] | None = None) -> None:

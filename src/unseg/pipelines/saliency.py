@@ -505,6 +505,7 @@ class SaliencyKind(Kind):
 
     output = "saliency"
     labels = False
+    run_options = ("guided_filter", "guide", "dense_crf", "weights", "max_pixels", "max_side")
     shards = False  # each process discovers all its images (boxes.json is one file)
 
     def __init__(self, spec: MethodSpec | None, config: Any, settings: Settings,

@@ -182,6 +182,7 @@ class SemanticKind(Kind):
 
     output = "semantic"
     labels = True
+    run_options = ("refine", "weights", "max_pixels", "workers")
 
     def __init__(self, spec: MethodSpec, config: Any, settings: Settings,
                  run: Mapping[str, Any] | None = None) -> None:
