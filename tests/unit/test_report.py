@@ -330,6 +330,9 @@ def test_run_folder_stands_for_its_output_folder_and_predict_layout(tmp_path: Pa
         find_outputs(notes)
     with pytest.raises(UnsegError, match="no such folder"):
         find_outputs(tmp_path / "absent")
+    # a file was said not to exist
+    with pytest.raises(UnsegError, match=r"readme.txt: a file, not a folder \(expected a run"):
+        find_outputs(notes / "readme.txt")
 
 
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -342,6 +345,9 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert target.read_text().count('<article class="card">') == 2
     assert main(["report", str(tmp_path / "absent")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    for fmt in ("html", "coco"):
+        assert main(["report", str(target), "--format", fmt]) == 2
+        assert f"{target}: a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.realdata

@@ -140,7 +140,8 @@ def find_outputs(
     """
     path = Path(path)
     if not path.is_dir():
-        raise UnsegError(f"{path}: no such folder (expected a run or an output folder)")
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise UnsegError(f"{path}: {what} (expected a run or an output folder)")
     if run is not None and not _is_run(Path(run)):
         raise UnsegError(f"{run}: not an unseg run folder (expected {CONFIG_FILE} and "
                          f"{WEIGHTS_FILE})")
