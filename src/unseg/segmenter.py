@@ -52,7 +52,7 @@ import numpy as np
 from unseg.data.memory import ImageInputs, image_inputs
 from unseg.errors import UnsegError
 from unseg.pipelines.kind import Kind, Prediction, Settings
-from unseg.pipelines.kinds import create_kind, output_of, run_kind
+from unseg.pipelines.kinds import RUN_OPTIONS, create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
@@ -248,8 +248,14 @@ class Segmenter:
     def load(cls, run_dir: str | Path, device: str | None = None, **options: Any) -> Segmenter:
         """The Segmenter of a run folder (written by :meth:`save`, ``unseg fit``, ``segment``
         or ``discover``), ready to :meth:`predict`. ``options``: ``weights`` (the backbone's,
-        when the run's file is not found), ``max_pixels``, ``refine`` (semantic runs),
-        ``num_classes``, ``clusters`` and ``seed`` (MaskContrast runs: the clustering)."""
+        when the run's file is not found), ``max_pixels`` (semantic and saliency runs),
+        ``refine`` and ``workers`` (semantic runs), ``guided_filter``, ``guide``, ``dense_crf``
+        and ``max_side`` (saliency runs), ``num_classes``, ``clusters`` and ``seed``
+        (MaskContrast runs: the clustering); any other is an error."""
+        unknown = [name for name in options if name not in RUN_OPTIONS]
+        if unknown:
+            raise UnsegError(f"Segmenter.load has no option {', '.join(map(repr, unknown))}; "
+                             f"it takes device, {', '.join(RUN_OPTIONS)}")
         run_dir = Path(run_dir)
         meta, _ = load_run(run_dir)
         if output_of(meta["method"]) == "embedding":  # clusters the images it predicts

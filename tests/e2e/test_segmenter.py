@@ -206,6 +206,22 @@ def test_a_loaded_segmenter_refuses_to_fit_with_a_message(tmp_path: Path) -> Non
     np.testing.assert_array_equal(loaded.predict([image])[0], seg.predict([image])[0])
 
 
+def test_load_refuses_options_it_does_not_use(tmp_path: Path) -> None:
+    """Segmenter.load(run, foo=1) ignored foo silently, as it did an option of another kind
+    of run (guided_filter for a k-means run)."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    run = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit([image]).save(tmp_path / "run")
+    with pytest.raises(UnsegError, match=r"Segmenter.load has no option 'foo'; it takes "
+                                         r"device, refine, weights, max_pixels, workers, "):
+        unseg.Segmenter.load(run, foo=1)
+    with pytest.raises(UnsegError, match=r"--guided-filter applies to saliency runs only, and "
+                                         r".*run is a kmeans run"):
+        unseg.Segmenter.load(run, guided_filter=True)
+    assert unseg.Segmenter.load(run, refine="crf", workers=1).options == {
+        "refine": "crf", "workers": 1}
+
+
 @pytest.mark.parametrize("bad", [{"num_classes": 2.5}, {"num_classes": "5"}, {"seed": "a"},
                                  {"seed": 1.5}, {"num_classes": True}])
 def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:

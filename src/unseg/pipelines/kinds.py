@@ -19,6 +19,8 @@ KINDS: dict[str, type[Kind]] = {
     kind.output: kind for kind in (SemanticKind, SaliencyKind, MaskContrastKind)
 }
 RUN_WORDS = {"embedding": "maskcontrast"}  # a kind of run as the options' help names it
+# every override some kind of run uses: what `unseg predict` and Segmenter.load may change
+RUN_OPTIONS = tuple(dict.fromkeys(o for kind in KINDS.values() for o in kind.run_options))
 
 
 def output_of(method: str) -> str:
