@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -237,6 +238,73 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "config
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise UnsegError(f"{source}: invalid {cls.__name__} ({exc})") from None
+
+
+def field_type(cls: type, path: tuple[str, ...]) -> Any:
+    """The annotated type of the (possibly nested) field at ``path`` of the dataclass ``cls``;
+    None when there is no such field."""
+    tp: Any = cls
+    for name in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(name)
+    return tp
+
+
+def check_value(name: str, tp: Any, value: Any) -> Any:
+    """``value`` for the field ``name`` annotated ``tp`` (int, float, bool, str, Literal,
+    tuples, unions with None, nested configs), a list given for a tuple made a tuple; a value
+    of another type is an error. An int is a float, a bool is not an int."""
+    if not _fits(tp, value):
+        raise UnsegError(f"{name}: expected {_describe(tp)}, got {value!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(args[0], v) for v in value)
+        return len(value) == len(args) and all(
+            _fits(a, v) for a, v in zip(args, value, strict=True))
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    return True  # a type this check does not know: left to the config
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    words = {type(None): "None", bool: "True or False", int: "an integer", float: "a number",
+             str: "a string"}
+    if tp in words:
+        return words[tp]
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple and args:
+        each = _describe(args[0]).removeprefix("an ").removeprefix("a ") + "s"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {each}"
+        if len(set(args)) == 1:
+            return f"a tuple of {len(args)} {each}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def config_with(config: Any, values: Mapping[tuple[str, ...], Any]) -> Any:

@@ -231,6 +231,13 @@ def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:
         unseg.Segmenter("kmeans", backbone=BACKBONE, **bad)
 
 
+def test_a_config_option_of_the_wrong_type_is_refused_at_construction() -> None:
+    """Segmenter("kmeans", n_init="x").fit(...) died in kmeans.py with "'str' object cannot
+    be interpreted as an integer"."""
+    with pytest.raises(UnsegError, match="n_init: expected an integer, got 'x'"):
+        unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, n_init="x")
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -175,6 +176,36 @@ def test_generated_options_parse_into_the_config():
     assert cfg.epochs == 3 and cfg.guided.guide == "luma" and cfg.crop_scale == (0.4, 0.6)
     assert cfg.guided.radius == 9  # untouched fields keep the method's defaults
     assert given_options(parser.parse_args([]), spec) == {}
+
+
+@pytest.mark.parametrize(("method", "option", "value", "says"), [
+    ("kmeans", "n_init", "x", "n_init: expected an integer, got 'x'"),
+    ("kmeans", "n_init", True, "n_init: expected an integer, got True"),
+    ("kmeans", "n_init", 2.0, "n_init: expected an integer, got 2.0"),
+    ("kmeans", "tol", "1e-3", "tol: expected a number, got '1e-3'"),
+    ("kmeans", "center", 1, "center: expected True or False, got 1"),
+    ("primaps-em", "steps", "3", "steps: expected an integer or None, got '3'"),
+    ("primaps-em", "init", "pca", "init: expected 'kmeans' or 'probe', got 'pca'"),
+    ("found", "crop_scale", (0.3,), "crop_scale: expected a tuple of 2 numbers, got (0.3,)"),
+    ("found", "guided.guide", "gray", "guided.guide: expected 'mean' or 'luma', got 'gray'"),
+    ("found", "dense_crf", "yes", "dense_crf: expected True or False or None, got 'yes'"),
+    ("maskcontrast", "aspp_rates", (1, 2.5), "aspp_rates: expected a tuple of integers, got"),
+])
+def test_an_option_of_the_wrong_type_is_refused_by_name(method, option, value, says):
+    """Segmenter("kmeans", n_init="x") got as far as the fit and died in range() with
+    "'str' object cannot be interpreted as an integer"."""
+    with pytest.raises(UnsegError, match=re.escape(says)):
+        build_config(get_method(method), {option: value}, {})
+
+
+def test_values_of_their_field_s_type_are_taken():
+    """What argparse gives (and an int for a float, a list for a tuple) passes unchanged."""
+    cfg = build_config(get_method("found"), {"lr": 1, "steps": 3, "crop_scale": [0.3, 0.6],
+                                             "dense_crf": None, "guided.guide": "luma",
+                                             "bkg_threshold": None}, {})
+    assert (cfg.lr, cfg.steps, cfg.crop_scale, cfg.guided.guide) == (1, 3, (0.3, 0.6), "luma")
+    with pytest.raises(UnsegError, match=r"found has no option 'guided\.colour'"):
+        build_config(get_method("found"), {"guided.colour": 1}, {})
 
 
 def test_an_option_of_another_method_is_refused():

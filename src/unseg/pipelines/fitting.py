@@ -19,7 +19,7 @@ from unseg.backbones.base import Backbone
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet
 from unseg.methods.base import Estimator, FitInputs
-from unseg.registry import MethodSpec, config_with
+from unseg.registry import MethodSpec, check_value, config_with, field_type
 from unseg.utils.allocator import release_freed_memory
 from unseg.utils.timing import Timings
 
@@ -28,14 +28,17 @@ def build_config(
     spec: MethodSpec, options: Mapping[str, Any] | None, pipeline: Mapping[str, Any]
 ) -> Any:
     """``spec.config`` with ``pipeline`` values on the fields it has, then ``options`` (field
-    name, or ``outer.inner`` for nested fields → value). An option the config lacks is an error."""
+    name, or ``outer.inner`` for nested fields → value). An option the config lacks, or a
+    value not of its field's type (:func:`~unseg.registry.check_value`), is an error."""
     names = {f.name for f in dataclasses.fields(spec.config)}
     config = spec.config(**{k: v for k, v in pipeline.items() if k in names})
     values: dict[tuple[str, ...], Any] = {}
     for key, value in (options or {}).items():
-        if key.split(".")[0] not in names:
+        path = tuple(key.split("."))
+        tp = field_type(spec.config, path) if path[0] in names else None
+        if tp is None:
             raise UnsegError(f"{spec.name} has no option {key!r}")
-        values[tuple(key.split("."))] = value
+        values[path] = check_value(key, tp, value)
     return config_with(config, values) if values else config
 
 
