@@ -129,6 +129,19 @@ class Segmenter:
         self._loaded_from: Path | None = None
         self.timings = Timings()
 
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments, options included (scikit-learn's convention, so that
+        ``sklearn.base.clone`` makes an unfitted copy); ``deep`` is accepted and unused."""
+        return {"method": self.method, "num_classes": self.num_classes,
+                "backbone": self.backbone, "seed": self.seed, "device": self.device,
+                **self.options}
+
+    def set_params(self, **params: Any) -> Segmenter:
+        """Change constructor arguments or options (checked as the constructor checks them);
+        returns ``self``, unfitted: fit again. Refused values leave it as it was."""
+        self.__dict__.update(type(self)(**{**self.get_params(), **params}).__dict__)
+        return self
+
     @property
     def config(self) -> Any:
         """The method's config dataclass, as the run records it."""

@@ -238,6 +238,27 @@ def test_a_config_option_of_the_wrong_type_is_refused_at_construction() -> None:
         unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, n_init="x")
 
 
+def test_clone_and_set_params_follow_scikit_learns_convention() -> None:
+    """``sklearn.base.clone`` makes an unfitted copy with the same arguments (it checks that
+    ``get_params`` gives back the very objects passed); ``set_params`` re-checks and unfits."""
+    from sklearn.base import clone
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit([image])
+    copy = clone(seg)
+    assert copy is not seg and not copy.fitted and seg.fitted
+    assert copy.get_params() == seg.get_params() == {
+        "method": "kmeans", "num_classes": 2, "backbone": BACKBONE, "seed": 0, "device": None,
+        "size": SMALL, "refine": "none", "n_init": 1}
+    np.testing.assert_array_equal(copy.fit_predict([image])[0], seg.predict([image])[0])
+    assert seg.set_params(num_classes=3, n_init=2) is seg and not seg.fitted
+    assert seg.config.num_classes == 3 and seg.config.n_init == 2
+    with pytest.raises(UnsegError, match="n_init: expected an integer"):
+        seg.set_params(num_classes=4, n_init="x")
+    assert seg.get_params()["num_classes"] == 3 and seg.config.num_classes == 3
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names
