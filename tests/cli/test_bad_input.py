@@ -57,15 +57,9 @@ def test_cli_device_cuda_without_cuda_exits_2(tmp_path: Path, monkeypatch, capsy
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize(("flags", "says"), [
-    (["--size", "0"], "--size 0: must be 64 to 2048 with efficientnet_lite0 (stride 32)"),
-    (["--size", "7"], "--size 7: must be 64 to 2048"),
-    (["--size", "32"], "--size 32: must be 64 to 2048"),
-    (["--size", "100000"], "--size 100000: must be 64 to 2048"),
-    (["--max-side", "-5"], "--max-side -5: must be 0 (no limit) or at least 64"),
-    (["--max-side", "40"], "--max-side 40: must be 0 (no limit) or at least 64"),
-])
-def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -> None:
+def _segment_refuses(tmp_path: Path, capsys, flags: list[str], says: str) -> None:
+    """`unseg segment` (k-means, one image) with ``flags`` stops with status 2 and ``says``,
+    no traceback and no output folder."""
     images = _one_image(tmp_path / "images")
     out = tmp_path / "out"
     code = main(["segment", str(images), "--out", str(out), "-k", "2", "--backbone",
@@ -75,6 +69,18 @@ def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -
     assert says in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--size", "0"], "--size 0: must be 64 to 2048 with efficientnet_lite0 (stride 32)"),
+    (["--size", "7"], "--size 7: must be 64 to 2048"),
+    (["--size", "32"], "--size 32: must be 64 to 2048"),
+    (["--size", "100000"], "--size 100000: must be 64 to 2048"),
+    (["--max-side", "-5"], "--max-side -5: must be 0 (no limit) or at least 64"),
+    (["--max-side", "40"], "--max-side 40: must be 0 (no limit) or at least 64"),
+])
+def test_segment_bounds_size_and_max_side(tmp_path: Path, capsys, flags, says) -> None:
+    _segment_refuses(tmp_path, capsys, flags, says)
 
 
 @pytest.mark.parametrize(("flags", "says"), [
@@ -87,15 +93,7 @@ def test_segment_refuses_counts_that_make_no_sense(tmp_path: Path, capsys, flags
                                                    says) -> None:
     """These were taken silently (`--workers -1` ran one thread, `--max-iter 0` no k-means
     iteration); the Segmenter refuses them with the same words."""
-    images = _one_image(tmp_path / "images")
-    out = tmp_path / "out"
-    code = main(["segment", str(images), "--out", str(out), "-k", "2", "--backbone",
-                 "efficientnet_lite0", "--method", "kmeans", "--refine", "none", *flags])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert says in err
-    assert "Traceback" not in err
-    assert not out.exists()
+    _segment_refuses(tmp_path, capsys, flags, says)
     name, value = flags[0].removeprefix("--").replace("-", "_"), float(flags[1])
     with pytest.raises(UnsegError, match=says):
         Segmenter("kmeans", backbone="efficientnet_lite0", **{name: value if name == "tol"
