@@ -483,6 +483,36 @@ def test_degenerate_masks_over_the_predicted_set_are_warned_about(tmp_path, capl
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_oversized_masks_warn_unless_the_caller_expects_them(tmp_path, caplog):
+    """Masks 70 % foreground are flagged with a warning; inside MaskContrast's mask-source
+    context (which asks for large masks) the same flag is an INFO line giving its reason."""
+    from unseg.pipelines.saliency import MASK_SOURCE_OPTIONS, mask_source_context
+
+    d = tmp_path / "images"
+    d.mkdir()
+    for i in range(MIN_PREDICTED + 1):
+        Image.fromarray(_square(64, 64, i)).save(d / f"img{i}.png")
+    paths = sorted(d.iterdir())
+
+    def large(im: torch.Tensor) -> torch.Tensor:
+        prob = torch.zeros(im.shape[:2])
+        prob[: int(0.7 * im.shape[0])] = 0.9
+        return prob
+
+    options = next(iter(MASK_SOURCE_OPTIONS.values()))
+    with caplog.at_level(logging.INFO, logger="unseg.pipelines.saliency"):
+        predict_masks(paths, tmp_path / "o", large, None, 320, 16)
+        with mask_source_context(options):
+            predict_masks(paths, tmp_path / "p", large, None, 320, 16)
+        with mask_source_context(None):  # a source at discover's defaults: a warning
+            predict_masks(paths, tmp_path / "q", large, None, 320, 16)
+    flagged = [(r.levelno, r.getMessage()) for r in caplog.records if "oversized" in
+               r.getMessage()]
+    assert [lv for lv, _ in flagged] == [logging.WARNING, logging.INFO, logging.WARNING]
+    assert "use another seed" in flagged[0][1] and "use another seed" in flagged[2][1]
+    assert "expected here: MaskContrast's mask source" in flagged[1][1]
+
+
 def test_auto_trains_the_found_head_only_on_a_large_enough_folder(tmp_path):
     from unseg.pipelines.saliency import AUTO_TRAINED, MIN_TRAIN_IMAGES, resolve_discover_method
 
