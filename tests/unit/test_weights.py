@@ -218,3 +218,19 @@ def test_offline_error_names_url_and_destination(home, monkeypatch):
     assert spec.weights.url in msg
     assert str(home / "weights" / "dino_vitbase8_pretrain.pth") in msg
     assert not (home / "weights" / "dino_vitbase8_pretrain.pth").exists()
+
+
+def test_damaged_cached_file_records_no_hash_so_its_replacement_loads(home):
+    dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"PK\x03\x04 an interrupted copy")
+    with pytest.raises(InputFileError, match="cannot read weights"):
+        create_backbone("dino_vits8")
+    assert not dest.with_name(dest.name + ".sha256").exists()
+    torch.save(official_dino_state(384, 8, 28) | {"extra": torch.zeros(1)}, dest)
+    with pytest.raises(UnsegError, match="unexpected keys"):
+        create_backbone("dino_vits8")
+    assert not dest.with_name(dest.name + ".sha256").exists()
+    torch.save(official_dino_state(384, 8, 28), dest)
+    assert create_backbone("dino_vits8").weights_sha256 == _sha(dest)
+    assert dest.with_name(dest.name + ".sha256").read_text().split()[0] == _sha(dest)
