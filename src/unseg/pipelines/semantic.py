@@ -56,7 +56,7 @@ from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import check_refine
 from unseg.registry import MethodSpec, get_method
-from unseg.runs import load_fitted, load_run, save_fitted
+from unseg.runs import load_fitted, load_run, require_meta, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device, seed_everything
@@ -304,6 +304,8 @@ class SemanticKind(Kind):
         dev = session.device
         overrides = self._run.get("overrides", {})
         _, estimator, meta = load_fitted(run_dir, "semantic", dev)
+        require_meta(meta, run_dir, {"backbone": str, "weights_sha256": (str, type(None)),
+                                     "feature_size": int, "num_classes": int, "predict": dict})
         if int(meta.get("num_classes", 0)) > MAX_CLASSES:
             raise UnsegError(
                 f"{run_dir}: {meta['num_classes']} classes do not fit the 8-bit label PNGs "
