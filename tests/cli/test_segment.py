@@ -154,6 +154,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     ("backbone", None, "lacks 'backbone'"),
     ("predict", None, "lacks 'predict'"),
     ("feature_size", "abc", "'feature_size' is 'abc', not an integer"),
+    ("tap", "s16", "fitted on 320-channel features, but efficientnet_lite0 at tap 's16' gives 112"),
 ])
 def test_a_hand_edited_run_config_is_a_clear_error(segmented, tmp_path: Path, key: str,
                                                    value: object, match: str) -> None:

@@ -38,7 +38,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side, upsample_argmax
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
-from unseg.layout import CACHE_DIR
+from unseg.layout import CACHE_DIR, CONFIG_FILE
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.backbone import (
@@ -318,6 +318,12 @@ class SemanticKind(Kind):
         source = None
         if meta.get("embeddings"):
             source = open_embeddings(meta["embeddings"]["run"], dev, meta["embeddings"]["sha256"])
+        elif meta.get("feature_dim", model.dim) != model.dim:
+            raise UnsegError(
+                f"{run_dir}: fitted on {meta['feature_dim']}-channel features, but "
+                f"{model.spec.name} at tap {getattr(model, 'tap', None)!r} gives {model.dim}; "
+                f"its {CONFIG_FILE} was edited ('tap'?): restore it or refit"
+            )
         self._config = estimator.config
         return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
                               int(meta.get("max_side") or 0) or None, predict)
