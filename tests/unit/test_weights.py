@@ -19,6 +19,7 @@ from unseg.backbones import (
     get_spec,
     weights_status,
 )
+from unseg.backbones import weights as weights_module
 from unseg.backbones.weights import download, resolve_weights
 from unseg.errors import InputFileError, UnsegError
 
@@ -234,3 +235,16 @@ def test_damaged_cached_file_records_no_hash_so_its_replacement_loads(home):
     torch.save(official_dino_state(384, 8, 28), dest)
     assert create_backbone("dino_vits8").weights_sha256 == _sha(dest)
     assert dest.with_name(dest.name + ".sha256").read_text().split()[0] == _sha(dest)
+
+
+def test_a_read_only_cache_loads_and_warns_it_cannot_record_the_hash(home, monkeypatch, caplog):
+    dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
+    dest.parent.mkdir(parents=True)
+    torch.save(official_dino_state(384, 8, 28), dest)
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(weights_module, "write_bytes_atomic", read_only)
+    assert create_backbone("dino_vits8").weights_sha256 == _sha(dest)
+    assert "cannot record" in caplog.text and "Permission denied" in caplog.text

@@ -129,10 +129,15 @@ def verify_file(path: Path, expected: str | None, record: bool) -> str:
 
 
 def record_sha256(path: Path, digest: str) -> None:
-    """Write ``digest`` to ``path``'s ``.sha256`` sidecar unless it already has one."""
+    """Write ``digest`` to ``path``'s ``.sha256`` sidecar unless it already has one; a cache
+    that cannot be written (a read-only shared one) is logged, not an error."""
     side = _sidecar(path)
     if not side.is_file():
-        write_bytes_atomic(side, f"{digest}  {path.name}\n".encode())
+        try:
+            write_bytes_atomic(side, f"{digest}  {path.name}\n".encode())
+        except OSError as exc:
+            log.warning("cannot record the SHA-256 of %s in %s (%s); later loads of it are "
+                        "not checked", path, side, exc)
 
 
 def _chunks(response: IO[bytes], total: int | None) -> Iterator[bytes]:
