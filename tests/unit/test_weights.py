@@ -155,6 +155,8 @@ def test_pickled_code_is_refused(tmp_path):
         create_backbone("dino_vits16", weights=path)
     with pytest.raises(InputFileError, match="weights file not found"):
         create_backbone("dino_vits16", weights=tmp_path / "absent.pth")
+    with pytest.raises(InputFileError, match="a folder, not a weights file"):
+        create_backbone("dino_vits16", weights=tmp_path)
 
 
 def test_cache_is_used_and_its_hash_recorded_then_verified(home):

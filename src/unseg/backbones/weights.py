@@ -179,6 +179,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> tu
     """
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise InputFileError(path, "a folder, not a weights file (.pth or .safetensors)")
         if not path.is_file():
             raise InputFileError(path, "weights file not found")
         return path, file_sha256(path)
