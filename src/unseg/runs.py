@@ -10,6 +10,7 @@ estimator through the registry, so a run reloads and predicts exactly as it was 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,24 @@ def load_run(
     except Exception as exc:  # safetensors raises its own error types
         raise UnsegError(f"{w_path}: unreadable weights ({exc})") from None
     return meta, tensors
+
+
+TYPE_WORDS = {int: "an integer", str: "a string", dict: "an object", type(None): "null"}
+
+
+def require_meta(
+    meta: Mapping[str, Any], run_dir: str | Path, fields: Mapping[str, type | tuple[type, ...]]
+) -> None:
+    """Refuse a run whose ``config.json`` lacks one of ``fields`` or holds another type there
+    (a hand-edited or damaged run), naming the field, instead of failing later on it."""
+    where = Path(run_dir) / CONFIG_FILE
+    for key, types in fields.items():
+        if key not in meta:
+            raise UnsegError(f"{where} lacks {key!r}; the run is damaged or hand-edited: refit it")
+        kinds = types if isinstance(types, tuple) else (types,)
+        if not isinstance(meta[key], kinds) or isinstance(meta[key], bool):
+            want = " or ".join(TYPE_WORDS.get(t, t.__name__) for t in kinds)
+            raise UnsegError(f"{where}: {key!r} is {meta[key]!r}, not {want}")
 
 
 def save_fitted(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
@@ -120,6 +121,22 @@ def test_semantic_needs_num_classes_for_plain_folders(semantic, capsys) -> None:
     pred, gt = semantic
     code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt)], capsys)
     assert code == 2 and "--num-classes" in err
+
+
+def test_semantic_warns_about_jpeg_label_maps(semantic, capsys, caplog) -> None:
+    pred, gt = semantic
+    png = pred / "img0.png"
+    Image.open(png).save(pred / "img0.jpg", quality=75)  # lossy: ids change at region edges
+    png.unlink()
+    code, _, _ = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3"],
+                      capsys)
+    assert code == 0
+    assert "1 prediction(s) are JPEG files" in caplog.text and "img0.jpg" in caplog.text
+    caplog.clear()
+    (pred / "img0.jpg").unlink()
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(png)
+    _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3"], capsys)
+    assert "JPEG" not in caplog.text
 
 
 @pytest.fixture

@@ -150,6 +150,28 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         predict(unknown, images, tmp_path / "o")
 
 
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("backbone", None, "lacks 'backbone'"),
+    ("predict", None, "lacks 'predict'"),
+    ("feature_size", "abc", "'feature_size' is 'abc', not an integer"),
+    ("tap", "s16", "fitted on 320-channel features, but efficientnet_lite0 at tap 's16' gives 112"),
+])
+def test_a_hand_edited_run_config_is_a_clear_error(segmented, tmp_path: Path, key: str,
+                                                   value: object, match: str) -> None:
+    images, out = segmented
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "weights.safetensors").write_bytes((out / "run" / "weights.safetensors").read_bytes())
+    meta = json.loads((out / "run" / "config.json").read_text())
+    if value is None:
+        del meta[key]
+    else:
+        meta[key] = value
+    (run / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UnsegError, match=match):
+        predict(run, images, tmp_path / "o")
+
+
 def test_cli_segment_kmeans_predict_and_exit_codes(tmp_path: Path) -> None:
     images = tmp_path / "images"
     write_images(images, n=2)

@@ -19,6 +19,7 @@ from unseg.backbones import (
     get_spec,
     weights_status,
 )
+from unseg.backbones import weights as weights_module
 from unseg.backbones.weights import download, resolve_weights
 from unseg.errors import InputFileError, UnsegError
 
@@ -154,6 +155,8 @@ def test_pickled_code_is_refused(tmp_path):
         create_backbone("dino_vits16", weights=path)
     with pytest.raises(InputFileError, match="weights file not found"):
         create_backbone("dino_vits16", weights=tmp_path / "absent.pth")
+    with pytest.raises(InputFileError, match="a folder, not a weights file"):
+        create_backbone("dino_vits16", weights=tmp_path)
 
 
 def test_cache_is_used_and_its_hash_recorded_then_verified(home):
@@ -218,3 +221,32 @@ def test_offline_error_names_url_and_destination(home, monkeypatch):
     assert spec.weights.url in msg
     assert str(home / "weights" / "dino_vitbase8_pretrain.pth") in msg
     assert not (home / "weights" / "dino_vitbase8_pretrain.pth").exists()
+
+
+def test_damaged_cached_file_records_no_hash_so_its_replacement_loads(home):
+    dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"PK\x03\x04 an interrupted copy")
+    with pytest.raises(InputFileError, match="cannot read weights"):
+        create_backbone("dino_vits8")
+    assert not dest.with_name(dest.name + ".sha256").exists()
+    torch.save(official_dino_state(384, 8, 28) | {"extra": torch.zeros(1)}, dest)
+    with pytest.raises(UnsegError, match="unexpected keys"):
+        create_backbone("dino_vits8")
+    assert not dest.with_name(dest.name + ".sha256").exists()
+    torch.save(official_dino_state(384, 8, 28), dest)
+    assert create_backbone("dino_vits8").weights_sha256 == _sha(dest)
+    assert dest.with_name(dest.name + ".sha256").read_text().split()[0] == _sha(dest)
+
+
+def test_a_read_only_cache_loads_and_warns_it_cannot_record_the_hash(home, monkeypatch, caplog):
+    dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
+    dest.parent.mkdir(parents=True)
+    torch.save(official_dino_state(384, 8, 28), dest)
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(weights_module, "write_bytes_atomic", read_only)
+    assert create_backbone("dino_vits8").weights_sha256 == _sha(dest)
+    assert "cannot record" in caplog.text and "Permission denied" in caplog.text

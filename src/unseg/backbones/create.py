@@ -9,8 +9,10 @@ import torch
 
 from unseg.backbones.base import SIZE_POLICIES, Backbone, SizePolicy, build_backbone, get_spec
 from unseg.backbones.weights import (
+    cache_path,
     load_strict,
     read_state_dict,
+    record_sha256,
     resolve_weights,
     unseg_home,
     weights_status,
@@ -52,6 +54,8 @@ def create_backbone(
     model = build_backbone(name, tap)
     if state is not None:
         load_strict(model, state, str(path))
+        if digest is not None and weights is None and path == cache_path(spec):
+            record_sha256(path, digest)  # only a file that loaded is recorded
     model.requires_grad_(False)
     model.eval()
     model.size_policy = size_policy

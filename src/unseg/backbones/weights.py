@@ -10,7 +10,8 @@ Resolution order for a backbone's weights:
 
 Integrity: a file's SHA-256 is checked against ``WeightsSpec.sha256`` when the spec has one.
 Otherwise (DINO's URLs carry no hash) the hash seen the first time a cached file is used is
-recorded in a ``<file>.sha256`` sidecar, and later loads must match it.
+recorded in a ``<file>.sha256`` sidecar once the file has loaded into its model (so a damaged
+or wrong file is never recorded), and later loads must match it.
 
 Loading never executes pickled code: safetensors, or ``torch.load(weights_only=True)``.
 """
@@ -119,11 +120,24 @@ def verify_file(path: Path, expected: str | None, record: bool) -> str:
         raise InputFileError(
             path,
             f"SHA-256 mismatch (expected {expected}, got {digest}); the file is corrupt or not "
-            "the official one: delete it and download it again",
+            "the official one: delete it and download it again"
+            + (f" (and delete {side}, which recorded the earlier file)" if side.is_file() else ""),
         )
-    if record and not side.is_file():
-        write_bytes_atomic(side, f"{digest}  {path.name}\n".encode())
+    if record:
+        record_sha256(path, digest)
     return digest
+
+
+def record_sha256(path: Path, digest: str) -> None:
+    """Write ``digest`` to ``path``'s ``.sha256`` sidecar unless it already has one; a cache
+    that cannot be written (a read-only shared one) is logged, not an error."""
+    side = _sidecar(path)
+    if not side.is_file():
+        try:
+            write_bytes_atomic(side, f"{digest}  {path.name}\n".encode())
+        except OSError as exc:
+            log.warning("cannot record the SHA-256 of %s in %s (%s); later loads of it are "
+                        "not checked", path, side, exc)
 
 
 def _chunks(response: IO[bytes], total: int | None) -> Iterator[bytes]:
@@ -158,9 +172,15 @@ def download(url: str, dest: Path, sha256: str | None = None) -> str:
 
 
 def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> tuple[Path, str]:
-    """The weights file to load for ``spec`` and its verified SHA-256 (downloads if needed)."""
+    """The weights file to load for ``spec`` and its verified SHA-256 (downloads if needed).
+
+    A cached file's hash is checked, not recorded: the caller records it with
+    :func:`record_sha256` once the file has loaded.
+    """
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise InputFileError(path, "a folder, not a weights file (.pth or .safetensors)")
         if not path.is_file():
             raise InputFileError(path, "weights file not found")
         return path, file_sha256(path)
@@ -176,7 +196,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = None) -> tu
     if dest is None:
         raise UnsegError(f"{spec.name}: no official weights known; pass a weights file")
     if dest.is_file():
-        return dest, verify_file(dest, spec.weights.sha256, record=True)
+        return dest, verify_file(dest, spec.weights.sha256, record=False)
     assert spec.weights.url is not None
     return dest, download(spec.weights.url, dest, spec.weights.sha256)
 

@@ -74,6 +74,21 @@ def _load_pred(path: Path, gt_shape: tuple[int, int], problems: _Problems) -> np
     return pred
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def _warn_lossy(pairing: Pairing) -> None:
+    """Warn when label-map predictions are JPEG files: compression changes class ids at region
+    edges, so they are scored lower than the maps that were saved."""
+    lossy = sorted(str(p) for p in pairing.pred.values() if p.suffix.lower() in LOSSY_SUFFIXES)
+    if lossy:
+        logger.warning(
+            "%d prediction(s) are JPEG files (%s%s): JPEG compression changes class ids at "
+            "region edges, which lowers the scores; save label maps as PNG",
+            len(lossy), ", ".join(lossy[:3]), ", ..." if len(lossy) > 3 else "",
+        )
+
+
 # --------------------------------------------------------------------------- semantic
 
 
@@ -115,6 +130,7 @@ def evaluate_semantic(
     truth's size; a predicted ``ignore_index`` counts as wrong (see :mod:`unseg.metrics.semantic`).
     """
     pairing = pair_files(pred, gt, "semantic", allow_missing)
+    _warn_lossy(pairing)
     if num_classes is None:
         if pairing.layout is None or pairing.layout.num_classes is None:
             raise UnsegError("give --num-classes (the ground truth is not a known dataset layout)")

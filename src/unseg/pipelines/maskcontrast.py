@@ -64,7 +64,7 @@ from unseg.pipelines.fitting import build_config, check_fit_inputs
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
-from unseg.runs import load_fitted, save_fitted
+from unseg.runs import load_fitted, require_meta, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_threads, resolve_device, seed_everything
@@ -457,6 +457,8 @@ class MaskContrastKind(Kind):
 
     def load(self, run_dir: Path, session: Session) -> FittedMaskContrast:
         _, estimator, meta = load_fitted(run_dir, "embedding", session.device)
+        require_meta(meta, run_dir, {"backbone": str, "weights_sha256": (str, type(None)),
+                                     "feature_size": int})
         model = open_fitted_backbone(meta, self.settings.weights, session.device, str(run_dir))
         self._config = estimator.config
         return FittedMaskContrast(estimator, model, int(meta["feature_size"]),

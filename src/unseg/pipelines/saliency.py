@@ -60,7 +60,7 @@ from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
 from unseg.registry import MethodSpec, get_method
-from unseg.runs import load_fitted, save_fitted
+from unseg.runs import load_fitted, require_meta, save_fitted
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import resolve_device, seed_everything
 from unseg.utils.progress import progress
@@ -348,9 +348,8 @@ def load_head(
 ) -> tuple[SaliencyHead, Backbone, dict]:
     """The estimator of a saliency run, its backbone (hash-checked) and the run's meta."""
     _, head, meta = load_fitted(run_dir, "saliency", device)
-    missing = [k for k in ("backbone", "weights_sha256", "stride") if k not in meta]
-    if missing:
-        raise UnsegError(f"{run_dir}: incomplete saliency run (missing {', '.join(missing)})")
+    require_meta(meta, run_dir, {"backbone": str, "weights_sha256": (str, type(None)),
+                                 "stride": int})
     model = open_fitted_backbone(meta, weights, device, str(run_dir))
     if model.stride != meta["stride"]:
         raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")

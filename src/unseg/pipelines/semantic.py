@@ -38,7 +38,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side, upsample_argmax
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
-from unseg.layout import CACHE_DIR
+from unseg.layout import CACHE_DIR, CONFIG_FILE
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.backbone import (
@@ -56,7 +56,7 @@ from unseg.proposals.primaps import PriMaPsConfig
 from unseg.refine.crf import CRFPool
 from unseg.refine.semantic import check_refine
 from unseg.registry import MethodSpec, get_method
-from unseg.runs import load_fitted, load_run, save_fitted
+from unseg.runs import load_fitted, load_run, require_meta, save_fitted
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.device import cpu_count, resolve_device, seed_everything
@@ -304,6 +304,8 @@ class SemanticKind(Kind):
         dev = session.device
         overrides = self._run.get("overrides", {})
         _, estimator, meta = load_fitted(run_dir, "semantic", dev)
+        require_meta(meta, run_dir, {"backbone": str, "weights_sha256": (str, type(None)),
+                                     "feature_size": int, "num_classes": int, "predict": dict})
         if int(meta.get("num_classes", 0)) > MAX_CLASSES:
             raise UnsegError(
                 f"{run_dir}: {meta['num_classes']} classes do not fit the 8-bit label PNGs "
@@ -316,6 +318,12 @@ class SemanticKind(Kind):
         source = None
         if meta.get("embeddings"):
             source = open_embeddings(meta["embeddings"]["run"], dev, meta["embeddings"]["sha256"])
+        elif meta.get("feature_dim", model.dim) != model.dim:
+            raise UnsegError(
+                f"{run_dir}: fitted on {meta['feature_dim']}-channel features, but "
+                f"{model.spec.name} at tap {getattr(model, 'tap', None)!r} gives {model.dim}; "
+                f"its {CONFIG_FILE} was edited ('tap'?): restore it or refit"
+            )
         self._config = estimator.config
         return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
                               int(meta.get("max_side") or 0) or None, predict)
