@@ -32,3 +32,4 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 TRAIN_PROTOTYPES = "train_prototypes.safetensors"
 CACHE_DIR = "cache"
+FEATURES_DIR = "features"  # under a cache folder: what `unseg features --out` writes into

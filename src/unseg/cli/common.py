@@ -103,7 +103,8 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-dir", default=None,
-        help="feature and pseudo-label cache, shareable between runs (default: RUN/cache)",
+        help="feature and pseudo-label cache, shareable between runs; its features/ is what "
+        "`unseg features --out CACHE_DIR/features` writes (default: RUN/cache)",
     )
     add_device_argument(p)
 

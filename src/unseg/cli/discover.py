@@ -65,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="images to train the head on (default: IMAGES themselves; no labels are used)",
     )
-    p.add_argument("--cache-dir", default=None, help="feature cache for the head's training")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache for the head's training (in CACHE_DIR/features, where "
+                   "`unseg features --out CACHE_DIR/features --kind keys --crop` writes)")
     add_device_argument(p)
     add_image_arguments(p)
     add_output_arguments(p, report=True)

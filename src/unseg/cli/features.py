@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extract and cache dense backbone features (torchrun splits the images)",
     )
     p.add_argument("data", help="dataset root, image folder (searched recursively) or image file")
-    p.add_argument("--out", required=True, help="cache folder (reused: cached images are skipped)")
+    p.add_argument("--out", required=True,
+                   help="cache folder (reused: cached images are skipped); the other "
+                   "commands' `--cache-dir C` read C/features")
     add_backbone_arguments(p)
     p.add_argument("--size", type=int, default=320, help="short side in pixels (default 320)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")

@@ -46,12 +46,15 @@ def _embedding_arguments(m: argparse.ArgumentParser) -> None:
                    "(e.g. `unseg discover` output)")
     m.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    m.add_argument("--cache-dir", default=None, help="feature cache folder (default: RUN/cache)")
+    m.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (features in CACHE_DIR/features; default: RUN/cache)")
     add_device_argument(m)
 
 
 def _saliency_arguments(m: argparse.ArgumentParser) -> None:
-    m.add_argument("--cache-dir", default=None, help="feature cache folder")
+    m.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (features in CACHE_DIR/features, as `unseg "
+                   "features --out CACHE_DIR/features --kind keys --crop` writes them)")
     add_device_argument(m)
 
 

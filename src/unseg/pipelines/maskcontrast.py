@@ -41,10 +41,7 @@ from unseg.data.memory import ImageInputs
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
-from unseg.layout import (
-    CACHE_DIR,
-    TRAIN_PROTOTYPES,
-)
+from unseg.layout import CACHE_DIR, FEATURES_DIR, TRAIN_PROTOTYPES
 from unseg.methods.base import FitInputs
 from unseg.methods.maskcontrast import (
     MaskContrast,
@@ -176,7 +173,7 @@ def train_maskcontrast(
     mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
     feats = extract_features(
         proposals.paths, model, size=size,
-        cache_dir=None if cache is None else cache / "features",
+        cache_dir=None if cache is None else cache / FEATURES_DIR,
         report=report, extras=("image",), timings=timings, arrays=inputs.arrays,
     )
     good = feats.paths

@@ -43,6 +43,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
+from unseg.layout import FEATURES_DIR
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck, oversized_expected
 from unseg.methods.found import CNN_THRESHOLD, VIT_THRESHOLD
@@ -569,7 +570,8 @@ class SaliencyKind(Kind):
         self._config = saliency_config(self.spec, self._config, model)
         head, used, facts = train_saliency(
             root, inputs, self.spec, self._config, model, session.device,
-            Path(s.cache_dir) if s.cache_dir else None, session.report, session.timings,
+            Path(s.cache_dir) / FEATURES_DIR if s.cache_dir else None, session.report,
+            session.timings,
         )
         return FittedSaliency(head, model, facts, used)
 

@@ -38,7 +38,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side, upsample_argmax
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
-from unseg.layout import CACHE_DIR, CONFIG_FILE
+from unseg.layout import CACHE_DIR, CONFIG_FILE, FEATURES_DIR
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.backbone import (
@@ -238,7 +238,7 @@ class SemanticKind(Kind):
                  else None if where is None else where / CACHE_DIR)
         feats = extract_features(
             inputs.paths, model, size=settings.size,
-            cache_dir=None if cache is None else cache / "features",
+            cache_dir=None if cache is None else cache / FEATURES_DIR,
             max_side=settings.max_side or None, max_pixels=settings.max_pixels,
             report=report, extras=extras, student_seed=settings.seed, timings=timings,
             arrays=inputs.arrays,
