@@ -223,6 +223,15 @@ def test_offline_error_names_url_and_destination(home, monkeypatch):
     assert not (home / "weights" / "dino_vitbase8_pretrain.pth").exists()
 
 
+def test_unseg_home_naming_a_file_is_a_clear_error(home, monkeypatch):
+    """UNSEG_HOME set to a file made the offline message ask for weights at <file>/weights/..."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("not a folder")
+    with pytest.raises(UnsegError, match=f"UNSEG_HOME={home}: a file, not a folder"):
+        create_backbone("dino_vitb8")
+
+
 def test_damaged_cached_file_records_no_hash_so_its_replacement_loads(home):
     dest = home / "weights" / "dino_deitsmall8_pretrain.pth"
     dest.parent.mkdir(parents=True)

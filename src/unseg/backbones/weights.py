@@ -50,9 +50,13 @@ PICKLE_PROTO = b"\x80"  # a legacy (pickle) torch file
 
 
 def unseg_home() -> Path:
-    """The cache root: ``$UNSEG_HOME`` or ``~/.cache/unseg``."""
+    """The cache root: ``$UNSEG_HOME`` or ``~/.cache/unseg``; an error when it is a file."""
     env = os.environ.get("UNSEG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unseg"
+    home = Path(env).expanduser() if env else Path.home() / ".cache" / "unseg"
+    if home.exists() and not home.is_dir():
+        where = f"UNSEG_HOME={env}" if env else str(home)
+        raise UnsegError(f"{where}: a file, not a folder (the cache of downloaded weights)")
+    return home
 
 
 def cache_path(spec: BackboneSpec) -> Path | None:
