@@ -96,6 +96,16 @@ def test_official_dinov2_state_dict_loads_strictly_from_safetensors(tmp_path, na
     assert model.weights_sha256 == _sha(path)
 
 
+@pytest.mark.parametrize("name", ["dinov2_vits14.bin", "dinov2_vits14"])
+def test_a_safetensors_file_is_read_whatever_its_suffix(tmp_path, name):
+    """A safetensors file named e.g. x.bin was taken for a torch file, "not a weights file"."""
+    sd = official_dino_state(384, 14, 37, v2_regs=0)
+    path = tmp_path / name
+    save_file(sd, str(path))
+    model = create_backbone("dinov2_vits14", weights=path)
+    torch.testing.assert_close(model.blocks[3].ls2.gamma, sd["blocks.3.ls2.gamma"])
+
+
 def test_renamed_key_fails_naming_it(tmp_path):
     sd = official_dino_state(384, 16, 14)
     sd["blocks.3.attn.qkv_renamed.weight"] = sd.pop("blocks.3.attn.qkv.weight")
