@@ -5,6 +5,7 @@ animated GIFs, and the output folder's own settings honoured by report and evalu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -150,6 +151,30 @@ def test_discover_runs_at_the_smallest_size_its_tap_allows(tmp_path: Path) -> No
                  "--backbone", "efficientnet_lite0", "--size", "32", "--no-report"])
     assert code == 0
     assert (out / "masks" / "a.png").is_file()
+
+
+@pytest.mark.parametrize(("fit", "tap", "says"), [
+    (["found", "--steps", "2"], "s16", "takes 432-channel features, but efficientnet_lite0 at "
+     "tap 's16' gives 112"),
+    (["saliency-head", "--epochs", "1"], "b14", "takes 320-channel features, but "
+     "efficientnet_lite0 at tap 'b14' gives 192"),
+])
+def test_a_saliency_run_edited_to_a_tap_of_another_width_is_refused(
+    tmp_path: Path, capsys, fit: list[str], tap: str, says: str
+) -> None:
+    """A run's config.json 'tap' edited to one of the same stride but another width ended in a
+    conv's RuntimeError traceback at predict: the head's input width is checked at load."""
+    images = _one_image(tmp_path / "images")
+    run = tmp_path / "run"
+    main(["-q", "fit", fit[0], str(images), "--out", str(run), "--backbone",
+          "efficientnet_lite0", "--size", "64", *fit[1:]])  # 1: a one-image head may collapse
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**meta, "tap": tap}))
+    capsys.readouterr()
+    code = main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert says in err and "Traceback" not in err
 
 
 def test_resolve_max_side_refuses_negative() -> None:

@@ -59,6 +59,15 @@ def test_semantic_json_contract(semantic, tmp_path: Path, capsys) -> None:
     assert code == 0 and json.loads(out_json.read_text())["match"] == "iou"
 
 
+def test_semantic_takes_k_for_num_classes_as_fit_does(semantic, tmp_path: Path, capsys) -> None:
+    pred, gt = semantic
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "-k", "3", "--json",
+                         str(out_json)], capsys)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["miou"] == 1.0
+
+
 def test_semantic_missing_prediction(semantic, tmp_path: Path, capsys) -> None:
     pred, gt = semantic
     (pred / "img2.png").unlink()

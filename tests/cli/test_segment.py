@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from unseg.backbones import get_spec
 from unseg.cli.main import main
@@ -168,6 +168,26 @@ def test_a_hand_edited_run_config_is_a_clear_error(segmented, tmp_path: Path, ke
     else:
         meta[key] = value
     (run / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UnsegError, match=match):
+        predict(run, images, tmp_path / "o")
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda p: p[:, :100], "100-channel prototypes, but efficientnet_lite0 at tap 's32' gives "
+     "320-channel features"),
+    (lambda p: p.index_fill(1, torch.tensor([0]), float("nan")), "NaN or infinite"),
+])
+def test_hand_edited_prototypes_are_a_clear_error(segmented, tmp_path: Path, edit,
+                                                  match: str) -> None:
+    """Prototypes of another width ended in an einsum traceback at predict, NaN ones in an
+    IndexError: both are refused when the run is loaded."""
+    images, out = segmented
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text((out / "run" / "config.json").read_text())
+    state = load_file(out / "run" / "weights.safetensors")
+    state["prototypes"] = edit(state["prototypes"]).contiguous()
+    save_file(state, run / "weights.safetensors")
     with pytest.raises(UnsegError, match=match):
         predict(run, images, tmp_path / "o")
 

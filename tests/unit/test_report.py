@@ -254,6 +254,17 @@ def test_gallery_cap_spreads_over_the_run(tmp_path: Path) -> None:
     assert pick(5, 0) == []
 
 
+def test_an_unreadable_mask_in_the_sample_gives_way_to_its_neighbour(tmp_path: Path) -> None:
+    """`--max-images 3` of 7 showed 2 cards when a picked mask could not be read: the nearest
+    mask not picked takes its place, so the gallery shows the number asked."""
+    run = _semantic_run(tmp_path, n=7)
+    (run["out"] / "masks" / "im2.png").write_bytes(b"\x89PNG broken")
+    page = write_report(run["out"], images=run["images"], max_images=3).read_text()
+    names = re.findall(r'<span class="name">([^<]+)</span>', page)
+    assert names == ["im0", "im3", "im4"]
+    assert "Showing 3 of 7 images" in page
+
+
 # ----------------------------------------------------------------------------- saliency, boxes
 
 

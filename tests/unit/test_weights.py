@@ -96,6 +96,16 @@ def test_official_dinov2_state_dict_loads_strictly_from_safetensors(tmp_path, na
     assert model.weights_sha256 == _sha(path)
 
 
+@pytest.mark.parametrize("name", ["dinov2_vits14.bin", "dinov2_vits14"])
+def test_a_safetensors_file_is_read_whatever_its_suffix(tmp_path, name):
+    """A safetensors file named e.g. x.bin was taken for a torch file, "not a weights file"."""
+    sd = official_dino_state(384, 14, 37, v2_regs=0)
+    path = tmp_path / name
+    save_file(sd, str(path))
+    model = create_backbone("dinov2_vits14", weights=path)
+    torch.testing.assert_close(model.blocks[3].ls2.gamma, sd["blocks.3.ls2.gamma"])
+
+
 def test_renamed_key_fails_naming_it(tmp_path):
     sd = official_dino_state(384, 16, 14)
     sd["blocks.3.attn.qkv_renamed.weight"] = sd.pop("blocks.3.attn.qkv.weight")
@@ -221,6 +231,15 @@ def test_offline_error_names_url_and_destination(home, monkeypatch):
     assert spec.weights.url in msg
     assert str(home / "weights" / "dino_vitbase8_pretrain.pth") in msg
     assert not (home / "weights" / "dino_vitbase8_pretrain.pth").exists()
+
+
+def test_unseg_home_naming_a_file_is_a_clear_error(home, monkeypatch):
+    """UNSEG_HOME set to a file made the offline message ask for weights at <file>/weights/..."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("not a folder")
+    with pytest.raises(UnsegError, match=f"UNSEG_HOME={home}: a file, not a folder"):
+        create_backbone("dino_vitb8")
 
 
 def test_damaged_cached_file_records_no_hash_so_its_replacement_loads(home):

@@ -50,9 +50,13 @@ PICKLE_PROTO = b"\x80"  # a legacy (pickle) torch file
 
 
 def unseg_home() -> Path:
-    """The cache root: ``$UNSEG_HOME`` or ``~/.cache/unseg``."""
+    """The cache root: ``$UNSEG_HOME`` or ``~/.cache/unseg``; an error when it is a file."""
     env = os.environ.get("UNSEG_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "unseg"
+    home = Path(env).expanduser() if env else Path.home() / ".cache" / "unseg"
+    if home.exists() and not home.is_dir():
+        where = f"UNSEG_HOME={env}" if env else str(home)
+        raise UnsegError(f"{where}: a file, not a folder (the cache of downloaded weights)")
+    return home
 
 
 def cache_path(spec: BackboneSpec) -> Path | None:
@@ -225,6 +229,21 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does, whatever its suffix: an 8-byte
+    little-endian header length ``N`` (within the file), then ``N`` bytes of JSON from ``{``."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
 
@@ -233,7 +252,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     it is never retried with ``weights_only=False``, which could run code from the file.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):
         from safetensors.torch import load_file
 
         try:

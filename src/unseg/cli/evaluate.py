@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(sem, "ground-truth label PNGs, or a dataset root (e.g. VOCdevkit/VOC2012)")
     sem.add_argument(
-        "--num-classes", type=int, default=None,
+        "--num-classes", "-k", type=int, default=None,
         help="number of classes K (default: the dataset layout's, e.g. 21 for VOC)",
     )
     sem.add_argument(

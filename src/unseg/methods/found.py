@@ -404,6 +404,11 @@ class FoundHead(HeadEstimator):
         logits = self.fitted_net()(features.to(self.device, torch.float32))
         return torch.sigmoid(_upsample(logits, tuple(images.shape[-2:])))
 
+    @property
+    def in_dim(self) -> int:
+        """Channels of the features the fitted 1x1 conv takes."""
+        return int(self.fitted_net().weight.shape[1])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The 1x1 conv's ``weight`` ``[1, C, 1, 1]`` and ``bias`` ``[1]``, and ``stride``."""
         state = self.net_state()

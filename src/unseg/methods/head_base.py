@@ -46,6 +46,11 @@ class HeadEstimator:
             raise UnsegError(f"{self.title} is not fitted")
         return self.net
 
+    @property
+    def in_dim(self) -> int:
+        """Channels of the features the fitted network takes (each head's own)."""
+        raise NotImplementedError
+
     def crop_source(
         self, images: torch.Tensor, generator: torch.Generator, **kwargs: Any
     ) -> CropSource | None:

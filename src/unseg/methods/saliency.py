@@ -300,6 +300,11 @@ class SaliencyHead(HeadEstimator):
         _, fine = net(features.to(dev, torch.float32), as_float_images(images).to(dev))
         return torch.sigmoid(fine)
 
+    @property
+    def in_dim(self) -> int:
+        """Channels of the features the fitted network takes."""
+        return int(self.fitted_net().proj.in_channels)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The network's weights and its ``in_dim`` and ``stride`` (int64 scalars), on the CPU."""
         state = self.net_state()

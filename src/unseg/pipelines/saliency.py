@@ -43,7 +43,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
 from unseg.errors import InputFileError, UnsegError
 from unseg.features import extract_features
-from unseg.layout import FEATURES_DIR
+from unseg.layout import CONFIG_FILE, FEATURES_DIR
 from unseg.methods.base import FitInputs
 from unseg.methods.collapse import MIN_PREDICTED, CollapseCheck, oversized_expected
 from unseg.methods.found import CNN_THRESHOLD, VIT_THRESHOLD
@@ -354,6 +354,13 @@ def load_head(
     model = open_fitted_backbone(meta, weights, device, str(run_dir))
     if model.stride != meta["stride"]:
         raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")
+    in_dim = getattr(head, "in_dim", None)  # the features' width is not recorded: the head's
+    if in_dim is not None and in_dim != model.dim:
+        raise UnsegError(
+            f"{run_dir}: its head takes {in_dim}-channel features, but {model.spec.name} "
+            f"at tap {getattr(model, 'tap', None)!r} gives {model.dim}; its {CONFIG_FILE} was "
+            "edited ('tap'?): restore it or refit"
+        )
     return head, model, meta
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from unseg.backbones import backbone_weights_sha256, get_spec
@@ -38,7 +39,7 @@ from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side, upsample_argmax
 from unseg.errors import UnsegError
 from unseg.features import FeatureSet, extract_features
-from unseg.layout import CACHE_DIR, CONFIG_FILE, FEATURES_DIR
+from unseg.layout import CACHE_DIR, CONFIG_FILE, FEATURES_DIR, WEIGHTS_FILE
 from unseg.methods.balance import log_class_balance
 from unseg.methods.base import SemanticEstimator
 from unseg.pipelines.backbone import (
@@ -175,6 +176,23 @@ def _method(
     settings = replace(settings, backbone=backbone,
                        max_side=resolve_max_side(settings.size, settings.max_side) or 0)
     return spec, build_config(spec, options, pipeline_values(num_classes, settings)), settings
+
+
+def check_prototypes(run_dir: Path, prototypes: torch.Tensor | None, model: Backbone) -> None:
+    """Refuse a run's saved prototypes ``[K, C]`` (when its method has them) that are not
+    finite or whose width is not ``model``'s feature width (a hand-edited or swapped
+    weights file), instead of failing later in the prediction."""
+    if prototypes is None:
+        return
+    where = Path(run_dir) / WEIGHTS_FILE
+    if not bool(torch.isfinite(prototypes).all()):
+        raise UnsegError(f"{where}: the prototypes hold NaN or infinite values: refit")
+    if prototypes.shape[1] != model.dim:
+        raise UnsegError(
+            f"{where}: {prototypes.shape[1]}-channel prototypes, but {model.spec.name} at tap "
+            f"{getattr(model, 'tap', None)!r} gives {model.dim}-channel features: the weights "
+            "were edited or are another run's: restore them or refit"
+        )
 
 
 class SemanticKind(Kind):
@@ -324,6 +342,8 @@ class SemanticKind(Kind):
                 f"{model.spec.name} at tap {getattr(model, 'tap', None)!r} gives {model.dim}; "
                 f"its {CONFIG_FILE} was edited ('tap'?): restore it or refit"
             )
+        else:
+            check_prototypes(run_dir, getattr(estimator, "prototypes_", None), model)
         self._config = estimator.config
         return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
                               int(meta.get("max_side") or 0) or None, predict)

@@ -9,6 +9,7 @@ matched), so agreement shows as equal colours.
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 import logging
@@ -173,12 +174,18 @@ def render_gallery(
     evaluation: SemanticEvaluation | SaliencyEvaluation | None,
     max_images: int,
 ) -> Gallery:
-    """The gallery's cards for at most ``max_images`` of the run's masks."""
+    """The gallery's cards for at most ``max_images`` of the run's masks (an unreadable
+    mask's card replaced by the nearest one not picked)."""
     images = match_images(outputs)
     boxes = _read_boxes(outputs.boxes_file) if outputs.kind == "saliency" else {}
-    cards = []
-    indices = pick(len(outputs.masks), max_images)
-    for i in indices:
+    built: dict[int, str] = {}
+    todo = pick(len(outputs.masks), max_images)
+    # an unreadable mask's card goes to the nearest mask not picked, once per picked mask at
+    # most, so that the gallery shows the number asked
+    spare = sorted(set(range(len(outputs.masks))) - set(todo))
+    stand_ins = len(todo)
+    while todo:
+        i = todo.pop(0)
         mask = outputs.masks[i]
         key = outputs.mask_key(mask)
         image = _try_load(images.get(key))
@@ -191,12 +198,16 @@ def render_gallery(
                 figures, score = _saliency_card(outputs, mask, image, sal, boxes)
         except InputFileError as exc:
             logger.warning("report gallery: skipping %s", exc)
+            if spare and stand_ins:
+                stand_ins -= 1
+                todo.append(spare.pop(min(bisect.bisect_left(spare, i), len(spare) - 1)))
             continue
         score_html = f'<span class="score">{html.escape(score)}</span>' if score else ""
-        cards.append(
+        built[i] = (
             f'<article class="card"><header><span class="name">{html.escape(key)}</span>'
             f'{score_html}</header><div class="row n{len(figures)}">{"".join(figures)}</div>'
             "</article>"
         )
+    cards = [built[i] for i in sorted(built)]
     body = f'<div class="gallery">{"".join(cards)}</div>'
     return Gallery(body, len(cards), len(outputs.masks), len(images))
