@@ -127,6 +127,27 @@ def recorded_setting(folder: str | Path, name: str) -> Any:
     return None
 
 
+MAX_RECORDED_FAILURES = 1000  # inputs listed in a manifest entry; ``failed_count`` has them all
+
+
+def recorded_failures(folder: str | Path) -> tuple[list[tuple[str, str]], int]:
+    """The inputs (path, problem) that the last command of ``folder``'s manifest recording
+    failures could not use (at most :data:`MAX_RECORDED_FAILURES`), and how many there were;
+    ``([], 0)`` without a (readable) manifest or such a command."""
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the report works without it
+        logger.debug("recorded failures not read: %s", exc)
+        return [], 0
+    for command in reversed([] if manifest is None else manifest["commands"]):
+        failed, count = command.get("failed"), command.get("failed_count")
+        if isinstance(failed, list) and isinstance(count, int):
+            rows = [(str(f.get("path")), str(f.get("problem"))) for f in failed
+                    if isinstance(f, dict)]
+            return rows, count
+    return [], 0
+
+
 def recorded_max_pixels(path: str | Path) -> int | None:
     """The ``--max-pixels`` the command that wrote the output folder ``path`` (or its
     ``masks`` folder) was given; None when it records none (Pillow's default applies)."""
@@ -271,6 +292,15 @@ class CommandRecord:
     def seconds(self) -> float:
         """Wall-clock seconds since the claim."""
         return time.perf_counter() - self.started
+
+    def record_failures(self, failed: Sequence[tuple[str | Path, str]]) -> None:
+        """Keep the inputs that failed (path, problem) in the command's manifest entry
+        (``failed``, at most :data:`MAX_RECORDED_FAILURES`, and ``failed_count``), written now so
+        that the report made before :meth:`close` lists them, and ``unseg report`` later."""
+        self.entry["failed"] = [{"path": str(path), "problem": problem}
+                                for path, problem in failed[:MAX_RECORDED_FAILURES]]
+        self.entry["failed_count"] = len(failed)
+        write_json_atomic(self.folder / MANIFEST_FILE, self.manifest)
 
     def close(self, status: str) -> None:
         """Record the files created or changed since the claim, the end time, ``status``, the

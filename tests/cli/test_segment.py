@@ -119,6 +119,36 @@ def test_broken_and_tiny_images_are_reported_and_the_rest_finished(tmp_path: Pat
     assert sorted(p.name for p in report.written) == ["img0.png", "img1.png"]
 
 
+def test_the_report_lists_the_inputs_that_failed(tmp_path: Path, capsys) -> None:
+    """The command's report, and `unseg report` later, list the inputs that got no mask with
+    their problems (escaped: a file name is not markup), from the folder's manifest."""
+    import html
+
+    from unseg.outdir import read_manifest
+
+    images = tmp_path / "images"
+    write_images(images, n=3)
+    bad = "<b>broken&.jpg"
+    (images / bad).write_bytes(b"not a jpeg at all")
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(images), "--out", str(out), "--method", "kmeans", "-k",
+                 "2", "--backbone", BACKBONE, "--size", "64", "--refine", "none"]) == 1
+    entry = read_manifest(out)["commands"][-1]
+    assert entry["failed_count"] == 1 and entry["failed"][0]["path"].endswith(bad)
+    for page in (out / "report.html", tmp_path / "again.html"):
+        if not page.exists():
+            assert main(["report", str(out), "--out", str(page)]) == 0
+        text = page.read_text(encoding="utf-8")
+        assert "Inputs that failed" in text and "1 input(s) could not be used" in text
+        assert html.escape(bad) in text and bad not in text
+    capsys.readouterr()
+    write_images(tmp_path / "fine", n=3)  # a clean run: no section
+    assert main(["-q", "segment", str(tmp_path / "fine"), "--out", str(tmp_path / "o2"),
+                 "--method", "kmeans", "-k", "2", "--backbone", BACKBONE, "--size", "64",
+                 "--refine", "none"]) == 0
+    assert "Inputs that failed" not in (tmp_path / "o2" / "report.html").read_text()
+
+
 def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     images = tmp_path / "images"
     write_images(images, n=1)

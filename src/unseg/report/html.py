@@ -290,6 +290,23 @@ def _gallery_section(outputs: RunOutputs, gallery: Gallery, legend: str) -> str:
     return f'<section id="gallery"><h2>Gallery</h2>{note}{legend}{gallery.html}</section>'
 
 
+SHOWN_FAILURES = 50  # inputs listed on the page; the count says how many there were
+
+
+def _failures_section(outputs: RunOutputs) -> str:
+    """The inputs the command that wrote the folder could not use (its manifest's record),
+    with their problems; empty when none failed."""
+    if not outputs.failed_count:
+        return ""
+    shown = outputs.failed[:SHOWN_FAILURES]
+    more = outputs.failed_count - len(shown)
+    note = (f"{outputs.failed_count} input(s) could not be used; they have no mask"
+            + (f" (the first {len(shown)} are listed)" if more > 0 else "") + ".")
+    rows = [(_esc(path), _esc(problem)) for path, problem in shown]
+    return (f'<section id="failed"><h2>Inputs that failed</h2><p class="note">{note}</p>'
+            f"{_table(('input', 'problem'), rows, numeric_from=2)}</section>")
+
+
 def render_report(
     outputs: RunOutputs,
     gt: str | Path | None = None,
@@ -312,6 +329,7 @@ def render_report(
     legend = _legend(outputs, evaluation if isinstance(evaluation, SemanticEvaluation) else None)
     sections.append(_balance_section(outputs))
     sections.append(_gallery_section(outputs, gallery, legend))
+    sections.append(_failures_section(outputs))
     sections.append(_config_section(outputs))
     method = (outputs.config or {}).get("method", "discover" if outputs.kind == "saliency"
                                         else "unknown")

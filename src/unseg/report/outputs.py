@@ -26,7 +26,7 @@ from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
-from unseg.outdir import recorded_setting
+from unseg.outdir import recorded_failures, recorded_setting
 from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
@@ -46,6 +46,8 @@ class RunOutputs:
     run_dir: Path | None = None
     config: dict[str, Any] | None = None
     images_root: Path | None = None
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, problem), capped
+    failed_count: int = 0  # all the inputs the command that wrote the folder could not use
 
     def mask_key(self, mask: Path) -> str:
         """The mask's path relative to the masks folder, without suffix (``sub/name``)."""
@@ -172,6 +174,7 @@ def find_outputs(
         images_root: Path | None = resolve_image_dir(images)
     else:
         images_root = _images_from_record(output_dir, config)
+    failed, failed_count = recorded_failures(output_dir)
     return RunOutputs(
         output_dir=output_dir,
         kind=kind,
@@ -182,6 +185,8 @@ def find_outputs(
         run_dir=run_dir,
         config=config,
         images_root=images_root,
+        failed=failed,
+        failed_count=failed_count,
     )
 
 
