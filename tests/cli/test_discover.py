@@ -576,6 +576,27 @@ def test_a_heads_training_options_are_not_silently_ignored_by_spectral(tmp_path,
     assert "warning" not in capsys.readouterr().err
 
 
+def test_the_found_heads_options_are_a_heads_training_options_for_spectral(tmp_path, capsys):
+    """auto's head is FOUND-style: its --ensemble or --steps on a folder too small to train on
+    is ignored with the warning a saliency-head option gets, not refused in the name of
+    saliency-head (a method nobody asked for)."""
+    d = tmp_path / "few"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_square(64, 96, i)).save(d / f"{i}.png")
+    base = ["discover", str(d), "--backbone", BACKBONE, "--no-report"]
+    out = tmp_path / "b"
+    assert main([*base, "--out", str(out), "--ensemble", "2", "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --" in err and "--ensemble" in err and "--steps" in err
+    assert "ignored" in err and "saliency-head" not in err
+    assert len(list((out / "masks").glob("*.png"))) == 2
+    assert main([*base, "--method", "spectral", "--out", str(tmp_path / "a"),
+                 "--ensemble", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble" in err and "trains nothing" in err and "saliency-head" not in err
+
+
 def test_discover_gives_its_stage_seconds_to_a_callers_timings(folder, tmp_path):
     from unseg.pipelines.folder import discover
     from unseg.pipelines.kind import Settings

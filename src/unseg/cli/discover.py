@@ -80,15 +80,22 @@ def _run(args: argparse.Namespace) -> int:
     return run_into_output(args, "discover", ("images",), lambda: _discover(args))
 
 
-def _spectral_options(args: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
+def _spectral_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options spectral discovery uses (:func:`spectral_unused` says which it does not);
-    a head's training option is an error with ``--method spectral`` and a warning under
-    ``auto``."""
+    a head's training option (of any saliency head: ``auto`` trains the FOUND-style one) is
+    an error with ``--method spectral`` and a warning under ``auto``."""
+    spec = get_method(METHOD)
+    own = {o.dest for o in config_options(spec)}
+    other = {o.dest: o.flags[0] for s in list_methods("saliency") for o in config_options(s)
+             if o.dest not in own}
+    given_other = [d for d in vars(args) if d in other]
+    given = given_options(argparse.Namespace(
+        **{k: v for k, v in vars(args).items() if k not in other}), spec)
     unused = spectral_unused(given)
-    if not unused:
+    if not unused and not given_other:
         return given
-    flags = ", ".join(o.flags[0] for o in config_options(get_method(METHOD))
-                      if ".".join(o.path) in unused)
+    flags = ", ".join([*(o.flags[0] for o in config_options(spec)
+                         if ".".join(o.path) in unused), *(other[d] for d in given_other)])
     message = f"{flags}: a head's training option, and spectral discovery trains nothing"
     if args.method == "spectral":
         raise UnsegError(f"{message} (it uses only --image-size and the guided-filter and "
@@ -124,9 +131,7 @@ def _discover(args: argparse.Namespace) -> Outcome:
         max_pixels=args.max_pixels, max_side=args.max_side,
     ))
     spec = get_method(METHOD if method == "spectral" else method)
-    given = given_options(args, spec)
-    if method == "spectral":
-        given = _spectral_options(args, given)
+    given = _spectral_options(args) if method == "spectral" else given_options(args, spec)
     if dist.is_main_env():
         tap = f", tap {settings.tap}" if settings.tap else ""
         print(f"unseg discover: {why}{tap}{_heads(spec, given)}, {_refinement(given)}",
