@@ -597,6 +597,21 @@ def test_the_found_heads_options_are_a_heads_training_options_for_spectral(tmp_p
     assert "--ensemble" in err and "trains nothing" in err and "saliency-head" not in err
 
 
+def test_spectral_refuses_train_images_it_would_not_use(tmp_path, capsys):
+    """--method spectral trains nothing: --train-images is an error naming it, as a head's
+    training options are, not silently ignored."""
+    d = tmp_path / "few"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(_square(64, 96, i)).save(d / f"{i}.png")
+    out = tmp_path / "a"
+    assert main(["discover", str(d), "--out", str(out), "--backbone", BACKBONE, "--no-report",
+                 "--method", "spectral", "--train-images", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "--train-images" in err and "trains nothing" in err and "Traceback" not in err
+    assert not (out / "masks").exists()
+
+
 def test_discover_gives_its_stage_seconds_to_a_callers_timings(folder, tmp_path):
     from unseg.pipelines.folder import discover
     from unseg.pipelines.kind import Settings

@@ -83,7 +83,12 @@ def _run(args: argparse.Namespace) -> int:
 def _spectral_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options spectral discovery uses (:func:`spectral_unused` says which it does not);
     a head's training option (of any saliency head: ``auto`` trains the FOUND-style one) is
-    an error with ``--method spectral`` and a warning under ``auto``."""
+    an error with ``--method spectral`` and a warning under ``auto``; so is
+    ``--train-images``, which ``auto`` would train the head on."""
+    if args.train_images is not None:
+        raise UnsegError("--train-images: images to train a head on, and spectral discovery "
+                         f"trains nothing (--method {AUTO} or {AUTO_TRAINED} trains the "
+                         "head on them)")
     spec = get_method(METHOD)
     own = {o.dest for o in config_options(spec)}
     other = {o.dest: o.flags[0] for s in list_methods("saliency") for o in config_options(s)
