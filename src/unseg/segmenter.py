@@ -42,7 +42,6 @@ the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pix
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from unseg.pipelines.kinds import RUN_OPTIONS, create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
+from unseg.registry import check_value
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
 from unseg.utils.batch import BatchReport
@@ -107,9 +107,8 @@ class Segmenter:
         **options: Any,
     ) -> None:
         for name, value in (("num_classes", num_classes), ("seed", seed)):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, numbers.Integral)):
-                raise UnsegError(f"{name}: expected an integer, got {value!r}")
+            if value is not None:
+                check_value(name, int, value)
         self.method = method
         self.num_classes = num_classes
         self.backbone = backbone

@@ -354,10 +354,9 @@ def load_head(
     model = open_fitted_backbone(meta, weights, device, str(run_dir))
     if model.stride != meta["stride"]:
         raise UnsegError(f"{run_dir}: stride {meta['stride']} differs from the backbone's")
-    in_dim = getattr(head, "in_dim", None)  # the features' width is not recorded: the head's
-    if in_dim is not None and in_dim != model.dim:
+    if head.in_dim != model.dim:  # the features' width is not recorded: the head's
         raise UnsegError(
-            f"{run_dir}: its head takes {in_dim}-channel features, but {model.spec.name} "
+            f"{run_dir}: its head takes {head.in_dim}-channel features, but {model.spec.name} "
             f"at tap {getattr(model, 'tap', None)!r} gives {model.dim}; its {CONFIG_FILE} was "
             "edited ('tap'?): restore it or refit"
         )
