@@ -27,3 +27,8 @@ class ManyFilesError(UnsegError):
         shown = ", ".join(self.paths[:limit])
         more = f" (and {len(self.paths) - limit} more)" if len(self.paths) > limit else ""
         super().__init__(f"{problem}: {len(self.paths)} file(s): {shown}{more}")
+
+
+def a_or_an(phrase: str) -> str:
+    """``phrase`` with its indefinite article, for messages: ``"an embedding"``."""
+    return f"{'an' if phrase[:1].lower() in set('aeiou') else 'a'} {phrase}"

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from unseg.data.memory import ImageInputs, image_inputs
-from unseg.errors import UnsegError
+from unseg.errors import UnsegError, a_or_an
 from unseg.pipelines.kind import Kind, Prediction, Settings
 from unseg.pipelines.kinds import RUN_OPTIONS, create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
@@ -242,7 +242,7 @@ class Segmenter:
         component of each mask above 0.5, or None for an empty mask, as ``boxes.json`` of
         ``unseg discover``."""
         if self._kind.labels:
-            raise UnsegError(f"{self.method} is a {self.output} method; boxes come from "
+            raise UnsegError(f"{self.method} is {a_or_an(self.output)} method; boxes come from "
                              "saliency methods")
         return [p.box for p in self._predictions(self._inputs(images))]
 

@@ -338,6 +338,17 @@ def test_semantic_scoring_of_a_saliency_root_says_what_it_is(tmp_path: Path, cap
     assert "no images found" not in err
 
 
+def test_a_boxes_root_given_for_masks_is_an_object_detection_dataset(tmp_path: Path,
+                                                                      capsys) -> None:
+    """It said "a object detection dataset"."""
+    gt = tmp_path / "VOC2007"
+    _one_image(gt / "VOCdevkit" / "VOC2007" / "JPEGImages")
+    (gt / "VOCdevkit" / "VOC2007" / "Annotations").mkdir()
+    pred = _one_image(tmp_path / "pred")
+    assert main(["evaluate", "saliency", "--pred", str(pred), "--gt", str(gt)]) == 2
+    assert "is an object detection dataset (XML boxes)" in capsys.readouterr().err
+
+
 def test_the_real_ecssd_and_voc_roots_name_their_task(shared_data, tmp_path: Path, capsys) -> None:
     ecssd, voc = shared_data("ECSSD"), shared_data("VOC2012")
     pred = _one_image(tmp_path / "pred")

@@ -180,6 +180,9 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.fit([3])
     with pytest.raises(UnsegError, match="boxes come from saliency methods"):
         seg.predict_boxes([np.zeros((64, 64, 3), np.uint8)])
+    with pytest.raises(UnsegError, match="maskcontrast is an embedding method; boxes come"):
+        unseg.Segmenter("maskcontrast", backbone=BACKBONE).predict_boxes(
+            [np.zeros((64, 64, 3), np.uint8)])
 
 
 @pytest.mark.parametrize("method", ["kmeans", "primaps-em", "maskcontrast"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unseg import __version__
-from unseg.errors import ManyFilesError, UnsegError
+from unseg.errors import ManyFilesError, UnsegError, a_or_an
 from unseg.runs import load_run, save_run
 from unseg.utils.io import atomic_write, save_png_atomic
 
@@ -60,6 +60,11 @@ def test_many_files_error_lists_ten_and_count():
     err = ManyFilesError("missing predictions", [f"f{i}.png" for i in range(13)])
     assert "13 file(s)" in str(err) and "f9.png" in str(err) and "f10.png" not in str(err)
     assert "(and 3 more)" in str(err)
+
+
+def test_messages_take_the_article_their_word_needs():
+    assert [a_or_an(w) for w in ("embedding", "saliency", "object detection", "Image", "x")] == [
+        "an embedding", "a saliency", "an object detection", "an Image", "a x"]
 
 
 def test_package_version_is_the_one_pyproject_declares():

@@ -17,7 +17,7 @@ from pathlib import Path
 from unseg.data.datasets import read_split
 from unseg.data.image import list_images
 from unseg.data.layouts import DatasetLayout, Task, find_layout
-from unseg.errors import ManyFilesError, UnsegError
+from unseg.errors import ManyFilesError, UnsegError, a_or_an
 from unseg.layout import MANIFEST_FILE, MASKS_DIR
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _refuse_other_task(gt: Path, task: Task) -> None:
     if other is None or other.task == task:
         return
     kind, holds, command = _TASK_GT[other.task]
-    raise UnsegError(f"{gt}: {other.name} is a {kind} dataset ({holds}): it has no "
+    raise UnsegError(f"{gt}: {other.name} is {a_or_an(kind)} dataset ({holds}): it has no "
                      f"{_TASK_GT[task][1]} to score against; use `{command}`")
 
 

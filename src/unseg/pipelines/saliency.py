@@ -41,7 +41,7 @@ from unseg.data.datasets import no_usable_images, resolve_inputs
 from unseg.data.image import load_image
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
-from unseg.errors import InputFileError, UnsegError
+from unseg.errors import InputFileError, UnsegError, a_or_an
 from unseg.features import extract_features
 from unseg.layout import CONFIG_FILE, FEATURES_DIR
 from unseg.methods.base import FitInputs
@@ -534,7 +534,7 @@ class SaliencyKind(Kind):
                              "discovery trains nothing (it uses only the image size, the "
                              "guided filter and the dense CRF)")
         if spec is not None and spec.output != "saliency":
-            raise UnsegError(f"{spec.name} is a {spec.output} method, not a saliency one")
+            raise UnsegError(f"{spec.name} is {a_or_an(spec.output)} method, not a saliency one")
         resolve_max_side(320, settings.max_side)  # its check
         config = build_config(spec or get_method(METHOD), options, {"seed": settings.seed})
         settings = method_tap(method, settings)

@@ -37,7 +37,7 @@ from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side, upsample_argmax
-from unseg.errors import UnsegError
+from unseg.errors import UnsegError, a_or_an
 from unseg.features import FeatureSet, extract_features
 from unseg.layout import CACHE_DIR, CONFIG_FILE, FEATURES_DIR, WEIGHTS_FILE
 from unseg.methods.balance import log_class_balance
@@ -86,7 +86,7 @@ def check_workers(workers: int | None) -> None:
 
 def _check(spec: MethodSpec, num_classes: int, settings: Settings) -> None:
     if spec.output != "semantic":
-        raise UnsegError(f"{spec.name} is a {spec.output} method, not a semantic one")
+        raise UnsegError(f"{spec.name} is {a_or_an(spec.output)} method, not a semantic one")
     if num_classes < 2:
         raise UnsegError(f"--num-classes must be at least 2, got {num_classes}")
     if num_classes > MAX_CLASSES:
