@@ -14,11 +14,13 @@ from PIL import Image
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
-from unseg.layout import BOXES_FILE, MASKS_DIR
+from unseg.layout import BOXES_FILE, MASKS_DIR, WEIGHTS_FILE
 from unseg.methods.collapse import MIN_PREDICTED
-from unseg.pipelines.folder import MaskWriter
-from unseg.pipelines.kind import Prediction
+from unseg.pipelines import saliency
+from unseg.pipelines.folder import MaskWriter, discover
+from unseg.pipelines.kind import Prediction, Settings
 from unseg.pipelines.saliency import saliency_maps
+from unseg.pipelines.saved_head import INPUTS_KEY
 from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
 from unseg.utils.batch import BatchReport
@@ -640,3 +642,40 @@ def test_spectral_and_the_found_head_default_to_the_measured_tap() -> None:
     kind = SaliencyKind.create("found-head", None, None, lite2)  # an alias: the same method
     assert kind.settings.tap == "s16+s32" and kind.stride() == 16
     assert SaliencyKind.create("spectral", None, None, lite2).settings.tap == "s16+s32"
+
+
+def test_a_resumed_discover_reuses_the_head_it_trained(folder, tmp_path, monkeypatch):
+    """`discover --resume` (and `segment --method maskcontrast --resume`, whose chain discovers
+    first) trained its head again although the killed attempt had saved it in OUT/run; it is
+    reused only when the configuration and the training images are the same."""
+    out = tmp_path / "o"
+    base = ["-q", "discover", str(folder), "--out", str(out), "--method", "found", "--backbone",
+            BACKBONE, "--steps", "2", "--size", "64", "--ensemble", "1"]
+    assert main(base) == 1  # broken.jpg and tiny.png are reported
+    masks = {p.name: p.read_bytes() for p in (out / MASKS_DIR).iterdir()}
+    weights = (out / "run" / WEIGHTS_FILE).read_bytes()
+    trained: list[int] = []
+    real = saliency.train_saliency
+    monkeypatch.setattr(saliency, "train_saliency",
+                        lambda *a, **k: trained.append(1) or real(*a, **k))
+    assert main([*base, "--resume"]) == 1
+    assert trained == []
+    assert {p.name: p.read_bytes() for p in (out / MASKS_DIR).iterdir()} == masks
+    assert (out / "run" / WEIGHTS_FILE).read_bytes() == weights
+
+    def run(seed: int) -> None:
+        discover(folder, out, "found", options={"steps": 2, "ensemble": 1},
+                 settings=Settings(backbone=BACKBONE, size=64, seed=seed))
+
+    run(1)  # another configuration: trained, and saved over the first
+    assert trained == [1]
+    run(1)
+    assert trained == [1]
+    Image.fromarray(_square(90, 90, 7)).save(folder / "img0.png")  # other training images
+    run(1)
+    assert trained == [1, 1]
+    config = json.loads((out / "run" / "config.json").read_text())
+    del config["training"][INPUTS_KEY]  # a run saved before the key was recorded
+    (out / "run" / "config.json").write_text(json.dumps(config))
+    run(1)
+    assert trained == [1, 1, 1]

@@ -57,6 +57,7 @@ from unseg.pipelines.backbone import (
 )
 from unseg.pipelines.fitting import build_config, fit_estimator
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.saved_head import INPUTS_KEY, inputs_key, saved_head
 from unseg.proposals.spectral import SpectralConfig, ncut_bipartition
 from unseg.refine.guided_filter import GuidedFilterConfig, refine_masks
 from unseg.refine.saliency_crf import SaliencyCRFConfig, crf_foreground
@@ -490,13 +491,14 @@ def method_tap(method: str, settings: Settings) -> Settings:
 
 
 class FittedSaliency:
-    """A saliency head (None: spectral, training-free), its backbone, the training facts and
-    the images it was trained on."""
+    """A saliency head (None: spectral, training-free), its backbone, the training facts, the
+    images it was trained on and the run folder it was reused from (:mod:`.saved_head`)."""
 
     def __init__(self, head: Any, backbone: Backbone, facts: dict[str, Any] | None = None,
-                 paths: list[Path] | None = None) -> None:
+                 paths: list[Path] | None = None, saved_in: Path | None = None) -> None:
         self.head, self.backbone = head, backbone
         self.facts, self.paths = dict(facts or {}), list(paths or [])
+        self.saved_in = saved_in
 
 
 def spectral_unused(options: Mapping[str, Any] | None) -> list[str]:
@@ -574,11 +576,17 @@ class SaliencyKind(Kind):
         if self.spec is None:
             return FittedSaliency(None, model)
         self._config = saliency_config(self.spec, self._config, model)
+        key = None if where is None or inputs.arrays else inputs_key(inputs.paths)
+        if key is not None and (saved := saved_head(where, self.spec, self._config, model,
+                                                    inputs.paths, session.device)):
+            return FittedSaliency(saved[0], model, saved[1], inputs.paths, saved_in=where)
         head, used, facts = train_saliency(
             root, inputs, self.spec, self._config, model, session.device,
             Path(s.cache_dir) / FEATURES_DIR if s.cache_dir else None, session.report,
             session.timings,
         )
+        if key is not None:
+            facts[INPUTS_KEY] = key
         return FittedSaliency(head, model, facts, used)
 
     def result(self, fitted: FittedSaliency, run_dir: Path, report: BatchReport) -> FitResult:
@@ -587,6 +595,8 @@ class SaliencyKind(Kind):
     def save(self, fitted: FittedSaliency, run_dir: Path, session: Session) -> None:
         if self.spec is None or fitted.head is None:
             raise UnsegError("spectral is training-free: there is no run to save")
+        if fitted.saved_in == run_dir:  # reused from there: written by the run that trained it
+            return
         save_saliency_run(run_dir, self.spec, fitted.head, fitted.backbone,
                           self.settings.weights, fitted.facts, session.timings)
 
