@@ -134,5 +134,8 @@ def load_fitted(
             f"{output} model"
         )
     config = config_from_dict(spec.config, meta.get("config", {}), f"{run_dir}/{CONFIG_FILE}")
-    estimator = spec.estimator.from_state(config, tensors, device)
+    try:
+        estimator = spec.estimator.from_state(config, tensors, device)
+    except UnsegError as exc:  # the estimator's own words, naming the file they are about
+        raise UnsegError(f"{Path(run_dir) / WEIGHTS_FILE}: {exc}: restore it or refit") from None
     return spec, estimator, meta

@@ -205,7 +205,8 @@ def test_a_hand_edited_run_config_is_a_clear_error(segmented, tmp_path: Path, ke
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda p: p[:, :100], "100-channel prototypes, but efficientnet_lite0 at tap 's32' gives "
      "320-channel features"),
-    (lambda p: p.index_fill(1, torch.tensor([0]), float("nan")), "NaN or infinite"),
+    (lambda p: p.index_fill(1, torch.tensor([0]), float("nan")),
+     r"run/weights.safetensors: PriMaPs-EM state: tensor .prototypes. holds NaN or infinite"),
 ])
 def test_hand_edited_prototypes_are_a_clear_error(segmented, tmp_path: Path, edit,
                                                   match: str) -> None:

@@ -307,6 +307,12 @@ def test_state_dict_round_trip_predicts_identically(classifier: str, tmp_path) -
         PriMaPsEM.from_state(cfg, state)
     with pytest.raises(UnsegError, match="do not fit K=4"):
         PriMaPsEM.from_state(PriMaPsEMConfig(num_classes=4), model.state_dict())
+    with pytest.raises(UnsegError, match="'gain' holds NaN or infinite values"):
+        PriMaPsEM.from_state(cfg, {**model.state_dict(), "gain": torch.full((3,), float("inf"))})
+    width = feats[0].shape[0]
+    with pytest.raises(UnsegError, match=f"PriMaPs-EM: 2-channel features, but the prototypes "
+                                         f"are {width}-channel"):
+        again.logits(feats[0][:2])
 
 
 def test_center_subtracts_the_fitted_mean_and_ignores_a_common_shift() -> None:

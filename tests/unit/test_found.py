@@ -222,6 +222,9 @@ def test_fit_rejects_bad_inputs():
         FoundHead().predict_proba(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 32, 32))
     with pytest.raises(UnsegError, match="1x1 conv"):
         FoundHead.from_state(FoundConfig(), {"bias": torch.zeros(1)})
+    with pytest.raises(UnsegError, match="FOUND-head state: tensor 'weight' holds NaN"):
+        FoundHead.from_state(FoundConfig(), {"weight": torch.full((1, 4, 1, 1), float("nan")),
+                                             "bias": torch.zeros(1)})
 
 
 def test_standardized_conv_folds_into_the_same_plain_conv():

@@ -159,6 +159,14 @@ def test_kmeans_state_round_trip_predicts_identically(tmp_path) -> None:
         KMeans.from_state(cfg, {"prototypes": model.prototypes_})
     with pytest.raises(UnsegError, match="do not fit K=4"):
         KMeans.from_state(KMeansConfig(num_classes=4), model.state_dict())
+    nan = {**model.state_dict(), "prototypes": model.prototypes_.clone().fill_(float("nan"))}
+    with pytest.raises(UnsegError, match="'prototypes' holds NaN or infinite values"):
+        KMeans.from_state(cfg, nan)
+    with pytest.raises(UnsegError, match=r"mean \(5,\) does not fit the 8-channel prototypes"):
+        KMeans.from_state(cfg, {**model.state_dict(), "mean": torch.zeros(5)})
+    with pytest.raises(UnsegError, match="k-means: 5-channel features, but the prototypes are "
+                                         "8-channel"):
+        again.predict(maps[0][:5], (5, 6))
     with pytest.raises(UnsegError, match="before fit"):
         KMeans().predict(maps[0], (5, 6))
     with pytest.raises(UnsegError, match="at least one feature map"):

@@ -166,3 +166,8 @@ def test_orient_undoes_an_inverted_cut(planted_squares, stand_in):
     torch.testing.assert_close(head.predict_proba(feats, images), good)
     again = SaliencyHead.from_state(cfg, head.state_dict())
     torch.testing.assert_close(again.predict_proba(feats, images), good)
+    state = head.state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("inf"))
+    with pytest.raises(UnsegError, match=f"saliency-head state: tensor '{name}' holds NaN"):
+        SaliencyHead.from_state(cfg, state)

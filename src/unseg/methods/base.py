@@ -114,6 +114,14 @@ class SemanticEstimator(Estimator, Protocol):
         ...
 
 
+def require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`UnsegError` naming the first floating tensor of ``state`` that holds NaN or
+    infinite values (a damaged or hand-edited weights file), for ``from_state``."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UnsegError(f"{what} state: tensor '{key}' holds NaN or infinite values")
+
+
 def feature_mean(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean feature ``[C]`` over every position of every ``features[i] [C, h, w]`` (float64
     accumulation, returned as float32)."""

@@ -78,7 +78,7 @@ from torch import nn
 
 from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs, feature_moments, stack_crops
+from unseg.methods.base import FitInputs, feature_moments, require_finite, stack_crops
 from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
@@ -425,6 +425,7 @@ class FoundHead(HeadEstimator):
         """A fitted head rebuilt from :meth:`state_dict`'s output."""
         head = cls(config, device)
         state = dict(state)
+        require_finite(state, "FOUND-head")
         weight = state.get("weight")
         if weight is None or weight.ndim != 4 or tuple(weight.shape[::2]) != (1, 1):
             raise UnsegError("FOUND-head state lacks a 1x1 conv weight [1, C, 1, 1]")

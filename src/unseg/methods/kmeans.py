@@ -287,4 +287,4 @@ class KMeans(PrototypeEstimator):
         """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]`` to the centres."""
         if self.prototypes_ is None:
             raise UnsegError("KMeans.predict called before fit")
-        return cosine_logits(self.centered(features.to(self.device)), self.prototypes_, factor)
+        return cosine_logits(self.prediction_input(features), self.prototypes_, factor)

@@ -575,7 +575,7 @@ class PriMaPsEM(PrototypeEstimator):
         """θ_m's logits ``[K, h·factor, w·factor]`` for ``features [C, h, w]``."""
         if self.prototypes_ is None or self.gain_ is None:
             raise UnsegError("PriMaPsEM.predict called before fit")
-        x = self.centered(features.to(self.device).float())
+        x = self.prediction_input(features)
         with torch.no_grad():
             return prototype_logits(x, self.prototypes_, self.gain_, self.config.classifier, factor)
 

@@ -16,7 +16,7 @@ import torch
 
 from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
-from unseg.methods.base import feature_mean
+from unseg.methods.base import feature_mean, require_finite
 
 
 def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
@@ -27,9 +27,10 @@ def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.
 
 
 def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-    """``state[key]`` as float32, or a clear error naming the missing tensor."""
+    """``state[key]`` as float32, or a clear error naming the missing or non-finite tensor."""
     if key not in state:
         raise UnsegError(f"{what} state lacks tensor '{key}'")
+    require_finite({key: state[key]}, what)
     return state[key].float()
 
 
@@ -56,6 +57,16 @@ class PrototypeEstimator:
         """``features [C, h, w]`` minus ``mean_`` (unchanged without centring)."""
         return center_features(features, self.mean_)
 
+    def prediction_input(self, features: torch.Tensor) -> torch.Tensor:
+        """``features [C, h, w]`` on the device, float32 and :meth:`centered`, for the fitted
+        prototypes ``[K, C]``: a clear error when ``C`` is not their width."""
+        if self.prototypes_ is not None and features.shape[0] != self.prototypes_.shape[1]:
+            raise UnsegError(
+                f"{self.what}: {features.shape[0]}-channel features, but the prototypes are "
+                f"{self.prototypes_.shape[1]}-channel: features of another backbone or tap"
+            )
+        return self.centered(features.to(self.device).float())
+
     def center_state(self) -> dict[str, torch.Tensor]:
         """``{"mean": mean_}`` (CPU) when centring, else empty: for :meth:`state_dict`."""
         return {} if self.mean_ is None else {"mean": self.mean_.cpu()}
@@ -64,6 +75,10 @@ class PrototypeEstimator:
         """Read ``mean_`` back from ``state`` when ``config.center`` (for ``from_state``)."""
         if self.config.center:
             self.mean_ = state_tensor(state, "mean", self.what).to(self.device)
+            width = None if self.prototypes_ is None else self.prototypes_.shape[1]
+            if self.mean_.shape != (width,):
+                raise UnsegError(f"{self.what} state: mean {tuple(self.mean_.shape)} does not fit "
+                                 f"the {width}-channel prototypes")
 
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
         """Class logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs, stack_crops
+from unseg.methods.base import FitInputs, require_finite, stack_crops
 from unseg.methods.collapse import CollapseConfig
 from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
@@ -322,6 +322,7 @@ class SaliencyHead(HeadEstimator):
         """A fitted head rebuilt from :meth:`state_dict`'s output."""
         head = cls(config, device)
         state = dict(state)
+        require_finite(state, "saliency-head")
         try:
             in_dim, stride = int(state.pop("in_dim")), int(state.pop("stride"))
         except KeyError as exc:

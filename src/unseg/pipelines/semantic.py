@@ -179,14 +179,12 @@ def _method(
 
 
 def check_prototypes(run_dir: Path, prototypes: torch.Tensor | None, model: Backbone) -> None:
-    """Refuse a run's saved prototypes ``[K, C]`` (when its method has them) that are not
-    finite or whose width is not ``model``'s feature width (a hand-edited or swapped
-    weights file), instead of failing later in the prediction."""
+    """Refuse a run's saved prototypes ``[K, C]`` (when its method has them) whose width is not
+    ``model``'s feature width (a hand-edited or swapped weights file), instead of failing later
+    in the prediction (their values are checked when the estimator loads)."""
     if prototypes is None:
         return
     where = Path(run_dir) / WEIGHTS_FILE
-    if not bool(torch.isfinite(prototypes).all()):
-        raise UnsegError(f"{where}: the prototypes hold NaN or infinite values: refit")
     if prototypes.shape[1] != model.dim:
         raise UnsegError(
             f"{where}: {prototypes.shape[1]}-channel prototypes, but {model.spec.name} at tap "
