@@ -224,6 +224,11 @@ def extract_features(
     unknown = sorted(set(extras) - set(EXTRAS))
     if unknown:
         raise UnsegError(f"unknown feature extras {unknown}; choose from {', '.join(EXTRAS)}")
+    if batch_size < 1:
+        raise UnsegError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise UnsegError(f"--workers must be at least 0 (0: load in the main process), got "
+                         f"{num_workers}")
     timings = timings if timings is not None else Timings()
     report = report if report is not None else BatchReport()
     paths = [Path(p) for p in paths]

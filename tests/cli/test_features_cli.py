@@ -3,6 +3,8 @@ the backbone once an input fails (the second run takes the other two from the ca
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from unseg.cli.main import main
@@ -57,3 +59,20 @@ def test_features_out_cache_features_is_what_cache_dir_reads(tmp_path, capsys, f
     assert main(["-q", "features", str(folder), "--out", str(cache / "features"), *common,
                  *features]) == 0
     assert "3 images: 0 computed, 3 from cache, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),
+    (["--workers", "-1"], "--workers must be at least 0 (0: load in the main process), got -1"),
+])
+@pytest.mark.usefixtures("registered_stand_in")
+def test_batch_size_and_workers_out_of_range_are_refused(tmp_path, capsys, option, says):
+    """They ended in tracebacks: range()'s ValueError, a missing cache file, torch's
+    DataLoader ValueError."""
+    images = Path(__file__).resolve().parents[2] / "examples" / "images"
+    assert main(["-q", "features", str(images), "--out", str(tmp_path / "c"),
+                 "--backbone", "stand_in16", "--size", "64", *option]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not list((tmp_path / "c").rglob("*.safetensors"))
