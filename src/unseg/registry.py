@@ -219,8 +219,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "config") -> Any:
     """``cls`` built from ``values`` (as :func:`config_to_dict` wrote them): nested dataclasses
-    rebuilt, lists turned back into tuples, absent fields at their defaults; unknown keys are an
-    error naming ``source``."""
+    rebuilt, lists turned back into tuples, absent fields at their defaults; unknown keys and
+    values out of their fields' bounds (the config's own check) are errors naming ``source``."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -238,6 +238,8 @@ def config_from_dict(cls: type, values: Mapping[str, Any], source: str = "config
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise UnsegError(f"{source}: invalid {cls.__name__} ({exc})") from None
+    except UnsegError as exc:  # a value out of its bounds (the config's own check)
+        raise UnsegError(f"{source}: {exc}") from None
 
 
 def field_type(cls: type, path: tuple[str, ...]) -> Any:

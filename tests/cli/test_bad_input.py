@@ -101,6 +101,24 @@ def test_segment_refuses_counts_that_make_no_sense(tmp_path: Path, capsys, flags
                                                                else int(value)})
 
 
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--method", "found", "--steps", "0"], "steps must be at least 1, got 0"),
+    (["--method", "found", "--lr", "-1"], "lr must be above 0, got -1.0"),
+    (["--method", "found", "--crf-eps", "0.7"], "crf.eps must be above 0 and below 0.5, got 0.7"),
+    (["--method", "saliency-head", "--heads", "0"], "heads must be at least 1, got 0"),
+])
+def test_discover_refuses_training_values_out_of_bounds(tmp_path: Path, capsys, flags,
+                                                         says) -> None:
+    """`--steps 0` wrote untrained masks with exit 0; `--lr -1` ended in torch's ValueError
+    traceback after the features were computed."""
+    images = _one_image(tmp_path / "in")
+    assert main(["discover", str(images), "--out", str(tmp_path / "o"), "--backbone",
+                 "efficientnet_lite0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_report_refuses_a_negative_gallery_size(tmp_path: Path, capsys) -> None:
     """`unseg report OUT --max-images -3` wrote a page with an empty gallery."""
     assert main(["report", str(tmp_path), "--max-images", "-3"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import typing
 
 import pytest
 import torch
@@ -21,11 +22,13 @@ from unseg.registry import (
     config_from_dict,
     config_options,
     config_to_dict,
+    field_type,
     get_method,
     list_methods,
     register_method,
 )
 from unseg.runs import load_fitted, save_fitted
+from unseg.utils.options import out_of_bounds
 from unseg.utils.timing import Timings
 
 STRIDE = 4
@@ -223,3 +226,60 @@ def test_config_dict_round_trip(spec: MethodSpec):
     assert config_from_dict(spec.config, config_to_dict(cfg)) == cfg
     with pytest.raises(UnsegError, match=r"run.json: unknown \w+ settings: colour"):
         config_from_dict(spec.config, {"colour": 1}, "run.json")
+
+
+def _bounded_fields(cls: type, prefix: str = "") -> list[tuple[str, dict]]:
+    """``(dotted name, bounds)`` of every field of ``cls`` (nested configs too) with bounds."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_bounded_fields(hints[f.name], f"{prefix}{f.name}."))
+        elif "bounds" in f.metadata:
+            out.append((prefix + f.name, f.metadata["bounds"]))
+    return out
+
+
+def _outside(bounds: dict) -> list[float]:
+    """Values just outside each of ``bounds`` (and NaN, which no bound admits)."""
+    values = [float("nan")]
+    for name, b in bounds.items():
+        values.append(b - 1 if name in ("at_least", "above") else b + 1)
+        if name in ("above", "below"):
+            values.append(b)
+    return values
+
+
+@pytest.mark.parametrize("spec", list_methods(), ids=lambda s: s.name)
+def test_every_bound_refuses_the_values_outside_it_by_name(spec: MethodSpec):
+    """`--steps 0` trained an empty head and exit 0, `--lr -1` ended in torch's ValueError
+    traceback, `--batch-size 0` in range()'s: values a field cannot take are refused when the
+    config is built, on every path (options, a saved run's config.json, the constructor)."""
+    fields = _bounded_fields(spec.config)
+    assert len(fields) >= 4
+    for name, bounds in fields:
+        tp = field_type(spec.config, tuple(name.split(".")))
+        ints = tp is int or int in typing.get_args(tp)
+        for value in _outside(bounds):
+            if ints and value != value:  # NaN is no integer: the type check's
+                continue
+            value = int(value) if ints else value
+            with pytest.raises(UnsegError, match=rf"^{re.escape(name)} must be .*, got "):
+                build_config(spec, {name: value}, {})
+            outer, _, inner = name.partition(".")
+            saved = {outer: {inner: value}} if inner else {name: value}
+            with pytest.raises(UnsegError, match=rf"^run/config.json: {re.escape(name)} must"):
+                config_from_dict(spec.config, saved, "run/config.json")
+        inside = {"at_least": 0, "above": 1e-3, "at_most": 0, "below": -1e-3}
+        edge = max((bounds[k] + inside[k] for k in bounds if k in ("at_least", "above")),
+                   default=min(bounds[k] + inside[k] for k in bounds))
+        build_config(spec, {name: int(edge) if ints and edge == int(edge) else edge}, {})
+
+
+def test_the_bounds_speak_plainly() -> None:
+    assert out_of_bounds(0, {"at_least": 1}) == "must be at least 1"
+    assert out_of_bounds(0.5, {"above": 0, "below": 0.5}) == "must be above 0 and below 0.5"
+    assert out_of_bounds(0.25, {"above": 0, "below": 0.5}) is None
+    assert out_of_bounds(None, {"at_least": 1}) is None  # None, where allowed, is a default
+    assert out_of_bounds(True, {"above": 3}) is None  # the type check refuses a bool
+    assert out_of_bounds(float("nan"), {"at_most": 1}) == "must be at most 1"

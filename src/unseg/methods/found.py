@@ -108,31 +108,45 @@ class FoundConfig(HeadTrainingConfig):
         None,
         "cosine similarity to the seed above which a patch is background (default: 0.3, the "
         "reference's, for ViTs; 0.2 for CNN backbones, measured)",
+        at_least=-1, at_most=1,
     )
-    n_seeds: int = option(1, "patches averaged as the background seed (the seed and its nearest)")
+    n_seeds: int = option(
+        1,
+        "patches averaged as the background seed (the seed and its nearest)",
+        at_least=1,
+    )
     refine_targets: bool = option(
         True,
         "guided-filter the 0/1 targets (stands in for the bilateral solver)",
     )
-    lr: float = option(5e-2, "AdamW learning rate")
-    batch_size: int = option(50, "images per step")
-    steps: int = option(500, "training steps (reference: 500)")
-    lr_step: int = option(50, "steps between learning-rate decays")
-    lr_gamma: float = option(0.95, "learning-rate decay factor")
-    stop_bkg_loss: int = option(100, "steps trained on the pseudo-masks before self-training")
-    weight_refined: float = option(1.5, "weight of the loss against the refined own prediction")
-    weight_self: float = option(4.0, "weight of the self-training loss")
+    lr: float = option(5e-2, "AdamW learning rate", above=0)
+    batch_size: int = option(50, "images per step", at_least=1)
+    steps: int = option(500, "training steps (reference: 500)", at_least=1)
+    lr_step: int = option(50, "steps between learning-rate decays", at_least=1)
+    lr_gamma: float = option(0.95, "learning-rate decay factor", above=0, at_most=1)
+    stop_bkg_loss: int = option(
+        100,
+        "steps trained on the pseudo-masks before self-training",
+        at_least=0,
+    )
+    weight_refined: float = option(
+        1.5,
+        "weight of the loss against the refined own prediction",
+        at_least=0,
+    )
+    weight_self: float = option(4.0, "weight of the self-training loss", at_least=0)
     standardize: bool | None = option(
         None,
         "standardise each input channel by its training-set mean and std (folded into the conv "
         "after training) (default: on for CNN backbones, off for ViTs, whose scale the "
         "reference's lr was set for)",
     )
-    weight_crop_base: float = option(0.01, "weight of the base loss on the crop")
+    weight_crop_base: float = option(0.01, "weight of the base loss on the crop", at_least=0)
     ensemble: int = option(
         5,
         "heads averaged into one 1x1 conv (the mean of their logits), trained with seeds "
         "R*seed ... R*seed + R - 1",
+        at_least=1,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from unseg.methods.crop_cache import CropMode
 from unseg.refine.guided_filter import GuidedFilterConfig
 from unseg.refine.saliency_crf import SaliencyCRFConfig
-from unseg.utils.options import option
+from unseg.utils.options import check_bounds, option
 
 
 @dataclass
@@ -40,8 +40,8 @@ class HeadTrainingConfig:
         "crop features: cache (backbone once per pooled crop), roi (RoI-align of the full map) "
         "or backbone (every step)",
     )
-    crop_pool: int = option(4, "crops cached per image")
-    weight_consistency: float = option(0.01, "weight of the multi-scale MSE")
+    crop_pool: int = option(4, "crops cached per image", at_least=1)
+    weight_consistency: float = option(0.01, "weight of the multi-scale MSE", at_least=0)
     guided_filter: bool = option(
         True, "guided-filter refinement at prediction, when the dense CRF is off"
     )
@@ -53,3 +53,7 @@ class HeadTrainingConfig:
     )
     crf: SaliencyCRFConfig = field(default_factory=SaliencyCRFConfig)
     seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        """Refuse values out of their fields' bounds (:func:`~unseg.utils.options.option`)."""
+        check_bounds(self)

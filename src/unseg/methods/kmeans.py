@@ -27,7 +27,7 @@ from unseg.methods.base import feature_mean as feature_mean  # re-exported (move
 from unseg.methods.prototypes import PrototypeEstimator, state_tensor
 from unseg.methods.prototypes import center_features as center_features  # re-exported (moved)
 from unseg.registry import register
-from unseg.utils.options import option
+from unseg.utils.options import check_bounds, option
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,10 @@ class KMeansConfig:
     training images' mean feature before clustering and before the logits)."""
 
     num_classes: int = 27
-    n_init: int = option(3, "k-means++ restarts (the best inertia is kept)")
-    max_iter: int = option(100, "Lloyd iterations per restart")
-    tol: float = option(1e-6, "relative inertia change that stops the iterations")
-    chunk_size: int = option(65536, "feature vectors per distance block (memory)")
+    n_init: int = option(3, "k-means++ restarts (the best inertia is kept)", at_least=1)
+    max_iter: int = option(100, "Lloyd iterations per restart", at_least=1)
+    tol: float = option(1e-6, "relative inertia change that stops the iterations", at_least=0)
+    chunk_size: int = option(65536, "feature vectors per distance block (memory)", at_least=1)
     center: bool = option(
         False,
         "subtract the training images' mean feature, kept in the run (default: on where the "
@@ -48,14 +48,8 @@ class KMeansConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        """Refuse counts that leave nothing to run (no restart, no iteration, an empty
-        distance block) and a negative tolerance."""
-        for name in ("n_init", "max_iter", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, int) and value < 1:
-                raise UnsegError(f"{name} must be at least 1, got {value}")
-        if isinstance(self.tol, (int, float)) and self.tol < 0:
-            raise UnsegError(f"tol must be at least 0, got {self.tol}")
+        """Refuse values out of their fields' bounds (:func:`~unseg.utils.options.option`)."""
+        check_bounds(self)
 
 
 def _best_similarity(

@@ -69,7 +69,7 @@ from unseg.methods.prototypes import PrototypeEstimator
 from unseg.registry import register
 from unseg.utils import dist
 from unseg.utils.device import cpu_threads
-from unseg.utils.options import option
+from unseg.utils.options import check_bounds, option
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -91,34 +91,40 @@ class PriMaPsEMConfig:
     """
 
     num_classes: int = 27
-    epochs: int = option(50, "EM epochs over the images (paper: 50)")
-    steps: int | None = option(None, "a fixed number of EM steps instead of epochs")
-    batch_size: int = option(32, "images per EM step")
+    epochs: int = option(50, "EM epochs over the images (paper: 50)", at_least=1)
+    steps: int | None = option(None, "a fixed number of EM steps instead of epochs", at_least=1)
+    batch_size: int = option(32, "images per EM step", at_least=1)
     lr: float | None = option(
         None,
         "Adam learning rate of θ (default: the paper's 5e-3 with the reference classifier, "
         "1e-3 with the cosine one: at 5e-3 it empties clusters on street scenes, measured on "
         "VOC2012, VOC2007 and CamVid in docs/results-primaps.md)",
+        above=0,
     )
-    focal_gamma: float = option(2.0, "focal weighting exponent γ")
+    focal_gamma: float = option(2.0, "focal weighting exponent γ", at_least=0)
     ema_decay: float = option(
         0.98,
         "ceiling of θ_m's warm-up EMA decay",
+        at_least=0, at_most=1,
     )
-    ema_every: int = option(10, "steps between θ_m updates")
+    ema_every: int = option(10, "steps between θ_m updates", at_least=1)
     ema_warmup: bool = option(
         True,
         "θ_m's decay warms up as min(ceiling, 1 − 1/k) at the k-th update (off: the ceiling "
         "from the first update, unseg 0.1.0's schedule)",
     )
-    kmeans_passes: int = option(2, "cosine k-means passes of the initialisation")
+    kmeans_passes: int = option(2, "cosine k-means passes of the initialisation", at_least=1)
     init: Init = option(
         "kmeans",
         "how the initial PCA directions are refined: kmeans: `kmeans_passes` full passes of "
         "cosine k-means; probe: the reference's 2 epochs of a cosine probe trained by Adam "
         "(lr 5e-3) on batches of `batch_size` images",
     )
-    init_max_points: int = option(200_000, "feature vectors sampled for the initialisation")
+    init_max_points: int = option(
+        200_000,
+        "feature vectors sampled for the initialisation",
+        at_least=1,
+    )
     label_factor: int | None = None  # None: upsample features by the stride (paper)
     classifier: Classifier = option(
         "reference",
@@ -142,6 +148,10 @@ class PriMaPsEMConfig:
     crf: bool = True
     ignore_index: int = option(255, "pseudo-label id of pixels outside every proposal")
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values out of their fields' bounds (:func:`~unseg.utils.options.option`)."""
+        check_bounds(self)
 
 
 DEFAULT_LR: dict[str, float] = {"reference": 5e-3, "cosine": 1e-3}  # by classifier

@@ -65,27 +65,29 @@ class SaliencyHeadConfig(HeadTrainingConfig):
     """Training and inference settings; defaults are the Boosting/SEMPART reference values; the
     multi-scale, guided-filter and seed fields are :class:`HeadTrainingConfig`'s."""
 
-    lr: float = option(1e-4, "AdamW learning rate")
-    batch_size: int = option(8, "images per step")
-    epochs: int = option(30, "training epochs (paper: 30)")
-    tau: float = option(0.4, "key-affinity threshold τ of the cut")
-    eps: float = option(1e-6, "affinity below τ")
-    dim: int = option(128, "head width")
-    layers: int = option(2, "transformer layers of the head")
-    heads: int = option(4, "attention heads")
-    weight_coarse: float = option(1.0, "weight of the cut on the coarse prediction")
-    weight_agree: float = option(1.0, "weight of the coarse/fine agreement")
-    weight_border: float = option(0.1, "weight of the border prior")
-    weight_crop_ncut: float = option(0.01, "weight of the cut on the crop")
+    lr: float = option(1e-4, "AdamW learning rate", above=0)
+    batch_size: int = option(8, "images per step", at_least=1)
+    epochs: int = option(30, "training epochs (paper: 30; 0 with --restarts: the kept restart's "
+                         "cut alone)", at_least=0)
+    tau: float = option(0.4, "key-affinity threshold τ of the cut", at_least=-1, at_most=1)
+    eps: float = option(1e-6, "affinity below τ", at_least=0)
+    dim: int = option(128, "head width", at_least=1)
+    layers: int = option(2, "transformer layers of the head", at_least=1)
+    heads: int = option(4, "attention heads", at_least=1)
+    weight_coarse: float = option(1.0, "weight of the cut on the coarse prediction", at_least=0)
+    weight_agree: float = option(1.0, "weight of the coarse/fine agreement", at_least=0)
+    weight_border: float = option(0.1, "weight of the border prior", at_least=0)
+    weight_crop_ncut: float = option(0.01, "weight of the cut on the crop", at_least=0)
     restarts: int = option(
         1,
         "short restarts of the patch-level cut, one kept by a label-free rule "
         "(unseg.methods.restarts; 1: none)",
+        at_least=1,
     )
-    restart_steps: int = option(150, "training steps of each restart")
+    restart_steps: int = option(150, "training steps of each restart", at_least=1)
     restart_holdout: float = option(
         0.1, "share of the training images held back to choose the restart"
-    )
+    , at_least=0, below=1)
     restart_rule: Rule = option(
         "agreement",
         "which restart is kept: agreement (the partition most restarts find) or cut "

@@ -44,8 +44,8 @@ _CV_MAX_CHANNELS = 128  # channels per OpenCV call (its filters refuse 129 and m
 class GuidedFilterConfig:
     """Guided-filter refinement as in the Boosting paper (radius 9, ε = 1e-3, mean-RGB guide)."""
 
-    radius: int = option(9, "guided-filter radius")
-    eps: float = option(1e-3, "guided-filter ε")
+    radius: int = option(9, "guided-filter radius", at_least=0)
+    eps: float = option(1e-3, "guided-filter ε", above=0)
     guide: GuideMode = option(
         "mean",
         "guided-filter guide: mean of RGB (reference code) or BT.601 luma",

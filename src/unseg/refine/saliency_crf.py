@@ -34,14 +34,22 @@ class SaliencyCRFConfig:
     """The 2-label CRF's unary (clip ``eps``, ``temperature``) and its kernels (as in
     :class:`unseg.refine.crf.CRFConfig`; both labels always take part)."""
 
-    eps: float = option(0.05, "dense CRF: clip the foreground probability to [EPS, 1 - EPS]")
-    temperature: float = option(1.0, "dense CRF: divide the foreground logit by this")
-    iterations: int = option(10, "dense CRF: mean-field iterations")
-    gaussian_sxy: float = option(3.0, "dense CRF: Gaussian kernel's width in pixels")
-    gaussian_compat: float = option(3.0, "dense CRF: Gaussian kernel's weight")
-    bilateral_sxy: float = option(80.0, "dense CRF: bilateral kernel's width in pixels")
-    bilateral_srgb: float = option(13.0, "dense CRF: bilateral kernel's colour width (0-255)")
-    bilateral_compat: float = option(10.0, "dense CRF: bilateral kernel's weight")
+    eps: float = option(
+        0.05,
+        "dense CRF: clip the foreground probability to [EPS, 1 - EPS]",
+        above=0, below=0.5,
+    )
+    temperature: float = option(1.0, "dense CRF: divide the foreground logit by this", above=0)
+    iterations: int = option(10, "dense CRF: mean-field iterations", at_least=0)
+    gaussian_sxy: float = option(3.0, "dense CRF: Gaussian kernel's width in pixels", above=0)
+    gaussian_compat: float = option(3.0, "dense CRF: Gaussian kernel's weight", at_least=0)
+    bilateral_sxy: float = option(80.0, "dense CRF: bilateral kernel's width in pixels", above=0)
+    bilateral_srgb: float = option(
+        13.0,
+        "dense CRF: bilateral kernel's colour width (0-255)",
+        above=0,
+    )
+    bilateral_compat: float = option(10.0, "dense CRF: bilateral kernel's weight", at_least=0)
 
     @property
     def crf(self) -> CRFConfig:
