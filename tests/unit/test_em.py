@@ -551,8 +551,8 @@ def test_the_learning_rate_defaults_by_classifier_and_an_explicit_one_wins() -> 
     assert learning_rate(PriMaPsEMConfig(classifier="reference")) == 5e-3  # the paper's
     assert learning_rate(PriMaPsEMConfig(classifier="cosine")) == 1e-3
     assert learning_rate(PriMaPsEMConfig(classifier="cosine", lr=0.02)) == 0.02
-    with pytest.raises(UnsegError, match="lr must be positive"):
-        learning_rate(PriMaPsEMConfig(lr=0.0))
+    with pytest.raises(UnsegError, match=r"lr must be above 0, got 0\.0"):
+        PriMaPsEMConfig(lr=0.0)
     # the default and the rate it stands for train identically; another rate does not
     feats, props = blobs()
     runs = {lr: PriMaPsEM(PriMaPsEMConfig(num_classes=3, classifier="cosine", lr=lr, steps=5))

@@ -161,9 +161,7 @@ def learning_rate(config: PriMaPsEMConfig) -> float:
     """θ's Adam learning rate: ``config.lr``, or the classifier's default (:data:`DEFAULT_LR`:
     the paper's 5e-3 for its reference classifier; 1e-3 for the unit-gain cosine classifier,
     whose logits lie in [-1, 1], measured on three dev sets)."""
-    if config.lr is not None:
-        if config.lr <= 0:
-            raise UnsegError(f"lr must be positive, got {config.lr}")
+    if config.lr is not None:  # above 0: the config's bound
         return config.lr
     _check_choices(config)
     return DEFAULT_LR[config.classifier]
