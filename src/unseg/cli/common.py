@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -179,7 +180,7 @@ def command_settings(args: argparse.Namespace, positional: Sequence[str]) -> dic
         if dest in NOT_SETTINGS or callable(value):
             continue
         if dest in PATH_SETTINGS and value is not None:
-            value = str(Path(value).resolve())
+            value = os.path.realpath(value)  # Path.resolve raises on a link loop
         settings[dest if dest in positional else _flag(dest)] = (
             list(value) if isinstance(value, tuple) else value
         )
