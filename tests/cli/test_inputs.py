@@ -448,3 +448,36 @@ def test_a_bad_link_as_the_images_argument_is_one_error_naming_it(tmp_path: Path
     with pytest.raises(UnsegError, match=re.escape(f"{link}: {problem}")):
         resolve_inputs(link, BatchReport())  # the library's listing says the same
 
+
+def _signatures(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_with_a_command_that_cannot_run_leaves_the_outputs(tmp_path: Path) -> None:
+    """``--overwrite`` deletes the earlier outputs only for a command that can run: a typo in
+    IMAGES, a folder without images or an option out of range stops it (status 2) with the
+    folder as it was."""
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(_photo(48, 64, 0)).save(good / "a.png")
+    (tmp_path / "empty").mkdir()
+    semantic = ["--backbone", BACKBONE, "-k", "2", "--refine", "none", "--workers", "1"]
+    # each command: what comes before IMAGES, its options, and an option it refuses
+    outs = {"fit": (["fit", "kmeans"], [*semantic, *SIZE], ["--size", "8"]),
+            "segment": (["segment"], ["--method", "kmeans", *semantic, *SIZE], ["--size", "8"]),
+            "discover": (["discover"], ["--method", "spectral", "--backbone", BACKBONE, *SIZE],
+                         ["--size", "8"]),
+            "predict": (["predict", str(tmp_path / "fit")], [], ["--guided-filter"])}
+    for name, (head, rest, _) in outs.items():
+        ran = _run([*head, str(good), *rest, "--out", str(tmp_path / name)], good)
+        assert ran.code == 0, ran.err
+    for name, (head, rest, refused) in outs.items():
+        out = tmp_path / name
+        before = _signatures(out)
+        for images, extra in ((tmp_path / "typo", []), (tmp_path / "empty", []),
+                              (good, refused)):
+            ran = _run([*head, str(images), *rest, *extra, "--out", str(out), "--overwrite"],
+                       good)
+            assert ran.code == 2, ran.err
+            assert _signatures(out) == before, f"{name} {images} {extra}: {ran.err}"
