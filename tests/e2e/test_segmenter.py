@@ -174,6 +174,12 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.fit([tmp_path / "absent.jpg"])
     with pytest.raises(UnsegError, match="smaller than one 32-pixel patch"):
         seg.fit([np.zeros((8, 8, 3), np.uint8)])
+    tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny)
+    Image.fromarray(np.zeros((4, 400, 3), np.uint8)).save(strip)
+    for path, size in ((tiny, "8x8"), (strip, "400x4")):  # as the commands refuse them
+        with pytest.raises(UnsegError, match=f"{path}: image {size} is smaller than one 32-pixel"):
+            seg.fit([path])
     with pytest.raises(UnsegError, match="the list is empty"):
         seg.fit([])
     with pytest.raises(UnsegError, match="expected a path, a PIL image"):

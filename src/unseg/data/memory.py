@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from unseg.data.image import rgb_pixels
+from unseg.data.image import image_size, rgb_pixels
 from unseg.data.inputs import too_small, unreadable
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 
 
 def pixels_sha256(pixels: np.ndarray) -> str:
@@ -104,6 +104,11 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
         if isinstance(image, (str, Path)):
             path = Path(image)
             problem = unreadable(path)
+            if problem is None:  # its header, as a folder's files are checked
+                try:
+                    problem = too_small(*image_size(path, 0), stride)
+                except InputFileError as exc:
+                    problem = exc.problem
             if problem is not None:
                 raise UnsegError(f"{path}: {problem}")
             out.paths.append(path)
