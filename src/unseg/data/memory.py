@@ -54,6 +54,10 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]`` of a PIL image or an ``H×W×3`` uint8 array; ``where`` names the
     entry in errors."""
     if isinstance(image, Image.Image):
+        try:  # a lazily opened file decodes here: its errors are not EXIF ones
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UnsegError(f"{where}: corrupt or truncated image ({exc})") from None
         try:
             image = ImageOps.exif_transpose(image)
         except Exception as exc:  # malformed EXIF blocks raise many kinds of errors
