@@ -340,7 +340,7 @@ def _attribute(commands: list[dict[str, Any]], files: Mapping[str, Signature]
 def _check_not_read(folder: Path, ours: list[str], reads: Sequence[str | Path]) -> None:
     """Refuse to delete a recorded file that is, or lies under, a path the command reads (the
     run of `unseg predict OUT/run IMAGES --out OUT --overwrite`, images inside ``OUT``)."""
-    sources = [Path(r).resolve() for r in reads]
+    sources = [Path(os.path.realpath(r)) for r in reads]  # Path.resolve raises on a loop
     hit = {rel: src for rel in ours for src in sources
            if (path := (folder / rel).resolve()) == src or src in path.parents}
     if hit:

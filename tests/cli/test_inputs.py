@@ -421,3 +421,63 @@ def test_a_report_keeps_each_failed_input_once_with_its_first_problem() -> None:
     assert merged.failed == [(a, "discover's reason"), (b, "empty")]
     assert merged.written == [Path("x.png"), Path("y.png")]
     assert not merged.ok and BatchReport().merge(BatchReport()).ok
+
+
+@pytest.mark.parametrize("target", ["loop", "broken"])
+def test_a_bad_link_as_the_images_argument_is_one_error_naming_it(tmp_path: Path,
+                                                                  target: str) -> None:
+    """A symbolic link loop (or a broken link) given as IMAGES: status 2 and the link's
+    problem, never a traceback, whether or not the command writes a run."""
+    link = tmp_path / f"{target}.png"
+    link.symlink_to(link.name if target == "loop" else "nowhere.png")
+    problem = ("symbolic link loop (the link never reaches a file)" if target == "loop"
+               else "broken symbolic link (its target nowhere.png does not exist)")
+    run = tmp_path / "k"
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(_photo(48, 64, 0)).save(good / "a.png")
+    semantic = ["--backbone", BACKBONE, *SIZE, "-k", "2", "--refine", "none", "--workers", "1"]
+    assert _run(["fit", "kmeans", str(good), *semantic, "--out", str(run)], good).code == 0
+    for args in (["segment", str(link), "--method", "kmeans", *semantic],
+                 ["discover", str(link), "--backbone", BACKBONE],
+                 ["features", str(link), "--backbone", BACKBONE, *SIZE],
+                 ["predict", str(run), str(link)]):
+        ran = _run([*args, "--out", str(tmp_path / args[0])], tmp_path)
+        assert ran.code == 2, ran.err
+        assert f"unseg: error: {link}: {problem}" in ran.err
+    with pytest.raises(UnsegError, match=re.escape(f"{link}: {problem}")):
+        resolve_inputs(link, BatchReport())  # the library's listing says the same
+
+
+def _signatures(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_with_a_command_that_cannot_run_leaves_the_outputs(tmp_path: Path) -> None:
+    """``--overwrite`` deletes the earlier outputs only for a command that can run: a typo in
+    IMAGES, a folder without images or an option out of range stops it (status 2) with the
+    folder as it was."""
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(_photo(48, 64, 0)).save(good / "a.png")
+    (tmp_path / "empty").mkdir()
+    semantic = ["--backbone", BACKBONE, "-k", "2", "--refine", "none", "--workers", "1"]
+    # each command: what comes before IMAGES, its options, and an option it refuses
+    outs = {"fit": (["fit", "kmeans"], [*semantic, *SIZE], ["--size", "8"]),
+            "segment": (["segment"], ["--method", "kmeans", *semantic, *SIZE], ["--size", "8"]),
+            "discover": (["discover"], ["--method", "spectral", "--backbone", BACKBONE, *SIZE],
+                         ["--size", "8"]),
+            "predict": (["predict", str(tmp_path / "fit")], [], ["--guided-filter"])}
+    for name, (head, rest, _) in outs.items():
+        ran = _run([*head, str(good), *rest, "--out", str(tmp_path / name)], good)
+        assert ran.code == 0, ran.err
+    for name, (head, rest, refused) in outs.items():
+        out = tmp_path / name
+        before = _signatures(out)
+        for images, extra in ((tmp_path / "typo", []), (tmp_path / "empty", []),
+                              (good, refused)):
+            ran = _run([*head, str(images), *rest, *extra, "--out", str(out), "--overwrite"],
+                       good)
+            assert ran.code == 2, ran.err
+            assert _signatures(out) == before, f"{name} {images} {extra}: {ran.err}"

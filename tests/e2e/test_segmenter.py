@@ -8,6 +8,7 @@ give the same masks; bad inputs give errors that name them.
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,18 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.fit([tmp_path / "absent.jpg"])
     with pytest.raises(UnsegError, match="smaller than one 32-pixel patch"):
         seg.fit([np.zeros((8, 8, 3), np.uint8)])
+    tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny)
+    Image.fromarray(np.zeros((4, 400, 3), np.uint8)).save(strip)
+    for path, size in ((tiny, "8x8"), (strip, "400x4")):  # as the commands refuse them
+        with pytest.raises(UnsegError, match=f"{path}: image {size} is smaller than one 32-pixel"):
+            seg.fit([path])
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        jpeg, "JPEG")
+    truncated = Image.open(io.BytesIO(jpeg.getvalue()[: len(jpeg.getvalue()) // 2]))
+    with pytest.raises(UnsegError, match=r"images\[0\]: corrupt or truncated image \(image file"):
+        seg.fit([truncated])  # not an EXIF problem
     with pytest.raises(UnsegError, match="the list is empty"):
         seg.fit([])
     with pytest.raises(UnsegError, match="expected a path, a PIL image"):

@@ -231,6 +231,18 @@ def test_a_corrupt_mask_is_left_out_of_the_gallery(tmp_path: Path) -> None:
     assert names == ["im0", "im2"]
 
 
+def test_a_mask_the_metrics_cannot_use_gets_no_score_on_its_card(tmp_path: Path) -> None:
+    """A mask of the ground truth's size transposed (a photo with an EXIF rotation: the mask
+    follows the displayed orientation) is left out of the metrics; its card must not score a
+    squashed copy of it either."""
+    run = _semantic_run(tmp_path)
+    mask = run["out"] / "masks" / "im1.png"
+    save_png_atomic(mask, np.ascontiguousarray(_load(mask).T), palette=png_palette())
+    page = write_report(run["out"], images=run["images"], gt=run["gt"]).read_text()
+    assert page.count('<article class="card">') == 3
+    assert page.count("pixel acc ") == 2
+
+
 def test_a_bare_run_folder_gets_its_configuration(tmp_path: Path) -> None:
     run = _semantic_run(tmp_path, timings={"fit": 2.0})
     bare = tmp_path / "fitted"

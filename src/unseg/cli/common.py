@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unseg.data.datasets import dataset_images
 from unseg.data.image import DEFAULT_MAX_PIXELS
 from unseg.data.resize import MAX_SIDE_FACTOR
 from unseg.errors import UnsegError
@@ -31,6 +33,7 @@ NOT_SETTINGS = frozenset(
     {"func", "command", "spec_name", "out", "verbose", "quiet", "overwrite", "resume", "report",
      "gt", "workers"}
 )
+INPUT_ARGUMENTS = frozenset({"images", "data"})  # the positional arguments naming the images
 # settings naming files or folders: compared as absolute paths
 PATH_SETTINGS = frozenset(
     {"images", "data", "run", "train_images", "saliency", "cache_dir", "weights", "embeddings"}
@@ -179,7 +182,7 @@ def command_settings(args: argparse.Namespace, positional: Sequence[str]) -> dic
         if dest in NOT_SETTINGS or callable(value):
             continue
         if dest in PATH_SETTINGS and value is not None:
-            value = str(Path(value).resolve())
+            value = os.path.realpath(value)  # Path.resolve raises on a link loop
         settings[dest if dest in positional else _flag(dest)] = (
             list(value) if isinstance(value, tuple) else value
         )
@@ -237,6 +240,8 @@ def run_into_output(
         return work().code
     if getattr(args, "gt", None) is not None and not Path(args.gt).exists():
         raise UnsegError(f"{args.gt}: no such ground-truth folder (--gt)")
+    for name in INPUT_ARGUMENTS.intersection(positional):
+        dataset_images(getattr(args, name))  # a typo or an empty folder: before --overwrite
     mode: Mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     with recorded(args.out, command, command_settings(args, positional), mode,
                   sys.argv, reads=read_paths(args)) as record:

@@ -20,6 +20,7 @@ from unseg.cli.options import add_method_options, given_options
 from unseg.errors import UnsegError
 from unseg.pipelines.folder import discover
 from unseg.pipelines.kind import Settings
+from unseg.pipelines.kinds import create_kind
 from unseg.pipelines.saliency import (
     AUTO,
     AUTO_TRAINED,
@@ -77,7 +78,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_into_output(args, "discover", ("images",), lambda: _discover(args))
+    # the method, the backbone and the options are checked before --overwrite deletes anything
+    method, why = resolve_discover_method(args.method, args.images, args.train_images)
+    settings = method_tap(method, Settings(
+        backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
+        tap=args.tap, device=args.device, cache_dir=args.cache_dir,
+        max_pixels=args.max_pixels, max_side=args.max_side,
+    ))
+    spec = get_method(METHOD if method == "spectral" else method)
+    given = _spectral_options(args) if method == "spectral" else given_options(args, spec)
+    create_kind(method, None, given, settings)
+    if dist.is_main_env():
+        tap = f", tap {settings.tap}" if settings.tap else ""
+        print(f"unseg discover: {why}{tap}{_heads(spec, given)}, {_refinement(given)}",
+              file=sys.stderr)
+    return run_into_output(args, "discover", ("images",),
+                           lambda: _discover(args, method, given, settings))
 
 
 def _spectral_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,19 +144,8 @@ def _heads(spec: Any, given: dict[str, Any]) -> str:
     return f", the mean of {n} heads" if n > 1 else ""
 
 
-def _discover(args: argparse.Namespace) -> Outcome:
-    method, why = resolve_discover_method(args.method, args.images, args.train_images)
-    settings = method_tap(method, Settings(
-        backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
-        tap=args.tap, device=args.device, cache_dir=args.cache_dir,
-        max_pixels=args.max_pixels, max_side=args.max_side,
-    ))
-    spec = get_method(METHOD if method == "spectral" else method)
-    given = _spectral_options(args) if method == "spectral" else given_options(args, spec)
-    if dist.is_main_env():
-        tap = f", tap {settings.tap}" if settings.tap else ""
-        print(f"unseg discover: {why}{tap}{_heads(spec, given)}, {_refinement(given)}",
-              file=sys.stderr)
+def _discover(args: argparse.Namespace, method: str, given: dict[str, Any],
+              settings: Settings) -> Outcome:
     report = discover(
         args.images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,

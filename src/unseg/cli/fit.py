@@ -25,7 +25,8 @@ from unseg.cli.common import (
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.folder import fit
-from unseg.pipelines.kind import FitResult
+from unseg.pipelines.kind import FitResult, Settings
+from unseg.pipelines.kinds import create_kind
 from unseg.registry import MethodSpec, get_method, list_methods
 
 
@@ -82,14 +83,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     spec = get_method(args.spec_name)
     args.method = spec.name  # an alias and the name are the same configuration
+    # every option is checked before --overwrite deletes anything
+    settings = run_settings(args, f"fit {spec.name}")
+    create_kind(spec.name, getattr(args, "num_classes", None), given_options(args, spec),
+                settings)
     return run_into_output(args, f"fit {spec.name}", ("method", "data"),
-                           lambda: _fit(args, spec))
+                           lambda: _fit(args, spec, settings))
 
 
-def _fit(args: argparse.Namespace, spec: MethodSpec) -> Outcome:
+def _fit(args: argparse.Namespace, spec: MethodSpec, settings: Settings) -> Outcome:
     result = fit(args.data, args.out, spec.name, getattr(args, "num_classes", None),
-                 options=given_options(args, spec),
-                 settings=run_settings(args, f"fit {spec.name}"))
+                 options=given_options(args, spec), settings=settings)
     return _outcome(result, args.out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from unseg.cli.common import (
     Outcome,
@@ -13,6 +14,7 @@ from unseg.cli.common import (
     run_into_output,
 )
 from unseg.pipelines.folder import predict
+from unseg.pipelines.kinds import run_kind
 from unseg.refine.semantic import REFINES
 from unseg.report.html import write_report
 
@@ -69,10 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_into_output(args, "predict", ("run", "images"), lambda: _predict(args))
+    overrides = _overrides(args)
+    run_kind(args.run, overrides, args.device)  # the run and options, before --overwrite
+    return run_into_output(args, "predict", ("run", "images"),
+                           lambda: _predict(args, overrides))
 
 
-def _predict(args: argparse.Namespace) -> Outcome:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings this command changes (the options given)."""
     given = {
         "refine": args.refine,
         "guided_filter": args.guided_filter,
@@ -84,7 +90,10 @@ def _predict(args: argparse.Namespace) -> Outcome:
         "seed": args.seed,
         "max_pixels": args.max_pixels,
     }
-    overrides = {k: v for k, v in given.items() if v is not None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _predict(args: argparse.Namespace, overrides: dict[str, Any]) -> Outcome:
     report = predict(args.run, args.images, args.out, overrides, device=args.device)
     return batch_outcome(
         report, f"{args.out}/masks", f"run {args.run}",

@@ -24,6 +24,8 @@ from unseg.cli.common import (
 )
 from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.folder import segment
+from unseg.pipelines.kind import Settings
+from unseg.pipelines.kinds import create_kind
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES
 from unseg.registry import get_method, list_methods
 from unseg.report.html import write_report
@@ -66,14 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_into_output(args, "segment", ("images",), lambda: _segment(args))
+    # every option is checked before --overwrite deletes anything
+    spec = get_method(args.method)
+    settings = run_settings(args, "segment")
+    create_kind(spec.name, args.num_classes, given_options(args, spec), settings)
+    return run_into_output(args, "segment", ("images",), lambda: _segment(args, settings))
 
 
-def _segment(args: argparse.Namespace) -> Outcome:
+def _segment(args: argparse.Namespace, settings: Settings) -> Outcome:
     spec = get_method(args.method)
     report = segment(
         args.images, args.out, spec.name, args.num_classes,
-        options=given_options(args, spec), settings=run_settings(args, "segment"),
+        options=given_options(args, spec), settings=settings,
     )
     return batch_outcome(
         report, f"{args.out}/masks (overlays in {args.out}/overlays)",

@@ -230,6 +230,8 @@ def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
+    if root.is_symlink() and not root.exists():  # a broken link or a loop: name its problem
+        raise UnsegError(f"{root}: {unreadable(root)}")
     if not root.is_dir():
         raise UnsegError(f"{root}: no such file or folder")
     pattern = "**/*" if recursive else "*"

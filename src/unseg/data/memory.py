@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from unseg.data.image import rgb_pixels
+from unseg.data.image import image_size, rgb_pixels
 from unseg.data.inputs import too_small, unreadable
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 
 
 def pixels_sha256(pixels: np.ndarray) -> str:
@@ -54,6 +54,10 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]`` of a PIL image or an ``H×W×3`` uint8 array; ``where`` names the
     entry in errors."""
     if isinstance(image, Image.Image):
+        try:  # a lazily opened file decodes here: its errors are not EXIF ones
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UnsegError(f"{where}: corrupt or truncated image ({exc})") from None
         try:
             image = ImageOps.exif_transpose(image)
         except Exception as exc:  # malformed EXIF blocks raise many kinds of errors
@@ -104,6 +108,11 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
         if isinstance(image, (str, Path)):
             path = Path(image)
             problem = unreadable(path)
+            if problem is None:  # its header, as a folder's files are checked
+                try:
+                    problem = too_small(*image_size(path, 0), stride)
+                except InputFileError as exc:
+                    problem = exc.problem
             if problem is not None:
                 raise UnsegError(f"{path}: {problem}")
             out.paths.append(path)

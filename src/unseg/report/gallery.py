@@ -20,7 +20,7 @@ import numpy as np
 
 from unseg.data.image import load_image, load_label
 from unseg.data.labels import label_lut, map_labels
-from unseg.data.resize import resize_nearest
+from unseg.data.resize import resizable, resize_nearest
 from unseg.errors import InputFileError
 from unseg.metrics.saliency import binarize_gt
 from unseg.report.outputs import RunOutputs, match_images
@@ -119,11 +119,13 @@ def _semantic_card(
         colours = class_colors(r.assignment, r.num_classes, r.ignore_index)
         figures.append(_figure(data_uri(thumbnail(colorize(gt, colours), nearest=True), "png"),
                                "ground truth"))
+        # a mask the metrics could not use (another aspect ratio) gets no score either
+        scored = labels.shape == gt.shape or resizable(labels.shape, gt.shape)
         pred = _fit(labels, gt.shape).astype(np.int64)
         lut = np.full(max(256, len(r.assignment)), -1, dtype=np.int64)
         lut[: len(r.assignment)] = r.assignment
         valid = gt != r.ignore_index if r.ignore_index is not None else np.ones_like(gt, bool)
-        if valid.any():
+        if scored and valid.any():
             acc = float((lut[np.clip(pred, 0, lut.size - 1)] == gt)[valid].mean())
             score = f"pixel acc {100 * acc:.1f}%"
     elif evaluation is not None:
