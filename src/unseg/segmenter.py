@@ -16,11 +16,12 @@ them), the proposals, the fit, the prediction with its refinement, and the upsam
 image's own size. What comes back per image:
 
 - semantic methods (``kmeans``, ``primaps-em``) and ``maskcontrast``: class ids ``[H, W]``
-  (uint8); :meth:`Segmenter.predict_proba` gives the class probabilities ``[K, H, W]``;
+  (uint8); :meth:`Segmenter.predict_proba` gives the class probabilities ``[K, H, W]``
+  (not MaskContrast's: it assigns whole clusters);
 - saliency methods (``spectral``, ``saliency-head``, ``found``): the foreground probability in
   8 bits ``[H, W]`` (uint8, as the PNG); :meth:`Segmenter.predict_proba` gives it in ``[0, 1]``
-  (float32), :meth:`Segmenter.predict_boxes` the box ``[x0, y0, x1, y1]`` of its largest
-  component (or None).
+  (float32, the 8-bit mask / 255), :meth:`Segmenter.predict_boxes` the box
+  ``[x0, y0, x1, y1]`` of its largest component (or None).
 
 Images: a folder or file path (listed as the commands list it), or a list of paths, PIL images
 and ``H×W×3`` uint8 arrays. An in-memory image gives the masks its file gives, with two
@@ -29,14 +30,16 @@ scale (an array is resized from full size), and the seeded per-image augmentatio
 (PriMaPs-EM's student view, MaskContrast's photometric view) are keyed by the file's bytes for
 a path and by the pixels for an in-memory image, so the two fits differ as two seeds do.
 
-``options``: the method's config fields (as ``unseg segment --help`` lists them, by field
-name: ``epochs=5``, ``guided.radius=4`` as ``**{"guided.radius": 4}``) and these settings of
-the pipeline: ``size`` (320), ``max_side`` (None: 4 × size; 0: none), ``max_pixels``,
-``label_factor`` (2), ``refine`` ("crf"), ``pseudo_refine`` ("crf"), ``weights``, ``tap``,
-``cache_dir`` (features and pseudo-labels on disk; default: none, all in memory), ``workers``,
-``embeddings`` (a MaskContrast run, for semantic methods); MaskContrast also takes
-``saliency`` (a folder of masks) or ``discover`` (the method making them, default ``auto``) and
-``clusters`` ("predicted" or "training").
+``options``: the method's config fields (as ``unseg segment --help`` / ``unseg discover --help``
+list them, by field name: ``epochs=5``, ``guided.radius=4`` as ``**{"guided.radius": 4}``) and
+these settings of the pipeline. Semantic methods: ``size`` (320), ``max_side`` (None: 4 × size;
+0: none), ``max_pixels``, ``label_factor`` (2), ``refine`` ("crf"), ``pseudo_refine`` ("crf"),
+``weights``, ``tap``, ``cache_dir`` (features and pseudo-labels on disk; default: none, all in
+memory), ``workers``, ``embeddings`` (a MaskContrast run). Saliency methods: ``max_side``,
+``max_pixels``, ``weights``, ``tap``, ``cache_dir``; their size is the config field
+``image_size`` (320; spectral takes it too). MaskContrast: ``size``, ``weights``, ``tap``,
+``cache_dir``, and ``saliency`` (a folder of masks) or ``discover`` (the method making them,
+default ``auto``) and ``clusters`` ("predicted" or "training"). Any other name is an error.
 """
 
 from __future__ import annotations
@@ -226,8 +229,9 @@ class Segmenter:
     def predict_proba(self, images: Any) -> list[np.ndarray]:
         """Soft maps at each image's own size: class probabilities ``[K, H, W]`` float32 after
         the refinement (semantic methods; their argmax is :meth:`predict`'s up to ties) or the
-        foreground probability ``[H, W]`` float32 in ``[0, 1]`` (saliency methods, before the
-        8-bit rounding). MaskContrast assigns whole clusters and has none."""
+        foreground probability ``[H, W]`` float32 in ``[0, 1]`` (saliency methods: the 8-bit
+        mask of :meth:`predict` divided by 255). MaskContrast assigns whole clusters and has
+        none (an error)."""
         fitted = self._require_fit()
         inputs = self._inputs(images)
         with self._kind.session() as session:
@@ -248,7 +252,8 @@ class Segmenter:
 
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:
-        """Write the fitted model as the run folder ``unseg predict`` reads; returns it."""
+        """Write the fitted model as the run folder ``unseg predict`` reads; returns its path.
+        ``spectral`` trains nothing and has no run: an error."""
         fitted = self._require_fit()
         run_dir = Path(run_dir)
         with self._kind.session() as session:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +274,26 @@ def test_an_animated_gif_is_read_as_its_first_frame_with_a_warning(tmp_path: Pat
     assert notes == [f"{path}: animated GIF (3 frames): the first frame is used"]
     assert list_images(tmp_path) == [path]
 
+
+
+def test_an_animated_gif_is_warned_about_once_per_command(tmp_path: Path) -> None:
+    """Once per file, as docs/troubleshooting.md says: the data-loader workers that decode it
+    (more than two images) and the main process that reads it again for the report do not each
+    warn. In a subprocess: the workers' log lines reach its stderr, not pytest's capture."""
+    images = _one_image(tmp_path / "images")
+    for name in ("b", "c"):
+        Image.fromarray(np.full((64, 96, 3), 90 if name == "b" else 160, np.uint8)).save(
+            images / f"{name}.png")
+    _animated_gif(images / "anim.gif")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    done = subprocess.run(
+        [sys.executable, "-m", "unseg.cli.main", "segment", str(images), "--out",
+         str(tmp_path / "out"), "-k", "2", "--size", "64", "--backbone", "efficientnet_lite0",
+         "--method", "kmeans", "--refine", "none"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("anim.gif: animated GIF (3 frames)") == 1, done.stderr
 
 def test_features_processes_an_animated_gif(tmp_path: Path, capsys, caplog) -> None:
     images = _one_image(tmp_path / "images")

@@ -314,6 +314,9 @@ def test_mirrored_sub_folders_pair_by_stem(tmp_path: Path, rng: np.random.Genera
     save_png_atomic(pred / "bremen" / "img0.png", _labels(rng))
     code, _, err = _run(argv, capsys)
     assert code != 0 and "share a stem" in err and "img0.png" in err
+    # both files of the pair are named (README: "refused with both paths")
+    assert str(pred / "bremen" / "img0.png") in err
+    assert str(pred / "aachen" / "img0.png") in err
 
 
 def test_an_unseg_output_folder_stands_for_its_masks(semantic, tmp_path: Path, capsys) -> None:

@@ -679,3 +679,29 @@ def test_a_resumed_discover_reuses_the_head_it_trained(folder, tmp_path, monkeyp
     (out / "run" / "config.json").write_text(json.dumps(config))
     run(1)
     assert trained == [1, 1, 1]
+
+
+def test_the_heads_training_takes_max_pixels(tmp_path, monkeypatch, capsys):
+    """An image over the pixel limit: ``discover --method found --max-pixels`` trains on it as
+    it predicts it, and ``fit found`` / ``fit saliency`` take ``--max-pixels`` too (the
+    refusal's message tells the user to pass it). The limit is lowered for the test."""
+    import unseg.data.image as image_module
+
+    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 10_000)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_square(120, 160, 0)).save(images / "big.png")  # 19,200 pixels
+    Image.fromarray(_square(96, 96, 1)).save(images / "small.png")
+    common = ["--backbone", BACKBONE, "--size", "64", "--max-pixels", "20000"]
+    out = tmp_path / "out"
+    assert main(["-q", "discover", str(images), "--out", str(out), "--method", "found",
+                 "--steps", "2", "--ensemble", "1", "--no-report", *common]) == 0
+    assert "image too large" not in capsys.readouterr().err
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert config["training"]["n_images"] == 2
+    for method, steps in (("found", ["--steps", "2", "--ensemble", "1"]),
+                          ("saliency", ["--epochs", "1"])):
+        run = tmp_path / method
+        main(["-q", "fit", method, str(images), "--out", str(run), *steps, *common])
+        assert "image too large" not in capsys.readouterr().err
+        assert json.loads((run / "config.json").read_text())["training"]["n_images"] == 2

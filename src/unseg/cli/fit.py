@@ -18,6 +18,7 @@ from unseg.cli.common import (
     Outcome,
     add_backbone_arguments,
     add_device_argument,
+    add_image_arguments,
     add_output_arguments,
     add_semantic_arguments,
     run_into_output,
@@ -56,6 +57,7 @@ def _saliency_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-dir", default=None,
                    help="feature cache folder (features in CACHE_DIR/features, as `unseg "
                    "features --out CACHE_DIR/features --kind keys --crop` writes them)")
+    add_image_arguments(m, max_side=False)
     add_device_argument(m)
 
 

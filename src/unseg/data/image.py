@@ -140,10 +140,13 @@ def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, in
     """``(H, W)`` of ``path`` after EXIF orientation, from its header (no decoding).
 
     Raises :class:`InputFileError` as :func:`load_image` does for missing, unreadable,
-    non-image and too large files.
+    non-image and too large files, and warns of several frames as it does: the extraction reads
+    each header here in the main process before its data-loader workers start, so the workers
+    (which inherit what was noted) and later reads do not warn again.
     """
     path = Path(path)
     with _open(path, max_pixels) as img:
+        _note_frames(path, img)
         w, h = img.size
         return (w, h) if _oriented(img) else (h, w)
 

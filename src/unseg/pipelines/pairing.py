@@ -43,11 +43,14 @@ def _stem(path: Path, suffix: str) -> str:
 
 
 def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    """``paths`` by stem; a stem found twice is an error naming every file that has it."""
     out: dict[str, Path] = {}
     dupes: list[Path] = []
     for p in paths:
         stem = next((_stem(p, s) for s in suffixes if s and p.name.endswith(s)), p.stem)
         if stem in out:
+            if out[stem] not in dupes:
+                dupes.append(out[stem])
             dupes.append(p)
         else:
             out[stem] = p

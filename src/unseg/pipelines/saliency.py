@@ -268,13 +268,15 @@ def _training_inputs(
     cache_dir: Path | None,
     report: BatchReport,
     timings: Timings,
+    max_pixels: int | None = None,
 ) -> tuple[FitInputs, list[Path]]:
     """Keys ``[C, h, w]`` (float16) and uint8 centre crops ``[3, S, S]`` of ``inputs``, computed
-    in one pass (each image decoded once)."""
+    in one pass (each image decoded once); ``max_pixels``: the per-file pixel limit (None:
+    Pillow's)."""
     feats = extract_features(
         inputs.paths, backbone, size=size, kind=spec.feature_kind, batch_size=batch_size,
         crop=True, cache_dir=cache_dir, report=report, extras=("image",), timings=timings,
-        arrays=inputs.arrays,
+        arrays=inputs.arrays, max_pixels=max_pixels,
     )
     used = feats.paths
     if not used:
@@ -305,13 +307,15 @@ def train_saliency(
     cache_dir: Path | None,
     report: BatchReport,
     timings: Timings,
+    max_pixels: int | None = None,
 ) -> tuple[Any, list[Path], dict[str, Any]]:
     """The saliency method ``spec`` trained on ``inputs``: the estimator, the images used, and
     the training facts (with the collapse verdict). The caller seeds (``config.seed``) before
-    it opens the backbone, as the run was always seeded."""
+    it opens the backbone, as the run was always seeded. ``max_pixels``: the per-file pixel
+    limit, as the prediction's."""
     fit_inputs, used = _training_inputs(
         root, inputs, model, spec, config.image_size, config.batch_size, cache_dir, report,
-        timings,
+        timings, max_pixels,
     )
     logger.info("training %s on %d images (%s)", spec.name, len(used), model.spec.name)
     head = fit_estimator(spec, config, fit_inputs, model, device, timings)
@@ -583,7 +587,7 @@ class SaliencyKind(Kind):
         head, used, facts = train_saliency(
             root, inputs, self.spec, self._config, model, session.device,
             Path(s.cache_dir) / FEATURES_DIR if s.cache_dir else None, session.report,
-            session.timings,
+            session.timings, s.max_pixels,
         )
         if key is not None:
             facts[INPUTS_KEY] = key

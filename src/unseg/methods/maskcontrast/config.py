@@ -63,8 +63,8 @@ class MaskContrastConfig:
     saliency_weight: float = option(1.0, "weight of the balanced BCE saliency loss", at_least=0)
     jitter: tuple[float, float, float, float] = option(
         (0.4, 0.4, 0.4, 0.1),
-        "colour jitter strengths (not an option: photometric views come from the student "
-        "features)",
+        "colour jitter strengths (brightness, contrast, saturation, hue) of the photometric "
+        "view the query is cut from (photometric_view)",
     )
     jitter_p: float = option(
         0.8,
