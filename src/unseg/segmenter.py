@@ -122,6 +122,11 @@ class Segmenter:
         allowed = SETTINGS_OF[self.output]
         if self.output != "semantic" and "embeddings" in self.options:
             raise UnsegError(f"{method} has no option 'embeddings' (semantic methods only)")
+        if self.output == "saliency" and "size" in self.options:
+            raise UnsegError(
+                f"{method} has no option 'size': a saliency method's working size is its "
+                f"option image_size (Segmenter({method!r}, image_size="
+                f"{self.options['size']!r}); --size of unseg discover)")
         settings = Settings(backbone=backbone, seed=seed, device=device, **{
             FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
         config_options = {k: v for k, v in self.options.items() if k not in allowed}

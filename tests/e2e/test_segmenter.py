@@ -209,6 +209,17 @@ def test_size_and_max_side_are_checked_with_the_commands_messages(method: str) -
             unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
 
 
+@pytest.mark.parametrize("method", ["spectral", "saliency-head", "found"])
+def test_size_of_a_saliency_method_points_to_image_size(method: str) -> None:
+    """Segmenter("spectral", size=256) called size "a head's training option" (the others:
+    "has no option 'size'"); a saliency method's working size is image_size, --size's field."""
+    with pytest.raises(UnsegError, match=rf"{method} has no option 'size': a saliency method's "
+                                         rf"working size is its option image_size \(Segmenter\("
+                                         rf"'{method}', image_size=256\)"):
+        unseg.Segmenter(method, backbone=BACKBONE, size=256)
+    assert unseg.Segmenter(method, backbone=BACKBONE, image_size=256).config.image_size == 256
+
+
 def test_a_loaded_segmenter_refuses_to_fit_with_a_message(tmp_path: Path) -> None:
     """Segmenter.load(run).fit(images) died on `assert pool is not None`."""
     image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
