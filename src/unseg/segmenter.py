@@ -45,11 +45,14 @@ default ``auto``) and ``clusters`` ("predicted" or "training"). Any other name i
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from unseg.data.memory import ImageInputs, image_inputs
 from unseg.errors import UnsegError, a_or_an
@@ -76,6 +79,7 @@ MASKCONTRAST_SETTINGS = ("size", "weights", "tap", "cache_dir", "saliency", "dis
 SETTINGS_OF = {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
                "embedding": MASKCONTRAST_SETTINGS}
 FIELD = {"workers": "num_workers"}  # a Segmenter option named otherwise in Settings
+PATH_SETTINGS = ("weights", "cache_dir", "embeddings", "saliency")  # a str or an os.PathLike
 
 
 def list_methods() -> list[str]:
@@ -112,6 +116,7 @@ class Segmenter:
         for name, value in (("num_classes", num_classes), ("seed", seed)):
             if value is not None:
                 check_value(name, int, value)
+        _check_device(device)
         self.method = method
         self.num_classes = num_classes
         self.backbone = backbone
@@ -127,6 +132,8 @@ class Segmenter:
                 f"{method} has no option 'size': a saliency method's working size is its "
                 f"option image_size (Segmenter({method!r}, image_size="
                 f"{self.options['size']!r}); --size of unseg discover)")
+        _check_settings({"backbone": backbone,
+                         **{k: v for k, v in self.options.items() if k in allowed}})
         settings = Settings(backbone=backbone, seed=seed, device=device, **{
             FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
         config_options = {k: v for k, v in self.options.items() if k not in allowed}
@@ -301,6 +308,27 @@ class Segmenter:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"Segmenter({self.method!r}, num_classes={self.num_classes!r}, "
                 f"backbone={self.backbone!r}, seed={self.seed}{extra})")
+
+
+def _check_device(device: Any) -> None:
+    """Refuse a device that is neither None, a string nor a ``torch.device``, naming it (an
+    int was taken by torch as a CUDA index)."""
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise UnsegError(f"device: expected a string (\"cpu\", \"cuda\", \"cuda:1\") or a "
+                         f"torch.device, got {device!r}")
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse a pipeline setting of another type than its :class:`Settings` field's, naming it
+    as the method options are (``size="320"`` failed later on a comparison, ``size=320.5`` was
+    taken); a path setting may also be an ``os.PathLike``."""
+    types = typing.get_type_hints(Settings)
+    for name, value in settings.items():
+        if name in PATH_SETTINGS and not isinstance(value, (str, os.PathLike, type(None))):
+            raise UnsegError(f"{name}: expected a path (a string or os.PathLike) or None, "
+                             f"got {value!r}")
+        if name not in PATH_SETTINGS:
+            check_value(name, types[FIELD.get(name, name)], value)
 
 
 def _mask(pred: Prediction) -> np.ndarray:

@@ -258,6 +258,33 @@ def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:
         unseg.Segmenter("kmeans", backbone=BACKBONE, **bad)
 
 
+@pytest.mark.parametrize(("method", "bad", "expected"), [
+    ("kmeans", {"size": "320"}, "an integer"), ("kmeans", {"size": 320.5}, "an integer"),
+    ("kmeans", {"size": True}, "an integer"), ("kmeans", {"refine": 3}, "a string"),
+    ("kmeans", {"max_side": "x"}, "an integer or None"),
+    ("kmeans", {"max_pixels": 1.5}, "an integer or None"),
+    ("kmeans", {"workers": "2"}, "an integer or None"),
+    ("kmeans", {"label_factor": 2.0}, "an integer"), ("kmeans", {"backbone": 3}, "a string"),
+    ("kmeans", {"tap": 3}, "a string or None"), ("kmeans", {"weights": 3}, "a path"),
+    ("kmeans", {"cache_dir": 3}, "a path"), ("kmeans", {"embeddings": 3}, "a path"),
+    ("kmeans", {"device": 3}, "a string"), ("found", {"max_side": 2.5}, "an integer"),
+    ("maskcontrast", {"discover": 3}, "a string"), ("maskcontrast", {"saliency": 3}, "a path"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_naming_it(method: str, bad: dict,
+                                                          expected: str) -> None:
+    """size="320" and max_side="x" died on "'<=' not supported", tap=3 on "'int' object has
+    no attribute 'split'", refine=3 was "unknown refinement 3"; size=320.5, max_pixels=1.5,
+    device=3 (torch: cuda:3) and weights=3 were taken."""
+    name, value = next(iter(bad.items()))
+    with pytest.raises(UnsegError, match=rf"^{name}: expected {expected}.*, got {value!r}$"):
+        unseg.Segmenter(method, **{"backbone": BACKBONE, **bad})
+
+
+def test_path_settings_take_a_path_object(tmp_path: Path) -> None:
+    seg = unseg.Segmenter("kmeans", backbone=BACKBONE, cache_dir=tmp_path, weights=None)
+    assert seg.get_params()["cache_dir"] is tmp_path
+
+
 def test_a_config_option_of_the_wrong_type_is_refused_at_construction() -> None:
     """Segmenter("kmeans", n_init="x").fit(...) died in kmeans.py with "'str' object cannot
     be interpreted as an integer"."""
