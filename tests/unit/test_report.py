@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -150,6 +151,25 @@ def test_semantic_scores_equal_brute_force_and_confusion_counts(tmp_path: Path) 
     np.testing.assert_array_equal(ev.confusion, expected)
     again = scores_from_assignment(ev.confusion, np.array(ev.result.assignment))
     assert again.acc == pytest.approx(ev.result.acc)
+
+
+@pytest.mark.parametrize("kind", ["semantic", "saliency"])
+def test_a_missing_or_extra_prediction_is_warned_once(kind: str, tmp_path: Path,
+                                                      caplog) -> None:
+    """`unseg segment IMAGES --gt GT` logged "N ground-truth file(s) have no prediction" twice:
+    the report's scores paired the files, then the evaluation paired them again."""
+    run = (_semantic_run if kind == "semantic" else _saliency_run)(tmp_path)
+    masks = run["out"] / "masks"
+    first = sorted(masks.glob("*.png"))[0]
+    first.rename(masks / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="unseg.pipelines.pairing"):
+        if kind == "semantic":
+            evaluate_semantic_run(masks, run["gt"])
+        else:
+            evaluate_saliency_run(masks, run["gt"])
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned.count("1 ground-truth file(s) have no prediction") == 1
+    assert warned.count("1 prediction(s) have no ground truth and are ignored") == 1
 
 
 def test_page_has_gallery_metrics_charts_config_and_timings(tmp_path: Path) -> None:

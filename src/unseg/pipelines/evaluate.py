@@ -122,14 +122,17 @@ def evaluate_semantic(
     ignore_index: int | None = 255,
     match: MatchMode = "pixels",
     allow_missing: bool = False,
+    pairing: Pairing | None = None,
 ) -> SemanticResult:
     """Hungarian-matched pixel accuracy and mIoU of label PNGs in ``pred`` against ``gt``.
 
     ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
     mapped to their 27 classes as in STEGO. Predictions are resized (nearest) to the ground
     truth's size; a predicted ``ignore_index`` counts as wrong (see :mod:`unseg.metrics.semantic`).
+    ``pairing``: the caller's :func:`pair_files` of ``pred`` and ``gt`` (not paired, nor its
+    missing files warned about, again).
     """
-    pairing = pair_files(pred, gt, "semantic", allow_missing)
+    pairing = pairing or pair_files(pred, gt, "semantic", allow_missing)
     _warn_lossy(pairing)
     if num_classes is None:
         if pairing.layout is None or pairing.layout.num_classes is None:
@@ -228,13 +231,15 @@ def evaluate_saliency(
     fbeta_mode: FbetaMode = "curve",
     beta2: float = BETA2,
     allow_missing: bool = False,
+    pairing: Pairing | None = None,
 ) -> SaliencyResult:
     """Acc, IoU, maxFβ and MAE of 8-bit saliency PNGs in ``pred`` against masks in ``gt``.
 
     Predictions are ``v / 255`` as they are (no min-max rescaling), resized bilinearly to the
-    ground truth's size when they differ; ground truth is binarised at 128.
+    ground truth's size when they differ; ground truth is binarised at 128. ``pairing``: as
+    :func:`evaluate_semantic`'s.
     """
-    pairing = pair_files(pred, gt, "saliency", allow_missing)
+    pairing = pairing or pair_files(pred, gt, "saliency", allow_missing)
     meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
     problems = _Problems(allow_missing)
     missing = list(pairing.missing)

@@ -94,7 +94,8 @@ def evaluate_semantic_run(
     if num_classes is None:
         layout_k = None if pairing.layout is None else pairing.layout.num_classes
         num_classes = layout_k or _infer_num_classes(pairing.gt, ignore_index)
-    result = evaluate_semantic(masks_dir, gt, num_classes, ignore_index, match, allow_missing=True)
+    result = evaluate_semantic(masks_dir, gt, num_classes, ignore_index, match,
+                               allow_missing=True, pairing=pairing)
     lut = label_lut(None if pairing.layout is None else pairing.layout.name)
     conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
     for stem, gt_path in pairing.gt.items():
@@ -113,8 +114,8 @@ def evaluate_semantic_run(
 
 def evaluate_saliency_run(masks_dir: Path, gt: str | Path) -> SaliencyEvaluation:
     """Scores, pixel confusion and per-image IoU of the 8-bit masks in ``masks_dir``."""
-    result = evaluate_saliency(masks_dir, gt, allow_missing=True)
     pairing = pair_files(masks_dir, gt, "saliency", allow_missing=True)
+    result = evaluate_saliency(masks_dir, gt, allow_missing=True, pairing=pairing)
     confusion = np.zeros((2, 2), dtype=np.int64)
     image_iou: dict[str, float] = {}
     for stem, gt_path in pairing.gt.items():
