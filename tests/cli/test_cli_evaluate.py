@@ -231,6 +231,18 @@ def test_missing_folders_are_clear_errors(saliency, tmp_path: Path, capsys) -> N
     assert code == 2 and "nothing" in err
 
 
+@pytest.mark.parametrize("task", ["semantic", "saliency"])
+def test_a_file_as_pred_is_named_a_file(task: str, saliency, tmp_path: Path, capsys) -> None:
+    """`--pred mask.png` said "no such folder of predictions" of a file that exists."""
+    pred, gt = saliency
+    one = sorted(pred.glob("*.png"))[0]
+    code, _, err = _run([task, "--pred", str(one), "--gt", str(gt), "--num-classes", "2"]
+                        if task == "semantic" else [task, "--pred", str(one), "--gt", str(gt)],
+                        capsys)
+    assert code == 2 and f"{one} is a file: --pred takes a folder of predictions" in err
+    assert "no such folder" not in err
+
+
 def _xml(path: Path, box: tuple[int, int, int, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

@@ -133,6 +133,9 @@ def pair_files(
     """
     gt_map, layout = gt_files(Path(gt), task)
     pred = Path(pred)
+    if pred.is_file():
+        raise UnsegError(f"{pred} is a file: --pred takes a folder of predictions (one mask "
+                         "per ground-truth file, named by its stem), or an unseg output folder")
     if not pred.is_dir():
         raise UnsegError(f"{pred}: no such folder of predictions")
     pred = prediction_folder(pred)
