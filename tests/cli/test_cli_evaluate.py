@@ -112,6 +112,19 @@ def test_semantic_size_mismatch(semantic, capsys) -> None:
     save_png_atomic(pred / "img0.png", np.zeros((12, 12), np.uint8))
     code, _, err = _run(args, capsys)
     assert code == 2 and "cannot be resized" in err and "img0.png" in err
+    assert "transposed" not in err
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_a_transposed_prediction_gets_the_exif_hint(semantic, scale: int, capsys) -> None:
+    """A mask H×W against a W×H ground truth (an EXIF-rotated photo: the mask follows the
+    displayed orientation, the ground truth the stored one) was refused with no hint."""
+    pred, gt = semantic
+    save_png_atomic(pred / "img0.png", np.zeros((16 * scale, 12 * scale), np.uint8))
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt),
+                         "--num-classes", "3"], capsys)
+    assert code == 2 and f"({12 * scale}x{16 * scale} vs 16x12); it is the ground truth's " \
+        "transposed: is the photo EXIF-rotated?" in err
 
 
 def test_first_ten_and_count(tmp_path: Path, rng: np.random.Generator, capsys) -> None:

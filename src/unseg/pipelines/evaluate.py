@@ -68,10 +68,21 @@ def _load_pred(path: Path, gt_shape: tuple[int, int], problems: _Problems) -> np
         problems.add(path, exc.problem)
         return None
     if pred.shape != gt_shape and not resizable(pred.shape, gt_shape):
-        problems.add(path, f"prediction size cannot be resized to the ground truth's "
-                           f"({pred.shape[1]}x{pred.shape[0]} vs {gt_shape[1]}x{gt_shape[0]})")
+        problems.add(path, _unresizable(pred.shape, gt_shape, "ground truth"))
         return None
     return pred
+
+
+def _unresizable(shape: tuple[int, ...], target: tuple[int, int], what: str) -> str:
+    """Why a prediction of ``shape`` (h, w) is refused against ``target``; a hint when it is
+    the target transposed (typically a photo with an EXIF rotation: unseg's masks follow the
+    displayed orientation, a ground truth may follow the stored one)."""
+    message = (f"prediction size cannot be resized to the {what}'s "
+               f"({shape[1]}x{shape[0]} vs {target[1]}x{target[0]})")
+    if resizable((shape[1], shape[0]), target):
+        message += (f"; it is the {what}'s transposed: is the photo EXIF-rotated? unseg's "
+                    f"masks follow its displayed orientation; rotate the {what} to match")
+    return message
 
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -330,8 +341,7 @@ def _mask_box(pred_path: Path, size: tuple[int, int], problems: _Problems) -> li
         problems.add(pred_path, f"unreadable prediction ({exc.problem})")
         return None
     if mask.shape != size and not resizable(mask.shape, size):
-        problems.add(pred_path, f"prediction size cannot be resized to the annotation's "
-                                f"({mask.shape[1]}x{mask.shape[0]} vs {size[1]}x{size[0]})")
+        problems.add(pred_path, _unresizable(mask.shape, size, "annotation"))
         return None
     binary = mask > 0 if mask.size and mask.max() <= 1 else mask >= 128
     box = largest_component_box(binary)
