@@ -61,7 +61,7 @@ from unseg.pipelines.kinds import RUN_OPTIONS, create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
-from unseg.registry import check_value
+from unseg.registry import check_value, config_from_dict, config_options, get_method
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
 from unseg.utils.batch import BatchReport
@@ -141,18 +141,24 @@ class Segmenter:
         self._fitted: Any = None
         self._fit_inputs: ImageInputs | None = None
         self._loaded_from: Path | None = None
+        self._run_params: dict[str, Any] | None = None
         self.timings = Timings()
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor's arguments, options included (scikit-learn's convention, so that
-        ``sklearn.base.clone`` makes an unfitted copy); ``deep`` is accepted and unused."""
+        ``sklearn.base.clone`` makes an unfitted copy); ``deep`` is accepted and unused. A
+        segmenter made by :meth:`load` gives those that fit as its run was fitted (see
+        :func:`run_params`), so its clone is an unfitted segmenter configured like the run."""
+        if self._run_params is not None:
+            return dict(self._run_params)
         return {"method": self.method, "num_classes": self.num_classes,
                 "backbone": self.backbone, "seed": self.seed, "device": self.device,
                 **self.options}
 
     def set_params(self, **params: Any) -> Segmenter:
         """Change constructor arguments or options (checked as the constructor checks them);
-        returns ``self``, unfitted: fit again. Refused values leave it as it was."""
+        returns ``self``, unfitted: fit again (a loaded segmenter becomes an unfitted one
+        configured like its run). Refused values leave it as it was."""
         self.__dict__.update(type(self)(**{**self.get_params(), **params}).__dict__)
         return self
 
@@ -290,6 +296,7 @@ class Segmenter:
         if output_of(meta["method"]) == "embedding":  # clusters the images it predicts
             options.setdefault("num_classes", DEFAULT_CLASSES)
         kind = run_kind(run_dir, {k: v for k, v in options.items() if v is not None}, device)
+        params = run_params(meta, options, device)
         with kind.session() as session:
             fitted = kind.load(run_dir, session)
         seg = cls.__new__(cls)
@@ -301,6 +308,7 @@ class Segmenter:
         seg.seed = int(options.pop("seed", 0) or 0)
         seg.options = dict(options)
         seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
+        seg._run_params = params
         seg.timings = Timings()
         return seg
 
@@ -308,6 +316,53 @@ class Segmenter:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"Segmenter({self.method!r}, num_classes={self.num_classes!r}, "
                 f"backbone={self.backbone!r}, seed={self.seed}{extra})")
+
+
+def run_params(meta: Mapping[str, Any], overrides: Mapping[str, Any],
+               device: str | None = None) -> dict[str, Any]:
+    """The :class:`Segmenter` arguments that fit as the run whose ``config.json`` is ``meta``
+    was fitted: its method, classes, backbone, seed, the pipeline settings it records (size,
+    max_side, refine, tap, weights, ...) and every option of its method's config, with
+    ``overrides`` (:meth:`Segmenter.load`'s options) where they change one of these. What a
+    run does not record stays at its default (``cache_dir``; MaskContrast's ``discover``)."""
+    spec = get_method(meta["method"])
+    config = config_from_dict(spec.config, meta.get("config", {}), "config.json")
+    seed = overrides.get("seed")
+    params: dict[str, Any] = {
+        "method": spec.name, "num_classes": None, "backbone": meta["backbone"],
+        "seed": int(getattr(config, "seed", 0) if seed is None else seed), "device": device}
+    for option in config_options(spec):
+        value: Any = config
+        for name in option.path:
+            value = getattr(value, name)
+        params[".".join(option.path)] = value
+    settings: dict[str, Any] = {
+        "tap": meta.get("trained_tap", meta.get("tap")),
+        "weights": overrides.get("weights") or meta.get("weights_path"),
+        "max_pixels": (meta.get("max_pixels") if overrides.get("max_pixels") is None
+                       else overrides["max_pixels"]),
+        "size": meta.get("feature_size"),
+    }
+    if spec.output == "semantic":
+        predict = meta.get("predict", {})
+        embeddings = meta.get("embeddings") or {}
+        settings.update(
+            num_classes=int(meta["num_classes"]), max_side=meta.get("max_side"),
+            label_factor=predict.get("label_factor"),
+            refine=overrides.get("refine") or predict.get("refine"),
+            pseudo_refine=meta.get("fit", {}).get("primaps", {}).get("refine"),
+            workers=overrides.get("workers"), embeddings=embeddings.get("run"))
+    elif spec.output == "saliency":
+        settings.update(max_side=overrides.get("max_side"), size=None)
+        for name, field in (("guided_filter", "guided_filter"), ("dense_crf", "dense_crf"),
+                            ("guide", "guided.guide")):
+            if overrides.get(name) is not None:
+                params[field] = overrides[name]
+    else:
+        settings.update(num_classes=overrides.get("num_classes", DEFAULT_CLASSES),
+                        clusters=overrides.get("clusters"))
+    params.update({k: v for k, v in settings.items() if v is not None})
+    return params
 
 
 def _check_device(device: Any) -> None:

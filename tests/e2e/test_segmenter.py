@@ -12,6 +12,7 @@ import io
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,34 @@ def test_clone_and_set_params_follow_scikit_learns_convention() -> None:
     with pytest.raises(UnsegError, match="n_init: expected an integer"):
         seg.set_params(num_classes=4, n_init="x")
     assert seg.get_params()["num_classes"] == 3 and seg.config.num_classes == 3
+
+
+@pytest.mark.parametrize(("method", "options", "recorded"), [
+    ("kmeans", {"num_classes": 2, "size": SMALL, "refine": "none", "n_init": 1, "seed": 4},
+     {"size": SMALL, "max_side": 4 * SMALL, "refine": "none", "n_init": 1, "seed": 4}),
+    ("found", {"image_size": SMALL, "steps": 3, "ensemble": 1, "seed": 3,
+               "guided.radius": 4},
+     {"image_size": SMALL, "steps": 3, "ensemble": 1, "seed": 3, "guided.radius": 4}),
+])
+def test_clone_of_a_loaded_segmenter_is_configured_like_its_run(
+        method: str, options: dict, recorded: dict, tmp_path: Path) -> None:
+    """clone(Segmenter.load(run)) was a default Segmenter(method): the run's size, refinement,
+    config and seed were lost. get_params of a loaded segmenter now gives the run's."""
+    from sklearn.base import clone
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    seg = unseg.Segmenter(method, backbone=BACKBONE, **options)
+    loaded = unseg.Segmenter.load(seg.fit([image]).save(tmp_path / "run"))
+    params = loaded.get_params()
+    assert {k: params[k] for k in recorded} == recorded
+    copy = clone(loaded)
+    assert not copy.fitted and copy.config == seg.config
+    assert copy._kind.settings == replace(seg._kind.settings, tap=params["tap"])  # named
+    np.testing.assert_array_equal(copy.fit_predict([image])[0], loaded.predict([image])[0])
+    again = unseg.Segmenter.load(tmp_path / "run")
+    assert again.set_params(seed=5) is again and not again.fitted
+    assert again.config == replace(seg.config, seed=5)
+    again.fit([image])  # no longer the run's: it fits
 
 
 def test_the_package_lists_what_exists_and_imports_light() -> None:
