@@ -546,3 +546,11 @@ def test_max_side_sets_the_working_resolution_recorded_in_the_run_and_predicted_
                  "-k", "3"]) == 0
     assert grids and all(g["im01"] == (6, 25) for g in grids)
 
+
+def test_the_segmenter_takes_max_side_and_max_pixels_for_maskcontrast():
+    seg = unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=192,
+                          max_pixels=0)
+    assert (seg._kind.settings.max_side, seg._kind.settings.max_pixels) == (192, 0)
+    with pytest.raises(UnsegError, match=r"--max-side -1: must be 0 \(no limit\)"):
+        unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=-1)
+
