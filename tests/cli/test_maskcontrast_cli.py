@@ -554,3 +554,15 @@ def test_the_segmenter_takes_max_side_and_max_pixels_for_maskcontrast():
     with pytest.raises(UnsegError, match=r"--max-side -1: must be 0 \(no limit\)"):
         unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=-1)
 
+
+def test_fit_takes_max_side_and_max_pixels_and_records_them(tmp_path):
+    """``unseg fit maskcontrast`` has the image options too: a panorama worked at a capped
+    long side still trains in one batch with the others (its mask follows its resized
+    image), and the run records both."""
+    images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (100, 400)))
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *TINY, "--epochs", "1", "--max-side", "160",
+                 "--max-pixels", "0"]) == 0
+    meta = json.loads((run / "config.json").read_text())
+    assert (meta["max_side"], meta["max_pixels"], meta["n_images"]) == (160, 0, 6)
