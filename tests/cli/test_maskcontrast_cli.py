@@ -566,3 +566,37 @@ def test_fit_takes_max_side_and_max_pixels_and_records_them(tmp_path):
                  "--max-pixels", "0"]) == 0
     meta = json.loads((run / "config.json").read_text())
     assert (meta["max_side"], meta["max_pixels"], meta["n_images"]) == (160, 0, 6)
+
+
+def test_the_chains_discovery_gets_max_side_and_max_pixels(tmp_path, monkeypatch):
+    """`segment --method maskcontrast` and `Segmenter("maskcontrast")` pass the long-side and
+    pixel limits they were given to the discovery of their masks, as given (None: the
+    discovery's own default, 4 x its size), and nothing when none was given."""
+    import unseg.pipelines.folder as folder
+    import unseg.segmenter as segmenter_module
+    from unseg.data.memory import ImageInputs
+    from unseg.pipelines.kind import Settings
+
+    seen = []
+
+    def fake_discover(images, out_dir, method, *, options=None, settings=None, **kw):
+        seen.append((settings.max_side, settings.max_pixels))
+        return BatchReport()
+
+    monkeypatch.setattr(folder, "discover", fake_discover)
+    for settings in (Settings(discover="spectral", max_side=256, max_pixels=0),
+                     Settings(discover="spectral")):
+        with pytest.raises(UnsegError, match="discover wrote no mask"):
+            folder._discover_masks(tmp_path, tmp_path / "d", settings)
+    assert seen == [(256, 0), (None, None)]
+
+    def fake_fit_predict(self, images):
+        seen.append(dict(self.options))
+        return [np.zeros((2, 2), np.uint8) for _ in images]
+
+    monkeypatch.setattr(segmenter_module.Segmenter, "fit_predict", fake_fit_predict)
+    paths = [Path(f"/nowhere/{i}.png") for i in range(3)]
+    arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
+    seg = unseg.Segmenter("maskcontrast", discover="spectral", max_side=0, max_pixels=10**9)
+    seg._discovered_masks(ImageInputs(paths, arrays))
+    assert seen[-1] == {"max_side": 0, "max_pixels": 10**9}
