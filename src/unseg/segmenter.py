@@ -37,9 +37,11 @@ these settings of the pipeline. Semantic methods: ``size`` (320), ``max_side`` (
 ``weights``, ``tap``, ``cache_dir`` (features and pseudo-labels on disk; default: none, all in
 memory), ``workers``, ``embeddings`` (a MaskContrast run). Saliency methods: ``max_side``,
 ``max_pixels``, ``weights``, ``tap``, ``cache_dir``; their size is the config field
-``image_size`` (320; spectral takes it too). MaskContrast: ``size``, ``weights``, ``tap``,
-``cache_dir``, and ``saliency`` (a folder of masks) or ``discover`` (the method making them,
-default ``auto``) and ``clusters`` ("predicted" or "training"). Any other name is an error.
+``image_size`` (320; spectral takes it too). MaskContrast: ``size``, ``max_side``,
+``max_pixels`` (its training, its prediction and the discovery of its masks), ``weights``,
+``tap``, ``cache_dir``, and ``saliency`` (a folder of masks) or ``discover`` (the method making
+them, default ``auto``) and ``clusters`` ("predicted" or "training"). Any other name is an
+error.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ logger = logging.getLogger(__name__)
 SEMANTIC_SETTINGS = ("size", "max_side", "max_pixels", "label_factor", "refine",
                      "pseudo_refine", "weights", "tap", "cache_dir", "workers", "embeddings")
 SALIENCY_SETTINGS = ("max_side", "max_pixels", "weights", "tap", "cache_dir")
-MASKCONTRAST_SETTINGS = ("size", "weights", "tap", "cache_dir", "saliency", "discover",
-                         "clusters")
+MASKCONTRAST_SETTINGS = ("size", "max_side", "max_pixels", "weights", "tap", "cache_dir",
+                         "saliency", "discover", "clusters")
 SETTINGS_OF = {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
                "embedding": MASKCONTRAST_SETTINGS}
 FIELD = {"workers": "num_workers"}  # a Segmenter option named otherwise in Settings
@@ -199,11 +201,13 @@ class Segmenter:
         """The mask proposals MaskContrast trains on: those of a discover method run on the
         same images (``discover``, default ``auto`` as ``unseg discover``: the FOUND-style head
         from 150 images on, else spectral), with the chain's options
-        (:func:`~unseg.pipelines.saliency.mask_source`) and this Segmenter's seed, as ``unseg
-        segment --method maskcontrast`` runs it."""
+        (:func:`~unseg.pipelines.saliency.mask_source`), this Segmenter's seed, ``max_side``
+        and ``max_pixels``, as ``unseg segment --method maskcontrast`` runs it."""
         s = self._kind.settings  # type: ignore[attr-defined]
         method, source_options, _ = mask_source(s.discover, n_images=len(inputs))
         options = {k: getattr(s, k) for k in ("weights", "tap", "cache_dir") if getattr(s, k)}
+        options.update({k: getattr(s, k) for k in ("max_side", "max_pixels")
+                        if getattr(s, k) is not None})
         options.update(source_options or {})
         finder = Segmenter(method, backbone=self.backbone, seed=self.seed, device=self.device,
                            **options)
@@ -283,10 +287,11 @@ class Segmenter:
     def load(cls, run_dir: str | Path, device: str | None = None, **options: Any) -> Segmenter:
         """The Segmenter of a run folder (written by :meth:`save`, ``unseg fit``, ``segment``
         or ``discover``), ready to :meth:`predict`. ``options``: ``weights`` (the backbone's,
-        when the run's file is not found), ``max_pixels`` (semantic and saliency runs),
+        when the run's file is not found), ``max_pixels`` (every kind of run),
         ``refine`` and ``workers`` (semantic runs), ``guided_filter``, ``guide``, ``dense_crf``
         and ``max_side`` (saliency runs), ``num_classes``, ``clusters`` and ``seed``
-        (MaskContrast runs: the clustering); any other is an error."""
+        (MaskContrast runs: the clustering); any other is an error. Semantic and MaskContrast
+        runs predict at the working resolution (``max_side``) they were fitted at."""
         unknown = [name for name in options if name not in RUN_OPTIONS]
         if unknown:
             raise UnsegError(f"Segmenter.load has no option {', '.join(map(repr, unknown))}; "

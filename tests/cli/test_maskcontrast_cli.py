@@ -451,3 +451,152 @@ def test_segmenter_masks_come_from_the_same_source_as_the_command(monkeypatch):
          MASK_SOURCE_LARGE),
         ("spectral", 4, {"tap": "s16"}, None),
     ]
+
+
+def _failed(err: str) -> list[str]:
+    """The names of the inputs a command reported as failed (its ``failed: PATH: ...`` lines)."""
+    return sorted(Path(line.split(": ")[1]).name for line in err.splitlines()
+                  if line.startswith("failed: "))
+
+
+def test_segment_honours_max_pixels_in_discovery_training_and_prediction(
+    tmp_path, monkeypatch, capsys
+):
+    """An image over ``--max-pixels`` is refused by the chain's discovery, its training and
+    its prediction, and used by all three with ``--max-pixels 0`` (here over a lowered
+    default limit, so the images stay tiny); ``predict`` on the run takes ``--max-pixels``."""
+    import unseg.data.image as image_module
+
+    # im02 and im05 are 120x130 = 15600 pixels, the others 96x128 = 12288
+    images, _ = write_set(tmp_path / "d", n=6, sizes=((96, 128), (96, 128), (120, 130)))
+    base = ["-q", "segment", str(images), "--method", "maskcontrast", "-k", "3", *TINY,
+            "--epochs", "1"]
+    small = tmp_path / "small"
+    assert main([*base, "--out", str(small), "--max-pixels", "13000"]) == 1
+    err = capsys.readouterr().err
+    assert _failed(err) == ["im02.png", "im05.png"] and "image too large" in err
+    assert sorted(p.stem for p in (small / "discover" / "masks").glob("*.png")) == [
+        "im00", "im01", "im03", "im04"]
+    assert sorted(_labels(small / "masks")) == ["im00", "im01", "im03", "im04"]
+    meta = json.loads((small / "run" / "config.json").read_text())
+    assert meta["n_images"] == 4 and meta["max_pixels"] == 13000
+
+    monkeypatch.setattr(image_module, "DEFAULT_MAX_PIXELS", 13000)
+    whole = tmp_path / "whole"
+    assert main([*base, "--out", str(whole), "--max-pixels", "0"]) == 0
+    assert len(list((whole / "discover" / "masks").glob("*.png"))) == 6
+    assert len(_labels(whole / "masks")) == 6
+    assert json.loads((whole / "run" / "config.json").read_text())["n_images"] == 6
+    run = whole / "run"
+    capsys.readouterr()
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p"),
+                 "-k", "3"]) == 1  # the lowered default refuses the larger ones
+    assert _failed(capsys.readouterr().err) == ["im02.png", "im05.png"]
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p0"),
+                 "-k", "3", "--max-pixels", "0"]) == 0
+    assert len(_labels(tmp_path / "p0" / "masks")) == 6
+
+
+def test_max_side_sets_the_working_resolution_recorded_in_the_run_and_predicted_at(
+    tmp_path, monkeypatch
+):
+    """``--max-side`` caps the long side the features are extracted at (a 96x400 panorama at
+    --size 96: 6x24 feature cells at the default 4 x 96, 3x12 at --max-side 192), in training
+    and labelling; the run records it and ``unseg predict`` (and ``Segmenter.load``) works at
+    it; a run without it (older ones) predicts without a limit, as before."""
+    import unseg.pipelines.maskcontrast as mc
+
+    grids: list[dict[str, tuple[int, int]]] = []
+    extract = mc.extract_features
+
+    def spy(*args, **kwargs):
+        feats = extract(*args, **kwargs)
+        grids.append({p.stem: tuple(feats[p].shape[1:]) for p in feats.paths})
+        return feats
+
+    monkeypatch.setattr(mc, "extract_features", spy)
+    images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (96, 400)))
+    base = ["-q", "segment", str(images), "--method", "maskcontrast", "-k", "3",
+            "--saliency", str(masks), *TINY, "--epochs", "1"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    assert grids[0]["im00"] == (6, 8) and grids[0]["im01"] == (6, 24)
+    assert json.loads((tmp_path / "default" / "run" / "config.json").read_text())[
+        "max_side"] == 384
+    grids.clear()
+    out = tmp_path / "capped"
+    assert main([*base, "--out", str(out), "--max-side", "192"]) == 0
+    assert grids[0]["im00"] == (6, 8) and grids[0]["im01"] == (3, 12)  # training
+    assert all(g["im01"] == (3, 12) for g in grids[1:])  # labelling
+    run = out / "run"
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["max_side"] == 192 and meta["feature_size"] == 96
+    assert _labels(out / "masks")["im01"].shape == (96, 400)  # at the image's own size
+    grids.clear()
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "p"),
+                 "-k", "3"]) == 0
+    assert grids and all(g["im01"] == (3, 12) and g["im00"] == (6, 8) for g in grids)
+    grids.clear()
+    unseg.Segmenter.load(run, num_classes=3, max_pixels=0).predict(
+        [images / "im01.png", images / "im03.png"])
+    assert grids and grids[0]["im01"] == grids[0]["im03"] == (3, 12)
+    del meta["max_side"]  # a run from before MaskContrast recorded it: no limit, as then
+    (run / "config.json").write_text(json.dumps(meta))
+    grids.clear()
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "old"),
+                 "-k", "3"]) == 0
+    assert grids and all(g["im01"] == (6, 25) for g in grids)
+
+
+def test_the_segmenter_takes_max_side_and_max_pixels_for_maskcontrast():
+    seg = unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=192,
+                          max_pixels=0)
+    assert (seg._kind.settings.max_side, seg._kind.settings.max_pixels) == (192, 0)
+    with pytest.raises(UnsegError, match=r"--max-side -1: must be 0 \(no limit\)"):
+        unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=-1)
+
+
+def test_fit_takes_max_side_and_max_pixels_and_records_them(tmp_path):
+    """``unseg fit maskcontrast`` has the image options too: a panorama worked at a capped
+    long side still trains in one batch with the others (its mask follows its resized
+    image), and the run records both."""
+    images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (100, 400)))
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *TINY, "--epochs", "1", "--max-side", "160",
+                 "--max-pixels", "0"]) == 0
+    meta = json.loads((run / "config.json").read_text())
+    assert (meta["max_side"], meta["max_pixels"], meta["n_images"]) == (160, 0, 6)
+
+
+def test_the_chains_discovery_gets_max_side_and_max_pixels(tmp_path, monkeypatch):
+    """`segment --method maskcontrast` and `Segmenter("maskcontrast")` pass the long-side and
+    pixel limits they were given to the discovery of their masks, as given (None: the
+    discovery's own default, 4 x its size), and nothing when none was given."""
+    import unseg.pipelines.folder as folder
+    import unseg.segmenter as segmenter_module
+    from unseg.data.memory import ImageInputs
+    from unseg.pipelines.kind import Settings
+
+    seen = []
+
+    def fake_discover(images, out_dir, method, *, options=None, settings=None, **kw):
+        seen.append((settings.max_side, settings.max_pixels))
+        return BatchReport()
+
+    monkeypatch.setattr(folder, "discover", fake_discover)
+    for settings in (Settings(discover="spectral", max_side=256, max_pixels=0),
+                     Settings(discover="spectral")):
+        with pytest.raises(UnsegError, match="discover wrote no mask"):
+            folder._discover_masks(tmp_path, tmp_path / "d", settings)
+    assert seen == [(256, 0), (None, None)]
+
+    def fake_fit_predict(self, images):
+        seen.append(dict(self.options))
+        return [np.zeros((2, 2), np.uint8) for _ in images]
+
+    monkeypatch.setattr(segmenter_module.Segmenter, "fit_predict", fake_fit_predict)
+    paths = [Path(f"/nowhere/{i}.png") for i in range(3)]
+    arrays = {p: np.zeros((4, 4, 3), np.uint8) for p in paths}
+    seg = unseg.Segmenter("maskcontrast", discover="spectral", max_side=0, max_pixels=10**9)
+    seg._discovered_masks(ImageInputs(paths, arrays))
+    assert seen[-1] == {"max_side": 0, "max_pixels": 10**9}

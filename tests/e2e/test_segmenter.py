@@ -205,9 +205,8 @@ def test_size_and_max_side_are_checked_with_the_commands_messages(method: str) -
     unrelated message (or not at all)."""
     with pytest.raises(UnsegError, match="--size 7: must be 64 to 2048 with efficientnet_lite0"):
         unseg.Segmenter(method, backbone=BACKBONE, size=7)
-    if method != "maskcontrast":  # it has no max_side
-        with pytest.raises(UnsegError, match=r"--max-side 10: must be 0 \(no limit\)"):
-            unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
+    with pytest.raises(UnsegError, match=r"--max-side 10: must be 0 \(no limit\)"):
+        unseg.Segmenter(method, backbone=BACKBONE, max_side=10)
 
 
 @pytest.mark.parametrize("method", ["spectral", "saliency-head", "found"])

@@ -47,6 +47,7 @@ def _embedding_arguments(m: argparse.ArgumentParser) -> None:
                    help="folder of 8-bit saliency PNGs named by the images' stems "
                    "(e.g. `unseg discover` output)")
     m.add_argument("--size", type=int, default=320, help="feature short side in pixels (320)")
+    add_image_arguments(m)
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--cache-dir", default=None,
                    help="feature cache folder (features in CACHE_DIR/features; default: RUN/cache)")

@@ -161,13 +161,15 @@ def segment(
 def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
     defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`), for a method
-    that trains on the masks; the run's seed is the discovery's too."""
+    that trains on the masks; the run's seed, ``max_side`` and ``max_pixels`` are the
+    discovery's too (``max_side`` as given: None is 4 x the discovery's own size)."""
     method, options, why = mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     with mask_source_context(options):
         found = discover(images, out_dir, method, options=options, settings=Settings(
             backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
             device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
+            max_side=settings.max_side, max_pixels=settings.max_pixels,
         ))
     if not found.written:
         raise UnsegError(f"{images}: discover wrote no mask")

@@ -4,15 +4,20 @@ by clustering the predicted images' prototypes (``unseg segment`` first discover
 Fit: the images are paired with the masks of the saliency folder by stem
 (:func:`unseg.proposals.saliency_masks.load_mask_proposals`: bad or missing masks are skipped and
 reported, near-empty ones dropped and counted), their features extracted once (cached in
-``RUN/cache`` or ``--cache-dir``), and the query views cut from the features of a photometric
-copy of each image (:func:`~unseg.methods.maskcontrast.photometric_view`, seeded by the run's
-seed and the image's hash, computed once per image and cached beside the features). The head
+``RUN/cache`` or ``--cache-dir``) at the working resolution (short side ``size``, long side at
+most ``max_side``: None is 4 x ``size``, 0 no limit; files over ``max_pixels`` refused, their
+masks read under the same limit), each mask resampled to its resized image, and the query
+views cut from the features of a photometric copy of each resized image
+(:func:`~unseg.methods.maskcontrast.photometric_view`, seeded by the run's seed and the
+image's hash, computed once per image and cached beside the features). The head
 is trained with a checkpoint in the run folder after every epoch; the same command after a
 kill resumes from it. With ``train_last_stage`` the features are the backbone's maps before its
 last stage, and the run's ``tap`` is that earlier tap (``trained_tap`` the one asked for), so
 prediction and chaining extract the same maps and the saved stage turns them into the tap's.
 The run also keeps the training images' prototypes
-(``train_prototypes.safetensors``) for clusters fitted on the training set.
+(``train_prototypes.safetensors``) for clusters fitted on the training set, and records its
+``max_side``, at which prediction extracts the features (a run without it, from before it was
+recorded, predicts without a limit, as it was fitted).
 
 Predict: one prototype per image (the paper's protocol: raw embeddings weighted by the saliency
 logit where it exceeds 0.5), clustered into ``K − 1`` clusters on the predicted set (as the
@@ -37,7 +42,9 @@ from safetensors.torch import load_file, save_file
 from unseg.backbones import backbone_weights_sha256
 from unseg.backbones.base import Backbone
 from unseg.data.datasets import no_usable_images
+from unseg.data.image import max_pixels_default
 from unseg.data.memory import ImageInputs
+from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
 from unseg.feature_store import FeatureSet
 from unseg.features import extract_features
@@ -159,22 +166,32 @@ def train_maskcontrast(
     report: BatchReport,
     timings: Timings,
     checkpoint_dir: Path | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> TrainedMaskContrast:
     """Train MaskContrast on ``inputs`` with the saliency proposals ``masks(paths)`` gives
     (see the module docstring); ``cache`` None: nothing cached on disk; ``checkpoint_dir``: a
-    checkpoint after every epoch, resumed by the same call after a kill."""
+    checkpoint after every epoch, resumed by the same call after a kill. ``max_side``: the
+    working resolution's long-side limit (None: none); ``max_pixels``: the per-file pixel
+    limit of the images and of their masks (None: Pillow's, 0: none).
+
+    A capped working resolution keeps the views aligned: each mask is resampled to its resized
+    image (:func:`_at_size`), whose sides are multiples of the stride, the photometric copy is
+    that resized image, and a view crops features and mask over the same box."""
     trained_tap, stage = model.tap, None
     if config.train_last_stage:
         stage = model.last_stage()
         config = replace(config, stage_of=f"{model.spec.name}:{model.tap}")
         model.tap = stage.input_tap
-    proposals, mask_report = masks(inputs.paths)
+    with max_pixels_default(max_pixels):  # a mask has its image's pixels
+        proposals, mask_report = masks(inputs.paths)
     report.merge(mask_report)
     mask_of = dict(zip(proposals.paths, proposals.masks, strict=True))
     feats = extract_features(
         proposals.paths, model, size=size,
-        cache_dir=None if cache is None else cache / FEATURES_DIR,
-        report=report, extras=("image",), timings=timings, arrays=inputs.arrays,
+        cache_dir=None if cache is None else cache / FEATURES_DIR, max_side=max_side,
+        max_pixels=max_pixels, report=report, extras=("image",), timings=timings,
+        arrays=inputs.arrays,
     )
     good = feats.paths
     if not good:
@@ -213,9 +230,11 @@ def train_maskcontrast(
 
 def save_maskcontrast_run(
     run_dir: Path, trained: TrainedMaskContrast, size: int, weights: str | Path | None,
-    timings: Timings,
+    timings: Timings, max_side: int | None = None, max_pixels: int | None = None,
 ) -> None:
-    """The run folder of a MaskContrast fit (``unseg predict`` and ``--embeddings`` read it)."""
+    """The run folder of a MaskContrast fit (``unseg predict`` and ``--embeddings`` read it);
+    ``max_side``: the working resolution's long-side limit it was fitted at (None: none,
+    recorded as 0), which prediction uses."""
     protos = trained.prototypes
     atomic_write(run_dir / TRAIN_PROTOTYPES,
                  lambda t: save_file({"prototypes": protos.contiguous()}, str(t)))
@@ -227,6 +246,8 @@ def save_maskcontrast_run(
         "weights_sha256": backbone_weights_sha256(model),
         "weights_path": str(Path(weights).resolve()) if weights else None,
         "feature_size": size,
+        "max_side": max_side or 0,
+        "max_pixels": max_pixels,
         "feature_dim": trained.feature_dim,
         "stride": model.stride,
         "n_images": len(trained.paths),
@@ -299,12 +320,15 @@ def maskcontrast_labels(
     report: BatchReport,
     device: torch.device,
     with_images: bool = False,
+    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> list[tuple[Path, np.ndarray, torch.Tensor | None]]:
     """``(path, class ids [H, W] int64, resized image or None)`` of each image of ``inputs``
     (module docstring: 0 = background, clusters ``1..num_classes − 1``); ``seed``: k-means;
-    ``train``: the training prototypes (``clusters="training"``). Under torchrun each rank
-    passes its share: it computes those prototypes, every rank clusters all of them (same
-    seed, same ids) and labels its share."""
+    ``train``: the training prototypes (``clusters="training"``); ``max_side``: the working
+    resolution's long-side limit (None: none); ``max_pixels``: the per-file pixel limit (None:
+    Pillow's, 0: none). Under torchrun each rank passes its share: it computes those
+    prototypes, every rank clusters all of them (same seed, same ids) and labels its share."""
     if not 2 <= num_classes <= 256:
         raise UnsegError(f"--num-classes must be between 2 and 256, got {num_classes}")
     paths = inputs.paths
@@ -314,6 +338,7 @@ def maskcontrast_labels(
         feats = extract_features(
             paths[start : start + CHUNK], model, size=size, report=report,
             extras=("image",) if with_images else (), shard=False, arrays=inputs.arrays,
+            max_side=max_side, max_pixels=max_pixels,
         )
         for p in feats.paths:
             with cpu_threads(device, 1):
@@ -338,14 +363,15 @@ def maskcontrast_labels(
 @dataclass
 class FittedMaskContrast:
     """A MaskContrast head, its backbone (at the tap it was trained on), the feature short side,
-    the training images' prototypes ``[N, D]`` (None: a run without them), and the fit in
-    memory (None: loaded from a run)."""
+    the training images' prototypes ``[N, D]`` (None: a run without them), the fit in memory
+    (None: loaded from a run), and the working resolution's long-side limit (None: none)."""
 
     estimator: MaskContrast
     backbone: Backbone
     size: int
     train: torch.Tensor | None
     trained: TrainedMaskContrast | None = None
+    max_side: int | None = None
 
 
 class MaskContrastKind(Kind):
@@ -353,7 +379,7 @@ class MaskContrastKind(Kind):
 
     output = "embedding"
     labels = True
-    run_options = ("num_classes", "clusters", "seed", "weights")
+    run_options = ("num_classes", "clusters", "seed", "weights", "max_pixels")
 
     def __init__(self, config: Any, settings: Settings, num_classes: int | None,
                  run: Mapping[str, Any] | None = None) -> None:
@@ -366,19 +392,22 @@ class MaskContrastKind(Kind):
     def create(cls, method: str, num_classes: int | None, options: Mapping[str, Any] | None,
                settings: Settings) -> MaskContrastKind:
         """``num_classes``: background + K − 1 clusters (default 5); ``settings.saliency``:
-        the masks' folder, else ``settings.discover`` finds them."""
+        the masks' folder, else ``settings.discover`` finds them (with ``settings.max_side``
+        and ``max_pixels`` as given: ``max_side`` None is 4 x each step's own size)."""
         k = DEFAULT_CLASSES if num_classes is None else int(num_classes)
         _check_classes(k)
         _check_clusters(settings.clusters)
         settings = replace(settings, backbone=resolve_backbone_name(settings.backbone))
-        check_resolution(settings.size, None, settings.backbone, settings.tap)
+        check_resolution(settings.size, settings.max_side, settings.backbone, settings.tap)
         return cls(maskcontrast_config(options, settings.seed), settings, k)
 
     @classmethod
     def from_run(cls, run_dir: Path, meta: dict[str, Any],
                  overrides: Mapping[str, Any], device: str | None) -> MaskContrastKind:
         """``overrides`` must hold ``num_classes``; may hold ``clusters`` (``predicted`` /
-        ``training``), ``seed`` (the k-means') and ``weights``."""
+        ``training``), ``seed`` (the k-means'), ``weights`` and ``max_pixels``; images are
+        predicted at the run's working resolution (``max_side``; none for runs that predate
+        it)."""
         if overrides.get("num_classes") is None:
             raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it "
                              "predicts; give --num-classes K (background + K − 1 clusters)")
@@ -388,7 +417,8 @@ class MaskContrastKind(Kind):
         _check_clusters(clusters)
         settings = Settings(backbone=meta.get("backbone"), device=device,
                             weights=overrides.get("weights"),
-                            seed=int(overrides.get("seed") or 0), clusters=clusters)
+                            seed=int(overrides.get("seed") or 0), clusters=clusters,
+                            max_pixels=overrides.get("max_pixels"))
         return cls(None, settings, k, {**meta, "run_dir": run_dir})
 
     def use_masks(
@@ -430,13 +460,15 @@ class MaskContrastKind(Kind):
         model = open_backbone(s.backbone, s.weights, s.tap, session.device)
         cache = (Path(s.cache_dir) if s.cache_dir
                  else None if where is None else where / CACHE_DIR)
+        max_side = resolve_max_side(s.size, s.max_side)
         trained = train_maskcontrast(root, inputs, self._masks, self._config, model, s.size,
                                      cache, session.device, session.report, session.timings,
-                                     checkpoint_dir=where)
+                                     checkpoint_dir=where, max_side=max_side,
+                                     max_pixels=s.max_pixels)
         if s.saliency:
             trained.facts["saliency"] = str(Path(s.saliency).resolve())
         return FittedMaskContrast(trained.estimator, trained.backbone, s.size,
-                                  trained.prototypes, trained)
+                                  trained.prototypes, trained, max_side)
 
     def result(self, fitted: FittedMaskContrast, run_dir: Path,
                report: BatchReport) -> FitResult:
@@ -450,7 +482,7 @@ class MaskContrastKind(Kind):
             raise UnsegError("this MaskContrast model was loaded from a run: nothing to save")
         if dist.is_main():
             save_maskcontrast_run(run_dir, fitted.trained, fitted.size, self.settings.weights,
-                                  session.timings)
+                                  session.timings, fitted.max_side, self.settings.max_pixels)
 
     def load(self, run_dir: Path, session: Session) -> FittedMaskContrast:
         _, estimator, meta = load_fitted(run_dir, "embedding", session.device)
@@ -459,7 +491,8 @@ class MaskContrastKind(Kind):
         model = open_fitted_backbone(meta, self.settings.weights, session.device, str(run_dir))
         self._config = estimator.config
         return FittedMaskContrast(estimator, model, int(meta["feature_size"]),
-                                  train_prototypes(run_dir))
+                                  train_prototypes(run_dir),
+                                  max_side=int(meta.get("max_side") or 0) or None)
 
     def predict(self, fitted: FittedMaskContrast, inputs: ImageInputs, session: Session,
                 root: str | Path, overlays: bool = False,
@@ -474,6 +507,7 @@ class MaskContrastKind(Kind):
             clusters=clusters, seed=self.settings.seed,  # type: ignore[arg-type]
             train=fitted.train if clusters == "training" else None, where=where,
             report=session.report, device=session.device, with_images=overlays,
+            max_side=fitted.max_side, max_pixels=self.settings.max_pixels,
         )
         for p, labels, image in labelled:
             yield Prediction(p, labels.astype(np.uint8), image)
