@@ -47,14 +47,11 @@ error.
 from __future__ import annotations
 
 import logging
-import os
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from unseg.data.memory import ImageInputs, image_inputs
 from unseg.errors import UnsegError, a_or_an
@@ -63,25 +60,15 @@ from unseg.pipelines.kinds import RUN_OPTIONS, create_kind, output_of, run_kind
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
-from unseg.registry import check_value, config_from_dict, config_options, get_method
+from unseg.registry import check_value
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
+from unseg.segmenter_params import FIELD, SETTINGS_OF, check_device, check_settings, run_params
 from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
 
-# the pipeline's own settings (every other option is a config field of the method), by the
-# Segmenter's name → the Settings field
-SEMANTIC_SETTINGS = ("size", "max_side", "max_pixels", "label_factor", "refine",
-                     "pseudo_refine", "weights", "tap", "cache_dir", "workers", "embeddings")
-SALIENCY_SETTINGS = ("max_side", "max_pixels", "weights", "tap", "cache_dir")
-MASKCONTRAST_SETTINGS = ("size", "max_side", "max_pixels", "weights", "tap", "cache_dir",
-                         "saliency", "discover", "clusters")
-SETTINGS_OF = {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
-               "embedding": MASKCONTRAST_SETTINGS}
-FIELD = {"workers": "num_workers"}  # a Segmenter option named otherwise in Settings
-PATH_SETTINGS = ("weights", "cache_dir", "embeddings", "saliency")  # a str or an os.PathLike
 
 
 def list_methods() -> list[str]:
@@ -118,7 +105,7 @@ class Segmenter:
         for name, value in (("num_classes", num_classes), ("seed", seed)):
             if value is not None:
                 check_value(name, int, value)
-        _check_device(device)
+        check_device(device)
         self.method = method
         self.num_classes = num_classes
         self.backbone = backbone
@@ -134,7 +121,7 @@ class Segmenter:
                 f"{method} has no option 'size': a saliency method's working size is its "
                 f"option image_size (Segmenter({method!r}, image_size="
                 f"{self.options['size']!r}); --size of unseg discover)")
-        _check_settings({"backbone": backbone,
+        check_settings({"backbone": backbone,
                          **{k: v for k, v in self.options.items() if k in allowed}})
         settings = Settings(backbone=backbone, seed=seed, device=device, **{
             FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
@@ -321,74 +308,6 @@ class Segmenter:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"Segmenter({self.method!r}, num_classes={self.num_classes!r}, "
                 f"backbone={self.backbone!r}, seed={self.seed}{extra})")
-
-
-def run_params(meta: Mapping[str, Any], overrides: Mapping[str, Any],
-               device: str | None = None) -> dict[str, Any]:
-    """The :class:`Segmenter` arguments that fit as the run whose ``config.json`` is ``meta``
-    was fitted: its method, classes, backbone, seed, the pipeline settings it records (size,
-    max_side, refine, tap, weights, ...) and every option of its method's config, with
-    ``overrides`` (:meth:`Segmenter.load`'s options) where they change one of these. What a
-    run does not record stays at its default (``cache_dir``; MaskContrast's ``discover``)."""
-    spec = get_method(meta["method"])
-    config = config_from_dict(spec.config, meta.get("config", {}), "config.json")
-    seed = overrides.get("seed")
-    params: dict[str, Any] = {
-        "method": spec.name, "num_classes": None, "backbone": meta["backbone"],
-        "seed": int(getattr(config, "seed", 0) if seed is None else seed), "device": device}
-    for option in config_options(spec):
-        value: Any = config
-        for name in option.path:
-            value = getattr(value, name)
-        params[".".join(option.path)] = value
-    settings: dict[str, Any] = {
-        "tap": meta.get("trained_tap", meta.get("tap")),
-        "weights": overrides.get("weights") or meta.get("weights_path"),
-        "max_pixels": (meta.get("max_pixels") if overrides.get("max_pixels") is None
-                       else overrides["max_pixels"]),
-        "size": meta.get("feature_size"),
-    }
-    if spec.output == "semantic":
-        predict = meta.get("predict", {})
-        embeddings = meta.get("embeddings") or {}
-        settings.update(
-            num_classes=int(meta["num_classes"]), max_side=meta.get("max_side"),
-            label_factor=predict.get("label_factor"),
-            refine=overrides.get("refine") or predict.get("refine"),
-            pseudo_refine=meta.get("fit", {}).get("primaps", {}).get("refine"),
-            workers=overrides.get("workers"), embeddings=embeddings.get("run"))
-    elif spec.output == "saliency":
-        settings.update(max_side=overrides.get("max_side"), size=None)
-        for name, field in (("guided_filter", "guided_filter"), ("dense_crf", "dense_crf"),
-                            ("guide", "guided.guide")):
-            if overrides.get(name) is not None:
-                params[field] = overrides[name]
-    else:
-        settings.update(num_classes=overrides.get("num_classes", DEFAULT_CLASSES),
-                        clusters=overrides.get("clusters"))
-    params.update({k: v for k, v in settings.items() if v is not None})
-    return params
-
-
-def _check_device(device: Any) -> None:
-    """Refuse a device that is neither None, a string nor a ``torch.device``, naming it (an
-    int was taken by torch as a CUDA index)."""
-    if device is not None and not isinstance(device, (str, torch.device)):
-        raise UnsegError(f"device: expected a string (\"cpu\", \"cuda\", \"cuda:1\") or a "
-                         f"torch.device, got {device!r}")
-
-
-def _check_settings(settings: Mapping[str, Any]) -> None:
-    """Refuse a pipeline setting of another type than its :class:`Settings` field's, naming it
-    as the method options are (``size="320"`` failed later on a comparison, ``size=320.5`` was
-    taken); a path setting may also be an ``os.PathLike``."""
-    types = typing.get_type_hints(Settings)
-    for name, value in settings.items():
-        if name in PATH_SETTINGS and not isinstance(value, (str, os.PathLike, type(None))):
-            raise UnsegError(f"{name}: expected a path (a string or os.PathLike) or None, "
-                             f"got {value!r}")
-        if name not in PATH_SETTINGS:
-            check_value(name, types[FIELD.get(name, name)], value)
 
 
 def _mask(pred: Prediction) -> np.ndarray:

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("unseg.methods",),
     ("unseg.runs",),
     ("unseg.pipelines",),  # the stages and the kinds the Segmenter and the folders share
-    ("unseg.pipelines.folder", "unseg.segmenter"),  # folders and memory, side by side
+    # folders and memory, side by side
+    ("unseg.pipelines.folder", "unseg.segmenter_params", "unseg.segmenter"),
     ("unseg.report",),
     ("unseg.cli",),
     ("unseg",),  # the package's front door: lazy attributes only
