@@ -63,7 +63,14 @@ from unseg.proposals.saliency_masks import mask_proposals
 from unseg.registry import check_value
 from unseg.registry import list_methods as registered_methods
 from unseg.runs import load_run
-from unseg.segmenter_params import FIELD, SETTINGS_OF, check_device, check_settings, run_params
+from unseg.segmenter_params import (
+    FIELD,
+    SETTINGS_OF,
+    check_device,
+    check_run_options,
+    check_settings,
+    run_params,
+)
 from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
 
@@ -283,6 +290,8 @@ class Segmenter:
         if unknown:
             raise UnsegError(f"Segmenter.load has no option {', '.join(map(repr, unknown))}; "
                              f"it takes device, {', '.join(RUN_OPTIONS)}")
+        check_device(device)
+        check_run_options(options)
         run_dir = Path(run_dir)
         meta, _ = load_run(run_dir)
         if output_of(meta["method"]) == "embedding":  # clusters the images it predicts

@@ -14,6 +14,7 @@ import torch
 from unseg.errors import UnsegError
 from unseg.pipelines.kind import Settings
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
+from unseg.refine.guided_filter import GuideMode
 from unseg.registry import check_value, config_from_dict, config_options, get_method
 
 # the pipeline's own settings (every other option is a config field of the method), by the
@@ -27,6 +28,9 @@ SETTINGS_OF = {"semantic": SEMANTIC_SETTINGS, "saliency": SALIENCY_SETTINGS,
                "embedding": MASKCONTRAST_SETTINGS}
 FIELD = {"workers": "num_workers"}  # a Segmenter option named otherwise in Settings
 PATH_SETTINGS = ("weights", "cache_dir", "embeddings", "saliency")  # a str or an os.PathLike
+# the types of Segmenter.load's options that are no Settings field (None: the run's own)
+RUN_OPTION_TYPES: dict[str, Any] = {"num_classes": int | None, "guided_filter": bool | None,
+                                    "dense_crf": bool | None, "guide": GuideMode | None}
 
 
 def run_params(meta: Mapping[str, Any], overrides: Mapping[str, Any],
@@ -95,3 +99,16 @@ def check_settings(settings: Mapping[str, Any]) -> None:
                              f"got {value!r}")
         if name not in PATH_SETTINGS:
             check_value(name, types[FIELD.get(name, name)], value)
+
+
+def check_run_options(options: Mapping[str, Any]) -> None:
+    """Refuse an option of :meth:`Segmenter.load` of another type than it takes, naming it
+    (``refine=3`` was "unknown refinement", ``num_classes=2.5`` taken as 2); None is the
+    run's own value."""
+    types = typing.get_type_hints(Settings)
+    for name, value in options.items():
+        if name in PATH_SETTINGS:
+            check_settings({name: value})
+        else:
+            check_value(name, RUN_OPTION_TYPES.get(name) or types[FIELD.get(name, name)] | None,
+                        value)

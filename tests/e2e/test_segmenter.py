@@ -249,6 +249,28 @@ def test_load_refuses_options_it_does_not_use(tmp_path: Path) -> None:
         "refine": "crf", "workers": 1}
 
 
+@pytest.mark.parametrize(("bad", "expected"), [
+    ({"refine": 3}, "a string or None"), ({"max_pixels": "x"}, "an integer or None"),
+    ({"max_pixels": 1.5}, "an integer or None"), ({"workers": "2"}, "an integer or None"),
+    ({"guided_filter": "yes"}, "True or False or None"), ({"dense_crf": 1}, "True or False"),
+    ({"guide": "rgb"}, "'mean' or 'luma' or None"), ({"max_side": "x"}, "an integer or None"),
+    ({"num_classes": 2.5}, "an integer or None"), ({"seed": "1"}, "an integer or None"),
+    ({"clusters": 3}, "a string or None"), ({"weights": 3}, "a path"),
+    ({"device": 3}, "a string"),
+])
+def test_load_refuses_an_option_of_the_wrong_type_naming_it(bad: dict, expected: str,
+                                                             tmp_path: Path) -> None:
+    """Segmenter.load checked its options' names, not their types: refine=3 failed on
+    "unknown refinement", num_classes=2.5 became 2 classes, seed="1" was taken; a wrong type
+    is refused as the constructor refuses it, before the run is read."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    run = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit([image]).save(tmp_path / "run")
+    name, value = next(iter(bad.items()))
+    with pytest.raises(UnsegError, match=rf"^{name}: expected {expected}.*, got {value!r}$"):
+        unseg.Segmenter.load(run, **bad)
+
+
 @pytest.mark.parametrize("bad", [{"num_classes": 2.5}, {"num_classes": "5"}, {"seed": "a"},
                                  {"seed": 1.5}, {"num_classes": True}])
 def test_num_classes_and_seed_must_be_integers(bad: dict) -> None:
