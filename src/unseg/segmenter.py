@@ -284,8 +284,10 @@ class Segmenter:
         when the run's file is not found), ``max_pixels`` (every kind of run),
         ``refine`` and ``workers`` (semantic runs), ``guided_filter``, ``guide``, ``dense_crf``
         and ``max_side`` (saliency runs), ``num_classes``, ``clusters`` and ``seed``
-        (MaskContrast runs: the clustering); any other is an error. Semantic and MaskContrast
-        runs predict at the working resolution (``max_side``) they were fitted at."""
+        (MaskContrast runs: the clustering, its ``seed`` by default the run's); any other is
+        an error. The segmenter's ``seed`` is the run's (or the ``seed`` given), as
+        :meth:`get_params` gives it. Semantic and MaskContrast runs predict at the working
+        resolution (``max_side``) they were fitted at."""
         unknown = [name for name in options if name not in RUN_OPTIONS]
         if unknown:
             raise UnsegError(f"Segmenter.load has no option {', '.join(map(repr, unknown))}; "
@@ -306,7 +308,8 @@ class Segmenter:
         if kind.output == "semantic":
             num_classes = int(meta["num_classes"])
         seg.num_classes, seg.backbone, seg.device = num_classes, meta["backbone"], device
-        seg.seed = int(options.pop("seed", 0) or 0)
+        options.pop("seed", None)
+        seg.seed = int(params["seed"])  # the run's, as get_params gives it
         seg.options = dict(options)
         seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
         seg._run_params = params

@@ -281,6 +281,25 @@ def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):
     assert "sha256 differs" in capsys.readouterr().err
 
 
+def test_a_run_predicts_with_its_own_seed_unless_given_another(tmp_path):
+    """A run fitted with --seed 3 clustered its images with k-means seed 3, but `unseg
+    predict` and Segmenter.load(run) clustered with 0 (so load → predict differed from the
+    fit's masks) while the loaded segmenter's get_params() said 3: both now use the run's seed,
+    and a seed given to either replaces it."""
+    from unseg.pipelines.kinds import run_kind
+
+    images, masks = write_set(tmp_path / "d", n=6)
+    run = tmp_path / "run"
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(run), *TINY, "--epochs", "1", "--seed", "3"]) == 0
+    assert run_kind(run, {"num_classes": 3}).settings.seed == 3  # unseg predict's
+    assert run_kind(run, {"num_classes": 3, "seed": 0}).settings.seed == 0
+    loaded = unseg.Segmenter.load(run, num_classes=3)
+    assert loaded.seed == loaded.get_params()["seed"] == loaded._kind.settings.seed == 3
+    given = unseg.Segmenter.load(run, num_classes=3, seed=1)
+    assert given.seed == given.get_params()["seed"] == given._kind.settings.seed == 1
+
+
 def test_embedded_features_are_the_heads_normalised_embeddings():
     est = MaskContrast(MaskContrastConfig(width=8, aspp_rates=(1,), embed_dim=5))
     est.model_ = est._build(6).eval()

@@ -363,6 +363,16 @@ def test_clone_of_a_loaded_segmenter_is_configured_like_its_run(
     again.fit([image])  # no longer the run's: it fits
 
 
+def test_a_loaded_segmenters_seed_is_the_runs_as_get_params_gives_it(tmp_path: Path) -> None:
+    """Segmenter.load(run).seed was 0 while get_params() gave the run's seed (4 here)."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    run = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1, seed=4).fit([image]).save(tmp_path / "run")
+    loaded = unseg.Segmenter.load(run)
+    assert loaded.seed == loaded.get_params()["seed"] == 4
+    assert "seed=4" in repr(loaded)
+
+
 def test_the_package_lists_what_exists_and_imports_light() -> None:
     names = unseg.list_methods()
     assert [s.name for s in list_methods()] + ["spectral"] == names

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "training images (maskcontrast runs)",
     )
     p.add_argument("--seed", type=int, default=None,
-                   help="k-means seed (maskcontrast runs; default 0)")
+                   help="k-means seed (maskcontrast runs; default: the run's seed)")
     p.add_argument(
         "--weights",
         default=None,

@@ -405,9 +405,9 @@ class MaskContrastKind(Kind):
     def from_run(cls, run_dir: Path, meta: dict[str, Any],
                  overrides: Mapping[str, Any], device: str | None) -> MaskContrastKind:
         """``overrides`` must hold ``num_classes``; may hold ``clusters`` (``predicted`` /
-        ``training``), ``seed`` (the k-means'), ``weights`` and ``max_pixels``; images are
-        predicted at the run's working resolution (``max_side``; none for runs that predate
-        it)."""
+        ``training``), ``seed`` (the k-means'; default: the run's, as its fit clustered with
+        it), ``weights`` and ``max_pixels``; images are predicted at the run's working
+        resolution (``max_side``; none for runs that predate it)."""
         if overrides.get("num_classes") is None:
             raise UnsegError(f"{run_dir}: a maskcontrast run clusters the images it "
                              "predicts; give --num-classes K (background + K − 1 clusters)")
@@ -415,9 +415,11 @@ class MaskContrastKind(Kind):
         _check_classes(k)
         clusters = overrides.get("clusters") or "predicted"
         _check_clusters(clusters)
+        run_seed = meta.get("config", {}).get("seed", 0)
         settings = Settings(backbone=meta.get("backbone"), device=device,
                             weights=overrides.get("weights"),
-                            seed=int(overrides.get("seed") or 0), clusters=clusters,
+                            seed=int(run_seed if (seed := overrides.get("seed")) is None
+                                     else seed), clusters=clusters,
                             max_pixels=overrides.get("max_pixels"))
         return cls(None, settings, k, {**meta, "run_dir": run_dir})
 
