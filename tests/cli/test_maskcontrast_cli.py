@@ -300,6 +300,32 @@ def test_a_run_predicts_with_its_own_seed_unless_given_another(tmp_path):
     assert given.seed == given.get_params()["seed"] == given._kind.settings.seed == 1
 
 
+def test_a_refusal_of_the_chained_discovery_comes_before_overwrite_empties_the_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """`segment --method maskcontrast` checked MaskContrast's options before claiming --out,
+    but its discovery's only once it ran: an option the discovery refuses (a --max-side under
+    its backbone/tap's two feature rows, for one) deleted the previous run's files first."""
+    import unseg.pipelines.saliency as saliency
+
+    images, masks = write_set(tmp_path / "d", n=6)
+    out = tmp_path / "out"
+    base = ["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+            "-k", "3", *TINY, "--epochs", "1"]
+    assert main([*base, "--saliency", str(masks)]) == 0
+    before = sorted(p.name for p in (out / "masks").iterdir())
+
+    def refuse(*args, **kwargs):
+        raise UnsegError("--max-side 40: refused by the discovery")
+
+    monkeypatch.setattr(saliency.SaliencyKind, "create", classmethod(refuse))
+    capsys.readouterr()
+    assert main([*base, "--overwrite", "--discover", "spectral"]) == 2
+    assert "--max-side 40: refused by the discovery" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "masks").iterdir()) == before and before
+    assert main([*base, "--overwrite", "--saliency", str(masks)]) == 0  # no discovery: none
+
+
 def test_embedded_features_are_the_heads_normalised_embeddings():
     est = MaskContrast(MaskContrastConfig(width=8, aspp_rates=(1,), embed_dim=5))
     est.model_ = est._build(6).eval()

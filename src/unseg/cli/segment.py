@@ -23,7 +23,7 @@ from unseg.cli.common import (
     run_settings,
 )
 from unseg.cli.options import add_method_options, given_options
-from unseg.pipelines.folder import segment
+from unseg.pipelines.folder import check_discovery, segment
 from unseg.pipelines.kind import Settings
 from unseg.pipelines.kinds import create_kind
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES
@@ -71,7 +71,9 @@ def _run(args: argparse.Namespace) -> int:
     # every option is checked before --overwrite deletes anything
     spec = get_method(args.method)
     settings = run_settings(args, "segment")
-    create_kind(spec.name, args.num_classes, given_options(args, spec), settings)
+    kind = create_kind(spec.name, args.num_classes, given_options(args, spec), settings)
+    if kind.needs_masks:  # MaskContrast's chained discovery: its checks too
+        check_discovery(args.images, settings)
     return run_into_output(args, "segment", ("images",), lambda: _segment(args, settings))
 
 

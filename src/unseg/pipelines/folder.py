@@ -158,19 +158,34 @@ def segment(
         return _finish(kind, fitted, report)
 
 
+def _discovery_settings(settings: Settings) -> Settings:
+    """The settings of the discovery chained before a method that trains on its masks: the
+    run's backbone, weights, tap, device, cache, seed, ``max_side`` and ``max_pixels``
+    (``max_side`` as given: None is 4 x the discovery's own size)."""
+    return Settings(
+        backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
+        device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
+        max_side=settings.max_side, max_pixels=settings.max_pixels,
+    )
+
+
+def check_discovery(images: str | Path, settings: Settings) -> None:
+    """Refuse (``UnsegError``) what the discovery :func:`segment` chains before a method that
+    trains on its masks would refuse with ``settings`` (that method's), as its own kind is
+    checked: before a command claims (and ``--overwrite`` empties) its output folder."""
+    method, options, _ = mask_source(settings.discover, images)
+    create_kind(method, None, options, _discovery_settings(settings))
+
+
 def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
     defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`), for a method
-    that trains on the masks; the run's seed, ``max_side`` and ``max_pixels`` are the
-    discovery's too (``max_side`` as given: None is 4 x the discovery's own size)."""
+    that trains on the masks, with :func:`_discovery_settings`."""
     method, options, why = mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     with mask_source_context(options):
-        found = discover(images, out_dir, method, options=options, settings=Settings(
-            backbone=settings.backbone, weights=settings.weights, tap=settings.tap,
-            device=settings.device, cache_dir=settings.cache_dir, seed=settings.seed,
-            max_side=settings.max_side, max_pixels=settings.max_pixels,
-        ))
+        found = discover(images, out_dir, method, options=options,
+                         settings=_discovery_settings(settings))
     if not found.written:
         raise UnsegError(f"{images}: discover wrote no mask")
     return found
