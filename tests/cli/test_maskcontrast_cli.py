@@ -592,6 +592,41 @@ def test_max_side_sets_the_working_resolution_recorded_in_the_run_and_predicted_
     assert grids and all(g["im01"] == (6, 25) for g in grids)
 
 
+def test_a_run_on_the_embeddings_works_at_their_runs_max_side(tmp_path, monkeypatch, capsys):
+    """`fit kmeans --embeddings MC_RUN` took MaskContrast's feature size but its own max_side
+    (4 x that size): a panorama's embeddings came from features at another working
+    resolution than the head was trained and predicts at (6x24 cells against 3x12 here). It
+    now works at the MaskContrast run's max_side; another --max-side is refused."""
+    import unseg.pipelines.semantic as semantic
+
+    grids: list[dict[str, tuple[int, int]]] = []
+    extract = semantic.extract_features
+
+    def spy(*args, **kwargs):
+        feats = extract(*args, **kwargs)
+        grids.append({p.stem: tuple(feats[p].shape[1:]) for p in feats.paths})
+        return feats
+
+    monkeypatch.setattr(semantic, "extract_features", spy)
+    images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (96, 400)))
+    mc = tmp_path / "mc"
+    assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",
+                 str(mc), *TINY, "--epochs", "1", "--max-side", "192"]) == 0
+    fast = ["kmeans", str(images), "--embeddings", str(mc), "-k", "3", "--refine", "none",
+            "--n-init", "1"]
+    em = tmp_path / "em"
+    assert main(["-q", "fit", *fast, "--out", str(em)]) == 0
+    assert grids[0]["im01"] == (3, 12) and grids[0]["im00"] == (6, 8)
+    assert json.loads((em / "config.json").read_text())["max_side"] == 192
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "same"), "--max-side", "192"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "x"), "--max-side", "384"]) == 2
+    assert (f"--max-side 384: the embeddings of {mc} were trained at max_side 192"
+            in capsys.readouterr().err)
+    with pytest.raises(UnsegError, match="--max-side 0: the embeddings"):
+        unseg.Segmenter("kmeans", embeddings=mc, max_side=0)
+
+
 def test_the_segmenter_takes_max_side_and_max_pixels_for_maskcontrast():
     seg = unseg.Segmenter("maskcontrast", backbone="efficientnet_lite0", max_side=192,
                           max_pixels=0)

@@ -45,8 +45,8 @@ class Settings:
     run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF);
     ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
     entries are keyed by everything they depend on, so runs may share one; ``embeddings``: a
-    MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights
-    and feature size are used; the run records it and prediction applies it again);
+    MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights,
+    feature size and max_side are used; the run records it and prediction applies it again);
     ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no limit; recorded
     in the run, which predicts at it); ``max_pixels``: the per-file pixel limit (None: Pillow's,
     0: none). MaskContrast: ``saliency``, a folder of mask PNGs to train on (None: those of

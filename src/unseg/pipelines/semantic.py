@@ -142,8 +142,10 @@ def pipeline_values(num_classes: int, settings: Settings) -> dict[str, Any]:
 
 
 def _embedding_backbone(settings: Settings) -> Settings:
-    """``settings`` with the backbone, tap, weights and feature size of the MaskContrast run
-    ``settings.embeddings`` (a different backbone or tap asked for is an error)."""
+    """``settings`` with the backbone, tap, weights, feature size and working resolution
+    (``max_side``) of the MaskContrast run ``settings.embeddings``: its head was trained and
+    predicts on features at that resolution (a different backbone, tap or max_side asked for
+    is an error)."""
     meta, _ = load_run(settings.embeddings)  # type: ignore[arg-type]
     for name, key in (("backbone", "backbone"), ("tap", "tap")):
         asked = getattr(settings, name)
@@ -152,12 +154,18 @@ def _embedding_backbone(settings: Settings) -> Settings:
                 f"--{name} {asked}: the embeddings of {settings.embeddings} come from "
                 f"{name} {meta.get(key)}; leave --{name} out"
             )
+    max_side = int(meta.get("max_side") or 0)  # 0: no limit (runs that predate it had none)
+    if settings.max_side is not None and settings.max_side != max_side:
+        raise UnsegError(
+            f"--max-side {settings.max_side}: the embeddings of {settings.embeddings} were "
+            f"trained at max_side {max_side} (0: no limit); leave --max-side out"
+        )
     if settings.size != meta.get("feature_size"):
         logger.info("feature size %s of the embedding run is used", meta.get("feature_size"))
     return replace(
         settings, backbone=meta.get("backbone"), tap=meta.get("tap"),
         weights=settings.weights or meta.get("weights_path"),
-        size=int(meta.get("feature_size", settings.size)),
+        size=int(meta.get("feature_size", settings.size)), max_side=max_side,
     )
 
 
