@@ -320,6 +320,18 @@ def test_saliency_page_scores_and_per_image_iou(tmp_path: Path) -> None:
     assert "No run record" in page
 
 
+def test_the_header_names_the_method_the_command_was_given(tmp_path: Path) -> None:
+    """A spectral `unseg discover` folder has no run record: its page said "method discover";
+    it now names the --method its manifest records (and "unknown" without one)."""
+    run = _saliency_run(tmp_path)
+    page = write_report(run["out"], images=run["images"]).read_text()
+    assert "method unknown" in page and "method discover" not in page
+    write_json_atomic(run["out"] / "unseg-manifest.json", {"format_version": 1, "commands": [
+        {"command": "discover", "settings": {"--method": "spectral"}, "files": []}]})
+    page = write_report(run["out"], images=run["images"]).read_text()
+    assert "saliency masks · 3 image(s) · method spectral · " in page
+
+
 def test_malformed_boxes_are_not_drawn(tmp_path: Path) -> None:
     run = _saliency_run(tmp_path)
     write_json_atomic(run["out"] / "boxes.json", {"s0": [1, 2, 3, 4], "s1": "junk", "s2": None})

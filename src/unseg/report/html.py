@@ -24,7 +24,7 @@ from unseg.errors import UnsegError
 from unseg.layout import CONFIG_FILE, REPORT_FILE
 from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
-from unseg.outdir import recorded_max_pixels
+from unseg.outdir import recorded_max_pixels, recorded_setting
 from unseg.pipelines.evaluate import CorLocResult
 from unseg.report.charts import (
     confusion_heatmap,
@@ -307,6 +307,14 @@ def _failures_section(outputs: RunOutputs) -> str:
             f"{_table(('input', 'problem'), rows, numeric_from=2)}</section>")
 
 
+def _method(outputs: RunOutputs) -> str:
+    """The method that made the masks: the run's, else the ``--method`` the command that wrote
+    the folder was given (a spectral ``discover`` has no run: the page said "discover")."""
+    method = (outputs.config or {}).get("method") or recorded_setting(outputs.output_dir,
+                                                                      "--method")
+    return str(method) if method else "unknown"
+
+
 def render_report(
     outputs: RunOutputs,
     gt: str | Path | None = None,
@@ -331,8 +339,7 @@ def render_report(
     sections.append(_gallery_section(outputs, gallery, legend))
     sections.append(_failures_section(outputs))
     sections.append(_config_section(outputs))
-    method = (outputs.config or {}).get("method", "discover" if outputs.kind == "saliency"
-                                        else "unknown")
+    method = _method(outputs)
     title = f"unseg report: {outputs.output_dir.resolve().name}"
     subtitle = (f"{outputs.kind} masks · {len(outputs.masks)} image(s) · method {method}"
                 f" · {outputs.output_dir}")
