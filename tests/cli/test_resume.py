@@ -93,3 +93,27 @@ def test_a_resume_after_an_interrupt_in_the_features_fits_the_same_run(
     assert sorted(got) == sorted(ref)
     assert [rel for rel in ref if got[rel] != ref[rel]] == []
 
+
+def test_a_resume_after_a_kill_9_deletes_the_temporary_files_it_left(reference, tmp_path):
+    """A kill -9 cannot remove the temporary file of the write it was in (unseg's, and the one
+    safetensors writes inside it): ``--resume`` deletes them, and only them."""
+    images, ref = reference
+    out = tmp_path / "out"
+    assert _fit(images, out) == 0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    entry = manifest["commands"][-1]
+    entry.update(status="running", pid=2**22 + 1, pid_start=None, files=entry["files"][:3])
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    cache = next((out / "cache" / "features").iterdir())
+    left = [cache / ".0123abcd.safetensors.k2x_9qzw.tmp", cache / ".tmpAb12Cd",
+            out / ".config.json.0a1b2c3d.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    kept = out / "notes.tmp"  # named .tmp, but no temporary file of unseg's: left alone
+    kept.write_text("mine")
+    assert _fit(images, out, "--resume") == 0
+    assert [p for p in left if p.exists()] == [] and kept.read_text() == "mine"
+    assert sorted(_outputs(out)) == sorted([*ref, "notes.tmp"])
+    recorded = {f for c in json.loads((out / MANIFEST_FILE).read_text())["commands"]
+                for f in c["files"]}
+    assert not any(".tmp" in f for f in recorded - {"notes.tmp"})
