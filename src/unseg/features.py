@@ -19,10 +19,11 @@ the saliency head); ``"student"``, the features of PriMaPs-EM's student view
 (:func:`unseg.data.transforms.student_view`, seeded by ``student_seed`` and the image's hash).
 Each is cached as ``<sha256>.<extra>.safetensors`` beside the features; a batch runs through
 the backbone only for the tensors its images' cache lacks (a new ``student_seed`` on a cached
-folder computes the student views alone, not the features and mirror images again), one forward
-per tensor. The batches are planned over all the images, cached or not, since a backbone's
-results depend on the batch: a run resumed after a kill recomputes the batch the kill cut short
-whole, and gets the features of an uninterrupted run to the last bit.
+folder computes the student views alone, not the features and mirror images again). The
+batches are planned over all the images, cached or not, and a batch computes what any of its
+images lacks, since a backbone's results depend on the batch: a run resumed after a kill
+recomputes the batch the kill cut short whole, and gets the features of an uninterrupted run to
+the last bit.
 """
 
 from __future__ import annotations
@@ -346,17 +347,18 @@ def _student_views(images: torch.Tensor, items: list[_Item], seed: int) -> torch
 
 def _forward(job: _Job, images: torch.Tensor, items: list[_Item]) -> dict[str, torch.Tensor]:
     """``job.names`` of the batch ``images [B, 3, H, W]`` (uint8): the features, those of the
-    mirror images and student views (one forward each, so that each is the same whichever
-    others the cache lacked), the images."""
+    mirror images and student views (one forward for all), the images."""
     x = images.to(job.device, non_blocking=True).float().div_(255.0)
     views = {"features": lambda: x, "flipped": lambda: x.flip(-1),
              "student": lambda: _student_views(x, items, job.student_seed)}
+    wanted = [n for n in views if n in job.names]
     out: dict[str, torch.Tensor] = {}
-    autocast = job.device.type == "cuda" and job.dtype in (torch.float16, torch.bfloat16)
-    for name in (n for n in views if n in job.names):
+    if wanted:
+        autocast = job.device.type == "cuda" and job.dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(job.device.type, dtype=job.dtype, enabled=autocast):
-            f = job.backbone.forward_features(views[name](), job.kind).to("cpu", job.dtype)
-        out[name] = f.flip(-1) if name == "flipped" else f
+            f = job.backbone.forward_features(torch.cat([views[n]() for n in wanted]), job.kind)
+        for name, chunk in zip(wanted, f.to("cpu", job.dtype).split(x.shape[0]), strict=True):
+            out[name] = chunk.flip(-1) if name == "flipped" else chunk
     if "image" in job.names:
         out["image"] = images.cpu()
     return out
