@@ -17,9 +17,13 @@ decoded once: ``"flipped"``, the features of its mirror image flipped back (flip
 prediction); ``"image"``, the resized uint8 image ``[3, H', W']`` (PriMaPs, CRF, guided filter,
 the saliency head); ``"student"``, the features of PriMaPs-EM's student view
 (:func:`unseg.data.transforms.student_view`, seeded by ``student_seed`` and the image's hash).
-Each is cached as ``<sha256>.<extra>.safetensors`` beside the features; an image runs through
-the backbone only for the tensors its cache lacks (a new ``student_seed`` on a cached folder
-computes the student views alone, not the features and mirror images again).
+Each is cached as ``<sha256>.<extra>.safetensors`` beside the features; a batch runs through
+the backbone only for the tensors its images' cache lacks (a new ``student_seed`` on a cached
+folder computes the student views alone, not the features and mirror images again). The
+batches are planned over all the images, cached or not, and a batch computes what any of its
+images lacks, since a backbone's results depend on the batch: a run resumed after a kill
+recomputes the batch the kill cut short whole, and gets the features of an uninterrupted run to
+the last bit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -249,25 +254,30 @@ def extract_features(
         _Item(mine[it.index], it.path, it.sha256, it.original_size, it.image_size, it.pixels)
         for it in items
     ]
-    todo: dict[tuple[str, ...], list[_Item]] = defaultdict(list)  # what is missing -> images
-    for it in items:
-        missing = tuple(
+    # planned over all the images, cached or not: a resumed run recomputes the batch a kill cut
+    # short whole, as an uninterrupted run computed it (see the module docstring)
+    todo: dict[tuple[str, ...], list[list[_Item]]] = defaultdict(list)  # missing -> batches
+    lacking: set[int] = set()  # the images with something missing (the others: cached)
+    for batch in _shape_batches(items, batch_size):
+        lacks = {items[i].index: [
             n for n in names
-            if cache is None or not (cache / file_name(it.sha256, n, student_seed)).is_file()
-        )
+            if cache is None or not (cache / file_name(items[i].sha256, n, student_seed)).is_file()
+        ] for i in batch}
+        missing = tuple(n for n in names if any(n in m for m in lacks.values()))
         if missing:
-            todo[missing].append(it)
+            todo[missing].append([items[i] for i in batch])
+            lacking.update(i for i, m in lacks.items() if m)
     feats: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]] = {}
-    for missing, group in todo.items():
+    for missing, batches in todo.items():
         job = _Job(backbone, device, resize, kind, dtype, missing, student_seed)
-        done, bad = _compute(group, job, batch_size, cache, num_workers, timings)
+        done, bad = _compute(batches, job, cache, num_workers, timings)
         feats.update(done)
         failed += bad
     local = {
         "items": [(replace(it, pixels=None), feats[it.index][1] if it.index in feats else None)
                   for it in items],
         "failed": [(str(p), m) for p, m in failed],
-        "computed": len(feats),
+        "computed": len(lacking.intersection(feats)),
     }
     gathered = dist.all_gather_objects(local) if shard else [local]
 
@@ -355,23 +365,23 @@ def _forward(job: _Job, images: torch.Tensor, items: list[_Item]) -> dict[str, t
 
 
 def _compute(
-    todo: list[_Item],
+    batches: list[list[_Item]],
     job: _Job,
-    batch_size: int,
     cache: Path | None,
     num_workers: int | None,
     timings: Timings,
 ) -> tuple[
     dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]], list[tuple[Path, str]]
 ]:
-    """Run the backbone over ``todo``; returns the tensors by input index with the features'
-    shape (None when only an image was computed: the cached features say it), and the
-    failures."""
+    """Run the backbone over the ``batches`` (:func:`_shape_batches`'); returns the tensors by
+    input index with the features' shape (None when only an image was computed: the cached
+    features say it), and the failures. A cached file is not written again."""
+    todo = [item for batch in batches for item in batch]
     workers = _default_workers(len(todo)) if num_workers is None else num_workers
-    batches = _shape_batches(todo, batch_size)
+    ends = list(accumulate(map(len, batches)))
     loader = DataLoader(
         _ImageDataset(todo, job.resize),
-        batch_sampler=batches,
+        batch_sampler=[list(range(e - len(b), e)) for b, e in zip(batches, ends, strict=True)],
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=job.device.type == "cuda",
@@ -410,7 +420,8 @@ def _compute(
                 if cache is not None:
                     for name, t in mine.items():
                         path = cache / file_name(item.sha256, name, job.student_seed)
-                        pending.append(writer.submit(save, path, name, t))
+                        if not path.is_file():
+                            pending.append(writer.submit(save, path, name, t))
                 shape = next((tuple(t.shape) for n, t in mine.items() if n != "image"), None)
                 out[item.index] = ({} if cache is not None else mine, shape)
             pending = [p for p in pending if not _done(p)]

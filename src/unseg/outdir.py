@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -68,6 +69,16 @@ def _now() -> str:
 def _is_manifest(rel: str) -> bool:
     """The manifest and the temporary files of its atomic writes."""
     return rel == MANIFEST_FILE or (rel.startswith(f".{MANIFEST_FILE}.") and rel.endswith(".tmp"))
+
+
+# the temporary file of an atomic write: unseg's ``.NAME.RANDOM.tmp`` (``unseg.utils.io``) and
+# the one safetensors writes inside it (``.tmpRANDOM``); a kill -9 leaves it behind
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def is_temp_file(rel: str) -> bool:
+    """Whether ``rel`` names the temporary file of an atomic write (:data:`_TEMP_FILE`)."""
+    return _TEMP_FILE.fullmatch(rel.rsplit("/", 1)[-1]) is not None
 
 
 def scan(folder: str | Path) -> dict[str, Signature]:
@@ -378,6 +389,11 @@ def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: l
         if unrecorded:
             logger.warning("%s: %s that unseg did not write are left alone", folder,
                            summarize(unrecorded))
+        # a killed command could not remove the temporary files of the writes it was in
+        temps = [rel for rel in ours if is_temp_file(rel)]
+        if temps:
+            logger.info("%s: deleting %s that a killed command left", folder, summarize(temps))
+            _remove(folder, temps)
         return
     if unrecorded:
         raise _foreign(folder, unrecorded, True)
