@@ -159,6 +159,21 @@ def recorded_failures(folder: str | Path) -> tuple[list[tuple[str, str]], int]:
     return [], 0
 
 
+def recorded_timings(folder: str | Path) -> dict[str, Any]:
+    """The stage timings (seconds by stage, as :class:`~unseg.utils.timing.Timings` gives
+    them) of the last command of ``folder``'s manifest that records some; ``{}`` without."""
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the report works without it
+        logger.debug("recorded timings not read: %s", exc)
+        return {}
+    for command in reversed([] if manifest is None else manifest["commands"]):
+        timings = command.get("timings")
+        if isinstance(timings, dict) and timings:
+            return timings
+    return {}
+
+
 def recorded_max_pixels(path: str | Path) -> int | None:
     """The ``--max-pixels`` the command that wrote the output folder ``path`` (or its
     ``masks`` folder) was given; None when it records none (Pillow's default applies)."""
@@ -304,13 +319,15 @@ class CommandRecord:
         """Wall-clock seconds since the claim."""
         return time.perf_counter() - self.started
 
-    def record_failures(self, failed: Sequence[tuple[str | Path, str]]) -> None:
+    def record_outcome(self, failed: Sequence[tuple[str | Path, str]]) -> None:
         """Keep the inputs that failed (path, problem) in the command's manifest entry
-        (``failed``, at most :data:`MAX_RECORDED_FAILURES`, and ``failed_count``), written now so
-        that the report made before :meth:`close` lists them, and ``unseg report`` later."""
+        (``failed``, at most :data:`MAX_RECORDED_FAILURES`, and ``failed_count``) and its stage
+        timings so far, written now so that the report made before :meth:`close` shows them,
+        and ``unseg report`` later."""
         self.entry["failed"] = [{"path": str(path), "problem": problem}
                                 for path, problem in failed[:MAX_RECORDED_FAILURES]]
         self.entry["failed_count"] = len(failed)
+        self.entry["timings"] = self.timings.as_dict()
         write_json_atomic(self.folder / MANIFEST_FILE, self.manifest)
 
     def close(self, status: str) -> None:

@@ -705,3 +705,19 @@ def test_the_heads_training_takes_max_pixels(tmp_path, monkeypatch, capsys):
         main(["-q", "fit", method, str(images), "--out", str(run), *steps, *common])
         assert "image too large" not in capsys.readouterr().err
         assert json.loads((run / "config.json").read_text())["training"]["n_images"] == 2
+
+
+def test_a_spectral_discover_report_shows_the_commands_timings(folder, tmp_path):
+    """A discover with no run record (spectral: nothing trained) made a report without timings
+    although its manifest records them; the page made by the command and a later `unseg
+    report` both show the manifest's stages."""
+    out = tmp_path / "o"
+    assert main(["-q", "discover", str(folder), "--out", str(out), "--method", "spectral",
+                 "--backbone", BACKBONE]) == 1  # broken.jpg and tiny.png
+    manifest = json.loads((out / "unseg-manifest.json").read_text())
+    stages = manifest["commands"][-1]["timings"]
+    assert "predicting" in stages
+    for page in ((out / "report.html").read_text(),
+                 (main(["-q", "report", str(out)]), (out / "report.html").read_text())[1]):
+        assert 'id="timings"' in page and "predicting" in page
+        assert "its manifest" in page and "No run record" in page

@@ -246,7 +246,7 @@ def run_into_output(
     with recorded(args.out, command, command_settings(args, positional), mode,
                   sys.argv, reads=read_paths(args)) as record:
         outcome = work()
-        record.record_failures(outcome.failed)
+        record.record_outcome(outcome.failed)
         page = None
         if outcome.report is not None and getattr(args, "report", False):
             page = _write_report(outcome.report)

@@ -239,11 +239,21 @@ def _seconds(value: Any) -> str:
     return _esc(value)
 
 
+def _timings_section(timings: Any, source: str) -> str:
+    """The stage timings table (nested stages flattened), or nothing without timings."""
+    if not isinstance(timings, dict) or not timings:
+        return ""
+    rows = [[_esc(k), _seconds(v)] for k, v in _flatten(timings)]
+    return (f'<section id="timings"><h2>Timings</h2><p class="note">{_esc(source)}</p>'
+            f'{_table(["stage", "time"], rows)}</section>')
+
+
 def _config_section(outputs: RunOutputs) -> str:
     if outputs.config is None:
         return ('<section id="config"><h2>Configuration</h2><p class="note">No run record in '
                 f"{_esc(outputs.output_dir)} (only commands that fit a model write one).</p>"
-                "</section>")
+                "</section>" + _timings_section(outputs.timings, "Of the command that wrote "
+                                                "this folder (its manifest)."))
     cfg = outputs.config
     rows = [[_esc(label), _esc(cfg[key])] for key, label in SUMMARY_KEYS if key in cfg]
     full = {k: v for k, v in cfg.items() if k != "timings"}
@@ -255,11 +265,7 @@ def _config_section(outputs: RunOutputs) -> str:
         "<details><summary>Full configuration</summary>"
         f"<pre>{_esc(json.dumps(full, indent=2))}</pre></details></section>",
     ]
-    timings = cfg.get("timings")
-    if isinstance(timings, dict) and timings:
-        rows_t = [[_esc(k), _seconds(v)] for k, v in _flatten(timings)]
-        parts.append(f'<section id="timings"><h2>Timings</h2>{_table(["stage", "time"], rows_t)}'
-                     "</section>")
+    parts.append(_timings_section(cfg.get("timings"), "Of the run's fit (its configuration)."))
     return "".join(parts)
 
 

@@ -26,7 +26,7 @@ from unseg.data.image import IMAGE_EXTENSIONS, list_images
 from unseg.data.layouts import resolve_image_dir
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
-from unseg.outdir import recorded_failures, recorded_setting
+from unseg.outdir import recorded_failures, recorded_setting, recorded_timings
 from unseg.registry import get_method
 
 Kind = Literal["semantic", "saliency"]
@@ -48,6 +48,7 @@ class RunOutputs:
     images_root: Path | None = None
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, problem), capped
     failed_count: int = 0  # all the inputs the command that wrote the folder could not use
+    timings: dict[str, Any] = field(default_factory=dict)  # that command's stage seconds
 
     def mask_key(self, mask: Path) -> str:
         """The mask's path relative to the masks folder, without suffix (``sub/name``)."""
@@ -187,6 +188,7 @@ def find_outputs(
         images_root=images_root,
         failed=failed,
         failed_count=failed_count,
+        timings=recorded_timings(output_dir),
     )
 
 
