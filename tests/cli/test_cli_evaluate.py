@@ -360,3 +360,53 @@ def test_an_unseg_output_folder_stands_for_its_masks(semantic, tmp_path: Path, c
     (out / "unseg-manifest.json").write_text("{}")
     code, out_text, _ = _run(argv, capsys)
     assert code == 0 and "1.0000" in out_text
+
+
+def _hungarian_reference(pred: np.ndarray, gt: np.ndarray, k: int, ignore: int) -> tuple:
+    """Acc and mIoU straight from evaluation.md: one confusion over the set without the ignored
+    ground-truth pixels, ``linear_sum_assignment(maximize=True)`` on pixel counts, the clusters
+    left over wrong (sklearn + scipy, no unseg code)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import confusion_matrix, jaccard_score
+
+    keep = gt != ignore
+    g, p = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    n = max(k, int(p.max()) + 1)
+    counts = confusion_matrix(p, g, labels=range(n))[:, :k]
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    lut = np.full(n, -1)
+    lut[rows] = cols
+    mapped = lut[p]
+    iou = jaccard_score(g, mapped, labels=range(k), average=None, zero_division=0)
+    return float(np.mean(mapped == g)), float(iou.mean())
+
+
+def test_a_cluster_numbered_like_the_ignore_label_is_a_cluster(
+    tmp_path: Path, rng: np.random.Generator, capsys
+) -> None:
+    # CamVid: 11 classes, ground truth 11 = unlabelled (`--ignore-index 11`); over-clustered
+    # predictions (16 clusters) use id 11 as an ordinary cluster, which evaluation.md matches
+    # like any other: only the ground truth's ignore label is skipped
+    k, ignore, n_clusters = 11, 11, 16
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    perm = rng.permutation(n_clusters)
+    gts, preds = [], []
+    for i in range(3):
+        gt = rng.integers(0, k + 1, size=(24, 32)).astype(np.uint8)  # 11: ignored
+        pred = perm[np.minimum(gt, k - 1)].astype(np.uint8)
+        noise = rng.random(gt.shape) < 0.2
+        pred[noise] = rng.integers(0, n_clusters, size=int(noise.sum()))
+        save_png_atomic(gt_dir / f"img{i}.png", gt)
+        save_png_atomic(pred_dir / f"img{i}.png", pred)
+        gts.append(gt)
+        preds.append(pred)
+    assert (np.concatenate(preds) == 11).any()
+    acc, miou = _hungarian_reference(np.concatenate(preds), np.concatenate(gts), k, ignore)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred_dir), "--gt", str(gt_dir), "-k", "11",
+                         "--ignore-index", "11", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["acc"] == pytest.approx(acc, abs=1e-12)
+    assert r["miou"] == pytest.approx(miou, abs=1e-12)
+    assert len(r["assignment"]) == n_clusters

@@ -139,7 +139,9 @@ def evaluate_semantic(
 
     ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
     mapped to their 27 classes as in STEGO. Predictions are resized (nearest) to the ground
-    truth's size; a predicted ``ignore_index`` counts as wrong (see :mod:`unseg.metrics.semantic`).
+    truth's size; a predicted 255 ("no label", e.g. PriMaPs') counts as wrong whatever the ground
+    truth's ``ignore_index`` (CamVid's 11 is a cluster id like any other in the predictions; see
+    :mod:`unseg.metrics.semantic`).
     ``pairing``: the caller's :func:`pair_files` of ``pred`` and ``gt`` (not paired, nor its
     missing files warned about, again).
     """
@@ -155,7 +157,7 @@ def evaluate_semantic(
     if lut is not None and ignore_index != IGNORE_INDEX:
         raise UnsegError(f"{pairing.layout.name} maps void labels to {IGNORE_INDEX}; "
                          f"--ignore-index must be {IGNORE_INDEX}")
-    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
+    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=IGNORE_INDEX)
     problems = _Problems(allow_missing)
     bad_gt: list[Path] = []
     missing = list(pairing.missing)

@@ -16,6 +16,7 @@ import numpy as np
 
 from unseg.data.image import load_label
 from unseg.data.labels import label_lut, map_labels
+from unseg.data.layouts import IGNORE_INDEX
 from unseg.data.resize import resizable, resize_nearest, resize_probability
 from unseg.errors import InputFileError, UnsegError
 from unseg.metrics.saliency import as_probability, binarize_gt, binary_scores
@@ -97,7 +98,7 @@ def evaluate_semantic_run(
     result = evaluate_semantic(masks_dir, gt, num_classes, ignore_index, match,
                                allow_missing=True, pairing=pairing)
     lut = label_lut(None if pairing.layout is None else pairing.layout.name)
-    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
+    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=IGNORE_INDEX)
     for stem, gt_path in pairing.gt.items():
         labels = load_label(gt_path)
         if lut is not None:
