@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
+from unseg.data.resize import resize_probability
+from unseg.metrics.saliency import SaliencyMeter
 from unseg.utils.io import save_png_atomic
 
 K = 3
@@ -410,3 +413,52 @@ def test_a_cluster_numbered_like_the_ignore_label_is_a_cluster(
     assert r["acc"] == pytest.approx(acc, abs=1e-12)
     assert r["miou"] == pytest.approx(miou, abs=1e-12)
     assert len(r["assignment"]) == n_clusters
+
+
+def _bilinear_exact(v: np.ndarray, shape: tuple[int, int]) -> list[list[Fraction]]:
+    """Bilinear resize with half-pixel centres (edges clamped) in exact rational arithmetic."""
+    def taps(o: int, n_in: int, n_out: int) -> list[tuple[int, Fraction]]:
+        s = max(Fraction(2 * o + 1, 2) * Fraction(n_in, n_out) - Fraction(1, 2), Fraction(0))
+        i0 = min(int(s), n_in - 1)
+        return [(i0, 1 - (s - i0)), (min(i0 + 1, n_in - 1), s - i0)]
+
+    h, w = v.shape
+    return [[sum(wy * wx * int(v[y, x]) for y, wy in taps(i, h, shape[0])
+                 for x, wx in taps(j, w, shape[1])) for j in range(shape[1])]
+            for i in range(shape[0])]
+
+
+def test_saliency_resized_prediction_on_a_threshold_is_not_above_it(
+    tmp_path: Path, rng: np.random.Generator, capsys
+) -> None:
+    # evaluation.md, saliency: the prediction is resized bilinearly to the ground truth and
+    # binarised `p > t`, t = k/255. Values that are all 7 mod 16 make every pixel of a 2x
+    # upsampling land exactly on a threshold: it must not count as above it.
+    gt = np.zeros((16, 24), np.uint8)
+    gt[4:12, 6:18] = 255
+    small = (16 * rng.integers(0, 16, size=(8, 12)) + 7).astype(np.uint8)
+    save_png_atomic(tmp_path / "gt" / "a.png", gt)
+    save_png_atomic(tmp_path / "pred" / "a.png", small)
+    raw = _bilinear_exact(small, gt.shape)  # 255 p, exactly
+    assert all(x.denominator == 1 for row in raw for x in row)
+    v = np.array(raw, dtype=np.int64)
+    fg = gt >= 128
+    pos = v[None] > np.arange(255)[:, None, None]
+    tp, npos = (pos & fg).sum((1, 2)), pos.sum((1, 2))
+    precision = np.where(npos > 0, tp / np.maximum(npos, 1), 1.0)
+    recall = tp / fg.sum()
+    f = 1.3 * precision * recall / np.maximum(0.3 * precision + recall, 1e-12)
+    binary = 2 * v > 255  # p > 0.5
+    # the whole curve, through the resize the command uses
+    meter = SaliencyMeter()
+    meter.update(resize_probability(small, gt.shape), gt)
+    np.testing.assert_allclose(meter.fbeta_curve(), f, rtol=0, atol=1e-12)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["saliency", "--pred", str(tmp_path / "pred"), "--gt",
+                         str(tmp_path / "gt"), "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["max_fbeta"] == pytest.approx(f.max(), abs=1e-12)
+    assert r["best_threshold"] == pytest.approx(int(np.argmax(f)) / 255, abs=1e-12)
+    assert r["acc"] == pytest.approx(np.mean(binary == fg), abs=1e-12)
+    assert r["iou"] == pytest.approx((binary & fg).sum() / (binary | fg).sum(), abs=1e-12)

@@ -126,10 +126,14 @@ def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (half-pixel centres) of an 8-bit map ``[h, w]`` to probabilities
-    ``[H, W]`` float64 in [0, 1]."""
-    p = pred.astype(np.float64) / 255.0
-    out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
+    ``[H, W]`` float64 in [0, 1].
+
+    The 8-bit values are interpolated, then divided by 255: where the interpolation is exact
+    (dyadic weights, e.g. a 2x upsampling) a value equal to a threshold ``k`` gives exactly
+    ``k / 255``, so ``p > t_k`` is false there as it is in exact arithmetic.
+    """
+    out = cv2.resize(pred.astype(np.float64), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out / 255.0, 0.0, 1.0)
 
 
 def upsample_argmax(
