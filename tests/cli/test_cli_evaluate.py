@@ -462,3 +462,53 @@ def test_saliency_resized_prediction_on_a_threshold_is_not_above_it(
     assert r["best_threshold"] == pytest.approx(int(np.argmax(f)) / 255, abs=1e-12)
     assert r["acc"] == pytest.approx(np.mean(binary == fg), abs=1e-12)
     assert r["iou"] == pytest.approx((binary & fg).sum() / (binary | fg).sum(), abs=1e-12)
+
+
+def _stego_grid(labels: np.ndarray, size: int = 320) -> np.ndarray:
+    """STEGO's evaluation grid, in torch: Resize(size) (short side, long side truncated, as
+    torchvision), nearest with pixel centres (``nearest-exact``), CenterCrop(size)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = labels.shape
+    th, tw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    t = torch.from_numpy(labels.astype(np.float32))[None, None]
+    out = F.interpolate(t, size=(th, tw), mode="nearest-exact")[0, 0].numpy()
+    top, left = round((th - size) / 2), round((tw - size) / 2)
+    return out[top : top + size, left : left + size].astype(labels.dtype)
+
+
+def test_cityscapes_is_scored_on_the_320_centre_crop(tmp_path: Path, rng: np.random.Generator,
+                                                    capsys) -> None:
+    # evaluation.md, "Resolution": Cityscapes-27 (as COCO-Stuff-27, Potsdam-3) is scored with
+    # image and label resized to short side 320 and centre-cropped to 320x320
+    root, pred_dir = tmp_path / "cityscapes", tmp_path / "pred"
+    stems = ["aachen_000000_000019", "aachen_000001_000019"]
+    ids = rng.integers(7, 34, size=(2, 40, 64)).astype(np.uint8)
+    ids[:, :3, :5] = 0  # void
+    classes = np.where(ids >= 7, ids.astype(int) - 7, 255).astype(np.uint8)
+    preds = np.where(classes == 255, 0, classes).astype(np.uint8)
+    # wrong only in the margins the crop leaves out: columns < 7 and >= 57 of 64 (the crop
+    # keeps 320 of 512 resized columns, 96..415, source columns 12..51), in one image
+    preds[0, :, :7] = (preds[0, :, :7] + 1) % 27
+    preds[0, :, 57:] = (preds[0, :, 57:] + 5) % 27
+    noise = rng.random((40, 64)) < 0.3  # and noise everywhere in the other
+    preds[1][noise] = rng.integers(0, 27, size=int(noise.sum()))
+    for i, stem in enumerate(stems):
+        save_png_atomic(root / f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
+                        np.zeros((40, 64, 3), np.uint8))
+        save_png_atomic(root / f"gtFine/val/aachen/{stem}_gtFine_labelIds.png", ids[i])
+        save_png_atomic(pred_dir / f"{stem}_leftImg8bit.png", preds[i])
+    gt_grid = np.stack([_stego_grid(c) for c in classes])
+    pred_grid = np.stack([_stego_grid(p) for p in preds])
+    acc, miou = _hungarian_reference(pred_grid, gt_grid, 27, 255)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred_dir), "--gt", str(root), "--json",
+                         str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["dataset"] == "Cityscapes-27"
+    assert r["acc"] == pytest.approx(acc, abs=1e-12)
+    assert r["miou"] == pytest.approx(miou, abs=1e-12)
+    # the first image alone: every pixel of its crop is right
+    assert (pred_grid[0] == gt_grid[0])[gt_grid[0] != 255].all()

@@ -25,6 +25,7 @@ from unseg.pipelines.evaluate import (
     CorLocResult,
     SaliencyResult,
     SemanticResult,
+    eval_grid,
     evaluate_corloc,
     evaluate_saliency,
     evaluate_semantic,
@@ -104,11 +105,12 @@ def evaluate_semantic_run(
         if lut is not None:
             labels = map_labels(labels, lut).numpy()
         pred = _prediction(pairing.pred.get(stem), labels.shape)
+        if pred is not None and pred.shape != labels.shape:
+            pred = resize_nearest(pred, labels.shape)
+        labels, pred = eval_grid(labels, pred, pairing.layout)
         if pred is None:
             conf.add_missing(labels)
             continue
-        if pred.shape != labels.shape:
-            pred = resize_nearest(pred, labels.shape)
         conf.update(pred, labels)
     return SemanticEvaluation(result, conf.matrix, conf.unassigned, dict(pairing.gt))
 
