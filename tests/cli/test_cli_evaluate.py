@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 from unseg.cli.main import main
 from unseg.data.image import load_label
+from unseg.data.resize import resize_probability
+from unseg.metrics.saliency import SaliencyMeter
 from unseg.utils.io import save_png_atomic
 
 K = 3
@@ -360,3 +363,152 @@ def test_an_unseg_output_folder_stands_for_its_masks(semantic, tmp_path: Path, c
     (out / "unseg-manifest.json").write_text("{}")
     code, out_text, _ = _run(argv, capsys)
     assert code == 0 and "1.0000" in out_text
+
+
+def _hungarian_reference(pred: np.ndarray, gt: np.ndarray, k: int, ignore: int) -> tuple:
+    """Acc and mIoU straight from evaluation.md: one confusion over the set without the ignored
+    ground-truth pixels, ``linear_sum_assignment(maximize=True)`` on pixel counts, the clusters
+    left over wrong (sklearn + scipy, no unseg code)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import confusion_matrix, jaccard_score
+
+    keep = gt != ignore
+    g, p = gt[keep].astype(np.int64), pred[keep].astype(np.int64)
+    n = max(k, int(p.max()) + 1)
+    counts = confusion_matrix(p, g, labels=range(n))[:, :k]
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    lut = np.full(n, -1)
+    lut[rows] = cols
+    mapped = lut[p]
+    iou = jaccard_score(g, mapped, labels=range(k), average=None, zero_division=0)
+    return float(np.mean(mapped == g)), float(iou.mean())
+
+
+def test_a_cluster_numbered_like_the_ignore_label_is_a_cluster(
+    tmp_path: Path, rng: np.random.Generator, capsys
+) -> None:
+    # CamVid: 11 classes, ground truth 11 = unlabelled (`--ignore-index 11`); over-clustered
+    # predictions (16 clusters) use id 11 as an ordinary cluster, which evaluation.md matches
+    # like any other: only the ground truth's ignore label is skipped
+    k, ignore, n_clusters = 11, 11, 16
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    perm = rng.permutation(n_clusters)
+    gts, preds = [], []
+    for i in range(3):
+        gt = rng.integers(0, k + 1, size=(24, 32)).astype(np.uint8)  # 11: ignored
+        pred = perm[np.minimum(gt, k - 1)].astype(np.uint8)
+        noise = rng.random(gt.shape) < 0.2
+        pred[noise] = rng.integers(0, n_clusters, size=int(noise.sum()))
+        save_png_atomic(gt_dir / f"img{i}.png", gt)
+        save_png_atomic(pred_dir / f"img{i}.png", pred)
+        gts.append(gt)
+        preds.append(pred)
+    assert (np.concatenate(preds) == 11).any()
+    acc, miou = _hungarian_reference(np.concatenate(preds), np.concatenate(gts), k, ignore)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred_dir), "--gt", str(gt_dir), "-k", "11",
+                         "--ignore-index", "11", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["acc"] == pytest.approx(acc, abs=1e-12)
+    assert r["miou"] == pytest.approx(miou, abs=1e-12)
+    assert len(r["assignment"]) == n_clusters
+
+
+def _bilinear_exact(v: np.ndarray, shape: tuple[int, int]) -> list[list[Fraction]]:
+    """Bilinear resize with half-pixel centres (edges clamped) in exact rational arithmetic."""
+    def taps(o: int, n_in: int, n_out: int) -> list[tuple[int, Fraction]]:
+        s = max(Fraction(2 * o + 1, 2) * Fraction(n_in, n_out) - Fraction(1, 2), Fraction(0))
+        i0 = min(int(s), n_in - 1)
+        return [(i0, 1 - (s - i0)), (min(i0 + 1, n_in - 1), s - i0)]
+
+    h, w = v.shape
+    return [[sum(wy * wx * int(v[y, x]) for y, wy in taps(i, h, shape[0])
+                 for x, wx in taps(j, w, shape[1])) for j in range(shape[1])]
+            for i in range(shape[0])]
+
+
+def test_saliency_resized_prediction_on_a_threshold_is_not_above_it(
+    tmp_path: Path, rng: np.random.Generator, capsys
+) -> None:
+    # evaluation.md, saliency: the prediction is resized bilinearly to the ground truth and
+    # binarised `p > t`, t = k/255. Values that are all 7 mod 16 make every pixel of a 2x
+    # upsampling land exactly on a threshold: it must not count as above it.
+    gt = np.zeros((16, 24), np.uint8)
+    gt[4:12, 6:18] = 255
+    small = (16 * rng.integers(0, 16, size=(8, 12)) + 7).astype(np.uint8)
+    save_png_atomic(tmp_path / "gt" / "a.png", gt)
+    save_png_atomic(tmp_path / "pred" / "a.png", small)
+    raw = _bilinear_exact(small, gt.shape)  # 255 p, exactly
+    assert all(x.denominator == 1 for row in raw for x in row)
+    v = np.array(raw, dtype=np.int64)
+    fg = gt >= 128
+    pos = v[None] > np.arange(255)[:, None, None]
+    tp, npos = (pos & fg).sum((1, 2)), pos.sum((1, 2))
+    precision = np.where(npos > 0, tp / np.maximum(npos, 1), 1.0)
+    recall = tp / fg.sum()
+    f = 1.3 * precision * recall / np.maximum(0.3 * precision + recall, 1e-12)
+    binary = 2 * v > 255  # p > 0.5
+    # the whole curve, through the resize the command uses
+    meter = SaliencyMeter()
+    meter.update(resize_probability(small, gt.shape), gt)
+    np.testing.assert_allclose(meter.fbeta_curve(), f, rtol=0, atol=1e-12)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["saliency", "--pred", str(tmp_path / "pred"), "--gt",
+                         str(tmp_path / "gt"), "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["max_fbeta"] == pytest.approx(f.max(), abs=1e-12)
+    assert r["best_threshold"] == pytest.approx(int(np.argmax(f)) / 255, abs=1e-12)
+    assert r["acc"] == pytest.approx(np.mean(binary == fg), abs=1e-12)
+    assert r["iou"] == pytest.approx((binary & fg).sum() / (binary | fg).sum(), abs=1e-12)
+
+
+def _stego_grid(labels: np.ndarray, size: int = 320) -> np.ndarray:
+    """STEGO's evaluation grid, in torch: Resize(size) (short side, long side truncated, as
+    torchvision), nearest with pixel centres (``nearest-exact``), CenterCrop(size)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = labels.shape
+    th, tw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    t = torch.from_numpy(labels.astype(np.float32))[None, None]
+    out = F.interpolate(t, size=(th, tw), mode="nearest-exact")[0, 0].numpy()
+    top, left = round((th - size) / 2), round((tw - size) / 2)
+    return out[top : top + size, left : left + size].astype(labels.dtype)
+
+
+def test_cityscapes_is_scored_on_the_320_centre_crop(tmp_path: Path, rng: np.random.Generator,
+                                                    capsys) -> None:
+    # evaluation.md, "Resolution": Cityscapes-27 (as COCO-Stuff-27, Potsdam-3) is scored with
+    # image and label resized to short side 320 and centre-cropped to 320x320
+    root, pred_dir = tmp_path / "cityscapes", tmp_path / "pred"
+    stems = ["aachen_000000_000019", "aachen_000001_000019"]
+    ids = rng.integers(7, 34, size=(2, 40, 64)).astype(np.uint8)
+    ids[:, :3, :5] = 0  # void
+    classes = np.where(ids >= 7, ids.astype(int) - 7, 255).astype(np.uint8)
+    preds = np.where(classes == 255, 0, classes).astype(np.uint8)
+    # wrong only in the margins the crop leaves out: columns < 7 and >= 57 of 64 (the crop
+    # keeps 320 of 512 resized columns, 96..415, source columns 12..51), in one image
+    preds[0, :, :7] = (preds[0, :, :7] + 1) % 27
+    preds[0, :, 57:] = (preds[0, :, 57:] + 5) % 27
+    noise = rng.random((40, 64)) < 0.3  # and noise everywhere in the other
+    preds[1][noise] = rng.integers(0, 27, size=int(noise.sum()))
+    for i, stem in enumerate(stems):
+        save_png_atomic(root / f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
+                        np.zeros((40, 64, 3), np.uint8))
+        save_png_atomic(root / f"gtFine/val/aachen/{stem}_gtFine_labelIds.png", ids[i])
+        save_png_atomic(pred_dir / f"{stem}_leftImg8bit.png", preds[i])
+    gt_grid = np.stack([_stego_grid(c) for c in classes])
+    pred_grid = np.stack([_stego_grid(p) for p in preds])
+    acc, miou = _hungarian_reference(pred_grid, gt_grid, 27, 255)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred_dir), "--gt", str(root), "--json",
+                         str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["dataset"] == "Cityscapes-27"
+    assert r["acc"] == pytest.approx(acc, abs=1e-12)
+    assert r["miou"] == pytest.approx(miou, abs=1e-12)
+    # the first image alone: every pixel of its crop is right
+    assert (pred_grid[0] == gt_grid[0])[gt_grid[0] != 255].all()

@@ -98,3 +98,85 @@ def test_voc2007_first_ground_truth_box_gives_corloc_one(shared_data, tmp_path: 
     r = _evaluate(["corloc", "--pred", str(tmp_path / "boxes.json"), "--annotations",
                    str(root)], tmp_path / "r.json")
     assert r["corloc"] < 0.3
+
+
+def test_voc2012_noisy_over_clustered_matches_scipy_reference(shared_data, tmp_path: Path) -> None:
+    """Imperfect predictions (30 clusters for 21 classes, 20 % noise, shifted rows) against
+    evaluation.md computed from scratch: one confusion matrix over the set without the 255
+    pixels, linear_sum_assignment(maximize=True), leftover clusters wrong."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import confusion_matrix, jaccard_score
+
+    root = shared_data(VOC12)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(30)
+    gts, preds = [], []
+    for path in sorted((root / "SegmentationClass").glob("*.png")):
+        gt = load_label(path)
+        lab = np.where(gt == 255, 0, gt).astype(np.int64)
+        half = (np.arange(gt.shape[1]) > gt.shape[1] // 2)[None, :] & (lab + 21 < 30)
+        pred = perm[np.where(half, lab + 21, lab)]
+        noise = rng.random(gt.shape) < 0.2
+        pred[noise] = rng.integers(0, 30, size=int(noise.sum()))
+        pred = np.roll(pred, int(rng.integers(-10, 10)), axis=0).astype(np.uint8)
+        save_png_atomic(tmp_path / "pred" / path.name, pred)
+        keep = gt != 255
+        gts.append(gt[keep].astype(np.int64))
+        preds.append(pred[keep].astype(np.int64))
+    g, p = np.concatenate(gts), np.concatenate(preds)
+    counts = confusion_matrix(p, g, labels=range(30))[:, :21]
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    lut = np.full(30, -1)
+    lut[rows] = cols
+    ref_iou = jaccard_score(g, lut[p], labels=range(21), average=None, zero_division=0)
+    r = _evaluate(["semantic", "--pred", str(tmp_path / "pred"), "--gt", str(root)],
+                  tmp_path / "r.json")
+    assert r["acc"] == pytest.approx(np.mean(lut[p] == g), abs=1e-12)
+    assert r["per_class_iou"] == pytest.approx(ref_iou.tolist(), abs=1e-12)
+    assert r["miou"] == pytest.approx(ref_iou.mean(), abs=1e-12)
+    assert 0.3 < r["acc"] < 0.9
+
+
+def test_voc2007_corloc_of_masks_matches_scipy_reference(shared_data, tmp_path: Path) -> None:
+    """CorLoc from masks (an instance of SegmentationObject, shifted, plus a blob) against
+    scipy.ndimage's largest 4-connected component, its pixel-edge box and VOC boxes as
+    [xmin - 1, ymin - 1, xmax, ymax], difficult/truncated included, IoU >= 0.5 with any."""
+    import xml.etree.ElementTree as ET
+
+    from scipy import ndimage
+
+    root = shared_data(VOC07)
+    rng = np.random.default_rng(2)
+    stems = (root / "ImageSets/Main/trainval.txt").read_text().split()[::4]
+    annotations = tmp_path / "ann"
+    annotations.mkdir()
+    correct = 0
+    for stem in stems:
+        xml = root / "Annotations" / f"{stem}.xml"
+        (annotations / xml.name).symlink_to(xml)
+        gt_boxes = [[float(o.findtext(f"bndbox/{t}")) - d for t, d in
+                     (("xmin", 1), ("ymin", 1), ("xmax", 0), ("ymax", 0))]
+                    for o in ET.parse(xml).getroot().iter("object")]
+        seg = load_label(root / "SegmentationObject" / f"{stem}.png")
+        ids = [i for i in np.unique(seg) if 0 < i < 255]
+        mask = np.zeros(seg.shape, np.uint8)
+        mask[seg == rng.choice(ids)] = 255
+        mask = np.roll(mask, tuple(rng.integers(-40, 40, 2)), axis=(0, 1))
+        y, x = rng.integers(0, np.array(seg.shape) - 60)
+        mask[y : y + rng.integers(5, 60), x : x + rng.integers(5, 60)] = 255
+        save_png_atomic(tmp_path / "pred" / f"{stem}.png", mask)
+        labels, _ = ndimage.label(mask >= 128)
+        biggest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+        ys, xs = np.nonzero(labels == biggest)
+        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        for g in gt_boxes:
+            iw = max(0.0, min(box[2], g[2]) - max(box[0], g[0]))
+            ih = max(0.0, min(box[3], g[3]) - max(box[1], g[1]))
+            union = (box[2] - box[0]) * (box[3] - box[1]) + (g[2] - g[0]) * (g[3] - g[1])
+            if iw * ih / (union - iw * ih) >= 0.5:
+                correct += 1
+                break
+    r = _evaluate(["corloc", "--pred", str(tmp_path / "pred"), "--annotations",
+                   str(annotations)], tmp_path / "r.json")
+    assert (r["n_images"], r["n_correct"]) == (len(stems), correct)
+    assert 0.2 < r["corloc"] < 0.9

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sem.add_argument(
         "--ignore-index", type=int, default=255,
-        help="ground-truth label to skip; a prediction with this id counts as wrong (255)",
+        help="ground-truth label to skip (255; CamVid: 11); a predicted 255 (no label) counts "
+        "as wrong, whatever this is",
     )
     sem.add_argument(
         "--match", choices=["pixels", "iou"], default="pixels",

@@ -16,6 +16,7 @@ from typing import Literal
 Task = Literal["saliency", "semantic", "boxes"]
 
 IGNORE_INDEX = 255
+EVAL_CROP = 320  # docs/evaluation.md: COCO-Stuff-27, Cityscapes-27, Potsdam-3 scored on 320x320
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,10 @@ class DatasetLayout:
     ``image_suffix``/``gt_suffix`` are the file-name endings after the shared stem (e.g.
     Cityscapes' ``_leftImg8bit.png`` / ``_gtFine_labelIds.png``); ``recursive`` means the files
     sit one folder deeper (Cityscapes' city folders). ``split_file`` lists the stems to use.
-    ``markers`` are the sub-folders whose presence identifies the layout. ``root`` is set by
-    :func:`find_layout`; the table holds it as ``None``.
+    ``markers`` are the sub-folders whose presence identifies the layout. ``eval_crop``: the
+    semantic protocol scores labels resized (nearest) to this short side and centre-cropped to a
+    square (STEGO's 320 for COCO-Stuff, Cityscapes, Potsdam); ``None``: full label resolution.
+    ``root`` is set by :func:`find_layout`; the table holds it as ``None``.
     """
 
     name: str
@@ -40,6 +43,7 @@ class DatasetLayout:
     num_classes: int | None = None
     ignore_index: int | None = None
     recursive: bool = False
+    eval_crop: int | None = None
     root: Path | None = None
 
     @property
@@ -107,18 +111,18 @@ LAYOUTS: dict[str, DatasetLayout] = {
             "COCO-Stuff-27", "semantic", "images/val2017", "annotations/val2017", ".jpg", ".png",
             markers=("images", "annotations", "curated"),
             split_file="curated/val2017/Coco164kFull_Stuff_Coarse_7.txt",
-            num_classes=27, ignore_index=IGNORE_INDEX,
+            num_classes=27, ignore_index=IGNORE_INDEX, eval_crop=EVAL_CROP,
         ),
         DatasetLayout(
             "Cityscapes-27", "semantic", "leftImg8bit/val", "gtFine/val",
             "_leftImg8bit.png", "_gtFine_labelIds.png",
             markers=("leftImg8bit", "gtFine"),
-            num_classes=27, ignore_index=IGNORE_INDEX, recursive=True,
+            num_classes=27, ignore_index=IGNORE_INDEX, recursive=True, eval_crop=EVAL_CROP,
         ),
         DatasetLayout(
             "Potsdam-3", "semantic", "imgs", "gt", ".mat", ".mat",
             markers=("imgs", "gt"), split_file="labelled_test.txt",
-            num_classes=3, ignore_index=IGNORE_INDEX,
+            num_classes=3, ignore_index=IGNORE_INDEX, eval_crop=EVAL_CROP,
         ),
     )
 }

@@ -124,12 +124,31 @@ def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+def short_side_center_crop(labels: np.ndarray, size: int) -> np.ndarray:
+    """A label map ``[h, w]`` resized (nearest, pixel centres: source ``floor((i + 0.5) h / H)``,
+    torch's ``nearest-exact``) so its short side is ``size``, then centre-cropped to ``size x
+    size``: STEGO's ``Resize(size, NEAREST)`` + ``CenterCrop(size)`` evaluation grid (PIL's
+    ``NEAREST`` differs only where a source position falls exactly on a pixel edge, by its
+    floating-point accumulation)."""
+    h, w = labels.shape
+    # torchvision's Resize(int): short side `size`, long side int(size * long / short)
+    th, tw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    top, left = round((th - size) / 2), round((tw - size) / 2)
+    rows = np.minimum(((np.arange(top, top + size) + 0.5) * h / th).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(left, left + size) + 0.5) * w / tw).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
 def resize_probability(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (half-pixel centres) of an 8-bit map ``[h, w]`` to probabilities
-    ``[H, W]`` float64 in [0, 1]."""
-    p = pred.astype(np.float64) / 255.0
-    out = cv2.resize(p, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
+    ``[H, W]`` float64 in [0, 1].
+
+    The 8-bit values are interpolated, then divided by 255: where the interpolation is exact
+    (dyadic weights, e.g. a 2x upsampling) a value equal to a threshold ``k`` gives exactly
+    ``k / 255``, so ``p > t_k`` is false there as it is in exact arithmetic.
+    """
+    out = cv2.resize(pred.astype(np.float64), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out / 255.0, 0.0, 1.0)
 
 
 def upsample_argmax(

@@ -23,8 +23,13 @@ import numpy as np
 
 from unseg.data.image import load_label
 from unseg.data.labels import CLASS_NAMES, label_lut, map_labels
-from unseg.data.layouts import IGNORE_INDEX
-from unseg.data.resize import resizable, resize_nearest, resize_probability
+from unseg.data.layouts import IGNORE_INDEX, DatasetLayout
+from unseg.data.resize import (
+    resizable,
+    resize_nearest,
+    resize_probability,
+    short_side_center_crop,
+)
 from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.layout import BOXES_FILE
@@ -103,6 +108,20 @@ def _warn_lossy(pairing: Pairing) -> None:
 # --------------------------------------------------------------------------- semantic
 
 
+def eval_grid(
+    labels: np.ndarray, pred: np.ndarray | None, layout: DatasetLayout | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ground truth and prediction (already at the ground truth's size) on the grid the
+    dataset's protocol scores: short side 320 and centre crop for COCO-Stuff-27 / Cityscapes-27 /
+    Potsdam-3 (docs/evaluation.md, "Resolution"), else unchanged (full label resolution)."""
+    if layout is None or layout.eval_crop is None:
+        return labels, pred
+    crop = layout.eval_crop
+    return (short_side_center_crop(labels, crop),
+            None if pred is None else short_side_center_crop(pred, crop))
+
+
+
 @dataclass
 class SemanticResult:
     """``unseg evaluate semantic`` output; rates are fractions in [0, 1]."""
@@ -139,7 +158,10 @@ def evaluate_semantic(
 
     ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
     mapped to their 27 classes as in STEGO. Predictions are resized (nearest) to the ground
-    truth's size; a predicted ``ignore_index`` counts as wrong (see :mod:`unseg.metrics.semantic`).
+    truth's size, and both to STEGO's 320x320 centre crop for COCO-Stuff / Cityscapes
+    (:func:`eval_grid`); a predicted 255 ("no label", e.g. PriMaPs') counts as wrong whatever
+    the ground truth's ``ignore_index`` (CamVid's 11 is a cluster id like any other in the
+    predictions; see :mod:`unseg.metrics.semantic`).
     ``pairing``: the caller's :func:`pair_files` of ``pred`` and ``gt`` (not paired, nor its
     missing files warned about, again).
     """
@@ -155,7 +177,7 @@ def evaluate_semantic(
     if lut is not None and ignore_index != IGNORE_INDEX:
         raise UnsegError(f"{pairing.layout.name} maps void labels to {IGNORE_INDEX}; "
                          f"--ignore-index must be {IGNORE_INDEX}")
-    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
+    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=IGNORE_INDEX)
     problems = _Problems(allow_missing)
     bad_gt: list[Path] = []
     missing = list(pairing.missing)
@@ -173,13 +195,14 @@ def evaluate_semantic(
             continue
         pred_path = pairing.pred.get(stem)
         p = None if pred_path is None else _load_pred(pred_path, labels.shape, problems)
+        if p is not None and p.shape != labels.shape:
+            p = resize_nearest(p, labels.shape)
+        labels, p = eval_grid(labels, p, pairing.layout)
         if p is None:
             if pred_path is not None:
                 missing.append(stem)
             conf.add_missing(labels)
             continue
-        if p.shape != labels.shape:
-            p = resize_nearest(p, labels.shape)
         conf.update(p, labels)
     if bad_gt:
         raise ManyFilesError(

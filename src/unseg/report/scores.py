@@ -16,6 +16,7 @@ import numpy as np
 
 from unseg.data.image import load_label
 from unseg.data.labels import label_lut, map_labels
+from unseg.data.layouts import IGNORE_INDEX
 from unseg.data.resize import resizable, resize_nearest, resize_probability
 from unseg.errors import InputFileError, UnsegError
 from unseg.metrics.saliency import as_probability, binarize_gt, binary_scores
@@ -24,6 +25,7 @@ from unseg.pipelines.evaluate import (
     CorLocResult,
     SaliencyResult,
     SemanticResult,
+    eval_grid,
     evaluate_corloc,
     evaluate_saliency,
     evaluate_semantic,
@@ -97,17 +99,18 @@ def evaluate_semantic_run(
     result = evaluate_semantic(masks_dir, gt, num_classes, ignore_index, match,
                                allow_missing=True, pairing=pairing)
     lut = label_lut(None if pairing.layout is None else pairing.layout.name)
-    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=ignore_index)
+    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=IGNORE_INDEX)
     for stem, gt_path in pairing.gt.items():
         labels = load_label(gt_path)
         if lut is not None:
             labels = map_labels(labels, lut).numpy()
         pred = _prediction(pairing.pred.get(stem), labels.shape)
+        if pred is not None and pred.shape != labels.shape:
+            pred = resize_nearest(pred, labels.shape)
+        labels, pred = eval_grid(labels, pred, pairing.layout)
         if pred is None:
             conf.add_missing(labels)
             continue
-        if pred.shape != labels.shape:
-            pred = resize_nearest(pred, labels.shape)
         conf.update(pred, labels)
     return SemanticEvaluation(result, conf.matrix, conf.unassigned, dict(pairing.gt))
 
