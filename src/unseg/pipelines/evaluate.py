@@ -121,7 +121,6 @@ def eval_grid(
             None if pred is None else short_side_center_crop(pred, crop))
 
 
-
 @dataclass
 class SemanticResult:
     """``unseg evaluate semantic`` output; rates are fractions in [0, 1]."""
