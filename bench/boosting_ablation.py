@@ -178,11 +178,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backbone = CachedKeys(create_backbone(args.backbone, tap=args.tap))
+    backbones = {None: backbone, backbone.backbone.tap: backbone}
     per_seed = {}
     for seed in args.seeds:
-        per_seed[seed] = run_seed(args, seed, Path(args.out) / f"seed{seed}", backbone)
+        per_seed[seed] = run_seed(args, seed, Path(args.out) / f"seed{seed}", backbones)
         write_json_atomic(Path(args.out) / "summary.json", summarise(per_seed))
-    json.dump(summarise(per_seed), sys.stdout, indent=2)
+    json.dump({"machine": machine(), **summarise(per_seed)}, sys.stdout, indent=2)
     print()
     return 0
 
@@ -211,8 +212,13 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return {"seeds": list(per_seed), "rows": out}
 
 
-def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKeys) -> dict:
-    """The whole table for one training ``seed`` into ``out`` (``out/results.json``)."""
+def run_seed(
+    args: argparse.Namespace, seed: int, out: Path, backbones: dict[str | None, CachedKeys]
+) -> dict:
+    """The whole table for one training ``seed`` into ``out`` (``out/results.json``);
+    ``backbones``: the memoised backbone by tap, ``--tap``'s (the spectral rows') under ``None``
+    and under its name, the heads' runs' taps added as they come."""
+    backbone = backbones[None]
     res = {
         "machine": machine(),
         "settings": {**vars(args), "seed": seed},
@@ -271,15 +277,18 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path, backbone: CachedKey
                 "loss_history": fit.facts["loss_history"],
             }
             _save(res, out)
-            head, _, _ = load_head(run, torch.device("cpu"))
+            head, model, meta = load_head(run, torch.device("cpu"))
+            # the head is scored on its run's tap: the FOUND-style head's default is s16+s32
+            # where the backbone has it (unseg.pipelines.saliency.METHOD_TAPS), not --tap's
+            keys = backbones.setdefault(meta["tap"], CachedKeys(model))
             _both(
                 name,
-                head_prob_fn(backbone, head, size),
+                head_prob_fn(keys, head, size),
                 evaluated,
                 out,
                 task,
                 size,
-                backbone.stride,
+                keys.stride,
                 res,
             )
     return res

@@ -25,6 +25,9 @@ Steps (``--work DIR`` holds the cached inputs and the heads; every step prints J
     python bench/found_pool.py --work W train --task saliency --seeds $(seq 0 24)
     python bench/found_pool.py --work W rules --task saliency --pool 15 --R 5 --subsets 20
     python bench/found_pool.py --work W ensemble --task saliency --R 5 --seeds 0 1 2 3 4 --crf
+
+``prep --limit N`` caches the first N images of each set only (a smoke run of every step, in a
+``--work`` of its own). Progress lines go to stderr; stdout is one JSON document.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ TASKS = {  # task: (training set, scored set)
 }
 
 
-def _sets() -> dict[str, list[Path]]:
+def _sets(limit: int | None = None) -> dict[str, list[Path]]:
+    """The sets' images; with ``limit``, the first ``limit`` of each (a smoke run)."""
     ecssd = list_images(ECSSD / "images")
-    return {"ecssd": ecssd, "ecssd422": ecssd[:422], "voc": list_images(VOC / "JPEGImages")}
+    sets = {"ecssd": ecssd, "ecssd422": ecssd[:422], "voc": list_images(VOC / "JPEGImages")}
+    return {name: paths[:limit] for name, paths in sets.items()}
 
 
 def _backbone():
@@ -80,10 +85,11 @@ def _config(backbone, seed: int) -> FoundConfig:
     return saliency_config(spec, FoundConfig(seed=seed, ensemble=1), backbone)
 
 
-def prep(work: Path) -> dict:
+def prep(work: Path, limit: int | None = None) -> dict:
     """Cache ``train_<set>.pt`` (keys ``[C, h, w]`` fp16 and uint8 crops of the training sets)
-    and ``score_<set>.pt`` (keys fp16, original and resized sizes of the scored sets)."""
-    backbone, sets, out = _backbone(), _sets(), {}
+    and ``score_<set>.pt`` (keys fp16, original and resized sizes of the scored sets); with
+    ``limit``, of the first ``limit`` images of each set only (a smoke run: its own ``--work``)."""
+    backbone, sets, out = _backbone(), _sets(limit), {"limit": limit}
     batch = _config(backbone, 0).batch_size
     for name in ("voc", "ecssd422", "ecssd"):
         path = work / f"train_{name}.pt"
@@ -179,7 +185,7 @@ def train(work: Path, task: str, seeds: list[int]) -> list[dict]:
         h = _load(path)
         rows.append({"task": task, "seed": seed, "score": round(score(scored, target, h["w"],
                      h["b"]), 2), "train_s": round(float(h["seconds"]), 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -237,7 +243,7 @@ def ensemble(work: Path, task: str, r: int, seeds: list[int], crf: bool) -> dict
         if crf:
             out["crf"].append(round(score_crf(scored, target, w, b), 2))
         print(json.dumps({"seed": s, "unrefined": out["unrefined"][-1],
-                          "crf": out["crf"][-1] if crf else None}), flush=True)
+                          "crf": out["crf"][-1] if crf else None}), file=sys.stderr, flush=True)
     for key in ("unrefined", "crf"):
         if out[key]:
             a = np.array(out[key])
@@ -251,7 +257,8 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="folder of the cached inputs and heads")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     sub = ap.add_subparsers(dest="step", required=True)
-    sub.add_parser("prep")
+    sub.add_parser("prep").add_argument(
+        "--limit", type=int, default=None, help="smoke test: first N images of each set only")
     for name in ("train", "rules", "ensemble"):
         p = sub.add_parser(name)
         p.add_argument("--task", required=True, choices=list(TASKS))
@@ -271,7 +278,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.step == "prep":
-        res = prep(work)
+        res = prep(work, args.limit)
     elif args.step == "train":
         res = {"heads": train(work, args.task, args.seeds)}
     elif args.step == "rules":

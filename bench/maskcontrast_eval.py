@@ -171,7 +171,10 @@ def main() -> None:
             raise UnsegError(f"--run {item!r}: expected NAME=RUN")
         _, est, meta = load_fitted(run, "embedding", "cpu")
         bb = open_fitted_backbone(meta, None, torch.device("cpu"), run)
-        run_feats = extract_features(paths, bb, size=int(meta["feature_size"]), cache_dir=cache)
+        # at the run's working resolution, as `unseg predict RUN` extracts them (its recorded
+        # max_side; 0 or absent, from before it was recorded: no limit)
+        run_feats = extract_features(paths, bb, size=int(meta["feature_size"]), cache_dir=cache,
+                                     max_side=int(meta.get("max_side") or 0) or None)
         protos_l, salient = [], []
         for p, lab in zip(paths, labels, strict=True):
             with cpu_threads(torch.device("cpu"), 1):

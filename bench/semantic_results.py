@@ -20,6 +20,7 @@ Usage: python bench/semantic_results.py [--work DIR] [--seeds 0 1 2]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import statistics
@@ -60,16 +61,19 @@ VARIANTS = {
 
 def run(cmd: list[str], log: list[dict], in_process: bool = False) -> None:
     """Run ``unseg`` with ``cmd`` (in a new process, or in this one through the CLI's own
-    ``main``); record the command line and its wall time."""
+    ``main``); record the command line and its wall time. What the command prints goes to
+    stderr: stdout is this script's JSON alone."""
     t = time.perf_counter()
     if in_process:
         from unseg.cli.main import main as unseg_main
 
-        code = unseg_main(["-q", *cmd])
+        with contextlib.redirect_stdout(sys.stderr):
+            code = unseg_main(["-q", *cmd])
         if code != 0:
             sys.exit(f"unseg {shlex.join(cmd)} exited with status {code}")
     else:
-        subprocess.run([sys.executable, "-m", "unseg.cli.main", "-q", *cmd], check=True)
+        subprocess.run([sys.executable, "-m", "unseg.cli.main", "-q", *cmd], check=True,
+                       stdout=sys.stderr)
     log.append({"cmd": "unseg " + shlex.join(cmd), "seconds": round(time.perf_counter() - t, 1)})
 
 

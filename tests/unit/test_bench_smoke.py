@@ -1,0 +1,48 @@
+"""The cheapest benchmark scripts under ``bench/`` run end to end in their smallest setting.
+
+``test_bench_imports.py`` only imports the scripts; these run a few of them (each a few seconds:
+random weights or the packaged ones, no network) as ``python bench/x.py`` runs them, and check
+that stdout is one JSON document stating the machine. The scripts that read the real data skip
+with a message when ``../shared/data`` is absent (``shared_data``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+CASES = {  # script and its smallest options; the ../shared/data folders it reads
+    "boosting": (["bench/boosting.py", "--repeats", "1", "--threads", "1", "--device", "cpu"],
+                 []),
+    "primaps_em": (["bench/primaps.py", "--only", "em", "--em-batch", "2", "--em-steps", "1",
+                    "--em-dim", "16"], []),
+    "found_threshold": (["bench/found_threshold.py", "--ecssd", "2", "--voc", "2"],
+                        ["ECSSD", "VOC2007"]),
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(name, marks=[pytest.mark.realdata] if data else []) for name, (_, data) in
+    CASES.items()
+])
+def test_bench_script_runs_small(case: str, shared_data: Callable[[str], Path]) -> None:
+    args, data = CASES[case]
+    for sub in data:
+        shared_data(sub)  # skips when absent
+    # this checkout's library first, as `PYTHONPATH=src python bench/x.py`
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["machine"]["cpu_count"] == os.cpu_count()
+    assert result["machine"]["device"] == "cpu"  # boosting: --device cpu; the others: CPU only
