@@ -8,6 +8,7 @@ import dataclasses
 import re
 import typing
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,4 @@ def test_the_bounds_speak_plainly() -> None:
     assert out_of_bounds(None, {"at_least": 1}) is None  # None, where allowed, is a default
     assert out_of_bounds(True, {"above": 3}) is None  # the type check refuses a bool
     assert out_of_bounds(float("nan"), {"at_most": 1}) == "must be at most 1"
+    assert out_of_bounds(np.int64(0), {"at_least": 1}) == "must be at least 1"  # numpy's too

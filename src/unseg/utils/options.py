@@ -2,12 +2,16 @@
 
 ``field: int = option(3, "k-means++ restarts")`` is a dataclass field with default 3 whose
 ``metadata["help"]`` is the option's help text (:func:`unseg.registry.config_options` reads it);
-``flags`` adds short spellings (``("--size",)``).
+``flags`` adds short spellings (``("--size",)``); ``at_least``, ``above``, ``at_most`` and
+``below`` the bounds a value must keep, which :func:`check_bounds` enforces (the method configs
+call it when built, so the commands, the Segmenter and a run's ``config.json`` all refuse a
+value out of range, naming the field).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -51,11 +55,9 @@ _TESTS: dict[str, tuple[Callable[[float, float], bool], str]] = {
 def out_of_bounds(value: Any, bounds: dict[str, float]) -> str | None:
     """What ``value`` must be when it breaks one of ``bounds`` (from :func:`option`), e.g.
     ``"must be at least 1"``; None when it keeps them all or is not a number."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    broken = [f"{word} {bounds[name]:g}" for name, (test, word) in _TESTS.items()
-              if name in bounds and not test(value, bounds[name])]
-    if not broken:
+    if all(test(value, bounds[name]) for name, (test, _) in _TESTS.items() if name in bounds):
         return None
     whole = " and ".join(f"{word} {bounds[name]:g}" for name, (_, word) in _TESTS.items()
                          if name in bounds)
