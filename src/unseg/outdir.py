@@ -159,6 +159,20 @@ def recorded_failures(folder: str | Path) -> tuple[list[tuple[str, str]], int]:
     return [], 0
 
 
+def recorded_method(folder: str | Path) -> str | None:
+    """The method the last command of ``folder``'s manifest that records one chose (``discover
+    --method auto``'s head or spectral cut); None without."""
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the report works without it
+        logger.debug("recorded method not read: %s", exc)
+        return None
+    for command in reversed([] if manifest is None else manifest["commands"]):
+        if isinstance(command.get("method"), str):
+            return command["method"]
+    return None
+
+
 def recorded_timings(folder: str | Path) -> dict[str, Any]:
     """The stage timings (seconds by stage, as :class:`~unseg.utils.timing.Timings` gives
     them) of the last command of ``folder``'s manifest that records some; ``{}`` without."""
@@ -319,15 +333,18 @@ class CommandRecord:
         """Wall-clock seconds since the claim."""
         return time.perf_counter() - self.started
 
-    def record_outcome(self, failed: Sequence[tuple[str | Path, str]]) -> None:
+    def record_outcome(self, failed: Sequence[tuple[str | Path, str]],
+                       method: str | None = None) -> None:
         """Keep the inputs that failed (path, problem) in the command's manifest entry
-        (``failed``, at most :data:`MAX_RECORDED_FAILURES`, and ``failed_count``) and its stage
-        timings so far, written now so that the report made before :meth:`close` shows them,
-        and ``unseg report`` later."""
+        (``failed``, at most :data:`MAX_RECORDED_FAILURES`, and ``failed_count``), its stage
+        timings so far and the ``method`` it chose (when given), written now so that the report
+        made before :meth:`close` shows them, and ``unseg report`` later."""
         self.entry["failed"] = [{"path": str(path), "problem": problem}
                                 for path, problem in failed[:MAX_RECORDED_FAILURES]]
         self.entry["failed_count"] = len(failed)
         self.entry["timings"] = self.timings.as_dict()
+        if method is not None:
+            self.entry["method"] = method
         write_json_atomic(self.folder / MANIFEST_FILE, self.manifest)
 
     def close(self, status: str) -> None:

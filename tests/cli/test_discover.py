@@ -721,3 +721,16 @@ def test_a_spectral_discover_report_shows_the_commands_timings(folder, tmp_path)
                  (main(["-q", "report", str(out)]), (out / "report.html").read_text())[1]):
         assert 'id="timings"' in page and "predicting" in page
         assert "its manifest" in page and "No run record" in page
+
+
+def test_the_report_of_an_auto_discover_names_the_method_that_ran(folder, tmp_path):
+    """`discover` with its default `--method auto` on a folder too small to train on runs the
+    spectral cut; its page said "method auto" (the option, not the method)."""
+    out = tmp_path / "o"
+    assert main(["-q", "discover", str(folder), "--out", str(out), "--backbone",
+                 BACKBONE]) == 1  # broken.jpg and tiny.png
+    assert json.loads((out / "unseg-manifest.json").read_text())["commands"][-1][
+        "method"] == "spectral"
+    for page in ((out / "report.html").read_text(),
+                 (main(["-q", "report", str(out)]), (out / "report.html").read_text())[1]):
+        assert "method spectral" in page and "method auto" not in page

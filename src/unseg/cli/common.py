@@ -192,12 +192,15 @@ def command_settings(args: argparse.Namespace, positional: Sequence[str]) -> dic
 @dataclass
 class Outcome:
     """What a command did: its completion text (what and where, without the time), its exit
-    status, the inputs that failed, and how to write its report (None: no report)."""
+    status, the inputs that failed, how to write its report (None: no report) and the method
+    it chose, where the command chooses it (``discover --method auto``; recorded for the
+    report)."""
 
     summary: str
     code: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     report: Callable[[], Path] | None = None
+    method: str | None = None
 
 
 def batch_outcome(report: BatchReport, where: str, what: str,
@@ -246,7 +249,7 @@ def run_into_output(
     with recorded(args.out, command, command_settings(args, positional), mode,
                   sys.argv, reads=read_paths(args)) as record:
         outcome = work()
-        record.record_outcome(outcome.failed)
+        record.record_outcome(outcome.failed, outcome.method)
         page = None
         if outcome.report is not None and getattr(args, "report", False):
             page = _write_report(outcome.report)

@@ -150,7 +150,9 @@ def _discover(args: argparse.Namespace, method: str, given: dict[str, Any],
         args.images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,
     )
-    return batch_outcome(
+    outcome = batch_outcome(
         report, f"{args.out}/masks (boxes in {args.out}/boxes.json)", method,
         lambda: write_report(args.out, args.images, args.gt),
     )
+    outcome.method = method
+    return outcome

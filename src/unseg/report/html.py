@@ -24,7 +24,7 @@ from unseg.errors import UnsegError
 from unseg.layout import CONFIG_FILE, REPORT_FILE
 from unseg.methods.balance import balance_message, class_counts, class_shares, read_labels
 from unseg.metrics.semantic import MatchMode
-from unseg.outdir import recorded_max_pixels, recorded_setting
+from unseg.outdir import recorded_max_pixels, recorded_method, recorded_setting
 from unseg.pipelines.evaluate import CorLocResult
 from unseg.report.charts import (
     confusion_heatmap,
@@ -314,10 +314,11 @@ def _failures_section(outputs: RunOutputs) -> str:
 
 
 def _method(outputs: RunOutputs) -> str:
-    """The method that made the masks: the run's, else the ``--method`` the command that wrote
-    the folder was given (a spectral ``discover`` has no run: the page said "discover")."""
-    method = (outputs.config or {}).get("method") or recorded_setting(outputs.output_dir,
-                                                                      "--method")
+    """The method that made the masks: the run's, else the one the command that wrote the
+    folder chose or was given (a spectral ``discover`` has no run: the page said "discover",
+    then "auto" for the default)."""
+    method = ((outputs.config or {}).get("method") or recorded_method(outputs.output_dir)
+              or recorded_setting(outputs.output_dir, "--method"))
     return str(method) if method else "unknown"
 
 
