@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from unseg.errors import UnsegError
+from unseg.utils.options import bounds_text
 
 Output = Literal["semantic", "saliency", "embedding"]
 NEEDS: tuple[str, ...] = (
@@ -206,7 +207,11 @@ def _options(spec: MethodSpec, cls: type, prefix: tuple[str, ...]) -> list[Confi
         text = f.metadata.get("help") or spec.option_help.get(key) or key.replace("_", " ")
         flags = ("--" + "-".join(path).replace("_", "-"), *f.metadata.get("flags", ()),
                  *spec.option_flags.get(key, ()))
-        shown = text if "(default:" in text else f"{text} (default: {default})"
+        allowed = bounds_text(f.metadata.get("bounds", {}))
+        if "(default:" in text:
+            shown = f"{text} ({allowed})" if allowed else text
+        else:
+            shown = f"{text} (default: {default}{'; ' + allowed if allowed else ''})"
         out.append(ConfigOption(path, flags, kind, default, shown,
                                 choices))  # type: ignore[arg-type]
     return out

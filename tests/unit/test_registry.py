@@ -29,7 +29,7 @@ from unseg.registry import (
     register_method,
 )
 from unseg.runs import load_fitted, save_fitted
-from unseg.utils.options import out_of_bounds
+from unseg.utils.options import bounds_text, out_of_bounds
 from unseg.utils.timing import Timings
 
 STRIDE = 4
@@ -165,6 +165,10 @@ def test_every_config_field_has_an_option_or_is_the_pipelines(spec: MethodSpec):
     for name in top - set(spec.pipeline_fields):
         assert name in flat or any(k.startswith(name + ".") for k in flat), name
     assert all("(default: " in o.help for o in config_options(spec))
+    helps = {".".join(o.path): o.help for o in config_options(spec)}
+    for name, bounds in _bounded_fields(spec.config):  # the range a value must keep, said
+        if name in helps:
+            assert helps[name].endswith(f"{bounds_text(bounds)})"), (name, helps[name])
 
 
 def test_generated_options_parse_into_the_config():

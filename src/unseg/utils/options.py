@@ -59,9 +59,14 @@ def out_of_bounds(value: Any, bounds: dict[str, float]) -> str | None:
         return None
     if all(test(value, bounds[name]) for name, (test, _) in _TESTS.items() if name in bounds):
         return None
-    whole = " and ".join(f"{word} {bounds[name]:g}" for name, (_, word) in _TESTS.items()
-                         if name in bounds)
-    return f"must be {whole}"
+    return f"must be {bounds_text(bounds)}"
+
+
+def bounds_text(bounds: dict[str, float]) -> str:
+    """``bounds`` (from :func:`option`) in words, e.g. ``"above 0 and below 0.5"``; ``""``
+    without any."""
+    return " and ".join(f"{word} {bounds[name]:g}" for name, (_, word) in _TESTS.items()
+                        if name in bounds)
 
 
 def check_bounds(config: Any, prefix: str = "") -> Any:
