@@ -40,7 +40,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -122,20 +122,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return data
 
 
+def _last_recorded(folder: str | Path, pick: Callable[[dict[str, Any]], Any]) -> Any:
+    """``pick`` of the last command of ``folder``'s manifest for which it is not None; None
+    without a (readable) manifest or such a command (the reading commands work without it)."""
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:
+        logger.debug("manifest not read: %s", exc)
+        return None
+    for command in reversed([] if manifest is None else manifest["commands"]):
+        found = pick(command)
+        if found is not None:
+            return found
+    return None
+
+
 def recorded_setting(folder: str | Path, name: str) -> Any:
     """The value of setting ``name`` (e.g. ``"--max-pixels"``) in the last command of
     ``folder``'s manifest that records it; None without a (readable) manifest or such a
     command."""
-    try:
-        manifest = read_manifest(folder)
-    except InputFileError as exc:  # the reading commands work without it
-        logger.debug("recorded settings not read: %s", exc)
-        return None
-    for command in reversed([] if manifest is None else manifest["commands"]):
+
+    def pick(command: dict[str, Any]) -> Any:
         settings = command.get("settings")
-        if isinstance(settings, dict) and name in settings:
-            return settings[name]
-    return None
+        return (settings[name],) if isinstance(settings, dict) and name in settings else None
+
+    found = _last_recorded(folder, pick)  # a 1-tuple: a recorded None is a value too
+    return None if found is None else found[0]
 
 
 MAX_RECORDED_FAILURES = 1000  # inputs listed in a manifest entry; ``failed_count`` has them all
@@ -145,47 +157,31 @@ def recorded_failures(folder: str | Path) -> tuple[list[tuple[str, str]], int]:
     """The inputs (path, problem) that the last command of ``folder``'s manifest recording
     failures could not use (at most :data:`MAX_RECORDED_FAILURES`), and how many there were;
     ``([], 0)`` without a (readable) manifest or such a command."""
-    try:
-        manifest = read_manifest(folder)
-    except InputFileError as exc:  # the report works without it
-        logger.debug("recorded failures not read: %s", exc)
-        return [], 0
-    for command in reversed([] if manifest is None else manifest["commands"]):
+
+    def pick(command: dict[str, Any]) -> tuple[list[tuple[str, str]], int] | None:
         failed, count = command.get("failed"), command.get("failed_count")
-        if isinstance(failed, list) and isinstance(count, int):
-            rows = [(str(f.get("path")), str(f.get("problem"))) for f in failed
-                    if isinstance(f, dict)]
-            return rows, count
-    return [], 0
+        if not (isinstance(failed, list) and isinstance(count, int)):
+            return None
+        return [(str(f.get("path")), str(f.get("problem"))) for f in failed
+                if isinstance(f, dict)], count
+
+    return _last_recorded(folder, pick) or ([], 0)
 
 
 def recorded_method(folder: str | Path) -> str | None:
     """The method the last command of ``folder``'s manifest that records one chose (``discover
     --method auto``'s head or spectral cut); None without."""
-    try:
-        manifest = read_manifest(folder)
-    except InputFileError as exc:  # the report works without it
-        logger.debug("recorded method not read: %s", exc)
-        return None
-    for command in reversed([] if manifest is None else manifest["commands"]):
-        if isinstance(command.get("method"), str):
-            return command["method"]
-    return None
+    return _last_recorded(
+        folder, lambda c: c["method"] if isinstance(c.get("method"), str) else None)
 
 
 def recorded_timings(folder: str | Path) -> dict[str, Any]:
     """The stage timings (seconds by stage, as :class:`~unseg.utils.timing.Timings` gives
     them) of the last command of ``folder``'s manifest that records some; ``{}`` without."""
-    try:
-        manifest = read_manifest(folder)
-    except InputFileError as exc:  # the report works without it
-        logger.debug("recorded timings not read: %s", exc)
-        return {}
-    for command in reversed([] if manifest is None else manifest["commands"]):
-        timings = command.get("timings")
-        if isinstance(timings, dict) and timings:
-            return timings
-    return {}
+    timings = _last_recorded(
+        folder, lambda c: c["timings"] if isinstance(c.get("timings"), dict) and c["timings"]
+        else None)
+    return timings or {}
 
 
 def recorded_max_pixels(path: str | Path) -> int | None:
