@@ -86,8 +86,8 @@ class SaliencyHeadConfig(HeadTrainingConfig):
     )
     restart_steps: int = option(150, "training steps of each restart", at_least=1)
     restart_holdout: float = option(
-        0.1, "share of the training images held back to choose the restart"
-    , at_least=0, below=1)
+        0.1, "share of the training images held back to choose the restart", at_least=0, below=1
+    )
     restart_rule: Rule = option(
         "agreement",
         "which restart is kept: agreement (the partition most restarts find) or cut "

@@ -581,8 +581,8 @@ class SaliencyKind(Kind):
             return FittedSaliency(None, model)
         self._config = saliency_config(self.spec, self._config, model)
         key = None if where is None or inputs.arrays else inputs_key(inputs.paths)
-        if key is not None and (saved := saved_head(where, self.spec, self._config, model,
-                                                    inputs.paths, session.device)):
+        if key is not None and (saved := saved_head(where, self.spec, self._config, model, key,
+                                                    session.device)):
             return FittedSaliency(saved[0], model, saved[1], inputs.paths, saved_in=where)
         head, used, facts = train_saliency(
             root, inputs, self.spec, self._config, model, session.device,

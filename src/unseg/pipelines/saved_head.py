@@ -36,11 +36,12 @@ def inputs_key(paths: list[Path]) -> str:
 
 
 def saved_head(
-    run_dir: Path, spec: MethodSpec, config: Any, model: Backbone, paths: list[Path],
+    run_dir: Path, spec: MethodSpec, config: Any, model: Backbone, key: str,
     device: torch.device,
 ) -> tuple[Any, dict[str, Any]] | None:
     """``(head, training facts)`` of the run in ``run_dir`` when ``spec`` with ``config`` was
-    trained there on ``model`` (same backbone, tap and weights) from ``paths``; else None."""
+    trained there on ``model`` (same backbone, tap and weights) from the images whose
+    :func:`inputs_key` is ``key``; else None."""
     if not (run_dir / CONFIG_FILE).is_file():
         return None
     try:
@@ -52,7 +53,7 @@ def saved_head(
             and meta.get("tap") == getattr(model, "tap", None)
             and meta.get("weights_sha256") == backbone_weights_sha256(model)
             and isinstance(training, dict)
-            and training.get(INPUTS_KEY) == inputs_key(paths)
+            and training.get(INPUTS_KEY) == key
         )
         if not same:
             return None
