@@ -22,7 +22,7 @@ from unseg._version import __version__
 from unseg.errors import UnsegError
 from unseg.layout import CONFIG_FILE, WEIGHTS_FILE
 from unseg.registry import MethodSpec, Output, config_from_dict, config_to_dict, get_method
-from unseg.utils.io import atomic_write, make_folder, write_json_atomic
+from unseg.utils.io import atomic_write, make_folder, write_bytes_atomic, write_json_atomic
 
 RUN_FORMAT_VERSION = 2  # 2: estimator state_dict, registry config, prediction defaults
 
@@ -139,3 +139,26 @@ def load_fitted(
     except UnsegError as exc:  # the estimator's own words, naming the file they are about
         raise UnsegError(f"{Path(run_dir) / WEIGHTS_FILE}: {exc}: restore it or refit") from None
     return spec, estimator, meta
+
+
+def read_run_files(run_dir: str | Path) -> dict[str, bytes]:
+    """The bytes of every file of the run folder ``run_dir`` (a run is flat), by name: what a
+    pickled :class:`~unseg.segmenter.Segmenter` keeps of its fitted model."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UnsegError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); the Segmenter loaded "
+                         "from it cannot be pickled once its run is gone")
+    try:
+        return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+    except OSError as exc:
+        raise UnsegError(f"{run_dir}: cannot read the run ({exc.strerror or exc})") from None
+
+
+def write_run_files(files: Mapping[str, bytes], run_dir: str | Path) -> Path:
+    """Write ``files`` (:func:`read_run_files`) as the run folder ``run_dir``; returns it."""
+    run_dir = make_folder(run_dir)
+    for name, data in files.items():
+        if Path(name).name != name:
+            raise UnsegError(f"not a run file name: {name!r}")
+        write_bytes_atomic(run_dir / name, data)
+    return run_dir

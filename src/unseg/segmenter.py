@@ -6,6 +6,7 @@ A notebook user's object (scikit-learn's estimator habit)::
     masks = seg.fit_predict(["a.jpg", pil_image, array])   # one H×W uint8 array per image
     seg.save("run")                                         # `unseg predict run ...` reads it
     masks = unseg.Segmenter.load("run").predict("more/")    # a folder works too
+    pickle.dumps(seg)                                       # its arguments and run, no backbone
 
 It runs the same :class:`~unseg.pipelines.kind.Kind` as the commands' folder pipeline
 (:mod:`unseg.pipelines.folder`), with the same defaults and the same seed handling, so
@@ -47,6 +48,7 @@ error.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ from unseg.pipelines.saliency import SPECTRAL, mask_source, mask_source_context
 from unseg.proposals.saliency_masks import mask_proposals
 from unseg.registry import check_value
 from unseg.registry import list_methods as registered_methods
-from unseg.runs import load_run
+from unseg.runs import load_run, read_run_files, write_run_files
 from unseg.segmenter_params import (
     FIELD,
     SETTINGS_OF,
@@ -75,6 +77,7 @@ from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
 
 logger = logging.getLogger(__name__)
+_STATE_VERSION = 1  # of what __getstate__ returns
 
 
 
@@ -138,6 +141,7 @@ class Segmenter:
         self._fit_inputs: ImageInputs | None = None
         self._loaded_from: Path | None = None
         self._run_params: dict[str, Any] | None = None
+        self._from_run = False  # self._kind predicts with a run (load, unpickle): fit makes anew
         self.timings = Timings()
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -181,6 +185,8 @@ class Segmenter:
                 f"predicts; to fit, make a new one: Segmenter({self.method!r}, ...)"
             )
         inputs = self._inputs(images)
+        if self._from_run:  # unpickled: fit a kind made as the constructor makes it
+            self._kind, self._from_run = type(self)(**self.get_params())._kind, False
         kind = self._kind
         if kind.needs_masks:
             kind.use_masks(self._discovered_masks(inputs))
@@ -295,6 +301,7 @@ class Segmenter:
         check_device(device)
         check_run_options(options)
         run_dir = Path(run_dir)
+        given = dict(options)
         meta, _ = load_run(run_dir)
         if output_of(meta["method"]) == "embedding":  # clusters the images it predicts
             options.setdefault("num_classes", DEFAULT_CLASSES)
@@ -313,13 +320,64 @@ class Segmenter:
         seg.options = dict(options)
         seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
         seg._run_params = params
+        seg._load_options = given
+        seg._from_run = True
         seg.timings = Timings()
         return seg
+
+    # ----------------------------------------------------------------------- pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` (``joblib.dump``, ``copy.deepcopy``) keeps: the constructor's
+        arguments and, once fitted, the bytes of the run :meth:`save` writes (a loaded
+        segmenter: its run's). The backbone is not in it: it is opened again when unpickled,
+        found as :meth:`load` finds a run's (by name, or the ``weights`` file and checksum)."""
+        state: dict[str, Any] = {"version": _STATE_VERSION, "fitted": self.fitted, "run": None}
+        if self._loaded_from is not None:
+            state.update(loaded_from=str(self._loaded_from), device=self.device,
+                         load_options=dict(self._load_options),
+                         run=read_run_files(self._loaded_from))
+            return state
+        state["params"] = self.get_params()
+        if self.fitted and self._kind.trains:
+            with tempfile.TemporaryDirectory(prefix="unseg-pickle-") as tmp:
+                state["run"] = read_run_files(self.save(Path(tmp) / "run"))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise UnsegError(f"this pickled Segmenter was written by another version of unseg "
+                             f"(state {state.get('version')!r}, this one reads "
+                             f"{_STATE_VERSION}): save it with Segmenter.save instead")
+        if "loaded_from" in state:
+            other = _load_files(state["run"], state["device"], state["load_options"])
+            other._loaded_from = Path(state["loaded_from"])
+            self.__dict__.update(other.__dict__)
+            return
+        params = state["params"]
+        self.__dict__.update(type(self)(**params).__dict__)
+        if not state["fitted"]:
+            return
+        if state["run"] is None:  # training-free: fitting only opens the backbone
+            with self._kind.session() as session:
+                self._fitted = self._kind.fit(ImageInputs([]), "images", None, session)
+            return
+        options = {k: params[k] for k in self._kind.run_options if params.get(k) is not None}
+        loaded = _load_files(state["run"], params["device"], options)
+        self._kind, self._fitted, self._from_run = loaded._kind, loaded._fitted, True
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return (f"Segmenter({self.method!r}, num_classes={self.num_classes!r}, "
                 f"backbone={self.backbone!r}, seed={self.seed}{extra})")
+
+
+def _load_files(files: dict[str, bytes], device: str | None,
+                options: dict[str, Any]) -> Segmenter:
+    """:meth:`Segmenter.load` of a run given as its files' bytes (written to a temporary
+    folder, read, removed: a loaded run keeps nothing open in its folder)."""
+    with tempfile.TemporaryDirectory(prefix="unseg-unpickle-") as tmp:
+        run_dir = write_run_files(files, Path(tmp) / "run")
+        return Segmenter.load(run_dir, device=device, **options)
 
 
 def _mask(pred: Prediction) -> np.ndarray:

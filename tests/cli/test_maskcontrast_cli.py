@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -241,6 +242,9 @@ def test_the_segmenter_gives_the_commands_masks(tmp_path):
     assert len(np.unique(np.concatenate([m.ravel() for m in got]))) >= 2  # not all background
     with pytest.raises(UnsegError, match="no class probabilities"):
         seg.predict_proba(images)
+    # pickled (its run's bytes, the clustering's options with it), it predicts the same
+    for mask, again in zip(got, pickle.loads(pickle.dumps(seg)).predict(images), strict=True):
+        np.testing.assert_array_equal(again, mask)
 
 
 def test_primaps_em_chained_on_the_embeddings(fitted, tmp_path, capsys):

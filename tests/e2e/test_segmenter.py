@@ -8,7 +8,9 @@ give the same masks; bad inputs give errors that name them.
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 import shutil
 import subprocess
 import sys
@@ -371,6 +373,67 @@ def test_a_loaded_segmenters_seed_is_the_runs_as_get_params_gives_it(tmp_path: P
     loaded = unseg.Segmenter.load(run)
     assert loaded.seed == loaded.get_params()["seed"] == 4
     assert "seed=4" in repr(loaded)
+
+
+def _scenes(n: int = 3) -> list[np.ndarray]:
+    """``n`` small photos-like arrays: a coloured disk on a textured background."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:64, :96]
+    out = []
+    for i in range(n):
+        image = rng.integers(20, 90, (64, 96, 3), dtype=np.uint8)
+        disk = (yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2
+        image[disk] = rng.integers(150, 255, 3, dtype=np.uint8)
+        out.append(image)
+    return out
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("kmeans", {"num_classes": 3, "size": SMALL, "refine": "none", "n_init": 1}),
+    ("primaps-em", {"num_classes": 3, "size": SMALL, "steps": 4, "refine": "none",
+                    "pseudo_refine": "none"}),
+    ("found", {"image_size": SMALL, "steps": 3, "ensemble": 1}),
+    ("spectral", {"image_size": SMALL}),
+])
+def test_a_segmenter_pickles_fitted_or_not(method: str, options: dict, tmp_path: Path) -> None:
+    """pickle.dumps(Segmenter(...)) raised TypeError (a lock in its timings, a head's local
+    functions): joblib.dump and copy.deepcopy failed too. Its state is now its arguments and,
+    fitted, the run save writes; unpickled, it predicts as the original and fits anew."""
+    images = _scenes()
+    seg = unseg.Segmenter(method, backbone=BACKBONE, **options)
+    fresh = pickle.loads(pickle.dumps(seg))
+    assert not fresh.fitted and fresh.get_params() == seg.get_params()
+    masks = seg.fit_predict(images)
+    data = pickle.dumps(seg)
+    assert len(data) < 200_000  # the backbone's weights (13 MB) are not in it
+    again = pickle.loads(data)
+    assert again.fitted and again.get_params() == seg.get_params()
+    _equal(again.predict(images), masks)
+    if seg.output == "semantic":
+        for a, b in zip(again.predict_proba(images), seg.predict_proba(images), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    again.fit(images[:2])  # not a loaded run's segmenter: it fits, as the constructor's would
+    _equal(again.predict(images), unseg.Segmenter(method, backbone=BACKBONE, **options)
+           .fit(images[:2]).predict(images))
+    if method == "spectral":
+        return
+    loaded = unseg.Segmenter.load(seg.save(tmp_path / "run"))
+    copied = copy.deepcopy(loaded)
+    shutil.rmtree(tmp_path / "run")  # the copy keeps nothing in the run folder
+    assert copied.get_params() == loaded.get_params()
+    _equal(copied.predict(images), masks)
+    with pytest.raises(UnsegError, match=r"loaded from the run .*run: it predicts"):
+        copied.fit(images)
+    with pytest.raises(UnsegError, match="cannot be pickled once its run is gone"):
+        pickle.dumps(loaded)
+
+
+def test_a_pickled_segmenter_of_another_state_version_is_refused() -> None:
+    seg = unseg.Segmenter("kmeans", backbone=BACKBONE)
+    state = seg.__getstate__()
+    state["version"] = 0
+    with pytest.raises(UnsegError, match="another version of unseg"):
+        unseg.Segmenter.__new__(unseg.Segmenter).__setstate__(state)
 
 
 def test_the_package_lists_what_exists_and_imports_light() -> None:
