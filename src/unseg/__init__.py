@@ -1,7 +1,9 @@
 """unseg: unsupervised image segmentation on frozen self-supervised backbones.
 
 The library's front door is :class:`unseg.Segmenter` (images in, masks out, for every method);
-:func:`unseg.list_methods` and :func:`unseg.list_backbones` say what exists. They are imported
+:func:`unseg.list_methods` and :func:`unseg.list_backbones` say what exists;
+:func:`unseg.score_semantic`, :func:`unseg.score_saliency` and :func:`unseg.score_corloc` score
+masks in memory with ``unseg evaluate``'s protocols. They are imported
 on first use, so ``import unseg`` stays light (no torch until a segmenter is made).
 """
 
@@ -10,7 +12,8 @@ from typing import Any
 
 from unseg._version import __version__
 
-__all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_methods"]
+__all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_methods",
+           "score_corloc", "score_saliency", "score_semantic"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -20,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from unseg import segmenter
 
         return getattr(segmenter, name)
+    if name in ("score_semantic", "score_saliency", "score_corloc"):
+        from unseg.metrics import in_memory
+
+        return getattr(in_memory, name)
     if name == "keep_freed_memory":
         from unseg.utils.allocator import keep_freed_memory
 

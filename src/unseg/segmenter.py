@@ -272,6 +272,23 @@ class Segmenter:
                              "saliency methods")
         return [p.box for p in self._predictions(self._inputs(images))]
 
+    def score(self, images: Any, ground_truth: Sequence[Any], **options: Any) -> float:
+        """The masks of ``images`` scored against ``ground_truth`` (one label map or mask per
+        image, an array or a file, in the same order), as ``unseg evaluate`` scores them:
+        Hungarian-matched mIoU (semantic methods, MaskContrast; ``options`` those of
+        :func:`~unseg.metrics.in_memory.score_semantic`) or saliency IoU (saliency methods;
+        :func:`~unseg.metrics.in_memory.score_saliency`'s). A fraction in [0, 1], higher is
+        better (scikit-learn's ``score``); the functions give every score."""
+        from unseg.metrics.in_memory import score_saliency, score_semantic
+
+        if isinstance(ground_truth, (str, Path)):
+            raise UnsegError("ground_truth: give one label map or file per image, in the "
+                             "images' order (a list); for folders use `unseg evaluate`")
+        masks = self.predict(images)
+        if self._kind.labels:
+            return score_semantic(masks, ground_truth, **options).miou
+        return score_saliency(masks, ground_truth, **options).iou
+
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:
         """Write the fitted model as the run folder ``unseg predict`` reads; returns its path.

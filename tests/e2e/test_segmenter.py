@@ -428,6 +428,25 @@ def test_a_segmenter_pickles_fitted_or_not(method: str, options: dict, tmp_path:
         pickle.dumps(loaded)
 
 
+def test_score_is_the_evaluation_of_its_masks() -> None:
+    """Segmenter.score (scikit-learn's habit): the mIoU of a semantic method's masks, the IoU
+    of a saliency method's, as unseg.score_semantic / score_saliency give them."""
+    images = _scenes()
+    yy, xx = np.mgrid[:64, :96]
+    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+             for i in range(3)]
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(images)
+    miou = seg.score(images, truth)
+    assert miou == unseg.score_semantic(seg.predict(images), truth).miou
+    assert 0 < miou <= 1
+    finder = unseg.Segmenter("spectral", backbone=BACKBONE, image_size=SMALL).fit(images)
+    masks = [t * 255 for t in truth]
+    assert finder.score(images, masks) == unseg.score_saliency(finder.predict(images), masks).iou
+    with pytest.raises(UnsegError, match="one label map or file per image"):
+        seg.score(images, "gt/")
+
+
 def test_a_pickled_segmenter_of_another_state_version_is_refused() -> None:
     seg = unseg.Segmenter("kmeans", backbone=BACKBONE)
     state = seg.__getstate__()

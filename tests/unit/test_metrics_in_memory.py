@@ -1,0 +1,140 @@
+"""unseg.score_semantic / score_saliency / score_corloc: `unseg evaluate`'s protocols on arrays.
+
+Checked against a brute force over every cluster-to-class permutation (semantic), per-image
+counts written out by hand (saliency IoU / Acc at 0.5), and the `unseg evaluate` command on the
+same maps written as PNGs (which resizes and reads files its own way).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unseg
+from unseg.cli.main import main
+from unseg.errors import UnsegError
+
+
+def _brute_force(preds: list[np.ndarray], gts: list[np.ndarray], k: int,
+                 ignore: int) -> tuple[float, float]:
+    """Accuracy and mIoU under the cluster-to-class permutation with the most matched pixels
+    (clusters 0..k-1; a predicted 255 is wrong; ignored ground truth is left out)."""
+    best = None
+    for perm in itertools.permutations(range(k)):
+        tp = np.zeros(k)
+        pred_n = np.zeros(k)
+        gt_n = np.zeros(k)
+        for p, g in zip(preds, gts, strict=True):
+            keep = g != ignore
+            p, g = p[keep], g[keep]
+            for cluster, cls in enumerate(perm):
+                tp[cls] += np.sum((p == cluster) & (g == cls))
+                pred_n[cls] += np.sum(p == cluster)
+            for cls in range(k):
+                gt_n[cls] += np.sum(g == cls)
+        if best is None or tp.sum() > best[0].sum():
+            best = (tp, pred_n, gt_n)
+    tp, pred_n, gt_n = best
+    union = pred_n + gt_n - tp
+    present = union > 0
+    return float(tp.sum() / gt_n.sum()), float(np.mean(tp[present] / union[present]))
+
+
+@pytest.mark.parametrize("match", ["pixels", "iou"])
+def test_semantic_equals_a_brute_force_over_permutations(match: str) -> None:
+    rng = np.random.default_rng(0)
+    gts, preds = [], []
+    for shape in ((10, 14), (9, 7), (12, 12)):
+        g = rng.integers(0, 3, shape)
+        g[rng.random(shape) < 0.1] = 255  # ignored
+        p = (g + 1) % 3  # a permutation of the classes ...
+        noise = rng.random(shape) < 0.25
+        p[noise] = rng.integers(0, 3, int(noise.sum()))  # ... with errors
+        p[rng.random(shape) < 0.05] = 255  # predicted "no label"
+        gts.append(g.astype(np.uint8))
+        preds.append(p.astype(np.uint8))
+    got = unseg.score_semantic(preds, gts, num_classes=3, match=match)
+    acc, miou = _brute_force(preds, gts, 3, 255)
+    assert got.acc == pytest.approx(acc, abs=1e-12)
+    if match == "pixels":  # the IoU matching maximises summed IoU: same permutation here
+        assert got.miou == pytest.approx(miou, abs=1e-12)
+    assert got.assignment[:3] == [2, 0, 1]  # cluster c is class c - 1
+    # the number of classes defaults to the ground truth's largest label + 1
+    assert unseg.score_semantic(preds, gts, match=match) == got
+
+
+def test_a_smaller_prediction_is_resized_nearest_to_its_ground_truth() -> None:
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 4, (6, 8)).astype(np.uint8)
+    full = np.repeat(np.repeat(small, 2, 0), 2, 1)  # the exact 2x nearest upsampling
+    gt = rng.integers(0, 4, (12, 16)).astype(np.uint8)
+    assert unseg.score_semantic([small], [gt]) == unseg.score_semantic([full], [gt])
+
+
+def _write(folder: Path, maps: list[np.ndarray]) -> Path:
+    folder.mkdir()
+    for i, m in enumerate(maps):
+        Image.fromarray(m).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_semantic_and_saliency_equal_the_evaluate_command(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    gts = [rng.integers(0, 4, (20, 30)).astype(np.uint8) for _ in range(3)]
+    preds = [rng.integers(0, 5, (10, 15)).astype(np.uint8) for _ in range(3)]  # half size
+    gt_dir, pred_dir = _write(tmp_path / "gt", gts), _write(tmp_path / "pred", preds)
+    result = tmp_path / "r.json"
+    assert main(["-q", "evaluate", "semantic", "--pred", str(pred_dir), "--gt", str(gt_dir),
+                 "--num-classes", "4", "--json", str(result)]) == 0
+    cli = json.loads(result.read_text())
+    got = unseg.score_semantic(preds, [gt_dir / f"im{i}.png" for i in range(3)], num_classes=4)
+    assert (got.acc, got.miou) == pytest.approx((cli["acc"], cli["miou"]), abs=1e-12)
+
+    masks = [(rng.random((20, 30)) < 0.4).astype(np.uint8) * 255 for _ in range(3)]
+    maps = [rng.integers(0, 256, (10, 15)).astype(np.uint8) for _ in range(3)]
+    mask_dir, map_dir = _write(tmp_path / "masks", masks), _write(tmp_path / "maps", maps)
+    assert main(["-q", "evaluate", "saliency", "--pred", str(map_dir), "--gt", str(mask_dir),
+                 "--json", str(result)]) == 0
+    cli = json.loads(result.read_text())
+    got = unseg.score_saliency(maps, masks)
+    assert (got.acc, got.iou, got.max_fbeta, got.mae) == pytest.approx(
+        (cli["acc"], cli["iou"], cli["max_fbeta"], cli["mae"]), abs=1e-12)
+
+
+def test_saliency_iou_and_accuracy_by_hand() -> None:
+    gt = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
+    pred = np.array([[200, 128, 10], [127, 0, 255]], np.uint8)  # > 0.5: 200, 128, 255
+    got = unseg.score_saliency([pred], [gt])
+    # predicted {(0,0), (0,1), (1,2)}, true {(0,1), (0,2), (1,2)}: 2 shared of 4, 4 of 6 right
+    assert got.iou == pytest.approx(2 / 4) and got.acc == pytest.approx(4 / 6)
+    as_float = unseg.score_saliency([pred / 255.0], [gt > 0])  # floats, and a bool mask
+    assert as_float.iou == pytest.approx(2 / 4) and as_float.acc == pytest.approx(4 / 6)
+
+
+def test_corloc_counts_boxes_with_iou_of_at_least_a_half() -> None:
+    gt = [[[0, 0, 10, 10]], [[0, 0, 10, 10], [20, 20, 30, 30]], [[0, 0, 4, 4]]]
+    boxes = [[0, 0, 10, 5], [21, 21, 30, 30], None]  # IoU 0.5 (counts), 0.81, a miss
+    assert unseg.score_corloc(boxes, gt) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], []), "1 predictions for 0"),
+    (lambda: unseg.score_semantic("pred/", "gt/"), "give lists"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2, 3), np.uint8)], [np.zeros((2, 2))]),
+     r"prediction 0: expected an \[H, W\] map"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2))], [np.zeros((2, 2), np.uint8)]),
+     "prediction 0: class ids must be integers"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], [np.full((2, 2), 7)],
+                                  num_classes=3), r"image 0: ground-truth labels \[7\]"),
+    (lambda: unseg.score_saliency([np.full((2, 2), 1.5)], [np.zeros((2, 2), np.uint8)]),
+     r"must lie in \[0, 1\]"),
+    (lambda: unseg.score_semantic([], []), "no predictions"),
+])
+def test_bad_inputs_are_errors_that_say_which(call, message: str) -> None:
+    with pytest.raises(UnsegError, match=message):
+        call()
