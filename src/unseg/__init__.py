@@ -3,8 +3,10 @@
 The library's front door is :class:`unseg.Segmenter` (images in, masks out, for every method);
 :func:`unseg.list_methods` and :func:`unseg.list_backbones` say what exists;
 :func:`unseg.score_semantic`, :func:`unseg.score_saliency` and :func:`unseg.score_corloc` score
-masks in memory with ``unseg evaluate``'s protocols. They are imported
-on first use, so ``import unseg`` stays light (no torch until a segmenter is made).
+masks in memory with ``unseg evaluate``'s protocols; :func:`unseg.set_progress` shows the
+commands' progress bars in a program or notebook (off by default: a library stays silent).
+They are imported on first use, so ``import unseg`` stays light (no torch until a segmenter is
+made).
 """
 
 import logging
@@ -13,7 +15,7 @@ from typing import Any
 from unseg._version import __version__
 
 __all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_methods",
-           "score_corloc", "score_saliency", "score_semantic"]
+           "score_corloc", "score_saliency", "score_semantic", "set_progress"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -27,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from unseg.metrics import in_memory
 
         return getattr(in_memory, name)
+    if name == "set_progress":
+        from unseg.utils.progress import set_progress
+
+        return set_progress
     if name == "keep_freed_memory":
         from unseg.utils.allocator import keep_freed_memory
 

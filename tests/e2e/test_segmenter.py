@@ -447,6 +447,21 @@ def test_score_is_the_evaluation_of_its_masks() -> None:
         seg.score(images, "gt/")
 
 
+def test_set_progress_shows_the_commands_bars_in_a_program(capsys) -> None:
+    """A program's fit was silent for its whole length (bars were the CLI's only)."""
+    images = _scenes(2)
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    seg.fit(images)
+    assert "features:" not in capsys.readouterr().err  # silent by default
+    unseg.set_progress()
+    try:
+        seg.fit(images)
+    finally:
+        unseg.set_progress(False)
+    assert "features:" in capsys.readouterr().err  # a tqdm bar counting images
+
+
 def test_a_pickled_segmenter_of_another_state_version_is_refused() -> None:
     seg = unseg.Segmenter("kmeans", backbone=BACKBONE)
     state = seg.__getstate__()

@@ -32,8 +32,11 @@ class _Silent:
         return None
 
 
-def set_progress(enabled: bool) -> None:
-    """Enable or disable progress bars globally (the CLI enables them)."""
+def set_progress(enabled: bool = True) -> None:
+    """Show (or hide) progress bars on stderr for every long loop of this process, as the
+    commands show them: images decoded and passed through the backbone, proposals, fitting,
+    prediction (``unseg.set_progress()``; tqdm's notebook bars where ipywidgets is installed).
+    Off by default in a program; the CLI switches them on."""
     global _ENABLED
     _ENABLED = enabled
 
