@@ -76,3 +76,16 @@ def test_parser_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_python_dash_m_unseg_is_the_command() -> None:
+    """`python -m unseg` said "No module named unseg.__main__" (a venv whose scripts are not
+    on PATH, or a scheduler that runs python only)."""
+    import unseg
+
+    done = subprocess.run([sys.executable, "-m", "unseg", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"unseg {unseg.__version__}"
+    bad = subprocess.run([sys.executable, "-m", "unseg", "segment"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "usage: unseg segment" in bad.stderr
