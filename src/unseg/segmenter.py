@@ -25,11 +25,12 @@ image's own size. What comes back per image:
   ``[x0, y0, x1, y1]`` of its largest component (or None).
 
 Images: a folder or file path (listed as the commands list it), or a list of paths, PIL images
-and ``H×W×3`` uint8 arrays. An in-memory image gives the masks its file gives, with two
-exceptions: a JPEG over twice the working size is decoded by the commands at a reduced DCT
-scale (an array is resized from full size), and the seeded per-image augmentations
-(PriMaPs-EM's student view, MaskContrast's photometric view) are keyed by the file's bytes for
-a path and by the pixels for an in-memory image, so the two fits differ as two seeds do.
+and uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
+masks its file gives, with two exceptions: a JPEG over twice the working size is decoded by the
+commands at a reduced DCT scale (an array is resized from full size), and the seeded per-image
+augmentations (PriMaPs-EM's student view, MaskContrast's photometric view) are keyed by the
+file's bytes for a path and by the pixels for an in-memory image, so the two fits differ as two
+seeds do.
 
 ``options``: the method's config fields (as ``unseg segment --help`` / ``unseg discover --help``
 list them, by field name: ``epochs=5``, ``guided.radius=4`` as ``**{"guided.radius": 4}``) and

@@ -172,8 +172,11 @@ def test_bad_inputs_and_options_are_named(tmp_path: Path) -> None:
         seg.predict([np.zeros((64, 64, 3), np.uint8)])
     with pytest.raises(UnsegError, match=r"images\[1\]: expected an H×W×3 uint8 array"):
         seg.fit([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.float32)])
-    with pytest.raises(UnsegError, match=r"images\[0\]: expected an H×W×3 uint8 array"):
-        seg.fit([np.zeros((64, 64), np.uint8)])
+    with pytest.raises(UnsegError, match=r"images\[0\]: expected an H×W×3 uint8 array.*"
+                                         r"float32 of shape \(64, 64, 3\) \(a float image"):
+        seg.fit([np.zeros((64, 64, 3), np.float32)])
+    with pytest.raises(UnsegError, match=r"images\[0\]: expected .*shape \(64, 64, 2\)"):
+        seg.fit([np.zeros((64, 64, 2), np.uint8)])
     with pytest.raises(UnsegError, match="no such file"):
         seg.fit([tmp_path / "absent.jpg"])
     with pytest.raises(UnsegError, match="smaller than one 32-pixel patch"):
@@ -460,6 +463,22 @@ def test_set_progress_shows_the_commands_bars_in_a_program(capsys) -> None:
     finally:
         unseg.set_progress(False)
     assert "features:" in capsys.readouterr().err  # a tqdm bar counting images
+
+
+def test_grey_and_rgba_arrays_give_the_masks_of_their_files(tmp_path: Path) -> None:
+    """An H×W grey or H×W×4 RGBA array was refused ("expected an H×W×3 uint8 array") while
+    the same image as a file is taken (grey to RGB, alpha composited on white)."""
+    scenes = _scenes()
+    rng = np.random.default_rng(3)
+    grey = scenes[0][..., 1]
+    rgba = np.dstack([scenes[1], rng.integers(0, 256, scenes[1].shape[:2], dtype=np.uint8)])
+    files = [tmp_path / "grey.png", tmp_path / "rgba.png"]
+    Image.fromarray(grey).save(files[0])
+    Image.fromarray(rgba).save(files[1])
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(scenes)
+    _equal(seg.predict([grey, rgba]), seg.predict(files))
+    _equal(seg.predict([grey[..., None]]), seg.predict(files[:1]))
 
 
 def test_a_pickled_segmenter_of_another_state_version_is_refused() -> None:

@@ -51,8 +51,9 @@ class ImageInputs:
 
 
 def as_pixels(image: Any, where: str) -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]`` of a PIL image or an ``H×W×3`` uint8 array; ``where`` names the
-    entry in errors."""
+    """uint8 RGB ``[H, W, 3]`` of a PIL image or a uint8 array: ``H×W×3`` RGB, or ``H×W``
+    (``H×W×1``) grey and ``H×W×4`` RGBA, converted as a grey or RGBA file is (alpha
+    composited on white); ``where`` names the entry in errors."""
     if isinstance(image, Image.Image):
         try:  # a lazily opened file decodes here: its errors are not EXIF ones
             image.load()
@@ -68,13 +69,19 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
             f"{where}: expected a path, a PIL image or an H×W×3 uint8 array, got "
             f"{type(image).__name__}"
         )
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
+        hint = (" (a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
+                if np.issubdtype(image.dtype, np.floating) else "")
         raise UnsegError(
-            f"{where}: expected an H×W×3 uint8 array (RGB), got {image.dtype} of shape "
-            f"{tuple(image.shape)}"
+            f"{where}: expected an H×W×3 uint8 array (RGB; H×W grey and H×W×4 RGBA are taken "
+            f"as their files are), got {image.dtype} of shape {tuple(image.shape)}{hint}"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise UnsegError(f"{where}: empty image of shape {tuple(image.shape)}")
+    if channels != 3:  # grey / RGBA: converted as a file of that mode is (alpha on white)
+        return rgb_pixels(Image.fromarray(np.ascontiguousarray(
+            image.reshape(image.shape[:2]) if channels == 1 else image)))
     return np.ascontiguousarray(image)
 
 
