@@ -46,3 +46,22 @@ def test_bench_script_runs_small(case: str, shared_data: Callable[[str], Path]) 
     result = json.loads(proc.stdout)
     assert result["machine"]["cpu_count"] == os.cpu_count()
     assert result["machine"]["device"] == "cpu"  # boosting: --device cpu; the others: CPU only
+
+
+def test_vit_mutations_rows_say_how_far_each_mistake_moves() -> None:
+    """bench/vit_mutations.py printed text lines; its JSON has a row per mistake and backbone:
+    the baseline within the reference test's tolerance, a mistake far outside it."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "bench/vit_mutations.py", "--backbone", "dino_vits16", "--mutation",
+         "q / k swapped", "--mutation", "none (baseline)"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)  # one document, the progress on stderr
+    assert result["machine"]["cpu_count"] == os.cpu_count()
+    rows = {r["mutation"]: r for r in result["rows"]}
+    assert set(rows) == {"q / k swapped", "none (baseline)"}
+    assert {r["backbone"] for r in rows.values()} == {"dino_vits16"}
+    assert rows["none (baseline)"]["max_diff"] < 1e-5 < 1e-2 < rows["q / k swapped"]["max_diff"]
+    assert len(proc.stderr.strip().splitlines()) >= 2  # a progress line per row
