@@ -713,3 +713,27 @@ def test_segment_lists_the_images_once_to_choose_its_discovery(tmp_path, monkeyp
         per_image[discover] = {p.name: reads.count(p) for p in sorted(images.iterdir())}
     assert len(per_image["auto"]) == 6
     assert per_image["auto"] == {n: c + 1 for n, c in per_image["spectral"].items()}
+
+
+def test_a_size_other_than_the_embedding_runs_is_refused(fitted, tmp_path, capsys):
+    """`--size 320` with `--embeddings MC_RUN` (trained at 96) was replaced by the run's size
+    with an INFO line: the default could not be told from a size given. Another size is now
+    refused as another --max-side is, through the CLI and the Segmenter; the same size, or
+    none, works at the run's."""
+    from unseg.pipelines.semantic import SemanticKind
+
+    images, _, run = fitted
+    fast = ["kmeans", str(images), "--embeddings", str(run), "-k", "3", "--refine", "none",
+            "--n-init", "1"]
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "x"), "--size", "320"]) == 2
+    err = capsys.readouterr().err
+    assert f"--size 320: the embeddings of {run} were trained at feature size 96" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "same"), "--size", "96"]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["feature_size"] == 96
+    with pytest.raises(UnsegError, match=r"--size 320: the embeddings of .* feature size 96"):
+        unseg.Segmenter("kmeans", embeddings=run, size=320)
+    for given in ({"size": 96}, {}):
+        kind = unseg.Segmenter("kmeans", embeddings=run, **given)._kind
+        assert isinstance(kind, SemanticKind) and kind.settings.size == 96
+    assert unseg.Segmenter("kmeans", backbone="efficientnet_lite0")._kind.settings.size == 320
