@@ -83,7 +83,7 @@ def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--size", type=int, default=None,
         help=f"feature short side in pixels ({DEFAULT_SIZE}; 2 x the backbone's stride to "
-        f"{MAX_SIZE}; with --embeddings: the run's, and only it)",
+        f"{MAX_SIZE})",
     )
     add_image_arguments(p)
     p.add_argument(
