@@ -26,7 +26,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _machine import add_allocator_option, keep_memory_as_the_command, machine
+from _scratch import scratch_folder
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -116,19 +116,19 @@ def main() -> None:
     kept = keep_memory_as_the_command(args)
     torch.set_num_threads(THREADS)
     paths = dataset_images(Path(args.images))[: args.max_images]
-    cache = Path(args.cache or tempfile.mkdtemp(prefix="unseg-bench-crf-"))
-    backbone = resolve_backbone_name(None)
-    feats = extract_features(paths, create_backbone(backbone, device="cpu"), cache_dir=cache,
-                             extras=("image",))
-    images = [hwc(feats.extra(p, "image")) for p in paths]
-    cases: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {"voc21": [], "primaps": []}
-    for i, (p, img) in enumerate(zip(paths, images, strict=True)):
-        cases["voc21"].append((img, smooth_logits(img.shape[:2], 21, i)))
-        cfg = PriMaPsConfig()
-        log_probs = proposal_log_probs(principal_masks(feats[p], cfg).masks, cfg)
-        up = F.interpolate(log_probs[None], size=img.shape[:2], mode="bilinear",
-                           align_corners=False)[0]
-        cases["primaps"].append((img, up))
+    with scratch_folder(args.cache, "unseg-bench-crf-") as cache:  # read while the cases are built
+        backbone = resolve_backbone_name(None)
+        feats = extract_features(paths, create_backbone(backbone, device="cpu"), cache_dir=cache,
+                                 extras=("image",))
+        images = [hwc(feats.extra(p, "image")) for p in paths]
+        cases: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {"voc21": [], "primaps": []}
+        for i, (p, img) in enumerate(zip(paths, images, strict=True)):
+            cases["voc21"].append((img, smooth_logits(img.shape[:2], 21, i)))
+            cfg = PriMaPsConfig()
+            log_probs = proposal_log_probs(principal_masks(feats[p], cfg).masks, cfg)
+            up = F.interpolate(log_probs[None], size=img.shape[:2], mode="bilinear",
+                               align_corners=False)[0]
+            cases["primaps"].append((img, up))
 
     load_before = os.getloadavg()
     result: dict[str, Any] = {}

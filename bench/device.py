@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _machine import machine
+from _scratch import scratch_folder
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -98,31 +98,31 @@ def main() -> int:
         return 2
     backbone = resolve_backbone_name(args.backbone)
     paths = dataset_images(Path(args.images))[: args.max_images]
-    work = Path(tempfile.mkdtemp(prefix="unseg-bench-device-"))
-    folder = work / "images"
-    folder.mkdir()
-    for p in paths:
-        (folder / p.name).symlink_to(p.resolve())
-    first, _ = _features(paths, work / "features-1", backbone)
-    second, feats = _features(paths, work / "features-2", backbone)
-    floor = min(first, second, key=lambda r: r["seconds"])
-    runs: dict[str, Any] = {}
-    for method in ("primaps-em", "kmeans"):
-        out = work / method
-        _sync()
-        start = time.perf_counter()
-        segment(folder, out, method, args.num_classes,
-                settings=Settings(backbone=backbone, device=str(DEVICE)))
-        _sync()
-        seconds = time.perf_counter() - start
-        meta = json.loads((out / "run" / "config.json").read_text())
-        runs[f"segment {method}"] = {"seconds": round(seconds, 3), "stages": meta["timings"],
-                                     "over_features": round(seconds / floor["seconds"], 2)}
-    images = [feats.extra(p, "image").to(DEVICE).permute(1, 2, 0).contiguous() for p in paths]
-    crf = _crf_alone(images, args.num_classes)
-    backbone_s = floor["stages"].get("backbone", floor["seconds"])
-    crf["per_image_over_backbone_per_image"] = round(
-        crf["per_image_batched"] / (backbone_s / len(paths)), 3)
+    with scratch_folder(None, "unseg-bench-device-") as work:
+        folder = work / "images"
+        folder.mkdir()
+        for p in paths:
+            (folder / p.name).symlink_to(p.resolve())
+        first, _ = _features(paths, work / "features-1", backbone)
+        second, feats = _features(paths, work / "features-2", backbone)
+        floor = min(first, second, key=lambda r: r["seconds"])
+        runs: dict[str, Any] = {}
+        for method in ("primaps-em", "kmeans"):
+            out = work / method
+            _sync()
+            start = time.perf_counter()
+            segment(folder, out, method, args.num_classes,
+                    settings=Settings(backbone=backbone, device=str(DEVICE)))
+            _sync()
+            seconds = time.perf_counter() - start
+            meta = json.loads((out / "run" / "config.json").read_text())
+            runs[f"segment {method}"] = {"seconds": round(seconds, 3), "stages": meta["timings"],
+                                         "over_features": round(seconds / floor["seconds"], 2)}
+        images = [feats.extra(p, "image").to(DEVICE).permute(1, 2, 0).contiguous() for p in paths]
+        crf = _crf_alone(images, args.num_classes)
+        backbone_s = floor["stages"].get("backbone", floor["seconds"])
+        crf["per_image_over_backbone_per_image"] = round(
+            crf["per_image_batched"] / (backbone_s / len(paths)), 3)
     print(json.dumps({
         "benchmark": f"segment on {DEVICE}: seconds per stage beside features",
         "images": {"from": args.images, "count": len(paths)},

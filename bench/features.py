@@ -41,12 +41,17 @@ CPU_IMAGES = {"efficientnet_lite0": 128, "dino_vits16": 64, "dino_vits8": 16}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def image_paths(n: int) -> tuple[list[Path], str]:
-    """``n`` image files: ECSSD's first ``n``, else the examples repeated (as copies)."""
+def images_from() -> str:
+    """Where :func:`image_paths` takes the images from."""
+    return str(ECSSD) if ECSSD.is_dir() else f"{EXAMPLES} repeated"
+
+
+def image_paths(n: int, tmp: Path) -> list[Path]:
+    """``n`` image files: ECSSD's first ``n``, else the examples repeated (as copies in
+    ``tmp``)."""
     if ECSSD.is_dir():
-        return list_images(ECSSD)[:n], str(ECSSD)
+        return list_images(ECSSD)[:n]
     base = list_images(EXAMPLES)
-    tmp = Path(tempfile.mkdtemp(prefix="unseg-bench-img-"))
     paths = []
     for i in range(n):
         src = base[i % len(base)]
@@ -54,7 +59,7 @@ def image_paths(n: int) -> tuple[list[Path], str]:
         # a distinct byte so that every copy has its own content hash (no cache hits)
         dst.write_bytes(src.read_bytes() + i.to_bytes(4, "little"))
         paths.append(dst)
-    return paths, f"{EXAMPLES} repeated"
+    return paths
 
 
 def _sync(device: torch.device) -> None:
@@ -74,10 +79,18 @@ def measure(
     name: str, mode: str, n: int, batch_size: int, device: str, dtype: str, workers: int | None
 ) -> dict:
     """One measurement (run in a subprocess): images/s and peak memory of ``mode``."""
+    with tempfile.TemporaryDirectory(prefix="unseg-bench-img-") as tmp:
+        return _measure(name, mode, n, batch_size, device, dtype, workers, Path(tmp))
+
+
+def _measure(
+    name: str, mode: str, n: int, batch_size: int, device: str, dtype: str, workers: int | None,
+    tmp: Path,
+) -> dict:
     dev = resolve_device(device)
     torch.manual_seed(0)
     model = create_backbone(name, device=dev, pretrained=False)
-    paths, _ = image_paths(n)
+    paths = image_paths(n, tmp)
     dt = DTYPES[dtype]
     autocast = dev.type == "cuda" and dt != torch.float32
     warm = torch.rand(min(batch_size, n), 3, SIZE, SIZE, device=dev)
@@ -159,7 +172,7 @@ def main() -> None:
         }
     print(json.dumps({
         "benchmark": "feature extraction, 320x320 (short side 320, centre crop), random weights",
-        "images_from": image_paths(1)[1],
+        "images_from": images_from(),
         "batch_size": args.batch_size,
         "repeat": f"best of {args.repeat} alternating runs per mode, each in its own process",
         "dtype": args.dtype,

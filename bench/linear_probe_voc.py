@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from _machine import machine
+from _scratch import scratch_folder
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import layout_pairs
@@ -46,13 +46,13 @@ def main() -> None:
         sys.exit(f"skipped: no VOC segmentation layout at {args.voc} (the real data is absent)")
     pairs = layout_pairs(layout)
     model = create_backbone(args.backbone, device="cpu")
-    cache = args.cache or tempfile.mkdtemp(prefix="unseg-probe-")
-    t0 = time.perf_counter()
-    feats = extract_features([p[1] for p in pairs], model, size=320, cache_dir=cache)
-    labels = [torch.from_numpy(load_label(p[2]).astype(np.int64)) for p in pairs]
-    features = [feats[p[1]] for p in pairs]
-    cfg = LinearProbeConfig(num_classes=layout.num_classes, epochs=args.epochs)
-    probe = LinearProbe(cfg).fit(features, labels)
+    with scratch_folder(args.cache, "unseg-probe-") as cache:
+        t0 = time.perf_counter()
+        feats = extract_features([p[1] for p in pairs], model, size=320, cache_dir=cache)
+        labels = [torch.from_numpy(load_label(p[2]).astype(np.int64)) for p in pairs]
+        features = [feats[p[1]] for p in pairs]
+        cfg = LinearProbeConfig(num_classes=layout.num_classes, epochs=args.epochs)
+        probe = LinearProbe(cfg).fit(features, labels)
     confusion = ConfusionMatrix(layout.num_classes, ignore_index=layout.ignore_index)
     for f, lab in zip(features, labels, strict=True):
         pred = probe.predict(f, tuple(lab.shape)).numpy()

@@ -32,7 +32,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import machine
+from _scratch import scratch_folder
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import layout_pairs
@@ -144,55 +144,55 @@ def main() -> None:
     ignore = 255 if layout.ignore_index is None else layout.ignore_index
     k = layout.num_classes
     seeds = list(range(args.seeds))
-    cache = args.cache or tempfile.mkdtemp(prefix="unseg-mc-eval-")
-    rows: dict[str, dict] = {}
-    t0 = time.perf_counter()
+    with scratch_folder(args.cache, "unseg-mc-eval-") as cache:
+        rows: dict[str, dict] = {}
+        t0 = time.perf_counter()
 
-    tap = {} if args.tap is None else {"tap": args.tap}
-    model = create_backbone(args.backbone, device="cpu", **tap)
-    feats = extract_features(paths, model, size=args.size, cache_dir=cache)
-    masks: list[torch.Tensor] = []
-    if args.masks:
-        proposals, report = load_mask_proposals(paths, args.masks)
-        by_path = dict(zip(proposals.paths, proposals.masks, strict=True))
-        masks = [by_path.get(p, torch.zeros(lab.shape, dtype=torch.bool))
-                 for p, lab in zip(paths, labels, strict=True)]
-        protos = backbone_prototypes([feats[p] for p in paths], masks)
-        rows["backbone"] = {"masks": str(Path(args.masks).resolve()),
-                            "masks_report": report.summary(),
-                            **score_seeds(protos, masks, labels, k, ignore, seeds)}
-    if args.probe:
-        rows["probe backbone (uses labels)"] = probe_scores(
-            [feats[p] for p in paths], labels, k, ignore, args.probe_epochs)
-
-    for item in args.run:
-        name, _, run = item.partition("=")
-        if not run:
-            raise UnsegError(f"--run {item!r}: expected NAME=RUN")
-        _, est, meta = load_fitted(run, "embedding", "cpu")
-        bb = open_fitted_backbone(meta, None, torch.device("cpu"), run)
-        # at the run's working resolution, as `unseg predict RUN` extracts them (its recorded
-        # max_side; 0 or absent, from before it was recorded: no limit)
-        run_feats = extract_features(paths, bb, size=int(meta["feature_size"]), cache_dir=cache,
-                                     max_side=int(meta.get("max_side") or 0) or None)
-        protos_l, salient = [], []
-        for p, lab in zip(paths, labels, strict=True):
-            with cpu_threads(torch.device("cpu"), 1):
-                proto, logit = image_prototype(est, run_feats[p], run_feats.image_size(p))
-            protos_l.append(proto)
-            salient.append(salient_pixels(logit, lab.shape))
-        rows[name] = {"run": str(Path(run).resolve()), "fit": meta.get("fit"),
-                      "config": meta.get("config"),
-                      **score_seeds(torch.stack(protos_l), salient, labels, k, ignore, seeds)}
-        if masks:
-            with torch.no_grad(), cpu_threads(torch.device("cpu"), 1):
-                emb = [est.forward(run_feats[p])[0].cpu() for p in paths]
-            rows[f"{name}, --masks saliency"] = score_seeds(
-                backbone_prototypes(emb, masks), masks, labels, k, ignore, seeds)
+        tap = {} if args.tap is None else {"tap": args.tap}
+        model = create_backbone(args.backbone, device="cpu", **tap)
+        feats = extract_features(paths, model, size=args.size, cache_dir=cache)
+        masks: list[torch.Tensor] = []
+        if args.masks:
+            proposals, report = load_mask_proposals(paths, args.masks)
+            by_path = dict(zip(proposals.paths, proposals.masks, strict=True))
+            masks = [by_path.get(p, torch.zeros(lab.shape, dtype=torch.bool))
+                     for p, lab in zip(paths, labels, strict=True)]
+            protos = backbone_prototypes([feats[p] for p in paths], masks)
+            rows["backbone"] = {"masks": str(Path(args.masks).resolve()),
+                                "masks_report": report.summary(),
+                                **score_seeds(protos, masks, labels, k, ignore, seeds)}
         if args.probe:
-            rows[f"probe {name} (uses labels)"] = probe_scores(
-                [decoder_features(est, run_feats[p]) for p in paths], labels, k, ignore,
-                args.probe_epochs)
+            rows["probe backbone (uses labels)"] = probe_scores(
+                [feats[p] for p in paths], labels, k, ignore, args.probe_epochs)
+
+        for item in args.run:
+            name, _, run = item.partition("=")
+            if not run:
+                raise UnsegError(f"--run {item!r}: expected NAME=RUN")
+            _, est, meta = load_fitted(run, "embedding", "cpu")
+            bb = open_fitted_backbone(meta, None, torch.device("cpu"), run)
+            # at the run's working resolution, as `unseg predict RUN` extracts them (its recorded
+            # max_side; 0 or absent, from before it was recorded: no limit)
+            run_feats = extract_features(paths, bb, size=int(meta["feature_size"]), cache_dir=cache,
+                                         max_side=int(meta.get("max_side") or 0) or None)
+            protos_l, salient = [], []
+            for p, lab in zip(paths, labels, strict=True):
+                with cpu_threads(torch.device("cpu"), 1):
+                    proto, logit = image_prototype(est, run_feats[p], run_feats.image_size(p))
+                protos_l.append(proto)
+                salient.append(salient_pixels(logit, lab.shape))
+            rows[name] = {"run": str(Path(run).resolve()), "fit": meta.get("fit"),
+                          "config": meta.get("config"),
+                          **score_seeds(torch.stack(protos_l), salient, labels, k, ignore, seeds)}
+            if masks:
+                with torch.no_grad(), cpu_threads(torch.device("cpu"), 1):
+                    emb = [est.forward(run_feats[p])[0].cpu() for p in paths]
+                rows[f"{name}, --masks saliency"] = score_seeds(
+                    backbone_prototypes(emb, masks), masks, labels, k, ignore, seeds)
+            if args.probe:
+                rows[f"probe {name} (uses labels)"] = probe_scores(
+                    [decoder_features(est, run_feats[p]) for p in paths], labels, k, ignore,
+                    args.probe_epochs)
 
     print(json.dumps({
         "benchmark": "maskcontrast per-image k-means protocol (Hungarian on IoU)",

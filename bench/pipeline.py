@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from _machine import add_allocator_option, keep_memory_as_the_command, machine
+from _scratch import scratch_folder
 
 from unseg.backbones import create_backbone
 from unseg.data.datasets import dataset_images
@@ -130,29 +130,29 @@ def main() -> None:
     args.backbone = resolve_backbone_name(args.backbone)
     root = Path(args.images).resolve()  # the links to its ground truth must not be relative
     paths = dataset_images(root)[: args.max_images]
-    work = Path(tempfile.mkdtemp(prefix="unseg-bench-pipeline-"))
-    images = _link_images(paths, work / "images")
-    gt = _ground_truth(root, [p.stem for p in paths], work / "gt")
-    settings = Settings(backbone=args.backbone, refine=args.refine, device=args.device,
-                        num_workers=args.workers)
-    load_before = os.getloadavg()
-    runs: dict[str, Any] = {}
-    first = _features(images, work / "features-1", args.backbone, args.device)
-    for method in ("primaps-em", "kmeans"):
-        runs[f"segment {method}"] = _segment(images, work / method, method, args.num_classes,
-                                             settings, gt)
-    if not args.no_discover:
-        runs["discover spectral"] = _discover(images, work / "discover", args.backbone,
-                                              args.device)
-    second = _features(images, work / "features-2", args.backbone, args.device)
-    floor = min(first, second, key=lambda r: r["seconds"])
-    # each method's own floor: what its defaults cannot do without, in one batched forward
-    floors = {
-        "segment kmeans": _features(images, work / "floor-kmeans", args.backbone, args.device,
-                                    ("flipped", "image")),
-        "segment primaps-em": _features(images, work / "floor-primaps", args.backbone,
-                                        args.device, ("flipped", "image", "student")),
-    }
+    with scratch_folder(None, "unseg-bench-pipeline-") as work:
+        images = _link_images(paths, work / "images")
+        gt = _ground_truth(root, [p.stem for p in paths], work / "gt")
+        settings = Settings(backbone=args.backbone, refine=args.refine, device=args.device,
+                            num_workers=args.workers)
+        load_before = os.getloadavg()
+        runs: dict[str, Any] = {}
+        first = _features(images, work / "features-1", args.backbone, args.device)
+        for method in ("primaps-em", "kmeans"):
+            runs[f"segment {method}"] = _segment(images, work / method, method, args.num_classes,
+                                                 settings, gt)
+        if not args.no_discover:
+            runs["discover spectral"] = _discover(images, work / "discover", args.backbone,
+                                                  args.device)
+        second = _features(images, work / "features-2", args.backbone, args.device)
+        floor = min(first, second, key=lambda r: r["seconds"])
+        # each method's own floor: what its defaults cannot do without, in one batched forward
+        floors = {
+            "segment kmeans": _features(images, work / "floor-kmeans", args.backbone, args.device,
+                                        ("flipped", "image")),
+            "segment primaps-em": _features(images, work / "floor-primaps", args.backbone,
+                                            args.device, ("flipped", "image", "student")),
+        }
     for name, run in runs.items():
         run["over_features"] = round(run["seconds"] / floor["seconds"], 2)
         if name in floors:

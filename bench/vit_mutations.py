@@ -4,20 +4,26 @@ applied to a copy of the model, must move its tokens or keys far outside the tol
 
 Uses the test helpers (``tests/vit_reference.py``: random official-format weights, 2 blocks,
 the ``transformers`` reference with the official interpolation restated off the native grid)
-at the test's three sizes per backbone, and prints one line per mistake and backbone with the
-largest difference over tokens and keys (or the error raised), then the unmutated baseline.
+at the test's three sizes per backbone. Prints one JSON document: a row per mistake and backbone
+with the largest difference over tokens and keys (or the error raised, or the wrong shape), the
+unmutated baseline last, and the machine; a line per row goes to stderr as it is measured.
 
-    PYTHONPATH=src .venv/bin/python bench/vit_mutations.py
+    PYTHONPATH=src .venv/bin/python bench/vit_mutations.py [--mutation LABEL ...]
+        [--backbone NAME ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from _machine import machine
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # vit_reference.py
@@ -32,8 +38,9 @@ from unseg.backbones.vit import VisionTransformer
 Mutation = Callable[[VisionTransformer], None]
 
 
-def compare(name: str, mutate: Mutation) -> str:
-    """The largest token / key difference to the reference after ``mutate``."""
+def compare(name: str, mutate: Mutation) -> dict[str, Any]:
+    """The largest token / key difference to the reference after ``mutate`` (``max_diff``),
+    or the ``error`` it raised, or the token ``shape`` it gave instead of the reference's."""
     arch = ARCHS[name]
     ours, ref = T._pair(name)
     mutate(ours)
@@ -46,13 +53,13 @@ def compare(name: str, mutate: Mutation) -> str:
             with torch.no_grad():
                 tokens, keys = ours.forward_features(x, "tokens"), ours.forward_features(x, "keys")
         except Exception as exc:  # a mistake that breaks the shapes is caught too
-            return f"error {type(exc).__name__}"
+            return {"error": f"{type(exc).__name__}: {exc}"}
         ref_tokens, ref_keys = hf_outputs(ref, arch, ours.normalize(x))
         if tokens.shape != ref_tokens.shape:
-            return f"shape {tuple(tokens.shape)}"
+            return {"shape": list(tokens.shape), "reference_shape": list(ref_tokens.shape)}
         worst = max(worst, (tokens - ref_tokens).abs().max().item(),
                     (keys - ref_keys).abs().max().item())
-    return f"max diff {worst:.2e}"
+    return {"max_diff": float(f"{worst:.3g}")}
 
 
 def _eps(m: VisionTransformer) -> None:
@@ -180,9 +187,30 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    labels = [label for label, _, _ in CASES]
+    parser.add_argument("--mutation", action="append", choices=labels, metavar="LABEL",
+                        help="only this mistake (repeatable; default all): " + "; ".join(labels))
+    parser.add_argument("--backbone", action="append", choices=sorted(ARCHS), metavar="NAME",
+                        help="only this backbone (repeatable; default each mistake's own)")
+    args = parser.parse_args()
+    rows = []
     for label, mutate, names in CASES:
+        if args.mutation and label not in args.mutation:
+            continue
         for name in names:
-            print(f"{label:32s} {name:20s} {compare(name, mutate)}", flush=True)
+            if args.backbone and name not in args.backbone:
+                continue
+            result = compare(name, mutate)
+            print(f"{label:32s} {name:20s} {json.dumps(result)}", file=sys.stderr, flush=True)
+            rows.append({"mutation": label, "backbone": name, **result})
+    json.dump({
+        "benchmark": "ViT reference comparison: how far plausible mistakes move tokens and keys",
+        "tolerance": "rtol = atol = 1e-5 (tests/unit/test_vit_reference.py)",
+        "rows": rows,
+        "machine": machine(),
+    }, sys.stdout, indent=2)
+    print()
 
 
 if __name__ == "__main__":

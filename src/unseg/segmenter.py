@@ -37,7 +37,8 @@ list them, by field name: ``epochs=5``, ``guided.radius=4`` as ``**{"guided.radi
 these settings of the pipeline. Semantic methods: ``size`` (320), ``max_side`` (None: 4 × size;
 0: none), ``max_pixels``, ``label_factor`` (2), ``refine`` ("crf"), ``pseudo_refine`` ("crf"),
 ``weights``, ``tap``, ``cache_dir`` (features and pseudo-labels on disk; default: none, all in
-memory), ``workers``, ``embeddings`` (a MaskContrast run). Saliency methods: ``max_side``,
+memory), ``workers``, ``embeddings`` (a MaskContrast run: its size and ``max_side``,
+which ``size`` and ``max_side`` may only repeat). Saliency methods: ``max_side``,
 ``max_pixels``, ``weights``, ``tap``, ``cache_dir``; their size is the config field
 ``image_size`` (320; spectral takes it too). MaskContrast: ``size``, ``max_side``,
 ``max_pixels`` (its training, its prediction and the discovery of its masks), ``weights``,

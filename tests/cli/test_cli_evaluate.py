@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -512,3 +513,82 @@ def test_cityscapes_is_scored_on_the_320_centre_crop(tmp_path: Path, rng: np.ran
     assert r["miou"] == pytest.approx(miou, abs=1e-12)
     # the first image alone: every pixel of its crop is right
     assert (pred_grid[0] == gt_grid[0])[gt_grid[0] != 255].all()
+
+
+def _iou_protocol_reference(
+    pred: np.ndarray, gt: np.ndarray, k: int, *, drop_predicted_255: bool = False,
+    keep_ignored_gt: bool = False,
+) -> tuple[tuple[int, ...], float, dict]:
+    """MaskContrast's ``--match iou`` protocol restated by brute force in numpy (no unseg, no
+    scipy): the ground truth's 255 pixels are dropped; every permutation of the ``k`` cluster ids
+    onto the classes is tried, scored by the summed IoU of each cluster with its class (union
+    over the kept pixels, where a predicted 255 is in no cluster but still in its class); the
+    best one maps the prediction, a 255 staying unmatched (wrong). Returns the permutation, its
+    lead over the runner-up, and the scores (Acc, per-class IoU, mIoU over the classes present).
+    The keywords give two other protocols, to show that the data tells them apart."""
+    keep = np.ones(gt.shape, bool) if keep_ignored_gt else gt != 255
+    if drop_predicted_255:
+        keep &= pred != 255
+    p, g = pred[keep].astype(np.int64), gt[keep].astype(np.int64)
+    sums = {}
+    for perm in itertools.permutations(range(k)):
+        total = 0.0
+        for c in range(k):
+            inter = np.sum((p == c) & (g == perm[c]))
+            union = np.sum((p == c) | (g == perm[c]))
+            total += inter / union if union else 0.0
+        sums[perm] = total
+    ranked = sorted(sums, key=sums.__getitem__, reverse=True)
+    best = ranked[0]
+    mapped = np.full(p.shape, -1)
+    for c in range(k):
+        mapped[p == c] = best[c]
+    iou = [np.sum((mapped == c) & (g == c)) / np.sum((mapped == c) | (g == c)) for c in range(k)]
+    scores = {"acc": float(np.mean(mapped == g)), "per_class_iou": [float(v) for v in iou],
+              "miou": float(np.mean(iou))}
+    return best, sums[best] - sums[ranked[1]], scores
+
+
+def test_iou_matching_skips_ignored_truth_and_counts_predicted_255_as_wrong(
+    tmp_path: Path, capsys
+) -> None:
+    """`evaluate semantic --match iou` (MaskContrast's Hungarian on IoU, its
+    ``linear_sum_assignment(N - IoU)``) against the brute force above, on pixels built so that
+    the IoU-best permutation differs from the one matching pixel counts, from the one a
+    predicted 255 left out of its class's union gives, and from the one counting the pixels of
+    ignored ground truth in their cluster's area: each of those mistakes would change the
+    matching and the scores. A predicted 255 is a wrong pixel of its class, as in the
+    reference's union (its evaluation code never predicts 255)."""
+    k = 3
+    # (cluster, class) pixel counts, then class pixels predicted 255 and cluster pixels on
+    # ignored ground truth, plus pixels ignored on both sides
+    counts = [[5, 1, 10], [5, 4, 0], [0, 2, 6]]
+    predicted_255 = [10, 0, 5]
+    on_ignored = [0, 3, 5]
+    pairs = [(c, cls) for c in range(k) for cls in range(k) for _ in range(counts[c][cls])]
+    pairs += [(255, cls) for cls in range(k) for _ in range(predicted_255[cls])]
+    pairs += [(c, 255) for c in range(k) for _ in range(on_ignored[c])]
+    pairs += [(255, 255)] * (2 * 48 - len(pairs))
+    order = np.random.default_rng(0).permutation(len(pairs))
+    pred, gt = (np.array([pairs[i][j] for i in order], np.uint8).reshape(2, 6, 8)
+                for j in (0, 1))
+    best, lead, want = _iou_protocol_reference(pred, gt, k)
+    assert lead > 0.01  # one best permutation: no tie for scipy to break otherwise
+    others = [_iou_protocol_reference(pred, gt, k, drop_predicted_255=True)[0],
+              _iou_protocol_reference(pred, gt, k, keep_ignored_gt=True)[0]]
+    by_pixels = max(itertools.permutations(range(k)), key=lambda perm: sum(
+        np.sum((pred == c) & (gt == perm[c])) for c in range(k)))
+    assert best not in (*others, by_pixels)
+    for i in range(2):
+        save_png_atomic(tmp_path / "gt" / f"img{i}.png", gt[i])
+        save_png_atomic(tmp_path / "pred" / f"img{i}.png", pred[i])
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(tmp_path / "pred"), "--gt",
+                         str(tmp_path / "gt"), "-k", "3", "--match", "iou", "--json",
+                         str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert tuple(r["assignment"]) == best
+    assert r["acc"] == pytest.approx(want["acc"], abs=1e-12)
+    assert r["miou"] == pytest.approx(want["miou"], abs=1e-12)
+    assert r["per_class_iou"] == pytest.approx(want["per_class_iou"], abs=1e-12)

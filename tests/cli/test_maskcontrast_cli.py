@@ -684,3 +684,60 @@ def test_the_chains_discovery_gets_max_side_and_max_pixels(tmp_path, monkeypatch
     seg = unseg.Segmenter("maskcontrast", discover="spectral", max_side=0, max_pixels=10**9)
     seg._discovered_masks(ImageInputs(paths, arrays))
     assert seen[-1] == {"max_side": 0, "max_pixels": 10**9}
+
+
+def test_segment_lists_the_images_once_to_choose_its_discovery(tmp_path, monkeypatch, capsys):
+    """`segment --method maskcontrast` with `--discover auto` counts the images to choose the
+    mask source: the check before claiming --out did, and the run counted them all again (a
+    second pass over every file of a large folder). Reads of each image before the discovery
+    starts, against a named method (which counts nothing): one more each, not two."""
+    import unseg.data.datasets as datasets
+    import unseg.pipelines.folder as folder
+
+    images, _ = write_set(tmp_path / "d", n=6)
+    reads: list[Path] = []
+    real = datasets.unreadable
+
+    def counting(path):
+        reads.append(Path(path))
+        return real(path)
+
+    def stop(images, out_dir, method, **kw):
+        raise UnsegError(f"stopped before discovering with {method}")
+
+    monkeypatch.setattr(datasets, "unreadable", counting)
+    monkeypatch.setattr(folder, "discover", stop)
+    per_image = {}
+    for discover in ("spectral", "auto"):
+        reads.clear()
+        assert main(["-q", "segment", str(images), "--out", str(tmp_path / discover),
+                     "--method", "maskcontrast", "-k", "3", *TINY, "--epochs", "1",
+                     "--discover", discover]) == 2
+        assert "stopped before discovering with spectral" in capsys.readouterr().err
+        per_image[discover] = {p.name: reads.count(p) for p in sorted(images.iterdir())}
+    assert len(per_image["auto"]) == 6
+    assert per_image["auto"] == {n: c + 1 for n, c in per_image["spectral"].items()}
+
+
+def test_a_size_other_than_the_embedding_runs_is_refused(fitted, tmp_path, capsys):
+    """`--size 320` with `--embeddings MC_RUN` (trained at 96) was replaced by the run's size
+    with an INFO line: the default could not be told from a size given. Another size is now
+    refused as another --max-side is, through the CLI and the Segmenter; the same size, or
+    none, works at the run's."""
+    from unseg.pipelines.semantic import SemanticKind
+
+    images, _, run = fitted
+    fast = ["kmeans", str(images), "--embeddings", str(run), "-k", "3", "--refine", "none",
+            "--n-init", "1"]
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "x"), "--size", "320"]) == 2
+    err = capsys.readouterr().err
+    assert f"--size 320: the embeddings of {run} were trained at feature size 96" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+    assert main(["-q", "fit", *fast, "--out", str(tmp_path / "same"), "--size", "96"]) == 0
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["feature_size"] == 96
+    with pytest.raises(UnsegError, match=r"--size 320: the embeddings of .* feature size 96"):
+        unseg.Segmenter("kmeans", embeddings=run, size=320)
+    for given in ({"size": 96}, {}):
+        kind = unseg.Segmenter("kmeans", embeddings=run, **given)._kind
+        assert isinstance(kind, SemanticKind) and kind.settings.size == 96
+    assert unseg.Segmenter("kmeans", backbone="efficientnet_lite0")._kind.settings.size == 320

@@ -62,9 +62,9 @@ def test_segment_defaults_with_dino_weights(dino_cache):
         "primaps-em", 5, "auto", None)
     settings = run_settings(args, "segment")
     assert settings.backbone == "dino_vits8" and settings.tap is None
-    assert (settings.size, settings.max_side, settings.label_factor) == (320, None, 2)
+    assert (settings.size, settings.max_side, settings.label_factor) == (None, None, 2)
     spec, config, resolved = semantic._method(args.method, args.num_classes, None, settings)
-    assert resolved.max_side == 1280  # 4 x the 320 short side
+    assert (resolved.size, resolved.max_side) == (320, 1280)  # 4 x the 320 short side
     # the ViT's LayerNorm-ed tokens: the reference classifier, no centring
     assert (config.classifier, config.center) == ("reference", False)
     assert (config.epochs, config.batch_size, config.flip, config.crf) == (50, 32, True, True)

@@ -20,7 +20,7 @@ from unseg.errors import UnsegError
 from unseg.layout import MANIFEST_FILE
 from unseg.outdir import Mode, recorded
 from unseg.pipelines.backbone import MAX_SIZE, check_resolution, choose_backbone
-from unseg.pipelines.kind import Settings
+from unseg.pipelines.kind import DEFAULT_SIZE, Settings
 from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE, REFINES
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
@@ -81,8 +81,9 @@ def add_image_arguments(p: argparse.ArgumentParser, max_side: bool = True) -> No
 def add_semantic_arguments(p: argparse.ArgumentParser) -> None:
     """The semantic pipeline's own options (``unseg fit`` of a semantic method, ``segment``)."""
     p.add_argument(
-        "--size", type=int, default=320,
-        help=f"feature short side in pixels (320; 2 x the backbone's stride to {MAX_SIZE})",
+        "--size", type=int, default=None,
+        help=f"feature short side in pixels ({DEFAULT_SIZE}; 2 x the backbone's stride to "
+        f"{MAX_SIZE})",
     )
     add_image_arguments(p)
     p.add_argument(
@@ -132,7 +133,8 @@ def run_settings(args: argparse.Namespace, command: str) -> Settings:
     if not embeddings:
         backbone = resolve_backbone(args.backbone, command)
         if hasattr(args, "size"):
-            check_resolution(args.size, getattr(args, "max_side", None), backbone, args.tap)
+            size = DEFAULT_SIZE if args.size is None else args.size
+            check_resolution(size, getattr(args, "max_side", None), backbone, args.tap)
     values = {name: getattr(args, arg) for name, arg in _SETTINGS_ARGS.items()
               if getattr(args, arg, None) is not None}
     return Settings(backbone=backbone, **values)

@@ -37,8 +37,8 @@ def _semantic_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--embeddings", default=None, metavar="RUN",
         help="fit on the pixel embeddings of a maskcontrast run instead of the backbone's "
-        "features (its backbone, tap, weights, size and max-side are used; recorded in the run, "
-        "applied again at prediction)",
+        "features (its backbone, tap, weights, size and max-side are used, other ones given "
+        "are refused; recorded in the run, applied again at prediction)",
     )
 
 

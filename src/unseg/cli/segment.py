@@ -26,6 +26,7 @@ from unseg.cli.options import add_method_options, given_options
 from unseg.pipelines.folder import check_discovery, segment
 from unseg.pipelines.kind import Settings
 from unseg.pipelines.kinds import create_kind
+from unseg.pipelines.saliency import MaskSource
 from unseg.pipelines.semantic import DEFAULT_SEGMENT_CLASSES
 from unseg.registry import get_method, list_methods
 from unseg.report.html import write_report
@@ -72,16 +73,17 @@ def _run(args: argparse.Namespace) -> int:
     spec = get_method(args.method)
     settings = run_settings(args, "segment")
     kind = create_kind(spec.name, args.num_classes, given_options(args, spec), settings)
-    if kind.needs_masks:  # MaskContrast's chained discovery: its checks too
-        check_discovery(args.images, settings)
-    return run_into_output(args, "segment", ("images",), lambda: _segment(args, settings))
+    source = None
+    if kind.needs_masks:  # MaskContrast's chained discovery: its checks too; the run then
+        source = check_discovery(args.images, settings)  # reuses the source it resolved
+    return run_into_output(args, "segment", ("images",), lambda: _segment(args, settings, source))
 
 
-def _segment(args: argparse.Namespace, settings: Settings) -> Outcome:
+def _segment(args: argparse.Namespace, settings: Settings, source: MaskSource | None) -> Outcome:
     spec = get_method(args.method)
     report = segment(
         args.images, args.out, spec.name, args.num_classes,
-        options=given_options(args, spec), settings=settings,
+        options=given_options(args, spec), settings=settings, source=source,
     )
     return batch_outcome(
         report, f"{args.out}/masks (overlays in {args.out}/overlays)",

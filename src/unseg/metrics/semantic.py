@@ -11,6 +11,9 @@ counts as wrong.
 Predicted "no label" pixels (a prediction equal to ``pred_ignore``, 255 by default, e.g. PriMaPs'
 ignore label) and the pixels of missing predictions are *not* dropped: they go to an extra
 "unassigned" row that is never matched, so they count as wrong (false negatives of their class).
+In ``match="iou"`` they are in their class's union, as in MaskContrast's IoU (its
+``segmentation/utils/kmeans_utils.py``), whose own predictions never hold 255 (its zero-filled
+remap would score such a pixel as class 0, i.e. as background on VOC).
 """
 
 from __future__ import annotations

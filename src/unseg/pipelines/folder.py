@@ -33,7 +33,7 @@ from unseg.layout import BOXES_FILE, DISCOVER_DIR, MASKS_DIR, OVERLAYS_DIR, RUN_
 from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.kinds import create_kind, run_kind
 from unseg.pipelines.label_maps import gather_report, overlay_image
-from unseg.pipelines.saliency import mask_source, mask_source_context
+from unseg.pipelines.saliency import MaskSource, mask_source, mask_source_context
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import atomic_write, save_png_atomic, write_json_atomic
@@ -131,11 +131,13 @@ def segment(
     *,
     options: Mapping[str, Any] | None = None,
     settings: Settings | None = None,
+    source: MaskSource | None = None,
 ) -> BatchReport:
     """Fit ``method`` on ``images`` and predict them in one pass: ``out_dir/run`` (reusable
     with ``unseg predict``), ``out_dir/masks``, ``out_dir/overlays``; MaskContrast first
     discovers the masks it trains on into ``out_dir/discover`` (unless ``settings.saliency``
-    names a folder of them).
+    names a folder of them), with ``source`` (what :func:`check_discovery` returned for these
+    images and settings; None: resolved here, which lists the images for ``auto``).
 
     Returns the prediction's report, with the images the fit (and discovery) could not use among
     the failures; the run's ``config.json`` holds the seconds per stage (``timings``).
@@ -146,7 +148,7 @@ def segment(
     with kind.session() as session:
         if kind.needs_masks:
             with session.timings.stage("discover"):
-                found = _discover_masks(images, out / DISCOVER_DIR, kind.settings)
+                found = _discover_masks(images, out / DISCOVER_DIR, kind.settings, source)
             session.report.merge(BatchReport(failed=found.failed))
             kind.use_masks(out / DISCOVER_DIR / MASKS_DIR, resolve_image_dir(images))
         inputs = list_images(images, kind, session.report)
@@ -169,19 +171,22 @@ def _discovery_settings(settings: Settings) -> Settings:
     )
 
 
-def check_discovery(images: str | Path, settings: Settings) -> None:
+def check_discovery(images: str | Path, settings: Settings) -> MaskSource:
     """Refuse (``UnsegError``) what the discovery :func:`segment` chains before a method that
     trains on its masks would refuse with ``settings`` (that method's), as its own kind is
-    checked: before a command claims (and ``--overwrite`` empties) its output folder."""
-    method, options, _ = mask_source(settings.discover, images)
-    create_kind(method, None, options, _discovery_settings(settings))
+    checked: before a command claims (and ``--overwrite`` empties) its output folder. Returns
+    the mask source it checked, for :func:`segment` to run (``auto`` lists the images once)."""
+    source = mask_source(settings.discover, images)
+    create_kind(source.method, None, source.options, _discovery_settings(settings))
+    return source
 
 
-def _discover_masks(images: str | Path, out_dir: Path, settings: Settings) -> BatchReport:
+def _discover_masks(images: str | Path, out_dir: Path, settings: Settings,
+                    source: MaskSource | None = None) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
-    defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`), for a method
-    that trains on the masks, with :func:`_discovery_settings`."""
-    method, options, why = mask_source(settings.discover, images)
+    defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`; ``source``:
+    already resolved), for a method that trains on the masks, with :func:`_discovery_settings`."""
+    method, options, why = source or mask_source(settings.discover, images)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     with mask_source_context(options):
         found = discover(images, out_dir, method, options=options,

@@ -35,18 +35,22 @@ from unseg.refine.semantic import DEFAULT_PSEUDO_REFINE, DEFAULT_REFINE
 from unseg.utils.batch import BatchReport
 from unseg.utils.timing import Timings
 
+DEFAULT_SIZE = 320  # the feature short side when none is given (the reference's resolution)
+
 
 @dataclass(frozen=True)
 class Settings:
     """How a command runs, besides the method's own config (each kind reads the fields it has).
 
-    ``size``: feature short side; ``label_factor``: logits at this multiple of the feature
-    resolution (training and prediction); ``refine``: the prediction's refinement (stored in the
-    run as its default); ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF);
-    ``cache_dir``: where features and pseudo-labels are cached (None: the run's ``cache/``);
-    entries are keyed by everything they depend on, so runs may share one; ``embeddings``: a
-    MaskContrast run whose pixel embeddings replace the features (its backbone, tap, weights,
-    feature size and max_side are used; the run records it and prediction applies it again);
+    ``size``: feature short side (None: :data:`DEFAULT_SIZE`; with ``embeddings``, the
+    embedding run's, and another one given is an error); ``label_factor``: logits at this
+    multiple of the feature resolution (training and prediction); ``refine``: the prediction's
+    refinement (stored in the run as its default); ``pseudo_refine``: the PriMaPs
+    pseudo-labels' (the paper: CRF); ``cache_dir``: where features and pseudo-labels are cached
+    (None: the run's ``cache/``); entries are keyed by everything they depend on, so runs may
+    share one; ``embeddings``: a MaskContrast run whose pixel embeddings replace the features
+    (its backbone, tap, weights, feature size and max_side are used, other ones given are
+    refused; the run records it and prediction applies it again);
     ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no limit; recorded
     in the run, which predicts at it); ``max_pixels``: the per-file pixel limit (None: Pillow's,
     0: none). MaskContrast: ``saliency``, a folder of mask PNGs to train on (None: those of
@@ -57,7 +61,7 @@ class Settings:
     backbone: str | None = None
     weights: str | None = None
     tap: str | None = None
-    size: int = 320
+    size: int | None = None
     label_factor: int = 2
     refine: str = DEFAULT_REFINE
     pseudo_refine: str = DEFAULT_PSEUDO_REFINE

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -470,16 +470,26 @@ def mask_source_context(options: Mapping[str, Any] | None) -> AbstractContextMan
     return nullcontext()
 
 
+class MaskSource(NamedTuple):
+    """The discovery chained before a method that trains on its masks: the discover
+    ``method``, its ``options`` (None: discover's defaults) and ``why`` it was chosen."""
+
+    method: str
+    options: dict[str, Any] | None
+    why: str
+
+
 def mask_source(
     discover: str, images: str | Path | None = None, n_images: int | None = None
-) -> tuple[str, dict[str, Any] | None, str]:
+) -> MaskSource:
     """The discover method, its options (:data:`MASK_SOURCE_OPTIONS`; None: discover's
     defaults) and why, for the masks a method trains on (MaskContrast), from the ``discover``
     setting (``auto``: as :func:`resolve_discover_method` decides for ``images`` or
-    ``n_images``). The commands and the :class:`~unseg.Segmenter` both take it from here."""
+    ``n_images``, which lists ``images``). The commands and the :class:`~unseg.Segmenter` both
+    take it from here."""
     method, why = resolve_discover_method(discover, images, n_images=n_images)
     options = MASK_SOURCE_OPTIONS.get(method)
-    return method, None if options is None else dict(options), why
+    return MaskSource(method, None if options is None else dict(options), why)
 
 
 def method_tap(method: str, settings: Settings) -> Settings:

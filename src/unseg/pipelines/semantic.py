@@ -50,7 +50,7 @@ from unseg.pipelines.backbone import (
 )
 from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.fitting import build_config, extras_for, fit_estimator, training_inputs
-from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.kind import DEFAULT_SIZE, FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.label_maps import CHUNK, PredictSettings, refined_probabilities
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
@@ -144,8 +144,8 @@ def pipeline_values(num_classes: int, settings: Settings) -> dict[str, Any]:
 def _embedding_backbone(settings: Settings) -> Settings:
     """``settings`` with the backbone, tap, weights, feature size and working resolution
     (``max_side``) of the MaskContrast run ``settings.embeddings``: its head was trained and
-    predicts on features at that resolution (a different backbone, tap or max_side asked for
-    is an error)."""
+    predicts on features at that resolution (a different backbone, tap, size or max_side asked
+    for is an error; the same one is accepted)."""
     meta, _ = load_run(settings.embeddings)  # type: ignore[arg-type]
     for name, key in (("backbone", "backbone"), ("tap", "tap")):
         asked = getattr(settings, name)
@@ -160,12 +160,18 @@ def _embedding_backbone(settings: Settings) -> Settings:
             f"--max-side {settings.max_side}: the embeddings of {settings.embeddings} were "
             f"trained at max_side {max_side} (0: no limit); leave --max-side out"
         )
-    if settings.size != meta.get("feature_size"):
-        logger.info("feature size %s of the embedding run is used", meta.get("feature_size"))
+    run_size = meta.get("feature_size")
+    if settings.size is not None and run_size is not None and settings.size != run_size:
+        raise UnsegError(
+            f"--size {settings.size}: the embeddings of {settings.embeddings} were trained at "
+            f"feature size {run_size}; leave --size out"
+        )
+    size = run_size if run_size is not None else settings.size
+    logger.info("feature size %s of the embedding run is used", size)
     return replace(
         settings, backbone=meta.get("backbone"), tap=meta.get("tap"),
         weights=settings.weights or meta.get("weights_path"),
-        size=int(meta.get("feature_size", settings.size)), max_side=max_side,
+        size=int(size if size is not None else DEFAULT_SIZE), max_side=max_side,
     )
 
 
@@ -178,6 +184,8 @@ def _method(
     _check(spec, num_classes, settings)
     if settings.embeddings:
         settings = _embedding_backbone(settings)
+    elif settings.size is None:
+        settings = replace(settings, size=DEFAULT_SIZE)
     backbone = resolve_backbone_name(settings.backbone)
     if not settings.embeddings:  # the embedding run's size was checked when it was fitted
         check_resolution(settings.size, settings.max_side, backbone, settings.tap)
