@@ -592,3 +592,82 @@ def test_iou_matching_skips_ignored_truth_and_counts_predicted_255_as_wrong(
     assert r["acc"] == pytest.approx(want["acc"], abs=1e-12)
     assert r["miou"] == pytest.approx(want["miou"], abs=1e-12)
     assert r["per_class_iou"] == pytest.approx(want["per_class_iou"], abs=1e-12)
+
+
+def _nested(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path]:
+    """Ground truth in category folders whose stems repeat (cats/001, dogs/001), and the
+    predictions segment writes for them (mirrored folders), each its own image's labels."""
+    gt, pred = tmp_path / "gt", tmp_path / "out" / "masks"
+    for folder in ("cats", "dogs"):
+        for stem in ("001", "002"):
+            labels = _labels(rng)
+            save_png_atomic(gt / folder / f"{stem}.png", labels)
+            save_png_atomic(pred / folder / f"{stem}.png", labels)
+    return pred, gt
+
+
+def test_nested_ground_truth_with_repeated_stems_pairs_by_relative_path(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    """Ground truth in category folders (cats/001.png, dogs/001.png) gave "no images found"
+    (its top was listed only) or "several ground-truth files share a stem": it now pairs with
+    the predictions' mirrored folders by relative path."""
+    pred, gt = _nested(tmp_path, rng)
+    out_json = tmp_path / "r.json"
+    for kind in ("semantic", "saliency"):
+        code, _, err = _run([kind, "--pred", str(pred), "--gt", str(gt), "--json",
+                             str(out_json), *(["--num-classes", "3"] if kind == "semantic"
+                                              else [])], capsys)
+        assert code == 0, err
+        r = json.loads(out_json.read_text())
+        assert r["n_images"] == 4 and r["n_missing"] == 0 and r["acc"] == 1.0  # each its own
+    # swapped folders: every image scored against another's labels
+    (pred / "cats").rename(pred / "tmp")
+    (pred / "dogs").rename(pred / "cats")
+    (pred / "tmp").rename(pred / "dogs")
+    code, _, _ = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes", "3",
+                       "--json", str(out_json)], capsys)
+    assert code == 0 and json.loads(out_json.read_text())["acc"] < 0.6
+    # predictions without the folders cannot be told apart: each missing one is named
+    flat = tmp_path / "flat"
+    save_png_atomic(flat / "001.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(flat), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "cats/001.png" in err and "dogs/002.png" in err
+
+
+def test_nested_ground_truth_with_unique_stems_still_pairs_by_stem(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for i, folder in enumerate(("a", "b")):
+        labels = _labels(rng)
+        save_png_atomic(gt / folder / f"im{i}.png", labels)
+        save_png_atomic(pred / f"im{i}.png", labels)  # flat predictions
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["acc"] == 1.0
+    # a repeated stem in one folder is still an error naming both files
+    Image.fromarray(_labels(rng)).save(gt / "a" / "im0.bmp")
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "share a stem" in err and "im0.bmp" in err
+
+
+def test_corloc_of_a_nested_discover_boxes_json(tmp_path: Path, capsys) -> None:
+    """discover keys boxes.json by path for nested inputs ("sub/x"); CorLoc against the flat
+    annotations found no box for any image ("no box for 2 image(s)")."""
+    ann = tmp_path / "ann"
+    _xml(ann / "x.xml", (1, 1, 20, 20))
+    _xml(ann / "y.xml", (21, 11, 50, 40))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"sub1/x": [0, 0, 20, 20], "sub2/deeper/y": [0, 0, 10, 10]}))
+    out_json = tmp_path / "c.json"
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
+                         "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert (r["corloc"], r["n_images"], r["n_missing"]) == (0.5, 2, 0)
+    boxes.write_text(json.dumps({"a/x": [0, 0, 20, 20], "b/x": None, "y": None}))
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    assert code == 2 and "repeat in sub-folders" in err and "b/x" in err

@@ -517,3 +517,28 @@ def test_the_kind_of_masks_is_the_registered_methods(tmp_path: Path, method: str
     Image.new(mode, (8, 8)).save(out / "masks" / "a.png")
     save_run(out / "run", method, {}, {"w": torch.zeros(1)})
     assert find_outputs(out).kind == kind
+
+
+def test_nested_saliency_outputs_show_their_boxes_and_their_own_scores(tmp_path: Path) -> None:
+    """discover on category folders (cats/001, dogs/001): the gallery looked boxes up by stem
+    while boxes.json keys them by path (no box was drawn), and ground truth nested the same
+    way was not found (no per-image score)."""
+    images, out, gt = tmp_path / "images", tmp_path / "out", tmp_path / "gt"
+    boxes, want = {}, {}
+    for i, folder in enumerate(("cats", "dogs")):
+        save_png_atomic(images / folder / "001.png", QUADRANT_COLORS[_quadrants(i)])
+        prob = np.zeros((H, W), dtype=np.uint8)
+        prob[8:30, 10:40] = 220
+        save_png_atomic(out / "masks" / folder / "001.png", prob)
+        truth = np.zeros((H, W), dtype=np.uint8)
+        truth[10:32, 12 + 10 * i : 40] = 255  # the two images score differently
+        save_png_atomic(gt / folder / "001.png", truth)
+        boxes[f"{folder}/001"] = [10.0, 8.0, 40.0, 30.0]
+        p, g = prob >= 128, truth >= 128
+        want[folder] = (p & g).sum() / (p | g).sum()
+    write_json_atomic(out / "boxes.json", boxes)
+    page = write_report(out, images=images, gt=gt).read_text()
+    assert len(_tagged_uris(page, "mask and box")) == 2
+    scores = re.findall(r"IoU (\d+\.\d)%", page)
+    assert sorted(scores) == sorted(f"{100 * v:.1f}" for v in want.values())
+    assert len(set(scores)) == 2

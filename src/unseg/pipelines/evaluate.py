@@ -355,6 +355,23 @@ def _read_boxes_json(path: Path) -> dict[str, list[float] | None]:
     return data
 
 
+def _by_image_stem(boxes: dict[str, list[float] | None],
+                   path: Path) -> dict[str, list[float] | None]:
+    """``boxes.json``'s entries by image stem: ``discover`` keys nested inputs by their path
+    (``sub/name``), the annotations are one flat folder of ``name.xml``."""
+    out: dict[str, list[float] | None] = {}
+    repeated: list[str] = []
+    for key, box in boxes.items():
+        stem = key.rsplit("/", 1)[-1]
+        if stem in out:
+            repeated.append(key)
+        out[stem] = box
+    if repeated:
+        raise InputFileError(path, f"{len(repeated)} image name(s) repeat in sub-folders, and "
+                             f"the annotations are one folder of names: {', '.join(repeated[:10])}")
+    return out
+
+
 def _mask_box(pred_path: Path, size: tuple[int, int], problems: _Problems) -> list[float] | None:
     """Box of the largest component of a mask, rescaled to the annotation's ``size`` (h, w)."""
     try:
@@ -387,8 +404,8 @@ def evaluate_corloc(
     json_path = pred if pred.is_file() else pred / BOXES_FILE
     boxes: dict[str, list[float] | None] | None = None
     if json_path.is_file():
-        boxes = _read_boxes_json(json_path)
         gt_map, layout = gt_files(Path(annotations), "boxes")
+        boxes = _by_image_stem(_read_boxes_json(json_path), json_path)
         missing = [s for s in gt_map if s not in boxes]
         extra = sorted(s for s in boxes if s not in gt_map)
         if (missing or extra) and not allow_missing:

@@ -4,7 +4,10 @@ Ground truth may be a plain folder or a dataset root in its official layout
 (``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
 Predictions are listed recursively, so the mirrored sub-folders that ``segment``/``predict``
 write for nested inputs (e.g. Cityscapes' city folders) pair by stem; an unseg output folder
-(with its ``unseg-manifest.json``) stands for its ``masks`` folder.
+(with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder
+with no image at its top is listed recursively, and when its stems repeat across sub-folders
+(``cats/001.png``, ``dogs/001.png``) both sides pair by path relative to their folder, without
+suffix (``cats/001``): the sub-folders ``segment`` mirrors.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Pairing:
-    """Ground-truth files matched to prediction files by stem."""
+    """Ground-truth files matched to prediction files by key: the stem, or the path relative
+    to the folder without suffix (``cats/001``) when the ground truth's stems repeat."""
 
     gt: dict[str, Path]
     pred: dict[str, Path]
@@ -42,12 +46,16 @@ def _stem(path: Path, suffix: str) -> str:
     return path.stem
 
 
-def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
-    """``paths`` by stem; a stem found twice is an error naming every file that has it."""
+def _by_stem(paths: Iterable[Path], suffixes: tuple[str, ...], what: str,
+             root: Path | None = None) -> dict[str, Path]:
+    """``paths`` by stem (with ``root``: by path relative to it, without suffix,
+    ``cats/001``); a key found twice is an error naming every file that has it."""
     out: dict[str, Path] = {}
     dupes: list[Path] = []
     for p in paths:
         stem = next((_stem(p, s) for s in suffixes if s and p.name.endswith(s)), p.stem)
+        if root is not None:
+            stem = (p.parent.relative_to(root) / stem).as_posix()
         if stem in out:
             if out[stem] not in dupes:
                 dupes.append(out[stem])
@@ -78,8 +86,28 @@ def _refuse_other_task(gt: Path, task: Task) -> None:
                      f"{_TASK_GT[task][1]} to score against; use `{command}`")
 
 
+def _plain_gt(gt: Path) -> dict[str, Path]:
+    """A plain folder's ground-truth images: those at its top, else all below it; by stem, or
+    by relative path when stems repeat across its sub-folders."""
+    try:
+        files = list_images(gt, recursive=False)
+    except UnsegError:
+        if not gt.is_dir():
+            raise
+        files = list_images(gt)  # nested only (or an error saying no images were found)
+    try:
+        return _by_stem(files, (), "ground-truth")
+    except ManyFilesError:
+        if all(p.parent == gt for p in files):
+            raise
+    logger.info("%s: ground-truth stems repeat across its sub-folders: pairing by path "
+                "relative to the folder", gt)
+    return _by_stem(files, (), "ground-truth", root=gt)
+
+
 def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
-    """Ground-truth files by stem, from a dataset root in its layout or a plain folder."""
+    """Ground-truth files by key (see :class:`Pairing`), from a dataset root in its layout or
+    a plain folder."""
     layout = find_layout(gt, task)
     if layout is None:
         _refuse_other_task(gt, task)
@@ -89,9 +117,8 @@ def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | Non
             files = sorted(gt.glob("*.xml"))
             if not files:
                 raise UnsegError(f"{gt}: no .xml annotations found")
-        else:
-            files = list_images(gt, recursive=False)
-        return _by_stem(files, (), "ground-truth"), None
+            return _by_stem(files, (), "ground-truth"), None
+        return _plain_gt(gt), None
     root = layout.gt_path
     if not root.is_dir():
         raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
@@ -144,8 +171,9 @@ def pair_files(
     except UnsegError:  # an empty folder: every ground-truth file is reported missing below
         files = []
     suffixes = (layout.image_suffix,) if layout is not None else ()
+    nested = any("/" in key for key in gt_map)  # ground truth keyed by relative path
     try:
-        pred_map = _by_stem(files, suffixes, "prediction")
+        pred_map = _by_stem(files, suffixes, "prediction", root=pred if nested else None)
     except ManyFilesError as exc:
         if (pred / MASKS_DIR).is_dir():
             hint = f"to score only the masks, pass --pred {pred / MASKS_DIR}"

@@ -109,7 +109,7 @@ def _semantic_card(
             figures.append(_figure(data_uri(thumbnail(colorize(labels), nearest=True), "png"),
                                    "mask"))
     score = ""
-    gt_path = None if evaluation is None else evaluation.gt_files.get(mask.stem)
+    gt_path = None if evaluation is None else evaluation.gt_files.get(evaluation.key_of(mask))
     gt = _try_load(gt_path, label=True)
     if evaluation is not None and gt is not None:
         r = evaluation.result
@@ -141,7 +141,7 @@ def _saliency_card(
     boxes: dict[str, list[float] | None],
 ) -> tuple[list[str], str]:
     mask8 = load_label(mask).astype(np.uint8)
-    box = boxes.get(mask.stem)
+    box = boxes.get(outputs.mask_key(mask))  # boxes.json's keys: sub/name
     if not (isinstance(box, list) and len(box) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         box = None
@@ -158,13 +158,13 @@ def _saliency_card(
         grey = np.repeat(mask8[..., None], 3, axis=2)
         figures.append(_figure(data_uri(thumbnail(grey), "png"), "mask"))
     score = ""
-    gt_path = None if evaluation is None else evaluation.gt_files.get(mask.stem)
+    gt_path = None if evaluation is None else evaluation.gt_files.get(evaluation.key_of(mask))
     gt = _try_load(gt_path, label=True)
     if evaluation is not None and gt is not None:
         binary = binarize_gt(gt).astype(np.uint8) * 255
         figures.append(_figure(data_uri(thumbnail(np.repeat(binary[..., None], 3, axis=2)),
                                         "png"), "ground truth"))
-        iou = evaluation.image_iou.get(mask.stem)
+        iou = evaluation.image_iou.get(evaluation.key_of(mask))
         score = "" if iou is None else f"IoU {100 * iou:.1f}%"
     elif evaluation is not None:
         figures.append('<figure class="absent"><div>no ground truth</div></figure>')

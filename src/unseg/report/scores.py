@@ -9,7 +9,7 @@ scores), and for saliency runs the pixel confusion at ``p > 0.5`` and every imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from unseg.pipelines.evaluate import (
     evaluate_saliency,
     evaluate_semantic,
 )
-from unseg.pipelines.pairing import pair_files
+from unseg.pipelines.pairing import Pairing, pair_files
 from unseg.report.outputs import RunOutputs
 
 
@@ -43,6 +43,12 @@ class SemanticEvaluation:
     confusion: np.ndarray
     unassigned: np.ndarray
     gt_files: dict[str, Path]
+    pred_keys: dict[Path, str] = field(default_factory=dict)
+
+    def key_of(self, mask: Path) -> str:
+        """The key of the prediction ``mask`` in :attr:`gt_files` (its stem, or its path
+        relative to the masks folder when the ground truth pairs by path)."""
+        return self.pred_keys.get(mask, mask.stem)
 
 
 @dataclass
@@ -55,6 +61,11 @@ class SaliencyEvaluation:
     pixel_confusion: np.ndarray
     image_iou: dict[str, float]
     gt_files: dict[str, Path]
+    pred_keys: dict[Path, str] = field(default_factory=dict)
+
+    def key_of(self, mask: Path) -> str:
+        """As :meth:`SemanticEvaluation.key_of`."""
+        return self.pred_keys.get(mask, mask.stem)
 
 
 def _prediction(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
@@ -67,6 +78,11 @@ def _prediction(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
     if pred.shape != shape and not resizable(pred.shape, shape):
         return None
     return pred
+
+
+def _keys(pairing: Pairing) -> dict[Path, str]:
+    """Each paired prediction file's key."""
+    return {path: key for key, path in pairing.pred.items()}
 
 
 def _infer_num_classes(gt_files: dict[str, Path], ignore_index: int | None) -> int:
@@ -112,7 +128,8 @@ def evaluate_semantic_run(
             conf.add_missing(labels)
             continue
         conf.update(pred, labels)
-    return SemanticEvaluation(result, conf.matrix, conf.unassigned, dict(pairing.gt))
+    return SemanticEvaluation(result, conf.matrix, conf.unassigned, dict(pairing.gt),
+                              _keys(pairing))
 
 
 def evaluate_saliency_run(masks_dir: Path, gt: str | Path) -> SaliencyEvaluation:
@@ -134,7 +151,7 @@ def evaluate_saliency_run(masks_dir: Path, gt: str | Path) -> SaliencyEvaluation
         positive = (as_probability(pred) > 0.5).ravel()
         confusion += np.bincount(2 * fg + positive, minlength=4).reshape(2, 2)
         image_iou[stem] = binary_scores(pred, mask)[1]
-    return SaliencyEvaluation(result, confusion, image_iou, dict(pairing.gt))
+    return SaliencyEvaluation(result, confusion, image_iou, dict(pairing.gt), _keys(pairing))
 
 
 def evaluate_boxes(outputs: RunOutputs, annotations: str | Path) -> CorLocResult:
