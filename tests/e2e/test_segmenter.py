@@ -514,3 +514,20 @@ def test_the_example_script_runs(tmp_path: Path) -> None:
         photo_size = Image.open(script.parent / "images" / f"{photo}.jpg").size
         assert classes.shape == photo_size[::-1]
         assert (tmp_path / f"object-{photo}.png").is_file()
+
+
+def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
+    """A [N, H, W, 3] stack (scikit-learn's X) was refused as "images[0]: ... got uint8 of
+    shape (3, 64, 96, 3)"; it is N images, as their list."""
+    images = _scenes()
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    masks = seg.fit_predict(np.stack(images))
+    _equal(masks, unseg.Segmenter(**seg.get_params()).fit_predict(images))
+    _equal(seg.predict(np.stack(images)), seg.predict(images))
+    _equal(seg.predict(tuple(images)), seg.predict(images))
+    grey = np.stack([im[..., 1] for im in images])
+    _equal(seg.predict(grey[..., None]), seg.predict(list(grey)))
+    with pytest.raises(UnsegError, match=r"^images: expected .*shape \(3, 64, 96\); a stack "
+                                         r"of N grey images is \[N, H, W, 1\]"):
+        seg.predict(grey)
