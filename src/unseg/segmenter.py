@@ -49,6 +49,7 @@ error.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -274,22 +275,33 @@ class Segmenter:
                              "saliency methods")
         return [p.box for p in self._predictions(self._inputs(images))]
 
-    def score(self, images: Any, ground_truth: Sequence[Any], **options: Any) -> float:
+    def score(self, images: Any, ground_truth: Any, **options: Any) -> float:
         """The masks of ``images`` scored against ``ground_truth`` (one label map or mask per
-        image, an array or a file, in the same order), as ``unseg evaluate`` scores them:
+        image, an array, a PIL image or a file, in the same order; one image's alone when
+        ``images`` is one image), as ``unseg evaluate`` scores them:
         Hungarian-matched mIoU (semantic methods, MaskContrast; ``options`` those of
         :func:`~unseg.metrics.in_memory.score_semantic`) or saliency IoU (saliency methods;
         :func:`~unseg.metrics.in_memory.score_saliency`'s). A fraction in [0, 1], higher is
         better (scikit-learn's ``score``); the functions give every score."""
-        from unseg.metrics.in_memory import score_saliency, score_semantic
+        from unseg.metrics.in_memory import per_image, score_saliency, score_semantic
 
-        if isinstance(ground_truth, (str, Path)):
+        scorer = score_semantic if self._kind.labels else score_saliency
+        takes = list(inspect.signature(scorer).parameters)[2:]
+        unknown = [name for name in options if name not in takes]
+        if unknown:  # was a TypeError from the scoring function
+            raise UnsegError(f"score has no option {', '.join(map(repr, unknown))} for "
+                             f"{a_or_an(self.output)} method; it takes {', '.join(takes)}")
+        if isinstance(ground_truth, (str, Path)) and not Path(ground_truth).is_file():
             raise UnsegError("ground_truth: give one label map or file per image, in the "
                              "images' order (a list); for folders use `unseg evaluate`")
-        masks = self.predict(images)
-        if self._kind.labels:
-            return score_semantic(masks, ground_truth, **options).miou
-        return score_saliency(masks, ground_truth, **options).iou
+        truths = per_image(ground_truth, "ground_truth", files=True)
+        inputs = self._inputs(images)
+        if len(inputs) != len(truths):  # before predicting, not after
+            raise UnsegError(f"{len(inputs)} images for {len(truths)} ground-truth maps: give "
+                             "one of each per image, in the same order")
+        masks = [_mask(p) for p in self._predictions(inputs)]
+        scores = scorer(masks, truths, **options)
+        return scores.miou if self._kind.labels else scores.iou  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:

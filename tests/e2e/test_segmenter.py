@@ -516,6 +516,35 @@ def test_the_example_script_runs(tmp_path: Path) -> None:
         assert (tmp_path / f"object-{photo}.png").is_file()
 
 
+def test_score_takes_one_image_checks_its_options_and_counts_before_predicting(
+        tmp_path: Path) -> None:
+    """score(image, its_label_map) paired one prediction with the map's rows ("1 predictions
+    for 64 ground-truth maps"); a single label file was refused as a folder; an unknown option
+    was a TypeError from inside; a ground-truth list of the wrong length was found only after
+    predicting every image."""
+    images = _scenes()
+    yy, xx = np.mgrid[:64, :96]
+    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+             for i in range(3)]
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(images)
+    one = unseg.score_semantic(seg.predict(images[:1]), truth[:1]).miou
+    Image.fromarray(truth[0]).save(tmp_path / "gt.png")
+    for gt in (truth[0], Image.fromarray(truth[0]), tmp_path / "gt.png", str(tmp_path / "gt.png"),
+               [tmp_path / "gt.png"]):
+        assert seg.score(images[0], gt) == one
+    assert seg.score(np.stack(images), np.stack(truth)) == seg.score(images, truth)
+    with pytest.raises(UnsegError, match="score has no option 'foo' for a semantic method; it "
+                                         "takes num_classes, ignore_index, match"):
+        seg.score(images, truth, foo=1)
+    with pytest.raises(UnsegError, match="3 images for 2 ground-truth maps"):
+        unseg.Segmenter("kmeans", backbone=BACKBONE).score(images, truth[:2])  # not fitted
+    finder = unseg.Segmenter("spectral", backbone=BACKBONE, image_size=SMALL).fit(images)
+    with pytest.raises(UnsegError, match="score has no option 'match' for a saliency method; "
+                                         "it takes fbeta_mode, beta2"):
+        finder.score(images, [t * 255 for t in truth], match="iou")
+
+
 def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
     """A [N, H, W, 3] stack (scikit-learn's X) was refused as "images[0]: ... got uint8 of
     shape (3, 64, 96, 3)"; it is N images, as their list."""
@@ -531,3 +560,4 @@ def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
     with pytest.raises(UnsegError, match=r"^images: expected .*shape \(3, 64, 96\); a stack "
                                          r"of N grey images is \[N, H, W, 1\]"):
         seg.predict(grey)
+

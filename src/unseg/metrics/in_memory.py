@@ -31,7 +31,7 @@ from unseg.metrics.semantic import ConfusionMatrix, MatchMode, SemanticScores, s
 PRED_IGNORE = 255  # a predicted "no label" (PriMaPs'): counted wrong, never matched
 
 
-def _per_image(items: Any, what: str, files: bool = False) -> list[Any]:
+def per_image(items: Any, what: str, files: bool = False) -> list[Any]:
     """``items`` as one entry per image: a list, a tuple or an array stack ``[N, H, W]`` as it
     is; one map (a 2-D array, a PIL image, or with ``files`` a label file's path) as a list
     of one, as :meth:`~unseg.Segmenter.predict` takes one image. A 2-D array was iterated by
@@ -52,8 +52,8 @@ def _per_image(items: Any, what: str, files: bool = False) -> list[Any]:
 
 
 def _paired(predictions: Any, ground_truth: Any, files: bool = True) -> tuple[list, list]:
-    preds = _per_image(predictions, "predictions")
-    truths = _per_image(ground_truth, "ground truth", files=files)
+    preds = per_image(predictions, "predictions")
+    truths = per_image(ground_truth, "ground truth", files=files)
     if len(preds) != len(truths):
         raise UnsegError(f"{len(preds)} predictions for {len(truths)} ground-truth "
                          "maps: give one of each per image, in the same order")
