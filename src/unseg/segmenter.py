@@ -165,6 +165,20 @@ class Segmenter:
         self.__dict__.update(type(self)(**{**self.get_params(), **params}).__dict__)
         return self
 
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags (its model selection asks for them; sklearn >= 1.6): an
+        unsupervised estimator whose ``fit`` needs no target and whose inputs are images, not
+        a feature matrix. scikit-learn is imported here only, when it asks."""
+        from sklearn.utils import Tags, TargetTags
+
+        tags = Tags(estimator_type=None, target_tags=TargetTags(required=False))
+        tags.no_validation = True  # images (paths, PIL images, arrays), not an [N, F] matrix
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """scikit-learn's ``check_is_fitted`` reads this: :attr:`fitted`."""
+        return self.fitted
+
     @property
     def config(self) -> Any:
         """The method's config dataclass, as the run records it."""
@@ -179,9 +193,11 @@ class Segmenter:
         return image_inputs(images, self._kind.stride())
 
     # -------------------------------------------------------------------------- fit
-    def fit(self, images: Any) -> Segmenter:
+    def fit(self, images: Any, y: Any = None) -> Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
-        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts."""
+        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts.
+        ``y`` is unused: scikit-learn's model selection (``GridSearchCV``,
+        ``cross_val_score``) passes the ground truth it later gives :meth:`score`."""
         if self._loaded_from is not None:
             raise UnsegError(
                 f"this {self.method} Segmenter was loaded from the run {self._loaded_from}: it "
@@ -243,9 +259,10 @@ class Segmenter:
         PNG ``unseg predict`` writes with the saved run."""
         return [_mask(p) for p in self._predictions(self._inputs(images))]
 
-    def fit_predict(self, images: Any) -> list[np.ndarray]:
+    def fit_predict(self, images: Any, y: Any = None) -> list[np.ndarray]:
         """:meth:`fit` then the masks of the same images, as ``unseg segment`` (semantic
-        methods: predicted from the fit's own features) or ``unseg discover`` writes them."""
+        methods: predicted from the fit's own features) or ``unseg discover`` writes them
+        (``y`` unused, as :meth:`fit`'s)."""
         self.fit(images)
         assert self._fit_inputs is not None
         used = self._kind.fitted_inputs(self._fitted, self._fit_inputs)

@@ -561,3 +561,32 @@ def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
                                          r"of N grey images is \[N, H, W, 1\]"):
         seg.predict(grey)
 
+
+def test_scikit_learns_model_selection_runs_it() -> None:
+    """cross_val_score / GridSearchCV failed: sklearn asks for __sklearn_tags__ and calls
+    fit(X, y). Their scores equal the loop a user would write by hand."""
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
+    from sklearn.utils.validation import check_is_fitted
+
+    images = _scenes(4)
+    yy, xx = np.mgrid[:64, :96]
+    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+             for i in range(4)]
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    folds = KFold(2)
+    got = cross_val_score(seg, images, truth, cv=folds, error_score="raise")
+    want = []
+    for train, test in folds.split(images):
+        fold = clone(seg).fit([images[i] for i in train])
+        want.append(fold.score([images[i] for i in test], [truth[i] for i in test]))
+    np.testing.assert_array_equal(got, want)
+    search = GridSearchCV(seg, {"num_classes": [2, 3]}, cv=folds, error_score="raise")
+    search.fit(images, truth)
+    assert search.cv_results_["mean_test_score"][0] == pytest.approx(np.mean(want))
+    assert search.best_estimator_.fitted
+    check_is_fitted(search.best_estimator_)
+    with pytest.raises(sklearn.exceptions.NotFittedError):
+        check_is_fitted(seg)
