@@ -136,10 +136,13 @@ class Segmenter:
                 f"{self.options['size']!r}); --size of unseg discover)")
         check_settings({"backbone": backbone,
                          **{k: v for k, v in self.options.items() if k in allowed}})
-        settings = Settings(backbone=backbone, seed=seed, device=device, **{
-            FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
-        config_options = {k: v for k, v in self.options.items() if k not in allowed}
-        self._kind: Kind = create_kind(method, num_classes, config_options, settings)
+        # numpy scalars (a grid over np.arange) as Python's for the pipeline: random.seed and
+        # the run's config.json refused them; the attributes keep what was given (clone)
+        plain = {k: _plain(v) for k, v in self.options.items()}
+        settings = Settings(backbone=backbone, seed=_plain(seed), device=device, **{
+            FIELD.get(k, k): v for k, v in plain.items() if k in allowed})
+        config_options = {k: v for k, v in plain.items() if k not in allowed}
+        self._kind: Kind = create_kind(method, _plain(num_classes), config_options, settings)
         self._fitted: Any = None
         self._fit_inputs: ImageInputs | None = None
         self._loaded_from: Path | None = None
@@ -348,6 +351,7 @@ class Segmenter:
                              f"it takes device, {', '.join(RUN_OPTIONS)}")
         check_device(device)
         check_run_options(options)
+        options = {k: _plain(v) for k, v in options.items()}
         run_dir = Path(run_dir)
         given = dict(options)
         meta, _ = load_run(run_dir)
@@ -426,6 +430,16 @@ def _load_files(files: dict[str, bytes], device: str | None,
     with tempfile.TemporaryDirectory(prefix="unseg-unpickle-") as tmp:
         run_dir = write_run_files(files, Path(tmp) / "run")
         return Segmenter.load(run_dir, device=device, **options)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars (``np.int64(5)``, ``np.float64``, ``np.bool_``) made
+    Python's, in tuples and lists too."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _mask(pred: Prediction) -> np.ndarray:
