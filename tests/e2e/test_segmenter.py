@@ -557,9 +557,12 @@ def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
     _equal(seg.predict(tuple(images)), seg.predict(images))
     grey = np.stack([im[..., 1] for im in images])
     _equal(seg.predict(grey[..., None]), seg.predict(list(grey)))
-    with pytest.raises(UnsegError, match=r"^images: expected .*shape \(3, 64, 96\); a stack "
+    with pytest.raises(UnsegError, match=r"^images: expected .*shape \(3, 64, 96\).*; a stack "
                                          r"of N grey images is \[N, H, W, 1\]"):
         seg.predict(grey)
+    with pytest.raises(UnsegError, match=r"images\[0\]: .*shape \(3, 64, 96\) \(channels first, "
+                                         r"as torch has them\? image.transpose\(1, 2, 0\)\)"):
+        seg.predict([images[0].transpose(2, 0, 1)])
 
 
 def test_scikit_learns_model_selection_runs_it() -> None:

@@ -73,6 +73,8 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
         hint = (" (a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
                 if np.issubdtype(image.dtype, np.floating) else "")
+        if image.ndim == 3 and channels not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
+            hint += " (channels first, as torch has them? image.transpose(1, 2, 0))"
         raise UnsegError(
             f"{where}: expected an H×W×3 uint8 array (RGB; H×W grey and H×W×4 RGBA are taken "
             f"as their files are), got {image.dtype} of shape {tuple(image.shape)}{hint}"
