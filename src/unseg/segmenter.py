@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -311,7 +312,7 @@ class Segmenter:
         if unknown:  # was a TypeError from the scoring function
             raise UnsegError(f"score has no option {', '.join(map(repr, unknown))} for "
                              f"{a_or_an(self.output)} method; it takes {', '.join(takes)}")
-        if isinstance(ground_truth, (str, Path)) and not Path(ground_truth).is_file():
+        if isinstance(ground_truth, (str, os.PathLike)) and not Path(ground_truth).is_file():
             raise UnsegError("ground_truth: give one label map or file per image, in the "
                              "images' order (a list); for folders use `unseg evaluate`")
         truths = per_image(ground_truth, "ground_truth", files=True)

@@ -620,3 +620,33 @@ def test_numpy_scalars_from_a_parameter_grid_fit_save_and_pickle(tmp_path: Path)
     assert head.config.guided_filter is False
     _equal(unseg.Segmenter.load(head.save(tmp_path / "head")).predict(images),
            head.predict(images))
+
+
+class _PathLike:
+    """An os.PathLike that is no pathlib.Path (py.path.local, a DirEntry, a library's own)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_any_os_pathlike_is_a_path_for_images_and_ground_truth(tmp_path: Path) -> None:
+    """Only str and pathlib.Path were paths: another os.PathLike was refused ("expected a
+    path, a PIL image or an H×W×3 uint8 array, got _PathLike"), though path options take it."""
+    images = _scenes(2)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(image).save(files[-1])
+    truth = (images[0][..., 0] > 100).astype(np.uint8)
+    Image.fromarray(truth).save(tmp_path / "gt.png")
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(files)
+    _equal(seg.predict([_PathLike(f) for f in files]), seg.predict(files))
+    _equal(seg.predict(_PathLike(files[0])), seg.predict(files[:1]))
+    assert (seg.score(_PathLike(files[0]), _PathLike(tmp_path / "gt.png"))
+            == seg.score(files[0], truth))
+    assert (unseg.score_semantic([truth], [_PathLike(tmp_path / "gt.png")])
+            == unseg.score_semantic([truth], [truth]))

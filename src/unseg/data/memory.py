@@ -11,6 +11,7 @@ pixels. Bad entries are refused with an error naming their position and the prob
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
     from unseg.data.datasets import resolve_inputs
     from unseg.utils.batch import BatchReport
 
-    if isinstance(images, (str, Path)):
+    if isinstance(images, (str, os.PathLike)):
         report = BatchReport()
         paths = resolve_inputs(images, report, stride)
         if report.failed:
@@ -119,7 +120,7 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
         raise UnsegError("images: the list is empty")
     out = ImageInputs([])
     for i, image in enumerate(images):
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, os.PathLike)):
             path = Path(image)
             problem = unreadable(path)
             if problem is None:  # its header, as a folder's files are checked

@@ -13,6 +13,7 @@ label mapping and their 320 centre crop) need a dataset layout and are the comma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def per_image(items: Any, what: str, files: bool = False) -> list[Any]:
     is; one map (a 2-D array, a PIL image, or with ``files`` a label file's path) as a list
     of one, as :meth:`~unseg.Segmenter.predict` takes one image. A 2-D array was iterated by
     rows ("1 predictions for 366 ground-truth maps")."""
-    if isinstance(items, (str, Path)):
+    if isinstance(items, (str, os.PathLike)):
         if files and Path(items).is_file():
             return [items]
         raise UnsegError("give lists (one prediction and one ground truth per image); "
@@ -80,7 +81,7 @@ def _label_values(arr: np.ndarray, mode: str | None, i: int) -> np.ndarray:
 
 def _truth(item: Any, i: int) -> np.ndarray:
     """Ground truth ``i`` as its stored values ``[H, W]``."""
-    if isinstance(item, (str, Path)):
+    if isinstance(item, (str, os.PathLike)):
         arr = load_label(item)
     elif isinstance(item, Image.Image):
         arr = _label_values(np.asarray(item), item.mode, i)
@@ -219,7 +220,7 @@ def score_corloc(
     IoU of at least 0.5 with one of the image's ground-truth boxes (the boxes of
     :meth:`~unseg.Segmenter.predict_boxes`; pixel edges, ``x1`` one past the last column).
     ``gt_boxes``: per image a list of boxes (``[]`` for none; an ``[N, 4]`` array)."""
-    if isinstance(boxes, (str, Path)) or isinstance(gt_boxes, (str, Path)):
+    if isinstance(boxes, (str, os.PathLike)) or isinstance(gt_boxes, (str, os.PathLike)):
         raise UnsegError("give lists (one box and one list of ground-truth boxes per image); "
                          "for a boxes.json use `unseg evaluate corloc`")
     for what, items in (("boxes", boxes), ("gt_boxes", gt_boxes)):
