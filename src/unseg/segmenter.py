@@ -24,8 +24,9 @@ image's own size. What comes back per image:
   (float32, the 8-bit mask / 255), :meth:`Segmenter.predict_boxes` the box
   ``[x0, y0, x1, y1]`` of its largest component (or None).
 
-Images: a folder or file path (listed as the commands list it), or a list of paths, PIL images
-and uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
+Images: a folder or file path (listed as the commands list it; any ``os.PathLike``), one PIL
+image or array, an ``[N, H, W, C]`` uint8 stack, or a list or tuple of paths, PIL images and
+uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
 masks its file gives, with two exceptions: a JPEG over twice the working size is decoded by the
 commands at a reduced DCT scale (an array is resized from full size), and the seeded per-image
 augmentations (PriMaPs-EM's student view, MaskContrast's photometric view) are keyed by the
