@@ -305,7 +305,12 @@ class Segmenter:
         :func:`~unseg.metrics.in_memory.score_semantic`) or saliency IoU (saliency methods;
         :func:`~unseg.metrics.in_memory.score_saliency`'s). A fraction in [0, 1], higher is
         better (scikit-learn's ``score``); the functions give every score."""
-        from unseg.metrics.in_memory import per_image, score_saliency, score_semantic
+        from unseg.metrics.in_memory import (
+            per_image,
+            saliency_scores,
+            score_saliency,
+            score_semantic,
+        )
 
         scorer = score_semantic if self._kind.labels else score_saliency
         takes = list(inspect.signature(scorer).parameters)[2:]
@@ -322,8 +327,9 @@ class Segmenter:
             raise UnsegError(f"{len(inputs)} images for {len(truths)} ground-truth maps: give "
                              "one of each per image, in the same order")
         masks = [_mask(p) for p in self._predictions(inputs)]
-        scores = scorer(masks, truths, **options)
-        return scores.miou if self._kind.labels else scores.iou  # type: ignore[union-attr]
+        if self._kind.labels:
+            return score_semantic(masks, truths, **options).miou
+        return saliency_scores(masks, truths, **options).iou  # 8-bit maps, faint ones too
 
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:

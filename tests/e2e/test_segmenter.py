@@ -650,3 +650,21 @@ def test_any_os_pathlike_is_a_path_for_images_and_ground_truth(tmp_path: Path) -
             == seg.score(files[0], truth))
     assert (unseg.score_semantic([truth], [_PathLike(tmp_path / "gt.png")])
             == unseg.score_semantic([truth], [truth]))
+
+
+def test_score_of_faint_saliency_maps_is_not_refused_as_binary(monkeypatch) -> None:
+    """score_saliency refuses uint8 maps that all hold only 0 and 1 (binary masks mistaken
+    for probabilities); a saliency segmenter's own 8-bit maps may all be that faint and are
+    scored, as unseg evaluate scores its PNGs."""
+    import unseg.segmenter as module
+
+    images = _scenes(2)
+    truth = [np.zeros(images[0].shape[:2], bool)] * 2
+    finder = unseg.Segmenter("spectral", backbone=BACKBONE, image_size=SMALL).fit(images)
+    monkeypatch.setattr(module, "_mask", lambda p: (  # a faint checkerboard of 0 and 1
+        np.indices(np.shape(p.mask)).sum(0) % 2).astype(np.uint8))
+    faint = finder.predict(images)
+    assert max(int(m.max()) for m in faint) == 1  # the planted faint maps
+    with pytest.raises(UnsegError, match="only the values 0 and 1"):
+        unseg.score_saliency(faint, truth)
+    assert finder.score(images, truth) == 1.0  # below 0.5 everywhere, as the empty truth

@@ -202,3 +202,19 @@ def test_one_map_is_one_image_and_a_stack_is_many(tmp_path: Path) -> None:
             == unseg.score_saliency([preds[0] * 100], [mask]))
     with pytest.raises(UnsegError, match="give lists"):
         unseg.score_semantic(preds[0], tmp_path)
+
+
+def test_0_1_uint8_saliency_predictions_are_refused_not_scored_as_background() -> None:
+    """Binary masks given as 0/1 uint8 were read as 8-bit maps (v/255: almost background), so
+    a perfect prediction scored IoU 0 without a word (`unseg evaluate` warns of such files).
+    As bool or 0/255 they score as expected; a set of 8-bit maps where some are graded is
+    taken, even when one of them peaks at 1."""
+    truth = np.zeros((4, 6), np.uint8)
+    truth[1:3, 2:5] = 255
+    binary = (truth > 0).astype(np.uint8)
+    with pytest.raises(UnsegError, match="predictions hold only the values 0 and 1"):
+        unseg.score_saliency([binary], [truth])
+    assert unseg.score_saliency([binary.astype(bool)], [truth]).iou == 1.0
+    assert unseg.score_saliency([binary * 255], [truth]).iou == 1.0
+    faint = unseg.score_saliency([binary, binary * 255], [truth, truth])
+    assert faint.iou == pytest.approx(0.5)  # the 0/1 map is below 0.5 everywhere: IoU 0

@@ -201,15 +201,31 @@ def score_saliency(
     """Acc, IoU (at 0.5), maxFβ and MAE of saliency maps ``[H, W]`` (uint8 as the masks
     :meth:`~unseg.Segmenter.predict` returns, or float in [0, 1]) against masks (8-bit ones
     binarised at 128, bool ones as they are, float ones in [0, 1] above 0.5), averaged over
-    images (``unseg evaluate saliency``'s protocol)."""
+    images (``unseg evaluate saliency``'s protocol). uint8 maps that all hold only 0 and 1
+    are refused: binary masks read as 8-bit probabilities would be almost background (give
+    them as bool or 0/255)."""
+    return saliency_scores(predictions, ground_truth, fbeta_mode, beta2, binary_check=True)
+
+
+def saliency_scores(predictions: Any, ground_truth: Any, fbeta_mode: FbetaMode = "curve",
+                    beta2: float = BETA2, binary_check: bool = False) -> SaliencyScores:
+    """:func:`score_saliency`; ``binary_check`` refuses 8-bit maps that are all 0/1 (binary
+    masks mistaken for probabilities), off for maps known to be 8-bit probabilities (those
+    of :meth:`~unseg.Segmenter.predict`, which may all be faint)."""
     predictions, ground_truth = _paired(predictions, ground_truth)
     try:
         meter = SaliencyMeter(beta2=beta2, fbeta_mode=fbeta_mode)
     except ValueError as exc:
         raise UnsegError(str(exc)) from None
-    for i, (pred, gt) in enumerate(zip(predictions, ground_truth, strict=True)):
+    maps = [_prediction(p, i, integer=False) for i, p in enumerate(predictions)]
+    if (binary_check and all(m.dtype == np.uint8 for m in maps)
+            and max(int(m.max()) for m in maps) == 1):
+        raise UnsegError(  # `unseg evaluate` warns of such files; here the score was just ~0
+            "the predictions hold only the values 0 and 1: as 8-bit maps they are v/255, "
+            "almost background; give binary masks as bool (mask.astype(bool)) or 0/255")
+    for i, (pred, gt) in enumerate(zip(maps, ground_truth, strict=True)):
         truth = _mask_truth(_truth(gt, i), i)
-        meter.update(_probability(_prediction(pred, i, integer=False), truth.shape, i), truth)
+        meter.update(_probability(pred, truth.shape, i), truth)
     return meter.scores()
 
 
