@@ -24,8 +24,9 @@ image's own size. What comes back per image:
   (float32, the 8-bit mask / 255), :meth:`Segmenter.predict_boxes` the box
   ``[x0, y0, x1, y1]`` of its largest component (or None).
 
-Images: a folder or file path (listed as the commands list it), or a list of paths, PIL images
-and uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
+Images: a folder or file path (listed as the commands list it; any ``os.PathLike``), one PIL
+image or array, an ``[N, H, W, C]`` uint8 stack, or a list or tuple of paths, PIL images and
+uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
 masks its file gives, with two exceptions: a JPEG over twice the working size is decoded by the
 commands at a reduced DCT scale (an array is resized from full size), and the seeded per-image
 augmentations (PriMaPs-EM's student view, MaskContrast's photometric view) are keyed by the
@@ -49,7 +50,9 @@ error.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,10 +138,13 @@ class Segmenter:
                 f"{self.options['size']!r}); --size of unseg discover)")
         check_settings({"backbone": backbone,
                          **{k: v for k, v in self.options.items() if k in allowed}})
-        settings = Settings(backbone=backbone, seed=seed, device=device, **{
-            FIELD.get(k, k): v for k, v in self.options.items() if k in allowed})
-        config_options = {k: v for k, v in self.options.items() if k not in allowed}
-        self._kind: Kind = create_kind(method, num_classes, config_options, settings)
+        # numpy scalars (a grid over np.arange) as Python's for the pipeline: random.seed and
+        # the run's config.json refused them; the attributes keep what was given (clone)
+        plain = {k: _plain(v) for k, v in self.options.items()}
+        settings = Settings(backbone=backbone, seed=_plain(seed), device=device, **{
+            FIELD.get(k, k): v for k, v in plain.items() if k in allowed})
+        config_options = {k: v for k, v in plain.items() if k not in allowed}
+        self._kind: Kind = create_kind(method, _plain(num_classes), config_options, settings)
         self._fitted: Any = None
         self._fit_inputs: ImageInputs | None = None
         self._loaded_from: Path | None = None
@@ -164,6 +170,20 @@ class Segmenter:
         self.__dict__.update(type(self)(**{**self.get_params(), **params}).__dict__)
         return self
 
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's tags (its model selection asks for them; sklearn >= 1.6): an
+        unsupervised estimator whose ``fit`` needs no target and whose inputs are images, not
+        a feature matrix. scikit-learn is imported here only, when it asks."""
+        from sklearn.utils import Tags, TargetTags
+
+        tags = Tags(estimator_type=None, target_tags=TargetTags(required=False))
+        tags.no_validation = True  # images (paths, PIL images, arrays), not an [N, F] matrix
+        return tags
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """scikit-learn's ``check_is_fitted`` reads this: :attr:`fitted`."""
+        return self.fitted
+
     @property
     def config(self) -> Any:
         """The method's config dataclass, as the run records it."""
@@ -178,9 +198,11 @@ class Segmenter:
         return image_inputs(images, self._kind.stride())
 
     # -------------------------------------------------------------------------- fit
-    def fit(self, images: Any) -> Segmenter:
+    def fit(self, images: Any, y: Any = None) -> Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
-        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts."""
+        ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts.
+        ``y`` is unused: scikit-learn's model selection (``GridSearchCV``,
+        ``cross_val_score``) passes the ground truth it later gives :meth:`score`."""
         if self._loaded_from is not None:
             raise UnsegError(
                 f"this {self.method} Segmenter was loaded from the run {self._loaded_from}: it "
@@ -242,9 +264,10 @@ class Segmenter:
         PNG ``unseg predict`` writes with the saved run."""
         return [_mask(p) for p in self._predictions(self._inputs(images))]
 
-    def fit_predict(self, images: Any) -> list[np.ndarray]:
+    def fit_predict(self, images: Any, y: Any = None) -> list[np.ndarray]:
         """:meth:`fit` then the masks of the same images, as ``unseg segment`` (semantic
-        methods: predicted from the fit's own features) or ``unseg discover`` writes them."""
+        methods: predicted from the fit's own features) or ``unseg discover`` writes them
+        (``y`` unused, as :meth:`fit`'s)."""
         self.fit(images)
         assert self._fit_inputs is not None
         used = self._kind.fitted_inputs(self._fitted, self._fit_inputs)
@@ -274,22 +297,39 @@ class Segmenter:
                              "saliency methods")
         return [p.box for p in self._predictions(self._inputs(images))]
 
-    def score(self, images: Any, ground_truth: Sequence[Any], **options: Any) -> float:
+    def score(self, images: Any, ground_truth: Any, **options: Any) -> float:
         """The masks of ``images`` scored against ``ground_truth`` (one label map or mask per
-        image, an array or a file, in the same order), as ``unseg evaluate`` scores them:
+        image, an array, a PIL image or a file, in the same order; one image's alone when
+        ``images`` is one image), as ``unseg evaluate`` scores them:
         Hungarian-matched mIoU (semantic methods, MaskContrast; ``options`` those of
         :func:`~unseg.metrics.in_memory.score_semantic`) or saliency IoU (saliency methods;
         :func:`~unseg.metrics.in_memory.score_saliency`'s). A fraction in [0, 1], higher is
         better (scikit-learn's ``score``); the functions give every score."""
-        from unseg.metrics.in_memory import score_saliency, score_semantic
+        from unseg.metrics.in_memory import (
+            per_image,
+            saliency_scores,
+            score_saliency,
+            score_semantic,
+        )
 
-        if isinstance(ground_truth, (str, Path)):
+        scorer = score_semantic if self._kind.labels else score_saliency
+        takes = list(inspect.signature(scorer).parameters)[2:]
+        unknown = [name for name in options if name not in takes]
+        if unknown:  # was a TypeError from the scoring function
+            raise UnsegError(f"score has no option {', '.join(map(repr, unknown))} for "
+                             f"{a_or_an(self.output)} method; it takes {', '.join(takes)}")
+        if isinstance(ground_truth, (str, os.PathLike)) and not Path(ground_truth).is_file():
             raise UnsegError("ground_truth: give one label map or file per image, in the "
                              "images' order (a list); for folders use `unseg evaluate`")
-        masks = self.predict(images)
+        truths = per_image(ground_truth, "ground_truth", files=True)
+        inputs = self._inputs(images)
+        if len(inputs) != len(truths):  # before predicting, not after
+            raise UnsegError(f"{len(inputs)} images for {len(truths)} ground-truth maps: give "
+                             "one of each per image, in the same order")
+        masks = [_mask(p) for p in self._predictions(inputs)]
         if self._kind.labels:
-            return score_semantic(masks, ground_truth, **options).miou
-        return score_saliency(masks, ground_truth, **options).iou
+            return score_semantic(masks, truths, **options).miou
+        return saliency_scores(masks, truths, **options).iou  # 8-bit maps, faint ones too
 
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:
@@ -319,6 +359,7 @@ class Segmenter:
                              f"it takes device, {', '.join(RUN_OPTIONS)}")
         check_device(device)
         check_run_options(options)
+        options = {k: _plain(v) for k, v in options.items()}
         run_dir = Path(run_dir)
         given = dict(options)
         meta, _ = load_run(run_dir)
@@ -397,6 +438,16 @@ def _load_files(files: dict[str, bytes], device: str | None,
     with tempfile.TemporaryDirectory(prefix="unseg-unpickle-") as tmp:
         run_dir = write_run_files(files, Path(tmp) / "run")
         return Segmenter.load(run_dir, device=device, **options)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars (``np.int64(5)``, ``np.float64``, ``np.bool_``) made
+    Python's, in tuples and lists too."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _mask(pred: Prediction) -> np.ndarray:

@@ -514,3 +514,157 @@ def test_the_example_script_runs(tmp_path: Path) -> None:
         photo_size = Image.open(script.parent / "images" / f"{photo}.jpg").size
         assert classes.shape == photo_size[::-1]
         assert (tmp_path / f"object-{photo}.png").is_file()
+
+
+def test_score_takes_one_image_checks_its_options_and_counts_before_predicting(
+        tmp_path: Path) -> None:
+    """score(image, its_label_map) paired one prediction with the map's rows ("1 predictions
+    for 64 ground-truth maps"); a single label file was refused as a folder; an unknown option
+    was a TypeError from inside; a ground-truth list of the wrong length was found only after
+    predicting every image."""
+    images = _scenes()
+    yy, xx = np.mgrid[:64, :96]
+    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+             for i in range(3)]
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(images)
+    one = unseg.score_semantic(seg.predict(images[:1]), truth[:1]).miou
+    Image.fromarray(truth[0]).save(tmp_path / "gt.png")
+    for gt in (truth[0], Image.fromarray(truth[0]), tmp_path / "gt.png", str(tmp_path / "gt.png"),
+               [tmp_path / "gt.png"]):
+        assert seg.score(images[0], gt) == one
+    assert seg.score(np.stack(images), np.stack(truth)) == seg.score(images, truth)
+    with pytest.raises(UnsegError, match="score has no option 'foo' for a semantic method; it "
+                                         "takes num_classes, ignore_index, match"):
+        seg.score(images, truth, foo=1)
+    with pytest.raises(UnsegError, match="3 images for 2 ground-truth maps"):
+        unseg.Segmenter("kmeans", backbone=BACKBONE).score(images, truth[:2])  # not fitted
+    finder = unseg.Segmenter("spectral", backbone=BACKBONE, image_size=SMALL).fit(images)
+    with pytest.raises(UnsegError, match="score has no option 'match' for a saliency method; "
+                                         "it takes fbeta_mode, beta2"):
+        finder.score(images, [t * 255 for t in truth], match="iou")
+
+
+def test_an_array_stack_is_its_images_and_a_bad_one_is_named() -> None:
+    """A [N, H, W, 3] stack (scikit-learn's X) was refused as "images[0]: ... got uint8 of
+    shape (3, 64, 96, 3)"; it is N images, as their list."""
+    images = _scenes()
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    masks = seg.fit_predict(np.stack(images))
+    _equal(masks, unseg.Segmenter(**seg.get_params()).fit_predict(images))
+    _equal(seg.predict(np.stack(images)), seg.predict(images))
+    _equal(seg.predict(tuple(images)), seg.predict(images))
+    grey = np.stack([im[..., 1] for im in images])
+    _equal(seg.predict(grey[..., None]), seg.predict(list(grey)))
+    with pytest.raises(UnsegError, match=r"^images: expected .*shape \(3, 64, 96\).*; a stack "
+                                         r"of N grey images is \[N, H, W, 1\]"):
+        seg.predict(grey)
+    with pytest.raises(UnsegError, match=r"images\[0\]: .*shape \(3, 64, 96\) \(channels first, "
+                                         r"as torch has them\? image.transpose\(1, 2, 0\)\)"):
+        seg.predict([images[0].transpose(2, 0, 1)])
+
+
+def test_scikit_learns_model_selection_runs_it() -> None:
+    """cross_val_score / GridSearchCV failed: sklearn asks for __sklearn_tags__ and calls
+    fit(X, y). Their scores equal the loop a user would write by hand."""
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
+    from sklearn.utils.validation import check_is_fitted
+
+    images = _scenes(4)
+    yy, xx = np.mgrid[:64, :96]
+    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+             for i in range(4)]
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    folds = KFold(2)
+    got = cross_val_score(seg, images, truth, cv=folds, error_score="raise")
+    want = []
+    for train, test in folds.split(images):
+        fold = clone(seg).fit([images[i] for i in train])
+        want.append(fold.score([images[i] for i in test], [truth[i] for i in test]))
+    np.testing.assert_array_equal(got, want)
+    search = GridSearchCV(seg, {"num_classes": [2, 3]}, cv=folds, error_score="raise")
+    search.fit(images, truth)
+    assert search.cv_results_["mean_test_score"][0] == pytest.approx(np.mean(want))
+    assert search.best_estimator_.fitted
+    check_is_fitted(search.best_estimator_)
+    with pytest.raises(sklearn.exceptions.NotFittedError):
+        check_is_fitted(seg)
+
+
+def test_numpy_scalars_from_a_parameter_grid_fit_save_and_pickle(tmp_path: Path) -> None:
+    """ParameterGrid({"num_classes": np.arange(2, 4)}) hands np.int64: the constructor took it,
+    then fit failed in random.seed ("The only supported seed types are ...") for a numpy seed,
+    and save / pickle.dumps of a fit with numpy options in json ("int64 is not JSON
+    serializable"). The pipeline gets Python's scalars; the attributes keep what was given,
+    as sklearn.base.clone checks."""
+    from sklearn.base import clone
+
+    images = _scenes(2)
+    given = {"num_classes": np.int64(2), "seed": np.int64(3), "size": np.int64(SMALL),
+             "n_init": np.int64(1), "refine": "none"}
+    seg = unseg.Segmenter("kmeans", backbone=BACKBONE, **given)
+    assert seg.get_params()["num_classes"] is given["num_classes"]
+    clone(seg)  # sklearn's identity check of the constructor's arguments
+    masks = seg.fit_predict(images)
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in given.items()}
+    _equal(masks, unseg.Segmenter("kmeans", backbone=BACKBONE, **plain).fit_predict(images))
+    _equal(unseg.Segmenter.load(seg.save(tmp_path / "run")).predict(images), masks)
+    _equal(pickle.loads(pickle.dumps(seg)).predict(images), masks)
+    head = unseg.Segmenter("found", backbone=BACKBONE, image_size=np.int64(SMALL),
+                           steps=np.int64(2), ensemble=1, lr=np.float64(0.01),
+                           guided_filter=np.bool_(False)).fit(images)
+    assert head.config.guided_filter is False
+    _equal(unseg.Segmenter.load(head.save(tmp_path / "head")).predict(images),
+           head.predict(images))
+
+
+class _PathLike:
+    """An os.PathLike that is no pathlib.Path (py.path.local, a DirEntry, a library's own)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_any_os_pathlike_is_a_path_for_images_and_ground_truth(tmp_path: Path) -> None:
+    """Only str and pathlib.Path were paths: another os.PathLike was refused ("expected a
+    path, a PIL image or an H×W×3 uint8 array, got _PathLike"), though path options take it."""
+    images = _scenes(2)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(image).save(files[-1])
+    truth = (images[0][..., 0] > 100).astype(np.uint8)
+    Image.fromarray(truth).save(tmp_path / "gt.png")
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(files)
+    _equal(seg.predict([_PathLike(f) for f in files]), seg.predict(files))
+    _equal(seg.predict(_PathLike(files[0])), seg.predict(files[:1]))
+    assert (seg.score(_PathLike(files[0]), _PathLike(tmp_path / "gt.png"))
+            == seg.score(files[0], truth))
+    assert (unseg.score_semantic([truth], [_PathLike(tmp_path / "gt.png")])
+            == unseg.score_semantic([truth], [truth]))
+
+
+def test_score_of_faint_saliency_maps_is_not_refused_as_binary(monkeypatch) -> None:
+    """score_saliency refuses uint8 maps that all hold only 0 and 1 (binary masks mistaken
+    for probabilities); a saliency segmenter's own 8-bit maps may all be that faint and are
+    scored, as unseg evaluate scores its PNGs."""
+    import unseg.segmenter as module
+
+    images = _scenes(2)
+    truth = [np.zeros(images[0].shape[:2], bool)] * 2
+    finder = unseg.Segmenter("spectral", backbone=BACKBONE, image_size=SMALL).fit(images)
+    monkeypatch.setattr(module, "_mask", lambda p: (  # a faint checkerboard of 0 and 1
+        np.indices(np.shape(p.mask)).sum(0) % 2).astype(np.uint8))
+    faint = finder.predict(images)
+    assert max(int(m.max()) for m in faint) == 1  # the planted faint maps
+    with pytest.raises(UnsegError, match="only the values 0 and 1"):
+        unseg.score_saliency(faint, truth)
+    assert finder.score(images, truth) == 1.0  # below 0.5 everywhere, as the empty truth

@@ -125,7 +125,7 @@ def test_corloc_counts_boxes_with_iou_of_at_least_a_half() -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], []), "1 predictions for 0"),
     (lambda: unseg.score_semantic("pred/", "gt/"), "give lists"),
-    (lambda: unseg.score_semantic([np.zeros((2, 2, 3), np.uint8)], [np.zeros((2, 2))]),
+    (lambda: unseg.score_semantic([np.zeros((2, 2, 3), np.uint8)], [np.zeros((2, 2), np.uint8)]),
      r"prediction 0: expected an \[H, W\] map"),
     (lambda: unseg.score_semantic([np.zeros((2, 2))], [np.zeros((2, 2), np.uint8)]),
      "prediction 0: class ids must be integers"),
@@ -134,7 +134,87 @@ def test_corloc_counts_boxes_with_iou_of_at_least_a_half() -> None:
     (lambda: unseg.score_saliency([np.full((2, 2), 1.5)], [np.zeros((2, 2), np.uint8)]),
      r"must lie in \[0, 1\]"),
     (lambda: unseg.score_semantic([], []), "no predictions"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], [np.zeros((2, 2))]),
+     "ground truth 0: class ids must be integers, got float64"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], [np.zeros((2, 2), np.uint8)],
+                                  num_classes=2.5), "num_classes: expected an integer"),
+    (lambda: unseg.score_semantic([np.zeros((0, 2), np.uint8)], [np.zeros((2, 2), np.uint8)]),
+     r"prediction 0: empty map of shape \(0, 2\)"),
+    (lambda: unseg.score_saliency([np.zeros((0, 2), np.uint8)], [np.zeros((2, 2), np.uint8)]),
+     r"prediction 0: empty map"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)], [np.zeros((2, 0), np.uint8)]),
+     r"ground truth 0: empty map"),
+    (lambda: unseg.score_semantic((p for p in [np.zeros((2, 2), np.uint8)]),
+                                  [np.zeros((2, 2), np.uint8)]),
+     "predictions: expected a list .*got generator"),
+    (lambda: unseg.score_semantic([np.zeros((2, 2), np.uint8)],
+                                  [np.random.default_rng(0).integers(0, 3, (2, 2, 3))]),
+     r"ground truth 0: a colour image of shape \(2, 2, 3\)"),
+    (lambda: unseg.score_corloc([[0, 0, 10]], [[[0, 0, 10, 10]]]),
+     r"boxes\[0\]: expected a box \[x0, y0, x1, y1\] of four finite numbers"),
+    (lambda: unseg.score_corloc([[0, 0, float("nan"), 10]], [[[0, 0, 10, 10]]]),
+     r"boxes\[0\]: expected a box"),
+    (lambda: unseg.score_corloc([[0, 0, 10, 10]], [None]), r"gt_boxes\[0\]: expected a list"),
+    (lambda: unseg.score_corloc([[0, 0, 10, 10]], [[0, 0, 10, 10]]),
+     r"gt_boxes\[0\]: expected a list of boxes, got one box"),
+    (lambda: unseg.score_corloc([[0, 0, 10, 10]], [[[0, 0, 10]]]), r"gt_boxes\[0\]\[0\]"),
+    (lambda: unseg.score_corloc([], []), "no boxes"),
 ])
 def test_bad_inputs_are_errors_that_say_which(call, message: str) -> None:
     with pytest.raises(UnsegError, match=message):
         call()
+
+
+def test_a_0_1_or_float_saliency_ground_truth_is_not_read_as_empty() -> None:
+    """A 0/1 uint8 mask was binarised at 128 (all background) and so was a float mask in
+    [0, 1]: an empty prediction then scored IoU 1.0. A float mask is now binarised above 0.5,
+    as the bool mask it stands for; a 0/1 integer mask is refused, saying how to give it."""
+    truth = np.zeros((4, 6), np.uint8)
+    truth[1:3, 2:5] = 1
+    empty, exact = np.zeros((4, 6), np.uint8), truth * 255
+    with pytest.raises(UnsegError, match="ground truth 0 holds only the values 0 and 1"):
+        unseg.score_saliency([empty], [truth])
+    for given in (truth.astype(bool), truth.astype(np.float32), truth * 255):
+        assert unseg.score_saliency([empty], [given]).iou == 0.0
+        assert unseg.score_saliency([exact], [given]).iou == 1.0
+    with pytest.raises(UnsegError, match=r"ground truth 0: a float mask must lie in \[0, 1\]"):
+        unseg.score_saliency([empty], [truth * 255.0])
+
+
+def test_one_map_is_one_image_and_a_stack_is_many(tmp_path: Path) -> None:
+    """A single [H, W] prediction and ground truth (as Segmenter.predict takes one image) were
+    iterated by rows: "4 predictions for 4 ground-truth maps" scored rows as images, or the
+    counts differed. One map is now one image; a [N, H, W] stack is N images."""
+    rng = np.random.default_rng(5)
+    preds = [rng.integers(0, 3, (4, 6)).astype(np.uint8) for _ in range(2)]
+    gts = [rng.integers(0, 3, (4, 6)).astype(np.uint8) for _ in range(2)]
+    one = unseg.score_semantic(preds[:1], gts[:1], num_classes=3)
+    assert unseg.score_semantic(preds[0], gts[0], num_classes=3) == one
+    assert one.n_pixels == 24
+    assert (unseg.score_semantic(np.stack(preds), np.stack(gts), num_classes=3)
+            == unseg.score_semantic(preds, gts, num_classes=3))
+    Image.fromarray(gts[0]).save(tmp_path / "gt.png")
+    for truth in (tmp_path / "gt.png", str(tmp_path / "gt.png"), Image.fromarray(gts[0]),
+                  Image.fromarray(gts[0]).convert("RGB"), [np.dstack([gts[0]] * 3)]):
+        assert unseg.score_semantic(preds[0], truth, num_classes=3) == one  # as its file reads
+    mask = (gts[0] > 0).astype(np.uint8) * 255
+    assert (unseg.score_saliency(preds[0] * 100, mask)
+            == unseg.score_saliency([preds[0] * 100], [mask]))
+    with pytest.raises(UnsegError, match="give lists"):
+        unseg.score_semantic(preds[0], tmp_path)
+
+
+def test_0_1_uint8_saliency_predictions_are_refused_not_scored_as_background() -> None:
+    """Binary masks given as 0/1 uint8 were read as 8-bit maps (v/255: almost background), so
+    a perfect prediction scored IoU 0 without a word (`unseg evaluate` warns of such files).
+    As bool or 0/255 they score as expected; a set of 8-bit maps where some are graded is
+    taken, even when one of them peaks at 1."""
+    truth = np.zeros((4, 6), np.uint8)
+    truth[1:3, 2:5] = 255
+    binary = (truth > 0).astype(np.uint8)
+    with pytest.raises(UnsegError, match="predictions hold only the values 0 and 1"):
+        unseg.score_saliency([binary], [truth])
+    assert unseg.score_saliency([binary.astype(bool)], [truth]).iou == 1.0
+    assert unseg.score_saliency([binary * 255], [truth]).iou == 1.0
+    faint = unseg.score_saliency([binary, binary * 255], [truth, truth])
+    assert faint.iou == pytest.approx(0.5)  # the 0/1 map is below 0.5 everywhere: IoU 0

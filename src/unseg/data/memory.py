@@ -11,6 +11,7 @@ pixels. Bad entries are refused with an error naming their position and the prob
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
         hint = (" (a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
                 if np.issubdtype(image.dtype, np.floating) else "")
+        if image.ndim == 3 and channels not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
+            hint += " (channels first, as torch has them? image.transpose(1, 2, 0))"
         raise UnsegError(
             f"{where}: expected an H×W×3 uint8 array (RGB; H×W grey and H×W×4 RGBA are taken "
             f"as their files are), got {image.dtype} of shape {tuple(image.shape)}{hint}"
@@ -86,14 +89,15 @@ def as_pixels(image: Any, where: str) -> np.ndarray:
 
 
 def image_inputs(images: Any, stride: int) -> ImageInputs:
-    """The caller's ``images`` (a folder or file path, or a list of paths, PIL images and arrays)
-    as :class:`ImageInputs`. A folder is listed as the commands list it
+    """The caller's ``images`` (a folder or file path, one PIL image or array, an array stack
+    ``[N, H, W, C]``, or a list or tuple of paths, PIL images and arrays) as
+    :class:`ImageInputs`. A folder is listed as the commands list it
     (:func:`unseg.data.datasets.resolve_inputs`: its usable images; refused ones are an error
     here). Raises :class:`UnsegError` naming the first bad entry."""
     from unseg.data.datasets import resolve_inputs
     from unseg.utils.batch import BatchReport
 
-    if isinstance(images, (str, Path)):
+    if isinstance(images, (str, os.PathLike)):
         report = BatchReport()
         paths = resolve_inputs(images, report, stride)
         if report.failed:
@@ -101,7 +105,11 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
             raise UnsegError(f"{path}: {problem}")
         root = Path(images)
         return ImageInputs(paths, names_root=root if root.is_dir() else None)
-    if isinstance(images, (Image.Image, np.ndarray)):
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)  # a stack [N, H, W, C]: N images (was refused as one image)
+    if isinstance(images, (Image.Image, np.ndarray)):  # one image, named "images" in errors
+        if isinstance(images, np.ndarray):
+            return _one_array(images, stride)
         images = [images]
     if not isinstance(images, Sequence) or isinstance(images, (bytes, bytearray)):
         raise UnsegError(
@@ -112,7 +120,7 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
         raise UnsegError("images: the list is empty")
     out = ImageInputs([])
     for i, image in enumerate(images):
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, os.PathLike)):
             path = Path(image)
             problem = unreadable(path)
             if problem is None:  # its header, as a folder's files are checked
@@ -132,3 +140,16 @@ def image_inputs(images: Any, stride: int) -> ImageInputs:
         out.paths.append(key)
         out.arrays[key] = pixels
     return out
+
+
+def _one_array(image: np.ndarray, stride: int) -> ImageInputs:
+    """One array given alone: as a list of it, its errors naming ``images`` (not
+    ``images[0]``) and a 3-D array that is no image hinting at a stack."""
+    try:
+        return image_inputs([image], stride)
+    except UnsegError as exc:
+        message = str(exc).replace("images[0]: ", "images: ", 1)
+        if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+            message += ("; a stack of N grey images is [N, H, W, 1] (or a list of [H, W] "
+                        "arrays), of colour ones [N, H, W, 3]")
+        raise UnsegError(message) from None
