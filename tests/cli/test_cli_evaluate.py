@@ -205,6 +205,24 @@ def test_saliency_warns_about_0_1_masks_only_when_the_folder_is_0_1(saliency, ca
     assert "values 0 and 1" not in caplog.text
 
 
+def test_saliency_ground_truth_stored_as_0_1_is_binary(saliency, tmp_path: Path, capsys,
+                                                      caplog) -> None:
+    """Ground-truth masks saved as 0/1 were binarised at 128: all background, so an empty
+    prediction scored IoU 1 and the right one 0. They are now read as binary, and said so."""
+    pred, gt = saliency
+    ones = tmp_path / "gt01"
+    for i in range(3):
+        save_png_atomic(ones / f"s{i}.png", (load_label(gt / f"s{i}.png") >= 128).astype(np.uint8))
+    out_json = tmp_path / "s.json"
+    caplog.set_level("INFO")
+    for truth in (gt, ones):
+        assert _run(["saliency", "--pred", str(pred), "--gt", str(truth), "--json",
+                     str(out_json)], capsys)[0] == 0
+        r = json.loads(out_json.read_text())
+        assert (r["acc"], r["iou"]) == (1.0, 1.0)  # the predictions are the masks
+    assert "3 ground-truth mask(s) hold only the values 0 and 1: read as binary" in caplog.text
+
+
 def test_saliency_resizes_prediction_to_ground_truth(saliency, tmp_path: Path, capsys) -> None:
     pred, gt = saliency
     big = np.zeros((40, 60), np.uint8)

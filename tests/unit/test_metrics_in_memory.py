@@ -168,13 +168,12 @@ def test_bad_inputs_are_errors_that_say_which(call, message: str) -> None:
 def test_a_0_1_or_float_saliency_ground_truth_is_not_read_as_empty() -> None:
     """A 0/1 uint8 mask was binarised at 128 (all background) and so was a float mask in
     [0, 1]: an empty prediction then scored IoU 1.0. A float mask is now binarised above 0.5,
-    as the bool mask it stands for; a 0/1 integer mask is refused, saying how to give it."""
+    as the bool mask it stands for, and a 0/1 integer mask is binary (as CorLoc reads one)."""
     truth = np.zeros((4, 6), np.uint8)
     truth[1:3, 2:5] = 1
     empty, exact = np.zeros((4, 6), np.uint8), truth * 255
-    with pytest.raises(UnsegError, match="ground truth 0 holds only the values 0 and 1"):
-        unseg.score_saliency([empty], [truth])
-    for given in (truth.astype(bool), truth.astype(np.float32), truth * 255):
+    for given in (truth, truth.astype(np.int32), truth.astype(bool), truth.astype(np.float32),
+                  truth * 255):
         assert unseg.score_saliency([empty], [given]).iou == 0.0
         assert unseg.score_saliency([exact], [given]).iou == 1.0
     with pytest.raises(UnsegError, match=r"ground truth 0: a float mask must lie in \[0, 1\]"):

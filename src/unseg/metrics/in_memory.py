@@ -4,8 +4,8 @@ Predictions are arrays (what :meth:`unseg.Segmenter.predict` returns); ground tr
 images or label files (read as ``unseg evaluate`` reads them: raw PNG values, palette indices,
 alpha dropped, equal colour channels taken as one), one per image in a list (or an ``[N, H, W]``
 stack); a single ``[H, W]`` map (or PIL image, or label file) is one image. Semantic ground truth
-is integer class ids; a saliency mask is bool, 8-bit (binarised at 128: a 0/1 integer mask is
-refused, it would be all background) or float in [0, 1] (above 0.5). A prediction at another size
+is integer class ids; a saliency mask is bool, 8-bit (binarised at 128; one holding only 0 and 1
+is binary) or float in [0, 1] (above 0.5). A prediction at another size
 than its ground truth is resized to it as ``unseg evaluate`` resizes a file: nearest for class ids,
 bilinear for saliency maps. The dataset-specific steps of the command (COCO-Stuff / Cityscapes
 label mapping and their 320 centre crop) need a dataset layout and are the command's only.
@@ -106,7 +106,8 @@ def _class_ids(truth: np.ndarray, i: int) -> np.ndarray:
 def _mask_truth(truth: np.ndarray, i: int) -> np.ndarray:
     """A saliency ground truth as the meter binarises it: bool as is, 8-bit at 128, float in
     [0, 1] above 0.5. A 0/1 integer mask was silently all background (below 128) and a float
-    one too, so a method predicting nothing scored IoU 1: both are now bool or refused."""
+    one too, so a method predicting nothing scored IoU 1: a float one is made bool here, a 0/1
+    one is read as binary by :func:`~unseg.metrics.saliency.binarize_gt`."""
     if truth.dtype == bool:
         return truth
     if np.issubdtype(truth.dtype, np.floating):
@@ -116,11 +117,7 @@ def _mask_truth(truth: np.ndarray, i: int) -> np.ndarray:
     if not np.issubdtype(truth.dtype, np.integer):
         raise UnsegError(f"ground truth {i}: a mask is bool, uint8 (0/255) or float in "
                          f"[0, 1], got {truth.dtype}")
-    if truth.max() == 1 and truth.min() >= 0:
-        raise UnsegError(f"ground truth {i} holds only the values 0 and 1: an 8-bit mask is "
-                         "binarised at 128, so it would be all background; give it as bool "
-                         "(mask.astype(bool)) or 0/255")
-    return truth
+    return truth  # 8-bit, or 0/1 (read as binary by the meter's binarize_gt)
 
 
 def _prediction(item: Any, i: int, integer: bool) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Unsupervised saliency metrics: Acc and IoU at 0.5, maxFβ over 255 thresholds, MAE.
 
-Definitions (docs/evaluation.md): ground truth binarised at 128 (``v >= 128``, ``v/255 > 0.5``);
+Definitions (docs/evaluation.md): ground truth binarised at 128 (``v >= 128``, ``v/255 > 0.5``;
+a mask holding only 0 and 1 is read as binary, ``v > 0``);
 predictions are foreground probabilities in [0, 1] at the ground truth's size, taken as they are
 (no min-max rescaling). Thresholds ``t_k = k/255``, ``k = 0..254``, binarise ``p > t_k``; an empty
 prediction has precision 1, an empty ground truth recall 1. ``curve`` mode averages P_t and R_t
@@ -31,9 +32,21 @@ FOUND_BETA2 = 0.09  # FOUND/SelfMask code: (1 + beta**2) with beta = 0.3
 
 
 def binarize_gt(gt: np.ndarray) -> np.ndarray:
-    """Binary ground truth ``[H, W]`` bool from an 8-bit mask (``v >= 128``) or a bool mask."""
+    """Binary ground truth ``[H, W]`` bool from an 8-bit mask (``v >= 128``), a bool mask, or
+    an integer mask holding only 0 and 1 (``v > 0``: a binary mask stored as 0/1, as CorLoc
+    reads such masks; at 128 it was all background, and an empty prediction scored IoU 1)."""
     gt = np.asarray(gt)
-    return gt if gt.dtype == bool else gt >= 128
+    if gt.dtype == bool:
+        return gt
+    if is_zero_one(gt):
+        return gt > 0
+    return gt >= 128
+
+
+def is_zero_one(mask: np.ndarray) -> bool:
+    """True for an integer mask whose values are 0 and 1 only (and at least one 1)."""
+    return (np.issubdtype(mask.dtype, np.integer) and mask.size > 0 and int(mask.max()) == 1
+            and int(mask.min()) >= 0)
 
 
 def as_probability(pred: np.ndarray) -> np.ndarray:

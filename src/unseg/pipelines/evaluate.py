@@ -34,7 +34,7 @@ from unseg.data.voc import parse_voc_xml
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.layout import BOXES_FILE
 from unseg.metrics.corloc import is_correct, largest_component_box
-from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores
+from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores, is_zero_one
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
 from unseg.pipelines.pairing import Pairing, gt_files, pair_files
 from unseg.utils.progress import progress
@@ -277,10 +277,12 @@ def evaluate_saliency(
     problems = _Problems(allow_missing)
     missing = list(pairing.missing)
     n_binary01 = n_graded = 0  # predictions whose largest value is 1 / above 1
+    n_gt01 = 0  # ground-truth masks stored as 0/1
     for stem, gt_path in progress(
         pairing.gt.items(), total=len(pairing.gt), desc="saliency", unit="img"
     ):
         mask = load_label(gt_path)
+        n_gt01 += is_zero_one(mask)
         pred_path = pairing.pred.get(stem)
         p = None if pred_path is None else _load_pred(pred_path, mask.shape, problems)
         if p is not None:
@@ -301,6 +303,9 @@ def evaluate_saliency(
         meter.update(p, mask)
     if problems.unusable and not allow_missing:
         raise _unusable_error(problems)
+    if n_gt01:
+        logger.info("%d ground-truth mask(s) hold only the values 0 and 1: read as binary "
+                    "(foreground 1)", n_gt01)
     if n_binary01 and not n_graded:  # 0/1 masks; a few near-empty maps among 8-bit ones are not
         logger.warning(
             "%d prediction(s) hold only the values 0 and 1: they are read as v/255 (almost "
