@@ -16,6 +16,7 @@ from unseg.pipelines.kind import Settings
 from unseg.pipelines.maskcontrast import DEFAULT_CLASSES
 from unseg.refine.guided_filter import GuideMode
 from unseg.registry import check_value, config_from_dict, config_options, get_method
+from unseg.utils.device import resolve_device
 
 # the pipeline's own settings (every other option is a config field of the method), by the
 # Segmenter's name → the Settings field
@@ -82,10 +83,13 @@ def run_params(meta: Mapping[str, Any], overrides: Mapping[str, Any],
 
 def check_device(device: Any) -> None:
     """Refuse a device that is neither None, a string nor a ``torch.device``, naming it (an
-    int was taken by torch as a CUDA index)."""
+    int was taken by torch as a CUDA index), or one this machine cannot use (``"gpu"``, CUDA
+    without a GPU: refused at the first fit before)."""
     if device is not None and not isinstance(device, (str, torch.device)):
         raise UnsegError(f"device: expected a string (\"cpu\", \"cuda\", \"cuda:1\") or a "
                          f"torch.device, got {device!r}")
+    if device is not None:
+        resolve_device(device)
 
 
 def check_settings(settings: Mapping[str, Any]) -> None:

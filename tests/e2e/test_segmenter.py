@@ -481,6 +481,18 @@ def test_grey_and_rgba_arrays_give_the_masks_of_their_files(tmp_path: Path) -> N
     _equal(seg.predict([grey[..., None]]), seg.predict(files[:1]))
 
 
+def test_a_device_this_machine_lacks_is_refused_when_made() -> None:
+    """Segmenter(device="gpu") was taken and refused only at the first fit."""
+    import torch
+
+    with pytest.raises(UnsegError, match="device 'gpu' is not a torch device"):
+        unseg.Segmenter("kmeans", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsegError, match="device 'cuda'"):
+            unseg.Segmenter("kmeans", device="cuda")
+    assert unseg.Segmenter("kmeans", device="cpu").device == "cpu"
+
+
 def test_a_pickled_segmenter_of_another_state_version_is_refused() -> None:
     seg = unseg.Segmenter("kmeans", backbone=BACKBONE)
     state = seg.__getstate__()
