@@ -202,7 +202,14 @@ class Segmenter:
         """Fit the method on ``images`` (no labels); returns ``self``. Training-free
         ``spectral`` only opens its backbone. A segmenter made by :meth:`load` only predicts.
         ``y`` is unused: scikit-learn's model selection (``GridSearchCV``,
-        ``cross_val_score``) passes the ground truth it later gives :meth:`score`."""
+        ``cross_val_score``) passes the ground truth it later gives :meth:`score`. What the fit
+        computed for its own images (their features, in-memory images' pixels) is not kept."""
+        self._fit(images)
+        self._release()
+        return self
+
+    def _fit(self, images: Any) -> None:
+        """:meth:`fit`, keeping the fit's images and features for :meth:`fit_predict`."""
         if self._loaded_from is not None:
             raise UnsegError(
                 f"this {self.method} Segmenter was loaded from the run {self._loaded_from}: it "
@@ -219,7 +226,13 @@ class Segmenter:
         _raise_failures(session.report)
         self.timings = session.timings
         self._fit_inputs = inputs
-        return self
+
+    def _release(self) -> None:
+        """Drop what only predicting the fit's own images uses (a semantic fit's features of
+        every image: gigabytes for a large folder held in memory)."""
+        if self._fitted is not None:
+            self._kind.release(self._fitted)
+        self._fit_inputs = None
 
     def _discovered_masks(self, inputs: ImageInputs) -> Any:
         """The mask proposals MaskContrast trains on: those of a discover method run on the
@@ -268,10 +281,13 @@ class Segmenter:
         """:meth:`fit` then the masks of the same images, as ``unseg segment`` (semantic
         methods: predicted from the fit's own features) or ``unseg discover`` writes them
         (``y`` unused, as :meth:`fit`'s)."""
-        self.fit(images)
+        self._fit(images)
         assert self._fit_inputs is not None
-        used = self._kind.fitted_inputs(self._fitted, self._fit_inputs)
-        return [_mask(p) for p in self._predictions(used, reuse=True)]
+        try:
+            used = self._kind.fitted_inputs(self._fitted, self._fit_inputs)
+            return [_mask(p) for p in self._predictions(used, reuse=True)]
+        finally:
+            self._release()
 
     def predict_proba(self, images: Any) -> list[np.ndarray]:
         """Soft maps at each image's own size: class probabilities ``[K, H, W]`` float32 after

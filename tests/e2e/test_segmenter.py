@@ -481,6 +481,34 @@ def test_grey_and_rgba_arrays_give_the_masks_of_their_files(tmp_path: Path) -> N
     _equal(seg.predict([grey[..., None]]), seg.predict(files[:1]))
 
 
+@pytest.mark.parametrize("method", ["kmeans", "primaps-em"])
+def test_a_fitted_segmenter_keeps_no_features_of_its_images(method: str,
+                                                           tmp_path: Path) -> None:
+    """A semantic Segmenter kept every fit image's features (and extras) and the in-memory
+    images for its whole life, for fit_predict's reuse only: a large folder's gigabytes
+    held by a notebook. fit and fit_predict now drop them; the masks and the run are as
+    before."""
+    import json
+    import weakref
+
+    images = _scenes()
+    options = {"num_classes": 3, "size": SMALL, "refine": "none", "n_init": 1}
+    if method == "primaps-em":
+        options = {**options, "steps": 4, "pseudo_refine": "none"}
+        del options["n_init"]
+    seg = unseg.Segmenter(method, backbone=BACKBONE, **options).fit(images)
+    assert seg._fitted.feats is None and seg._fit_inputs is None
+    masks = seg.fit_predict(images)
+    assert seg._fitted.feats is None and seg._fit_inputs is None
+    _equal(seg.predict(images), masks)
+    seg._fit(images)  # as fit runs it, before the release: nothing else holds the features
+    feats = weakref.ref(seg._fitted.feats)
+    seg._release()
+    assert feats() is None
+    meta = json.loads((seg.save(tmp_path / "run") / "config.json").read_text())
+    assert meta["feature_dim"] == seg._fitted.backbone.dim
+
+
 def test_a_device_this_machine_lacks_is_refused_when_made() -> None:
     """Segmenter(device="gpu") was taken and refused only at the first fit."""
     import torch

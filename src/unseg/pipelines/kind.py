@@ -191,6 +191,10 @@ class Kind(ABC):
         ``names_root``, or a function of the paths (kinds that train on masks only)."""
         raise UnsegError(f"{self.method} trains on no saliency masks")
 
+    def release(self, fitted: Any) -> None:  # noqa: B027 (optional step)
+        """Drop what ``fitted`` keeps only for predicting its own images (:meth:`predict`'s
+        ``reuse``); it still predicts and saves."""
+
     def fitted_inputs(self, fitted: Any, inputs: ImageInputs) -> ImageInputs:
         """The images :meth:`predict` takes after fitting on ``inputs`` (default: those)."""
         return inputs

@@ -117,6 +117,7 @@ class FittedSemantic:
     feats: FeatureSet | None = None
     paths: list[Path] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    feature_dim: int = 0  # channels of the fit's features (the run records it)
 
 
 def pipeline_values(num_classes: int, settings: Settings) -> dict[str, Any]:
@@ -296,7 +297,8 @@ class SemanticKind(Kind):
         history = list(estimator.history_)
         facts.update(steps=len(history), final_loss=history[-1] if history else None)
         return FittedSemantic(estimator, model, source, settings.size,  # type: ignore[arg-type]
-                              settings.max_side or None, predict, feats, good, facts)
+                              settings.max_side or None, predict, feats, good, facts,
+                              int(feats[good[0]].shape[0]))
 
     def result(self, fitted: FittedSemantic, run_dir: Path, report: BatchReport) -> FitResult:
         return FitResult(run_dir, report, len(fitted.paths), fitted.facts,
@@ -306,8 +308,6 @@ class SemanticKind(Kind):
         if not dist.is_main():
             return
         settings = self.settings
-        assert fitted.feats is not None
-        first = fitted.feats[fitted.paths[0]]
         save_fitted(
             run_dir,
             self.spec,
@@ -321,7 +321,7 @@ class SemanticKind(Kind):
                 "feature_size": settings.size,
                 "max_side": settings.max_side,
                 "max_pixels": settings.max_pixels,
-                "feature_dim": int(first.shape[0]),
+                "feature_dim": fitted.feature_dim,
                 "stride": fitted.backbone.stride,
                 "num_classes": int(fitted.estimator.config.num_classes),
                 "predict": asdict(fitted.predict),
@@ -361,6 +361,10 @@ class SemanticKind(Kind):
         self._config = estimator.config
         return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
                               int(meta.get("max_side") or 0) or None, predict)
+
+    def release(self, fitted: FittedSemantic) -> None:
+        """The fit's features (of every image, extras included) go."""
+        fitted.feats = None
 
     def fitted_inputs(self, fitted: FittedSemantic, inputs: ImageInputs) -> ImageInputs:
         """The images the fit could use: predicted from the fit's own features."""
