@@ -175,3 +175,50 @@ def test_ranks_list_the_missing_pseudo_labels_before_any_writes(
         labels = compute_pseudo_labels(paths, feats, tmp_path, PriMaPsConfig(), pool, Timings())
     assert events[0] == "barrier" and events.count("write") == 2
     assert len(labels) == 2
+
+
+def test_overlapping_cpu_thread_blocks_in_threads_restore_the_count_from_before() -> None:
+    """Two threads' cpu_threads blocks overlapping (predictions in a thread pool): each
+    restored the count it found, and a thread started inside the first block finds its 1 (a
+    new thread takes the count last set anywhere), so it restored 1 and every thread started
+    afterwards ran torch on one thread."""
+    import threading
+
+    from unseg.utils.device import cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+        counts: dict[str, int] = {}
+
+        def first() -> None:
+            with cpu_threads("cpu", 1):
+                a_in.set()
+                b_in.wait(10)
+            counts["first, after its block"] = torch.get_num_threads()
+            a_out.set()
+
+        def second() -> None:
+            with cpu_threads("cpu", 1):
+                b_in.set()
+                a_out.wait(10)
+                counts["second, in its block"] = torch.get_num_threads()
+
+        a = threading.Thread(target=first)
+        a.start()
+        assert a_in.wait(10)
+        b = threading.Thread(target=second)  # started inside the first block
+        b.start()
+        a.join(20)
+        b.join(20)
+        assert a_out.is_set() and b_in.is_set()
+        seen: list[int] = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join(10)
+        assert seen == [2]
+        assert counts == {"first, after its block": 2, "second, in its block": 1}
+    finally:
+        torch.set_num_threads(before)

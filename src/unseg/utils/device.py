@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,10 @@ import numpy as np
 import torch
 
 from unseg.errors import UnsegError
+
+_THREADS_LOCK = threading.Lock()
+_THREAD_BLOCKS = 0  # cpu_threads blocks running now, in any thread
+_THREADS_BEFORE = 0  # torch's thread count before the first of them
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -101,14 +106,25 @@ def cpu_threads(device: str | torch.device, n: int) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads when ``device`` is the CPU (restored after).
 
     For loops of small ops, or stages already parallel across processes, where intra-op threads
-    cost more than they give (they spin-wait for cores on a shared machine).
+    cost more than they give (they spin-wait for cores on a shared machine). torch's count is
+    per thread, and a new thread takes the count last set in any thread: so when blocks overlap
+    in several threads (predictions in a thread pool), the last to end restores the count from
+    before the first began (a thread started inside another's block found ``n`` and restored
+    it, leaving every later thread on ``n``); the others restore their own.
     """
     if torch.device(device).type != "cpu":
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    global _THREAD_BLOCKS, _THREADS_BEFORE
+    with _THREADS_LOCK:
+        old = torch.get_num_threads()  # this thread's (the count is per thread)
+        if _THREAD_BLOCKS == 0:
+            _THREADS_BEFORE = old
+        _THREAD_BLOCKS += 1
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        with _THREADS_LOCK:  # a thread started inside another's block found its n: the last
+            _THREAD_BLOCKS -= 1  # block out restores the count from before the first one
+            torch.set_num_threads(_THREADS_BEFORE if _THREAD_BLOCKS == 0 else old)
