@@ -29,6 +29,7 @@ the last bit.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,6 +162,16 @@ def _default_workers(n_items: int) -> int:
     if n_items <= 2:
         return 0
     return max(1, min(8, cpu_count() // dist.world_size() - 1))
+
+
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """The decoding workers' multiprocessing context: the process's default (None), unless a
+    pool library made its own the default here (joblib's loky workers, whose processes the
+    DataLoader cannot start: "'Process' object has no attribute 'env'"); then the platform's."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None or method in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
 
 
 def _scan(
@@ -387,6 +398,7 @@ def _compute(
         pin_memory=job.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=_worker_context() if workers > 0 else None,
     )
     out: dict[int, tuple[dict[str, torch.Tensor], tuple[int, int, int] | None]] = {}
     failed: list[tuple[Path, str]] = []

@@ -509,6 +509,22 @@ def test_a_fitted_segmenter_keeps_no_features_of_its_images(method: str,
     assert meta["feature_dim"] == seg._fitted.backbone.dim
 
 
+def test_joblib_process_workers_predict_files_as_one_process_does(tmp_path: Path) -> None:
+    """In a joblib (loky) worker, predicting files started the DataLoader's decoding workers
+    with loky's process class: "'Process' object has no attribute 'env'"."""
+    import joblib
+
+    files = []
+    for i, image in enumerate(_scenes(3) + _scenes(3)[::-1]):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(np.roll(image, 7 * i, axis=1)).save(files[-1])
+    seg = unseg.Segmenter("kmeans", num_classes=3, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1).fit(files)
+    chunks = [files[:3], files[3:]]  # three files each: the extraction starts its workers
+    got = joblib.Parallel(n_jobs=2)(joblib.delayed(seg.predict)(c) for c in chunks)
+    _equal(got[0] + got[1], seg.predict(files))
+
+
 def test_a_device_this_machine_lacks_is_refused_when_made() -> None:
     """Segmenter(device="gpu") was taken and refused only at the first fit."""
     import torch
