@@ -217,3 +217,17 @@ def test_0_1_uint8_saliency_predictions_are_refused_not_scored_as_background() -
     assert unseg.score_saliency([binary * 255], [truth]).iou == 1.0
     faint = unseg.score_saliency([binary, binary * 255], [truth, truth])
     assert faint.iou == pytest.approx(0.5)  # the 0/1 map is below 0.5 everywhere: IoU 0
+
+
+def test_one_colour_ground_truth_array_is_one_image() -> None:
+    """An [H, W, 3] ground truth given alone was taken as H maps of [W, 3] ("1 predictions
+    for 4 ground-truth maps"); it is one image, read as its file would be: equal channels as
+    one, different ones refused with the palette hint."""
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 3, (4, 6)).astype(np.uint8)
+    grey_rgb = np.repeat(labels[..., None], 3, axis=2)
+    assert unseg.score_semantic(labels, grey_rgb) == unseg.score_semantic(labels, labels)
+    colour = grey_rgb.copy()
+    colour[..., 1] = 0
+    with pytest.raises(UnsegError, match=r"ground truth 0: a colour image of shape \(4, 6, 3\)"):
+        unseg.score_semantic(labels, colour)

@@ -34,9 +34,9 @@ PRED_IGNORE = 255  # a predicted "no label" (PriMaPs'): counted wrong, never mat
 
 def per_image(items: Any, what: str, files: bool = False) -> list[Any]:
     """``items`` as one entry per image: a list, a tuple or an array stack ``[N, H, W]`` as it
-    is; one map (a 2-D array, a PIL image, or with ``files`` a label file's path) as a list
-    of one, as :meth:`~unseg.Segmenter.predict` takes one image. A 2-D array was iterated by
-    rows ("1 predictions for 366 ground-truth maps")."""
+    is; one map (a 2-D array, an ``[H, W, 3|4]`` image, a PIL image, or with ``files`` a
+    label file's path) as a list of one, as :meth:`~unseg.Segmenter.predict` takes one
+    image. A 2-D array was iterated by rows ("1 predictions for 366 ground-truth maps")."""
     if isinstance(items, (str, os.PathLike)):
         if files and Path(items).is_file():
             return [items]
@@ -44,6 +44,8 @@ def per_image(items: Any, what: str, files: bool = False) -> list[Any]:
                          "for folders of files use `unseg evaluate`")
     if isinstance(items, Image.Image) or (isinstance(items, np.ndarray) and items.ndim == 2):
         return [items]
+    if isinstance(items, np.ndarray) and items.ndim == 3 and items.shape[2] in (3, 4):
+        return [items]  # one colour image (its channels are read, or refused, as a file's)
     if isinstance(items, np.ndarray) and items.ndim >= 3:
         return list(items)
     if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
