@@ -150,6 +150,7 @@ class Segmenter:
         self._loaded_from: Path | None = None
         self._run_params: dict[str, Any] | None = None
         self._from_run = False  # self._kind predicts with a run (load, unpickle): fit makes anew
+        self._run_files: dict[str, bytes] | None = None  # an unpickled fit's run, for pickling
         self.timings = Timings()
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -216,6 +217,7 @@ class Segmenter:
                 f"predicts; to fit, make a new one: Segmenter({self.method!r}, ...)"
             )
         inputs = self._inputs(images)
+        self._run_files = None
         if self._from_run:  # unpickled: fit a kind made as the constructor makes it
             self._kind, self._from_run = type(self)(**self.get_params())._kind, False
         kind = self._kind
@@ -350,9 +352,16 @@ class Segmenter:
     # ------------------------------------------------------------------ save / load
     def save(self, run_dir: str | Path) -> Path:
         """Write the fitted model as the run folder ``unseg predict`` reads; returns its path.
-        ``spectral`` trains nothing and has no run: an error."""
+        ``spectral`` trains nothing and has no run: an error. A segmenter made by :meth:`load`
+        (or unpickled and not fitted since) writes the run it predicts with, as it was."""
         fitted = self._require_fit()
         run_dir = Path(run_dir)
+        if self._loaded_from is not None:  # its kind knows the run, not what made it
+            write_run_files(read_run_files(self._loaded_from), run_dir)
+            return run_dir
+        if self._run_files is not None:
+            write_run_files(self._run_files, run_dir)
+            return run_dir
         with self._kind.session() as session:
             session.timings = self.timings
             self._kind.save(fitted, run_dir, session)
@@ -397,7 +406,7 @@ class Segmenter:
         seg._fitted, seg._fit_inputs, seg._loaded_from = fitted, None, run_dir
         seg._run_params = params
         seg._load_options = given
-        seg._from_run = True
+        seg._from_run, seg._run_files = True, None
         seg.timings = Timings()
         return seg
 
@@ -415,6 +424,9 @@ class Segmenter:
             return state
         state["params"] = self.get_params()
         if self.fitted and self._kind.trains:
+            if self._run_files is not None:  # unpickled and not fitted since: the same run
+                state["run"] = dict(self._run_files)
+                return state
             with tempfile.TemporaryDirectory(prefix="unseg-pickle-") as tmp:
                 state["run"] = read_run_files(self.save(Path(tmp) / "run"))
         return state
@@ -440,6 +452,7 @@ class Segmenter:
         options = {k: params[k] for k in self._kind.run_options if params.get(k) is not None}
         loaded = _load_files(state["run"], params["device"], options)
         self._kind, self._fitted, self._from_run = loaded._kind, loaded._fitted, True
+        self._run_files = dict(state["run"])
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.options.items())

@@ -318,7 +318,7 @@ class SemanticKind(Kind):
                 "weights_sha256": backbone_weights_sha256(fitted.backbone),
                 "weights_path": (str(Path(settings.weights).resolve()) if settings.weights
                                  else None),
-                "feature_size": settings.size,
+                "feature_size": fitted.size,
                 "max_side": settings.max_side,
                 "max_pixels": settings.max_pixels,
                 "feature_dim": fitted.feature_dim,
@@ -360,7 +360,8 @@ class SemanticKind(Kind):
             check_prototypes(run_dir, getattr(estimator, "prototypes_", None), model)
         self._config = estimator.config
         return FittedSemantic(estimator, model, source, int(meta["feature_size"]),
-                              int(meta.get("max_side") or 0) or None, predict)
+                              int(meta.get("max_side") or 0) or None, predict,
+                              feature_dim=int(meta.get("feature_dim") or model.dim))
 
     def release(self, fitted: FittedSemantic) -> None:
         """The fit's features (of every image, extras included) go."""
