@@ -653,6 +653,44 @@ def test_nested_ground_truth_with_repeated_stems_pairs_by_relative_path(
     assert code == 2 and "cats/001.png" in err and "dogs/002.png" in err
 
 
+def test_ground_truth_at_the_top_and_in_sub_folders_is_all_scored(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    """Ground truth with images at its top beside a category folder (001.png, dogs/001.png):
+    the sub-folder's were ignored (the top held images), and the mirrored predictions were
+    refused as "several prediction files share a stem"."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for rel in ("001", "002", "dogs/001", "dogs/002"):
+        labels = _labels(rng)
+        save_png_atomic(gt / f"{rel}.png", labels)
+        save_png_atomic(pred / f"{rel}.png", labels)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert (r["n_images"], r["n_missing"], r["acc"]) == (4, 0, 1.0)
+    # a sub-folder's prediction missing is named, not ignored
+    (pred / "dogs" / "002.png").unlink()
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "dogs/002.png" in err
+
+
+def test_flat_predictions_for_repeated_nested_ground_truth_say_why(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    """Flat predictions against ground truth whose names repeat across sub-folders: the error
+    named the files but not that the predictions must mirror the sub-folders."""
+    _, gt = _nested(tmp_path, rng)
+    flat = tmp_path / "flat"
+    for stem in ("001", "002"):
+        save_png_atomic(flat / f"{stem}.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(flat), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "cats/001.png" in err and str(flat / "001.png") in err
+    assert "repeat across its sub-folders (cats/001, dogs/001)" in err
+    assert "same sub-folder" in err
+
+
 def test_nested_ground_truth_with_unique_stems_still_pairs_by_stem(
         tmp_path: Path, rng: np.random.Generator, capsys) -> None:
     gt, pred = tmp_path / "gt", tmp_path / "pred"

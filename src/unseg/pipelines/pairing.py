@@ -4,8 +4,8 @@ Ground truth may be a plain folder or a dataset root in its official layout
 (``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
 Predictions are listed recursively, so the mirrored sub-folders that ``segment``/``predict``
 write for nested inputs (e.g. Cityscapes' city folders) pair by stem; an unseg output folder
-(with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder
-with no image at its top is listed recursively, and when its stems repeat across sub-folders
+(with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder is
+listed recursively too, and when its stems repeat across sub-folders
 (``cats/001.png``, ``dogs/001.png``) both sides pair by path relative to their folder, without
 suffix (``cats/001``): the sub-folders ``segment`` mirrors.
 """
@@ -87,14 +87,11 @@ def _refuse_other_task(gt: Path, task: Task) -> None:
 
 
 def _plain_gt(gt: Path) -> dict[str, Path]:
-    """A plain folder's ground-truth images: those at its top, else all below it; by stem, or
-    by relative path when stems repeat across its sub-folders."""
-    try:
-        files = list_images(gt, recursive=False)
-    except UnsegError:
-        if not gt.is_dir():
-            raise
-        files = list_images(gt)  # nested only (or an error saying no images were found)
+    """A plain folder's ground-truth images, sub-folders included (as the predictions are
+    listed: images at the top beside category folders are all scored; the sub-folders' were
+    ignored when the top held any); by stem, or by relative path when stems repeat across
+    its sub-folders."""
+    files = list_images(gt)
     try:
         return _by_stem(files, (), "ground-truth")
     except ManyFilesError:
@@ -150,6 +147,23 @@ def prediction_folder(pred: Path) -> Path:
     return pred
 
 
+def _flat_hint(gt_map: dict[str, Path], pred_map: dict[str, Path]) -> str:
+    """Why path-keyed ground truth finds no flat prediction: its names repeat, so a prediction
+    must sit in the sub-folder of its image (``cats/001.png``); "" when some already do."""
+    if any("/" in key for key in pred_map):
+        return ""
+    seen: dict[str, str] = {}
+    for key in gt_map:
+        name = key.rsplit("/", 1)[-1]
+        if name in seen:
+            return (f"; the ground truth's names repeat across its sub-folders ({seen[name]}, "
+                    f"{key}), so each prediction must sit in the same sub-folder under --pred "
+                    f"as its ground truth ({key}.png), as `unseg segment`/`predict` write them "
+                    "for images laid out as the ground truth is")
+        seen[name] = key
+    return ""
+
+
 def pair_files(
     pred: str | Path, gt: str | Path, task: Task, allow_missing: bool = False
 ) -> Pairing:
@@ -189,7 +203,8 @@ def pair_files(
         if extra:
             parts.append(str(ManyFilesError("predictions without ground truth", [
                 pred_map[s] for s in extra])))
-        raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
+        hint = _flat_hint(gt_map, pred_map) if nested and missing else ""
+        raise UnsegError("; ".join(parts) + hint + " (use --allow-missing to score anyway)")
     if missing:
         logger.warning("%d ground-truth file(s) have no prediction", len(missing))
     if extra:
