@@ -727,3 +727,37 @@ def test_corloc_of_a_nested_discover_boxes_json(tmp_path: Path, capsys) -> None:
     boxes.write_text(json.dumps({"a/x": [0, 0, 20, 20], "b/x": None, "y": None}))
     code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
     assert code == 2 and "repeat in sub-folders" in err and "b/x" in err
+
+
+def test_corloc_against_annotations_in_category_folders(tmp_path: Path, capsys) -> None:
+    """Annotations laid out as the images (ann/cats/x.xml, ann/dogs/x.xml): only the top of
+    the folder was read ("no .xml annotations found"). Repeated names pair by path with a
+    nested discover's boxes.json (cats/x) and with its masks, each box against its own
+    image's annotation."""
+    ann = tmp_path / "ann"
+    _xml(ann / "cats" / "x.xml", (1, 1, 20, 20))
+    _xml(ann / "dogs" / "x.xml", (21, 11, 50, 40))
+    _xml(ann / ".hidden" / "x.xml", (1, 1, 5, 5))  # skipped, as hidden images are
+    boxes = tmp_path / "boxes.json"
+    own = {"cats/x": [0, 0, 20, 20], "dogs/x": [20, 10, 50, 40]}
+    out_json = tmp_path / "c.json"
+    for pred, want in ((own, 1.0), ({"cats/x": own["dogs/x"], "dogs/x": own["cats/x"]}, 0.0)):
+        boxes.write_text(json.dumps(pred))
+        code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
+                             "--json", str(out_json)], capsys)
+        assert code == 0, err
+        r = json.loads(out_json.read_text())
+        assert (r["corloc"], r["n_images"], r["n_missing"]) == (want, 2, 0)
+    masks = tmp_path / "masks"
+    for folder, (x0, y0, x1, y1) in own.items():
+        mask = np.zeros((40, 50), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        save_png_atomic(masks / f"{folder}.png", mask)
+    code, _, err = _run(["corloc", "--pred", str(masks), "--annotations", str(ann),
+                         "--json", str(out_json)], capsys)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["corloc"] == 1.0
+    # flat boxes cannot be told apart: each annotation without a box is named
+    boxes.write_text(json.dumps({"x": [0, 0, 20, 20]}))
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    assert code == 2 and "cats/x" in err and "dogs/x" in err

@@ -86,12 +86,11 @@ def _refuse_other_task(gt: Path, task: Task) -> None:
                      f"{_TASK_GT[task][1]} to score against; use `{command}`")
 
 
-def _plain_gt(gt: Path) -> dict[str, Path]:
-    """A plain folder's ground-truth images, sub-folders included (as the predictions are
+def _plain_gt(gt: Path, files: list[Path]) -> dict[str, Path]:
+    """A plain folder's ground-truth ``files``, sub-folders included (as the predictions are
     listed: images at the top beside category folders are all scored; the sub-folders' were
-    ignored when the top held any); by stem, or by relative path when stems repeat across
+    ignored when the top held any), by stem, or by relative path when stems repeat across
     its sub-folders."""
-    files = list_images(gt)
     try:
         return _by_stem(files, (), "ground-truth")
     except ManyFilesError:
@@ -102,20 +101,25 @@ def _plain_gt(gt: Path) -> dict[str, Path]:
     return _by_stem(files, (), "ground-truth", root=gt)
 
 
+def _xml_files(gt: Path) -> list[Path]:
+    """The ``.xml`` annotations under ``gt``, sub-folders included, hidden ones skipped."""
+    if not gt.is_dir():
+        raise UnsegError(f"{gt}: no such folder")
+    files = sorted(p for p in gt.rglob("*.xml") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(gt).parts))
+    if not files:
+        raise UnsegError(f"{gt}: no .xml annotations found")
+    return files
+
+
 def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
     """Ground-truth files by key (see :class:`Pairing`), from a dataset root in its layout or
     a plain folder."""
     layout = find_layout(gt, task)
     if layout is None:
         _refuse_other_task(gt, task)
-        if task == "boxes":
-            if not gt.is_dir():
-                raise UnsegError(f"{gt}: no such folder")
-            files = sorted(gt.glob("*.xml"))
-            if not files:
-                raise UnsegError(f"{gt}: no .xml annotations found")
-            return _by_stem(files, (), "ground-truth"), None
-        return _plain_gt(gt), None
+        files = _xml_files(gt) if task == "boxes" else list_images(gt)
+        return _plain_gt(gt, files), None
     root = layout.gt_path
     if not root.is_dir():
         raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
