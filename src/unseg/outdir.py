@@ -122,6 +122,27 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return data
 
 
+def record_written(folder: str | Path, path: str | Path) -> None:
+    """Record ``path``, written into the output ``folder`` after its command ended (``unseg
+    report``'s ``coco_results.json``), as the last command's file: ``--overwrite`` deletes it
+    with that command's outputs (they made it) and ``--resume`` does not take it for a file
+    unseg did not write. Nothing when ``path`` is outside ``folder`` or ``folder`` has no
+    manifest, or while a command is writing there (its own record covers the folder)."""
+    folder, path = Path(folder).resolve(), Path(path).resolve()
+    if folder not in path.parents:
+        return
+    manifest = read_manifest(folder)
+    if not manifest or not manifest["commands"]:
+        return
+    last = manifest["commands"][-1]
+    if last.get("status") in ("running", "unfinished"):
+        return
+    rel = path.relative_to(folder).as_posix()
+    if rel not in last.get("files", []):
+        last["files"] = sorted({*last.get("files", []), rel})
+        write_json_atomic(folder / MANIFEST_FILE, manifest)
+
+
 def _last_recorded(folder: str | Path, pick: Callable[[dict[str, Any]], Any]) -> Any:
     """``pick`` of the last command of ``folder``'s manifest for which it is not None; None
     without a (readable) manifest or such a command (the reading commands work without it)."""
