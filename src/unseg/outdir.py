@@ -131,7 +131,11 @@ def record_written(folder: str | Path, path: str | Path) -> None:
     folder, path = Path(folder).resolve(), Path(path).resolve()
     if folder not in path.parents:
         return
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the file is written: say why it is not recorded
+        logger.warning("%s is not recorded: %s", path, exc)
+        return
     if not manifest or not manifest["commands"]:
         return
     last = manifest["commands"][-1]
@@ -140,7 +144,10 @@ def record_written(folder: str | Path, path: str | Path) -> None:
     rel = path.relative_to(folder).as_posix()
     if rel not in last.get("files", []):
         last["files"] = sorted({*last.get("files", []), rel})
-        write_json_atomic(folder / MANIFEST_FILE, manifest)
+        try:
+            write_json_atomic(folder / MANIFEST_FILE, manifest)
+        except OSError as exc:
+            logger.warning("%s is not recorded in %s (%s)", path, MANIFEST_FILE, exc)
 
 
 def _last_recorded(folder: str | Path, pick: Callable[[dict[str, Any]], Any]) -> Any:
