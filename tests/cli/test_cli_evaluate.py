@@ -689,6 +689,15 @@ def test_flat_predictions_for_repeated_nested_ground_truth_say_why(
     assert code == 2 and "cats/001.png" in err and str(flat / "001.png") in err
     assert "repeat across its sub-folders (cats/001, dogs/001)" in err
     assert "same sub-folder" in err
+    # mirrored one folder down (an output folder copied without its manifest, with overlays;
+    # a run on the dataset's parent folder): the --pred to give is named
+    copy = tmp_path / "copy"
+    for sub in ("masks", "overlays"):
+        for rel in ("cats/001", "dogs/001"):
+            save_png_atomic(copy / sub / f"{rel}.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(copy), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and f"pass --pred {copy / 'masks'}" in err
 
 
 def test_nested_ground_truth_with_unique_stems_still_pairs_by_stem(

@@ -13,6 +13,7 @@ suffix (``cats/001``): the sub-folders ``segment`` mirrors.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,28 @@ def prediction_folder(pred: Path) -> Path:
     return pred
 
 
+def _deeper_hint(gt_map: dict[str, Path], pred_map: dict[str, Path], pred: Path) -> str:
+    """When path-keyed ground truth finds its keys one folder down in the predictions
+    (``masks/cats/001`` of a copied output folder, ``images/cats/001`` of a run on the
+    dataset's parent folder): the ``--pred`` to give."""
+    prefixes: Counter[str] = Counter()
+    for key in pred_map:
+        if key in gt_map:
+            continue
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[i:]) in gt_map:
+                prefixes["/".join(parts[:i])] += 1
+                break
+    if not prefixes:
+        return ""
+    # an output folder's masks, not its overlays, where both are there
+    prefix, n = ((MASKS_DIR, prefixes[MASKS_DIR]) if MASKS_DIR in prefixes
+                 else prefixes.most_common(1)[0])
+    return (f"; {n} prediction(s) under {pred / prefix} are laid out as the ground truth: "
+            f"pass --pred {pred / prefix}")
+
+
 def _flat_hint(gt_map: dict[str, Path], pred_map: dict[str, Path]) -> str:
     """Why path-keyed ground truth finds no flat prediction: its names repeat, so a prediction
     must sit in the sub-folder of its image (``cats/001.png``); "" when some already do."""
@@ -207,7 +230,8 @@ def pair_files(
         if extra:
             parts.append(str(ManyFilesError("predictions without ground truth", [
                 pred_map[s] for s in extra])))
-        hint = _flat_hint(gt_map, pred_map) if nested and missing else ""
+        hint = (_deeper_hint(gt_map, pred_map, pred) or _flat_hint(gt_map, pred_map)
+                if nested and missing else "")
         raise UnsegError("; ".join(parts) + hint + " (use --allow-missing to score anyway)")
     if missing:
         logger.warning("%d ground-truth file(s) have no prediction", len(missing))
