@@ -2,6 +2,7 @@
 
 The library's front door is :class:`unseg.Segmenter` (images in, masks out, for every method);
 :func:`unseg.list_methods` and :func:`unseg.list_backbones` say what exists;
+:func:`unseg.list_images` gives a folder's files in the order of its masks;
 :func:`unseg.score_semantic`, :func:`unseg.score_saliency` and :func:`unseg.score_corloc` score
 masks in memory with ``unseg evaluate``'s protocols; :func:`unseg.set_progress` shows the
 commands' progress bars in a program or notebook (off by default: a library stays silent).
@@ -14,14 +15,14 @@ from typing import Any
 
 from unseg._version import __version__
 
-__all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_methods",
-           "score_corloc", "score_saliency", "score_semantic", "set_progress"]
+__all__ = ["Segmenter", "__version__", "keep_freed_memory", "list_backbones", "list_images",
+           "list_methods", "score_corloc", "score_saliency", "score_semantic", "set_progress"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Segmenter", "list_methods", "list_backbones"):
+    if name in ("Segmenter", "list_methods", "list_backbones", "list_images"):
         from unseg import segmenter
 
         return getattr(segmenter, name)

@@ -122,6 +122,34 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return data
 
 
+def record_written(folder: str | Path, path: str | Path) -> None:
+    """Record ``path``, written into the output ``folder`` after its command ended (``unseg
+    report``'s ``coco_results.json``), as the last command's file: ``--overwrite`` deletes it
+    with that command's outputs (they made it) and ``--resume`` does not take it for a file
+    unseg did not write. Nothing when ``path`` is outside ``folder`` or ``folder`` has no
+    manifest, or while a command is writing there (its own record covers the folder)."""
+    folder, path = Path(folder).resolve(), Path(path).resolve()
+    if folder not in path.parents:
+        return
+    try:
+        manifest = read_manifest(folder)
+    except InputFileError as exc:  # the file is written: say why it is not recorded
+        logger.warning("%s is not recorded: %s", path, exc)
+        return
+    if not manifest or not manifest["commands"]:
+        return
+    last = manifest["commands"][-1]
+    if last.get("status") in ("running", "unfinished"):
+        return
+    rel = path.relative_to(folder).as_posix()
+    if rel not in last.get("files", []):
+        last["files"] = sorted({*last.get("files", []), rel})
+        try:
+            write_json_atomic(folder / MANIFEST_FILE, manifest)
+        except OSError as exc:
+            logger.warning("%s is not recorded in %s (%s)", path, MANIFEST_FILE, exc)
+
+
 def _last_recorded(folder: str | Path, pick: Callable[[dict[str, Any]], Any]) -> Any:
     """``pick`` of the last command of ``folder``'s manifest for which it is not None; None
     without a (readable) manifest or such a command (the reading commands work without it)."""

@@ -24,7 +24,8 @@ image's own size. What comes back per image:
   (float32, the 8-bit mask / 255), :meth:`Segmenter.predict_boxes` the box
   ``[x0, y0, x1, y1]`` of its largest component (or None).
 
-Images: a folder or file path (listed as the commands list it; any ``os.PathLike``), one PIL
+Images: a folder or file path (listed as the commands list it, in the order
+:func:`list_images` gives; any ``os.PathLike``), one PIL
 image or array, an ``[N, H, W, C]`` uint8 stack, or a list or tuple of paths, PIL images and
 uint8 arrays (``H×W×3`` RGB, ``H×W`` grey, ``H×W×4`` RGBA). An in-memory image gives the
 masks its file gives, with two exceptions: a JPEG over twice the working size is decoded by the
@@ -90,6 +91,26 @@ def list_methods() -> list[str]:
     """The names :class:`Segmenter` takes: every registered method, and ``spectral``."""
     names = [s.name for s in registered_methods()]
     return [*names, SPECTRAL]
+
+
+def list_images(images: str | os.PathLike) -> list[Path]:
+    """The image files of a folder (sub-folders included) or dataset root, in the order a
+    :class:`Segmenter` takes them: ``masks[i]`` of ``fit_predict(folder)`` / ``predict(folder)``
+    is the mask of ``list_images(folder)[i]``, and :meth:`Segmenter.score` wants one
+    ground-truth map per file in this order. Names repeat across sub-folders
+    (``cats/001.jpg``, ``dogs/001.jpg``); the path under the folder tells them apart, as the
+    commands' mirrored masks (``masks/cats/001.png``) do. A file the commands would refuse is
+    an error here too, naming it."""
+    from unseg.data.datasets import resolve_inputs
+
+    if not isinstance(images, (str, os.PathLike)):
+        raise UnsegError(f"images: expected a folder or file path, got {type(images).__name__}")
+    report = BatchReport()
+    paths = resolve_inputs(images, report)
+    if report.failed:
+        path, problem = report.failed[0]
+        raise UnsegError(f"{path}: {problem}")
+    return paths
 
 
 def list_backbones() -> list[str]:
@@ -338,7 +359,8 @@ class Segmenter:
                              f"{a_or_an(self.output)} method; it takes {', '.join(takes)}")
         if isinstance(ground_truth, (str, os.PathLike)) and not Path(ground_truth).is_file():
             raise UnsegError("ground_truth: give one label map or file per image, in the "
-                             "images' order (a list); for folders use `unseg evaluate`")
+                             "images' order (a list; a folder's order is "
+                             "unseg.list_images(folder)); for folders use `unseg evaluate`")
         truths = per_image(ground_truth, "ground_truth", files=True)
         inputs = self._inputs(images)
         if len(inputs) != len(truths):  # before predicting, not after

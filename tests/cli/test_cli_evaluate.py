@@ -653,6 +653,53 @@ def test_nested_ground_truth_with_repeated_stems_pairs_by_relative_path(
     assert code == 2 and "cats/001.png" in err and "dogs/002.png" in err
 
 
+def test_ground_truth_at_the_top_and_in_sub_folders_is_all_scored(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    """Ground truth with images at its top beside a category folder (001.png, dogs/001.png):
+    the sub-folder's were ignored (the top held images), and the mirrored predictions were
+    refused as "several prediction files share a stem"."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for rel in ("001", "002", "dogs/001", "dogs/002"):
+        labels = _labels(rng)
+        save_png_atomic(gt / f"{rel}.png", labels)
+        save_png_atomic(pred / f"{rel}.png", labels)
+    out_json = tmp_path / "r.json"
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert (r["n_images"], r["n_missing"], r["acc"]) == (4, 0, 1.0)
+    # a sub-folder's prediction missing is named, not ignored
+    (pred / "dogs" / "002.png").unlink()
+    code, _, err = _run(["semantic", "--pred", str(pred), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "dogs/002.png" in err
+
+
+def test_flat_predictions_for_repeated_nested_ground_truth_say_why(
+        tmp_path: Path, rng: np.random.Generator, capsys) -> None:
+    """Flat predictions against ground truth whose names repeat across sub-folders: the error
+    named the files but not that the predictions must mirror the sub-folders."""
+    _, gt = _nested(tmp_path, rng)
+    flat = tmp_path / "flat"
+    for stem in ("001", "002"):
+        save_png_atomic(flat / f"{stem}.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(flat), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and "cats/001.png" in err and str(flat / "001.png") in err
+    assert "repeat across its sub-folders (cats/001, dogs/001)" in err
+    assert "same sub-folder" in err
+    # mirrored one folder down (an output folder copied without its manifest, with overlays;
+    # a run on the dataset's parent folder): the --pred to give is named
+    copy = tmp_path / "copy"
+    for sub in ("masks", "overlays"):
+        for rel in ("cats/001", "dogs/001"):
+            save_png_atomic(copy / sub / f"{rel}.png", _labels(rng))
+    code, _, err = _run(["semantic", "--pred", str(copy), "--gt", str(gt), "--num-classes",
+                         "3"], capsys)
+    assert code == 2 and f"pass --pred {copy / 'masks'}" in err
+
+
 def test_nested_ground_truth_with_unique_stems_still_pairs_by_stem(
         tmp_path: Path, rng: np.random.Generator, capsys) -> None:
     gt, pred = tmp_path / "gt", tmp_path / "pred"
@@ -689,3 +736,37 @@ def test_corloc_of_a_nested_discover_boxes_json(tmp_path: Path, capsys) -> None:
     boxes.write_text(json.dumps({"a/x": [0, 0, 20, 20], "b/x": None, "y": None}))
     code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
     assert code == 2 and "repeat in sub-folders" in err and "b/x" in err
+
+
+def test_corloc_against_annotations_in_category_folders(tmp_path: Path, capsys) -> None:
+    """Annotations laid out as the images (ann/cats/x.xml, ann/dogs/x.xml): only the top of
+    the folder was read ("no .xml annotations found"). Repeated names pair by path with a
+    nested discover's boxes.json (cats/x) and with its masks, each box against its own
+    image's annotation."""
+    ann = tmp_path / "ann"
+    _xml(ann / "cats" / "x.xml", (1, 1, 20, 20))
+    _xml(ann / "dogs" / "x.xml", (21, 11, 50, 40))
+    _xml(ann / ".hidden" / "x.xml", (1, 1, 5, 5))  # skipped, as hidden images are
+    boxes = tmp_path / "boxes.json"
+    own = {"cats/x": [0, 0, 20, 20], "dogs/x": [20, 10, 50, 40]}
+    out_json = tmp_path / "c.json"
+    for pred, want in ((own, 1.0), ({"cats/x": own["dogs/x"], "dogs/x": own["cats/x"]}, 0.0)):
+        boxes.write_text(json.dumps(pred))
+        code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
+                             "--json", str(out_json)], capsys)
+        assert code == 0, err
+        r = json.loads(out_json.read_text())
+        assert (r["corloc"], r["n_images"], r["n_missing"]) == (want, 2, 0)
+    masks = tmp_path / "masks"
+    for folder, (x0, y0, x1, y1) in own.items():
+        mask = np.zeros((40, 50), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        save_png_atomic(masks / f"{folder}.png", mask)
+    code, _, err = _run(["corloc", "--pred", str(masks), "--annotations", str(ann),
+                         "--json", str(out_json)], capsys)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["corloc"] == 1.0
+    # flat boxes cannot be told apart: each annotation without a box is named
+    boxes.write_text(json.dumps({"x": [0, 0, 20, 20]}))
+    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    assert code == 2 and "cats/x" in err and "dogs/x" in err

@@ -733,3 +733,29 @@ def test_score_of_faint_saliency_maps_is_not_refused_as_binary(monkeypatch) -> N
     with pytest.raises(UnsegError, match="only the values 0 and 1"):
         unseg.score_saliency(faint, truth)
     assert finder.score(images, truth) == 1.0  # below 0.5 everywhere, as the empty truth
+
+
+def test_a_folders_masks_come_in_the_order_list_images_gives(tmp_path: Path) -> None:
+    """A folder in category folders whose names repeat (cats/001.png, dogs/001.jpg): the masks
+    came back as a bare list, and nothing public said which file each is (a user's own
+    sorted glob can list another order, or files the commands skip). unseg.list_images gives
+    the files in the masks' order, and score takes ground truth in that order."""
+    scenes = _scenes()
+    files = [tmp_path / "pets" / "cats" / "001.png", tmp_path / "pets" / "cats" / "002.png",
+             tmp_path / "pets" / "dogs" / "001.jpg"]
+    for i, (path, image) in enumerate(zip(files, scenes, strict=True)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[: 64 - 8 * i]).save(path, quality=95)  # each its own size
+    (tmp_path / "pets" / ".hidden.png").write_bytes(b"")  # skipped, as the commands do
+    folder = tmp_path / "pets"
+    assert unseg.list_images(folder) == files
+    assert unseg.list_images(str(folder)) == files
+    seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
+                          refine="none", n_init=1)
+    masks = seg.fit_predict(folder)
+    assert [m.shape for m in masks] == [Image.open(f).size[::-1] for f in unseg.list_images(folder)]
+    truth = [(m > 0).astype(np.uint8) for m in masks]
+    assert seg.score(folder, truth) == 1.0
+    (tmp_path / "pets" / "dogs" / "003.png").write_bytes(b"")
+    with pytest.raises(UnsegError, match=r"003\.png: empty file"):
+        unseg.list_images(folder)

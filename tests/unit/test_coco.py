@@ -4,6 +4,7 @@ semantic and saliency outputs decoded back to exactly the written masks."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from unseg.cli.main import main
 from unseg.errors import UnsegError
+from unseg.outdir import claim, recorded
 from unseg.report.coco import (
     coco_results,
     counts_string,
@@ -186,3 +188,31 @@ def test_export_names_a_corrupt_mask(tmp_path: Path) -> None:
     (out / "masks" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(UnsegError, match=r"broken\.png"):
         write_coco(out)
+
+
+def test_an_export_into_an_output_folder_goes_with_its_outputs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`unseg report --format coco` wrote coco_results.json into the folder unrecorded: a
+    later --overwrite of the same command refused the folder ("holds 1 file(s):
+    coco_results.json that unseg did not write") and --resume warned about it. It is now
+    recorded as the folder's command's: --overwrite deletes it with the masks it was made of."""
+    out = tmp_path / "seg"
+    with recorded(out, "segment", {"k": 3}) as record:
+        save_png_atomic(out / "masks" / "cats" / "001.png", np.ones((8, 8), np.uint8),
+                        palette=png_palette())
+        save_png_atomic(out / "masks" / "dogs" / "001.png", np.zeros((8, 8), np.uint8),
+                        palette=png_palette())
+        record.exit_code = 0
+    assert main(["-q", "report", str(out), "--format", "coco"]) == 0
+    assert main(["-q", "report", str(out), "--out", str(out / "extra.html")]) == 0
+    assert main(["-q", "report", str(out), "--format", "coco",
+                 "--out", str(tmp_path / "elsewhere.json")]) == 0
+    results = json.loads((out / "coco_results.json").read_text())
+    assert sorted({(r["image_id"], r["file_name"]) for r in results}) == [
+        (1, "cats/001.png"), (2, "dogs/001.png")]  # repeated names: one id each
+    with caplog.at_level(logging.WARNING):
+        claim(out, "segment", {"k": 3}, mode="resume").close("finished")
+    assert "did not write" not in caplog.text
+    claim(out, "segment", {"k": 3}, mode="overwrite").close("finished")
+    assert not (out / "coco_results.json").exists() and not (out / "extra.html").exists()
+    assert (tmp_path / "elsewhere.json").is_file()  # outside the folder: not its to delete

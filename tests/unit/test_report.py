@@ -542,3 +542,27 @@ def test_nested_saliency_outputs_show_their_boxes_and_their_own_scores(tmp_path:
     scores = re.findall(r"IoU (\d+\.\d)%", page)
     assert sorted(scores) == sorted(f"{100 * v:.1f}" for v in want.values())
     assert len(set(scores)) == 2
+
+
+def test_gallery_never_shows_another_folders_image_for_a_repeated_name(tmp_path: Path) -> None:
+    """Masks cats/001 and dogs/001 with --images a folder above the images (photos/images/
+    cats/001.png): matched by stem, both cards showed the first 001 (the cat). Each now shows
+    its own (the one image whose path ends with its key), and a name shared by several images
+    that no key tells apart shows none rather than another's."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    for i, folder in enumerate(("cats", "dogs")):
+        save_png_atomic(photos / "images" / folder / "001.png", QUADRANT_COLORS[_quadrants(i)])
+        save_png_atomic(out / "masks" / folder / "001.png", np.full((H, W), 200, np.uint8))
+    outputs = find_outputs(out, images=photos)
+    assert match_images(outputs) == {
+        f"{d}/001": photos / "images" / d / "001.png" for d in ("cats", "dogs")}
+    page = write_report(out, images=photos).read_text()
+    cards = dict(re.findall(r'<span class="name">([^<]+)</span>.*?<img src="([^"]+)" alt="image"',
+                            page))
+    assert len(cards) == 2 and cards["cats/001"] != cards["dogs/001"]
+    # the same names twice more under the folder (a copy): which image is which is unknown
+    shutil.copytree(photos / "images", photos / "copy")
+    assert match_images(find_outputs(out, images=photos)) == {}
+    # the folder the masks mirror: matched by relative path, a copy elsewhere notwithstanding
+    assert match_images(find_outputs(out, images=photos / "images")) == {
+        f"{d}/001": photos / "images" / d / "001.png" for d in ("cats", "dogs")}

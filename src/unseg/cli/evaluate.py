@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cor.add_argument(
         "--annotations", required=True,
-        help="folder of VOC XML files, or a VOC root (e.g. VOCdevkit/VOC2007)",
+        help="folder of VOC XML files (sub-folders included), or a VOC root (e.g. "
+        "VOCdevkit/VOC2007)",
     )
     _options(cor)
     cor.set_defaults(func=_corloc)

@@ -7,8 +7,10 @@ import argparse
 import time
 
 from unseg.layout import REPORT_FILE
+from unseg.outdir import record_written
 from unseg.report.coco import COCO_FILE, write_coco
 from unseg.report.html import DEFAULT_MAX_IMAGES, write_report
+from unseg.report.outputs import find_outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.format == "coco":
         path = write_coco(args.path, out=args.out, max_pixels=args.max_pixels)
+        record_written(find_outputs(args.path).output_dir, path)
         print(f"unseg report: COCO results written to {path}, in "
               f"{time.perf_counter() - started:.1f} s")
         return 0
@@ -85,5 +88,6 @@ def _run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_pixels=args.max_pixels,
     )
+    record_written(find_outputs(args.path, args.images, args.run).output_dir, path)
     print(f"unseg report: report written to {path}, in {time.perf_counter() - started:.1f} s")
     return 0

@@ -373,7 +373,7 @@ def _by_image_stem(boxes: dict[str, list[float] | None],
         out[stem] = box
     if repeated:
         raise InputFileError(path, f"{len(repeated)} image name(s) repeat in sub-folders, and "
-                             f"the annotations are one folder of names: {', '.join(repeated[:10])}")
+                             f"the annotations pair by name: {', '.join(repeated[:10])}")
     return out
 
 
@@ -410,7 +410,9 @@ def evaluate_corloc(
     boxes: dict[str, list[float] | None] | None = None
     if json_path.is_file():
         gt_map, layout = gt_files(Path(annotations), "boxes")
-        boxes = _by_image_stem(_read_boxes_json(json_path), json_path)
+        boxes = _read_boxes_json(json_path)
+        if not any("/" in key for key in gt_map):  # else both keyed by path: cats/001
+            boxes = _by_image_stem(boxes, json_path)
         missing = [s for s in gt_map if s not in boxes]
         extra = sorted(s for s in boxes if s not in gt_map)
         if (missing or extra) and not allow_missing:

@@ -4,8 +4,8 @@ Ground truth may be a plain folder or a dataset root in its official layout
 (``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
 Predictions are listed recursively, so the mirrored sub-folders that ``segment``/``predict``
 write for nested inputs (e.g. Cityscapes' city folders) pair by stem; an unseg output folder
-(with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder
-with no image at its top is listed recursively, and when its stems repeat across sub-folders
+(with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder is
+listed recursively too, and when its stems repeat across sub-folders
 (``cats/001.png``, ``dogs/001.png``) both sides pair by path relative to their folder, without
 suffix (``cats/001``): the sub-folders ``segment`` mirrors.
 """
@@ -13,6 +13,7 @@ suffix (``cats/001``): the sub-folders ``segment`` mirrors.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,15 +87,11 @@ def _refuse_other_task(gt: Path, task: Task) -> None:
                      f"{_TASK_GT[task][1]} to score against; use `{command}`")
 
 
-def _plain_gt(gt: Path) -> dict[str, Path]:
-    """A plain folder's ground-truth images: those at its top, else all below it; by stem, or
-    by relative path when stems repeat across its sub-folders."""
-    try:
-        files = list_images(gt, recursive=False)
-    except UnsegError:
-        if not gt.is_dir():
-            raise
-        files = list_images(gt)  # nested only (or an error saying no images were found)
+def _plain_gt(gt: Path, files: list[Path]) -> dict[str, Path]:
+    """A plain folder's ground-truth ``files``, sub-folders included (as the predictions are
+    listed: images at the top beside category folders are all scored; the sub-folders' were
+    ignored when the top held any), by stem, or by relative path when stems repeat across
+    its sub-folders."""
     try:
         return _by_stem(files, (), "ground-truth")
     except ManyFilesError:
@@ -105,20 +102,25 @@ def _plain_gt(gt: Path) -> dict[str, Path]:
     return _by_stem(files, (), "ground-truth", root=gt)
 
 
+def _xml_files(gt: Path) -> list[Path]:
+    """The ``.xml`` annotations under ``gt``, sub-folders included, hidden ones skipped."""
+    if not gt.is_dir():
+        raise UnsegError(f"{gt}: no such folder")
+    files = sorted(p for p in gt.rglob("*.xml") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(gt).parts))
+    if not files:
+        raise UnsegError(f"{gt}: no .xml annotations found")
+    return files
+
+
 def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | None]:
     """Ground-truth files by key (see :class:`Pairing`), from a dataset root in its layout or
     a plain folder."""
     layout = find_layout(gt, task)
     if layout is None:
         _refuse_other_task(gt, task)
-        if task == "boxes":
-            if not gt.is_dir():
-                raise UnsegError(f"{gt}: no such folder")
-            files = sorted(gt.glob("*.xml"))
-            if not files:
-                raise UnsegError(f"{gt}: no .xml annotations found")
-            return _by_stem(files, (), "ground-truth"), None
-        return _plain_gt(gt), None
+        files = _xml_files(gt) if task == "boxes" else list_images(gt)
+        return _plain_gt(gt, files), None
     root = layout.gt_path
     if not root.is_dir():
         raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
@@ -148,6 +150,45 @@ def prediction_folder(pred: Path) -> Path:
         logger.info("%s is an unseg output folder: scoring %s", pred, masks)
         return masks
     return pred
+
+
+def _deeper_hint(gt_map: dict[str, Path], pred_map: dict[str, Path], pred: Path) -> str:
+    """When path-keyed ground truth finds its keys one folder down in the predictions
+    (``masks/cats/001`` of a copied output folder, ``images/cats/001`` of a run on the
+    dataset's parent folder): the ``--pred`` to give."""
+    prefixes: Counter[str] = Counter()
+    for key in pred_map:
+        if key in gt_map:
+            continue
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[i:]) in gt_map:
+                prefixes["/".join(parts[:i])] += 1
+                break
+    if not prefixes:
+        return ""
+    # an output folder's masks, not its overlays, where both are there
+    prefix, n = ((MASKS_DIR, prefixes[MASKS_DIR]) if MASKS_DIR in prefixes
+                 else prefixes.most_common(1)[0])
+    return (f"; {n} prediction(s) under {pred / prefix} are laid out as the ground truth: "
+            f"pass --pred {pred / prefix}")
+
+
+def _flat_hint(gt_map: dict[str, Path], pred_map: dict[str, Path]) -> str:
+    """Why path-keyed ground truth finds no flat prediction: its names repeat, so a prediction
+    must sit in the sub-folder of its image (``cats/001.png``); "" when some already do."""
+    if any("/" in key for key in pred_map):
+        return ""
+    seen: dict[str, str] = {}
+    for key in gt_map:
+        name = key.rsplit("/", 1)[-1]
+        if name in seen:
+            return (f"; the ground truth's names repeat across its sub-folders ({seen[name]}, "
+                    f"{key}), so each prediction must sit in the same sub-folder under --pred "
+                    f"as its ground truth ({key}.png), as `unseg segment`/`predict` write them "
+                    "for images laid out as the ground truth is")
+        seen[name] = key
+    return ""
 
 
 def pair_files(
@@ -189,7 +230,9 @@ def pair_files(
         if extra:
             parts.append(str(ManyFilesError("predictions without ground truth", [
                 pred_map[s] for s in extra])))
-        raise UnsegError("; ".join(parts) + " (use --allow-missing to score anyway)")
+        hint = (_deeper_hint(gt_map, pred_map, pred) or _flat_hint(gt_map, pred_map)
+                if nested and missing else "")
+        raise UnsegError("; ".join(parts) + hint + " (use --allow-missing to score anyway)")
     if missing:
         logger.warning("%d ground-truth file(s) have no prediction", len(missing))
     if extra:

@@ -194,23 +194,28 @@ def find_outputs(
 
 def match_images(outputs: RunOutputs) -> dict[str, Path]:
     """Original image of each mask, by mask key (:meth:`RunOutputs.mask_key`); masks whose
-    image is not found are left out. Matched by relative path first, then by file stem."""
+    image is not found are left out. Matched by relative path first, then by the one image
+    whose path ends with the key (``--images`` a folder above the run's: ``images/cats/001``
+    for ``cats/001``), then by the one image with the key's file stem. A name that several
+    images share is no match (``cats/001`` and ``dogs/001`` under a folder the masks do not
+    mirror): the card of ``dogs/001`` showed the first ``001``, a cat."""
     if outputs.images_root is None or outputs.masks_dir is None:
         return {}
     root = outputs.images_root
     files = list_images(root) if root.is_dir() else [root]
-    by_rel: dict[str, Path] = {}
-    by_stem: dict[str, Path] = {}
+    by_tail: dict[str, list[Path]] = {}  # every path ending: cats/001 and 001 of cats/001.jpg
     for f in files:
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-        by_rel.setdefault(str(Path(rel).with_suffix("")), f)
-        by_stem.setdefault(f.stem, f)
+        parts = str(Path(rel).with_suffix("")).split("/")
+        for i in range(len(parts)):
+            by_tail.setdefault("/".join(parts[i:]), []).append(f)
     found: dict[str, Path] = {}
     for mask in outputs.masks:
         key = outputs.mask_key(mask)
-        image = by_rel.get(key) or by_stem.get(Path(key).name)
-        if image is not None:
-            found[key] = image
+        exact = [f for f in by_tail.get(key, []) if f.with_suffix("") == root / key]
+        hits = exact[:1] or by_tail.get(key) or by_tail.get(Path(key).name, [])
+        if len(hits) == 1:
+            found[key] = hits[0]
     return found
