@@ -231,3 +231,21 @@ def test_one_colour_ground_truth_array_is_one_image() -> None:
     colour[..., 1] = 0
     with pytest.raises(UnsegError, match=r"ground truth 0: a colour image of shape \(4, 6, 3\)"):
         unseg.score_semantic(labels, colour)
+
+
+def test_a_huge_predicted_id_is_refused_not_allocated() -> None:
+    """An int32 prediction holding a stray id near 2**31 made the confusion matrix grow a row
+    per id (a MemoryError or the machine's swap); ids past 65535 are refused, naming it."""
+    pred = np.zeros((4, 6), np.int32)
+    pred[0, 0] = 2**31 - 1
+    with pytest.raises(UnsegError, match="prediction 0: class ids up to 65535 are scored, got "
+                                         "2147483647"):
+        unseg.score_semantic([pred], [np.zeros((4, 6), np.uint8)])
+    pred[0, 0] = 65535  # the largest scored id
+    assert unseg.score_semantic([pred], [np.zeros((4, 6), np.uint8)]).acc == pytest.approx(23 / 24)
+
+
+def test_set_progress_takes_a_bool_only() -> None:
+    """set_progress("no") switched the bars on (a truthy string)."""
+    with pytest.raises(TypeError, match="set_progress takes True or False, got 'no'"):
+        unseg.set_progress("no")

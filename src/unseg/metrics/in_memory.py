@@ -30,6 +30,7 @@ from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScor
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, SemanticScores, semantic_scores
 
 PRED_IGNORE = 255  # a predicted "no label" (PriMaPs'): counted wrong, never matched
+MAX_ID = 65535  # the largest predicted id scored (a stray huge id allocated a huge matrix)
 
 
 def per_image(items: Any, what: str, files: bool = False) -> list[Any]:
@@ -132,6 +133,9 @@ def _prediction(item: Any, i: int, integer: bool) -> np.ndarray:
         raise UnsegError(f"prediction {i}: class ids must be integers, got {arr.dtype}")
     if integer and arr.dtype == bool:
         arr = arr.astype(np.uint8)
+    if integer and arr.dtype.itemsize > 2 and int(arr.max()) > MAX_ID:
+        raise UnsegError(f"prediction {i}: class ids up to {MAX_ID} are scored, got "
+                         f"{int(arr.max())} (the confusion matrix has a row per id)")
     return arr
 
 

@@ -38,6 +38,8 @@ def set_progress(enabled: bool = True) -> None:
     prediction (``unseg.set_progress()``; tqdm's notebook bars where ipywidgets is installed).
     Off by default in a program; the CLI switches them on."""
     global _ENABLED
+    if not isinstance(enabled, bool):  # "no" would have switched them on
+        raise TypeError(f"set_progress takes True or False, got {enabled!r}")
     _ENABLED = enabled
 
 
