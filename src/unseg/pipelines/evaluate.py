@@ -153,6 +153,20 @@ def evaluate_semantic(
     allow_missing: bool = False,
     pairing: Pairing | None = None,
 ) -> SemanticResult:
+    """:func:`semantic_confusion`'s scores (its docstring says how they are computed)."""
+    return semantic_confusion(pred, gt, num_classes, ignore_index, match, allow_missing,
+                              pairing)[0]
+
+
+def semantic_confusion(
+    pred: str | Path,
+    gt: str | Path,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+    match: MatchMode = "pixels",
+    allow_missing: bool = False,
+    pairing: Pairing | None = None,
+) -> tuple[SemanticResult, ConfusionMatrix]:
     """Hungarian-matched pixel accuracy and mIoU of label PNGs in ``pred`` against ``gt``.
 
     ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
@@ -162,7 +176,8 @@ def evaluate_semantic(
     the ground truth's ``ignore_index`` (CamVid's 11 is a cluster id like any other in the
     predictions; see :mod:`unseg.metrics.semantic`).
     ``pairing``: the caller's :func:`pair_files` of ``pred`` and ``gt`` (not paired, nor its
-    missing files warned about, again).
+    missing files warned about, again). Returns the scores and the confusion matrix they were
+    matched on (the report draws it).
     """
     pairing = pairing or pair_files(pred, gt, "semantic", allow_missing)
     _warn_lossy(pairing)
@@ -213,7 +228,7 @@ def evaluate_semantic(
     scores = semantic_scores(conf, match)
     dataset = None if pairing.layout is None else pairing.layout.name
     names = CLASS_NAMES.get(dataset or "")
-    return SemanticResult(
+    result = SemanticResult(
         acc=scores.acc,
         miou=scores.miou,
         per_class_iou=[None if np.isnan(v) else v for v in scores.per_class_iou],
@@ -228,6 +243,7 @@ def evaluate_semantic(
         dataset=dataset,
         class_names=list(names) if names is not None and len(names) == num_classes else None,
     )
+    return result, conf
 
 
 # --------------------------------------------------------------------------- saliency

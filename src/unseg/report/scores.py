@@ -15,27 +15,35 @@ from pathlib import Path
 import numpy as np
 
 from unseg.data.image import load_label
-from unseg.data.labels import label_lut, map_labels
-from unseg.data.layouts import IGNORE_INDEX
-from unseg.data.resize import resizable, resize_nearest, resize_probability
+from unseg.data.resize import resizable, resize_probability
 from unseg.errors import InputFileError, UnsegError
 from unseg.metrics.saliency import as_probability, binarize_gt, binary_scores
-from unseg.metrics.semantic import ConfusionMatrix, MatchMode
+from unseg.metrics.semantic import MatchMode
 from unseg.pipelines.evaluate import (
     CorLocResult,
     SaliencyResult,
     SemanticResult,
-    eval_grid,
     evaluate_corloc,
     evaluate_saliency,
-    evaluate_semantic,
+    semantic_confusion,
 )
 from unseg.pipelines.pairing import Pairing, pair_files
 from unseg.report.outputs import RunOutputs
 
 
+class _Paired:
+    """What the gallery asks of an evaluation: the ground truth of each prediction file."""
+
+    pred_keys: dict[Path, str]
+
+    def key_of(self, mask: Path) -> str:
+        """The key of the prediction ``mask`` in ``gt_files`` (its stem, or its path relative
+        to the masks folder when the ground truth pairs by path)."""
+        return self.pred_keys.get(mask, mask.stem)
+
+
 @dataclass
-class SemanticEvaluation:
+class SemanticEvaluation(_Paired):
     """Semantic scores, the confusion matrix ``[P, C]`` (predicted id x class) with the pixels
     of no or missing prediction per class ``[C]``, and the ground truth file of each stem."""
 
@@ -45,14 +53,9 @@ class SemanticEvaluation:
     gt_files: dict[str, Path]
     pred_keys: dict[Path, str] = field(default_factory=dict)
 
-    def key_of(self, mask: Path) -> str:
-        """The key of the prediction ``mask`` in :attr:`gt_files` (its stem, or its path
-        relative to the masks folder when the ground truth pairs by path)."""
-        return self.pred_keys.get(mask, mask.stem)
-
 
 @dataclass
-class SaliencyEvaluation:
+class SaliencyEvaluation(_Paired):
     """Saliency scores, the pixel confusion ``[2, 2]`` (rows: ground truth background,
     foreground; columns: prediction ``p <= 0.5``, ``p > 0.5``), each image's IoU, and the
     ground-truth file of each stem."""
@@ -62,10 +65,6 @@ class SaliencyEvaluation:
     image_iou: dict[str, float]
     gt_files: dict[str, Path]
     pred_keys: dict[Path, str] = field(default_factory=dict)
-
-    def key_of(self, mask: Path) -> str:
-        """As :meth:`SemanticEvaluation.key_of`."""
-        return self.pred_keys.get(mask, mask.stem)
 
 
 def _prediction(path: Path | None, shape: tuple[int, int]) -> np.ndarray | None:
@@ -112,22 +111,8 @@ def evaluate_semantic_run(
     if num_classes is None:
         layout_k = None if pairing.layout is None else pairing.layout.num_classes
         num_classes = layout_k or _infer_num_classes(pairing.gt, ignore_index)
-    result = evaluate_semantic(masks_dir, gt, num_classes, ignore_index, match,
-                               allow_missing=True, pairing=pairing)
-    lut = label_lut(None if pairing.layout is None else pairing.layout.name)
-    conf = ConfusionMatrix(num_classes, ignore_index=ignore_index, pred_ignore=IGNORE_INDEX)
-    for stem, gt_path in pairing.gt.items():
-        labels = load_label(gt_path)
-        if lut is not None:
-            labels = map_labels(labels, lut).numpy()
-        pred = _prediction(pairing.pred.get(stem), labels.shape)
-        if pred is not None and pred.shape != labels.shape:
-            pred = resize_nearest(pred, labels.shape)
-        labels, pred = eval_grid(labels, pred, pairing.layout)
-        if pred is None:
-            conf.add_missing(labels)
-            continue
-        conf.update(pred, labels)
+    result, conf = semantic_confusion(masks_dir, gt, num_classes, ignore_index, match,
+                                      allow_missing=True, pairing=pairing)
     return SemanticEvaluation(result, conf.matrix, conf.unassigned, dict(pairing.gt),
                               _keys(pairing))
 
