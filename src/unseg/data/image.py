@@ -214,12 +214,24 @@ def load_label(path: str | Path) -> np.ndarray:
     img = _decode(path, _open(path))
     arr = np.asarray(img)
     if arr.ndim == 3:
-        if img.mode in ("RGBA", "LA"):
-            arr = arr[..., :-1]
-        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
-            raise InputFileError(path, f"label image has {arr.shape[2]} different channels")
-        arr = arr[..., 0]
+        alpha = img.mode in ("RGBA", "LA")
+        one = label_channel(arr, alpha)
+        if one is None:
+            raise InputFileError(path, f"label image has {arr.shape[2] - alpha} different "
+                                 "channels")
+        arr = one
     return np.ascontiguousarray(arr)
+
+
+def label_channel(arr: np.ndarray, alpha: bool) -> np.ndarray | None:
+    """The values ``[H, W]`` of a label image's channels ``[H, W, C]``: the last one dropped
+    when it is ``alpha``, the others equal (a grey image stored as RGB); None when they
+    differ (a colour-coded label image, which holds no class ids)."""
+    if alpha:
+        arr = arr[..., :-1]
+    if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
+        return None
+    return arr[..., 0]
 
 
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:

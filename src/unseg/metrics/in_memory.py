@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from unseg.data.image import load_label
+from unseg.data.image import label_channel, load_label
 from unseg.data.resize import resize_nearest, resize_probability
 from unseg.errors import UnsegError
 from unseg.metrics.corloc import corloc
@@ -71,14 +71,15 @@ def _label_values(arr: np.ndarray, mode: str | None, i: int) -> np.ndarray:
     alpha dropped (``mode`` RGBA / LA of a PIL image; an ``H×W×4`` array), equal channels
     reduced to one; different channels are a colour-coded label image, refused."""
     if arr.ndim == 3 and arr.shape[2] in (2, 3, 4):
-        if mode in ("RGBA", "LA") or (mode is None and arr.shape[2] in (2, 4)):
-            arr = arr[..., :-1]
-        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
+        alpha = mode in ("RGBA", "LA") or (mode is None and arr.shape[2] in (2, 4))
+        one = label_channel(arr, alpha)
+        if one is None:
+            shape = (*arr.shape[:2], arr.shape[2] - alpha)
             raise UnsegError(
-                f"ground truth {i}: a colour image of shape {tuple(arr.shape)}; ground truth "
+                f"ground truth {i}: a colour image of shape {shape}; ground truth "
                 "is [H, W] class ids or a mask (a palette PNG's indices: open it without "
                 ".convert('RGB'))")
-        arr = arr[..., 0]
+        arr = one
     return arr
 
 
