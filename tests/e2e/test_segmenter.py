@@ -377,15 +377,20 @@ def test_a_loaded_segmenters_seed_is_the_runs_as_get_params_gives_it(tmp_path: P
     assert "seed=4" in repr(loaded)
 
 
+def _disks(n: int = 3) -> list[np.ndarray]:
+    """The ground truth of :func:`_scenes`: each scene's disk ``[64, 96]`` (uint8, 1 inside)."""
+    yy, xx = np.mgrid[:64, :96]
+    return [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
+            for i in range(n)]
+
+
 def _scenes(n: int = 3) -> list[np.ndarray]:
     """``n`` small photos-like arrays: a coloured disk on a textured background."""
     rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:64, :96]
     out = []
-    for i in range(n):
+    for disk in _disks(n):
         image = rng.integers(20, 90, (64, 96, 3), dtype=np.uint8)
-        disk = (yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2
-        image[disk] = rng.integers(150, 255, 3, dtype=np.uint8)
+        image[disk.astype(bool)] = rng.integers(150, 255, 3, dtype=np.uint8)
         out.append(image)
     return out
 
@@ -445,9 +450,7 @@ def test_score_is_the_evaluation_of_its_masks() -> None:
     """Segmenter.score (scikit-learn's habit): the mIoU of a semantic method's masks, the IoU
     of a saliency method's, as unseg.score_semantic / score_saliency give them."""
     images = _scenes()
-    yy, xx = np.mgrid[:64, :96]
-    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
-             for i in range(3)]
+    truth = _disks(3)
     seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
                           refine="none", n_init=1).fit(images)
     miou = seg.score(images, truth)
@@ -588,9 +591,7 @@ def test_score_takes_one_image_checks_its_options_and_counts_before_predicting(
     was a TypeError from inside; a ground-truth list of the wrong length was found only after
     predicting every image."""
     images = _scenes()
-    yy, xx = np.mgrid[:64, :96]
-    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
-             for i in range(3)]
+    truth = _disks(3)
     seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
                           refine="none", n_init=1).fit(images)
     one = unseg.score_semantic(seg.predict(images[:1]), truth[:1]).miou
@@ -639,9 +640,7 @@ def test_scikit_learns_model_selection_runs_it() -> None:
     from sklearn.utils.validation import check_is_fitted
 
     images = _scenes(4)
-    yy, xx = np.mgrid[:64, :96]
-    truth = [((yy - 32) ** 2 + (xx - 30 - 15 * i) ** 2 < 18 ** 2).astype(np.uint8)
-             for i in range(4)]
+    truth = _disks(4)
     seg = unseg.Segmenter("kmeans", num_classes=2, backbone=BACKBONE, size=SMALL,
                           refine="none", n_init=1)
     folds = KFold(2)
