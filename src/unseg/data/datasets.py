@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from unseg.data.image import image_size, list_images, load_image, load_label
@@ -29,6 +28,7 @@ from unseg.data.labels import (
     map_labels,
 )
 from unseg.data.layouts import DatasetLayout, Task, find_layout, resolve_image_dir
+from unseg.data.mat import mat_label, mat_rgb
 from unseg.data.voc import read_voc_annotation
 from unseg.errors import InputFileError, ManyFilesError, UnsegError
 from unseg.utils.batch import BatchReport
@@ -279,33 +279,16 @@ class Cityscapes27(_PairedDataset):
         return {"label": map_labels(load_label(path), label_lut("Cityscapes-27"))}
 
 
-def _load_mat(path: Path, key: str) -> np.ndarray:
-    try:
-        data = loadmat(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputFileError(path, f"not a readable .mat file ({exc})") from None
-    if key not in data:
-        raise InputFileError(path, f".mat file has no {key!r} array")
-    return np.asarray(data[key])
-
-
 class Potsdam3(_PairedDataset):
-    """Potsdam-3 (STEGO's .mat tiles, ``labelled_test.txt``): RGB of ``img``, ``gt`` → 3 classes."""
+    """Potsdam-3 (STEGO's .mat tiles, ``labelled_test.txt``): the RGB of ``img`` (its first three
+    channels, :func:`~unseg.data.mat.mat_rgb`), ``gt``'s fine classes → 3 classes."""
 
     task = "semantic"
     names = ("Potsdam-3",)
     classes = POTSDAM3_CLASSES
 
     def _image(self, path: Path) -> torch.Tensor:
-        img = _load_mat(path, "img")
-        if img.ndim != 3 or img.shape[2] < 3:
-            raise InputFileError(path, f"'img' has shape {img.shape}, expected [H, W, >=3]")
-        rgb = img[..., :3]
-        if rgb.dtype != np.uint8:
-            rgb = rgb.astype(np.float64)
-            rgb = rgb * 255.0 if rgb.max() <= 1.0 else rgb
-            rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-        return _image_tensor(rgb)
+        return _image_tensor(mat_rgb(path))
 
     def _target(self, path: Path) -> Sample:
-        return {"label": map_labels(_load_mat(path, "gt"), label_lut("Potsdam-3"))}
+        return {"label": map_labels(mat_label(path), label_lut("Potsdam-3"))}

@@ -7,6 +7,8 @@ Pillow's default :data:`DEFAULT_MAX_PIXELS`, 0 = no limit), reported as an
 ``evaluate`` use it to apply the limit an output folder's run was given.
 A file of several frames (animated GIF, WebP or PNG, multi-page TIFF) is read as its first frame,
 as other image tools do, with a warning naming the file and its frame count (once per process).
+A ``.mat`` file is read as a Potsdam tile (:mod:`unseg.data.mat`: the RGB of its ``"img"``, the
+labels of its ``"gt"``); only a Potsdam root lists such files (:func:`list_images` does not).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from unseg.data.inputs import unreadable
+from unseg.data.mat import is_mat, mat_label, mat_rgb, mat_size
 from unseg.errors import InputFileError, UnsegError
 
 IMAGE_EXTENSIONS = (
@@ -73,10 +76,16 @@ def pixel_limit(max_pixels: int | None) -> int | None:
 
 
 def _check_pixels(path: Path, img: Image.Image, max_pixels: int | None) -> None:
-    limit = pixel_limit(max_pixels)
-    w, h = img.size
-    if limit is not None and w * h > limit:
+    try:
+        _check_size(path, *img.size, max_pixels)
+    except InputFileError:
         img.close()
+        raise
+
+
+def _check_size(path: Path, w: int, h: int, max_pixels: int | None) -> None:
+    limit = pixel_limit(max_pixels)
+    if limit is not None and w * h > limit:
         raise InputFileError(
             path,
             f"image too large: {w}x{h} = {w * h} pixels ({w * h / 1e6:.1f} MP) is over the "
@@ -145,6 +154,10 @@ def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, in
     (which inherit what was noted) and later reads do not warn again.
     """
     path = Path(path)
+    if is_mat(path):
+        h, w = mat_size(path)
+        _check_size(path, w, h, max_pixels)
+        return h, w
     with _open(path, max_pixels) as img:
         _note_frames(path, img)
         w, h = img.size
@@ -181,8 +194,13 @@ def load_image(
     ``max_pixels``, see :func:`pixel_limit`) raise :class:`InputFileError`. ``min_size``
     ``(H, W)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the
     result is at least that large, which cuts the memory of big photos by up to 64x.
+    A ``.mat`` tile gives its first three channels (:func:`unseg.data.mat.mat_rgb`).
     """
     path = Path(path)
+    if is_mat(path):
+        h, w = mat_size(path)
+        _check_size(path, w, h, max_pixels)
+        return mat_rgb(path)
     img = _open(path, max_pixels)
     _note_frames(path, img)
     if min_size is not None and img.format == "JPEG":
@@ -209,8 +227,11 @@ def load_label(path: str | Path) -> np.ndarray:
 
     No EXIF rotation and no colour conversion: the stored values are the labels. RGB masks
     whose channels are equal are reduced to one channel; other multi-channel masks are an error.
+    A ``.mat`` file gives its ``"gt"`` (:func:`unseg.data.mat.mat_label`, Potsdam's raw ids).
     """
     path = Path(path)
+    if is_mat(path):
+        return mat_label(path)
     img = _decode(path, _open(path))
     arr = np.asarray(img)
     if arr.ndim == 3:
