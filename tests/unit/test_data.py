@@ -311,8 +311,9 @@ def test_image_folder_and_dataset_images(tmp_path):
     assert [p.stem for p in dataset_images(tmp_path / "v")] == ["2008_000001"]
     root = make_saliency(tmp_path / "e", "images", "ground_truth_mask")
     assert dataset_images(root) == [root / "images" / "a.jpg", root / "images" / "b.jpg"]
-    with pytest.raises(UnsegError, match="mat"):
-        dataset_images(make_potsdam(tmp_path / "p"))
+    potsdam = make_potsdam(tmp_path / "p")  # labelled_test.txt's tiles, not the train one
+    tiles = potsdam / "imgs"
+    assert dataset_images(potsdam) == [tiles / "0_0_1.mat", tiles / "1_2_3.mat"]
 
 
 def test_transform_is_applied(tmp_path):

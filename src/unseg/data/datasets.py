@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unseg.data.image import image_size, list_images, load_image, load_label
+from unseg.data.image import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_label
 from unseg.data.inputs import output_name, same_name, too_small, unreadable
 from unseg.data.labels import (
     CITYSCAPES27_CLASSES,
@@ -94,15 +94,53 @@ def layout_pairs(
 
 
 def dataset_images(root: str | Path) -> list[Path]:
-    """Image files of ``root``: a dataset's split (or images folder), or any folder's images."""
+    """Image files of ``root``: a dataset's split (or images folder), or any folder's images.
+
+    Potsdam-3's images are ``.mat`` tiles (:mod:`unseg.data.mat`): its split's, or every
+    ``imgs/*.mat`` when the split file is absent or its ``imgs`` folder is given (as a VOC
+    root's ``JPEGImages`` gives every photo); a plain folder's ``.mat`` files are not images
+    and stay ignored.
+    """
     layout = find_layout(root)
     if layout is None:
-        return list_images(root)
-    if layout.image_suffix == ".mat":
-        raise UnsegError(f"{root}: {layout.name} images are .mat tiles; use Potsdam3 to read them")
+        return image_files(root)
     if layout.split_path is not None and layout.split_path.is_file():
         return [p for _, p, _ in layout_pairs(layout)]
-    return list_images(layout.image_path, recursive=layout.recursive)
+    return image_files(layout.image_path, layout)
+
+
+def _tiles_layout(folder: Path) -> DatasetLayout | None:
+    """The layout whose images folder ``folder`` is, when its images are not image files
+    (Potsdam-3's ``imgs/*.mat``); else None."""
+    layout = find_layout(folder.parent)
+    if layout is None or layout.image_suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    return layout if layout.image_path.resolve() == folder.resolve() else None
+
+
+def image_files(folder: str | Path, layout: DatasetLayout | None = None) -> list[Path]:
+    """The images of ``folder`` as :func:`~unseg.data.image.list_images` lists them, or the
+    tiles (``*.mat``), sorted, of the images folder of a dataset stored as tiles: ``layout``'s,
+    or Potsdam-3's ``imgs`` found from the folder above when it holds no image files (a photo
+    folder named ``imgs`` beside a ``gt`` folder keeps its photos)."""
+    folder = Path(folder)
+    if layout is None:
+        tiles = _tiles_layout(folder) if folder.is_dir() else None
+        try:
+            return list_images(folder)
+        except UnsegError:
+            if tiles is None:
+                raise
+        layout = tiles
+    if layout.image_suffix.lower() in IMAGE_EXTENSIONS:
+        return list_images(folder, recursive=layout.recursive)
+    suffix = layout.image_suffix
+    pattern = f"*/*{suffix}" if layout.recursive else f"*{suffix}"
+    files = sorted(p for p in folder.glob(pattern)
+                   if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
+    if not files:
+        raise UnsegError(f"{folder}: no {layout.name} images found (looked for *{suffix})")
+    return files
 
 
 def resolve_inputs(
