@@ -1,7 +1,9 @@
 """Matching prediction files to ground truth by stem, from a plain folder or a dataset root.
 
 Ground truth may be a plain folder or a dataset root in its official layout
-(``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file).
+(``unseg.data.layouts``: the layout's ground-truth folder, suffix and split file; Potsdam-3's
+``gt/*.mat``, read by :func:`unseg.data.image.load_label`). A plain folder's ``.mat`` files are
+not ground truth.
 Predictions are listed recursively, so the mirrored sub-folders that ``segment``/``predict``
 write for nested inputs (e.g. Cityscapes' city folders) pair by stem; an unseg output folder
 (with its ``unseg-manifest.json``) stands for its ``masks`` folder. A plain ground-truth folder is
@@ -124,8 +126,6 @@ def gt_files(gt: Path, task: Task) -> tuple[dict[str, Path], DatasetLayout | Non
     root = layout.gt_path
     if not root.is_dir():
         raise UnsegError(f"{gt}: recognised as {layout.name} but {root} is missing")
-    if layout.gt_suffix.endswith(".mat"):
-        raise UnsegError(f"{gt}: {layout.name} .mat ground truth is not supported by evaluate")
     pattern = f"*/*{layout.gt_suffix}" if layout.recursive else f"*{layout.gt_suffix}"
     files = sorted(p for p in root.glob(pattern) if p.is_file())
     found = _by_stem(files, (layout.gt_suffix,), "ground-truth")
