@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from unseg.data.image import IMAGE_EXTENSIONS, list_images
+from unseg.data.datasets import image_files
+from unseg.data.image import IMAGE_EXTENSIONS
 from unseg.data.layouts import resolve_image_dir
+from unseg.data.mat import MAT_SUFFIX
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
 from unseg.outdir import recorded_failures, recorded_setting, recorded_timings
@@ -202,10 +204,11 @@ def match_images(outputs: RunOutputs) -> dict[str, Path]:
     if outputs.images_root is None or outputs.masks_dir is None:
         return {}
     root = outputs.images_root
-    files = list_images(root) if root.is_dir() else [root]
+    # a Potsdam root's images folder lists its .mat tiles
+    files = image_files(root) if root.is_dir() else [root]
     by_tail: dict[str, list[Path]] = {}  # every path ending: cats/001 and 001 of cats/001.jpg
     for f in files:
-        if f.suffix.lower() not in IMAGE_EXTENSIONS:
+        if f.suffix.lower() not in (*IMAGE_EXTENSIONS, MAT_SUFFIX):
             continue
         rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         parts = str(Path(rel).with_suffix("")).split("/")
