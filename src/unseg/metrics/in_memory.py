@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from unseg.data.image import label_channel, load_label
+from unseg.data.mat import is_mat
 from unseg.data.resize import resize_nearest, resize_probability
 from unseg.errors import UnsegError
 from unseg.metrics.corloc import corloc
@@ -86,6 +87,11 @@ def _label_values(arr: np.ndarray, mode: str | None, i: int) -> np.ndarray:
 def _truth(item: Any, i: int) -> np.ndarray:
     """Ground truth ``i`` as its stored values ``[H, W]``."""
     if isinstance(item, (str, os.PathLike)):
+        if is_mat(item):  # raw ids that only the dataset's table turns into its classes
+            raise UnsegError(
+                f"ground truth {i}: {item} is a Potsdam .mat label (6 fine classes): give "
+                "unseg.data.datasets.Potsdam3(root)[i]['label'] (the 3 classes), or score "
+                "the folder with `unseg evaluate semantic --gt POTSDAM_ROOT`")
         arr = load_label(item)
     elif isinstance(item, Image.Image):
         arr = _label_values(np.asarray(item), item.mode, i)
