@@ -75,11 +75,10 @@ def _holds(path: Path) -> str:
 
 
 def _image_shape_problem(shape: tuple[int, ...]) -> str | None:
-    if len(shape) == 3 and shape[2] >= 3 and shape[0] > 0 and shape[1] > 0:
+    channels_first = len(shape) == 3 and shape[0] in (3, 4) and shape[2] > 4
+    if len(shape) == 3 and shape[2] >= 3 and shape[0] > 0 and shape[1] > 0 and not channels_first:
         return None
-    hint = ""
-    if len(shape) == 3 and shape[0] in (3, 4) and shape[2] > 4:
-        hint = " (it looks channels-first)"
+    hint = " (it looks channels-first)" if channels_first else ""
     return (f"{IMAGE_KEY!r} has shape {tuple(shape)}{hint}, expected [H, W, C] with C >= 3 "
             f"(RGB first, as in {_TILE}s)")
 
@@ -122,9 +121,9 @@ def mat_rgb(path: str | Path) -> np.ndarray:
     values = rgb.astype(np.float64)
     if not np.isfinite(values).all():
         raise InputFileError(path, f"{IMAGE_KEY!r} holds NaN or infinite values")
-    if rgb.dtype.kind == "f" and values.max(initial=0.0) <= 1.0:
+    if rgb.dtype.kind == "f" and values.max() <= 1.0:
         values = values * 255.0
-    low, high = values.min(initial=0.0), values.max(initial=0.0)
+    low, high = values.min(), values.max()
     if low < 0 or high > 255:
         raise InputFileError(path, f"{IMAGE_KEY!r} values {low:g}..{high:g} ({rgb.dtype}) do "
                              "not fit 0..255 (8-bit RGB)")
