@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sem = tasks.add_parser(
         "semantic", help="Hungarian-matched pixel accuracy and mIoU (STEGO/PriMaPs protocol)"
     )
-    _common(sem, "ground-truth label PNGs, or a dataset root (e.g. VOCdevkit/VOC2012)")
+    _common(sem, "ground-truth label PNGs, or a dataset root (e.g. VOCdevkit/VOC2012, "
+            "STEGO's potsdam folder)")
     sem.add_argument(
         "--num-classes", "-k", type=int, default=None,
         help="number of classes K (default: the dataset layout's, e.g. 21 for VOC)",

@@ -170,11 +170,11 @@ def semantic_confusion(
     """Hungarian-matched pixel accuracy and mIoU of label PNGs in ``pred`` against ``gt``.
 
     ``num_classes`` defaults to the dataset layout's; COCO-Stuff and Cityscapes ground truth is
-    mapped to their 27 classes as in STEGO. Predictions are resized (nearest) to the ground
-    truth's size, and both to STEGO's 320x320 centre crop for COCO-Stuff / Cityscapes
-    (:func:`eval_grid`); a predicted 255 ("no label", e.g. PriMaPs') counts as wrong whatever
-    the ground truth's ``ignore_index`` (CamVid's 11 is a cluster id like any other in the
-    predictions; see :mod:`unseg.metrics.semantic`).
+    mapped to their 27 classes, Potsdam's (``gt/*.mat``) to its 3, as in STEGO. Predictions are
+    resized (nearest) to the ground truth's size, and both to STEGO's 320x320 centre crop for
+    COCO-Stuff / Cityscapes / Potsdam (:func:`eval_grid`); a predicted 255 ("no label", e.g.
+    PriMaPs') counts as wrong whatever the ground truth's ``ignore_index`` (CamVid's 11 is a
+    cluster id like any other in the predictions; see :mod:`unseg.metrics.semantic`).
     ``pairing``: the caller's :func:`pair_files` of ``pred`` and ``gt`` (not paired, nor its
     missing files warned about, again). Returns the scores and the confusion matrix they were
     matched on (the report draws it).
