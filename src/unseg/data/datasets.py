@@ -112,7 +112,10 @@ def dataset_images(root: str | Path) -> list[Path]:
 def _tiles_layout(folder: Path) -> DatasetLayout | None:
     """The layout whose images folder ``folder`` is, when its images are not image files
     (Potsdam-3's ``imgs/*.mat``); else None."""
-    layout = find_layout(folder.parent)
+    try:
+        layout = find_layout(folder.parent) if folder.is_dir() else None
+    except OSError:  # a parent folder that cannot be listed holds no dataset we can read
+        return None
     if layout is None or layout.image_suffix.lower() in IMAGE_EXTENSIONS:
         return None
     return layout if layout.image_path.resolve() == folder.resolve() else None
@@ -125,10 +128,10 @@ def image_files(folder: str | Path, layout: DatasetLayout | None = None) -> list
     folder named ``imgs`` beside a ``gt`` folder keeps its photos)."""
     folder = Path(folder)
     if layout is None:
-        tiles = _tiles_layout(folder) if folder.is_dir() else None
         try:
             return list_images(folder)
         except UnsegError:
+            tiles = _tiles_layout(folder)  # looked for only where no image is found
             if tiles is None:
                 raise
         layout = tiles
