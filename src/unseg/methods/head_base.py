@@ -1,23 +1,27 @@
 """What the two saliency heads' estimators share (FOUND-style and SEMPART-style): their state
-before a fit, the crop source of multi-scale consistency, the collapse check after a fit, and
-the guard and weights of a fitted network. Each head adds its network, losses and training loop.
+before a fit, the crop source of multi-scale consistency, the collapse check after a fit, the
+guard and weights of a fitted network, and its reload from them. Each head adds its network,
+losses and training loop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from unseg.errors import UnsegError
+from unseg.methods.base import require_finite
 from unseg.methods.collapse import CollapseReport, check_head
 from unseg.methods.crop_cache import CropSource, FeatureFn
 from unseg.methods.head_config import HeadTrainingConfig
 from unseg.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
+
+H = TypeVar("H", bound="HeadEstimator")
 
 
 class HeadEstimator:
@@ -31,6 +35,8 @@ class HeadEstimator:
 
     config_class: ClassVar[type[HeadTrainingConfig]] = HeadTrainingConfig
     title: ClassVar[str] = "the head"  # in errors: "the FOUND head is not fitted"
+    state_name: ClassVar[str] = "head"  # in errors: "FOUND-head state: tensor ..."
+    misfit: ClassVar[str] = "saved head weights do not fit"  # the error when they do not load
 
     def __init__(self, config: Any = None, device: str | torch.device | None = None) -> None:
         self.config = config or self.config_class()
@@ -84,3 +90,29 @@ class HeadEstimator:
     def net_state(self) -> dict[str, torch.Tensor]:
         """The fitted network's weights, detached on the CPU."""
         return {k: v.detach().cpu() for k, v in self.fitted_net().state_dict().items()}
+
+    @classmethod
+    def from_state(
+        cls: type[H],
+        config: Any,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> H:
+        """A fitted head rebuilt from :meth:`state_dict`'s output: the weights (all finite)
+        loaded into the network :meth:`empty_net` builds for them, in eval mode."""
+        head = cls(config, device)
+        state = dict(state)
+        require_finite(state, cls.state_name)
+        net = head.empty_net(state)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UnsegError(f"{cls.misfit}: {exc}") from None
+        head.net = net.to(head.device).eval()
+        return head
+
+    def empty_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """For :meth:`from_state`: the untrained network (on the CPU) that ``state``'s weights
+        go into, after reading and popping from ``state`` its entries that are not weights
+        (each head's own)."""
+        raise NotImplementedError
