@@ -3,20 +3,23 @@ over the backbone features, optionally centred by the training images' mean feat
 
 :class:`PrototypeEstimator` holds what the two share: the fitted ``prototypes_`` and
 ``mean_`` (the centring statistic, fitted with the method and kept in its state), the
-centring itself, saving and loading that statistic, and the prediction (the subclass's
+centring itself, saving and loading that statistic, the reload of a fitted estimator, and the
+prediction (the subclass's
 :meth:`~PrototypeEstimator.logits` upsampled to the image and argmaxed, as the CLI writes it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
 from unseg.methods.base import feature_mean, require_finite
+
+P = TypeVar("P", bound="PrototypeEstimator")
 
 
 def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +82,25 @@ class PrototypeEstimator:
             if self.mean_.shape != (width,):
                 raise UnsegError(f"{self.what} state: mean {tuple(self.mean_.shape)} does not fit "
                                  f"the {width}-channel prototypes")
+
+    @classmethod
+    def from_state(
+        cls: type[P],
+        config: Any,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> P:
+        """A fitted estimator rebuilt from :meth:`state_dict`'s output: its own tensors
+        (:meth:`load_fitted`), then the centring statistic (:meth:`load_center`)."""
+        model = cls(config, device)
+        model.load_fitted(state)
+        model.load_center(state)
+        return model
+
+    def load_fitted(self, state: dict[str, torch.Tensor]) -> None:
+        """Read the subclass's fitted tensors (``prototypes_`` and its own) back from ``state``
+        (for :meth:`from_state`), a clear error when they are missing or do not fit."""
+        raise NotImplementedError
 
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
         """Class logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``."""
