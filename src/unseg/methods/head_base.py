@@ -7,13 +7,13 @@ losses and training loop.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from unseg.errors import UnsegError
-from unseg.methods.base import require_finite
+from unseg.methods.base import FromState, require_finite
 from unseg.methods.collapse import CollapseReport, check_head
 from unseg.methods.crop_cache import CropSource, FeatureFn
 from unseg.methods.head_config import HeadTrainingConfig
@@ -21,10 +21,8 @@ from unseg.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
-H = TypeVar("H", bound="HeadEstimator")
 
-
-class HeadEstimator:
+class HeadEstimator(FromState):
     """Base of a saliency head's estimator (contract of :mod:`unseg.methods.base`).
 
     ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
@@ -91,28 +89,20 @@ class HeadEstimator:
         """The fitted network's weights, detached on the CPU."""
         return {k: v.detach().cpu() for k, v in self.fitted_net().state_dict().items()}
 
-    @classmethod
-    def from_state(
-        cls: type[H],
-        config: Any,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> H:
-        """A fitted head rebuilt from :meth:`state_dict`'s output: the weights (all finite)
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """For :meth:`from_state`: the weights of :meth:`state_dict`'s output (all finite)
         loaded into the network :meth:`empty_net` builds for them, in eval mode."""
-        head = cls(config, device)
         state = dict(state)
-        require_finite(state, cls.state_name)
-        net = head.empty_net(state)
+        require_finite(state, self.state_name)
+        net = self.empty_net(state)
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
-            raise UnsegError(f"{cls.misfit}: {exc}") from None
-        head.net = net.to(head.device).eval()
-        return head
+            raise UnsegError(f"{self.misfit}: {exc}") from None
+        self.net = net.to(self.device).eval()
 
     def empty_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """For :meth:`from_state`: the untrained network (on the CPU) that ``state``'s weights
+        """For :meth:`load_state`: the untrained network (on the CPU) that ``state``'s weights
         go into, after reading and popping from ``state`` its entries that are not weights
         (each head's own)."""
         raise NotImplementedError

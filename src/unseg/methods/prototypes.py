@@ -11,15 +11,13 @@ prediction (the subclass's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
-from unseg.methods.base import feature_mean, require_finite
-
-P = TypeVar("P", bound="PrototypeEstimator")
+from unseg.methods.base import FromState, feature_mean, require_finite
 
 
 def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
@@ -37,7 +35,7 @@ def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.T
     return state[key].float()
 
 
-class PrototypeEstimator:
+class PrototypeEstimator(FromState):
     """Shared state of the prototype estimators: ``prototypes_ [K, C]``, with ``config.center``
     the mean feature ``mean_ [C]``, and ``history_``; subclasses fit the prototypes and give
     :meth:`logits`. ``what`` names the method in error messages."""
@@ -83,19 +81,11 @@ class PrototypeEstimator:
                 raise UnsegError(f"{self.what} state: mean {tuple(self.mean_.shape)} does not fit "
                                  f"the {width}-channel prototypes")
 
-    @classmethod
-    def from_state(
-        cls: type[P],
-        config: Any,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> P:
-        """A fitted estimator rebuilt from :meth:`state_dict`'s output: its own tensors
-        (:meth:`load_fitted`), then the centring statistic (:meth:`load_center`)."""
-        model = cls(config, device)
-        model.load_fitted(state)
-        model.load_center(state)
-        return model
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """For :meth:`from_state`: the subclass's tensors (:meth:`load_fitted`), then the
+        centring statistic (:meth:`load_center`)."""
+        self.load_fitted(state)
+        self.load_center(state)
 
     def load_fitted(self, state: dict[str, torch.Tensor]) -> None:
         """Read the subclass's fitted tensors (``prototypes_`` and its own) back from ``state``
