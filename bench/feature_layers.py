@@ -31,12 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _machine import machine
+from _voc import voc_pairs
 
 from unseg.backbones import Backbone, BackboneSpec, create_backbone, get_spec
 from unseg.backbones.base import concat_maps, tap_parts
-from unseg.data.datasets import layout_pairs
 from unseg.data.image import load_image, load_label
-from unseg.data.layouts import find_layout
 from unseg.errors import UnsegError
 from unseg.features import prepare_image
 from unseg.methods.kmeans import CosineKMeans, KMeansConfig
@@ -56,10 +55,7 @@ def _load_set(root: Path, max_images: int | None) -> tuple[list[Path], list[np.n
     if (root / "valannot").is_dir():
         paths = sorted((root / "val").glob("*.png"))[:max_images]
         return paths, [load_label(root / "valannot" / p.name) for p in paths]
-    layout = find_layout(root, "semantic")
-    if layout is None:
-        sys.exit(f"skipped: no VOC segmentation layout at {root} (the real data is absent)")
-    pairs = layout_pairs(layout)[:max_images]
+    pairs = voc_pairs(root)[1][:max_images]
     return [p[1] for p in pairs], [load_label(p[2]) for p in pairs]
 
 

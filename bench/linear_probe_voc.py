@@ -13,38 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from _machine import machine
 from _scratch import scratch_folder
+from _voc import add_voc_argument, voc_pairs
 
 from unseg.backbones import create_backbone
-from unseg.data.datasets import layout_pairs
 from unseg.data.image import load_label
-from unseg.data.layouts import find_layout
 from unseg.features import extract_features
 from unseg.methods.linear_probe import LinearProbe, LinearProbeConfig
 from unseg.metrics.semantic import ConfusionMatrix, scores_from_assignment
 
-REPO = Path(__file__).resolve().parents[1]
-VOC = REPO.parent / "shared" / "data" / "VOC2012"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voc", default=str(VOC), help="VOC root (default ../shared/data/VOC2012)")
+    add_voc_argument(parser)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--epochs", type=int, default=LinearProbeConfig.epochs)
     parser.add_argument("--cache", default=None, help="feature cache folder (default: temporary)")
     args = parser.parse_args()
-    layout = find_layout(args.voc, "semantic")
-    if layout is None:
-        sys.exit(f"skipped: no VOC segmentation layout at {args.voc} (the real data is absent)")
-    pairs = layout_pairs(layout)
+    layout, pairs = voc_pairs(args.voc)
     model = create_backbone(args.backbone, device="cpu")
     with scratch_folder(args.cache, "unseg-probe-") as cache:
         t0 = time.perf_counter()

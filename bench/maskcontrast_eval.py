@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,11 +39,10 @@ import numpy as np
 import torch
 from _machine import machine
 from _scratch import scratch_folder
+from _voc import add_voc_argument, voc_pairs
 
 from unseg.backbones import create_backbone
-from unseg.data.datasets import layout_pairs
 from unseg.data.image import load_label
-from unseg.data.layouts import find_layout
 from unseg.errors import UnsegError
 from unseg.features import extract_features
 from unseg.methods.linear_probe import LinearProbe, LinearProbeConfig
@@ -55,9 +53,6 @@ from unseg.pipelines.maskcontrast import image_prototype, salient_pixels
 from unseg.proposals.saliency_masks import load_mask_proposals
 from unseg.runs import load_fitted
 from unseg.utils.device import cpu_threads
-
-REPO = Path(__file__).resolve().parents[1]
-VOC = REPO.parent / "shared" / "data" / "VOC2012"
 
 
 def score_seeds(
@@ -122,7 +117,7 @@ def decoder_features(estimator: MaskContrast, features: torch.Tensor) -> torch.T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--voc", default=str(VOC), help="VOC root (default ../shared/data/VOC2012)")
+    add_voc_argument(parser)
     parser.add_argument("--masks", default=None,
                         help="saliency PNGs of these images for the backbone row (none: no row)")
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -135,10 +130,7 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=LinearProbeConfig.epochs)
     parser.add_argument("--cache", default=None, help="feature cache folder (default: temporary)")
     args = parser.parse_args()
-    layout = find_layout(args.voc, "semantic")
-    if layout is None:
-        sys.exit(f"skipped: no VOC segmentation layout at {args.voc} (the real data is absent)")
-    pairs = layout_pairs(layout)
+    layout, pairs = voc_pairs(args.voc)
     paths = [p[1] for p in pairs]
     labels = [load_label(p[2]) for p in pairs]
     ignore = 255 if layout.ignore_index is None else layout.ignore_index

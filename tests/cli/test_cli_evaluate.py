@@ -287,31 +287,48 @@ def _xml(path: Path, box: tuple[int, int, int, int]) -> None:
     )
 
 
-def test_corloc_json_and_errors(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def annotations(tmp_path: Path) -> Path:
+    """A folder of two VOC annotations, one box each: ``x`` (1, 1, 20, 20) and ``y`` (21, 11,
+    50, 40)."""
     ann = tmp_path / "ann"
     _xml(ann / "x.xml", (1, 1, 20, 20))
     _xml(ann / "y.xml", (21, 11, 50, 40))
+    return ann
+
+
+def _corloc(pred: Path, ann: Path, capsys: pytest.CaptureFixture[str],
+            out_json: Path | None = None, *extra: str) -> tuple[int, str, str, dict | None]:
+    """``evaluate corloc`` of ``pred`` (a boxes JSON or a masks folder) against ``ann``: exit
+    code, stdout, stderr and, with ``out_json``, the JSON there (None when there is none, so
+    that a failure shows its stderr)."""
+    json_args = [] if out_json is None else ["--json", str(out_json)]
+    code, out, err = _run(["corloc", "--pred", str(pred), "--annotations", str(ann), *json_args,
+                           *extra], capsys)
+    written = out_json is not None and out_json.is_file()
+    result = json.loads(out_json.read_text()) if written else None
+    return code, out, err, result
+
+
+def test_corloc_json_and_errors(annotations: Path, tmp_path: Path, capsys) -> None:
+    ann = annotations
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"x": [0, 0, 20, 20], "y": [0, 0, 10, 10]}))
     out_json = tmp_path / "c.json"
-    code, out, _ = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
-                         "--json", str(out_json)], capsys)
-    r = json.loads(out_json.read_text())
+    code, out, _, r = _corloc(boxes, ann, capsys, out_json)
     assert code == 0 and "CorLoc" in out
     assert (r["corloc"], r["n_images"]) == (0.5, 2)
     boxes.write_text(json.dumps({"x": [0, 0, 20, 20]}))
-    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    code, _, err, _ = _corloc(boxes, ann, capsys)
     assert code == 2 and "no box for 1 image" in err and "y" in err
     boxes.write_text(json.dumps({"x": [0, 0, 20], "y": "box"}))
-    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    code, _, err, _ = _corloc(boxes, ann, capsys)
     assert code == 2 and "boxes.json" in err and "not [x0, y0, x1, y1]" in err
     masks = tmp_path / "masks"
     save_png_atomic(masks / "x.png", np.zeros((40, 50), np.uint8))
-    code, _, err = _run(["corloc", "--pred", str(masks), "--annotations", str(ann)], capsys)
+    code, _, err, _ = _corloc(masks, ann, capsys)
     assert code == 2 and "y.xml" in err
-    code, _, _ = _run(["corloc", "--pred", str(masks), "--annotations", str(ann),
-                       "--allow-missing", "--json", str(out_json)], capsys)
-    r = json.loads(out_json.read_text())
+    code, _, _, r = _corloc(masks, ann, capsys, out_json, "--allow-missing")
     assert code == 1 and (r["corloc"], r["n_missing"]) == (0.0, 1)
 
 
@@ -719,22 +736,17 @@ def test_nested_ground_truth_with_unique_stems_still_pairs_by_stem(
     assert code == 2 and "share a stem" in err and "im0.bmp" in err
 
 
-def test_corloc_of_a_nested_discover_boxes_json(tmp_path: Path, capsys) -> None:
+def test_corloc_of_a_nested_discover_boxes_json(annotations: Path, tmp_path: Path,
+                                                 capsys) -> None:
     """discover keys boxes.json by path for nested inputs ("sub/x"); CorLoc against the flat
     annotations found no box for any image ("no box for 2 image(s)")."""
-    ann = tmp_path / "ann"
-    _xml(ann / "x.xml", (1, 1, 20, 20))
-    _xml(ann / "y.xml", (21, 11, 50, 40))
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"sub1/x": [0, 0, 20, 20], "sub2/deeper/y": [0, 0, 10, 10]}))
-    out_json = tmp_path / "c.json"
-    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
-                         "--json", str(out_json)], capsys)
+    code, _, err, r = _corloc(boxes, annotations, capsys, tmp_path / "c.json")
     assert code == 0, err
-    r = json.loads(out_json.read_text())
     assert (r["corloc"], r["n_images"], r["n_missing"]) == (0.5, 2, 0)
     boxes.write_text(json.dumps({"a/x": [0, 0, 20, 20], "b/x": None, "y": None}))
-    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    code, _, err, _ = _corloc(boxes, annotations, capsys)
     assert code == 2 and "repeat in sub-folders" in err and "b/x" in err
 
 
@@ -752,21 +764,18 @@ def test_corloc_against_annotations_in_category_folders(tmp_path: Path, capsys) 
     out_json = tmp_path / "c.json"
     for pred, want in ((own, 1.0), ({"cats/x": own["dogs/x"], "dogs/x": own["cats/x"]}, 0.0)):
         boxes.write_text(json.dumps(pred))
-        code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann),
-                             "--json", str(out_json)], capsys)
+        code, _, err, r = _corloc(boxes, ann, capsys, out_json)
         assert code == 0, err
-        r = json.loads(out_json.read_text())
         assert (r["corloc"], r["n_images"], r["n_missing"]) == (want, 2, 0)
     masks = tmp_path / "masks"
     for folder, (x0, y0, x1, y1) in own.items():
         mask = np.zeros((40, 50), np.uint8)
         mask[y0:y1, x0:x1] = 255
         save_png_atomic(masks / f"{folder}.png", mask)
-    code, _, err = _run(["corloc", "--pred", str(masks), "--annotations", str(ann),
-                         "--json", str(out_json)], capsys)
+    code, _, err, r = _corloc(masks, ann, capsys, out_json)
     assert code == 0, err
-    assert json.loads(out_json.read_text())["corloc"] == 1.0
+    assert r["corloc"] == 1.0
     # flat boxes cannot be told apart: each annotation without a box is named
     boxes.write_text(json.dumps({"x": [0, 0, 20, 20]}))
-    code, _, err = _run(["corloc", "--pred", str(boxes), "--annotations", str(ann)], capsys)
+    code, _, err, _ = _corloc(boxes, ann, capsys)
     assert code == 2 and "cats/x" in err and "dogs/x" in err

@@ -395,43 +395,44 @@ def test_discover_and_fit_read_a_dataset_root_through_its_layout(tmp_path):
         "0000.png", "0001.png"]
 
 
-def test_fit_saliency_reports_a_collapsed_head_and_records_it(tmp_path, monkeypatch, capsys):
-    """A head whose training collapsed is saved, but the run records the verdict and the
-    command says so and exits 1."""
+def _fit_with_verdict(tmp_path, monkeypatch, capsys, verdict: tuple, *extra: str):
+    """``fit saliency`` (one epoch) of a head whose collapse check gives the
+    :class:`CollapseReport` of ``verdict``'s fields; ``extra``: more options. Returns the exit
+    code, stdout and the run's recorded ``training``."""
     from unseg.methods.collapse import CollapseReport
     from unseg.methods.saliency import SaliencyHead
 
-    def collapsed(self, features, images):
-        return CollapseReport("constant", 2, 1.0, 1.0, 0.0, 1.0, False, 0.5, 0.5)
+    def check(self, features, images):
+        return CollapseReport(*verdict)
 
-    monkeypatch.setattr(SaliencyHead, "check_collapse", collapsed)
+    monkeypatch.setattr(SaliencyHead, "check_collapse", check)
     root = _saliency_dataset(tmp_path / "ECSSD")
     run = tmp_path / "run"
     code = main(["-q", "fit", "saliency", str(root), "--out", str(run), "--backbone", BACKBONE,
-                 "--epochs", "1", "--size", "64"])
+                 "--epochs", "1", "--size", "64", *extra])
+    training = json.loads((run / "config.json").read_text())["training"]
+    return code, capsys.readouterr().out, training
+
+
+def test_fit_saliency_reports_a_collapsed_head_and_records_it(tmp_path, monkeypatch, capsys):
+    """A head whose training collapsed is saved, but the run records the verdict and the
+    command says so and exits 1."""
+    code, out, training = _fit_with_verdict(
+        tmp_path, monkeypatch, capsys, ("constant", 2, 1.0, 1.0, 0.0, 1.0, False, 0.5, 0.5))
     assert code == 1
-    assert "TRAINING FAILED (constant" in capsys.readouterr().out
-    collapse = json.loads((run / "config.json").read_text())["training"]["collapse"]
+    assert "TRAINING FAILED (constant" in out
+    collapse = training["collapse"]
     assert collapse["verdict"] == "constant" and collapse["failed"] is True
 
 
 def test_fit_saliency_flags_oversized_masks_without_failing(tmp_path, monkeypatch, capsys):
     """Oversized masks are worth a look, not a failure: status 0, the verdict in the line and
     the run, restarts' scores recorded when there were restarts."""
-    from unseg.methods.collapse import CollapseReport
-    from unseg.methods.saliency import SaliencyHead
-
-    def oversized(self, features, images):
-        return CollapseReport("oversized", 2, 0.7, 0.0, 0.0, 0.0, False, 0.5, 0.5)
-
-    monkeypatch.setattr(SaliencyHead, "check_collapse", oversized)
-    root = _saliency_dataset(tmp_path / "ECSSD")
-    run = tmp_path / "run"
-    code = main(["-q", "fit", "saliency", str(root), "--out", str(run), "--backbone", BACKBONE,
-                 "--epochs", "1", "--size", "64", "--restarts", "2", "--restart-steps", "2"])
+    code, out, training = _fit_with_verdict(
+        tmp_path, monkeypatch, capsys, ("oversized", 2, 0.7, 0.0, 0.0, 0.0, False, 0.5, 0.5),
+        "--restarts", "2", "--restart-steps", "2")
     assert code == 0
-    assert "check the masks (oversized" in capsys.readouterr().out
-    training = json.loads((run / "config.json").read_text())["training"]
+    assert "check the masks (oversized" in out
     assert training["collapse"]["flagged"] is True and training["collapse"]["failed"] is False
     assert len(training["restarts"]) == 2 and sum(r["chosen"] for r in training["restarts"]) == 1
 

@@ -548,6 +548,21 @@ def test_segment_honours_max_pixels_in_discovery_training_and_prediction(
     assert len(_labels(tmp_path / "p0" / "masks")) == 6
 
 
+def _spy_feature_grids(monkeypatch, module) -> list[dict[str, tuple[int, int]]]:
+    """The feature grids ``{image stem: (h, w)}`` of each call of ``module.extract_features``
+    from now on, in call order (the list fills as the calls go through)."""
+    grids: list[dict[str, tuple[int, int]]] = []
+    extract = module.extract_features
+
+    def spy(*args, **kwargs):
+        feats = extract(*args, **kwargs)
+        grids.append({p.stem: tuple(feats[p].shape[1:]) for p in feats.paths})
+        return feats
+
+    monkeypatch.setattr(module, "extract_features", spy)
+    return grids
+
+
 def test_max_side_sets_the_working_resolution_recorded_in_the_run_and_predicted_at(
     tmp_path, monkeypatch
 ):
@@ -557,15 +572,7 @@ def test_max_side_sets_the_working_resolution_recorded_in_the_run_and_predicted_
     it; a run without it (older ones) predicts without a limit, as before."""
     import unseg.pipelines.maskcontrast as mc
 
-    grids: list[dict[str, tuple[int, int]]] = []
-    extract = mc.extract_features
-
-    def spy(*args, **kwargs):
-        feats = extract(*args, **kwargs)
-        grids.append({p.stem: tuple(feats[p].shape[1:]) for p in feats.paths})
-        return feats
-
-    monkeypatch.setattr(mc, "extract_features", spy)
+    grids = _spy_feature_grids(monkeypatch, mc)
     images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (96, 400)))
     base = ["-q", "segment", str(images), "--method", "maskcontrast", "-k", "3",
             "--saliency", str(masks), *TINY, "--epochs", "1"]
@@ -605,15 +612,7 @@ def test_a_run_on_the_embeddings_works_at_their_runs_max_side(tmp_path, monkeypa
     now works at the MaskContrast run's max_side; another --max-side is refused."""
     import unseg.pipelines.semantic as semantic
 
-    grids: list[dict[str, tuple[int, int]]] = []
-    extract = semantic.extract_features
-
-    def spy(*args, **kwargs):
-        feats = extract(*args, **kwargs)
-        grids.append({p.stem: tuple(feats[p].shape[1:]) for p in feats.paths})
-        return feats
-
-    monkeypatch.setattr(semantic, "extract_features", spy)
+    grids = _spy_feature_grids(monkeypatch, semantic)
     images, masks = write_set(tmp_path / "d", n=6, sizes=((96, 128), (96, 400)))
     mc = tmp_path / "mc"
     assert main(["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), "--out",

@@ -1,4 +1,5 @@
-"""The atomic writer: outputs get the mode a plain ``open()`` would give them."""
+"""The atomic writer: outputs get the mode a plain ``open()`` would give them; the JSON object
+reader names the file and its problem."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import stat
 import numpy as np
 import pytest
 
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 from unseg.utils.io import (
     file_mode,
     make_folder,
+    read_json_object,
     save_png_atomic,
     write_bytes_atomic,
     write_json_atomic,
@@ -48,3 +50,24 @@ def test_a_path_that_cannot_be_written_is_an_error_naming_it(tmp_path):
     with pytest.raises(UnsegError, match=r"afile/run: cannot create this folder \(.*afile is a "
                        r"file, not a folder\)"):
         make_folder(tmp_path / "afile" / "run")
+
+
+def test_read_json_object_names_the_file_and_its_problem(tmp_path):
+    """An object is returned; a missing, broken or non-UTF-8 file is the caller's "unreadable"
+    with the reason, another JSON value the caller's ``not_object``, each naming the file."""
+    path = tmp_path / "a.json"
+    path.write_text('{"x": [1, null]}')
+    assert read_json_object(path, "cannot read it", "not an object") == {"x": [1, None]}
+    for content in (None, "{broken", b"\xff\xfe"):
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        else:
+            path.unlink()
+        with pytest.raises(InputFileError, match=r"a\.json: cannot read it \(.+\)$") as err:
+            read_json_object(path, "cannot read it", "not an object")
+        assert err.value.path == path
+    path.write_text("[1, 2]")
+    with pytest.raises(InputFileError, match=r"a\.json: not an object$"):
+        read_json_object(path, "cannot read it", "not an object")

@@ -95,14 +95,26 @@ def test_patience_parameter_changes_when_the_rule_fires() -> None:
     assert torch.equal(a.masks, b.masks)
 
 
-@pytest.mark.parametrize("n", [500, 20])
-def test_first_principal_direction_agrees_with_exact_svd(n: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 48, generator=g) * torch.linspace(3, 0.1, 48) + 5.0
-    v = first_principal_direction(x)
+def _spread_rows(n: int, c: int, seed: int) -> torch.Tensor:
+    """``n`` random rows ``[n, c]`` off the origin (mean 5) whose spread falls from 3 in the first
+    channel to 0.1 in the last: a clear first principal direction."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * torch.linspace(3, 0.1, c) + 5.0
+
+
+def _assert_first_svd_direction(x: torch.Tensor, v: torch.Tensor) -> None:
+    """``v`` is (up to sign) the first right singular vector of ``x`` ``[n, c]`` centred, by
+    float64 SVD."""
     xc = x.double().numpy() - x.double().numpy().mean(axis=0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     assert abs(float(np.dot(vt[0], v.double().numpy()))) > 1 - 1e-6
+
+
+@pytest.mark.parametrize("n", [500, 20])
+def test_first_principal_direction_agrees_with_exact_svd(n: int) -> None:
+    x = _spread_rows(n, 48, seed=1)
+    v = first_principal_direction(x)
+    _assert_first_svd_direction(x, v)
     torch.manual_seed(0)
     v_ref = first_principal_direction(x, solver="lowrank", niter=100)
     assert abs(float(torch.dot(v, v_ref))) > 1 - 1e-4
@@ -171,13 +183,10 @@ def test_incremental_exact_solver_gives_the_reference_solvers_proposals() -> Non
 
 @pytest.mark.parametrize("n", [20, 3])
 def test_gram_direction_agrees_with_exact_svd_when_rows_are_fewer_than_channels(n: int) -> None:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(n, 300, generator=g) * torch.linspace(3, 0.1, 300) + 5.0
+    x = _spread_rows(n, 300, seed=2)
     v = gram_principal_direction(x)
-    xc = x.double().numpy() - x.double().numpy().mean(axis=0)
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
     assert abs(float(np.linalg.norm(v.double().numpy())) - 1) < 1e-6
-    assert abs(float(np.dot(vt[0], v.double().numpy()))) > 1 - 1e-6
+    _assert_first_svd_direction(x, v)
 
 
 def test_gram_direction_of_equal_rows_is_zero() -> None:

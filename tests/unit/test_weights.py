@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,14 +108,19 @@ def test_a_safetensors_file_is_read_whatever_its_suffix(tmp_path, name):
     torch.testing.assert_close(model.blocks[3].ls2.gamma, sd["blocks.3.ls2.gamma"])
 
 
+def _load_error(sd: dict, path: Path, name: str) -> str:
+    """The message of the error that loading ``sd``, saved at ``path``, into ``name`` raises."""
+    torch.save(sd, path)
+    with pytest.raises(UnsegError) as err:
+        create_backbone(name, weights=path)
+    return str(err.value)
+
+
 def test_renamed_key_fails_naming_it(tmp_path):
     sd = official_dino_state(384, 16, 14)
     sd["blocks.3.attn.qkv_renamed.weight"] = sd.pop("blocks.3.attn.qkv.weight")
     path = tmp_path / "bad.pth"
-    torch.save(sd, path)
-    with pytest.raises(UnsegError) as err:
-        create_backbone("dino_vits16", weights=path)
-    msg = str(err.value)
+    msg = _load_error(sd, path, "dino_vits16")
     assert "1 missing keys: blocks.3.attn.qkv.weight" in msg
     assert "1 unexpected keys: blocks.3.attn.qkv_renamed.weight" in msg
     assert str(path) in msg
@@ -121,11 +128,7 @@ def test_renamed_key_fails_naming_it(tmp_path):
 
 def test_wrong_shapes_are_listed_with_counts(tmp_path):
     sd = official_dino_state(384, 16, 14)  # a ViT-S/16 checkpoint into a ViT-S/8 model
-    path = tmp_path / "s16.pth"
-    torch.save(sd, path)
-    with pytest.raises(UnsegError) as err:
-        create_backbone("dino_vits8", weights=path)
-    msg = str(err.value)
+    msg = _load_error(sd, tmp_path / "s16.pth", "dino_vits8")
     assert "2 shape mismatches" in msg
     assert "pos_embed (1, 197, 384) vs (1, 785, 384)" in msg
     assert "patch_embed.proj.weight (384, 3, 16, 16) vs (384, 3, 8, 8)" in msg
@@ -134,10 +137,8 @@ def test_wrong_shapes_are_listed_with_counts(tmp_path):
 def test_many_mismatches_show_ten_and_a_count(tmp_path):
     sd = official_dino_state(384, 16, 14)
     sd = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
-    path = tmp_path / "noblocks.pth"
-    torch.save(sd, path)
-    with pytest.raises(UnsegError, match=r"144 missing keys: .*\(\+134 more\)"):
-        create_backbone("dino_vits16", weights=path)
+    msg = _load_error(sd, tmp_path / "noblocks.pth", "dino_vits16")
+    assert re.search(r"144 missing keys: .*\(\+134 more\)", msg)
 
 
 def test_wrapped_training_checkpoint_is_unwrapped_explicitly(tmp_path):

@@ -7,7 +7,8 @@
   a missing one. Training losses per step or epoch go to ``history_``.
 - ``state_dict() -> dict[str, Tensor]`` and ``from_state(config, state, device=None)``: the
   fitted state, saved as safetensors next to the config, reloads to an estimator that predicts
-  identically.
+  identically (:class:`FromState` gives ``from_state`` to an estimator that reads the state in
+  its ``load_state``).
 - Semantic estimators (:class:`SemanticEstimator`) also give ``logits(features, factor)`` and
   ``predict(features, size, factor)`` for one image's features.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -112,6 +113,31 @@ class SemanticEstimator(Estimator, Protocol):
     ) -> torch.Tensor:
         """Class ids ``[H, W]`` (int64): :meth:`logits` upsampled bilinearly to ``size``."""
         ...
+
+
+E = TypeVar("E", bound="FromState")
+
+
+class FromState:
+    """The contract's ``from_state`` for an estimator made as ``cls(config, device)``: the new
+    estimator reads the fitted state in its :meth:`load_state`."""
+
+    @classmethod
+    def from_state(
+        cls: type[E],
+        config: Any,
+        state: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+    ) -> E:
+        """A fitted estimator rebuilt from :meth:`state_dict`'s output."""
+        estimator = cls(config, device)  # type: ignore[call-arg]
+        estimator.load_state(state)
+        return estimator
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the fitted state from ``state`` (``state_dict``'s output; left unchanged), a
+        clear error when it is incomplete or does not fit the config (each estimator's own)."""
+        raise NotImplementedError
 
 
 def require_finite(state: dict[str, torch.Tensor], what: str) -> None:

@@ -78,7 +78,7 @@ from torch import nn
 
 from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs, feature_moments, require_finite, stack_crops
+from unseg.methods.base import FitInputs, feature_moments, stack_crops
 from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
 from unseg.methods.head_config import HeadTrainingConfig
@@ -274,6 +274,8 @@ class FoundHead(HeadEstimator):
 
     config_class = FoundConfig
     title = "the FOUND head"
+    state_name = "FOUND-head"
+    misfit = "saved FOUND-head weights do not fit"
 
     def __init__(
         self, config: FoundConfig | None = None, device: str | torch.device | None = None
@@ -429,28 +431,14 @@ class FoundHead(HeadEstimator):
         state["stride"] = torch.tensor(self.stride)
         return state
 
-    @classmethod
-    def from_state(
-        cls,
-        config: FoundConfig,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> FoundHead:
-        """A fitted head rebuilt from :meth:`state_dict`'s output."""
-        head = cls(config, device)
-        state = dict(state)
-        require_finite(state, "FOUND-head")
+    def empty_net(self, state: dict[str, torch.Tensor]) -> nn.Conv2d:
+        """The 1x1 conv that ``state``'s ``weight`` ``[1, C, 1, 1]`` fits; sets ``stride`` from
+        ``state`` (popped; 0 when absent)."""
         weight = state.get("weight")
         if weight is None or weight.ndim != 4 or tuple(weight.shape[::2]) != (1, 1):
             raise UnsegError("FOUND-head state lacks a 1x1 conv weight [1, C, 1, 1]")
-        head.stride = int(state.pop("stride", torch.tensor(0)))
-        net = nn.Conv2d(weight.shape[1], 1, 1)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UnsegError(f"saved FOUND-head weights do not fit: {exc}") from None
-        head.net = net.to(head.device).eval()
-        return head
+        self.stride = int(state.pop("stride", torch.tensor(0)))
+        return nn.Conv2d(weight.shape[1], 1, 1)
 
 
 @torch.no_grad()

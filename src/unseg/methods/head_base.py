@@ -1,6 +1,7 @@
 """What the two saliency heads' estimators share (FOUND-style and SEMPART-style): their state
-before a fit, the crop source of multi-scale consistency, the collapse check after a fit, and
-the guard and weights of a fitted network. Each head adds its network, losses and training loop.
+before a fit, the crop source of multi-scale consistency, the collapse check after a fit, the
+guard and weights of a fitted network, and its reload from them. Each head adds its network,
+losses and training loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from unseg.errors import UnsegError
+from unseg.methods.base import FromState, require_finite
 from unseg.methods.collapse import CollapseReport, check_head
 from unseg.methods.crop_cache import CropSource, FeatureFn
 from unseg.methods.head_config import HeadTrainingConfig
@@ -20,7 +22,7 @@ from unseg.utils.device import resolve_device
 logger = logging.getLogger(__name__)
 
 
-class HeadEstimator:
+class HeadEstimator(FromState):
     """Base of a saliency head's estimator (contract of :mod:`unseg.methods.base`).
 
     ``feature_fn`` (images ``[B, 3, H, W]`` in ``[0, 1]`` → features ``[B, C, h, w]``, the frozen
@@ -31,6 +33,8 @@ class HeadEstimator:
 
     config_class: ClassVar[type[HeadTrainingConfig]] = HeadTrainingConfig
     title: ClassVar[str] = "the head"  # in errors: "the FOUND head is not fitted"
+    state_name: ClassVar[str] = "head"  # in errors: "FOUND-head state: tensor ..."
+    misfit: ClassVar[str] = "saved head weights do not fit"  # the error when they do not load
 
     def __init__(self, config: Any = None, device: str | torch.device | None = None) -> None:
         self.config = config or self.config_class()
@@ -84,3 +88,21 @@ class HeadEstimator:
     def net_state(self) -> dict[str, torch.Tensor]:
         """The fitted network's weights, detached on the CPU."""
         return {k: v.detach().cpu() for k, v in self.fitted_net().state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """For :meth:`from_state`: the weights of :meth:`state_dict`'s output (all finite)
+        loaded into the network :meth:`empty_net` builds for them, in eval mode."""
+        state = dict(state)
+        require_finite(state, self.state_name)
+        net = self.empty_net(state)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UnsegError(f"{self.misfit}: {exc}") from None
+        self.net = net.to(self.device).eval()
+
+    def empty_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """For :meth:`load_state`: the untrained network (on the CPU) that ``state``'s weights
+        go into, after reading and popping from ``state`` its entries that are not weights
+        (each head's own)."""
+        raise NotImplementedError

@@ -259,23 +259,14 @@ class KMeans(PrototypeEstimator):
             raise UnsegError("KMeans has not been fitted")
         return {"prototypes": self.prototypes_.cpu(), **self.center_state()}
 
-    @classmethod
-    def from_state(
-        cls,
-        config: KMeansConfig,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> KMeans:
-        """A fitted :class:`KMeans` rebuilt from :meth:`state_dict`'s output."""
-        model = cls(config, device)
-        model.prototypes_ = state_tensor(state, "prototypes", "k-means").to(model.device)
-        k = config.num_classes
-        if model.prototypes_.ndim != 2 or model.prototypes_.shape[0] != k:
+    def load_fitted(self, state: dict[str, torch.Tensor]) -> None:
+        """``prototypes [K, C]`` from ``state`` (for :meth:`from_state`)."""
+        self.prototypes_ = state_tensor(state, "prototypes", self.what).to(self.device)
+        k = self.config.num_classes
+        if self.prototypes_.ndim != 2 or self.prototypes_.shape[0] != k:
             raise UnsegError(
-                f"k-means prototypes {tuple(model.prototypes_.shape)} do not fit K={k}"
+                f"k-means prototypes {tuple(self.prototypes_.shape)} do not fit K={k}"
             )
-        model.load_center(state)
-        return model
 
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
         """Cosine logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]`` to the centres."""

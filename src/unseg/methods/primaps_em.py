@@ -601,18 +601,12 @@ class PriMaPsEM(PrototypeEstimator):
         }
         return {**state, **self.center_state()}
 
-    @classmethod
-    def from_state(
-        cls,
-        config: PriMaPsEMConfig,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> PriMaPsEM:
-        """A fitted estimator rebuilt from :meth:`state_dict`'s output."""
-        model = cls(config, device)
-        get = {key: state_tensor(state, key, "PriMaPs-EM").to(model.device)
+    def load_fitted(self, state: dict[str, torch.Tensor]) -> None:
+        """θ_m (``prototypes``, ``gain``) and θ (``running``, ``running_gain``) from ``state``
+        (for :meth:`from_state`)."""
+        get = {key: state_tensor(state, key, self.what).to(self.device)
                for key in ("prototypes", "gain", "running", "running_gain")}
-        k = config.num_classes
+        k = self.config.num_classes
         if get["prototypes"].ndim != 2 or get["prototypes"].shape[0] != k or get[
             "gain"
         ].shape != (k,):
@@ -620,10 +614,8 @@ class PriMaPsEM(PrototypeEstimator):
                 f"PriMaPs-EM prototypes {tuple(get['prototypes'].shape)} / gain "
                 f"{tuple(get['gain'].shape)} do not fit K={k}"
             )
-        model.prototypes_, model.gain_ = get["prototypes"], get["gain"]
-        model.running_, model.running_gain_ = get["running"], get["running_gain"]
-        model.load_center(state)
-        return model
+        self.prototypes_, self.gain_ = get["prototypes"], get["gain"]
+        self.running_, self.running_gain_ = get["running"], get["running_gain"]
 
 
 def focal_loss_terms(

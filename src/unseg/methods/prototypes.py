@@ -3,7 +3,8 @@ over the backbone features, optionally centred by the training images' mean feat
 
 :class:`PrototypeEstimator` holds what the two share: the fitted ``prototypes_`` and
 ``mean_`` (the centring statistic, fitted with the method and kept in its state), the
-centring itself, saving and loading that statistic, and the prediction (the subclass's
+centring itself, saving and loading that statistic, the reload of a fitted estimator, and the
+prediction (the subclass's
 :meth:`~PrototypeEstimator.logits` upsampled to the image and argmaxed, as the CLI writes it).
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from unseg.data.resize import upsample_argmax
 from unseg.errors import UnsegError
-from unseg.methods.base import feature_mean, require_finite
+from unseg.methods.base import FromState, feature_mean, require_finite
 
 
 def center_features(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
@@ -34,7 +35,7 @@ def state_tensor(state: dict[str, torch.Tensor], key: str, what: str) -> torch.T
     return state[key].float()
 
 
-class PrototypeEstimator:
+class PrototypeEstimator(FromState):
     """Shared state of the prototype estimators: ``prototypes_ [K, C]``, with ``config.center``
     the mean feature ``mean_ [C]``, and ``history_``; subclasses fit the prototypes and give
     :meth:`logits`. ``what`` names the method in error messages."""
@@ -79,6 +80,17 @@ class PrototypeEstimator:
             if self.mean_.shape != (width,):
                 raise UnsegError(f"{self.what} state: mean {tuple(self.mean_.shape)} does not fit "
                                  f"the {width}-channel prototypes")
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """For :meth:`from_state`: the subclass's tensors (:meth:`load_fitted`), then the
+        centring statistic (:meth:`load_center`)."""
+        self.load_fitted(state)
+        self.load_center(state)
+
+    def load_fitted(self, state: dict[str, torch.Tensor]) -> None:
+        """Read the subclass's fitted tensors (``prototypes_`` and its own) back from ``state``
+        (for :meth:`from_state`), a clear error when they are missing or do not fit."""
+        raise NotImplementedError
 
     def logits(self, features: torch.Tensor, factor: int = 1) -> torch.Tensor:
         """Class logits ``[K, h·factor, w·factor]`` of ``features [C, h, w]``."""

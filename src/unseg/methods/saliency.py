@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from unseg.data.color import as_float_images
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs, require_finite, stack_crops
+from unseg.methods.base import FitInputs, stack_crops
 from unseg.methods.collapse import CollapseConfig
 from unseg.methods.crop_cache import CropSource
 from unseg.methods.head_base import HeadEstimator
@@ -122,6 +122,8 @@ class SaliencyHead(HeadEstimator):
 
     config_class = SaliencyHeadConfig
     title = "the saliency head"
+    state_name = "saliency-head"
+    misfit = "saved saliency-head weights do not fit its config"
 
     def __init__(
         self, config: SaliencyHeadConfig | None = None, device: str | torch.device | None = None
@@ -314,25 +316,10 @@ class SaliencyHead(HeadEstimator):
         state["stride"] = torch.tensor(self.net.stride)
         return state
 
-    @classmethod
-    def from_state(
-        cls,
-        config: SaliencyHeadConfig,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> SaliencyHead:
-        """A fitted head rebuilt from :meth:`state_dict`'s output."""
-        head = cls(config, device)
-        state = dict(state)
-        require_finite(state, "saliency-head")
+    def empty_net(self, state: dict[str, torch.Tensor]) -> SaliencyHeadNet:
+        """The network of this config for ``state``'s ``in_dim`` and ``stride`` (popped)."""
         try:
             in_dim, stride = int(state.pop("in_dim")), int(state.pop("stride"))
         except KeyError as exc:
             raise UnsegError(f"saliency-head state lacks tensor {exc}") from None
-        net = head._build(in_dim, stride)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UnsegError(f"saved saliency-head weights do not fit its config: {exc}") from None
-        head.net = net.to(head.device).eval()
-        return head
+        return self._build(in_dim, stride)

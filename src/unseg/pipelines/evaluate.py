@@ -13,7 +13,6 @@ Ground-truth problems (unreadable files, labels >= K other than the ignore index
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from unseg.metrics.corloc import is_correct, largest_component_box
 from unseg.metrics.saliency import BETA2, FbetaMode, SaliencyMeter, SaliencyScores, is_zero_one
 from unseg.metrics.semantic import ConfusionMatrix, MatchMode, semantic_scores
 from unseg.pipelines.pairing import Pairing, gt_files, pair_files
+from unseg.utils.io import read_json_object
 from unseg.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -356,12 +356,8 @@ class CorLocResult:
 
 
 def _read_boxes_json(path: Path) -> dict[str, list[float] | None]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot read boxes JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputFileError(path, "must map image stem -> [x0, y0, x1, y1]")
+    data = read_json_object(path, "cannot read boxes JSON",
+                            "must map image stem -> [x0, y0, x1, y1]")
     bad = [
         k for k, v in data.items()
         if v is not None and not (

@@ -15,7 +15,6 @@ files: ``boxes.json`` or a greyscale PNG means saliency, a palette PNG semantic 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from unseg.errors import InputFileError, UnsegError
 from unseg.layout import BOXES_FILE, CONFIG_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_DIR, WEIGHTS_FILE
 from unseg.outdir import recorded_failures, recorded_setting, recorded_timings
 from unseg.registry import get_method
+from unseg.utils.io import read_json_object
 
 Kind = Literal["semantic", "saliency"]
 SKIPPED_DIRS = (RUN_DIR, OVERLAYS_DIR)
@@ -64,14 +64,8 @@ def _is_run(path: Path) -> bool:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFileError(path, f"cannot read the run's configuration ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputFileError(path, "not a run configuration (expected a JSON object)")
-    return data
+    return read_json_object(run_dir / CONFIG_FILE, "cannot read the run's configuration",
+                            "not a run configuration (expected a JSON object)")
 
 
 def _list_masks(masks_dir: Path, nested_outputs: bool) -> list[Path]:

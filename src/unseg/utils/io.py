@@ -1,4 +1,5 @@
-"""Atomic writes: every file unseg writes appears whole or not at all (temp file + rename)."""
+"""Atomic writes: every file unseg writes appears whole or not at all (temp file + rename); and
+the reading of a JSON object file that an error names when it cannot be used."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unseg.errors import UnsegError
+from unseg.errors import InputFileError, UnsegError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -99,6 +100,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_json_object(path: Path, unreadable: str, not_object: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`InputFileError` naming it when it cannot be read or
+    parsed (``"<unreadable> (<why>)"``) or holds another JSON value (``not_object``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(path, f"{unreadable} ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(path, not_object)
+    return data
 
 
 def save_png_atomic(

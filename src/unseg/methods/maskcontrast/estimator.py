@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from unseg.backbones import LastStage, build_backbone
 from unseg.errors import UnsegError
-from unseg.methods.base import FitInputs
+from unseg.methods.base import FitInputs, FromState
 from unseg.methods.maskcontrast.config import MaskContrastConfig
 from unseg.methods.maskcontrast.model import (
     MaskContrastHead,
@@ -60,7 +60,7 @@ def _mix(*values: int) -> int:
     pipeline_fields=("seed", "stage_of"),
     rank=50,
 )
-class MaskContrast:
+class MaskContrast(FromState):
     """MaskContrast on frozen dense features (module docstring); estimator contract of
     :mod:`unseg.methods.base`. ``model_`` is the trained (query) head."""
 
@@ -314,25 +314,17 @@ class MaskContrast:
         state["in_channels"] = torch.tensor(self.in_channels_)
         return state
 
-    @classmethod
-    def from_state(
-        cls,
-        config: MaskContrastConfig,
-        state: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-    ) -> MaskContrast:
-        """A fitted estimator rebuilt from :meth:`state_dict`'s output."""
-        est = cls(config, device)
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """For :meth:`from_state`: the head of :meth:`state_dict`'s output, in eval mode."""
         if "in_channels" not in state:
             raise UnsegError("not a MaskContrast state: 'in_channels' is missing")
-        model = est._build(int(state["in_channels"]))
+        model = self._build(int(state["in_channels"]))
         try:
             model.load_state_dict(_prefixed(state, "head."))
         except RuntimeError as exc:
             raise UnsegError(f"MaskContrast state does not fit its config ({exc})") from None
         model.eval()
-        est.model_ = model
-        return est
+        self.model_ = model
 
     # ----------------------------------------------------------------- inference
     def _model(self) -> MaskContrastHead:
