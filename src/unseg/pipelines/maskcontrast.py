@@ -65,7 +65,7 @@ from unseg.pipelines.backbone import (
     resolve_backbone_name,
 )
 from unseg.pipelines.fitting import build_config, check_fit_inputs
-from unseg.pipelines.kind import DEFAULT_SIZE, FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
 from unseg.runs import load_fitted, require_meta, save_fitted
@@ -398,7 +398,7 @@ class MaskContrastKind(Kind):
         _check_classes(k)
         _check_clusters(settings.clusters)
         settings = replace(settings, backbone=resolve_backbone_name(settings.backbone),
-                           size=DEFAULT_SIZE if settings.size is None else settings.size)
+                           size=settings.feature_size)
         check_resolution(settings.size, settings.max_side, settings.backbone, settings.tap)
         return cls(maskcontrast_config(options, settings.seed), settings, k)
 
