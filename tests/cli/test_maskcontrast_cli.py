@@ -743,3 +743,17 @@ def test_a_size_other_than_the_embedding_runs_is_refused(fitted, tmp_path, capsy
         kind = unseg.Segmenter("kmeans", embeddings=run, **given)._kind
         assert isinstance(kind, SemanticKind) and kind.settings.size == 96
     assert unseg.Segmenter("kmeans", backbone="efficientnet_lite0")._kind.settings.size == 320
+
+
+def test_segment_lists_its_images_once_for_discovery_and_fit(tmp_path, listing_reads):
+    """`segment --method maskcontrast` listed the folder (every file opened, every header
+    read) for the discovery's prediction, again for MaskContrast's fit, and with `auto` a
+    third time to choose the discovery. Now one listing serves them all; the other walk is the
+    command's check that the folder has images, before --overwrite deletes anything."""
+    images, _ = write_set(tmp_path / "d", n=6)
+    assert main(["-q", "segment", str(images), "--out", str(tmp_path / "out"), "--method",
+                 "maskcontrast", "-k", "3", *TINY, "--epochs", "1", "--discover", "spectral",
+                 "--no-report"]) == 0
+    files = sorted(images.iterdir())
+    assert listing_reads["walks"] == [images, images]
+    assert sorted(listing_reads["opened"]) == sorted(listing_reads["headers"]) == files
