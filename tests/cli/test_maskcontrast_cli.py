@@ -757,3 +757,24 @@ def test_segment_lists_its_images_once_for_discovery_and_fit(tmp_path, listing_r
     files = sorted(images.iterdir())
     assert listing_reads["walks"] == [images, images]
     assert sorted(listing_reads["opened"]) == sorted(listing_reads["headers"]) == files
+
+
+def test_a_discovery_that_empties_every_mask_loses_no_earlier_output(tmp_path, capsys):
+    """`segment --method maskcontrast --overwrite` at a --max-side so small that the
+    discovery finds no object (a 2x2 feature grid) failed on its empty masks after --overwrite
+    had deleted the previous run's masks, overlays, run and report. Now the failure removes its
+    own files and puts the previous ones back, and says so."""
+    images, masks = write_set(tmp_path / "d", n=6)
+    out = tmp_path / "out"
+    base = ["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+            "-k", "3", *TINY, "--epochs", "1"]
+    assert main([*base, "--saliency", str(masks)]) == 0
+    before = {p.relative_to(out).as_posix(): p.read_bytes()
+              for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, "--overwrite", "--discover", "spectral", "--max-side", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "all 6 masks are empty" in err and "nothing was deleted" in err
+    assert {p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert {"masks", "overlays", "run", "report.html"} <= {p.name for p in out.iterdir()}

@@ -152,8 +152,9 @@ def add_output_arguments(p: argparse.ArgumentParser, report: bool) -> None:
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument(
         "--overwrite", action="store_true",
-        help=f"--out holds an earlier unseg command's outputs: delete them first (only the "
-        f"files its {MANIFEST_FILE} records)",
+        help=f"--out holds an earlier unseg command's outputs: replace them (only the files "
+        f"its {MANIFEST_FILE} records; they are deleted when this command ends, and put back "
+        "if it fails)",
     )
     reuse.add_argument(
         "--resume", action="store_true",
