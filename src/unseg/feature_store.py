@@ -215,7 +215,8 @@ def cached_shape(cache: Path | None, sha: str) -> tuple[int, int, int]:
 
 def remove_stale_temps(folder: str | Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove the temp files a killed writer left in the cache folder ``folder`` (a features
-    folder ``cache_dir/<key>`` or a pseudo-label one); returns those removed.
+    folder ``cache_dir/<key>``, a pseudo-label or MaskContrast view one); returns those
+    removed.
 
     Only the store's own (:data:`TEMP_FILE`: the names :func:`~unseg.utils.io.atomic_path`
     gives its tensors and index), only plain files, and only those not modified for

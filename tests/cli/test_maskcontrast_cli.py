@@ -778,3 +778,25 @@ def test_a_discovery_that_empties_every_mask_loses_no_earlier_output(tmp_path, c
     assert {p.relative_to(out).as_posix(): p.read_bytes()
             for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert {"masks", "overlays", "run", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+def test_the_view_cache_removes_the_stale_temp_files_of_a_killed_run(tmp_path):
+    """MaskContrast's photometric views, cached beside the features (``--cache-dir``), are
+    written as the features are: a run killed mid-write left its temp file there for good; now
+    the next run removes the stale ones (:func:`unseg.feature_store.remove_stale_temps`)."""
+    import os
+
+    from unseg.feature_store import STALE_TEMP_SECONDS
+
+    images, masks = write_set(tmp_path / "d", n=6)
+    cache = tmp_path / "cache"
+    fit = ["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), *TINY,
+           "--epochs", "1", "--cache-dir", str(cache)]
+    assert main([*fit, "--out", str(tmp_path / "a")]) == 0
+    (views,) = (cache / "maskcontrast-views").iterdir()
+    stale = views / f".{'ab' * 32}.safetensors.k7x2q9pz.tmp"
+    stale.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    assert main([*fit, "--out", str(tmp_path / "b")]) == 0
+    assert not stale.exists() and len(list(views.glob("*.safetensors"))) == 6

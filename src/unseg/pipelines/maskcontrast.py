@@ -46,7 +46,7 @@ from unseg.data.image import max_pixels_default
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
-from unseg.feature_store import FeatureSet
+from unseg.feature_store import FeatureSet, remove_stale_temps
 from unseg.features import extract_features
 from unseg.layout import CACHE_DIR, FEATURES_DIR, TRAIN_PROTOTYPES
 from unseg.methods.base import FitInputs
@@ -98,6 +98,8 @@ def _photometric_features(
     None: not cached)."""
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
+        if dist.rank() == 0:
+            remove_stale_temps(cache)  # those of a run killed mid-write
     out: list[torch.Tensor] = []
     for p in progress(paths, total=len(paths), desc="photometric views", unit="img"):
         sha = feats.record(p).sha256
