@@ -1,6 +1,6 @@
 """Shared test fixtures: paths to the real data beside the repo, seeded RNGs, the stand-in
 backbone (an instance, or registered for the commands), the planted images and a smooth
-random photo written to a file.
+random photo written to a file, and the image listing's reads counted.
 
 Test modules take these as fixtures; none imports this file.
 """
@@ -162,3 +162,28 @@ def smooth_photo() -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def listing_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Path]]:
+    """The image listing's reads (:mod:`unseg.data.datasets`), counted: ``"walks"`` (folders
+    listed, the commands' check that a folder has images included), ``"opened"`` (files
+    checked readable) and ``"headers"`` (image headers read)."""
+    import unseg.cli.common as cli_common
+    import unseg.data.datasets as datasets
+
+    reads: dict[str, list[Path]] = {"walks": [], "opened": [], "headers": []}
+
+    def counted(key: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(path: Path, *args: object) -> object:
+            reads[key].append(Path(path))
+            return real(path, *args)
+        return call
+
+    for key, name in (("walks", "dataset_images"), ("opened", "unreadable"),
+                      ("headers", "image_size")):
+        wrapped = counted(key, getattr(datasets, name))
+        for module in (datasets, cli_common):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, wrapped)
+    return reads

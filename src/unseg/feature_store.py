@@ -4,13 +4,19 @@
 size, max_side, crop, kind, dtype); each image's features are ``<sha256>.safetensors`` (the
 sha256 of the image file's bytes) and its extras ``<sha256>.<extra>.safetensors``
 (:func:`file_name`), written atomically; ``index.json`` maps image paths to their
-:class:`FeatureRecord`.
+:class:`FeatureRecord`. A writer killed mid-write (SIGKILL, power loss) leaves its temp file
+(``.<file>.<random>.tmp``); the next run on the folder removes the stale ones
+(:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import stat
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 2: images resized in uint8; 3: big JPEGs decoded at a reduced DCT scale
 EXTRAS: tuple[str, ...] = ("flipped", "image", "student")
+# the temp files unseg.utils.io.atomic_path makes for the store's files: ".<sha256>[.<extra>]
+# .safetensors.<mkstemp's random part>.tmp" and ".index.json.<random>.tmp"
+TEMP_FILE = re.compile(
+    r"\.(?:[0-9a-f]{64}(?:\.[A-Za-z0-9_-]+)?\.safetensors|index\.json)\.[A-Za-z0-9_]+\.tmp"
+)
+STALE_TEMP_SECONDS = 3600  # a temp file untouched this long has no live writer (see below)
 
 
 @dataclass(frozen=True)
@@ -199,3 +211,41 @@ def cached_shape(cache: Path | None, sha: str) -> tuple[int, int, int]:
         raise RuntimeError("no cache to read a shape from")
     with safe_open(str(cache / f"{sha}.safetensors"), framework="pt") as f:
         return tuple(f.get_slice("features").get_shape())
+
+
+def remove_stale_temps(folder: str | Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove the temp files a killed writer left in the cache folder ``folder`` (a features
+    folder ``cache_dir/<key>``, a pseudo-label or MaskContrast view one); returns those
+    removed.
+
+    Only the store's own (:data:`TEMP_FILE`: the names :func:`~unseg.utils.io.atomic_path`
+    gives its tensors and index), only plain files, and only those not modified for
+    ``older_than`` seconds. Age, not the writer's pid, tells a dead writer's: runs sharing a
+    cache may run on other machines (a network folder), where a pid names nothing and would
+    delete a live writer's file, and pids are reused; a live writer writes its temp file
+    in one go and renames it at once (seconds, for the largest tensors), so one untouched for an
+    hour has none (a writer stopped that long, e.g. by Ctrl-Z, would lose its file and fail). A
+    file another process removes first, or that cannot be removed (another user's), is left.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet (nothing cached) or unreadable: nothing to clean
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not TEMP_FILE.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError as exc:  # removed meanwhile, or not ours to remove
+            logger.debug("%s: stale temp file left (%s)", entry.path, exc)
+            continue
+        removed.append(Path(entry.path))
+    if removed:
+        logger.info("%s: removed %d temp file(s) a killed run left", folder, len(removed))
+    return removed

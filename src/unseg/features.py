@@ -59,6 +59,7 @@ from unseg.feature_store import (
     file_name,
     load_cache,
     merge_index,
+    remove_stale_temps,
     save_tensor,
 )
 from unseg.utils import dist
@@ -257,6 +258,8 @@ def extract_features(
     resize = _Resize(size, stride, crop, None if crop else max_side, max_pixels)
     setting = cache_setting(backbone, size, crop, kind, dtype, resize.max_side)
     cache = Path(cache_dir) / cache_key(setting) if cache_dir is not None else None
+    if cache is not None and rank == 0:
+        remove_stale_temps(cache)  # those of a run killed mid-write
 
     mine = dist.shard(list(range(len(paths))), rank, world)
     with timings.stage("decode"):

@@ -23,10 +23,17 @@ command finds a ``running`` entry of a dead process and calls it ``unfinished``.
 Rules (:func:`claim`): a missing or empty folder (no file but the manifest) is used as it is.
 A folder holding another command's outputs is refused unless ``--resume`` (the same command,
 unseg version and settings: its fingerprint; the message names each setting that differs) or
-``--overwrite`` (deletes the files the manifest records, and only those). Files that no
+``--overwrite`` (replaces the files the manifest records, and only those). Files that no
 command recorded are never deleted and make ``--overwrite`` refuse; a folder of such files is
 refused whatever the flags. The files of an ``unfinished`` command (it could not record them)
 are all the unrecorded files present when the next command starts.
+
+``--overwrite`` moves the previous outputs into ``OUT/.unseg-overwritten`` (:data:`SET_ASIDE`)
+and deletes them when the command ends; a command that fails (an error, not an interrupt)
+loses nothing: its own files are removed and the previous outputs and manifest put back, as
+some errors show only midway (MaskContrast's discovery finding no object at a tiny
+``--max-side``). An interrupted one keeps its files for ``--resume``; a ``kill -9`` leaves
+the folder set aside, which the next command deletes with the killed one's files.
 """
 
 from __future__ import annotations
@@ -50,12 +57,13 @@ from typing import Any, Literal
 from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import MANIFEST_FILE, MASKS_DIR
-from unseg.utils.io import make_folder, write_json_atomic
+from unseg.utils.io import make_folder, write_bytes_atomic, write_json_atomic
 from unseg.utils.timing import Timings, collect
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+SET_ASIDE = ".unseg-overwritten"  # --overwrite's previous outputs, until the command ends
 Mode = Literal["new", "resume", "overwrite"]
 Signature = tuple[int, int]  # (size, mtime_ns) of a file as last seen
 
@@ -74,6 +82,11 @@ def _is_manifest(rel: str) -> bool:
 # the temporary file of an atomic write: unseg's ``.NAME.RANDOM.tmp`` (``unseg.utils.io``) and
 # the one safetensors writes inside it (``.tmpRANDOM``); a kill -9 leaves it behind
 _TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def _set_aside_file(rel: str) -> bool:
+    """Whether ``rel`` lies in the folder ``--overwrite`` sets the previous outputs aside in."""
+    return rel.startswith(f"{SET_ASIDE}/")
 
 
 def is_temp_file(rel: str) -> bool:
@@ -316,15 +329,64 @@ def _check_not_in_use(folder: Path, commands: list[dict[str, Any]]) -> None:
 
 def _remove(folder: Path, paths: Sequence[str]) -> None:
     """Delete ``paths`` (relative to ``folder``) and the folders they leave empty."""
+    for rel in paths:
+        (folder / rel).unlink(missing_ok=True)
+    _prune(folder, paths)
+
+
+def _prune(folder: Path, paths: Sequence[str]) -> None:
+    """Remove the folders of ``paths`` (relative to ``folder``) that are left empty."""
     parents: set[Path] = set()
     for rel in paths:
-        path = folder / rel
-        path.unlink(missing_ok=True)
-        parents.update(p for p in path.parents if p != folder and folder in p.parents)
+        parents.update(p for p in (folder / rel).parents if p != folder and folder in p.parents)
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         try:
             parent.rmdir()
         except OSError:  # not empty: it holds something else
+            pass
+
+
+def _move(folder: Path, paths: Sequence[str], source: Path, target: Path,
+          moved: list[str]) -> None:
+    """Move ``paths`` (relative) from under ``source`` to under ``target``, both in ``folder``
+    (links as links; a path gone meanwhile is skipped), appending each to ``moved``, and
+    remove the folders left empty, also when an ``OSError`` stops it."""
+    try:
+        for rel in paths:
+            src = source / rel
+            if not src.exists() and not src.is_symlink():
+                continue
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, target / rel)
+            moved.append(rel)
+    finally:
+        _prune(folder, [(source / rel).relative_to(folder).as_posix() for rel in moved])
+
+
+def _set_aside(folder: Path, paths: Sequence[str]) -> list[str]:
+    """Move the previous outputs ``paths`` into ``folder/SET_ASIDE`` (those already there, a
+    killed ``--overwrite``'s, are deleted); returns those moved. Nothing is deleted when one
+    cannot be moved: an :class:`UnsegError` says so, with the others put back."""
+    _remove(folder, [rel for rel in paths if _set_aside_file(rel)])
+    moved: list[str] = []
+    try:
+        _move(folder, [rel for rel in paths if not _set_aside_file(rel)], folder,
+              folder / SET_ASIDE, moved)
+    except OSError as exc:
+        _put_back(folder, moved)
+        raise UnsegError(f"{folder}: --overwrite could not set the previous outputs aside in "
+                         f"{SET_ASIDE} ({exc}); nothing was deleted") from None
+    return moved
+
+
+def _put_back(folder: Path, paths: Sequence[str]) -> None:
+    """Move ``paths`` back from ``folder/SET_ASIDE`` to their places (the folder set aside
+    goes once empty)."""
+    _move(folder, paths, folder / SET_ASIDE, folder, [])
+    for root, _, _ in os.walk(folder / SET_ASIDE, topdown=False):  # what a failed move made
+        try:
+            os.rmdir(root)
+        except OSError:  # not empty
             pass
 
 
@@ -351,6 +413,11 @@ class CommandRecord:
     started: float = field(default_factory=time.perf_counter)
     exit_code: int | None = None
     timings: Timings = field(default_factory=Timings)
+    # --overwrite: the previous outputs set aside (SET_ASIDE), their manifest and command
+    aside: list[str] = field(default_factory=list)
+    previous_manifest: bytes = b""
+    previous: str = ""
+    restored: str = ""  # after a failure put them back: what the error should add
 
     @property
     def seconds(self) -> float:
@@ -375,7 +442,15 @@ class CommandRecord:
         """Record the files created or changed since the claim, the end time, ``status``, the
         :attr:`exit_code` and :attr:`timings`; forget files that are gone. A manifest that
         records no file is removed (with the folder, when the claim created it and it is
-        empty)."""
+        empty). The previous outputs ``--overwrite`` set aside are deleted, or, when
+        ``status`` is ``failed``, put back in place of the command's own files, with their
+        manifest."""
+        if self.aside and status == "failed":
+            self._restore()
+            return
+        if self.aside:
+            shutil.rmtree(self.folder / SET_ASIDE, ignore_errors=True)
+            self.aside = []
         after = scan(self.folder)
         self.entry.update(
             status=status, exit_code=self.exit_code, finished=_now(),
@@ -390,6 +465,24 @@ class CommandRecord:
         (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
         if self.created and not after:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _restore(self) -> None:
+        """Undo ``--overwrite`` for a command that failed: delete its files, put the previous
+        outputs and their manifest back."""
+        folder = self.folder
+        try:
+            _remove(folder, [rel for rel in scan(folder) if not _set_aside_file(rel)])
+            _put_back(folder, self.aside)
+            write_bytes_atomic(folder / MANIFEST_FILE, self.previous_manifest)
+        except OSError as exc:
+            logger.warning("%s: could not put back the outputs of %s that --overwrite set "
+                           "aside (%s); they are in %s", folder, self.previous, exc,
+                           folder / SET_ASIDE)
+            raise
+        self.aside = []
+        self.restored = (f"nothing was deleted: the outputs of {self.previous} that "
+                         "--overwrite set aside are back in place, and this command's removed")
+        logger.info("%s: %s", folder, self.restored)
 
 
 def _attribute(commands: list[dict[str, Any]], files: Mapping[str, Signature]
@@ -420,10 +513,10 @@ def _check_not_read(folder: Path, ours: list[str], reads: Sequence[str | Path]) 
 
 def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: list[str],
            command: str, settings: Mapping[str, Any], mode: Mode,
-           reads: Sequence[str | Path] = ()) -> None:
+           reads: Sequence[str | Path] = ()) -> list[str]:
     """Refuse a used folder for ``new``, a different configuration for ``resume``, files
-    unseg did not write or that the command reads (``reads``) for ``overwrite``; delete the
-    recorded files for ``overwrite``."""
+    unseg did not write or that the command reads (``reads``) for ``overwrite``; set the
+    recorded files aside for ``overwrite`` (returns those, else nothing)."""
     diffs = differences(
         _compared(last.get("command", "?"), last.get("unseg_version", "?"),
                   last.get("settings", {})),
@@ -447,17 +540,19 @@ def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: l
         if unrecorded:
             logger.warning("%s: %s that unseg did not write are left alone", folder,
                            summarize(unrecorded))
-        # a killed command could not remove the temporary files of the writes it was in
-        temps = [rel for rel in ours if is_temp_file(rel)]
+        # a killed command could not remove the temporary files of the writes it was in,
+        # nor, after --overwrite, the previous outputs it had set aside
+        temps = [rel for rel in ours if is_temp_file(rel) or _set_aside_file(rel)]
         if temps:
             logger.info("%s: deleting %s that a killed command left", folder, summarize(temps))
             _remove(folder, temps)
-        return
+        return []
     if unrecorded:
         raise _foreign(folder, unrecorded, True)
     _check_not_read(folder, ours, reads)
-    logger.info("%s: deleting %s of %s", folder, summarize(ours), _describe(last))
-    _remove(folder, ours)
+    logger.info("%s: replacing %s of %s (set aside in %s until this command ends)", folder,
+                summarize(ours), _describe(last), SET_ASIDE)
+    return _set_aside(folder, ours)
 
 
 def claim(
@@ -484,12 +579,17 @@ def claim(
     files = scan(folder)
     settings = normalized(settings)
     resumed = False
+    aside: list[str] = []
+    previous_manifest, previous = b"", ""
     if manifest is not None:
         _check_not_in_use(folder, manifest["commands"])
         ours, unrecorded = _attribute(manifest["commands"], files)
         if ours:
-            _reuse(folder, manifest["commands"][-1], ours, unrecorded, command, settings, mode,
-                   reads)
+            if mode == "overwrite":
+                previous_manifest = (folder / MANIFEST_FILE).read_bytes()
+                previous = _describe(manifest["commands"][-1])
+            aside = _reuse(folder, manifest["commands"][-1], ours, unrecorded, command,
+                           settings, mode, reads)
             resumed = mode == "resume"
             files = scan(folder)
         elif unrecorded:
@@ -517,9 +617,15 @@ def claim(
         "files": [],
     }
     record = CommandRecord(folder, {"format_version": MANIFEST_VERSION,
-                                    "commands": [*earlier, entry]}, entry, files, created)
-    make_folder(folder)
-    write_json_atomic(folder / MANIFEST_FILE, record.manifest)
+                                    "commands": [*earlier, entry]}, entry, files, created,
+                           aside=aside, previous_manifest=previous_manifest, previous=previous)
+    try:
+        make_folder(folder)
+        write_json_atomic(folder / MANIFEST_FILE, record.manifest)
+    except (OSError, UnsegError):
+        if aside:
+            _put_back(folder, aside)
+        raise
     return record
 
 
@@ -535,7 +641,8 @@ def recorded(
     """:func:`claim` the folder for the block, gather the stage timings of the command into
     the record's ``timings``, and :meth:`~CommandRecord.close` the record however the block
     ends: ``finished`` (with the ``exit_code`` the block set), ``interrupted`` on Ctrl-C or a
-    signal's exit, ``failed`` otherwise."""
+    signal's exit, ``failed`` otherwise (an ``--overwrite``'s previous outputs put back: an
+    :class:`UnsegError`'s message says so)."""
     record = claim(folder, command, settings, mode, argv, reads)
     with collect() as timings:
         record.timings = timings
@@ -547,6 +654,10 @@ def recorded(
                 record.close("interrupted" if interrupted else "failed")
             except OSError as problem:  # the command's own error is the one to report
                 logger.warning("%s: could not record the command's end (%s)", folder, problem)
+            if record.restored and isinstance(exc, UnsegError):
+                exc.args = (f"{exc} ({folder}: {record.restored})",)  # on the error's line
+            elif record.restored:
+                logger.warning("%s: %s", folder, record.restored)
             raise
     try:
         record.close("finished")

@@ -89,3 +89,31 @@ def test_python_dash_m_unseg_is_the_command() -> None:
     bad = subprocess.run([sys.executable, "-m", "unseg", "segment"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "usage: unseg segment" in bad.stderr
+
+
+def test_default_feature_size_is_resolved_in_one_place(monkeypatch):
+    """The default feature size was read from ``size is None`` in four places (the semantic
+    kind, the MaskContrast kind, the embedding run check, the CLI's resolution check); now
+    ``Settings.feature_size`` is the one, so the constant changed reaches them all, while
+    ``size`` stays None when none was given (``--resume`` tells ``--size 320`` from none)."""
+    from unseg.cli import common
+    from unseg.pipelines import kind, semantic
+    from unseg.pipelines.kind import Settings
+    from unseg.pipelines.kinds import create_kind
+
+    monkeypatch.setattr(kind, "DEFAULT_SIZE", 96)
+    assert Settings().feature_size == 96 and Settings(size=320).feature_size == 320
+    backbone = "efficientnet_lite0"
+    assert create_kind("kmeans", 3, None, Settings(backbone=backbone)).settings.size == 96
+    assert create_kind("maskcontrast", None, None, Settings(backbone=backbone)).settings.size == 96
+    meta = {"backbone": backbone, "tap": None, "max_side": 0}  # a run that predates feature_size
+    monkeypatch.setattr(semantic, "load_run", lambda run: (meta, None))
+    assert semantic._embedding_backbone(Settings(embeddings="run")).size == 96
+
+    checked = []
+    monkeypatch.setattr(common, "check_resolution", lambda size, *rest: checked.append(size))
+    argv = ["segment", "d", "--out", "o", "--backbone", backbone]
+    none = common.run_settings(parse_args(argv), "segment")
+    given = common.run_settings(parse_args([*argv, "--size", "320"]), "segment")
+    assert checked == [96, 320]
+    assert none.size is None and given.size == 320  # what was given, not the resolved size

@@ -735,3 +735,20 @@ def test_the_report_of_an_auto_discover_names_the_method_that_ran(folder, tmp_pa
     for page in ((out / "report.html").read_text(),
                  (main(["-q", "report", str(out)]), (out / "report.html").read_text())[1]):
         assert "method spectral" in page and "method auto" not in page
+
+
+def test_discover_lists_its_images_once(folder, tmp_path, listing_reads):
+    """`unseg discover` listed the folder (every file opened, every header read) to choose its
+    method (auto), to train its head, and again to predict: two or three passes over a large
+    folder. Now one listing serves them all; the other walk is the command's check that the
+    folder has images, before --overwrite deletes anything (it reads no file)."""
+    files = sorted(folder.iterdir())
+    # auto: spectral on these few images (after counting them); found: trains on them
+    head = ["--steps", "2", "--size", "64", "--ensemble", "1"]
+    for method, options in (("auto", []), ("found", head)):
+        for reads in listing_reads.values():
+            reads.clear()
+        assert main(["-q", "discover", str(folder), "--out", str(tmp_path / method), "--method",
+                     method, "--backbone", BACKBONE, "--no-report", *options]) == 1  # broken, tiny
+        assert listing_reads["walks"] == [folder, folder]
+        assert sorted(listing_reads["opened"]) == sorted(listing_reads["headers"]) == files

@@ -742,3 +742,60 @@ def test_a_size_other_than_the_embedding_runs_is_refused(fitted, tmp_path, capsy
         kind = unseg.Segmenter("kmeans", embeddings=run, **given)._kind
         assert isinstance(kind, SemanticKind) and kind.settings.size == 96
     assert unseg.Segmenter("kmeans", backbone="efficientnet_lite0")._kind.settings.size == 320
+
+
+def test_segment_lists_its_images_once_for_discovery_and_fit(tmp_path, listing_reads):
+    """`segment --method maskcontrast` listed the folder (every file opened, every header
+    read) for the discovery's prediction, again for MaskContrast's fit, and with `auto` a
+    third time to choose the discovery. Now one listing serves them all; the other walk is the
+    command's check that the folder has images, before --overwrite deletes anything."""
+    images, _ = write_set(tmp_path / "d", n=6)
+    assert main(["-q", "segment", str(images), "--out", str(tmp_path / "out"), "--method",
+                 "maskcontrast", "-k", "3", *TINY, "--epochs", "1", "--discover", "spectral",
+                 "--no-report"]) == 0
+    files = sorted(images.iterdir())
+    assert listing_reads["walks"] == [images, images]
+    assert sorted(listing_reads["opened"]) == sorted(listing_reads["headers"]) == files
+
+
+def test_a_discovery_that_empties_every_mask_loses_no_earlier_output(tmp_path, capsys):
+    """`segment --method maskcontrast --overwrite` at a --max-side so small that the
+    discovery finds no object (a 2x2 feature grid) failed on its empty masks after --overwrite
+    had deleted the previous run's masks, overlays, run and report. Now the failure removes its
+    own files and puts the previous ones back, and says so."""
+    images, masks = write_set(tmp_path / "d", n=6)
+    out = tmp_path / "out"
+    base = ["-q", "segment", str(images), "--out", str(out), "--method", "maskcontrast",
+            "-k", "3", *TINY, "--epochs", "1"]
+    assert main([*base, "--saliency", str(masks)]) == 0
+    before = {p.relative_to(out).as_posix(): p.read_bytes()
+              for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, "--overwrite", "--discover", "spectral", "--max-side", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "all 6 masks are empty" in err and "nothing was deleted" in err
+    assert {p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert {"masks", "overlays", "run", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+def test_the_view_cache_removes_the_stale_temp_files_of_a_killed_run(tmp_path):
+    """MaskContrast's photometric views, cached beside the features (``--cache-dir``), are
+    written as the features are: a run killed mid-write left its temp file there for good; now
+    the next run removes the stale ones (:func:`unseg.feature_store.remove_stale_temps`)."""
+    import os
+
+    from unseg.feature_store import STALE_TEMP_SECONDS
+
+    images, masks = write_set(tmp_path / "d", n=6)
+    cache = tmp_path / "cache"
+    fit = ["-q", "fit", "maskcontrast", str(images), "--saliency", str(masks), *TINY,
+           "--epochs", "1", "--cache-dir", str(cache)]
+    assert main([*fit, "--out", str(tmp_path / "a")]) == 0
+    (views,) = (cache / "maskcontrast-views").iterdir()
+    stale = views / f".{'ab' * 32}.safetensors.k7x2q9pz.tmp"
+    stale.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    assert main([*fit, "--out", str(tmp_path / "b")]) == 0
+    assert not stale.exists() and len(list(views.glob("*.safetensors"))) == 6

@@ -222,3 +222,24 @@ def test_overlapping_cpu_thread_blocks_in_threads_restore_the_count_from_before(
         assert counts == {"first, after its block": 2, "second, in its block": 1}
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_pseudo_label_cache_removes_the_stale_temp_files_of_a_killed_run(
+    tmp_path: Path,
+) -> None:
+    """The pseudo-labels, cached beside the features (``--cache-dir``), are written as the
+    features are: a run killed mid-write left its temp file there for good; now the next run
+    removes the stale ones (:func:`unseg.feature_store.remove_stale_temps`)."""
+    import os
+    import time
+
+    from unseg.feature_store import STALE_TEMP_SECONDS
+
+    feats, paths = _scene()
+    stale = tmp_path / f".{'ab' * 32}.safetensors.k7x2q9pz.tmp"
+    stale.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    with CRFPool(1) as pool:
+        compute_pseudo_labels(paths, feats, tmp_path, PriMaPsConfig(), pool, Timings())
+    assert not stale.exists() and len(list(tmp_path.glob("*.safetensors"))) == 2

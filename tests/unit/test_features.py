@@ -373,3 +373,49 @@ def test_the_progress_bar_counts_images_good_and_bad(stand_in, tmp_path, monkeyp
     assert len(bars) == 1
     total, updates = bars[0]
     assert total == len(paths) + 1 and sum(updates) == total and max(updates) <= 2
+
+
+
+def test_a_later_run_removes_the_stale_temp_files_of_a_killed_one(stand_in, tmp_path):
+    """A run killed mid-write (SIGKILL) left its temp files (``.<file>.<random>.tmp``) in the
+    cache folder, and no later run (``--resume`` included) removed them. Now the next run on
+    the folder removes the store's own that no one has touched for an hour; a recent one (a
+    writer sharing the cache), files of another pattern and links stay."""
+    import tempfile
+    import time
+
+    from unseg.feature_store import STALE_TEMP_SECONDS, TEMP_FILE, remove_stale_temps
+    from unseg.utils.io import atomic_path
+
+    paths = make_images(tmp_path / "im")[:2]
+    cache = tmp_path / "c"
+    extract_features(paths, stand_in(8), size=32, cache_dir=cache, num_workers=0)
+    folder = next(cache.iterdir())
+
+    def killed(name: str) -> Path:
+        """The temp file a writer of ``name`` killed mid-write leaves (atomic_path's name)."""
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        os.write(fd, b"partial")
+        os.close(fd)
+        return Path(tmp)
+
+    sha = "ab" * 32
+    with atomic_path(folder / f"{sha}.safetensors") as tmp:  # the pattern is atomic_path's
+        assert TEMP_FILE.fullmatch(tmp.name)
+    left = [killed(f"{sha}{end}.safetensors") for end in ("", ".image", ".student-0")]
+    left.append(killed("index.json"))
+    fresh = killed(f"{sha}.flipped.safetensors")  # a live writer's
+    foreign = [killed("notes.txt"), killed(f"{'cd' * 32}.pt"), folder / "keep.tmp",
+               folder / f"{sha}.safetensors.abcdefgh.tmp"]
+    foreign[2].write_bytes(b"x")
+    foreign[3].write_bytes(b"x")
+    link = folder / f".{'ef' * 32}.safetensors.abcdefgh.tmp"
+    link.symlink_to(paths[0])
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for f in [*left, *foreign, link]:
+        os.utime(f, (old, old), follow_symlinks=False)
+    extract_features(paths, stand_in(8), size=32, cache_dir=cache, num_workers=0)  # all cached
+    assert not any(f.exists() for f in left)
+    assert fresh.exists() and all(f.exists() for f in foreign) and link.is_symlink()
+    assert remove_stale_temps(folder) == [] and remove_stale_temps(tmp_path / "none") == []
+    assert remove_stale_temps(folder, older_than=0) == [fresh]

@@ -271,5 +271,57 @@ def test_overwrite_refuses_to_delete_what_the_command_reads(tmp_path: Path) -> N
     assert _on_disk(tmp_path) == {"masks/a.png", "run/config.json", "run/weights.safetensors"}
     with pytest.raises(UnsegError, match=r"would delete 1 file\(s\): masks/ \(1\), which"):
         claim(tmp_path, "segment", SETTINGS, "overwrite", reads=[tmp_path / "masks" / "a.png"])
-    claim(tmp_path, "segment", SETTINGS, "overwrite", reads=[tmp_path.parent / "elsewhere"])
+    claim(tmp_path, "segment", SETTINGS, "overwrite",
+          reads=[tmp_path.parent / "elsewhere"]).close("finished")
     assert _on_disk(tmp_path) == set()
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the manifest and hidden ones too) and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_overwrite_loses_nothing(tmp_path: Path) -> None:
+    """``--overwrite`` deleted the previous outputs when it claimed the folder, so a command
+    that failed midway (MaskContrast's discovery finding no object at a tiny --max-side) left
+    neither. Now they are set aside until the command ends: a failure removes its own files
+    and puts them back with their manifest, byte for byte; a finished command deletes them."""
+    _run(tmp_path, ["masks/a.png", "masks/deep/b.png", "run/config.json", "report.html"])
+    os.symlink("masks", tmp_path / "linked")  # a recorded link: set aside as a link
+    manifest = read_manifest(tmp_path)
+    manifest["commands"][0]["files"].append("linked")
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    before = _bytes(tmp_path)
+    with pytest.raises(UnsegError, match=r"all 6 masks are empty \(.*: nothing was deleted: "
+                       r"the outputs of `unseg segment` \(finished.*are back in place"):
+        with recorded(tmp_path, "segment", {**SETTINGS, "--num-classes": 4}, "overwrite"):
+            assert not (tmp_path / "masks").exists() and not (tmp_path / "linked").exists()
+            _write(tmp_path, "discover/masks/a.png")
+            _write(tmp_path, "masks/a.png", "new")  # where a previous output was
+            raise UnsegError("discover/masks: all 6 masks are empty")
+    assert _bytes(tmp_path) == before and os.readlink(tmp_path / "linked") == "masks"
+    assert not (tmp_path / "discover").exists() and not (tmp_path / ".unseg-overwritten").exists()
+    manifest = _run(tmp_path, ["masks/z.png"], {**SETTINGS, "--num-classes": 4}, "overwrite")
+    assert _on_disk(tmp_path) == {"masks/z.png"} and not (tmp_path / "linked").is_symlink()
+    assert [e["files"] for e in manifest["commands"]] == [["masks/z.png"]]
+
+
+def test_an_interrupted_or_killed_overwrite_keeps_its_own_files(tmp_path: Path) -> None:
+    """An interrupted ``--overwrite`` keeps what it wrote (for --resume), not the previous
+    outputs; a killed one leaves them set aside, and the next command deletes them."""
+    _run(tmp_path, ["masks/a.png"])
+    with pytest.raises(KeyboardInterrupt):
+        with recorded(tmp_path, "segment", SETTINGS, "overwrite"):
+            _write(tmp_path, "masks/b.png")
+            raise KeyboardInterrupt
+    assert _bytes(tmp_path).keys() == {"masks/b.png", MANIFEST_FILE}
+    for mode, left in (("resume", {"masks/c.png", "masks/d.png"}), ("overwrite", {"masks/d.png"})):
+        record = claim(tmp_path, "segment", SETTINGS, "overwrite")  # then kill -9
+        record.entry["pid"] = _dead_pid()
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps(record.manifest))
+        aside = _on_disk(tmp_path)
+        assert aside and all(f.startswith(".unseg-overwritten/") for f in aside)
+        _write(tmp_path, "masks/c.png")
+        _run(tmp_path, ["masks/d.png"], mode=mode)
+        assert _on_disk(tmp_path) == left, mode

@@ -129,15 +129,13 @@ def run_settings(args: argparse.Namespace, command: str) -> Settings:
     ``--size`` and ``--max-side`` are checked where the command sets the feature size
     (:func:`check_resolution`)."""
     embeddings = getattr(args, "embeddings", None)
-    backbone = args.backbone
-    if not embeddings:
-        backbone = resolve_backbone(args.backbone, command)
-        if hasattr(args, "size"):
-            size = DEFAULT_SIZE if args.size is None else args.size
-            check_resolution(size, getattr(args, "max_side", None), backbone, args.tap)
+    backbone = args.backbone if embeddings else resolve_backbone(args.backbone, command)
     values = {name: getattr(args, arg) for name, arg in _SETTINGS_ARGS.items()
               if getattr(args, arg, None) is not None}
-    return Settings(backbone=backbone, **values)
+    settings = Settings(backbone=backbone, **values)
+    if not embeddings and hasattr(args, "size"):
+        check_resolution(settings.feature_size, settings.max_side, backbone, settings.tap)
+    return settings
 
 
 def resolve_backbone(name: str | None, command: str) -> str:
@@ -154,8 +152,9 @@ def add_output_arguments(p: argparse.ArgumentParser, report: bool) -> None:
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument(
         "--overwrite", action="store_true",
-        help=f"--out holds an earlier unseg command's outputs: delete them first (only the "
-        f"files its {MANIFEST_FILE} records)",
+        help=f"--out holds an earlier unseg command's outputs: replace them (only the files "
+        f"its {MANIFEST_FILE} records; they are deleted when this command ends, and put back "
+        "if it fails)",
     )
     reuse.add_argument(
         "--resume", action="store_true",

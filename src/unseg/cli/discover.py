@@ -17,6 +17,7 @@ from unseg.cli.common import (
     run_into_output,
 )
 from unseg.cli.options import add_method_options, given_options
+from unseg.data.datasets import ImageListing
 from unseg.errors import UnsegError
 from unseg.pipelines.folder import discover
 from unseg.pipelines.kind import Settings
@@ -78,8 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # the method, the backbone and the options are checked before --overwrite deletes anything
-    method, why = resolve_discover_method(args.method, args.images, args.train_images)
+    # the method, the backbone and the options are checked before --overwrite deletes anything;
+    # the images are listed once (auto counts them) for choosing, training and predicting
+    images = ImageListing(args.images)
+    method, why = resolve_discover_method(args.method, images, args.train_images)
     settings = method_tap(method, Settings(
         backbone=resolve_backbone(args.backbone, "discover"), weights=args.weights,
         tap=args.tap, device=args.device, cache_dir=args.cache_dir,
@@ -93,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"unseg discover: {why}{tap}{_heads(spec, given)}, {_refinement(given)}",
               file=sys.stderr)
     return run_into_output(args, "discover", ("images",),
-                           lambda: _discover(args, method, given, settings))
+                           lambda: _discover(args, images, method, given, settings))
 
 
 def _spectral_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,10 +147,10 @@ def _heads(spec: Any, given: dict[str, Any]) -> str:
     return f", the mean of {n} heads" if n > 1 else ""
 
 
-def _discover(args: argparse.Namespace, method: str, given: dict[str, Any],
-              settings: Settings) -> Outcome:
+def _discover(args: argparse.Namespace, images: ImageListing, method: str,
+              given: dict[str, Any], settings: Settings) -> Outcome:
     report = discover(
-        args.images, args.out, method, train_images=args.train_images,
+        images, args.out, method, train_images=args.train_images,
         options=given, settings=settings,
     )
     outcome = batch_outcome(

@@ -21,6 +21,7 @@ from unseg.cli.common import (
 )
 from unseg.data.resize import resolve_max_side
 from unseg.features import extract_dataset
+from unseg.pipelines.kind import DEFAULT_SIZE
 from unseg.utils import dist
 from unseg.utils.timing import collect, log_totals
 
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cache folder (reused: cached images are skipped); the other "
                    "commands' `--cache-dir C` read C/features")
     add_backbone_arguments(p)
-    p.add_argument("--size", type=int, default=320, help="short side in pixels (default 320)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                   help=f"short side in pixels (default {DEFAULT_SIZE})")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
     p.add_argument("--kind", choices=["tokens", "keys"], default="tokens", help="feature kind")

@@ -23,6 +23,7 @@ from unseg.cli.common import (
     run_settings,
 )
 from unseg.cli.options import add_method_options, given_options
+from unseg.data.datasets import ImageListing
 from unseg.pipelines.folder import check_discovery, segment
 from unseg.pipelines.kind import Settings
 from unseg.pipelines.kinds import create_kind
@@ -73,16 +74,19 @@ def _run(args: argparse.Namespace) -> int:
     spec = get_method(args.method)
     settings = run_settings(args, "segment")
     kind = create_kind(spec.name, args.num_classes, given_options(args, spec), settings)
+    images = ImageListing(args.images)  # listed once: discovery's choice, its stages, the fit
     source = None
     if kind.needs_masks:  # MaskContrast's chained discovery: its checks too; the run then
-        source = check_discovery(args.images, settings)  # reuses the source it resolved
-    return run_into_output(args, "segment", ("images",), lambda: _segment(args, settings, source))
+        source = check_discovery(images, settings)  # reuses the source it resolved
+    return run_into_output(args, "segment", ("images",),
+                           lambda: _segment(args, images, settings, source))
 
 
-def _segment(args: argparse.Namespace, settings: Settings, source: MaskSource | None) -> Outcome:
+def _segment(args: argparse.Namespace, images: ImageListing, settings: Settings,
+             source: MaskSource | None) -> Outcome:
     spec = get_method(args.method)
     report = segment(
-        args.images, args.out, spec.name, args.num_classes,
+        images, args.out, spec.name, args.num_classes,
         options=given_options(args, spec), settings=settings, source=source,
     )
     return batch_outcome(

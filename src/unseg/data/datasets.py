@@ -10,6 +10,7 @@ An optional ``transform`` maps each sample dict to a new one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -146,37 +147,74 @@ def image_files(folder: str | Path, layout: DatasetLayout | None = None) -> list
     return files
 
 
-def resolve_inputs(
-    root: str | Path, report: BatchReport, stride: int | None = None
-) -> list[Path]:
-    """The usable images of ``root`` (see :func:`dataset_images`), in order; the others are
-    recorded in ``report`` with the rules of :mod:`unseg.data.inputs`: unreadable files (broken
-    or looping links, permission, empty), a second input with the same mask name, and, when
-    the backbone's ``stride`` is given, files whose header Pillow cannot read and images smaller
-    than one patch. Every command lists its inputs here. Raises :func:`no_usable_images`'s
-    error when none is left.
-    """
-    names_root = resolve_image_dir(root)
-    first: dict[Path, Path] = {}
-    usable = []
-    for path in dataset_images(root):
-        problem = unreadable(path)
-        name = output_name(path, names_root)
-        if problem is None and name in first:
-            problem = same_name(name, first[name])
-        if problem is None and stride is not None:
+class ImageListing:
+    """The images of ``root`` (:func:`dataset_images`) for a command whose stages take them
+    several times (discovery's training and prediction, then the method chained after it):
+    the folder is walked and each file checked once, and each header is read at most once,
+    whatever ``stride`` each stage asks with (:meth:`usable`). Lazy: nothing is read before the
+    first :meth:`usable`. Functions taking ``str | Path | ImageListing`` reuse a listing given
+    (:meth:`of`)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = root
+        self._files: list[tuple[Path, str | None]] | None = None  # (path, why unreadable)
+        self._sizes: dict[Path, tuple[int, int] | str] = {}  # (H, W), or why not read
+
+    @cached_property
+    def names_root(self) -> Path:
+        """The folder the images' mask names are taken under (:func:`resolve_image_dir`)."""
+        return resolve_image_dir(self.root)
+
+    @classmethod
+    def of(cls, images: str | Path | ImageListing) -> ImageListing:
+        """``images`` itself when it is a listing, else a new listing of it."""
+        return images if isinstance(images, ImageListing) else cls(images)
+
+    def usable(self, report: BatchReport, stride: int | None = None) -> list[Path]:
+        """The usable images, in order; the others are recorded in ``report`` with the rules of
+        :mod:`unseg.data.inputs` (see :func:`resolve_inputs`). Raises
+        :func:`no_usable_images`'s error when none is left."""
+        if self._files is None:
+            self._files = [(path, unreadable(path)) for path in dataset_images(self.root)]
+        first: dict[Path, Path] = {}
+        usable = []
+        for path, problem in self._files:
+            name = output_name(path, self.names_root)
+            if problem is None and name in first:
+                problem = same_name(name, first[name])
+            if problem is None and stride is not None:
+                problem = self._too_small(path, stride)
+            if problem is None:
+                first[name] = path
+                usable.append(path)
+            else:
+                report.fail(path, problem)
+        if not usable:
+            raise no_usable_images(self.root, report)
+        return usable
+
+    def _too_small(self, path: Path, stride: int) -> str | None:
+        """Why ``path`` is refused at ``stride`` (its header read once: its size or why not)."""
+        if path not in self._sizes:
             try:
-                problem = too_small(*image_size(path, 0), stride)
+                self._sizes[path] = image_size(path, 0)
             except InputFileError as exc:
-                problem = exc.problem
-        if problem is None:
-            first[name] = path
-            usable.append(path)
-        else:
-            report.fail(path, problem)
-    if not usable:
-        raise no_usable_images(root, report)
-    return usable
+                self._sizes[path] = exc.problem
+        size = self._sizes[path]
+        return size if isinstance(size, str) else too_small(*size, stride)
+
+
+def resolve_inputs(
+    root: str | Path | ImageListing, report: BatchReport, stride: int | None = None
+) -> list[Path]:
+    """The usable images of ``root`` (see :func:`dataset_images`; a listing: its own), in
+    order; the others are recorded in ``report`` with the rules of :mod:`unseg.data.inputs`:
+    unreadable files (broken or looping links, permission, empty), a second input with the same
+    mask name, and, when the backbone's ``stride`` is given, files whose header Pillow cannot
+    read and images smaller than one patch. Every command lists its inputs here. Raises
+    :func:`no_usable_images`'s error when none is left.
+    """
+    return ImageListing.of(root).usable(report, stride)
 
 
 def no_usable_images(root: str | Path, report: BatchReport, limit: int = 10) -> UnsegError:

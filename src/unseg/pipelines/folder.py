@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unseg.data.datasets import resolve_inputs
+from unseg.data.datasets import ImageListing
 from unseg.data.inputs import output_name
 from unseg.data.layouts import resolve_image_dir
 from unseg.data.memory import ImageInputs
@@ -85,11 +85,12 @@ class MaskWriter:
             write_json_atomic(self.out_dir / BOXES_FILE, self.boxes)
 
 
-def list_images(images: str | Path, kind: Kind, report: BatchReport) -> ImageInputs:
+def list_images(images: str | Path | ImageListing, kind: Kind,
+                report: BatchReport) -> ImageInputs:
     """The usable images of ``images`` (refused ones to ``report``), named under its image
-    folder."""
-    return ImageInputs(resolve_inputs(images, report, kind.stride()),
-                       names_root=resolve_image_dir(images))
+    folder (a listing: its own, walked and its headers read once however often it is asked)."""
+    listing = ImageListing.of(images)
+    return ImageInputs(listing.usable(report, kind.stride()), names_root=listing.names_root)
 
 
 def _mine(kind: Kind, inputs: ImageInputs) -> ImageInputs:
@@ -124,7 +125,7 @@ def _finish(kind: Kind, fitted: Any, report: BatchReport) -> BatchReport:
 
 
 def segment(
-    images: str | Path,
+    images: str | Path | ImageListing,
     out_dir: str | Path,
     method: str = "primaps-em",
     num_classes: int | None = None,
@@ -137,7 +138,9 @@ def segment(
     with ``unseg predict``), ``out_dir/masks``, ``out_dir/overlays``; MaskContrast first
     discovers the masks it trains on into ``out_dir/discover`` (unless ``settings.saliency``
     names a folder of them), with ``source`` (what :func:`check_discovery` returned for these
-    images and settings; None: resolved here, which lists the images for ``auto``).
+    images and settings; None: resolved here, which lists the images for ``auto``). The images
+    are listed once (an :class:`~unseg.data.datasets.ImageListing` given is used) for the
+    discovery's training and prediction and the method's fit.
 
     Returns the prediction's report, with the images the fit (and discovery) could not use among
     the failures; the run's ``config.json`` holds the seconds per stage (``timings``).
@@ -145,16 +148,17 @@ def segment(
     settings = settings or Settings()
     kind = create_kind(method, num_classes, options, settings)
     out = Path(out_dir)
+    listing = ImageListing.of(images)
     with kind.session() as session:
         if kind.needs_masks:
             with session.timings.stage("discover"):
-                found = _discover_masks(images, out / DISCOVER_DIR, kind.settings, source)
+                found = _discover_masks(listing, out / DISCOVER_DIR, kind.settings, source)
             session.report.merge(BatchReport(failed=found.failed))
-            kind.use_masks(out / DISCOVER_DIR / MASKS_DIR, resolve_image_dir(images))
-        inputs = list_images(images, kind, session.report)
-        fitted = kind.fit(inputs, images, out / RUN_DIR, session)
+            kind.use_masks(out / DISCOVER_DIR / MASKS_DIR, listing.names_root)
+        inputs = list_images(listing, kind, session.report)
+        fitted = kind.fit(inputs, listing.root, out / RUN_DIR, session)
         report = _predict_into(kind, fitted, kind.fitted_inputs(fitted, inputs), session, out,
-                               images, reuse=True)
+                               listing.root, reuse=True)
         kind.save(fitted, out / RUN_DIR, session)
         dist.barrier()
         return _finish(kind, fitted, report)
@@ -171,7 +175,7 @@ def _discovery_settings(settings: Settings) -> Settings:
     )
 
 
-def check_discovery(images: str | Path, settings: Settings) -> MaskSource:
+def check_discovery(images: str | Path | ImageListing, settings: Settings) -> MaskSource:
     """Refuse (``UnsegError``) what the discovery :func:`segment` chains before a method that
     trains on its masks would refuse with ``settings`` (that method's), as its own kind is
     checked: before a command claims (and ``--overwrite`` empties) its output folder. Returns
@@ -181,18 +185,19 @@ def check_discovery(images: str | Path, settings: Settings) -> MaskSource:
     return source
 
 
-def _discover_masks(images: str | Path, out_dir: Path, settings: Settings,
+def _discover_masks(images: str | Path | ImageListing, out_dir: Path, settings: Settings,
                     source: MaskSource | None = None) -> BatchReport:
     """``unseg discover`` with ``settings.discover`` (``auto``: as the command decides) and its
     defaults but the chain's own (:func:`~unseg.pipelines.saliency.mask_source`; ``source``:
     already resolved), for a method that trains on the masks, with :func:`_discovery_settings`."""
-    method, options, why = source or mask_source(settings.discover, images)
+    listing = ImageListing.of(images)
+    method, options, why = source or mask_source(settings.discover, listing)
     logger.info("discover: %s%s", why, f" ({options})" if options else "")
     with mask_source_context(options):
-        found = discover(images, out_dir, method, options=options,
+        found = discover(listing, out_dir, method, options=options,
                          settings=_discovery_settings(settings))
     if not found.written:
-        raise UnsegError(f"{images}: discover wrote no mask")
+        raise UnsegError(f"{listing.root}: discover wrote no mask")
     return found
 
 
@@ -242,11 +247,11 @@ def predict(
 
 
 def discover(
-    images: str | Path,
+    images: str | Path | ImageListing,
     out_dir: str | Path,
     method: str = "spectral",
     *,
-    train_images: str | Path | None = None,
+    train_images: str | Path | ImageListing | None = None,
     options: Mapping[str, Any] | None = None,
     settings: Settings | None = None,
     timings: Timings | None = None,
@@ -259,19 +264,22 @@ def discover(
     (the guided filter applies to spectral too); ``settings``: backbone, weights, tap, device,
     the training's feature cache, ``max_pixels`` and ``max_side`` of the images predicted;
     ``timings``: receives the seconds per stage. Training uses square centre crops, which no
-    long-side limit changes.
+    long-side limit changes. The images are listed once for training and prediction (an
+    :class:`~unseg.data.datasets.ImageListing` given, e.g. the one that chose the method, is
+    used).
     """
     settings = settings or Settings()
     kind = create_kind(method, None, options, settings)
     out = Path(out_dir)
+    listing = ImageListing.of(images)
+    train = listing if train_images is None else ImageListing.of(train_images)
     with kind.session() as session:
         if timings is not None:
             session.timings = timings
-        train = images if train_images is None else train_images
         fitting = list_images(train, kind, session.report) if kind.trains else ImageInputs([])
-        fitted = kind.fit(fitting, train, out / RUN_DIR, session)
+        fitted = kind.fit(fitting, train.root, out / RUN_DIR, session)
         if kind.trains:
             kind.save(fitted, out / RUN_DIR, session)
-        inputs = list_images(images, kind, session.report)
-        report = _predict_into(kind, fitted, inputs, session, out, images)
+        inputs = list_images(listing, kind, session.report)
+        report = _predict_into(kind, fitted, inputs, session, out, listing.root)
         return _finish(kind, fitted, report)

@@ -42,20 +42,20 @@ DEFAULT_SIZE = 320  # the feature short side when none is given (the reference's
 class Settings:
     """How a command runs, besides the method's own config (each kind reads the fields it has).
 
-    ``size``: feature short side (None: :data:`DEFAULT_SIZE`; with ``embeddings``, the
-    embedding run's, and another one given is an error); ``label_factor``: logits at this
-    multiple of the feature resolution (training and prediction); ``refine``: the prediction's
-    refinement (stored in the run as its default); ``pseudo_refine``: the PriMaPs
-    pseudo-labels' (the paper: CRF); ``cache_dir``: where features and pseudo-labels are cached
-    (None: the run's ``cache/``); entries are keyed by everything they depend on, so runs may
-    share one; ``embeddings``: a MaskContrast run whose pixel embeddings replace the features
-    (its backbone, tap, weights, feature size and max_side are used, other ones given are
-    refused; the run records it and prediction applies it again);
-    ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no limit; recorded
-    in the run, which predicts at it); ``max_pixels``: the per-file pixel limit (None: Pillow's,
-    0: none). MaskContrast: ``saliency``, a folder of mask PNGs to train on (None: those of
-    ``discover``, the method finding them); ``clusters``: fitted on the ``predicted`` images or
-    on the ``training`` ones.
+    ``size``: feature short side as given (None: :data:`DEFAULT_SIZE`, as :attr:`feature_size`
+    reads it; with ``embeddings``, the embedding run's, and another one given is an error);
+    ``label_factor``: logits at this multiple of the feature resolution (training and
+    prediction); ``refine``: the prediction's refinement (stored in the run as its default);
+    ``pseudo_refine``: the PriMaPs pseudo-labels' (the paper: CRF); ``cache_dir``: where
+    features and pseudo-labels are cached (None: the run's ``cache/``); entries are keyed by
+    everything they depend on, so runs may share one; ``embeddings``: a MaskContrast run whose
+    pixel embeddings replace the features (its backbone, tap, weights, feature size and
+    max_side are used, other ones given are refused; the run records it and prediction applies
+    it again); ``max_side``: the working resolution's long side (None: 4 x ``size``, 0: no
+    limit; recorded in the run, which predicts at it); ``max_pixels``: the per-file pixel limit
+    (None: Pillow's, 0: none). MaskContrast: ``saliency``, a folder of mask PNGs to train on
+    (None: those of ``discover``, the method finding them); ``clusters``: fitted on the
+    ``predicted`` images or on the ``training`` ones.
     """
 
     backbone: str | None = None
@@ -75,6 +75,12 @@ class Settings:
     saliency: str | None = None
     discover: str = "auto"
     clusters: str = "predicted"
+
+    @property
+    def feature_size(self) -> int:
+        """The feature short side this command uses: ``size``, else :data:`DEFAULT_SIZE`
+        (``size`` itself stays None when none was given, as the run's records tell)."""
+        return DEFAULT_SIZE if self.size is None else int(self.size)
 
 
 @dataclass

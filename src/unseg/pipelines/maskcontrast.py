@@ -46,7 +46,7 @@ from unseg.data.image import max_pixels_default
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import resolve_max_side
 from unseg.errors import UnsegError
-from unseg.feature_store import FeatureSet
+from unseg.feature_store import FeatureSet, remove_stale_temps
 from unseg.features import extract_features
 from unseg.layout import CACHE_DIR, FEATURES_DIR, TRAIN_PROTOTYPES
 from unseg.methods.base import FitInputs
@@ -65,7 +65,7 @@ from unseg.pipelines.backbone import (
     resolve_backbone_name,
 )
 from unseg.pipelines.fitting import build_config, check_fit_inputs
-from unseg.pipelines.kind import DEFAULT_SIZE, FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.proposals.saliency_masks import MaskProposals, ProposalReport, load_mask_proposals
 from unseg.registry import get_method
 from unseg.runs import load_fitted, require_meta, save_fitted
@@ -98,6 +98,8 @@ def _photometric_features(
     None: not cached)."""
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
+        if dist.rank() == 0:
+            remove_stale_temps(cache)  # those of a run killed mid-write
     out: list[torch.Tensor] = []
     for p in progress(paths, total=len(paths), desc="photometric views", unit="img"):
         sha = feats.record(p).sha256
@@ -398,7 +400,7 @@ class MaskContrastKind(Kind):
         _check_classes(k)
         _check_clusters(settings.clusters)
         settings = replace(settings, backbone=resolve_backbone_name(settings.backbone),
-                           size=DEFAULT_SIZE if settings.size is None else settings.size)
+                           size=settings.feature_size)
         check_resolution(settings.size, settings.max_side, settings.backbone, settings.tap)
         return cls(maskcontrast_config(options, settings.seed), settings, k)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from unseg.feature_store import remove_stale_temps
 from unseg.features import FeatureSet
 from unseg.proposals.primaps import PriMaPsConfig, primaps_pseudo_labels
 from unseg.refine.crf import CRFConfig, CRFPool
@@ -78,6 +79,8 @@ def compute_pseudo_labels(
             release_freed_memory()  # the chunk's buffers: see unseg.utils.allocator
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.rank() == 0:
+        remove_stale_temps(out_dir)  # those of a run killed mid-write
 
     def file(p: Path) -> Path:
         return out_dir / f"{feats.record(p).sha256}.safetensors"

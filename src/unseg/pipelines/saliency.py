@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from unseg.backbones import backbone_weights_sha256, get_spec
 from unseg.backbones.base import Backbone
-from unseg.data.datasets import no_usable_images, resolve_inputs
+from unseg.data.datasets import ImageListing, no_usable_images
 from unseg.data.image import load_image
 from unseg.data.memory import ImageInputs
 from unseg.data.resize import prepare_image, resolve_max_side, target_size
@@ -407,7 +407,7 @@ def _crf_settings(cfg: Any, overrides: Mapping[str, Any]) -> SaliencyCRFConfig |
 
 def resolve_discover_method(
     method: str,
-    images: str | Path | None,
+    images: str | Path | ImageListing | None,
     train_images: str | Path | None = None,
     n_images: int | None = None,
 ) -> tuple[str, str]:
@@ -416,8 +416,9 @@ def resolve_discover_method(
     ``"auto"`` (the default): the FOUND-style head (:data:`AUTO_TRAINED`), trained without labels
     on ``train_images`` when given, else on ``images`` themselves when they hold at least
     :data:`MIN_TRAIN_IMAGES` images (``n_images`` when given, e.g. in-memory images, else
-    counted in ``images``); below that, the training-free spectral cut (a head trained on a
-    handful of images has not been measured). Any other name is returned as it is.
+    counted in ``images``, which may be a listing the command reuses); below that, the
+    training-free spectral cut (a head trained on a handful of images has not been measured).
+    Any other name is returned as it is.
     """
     if method != AUTO:
         return method, f"method {method} (as asked)"
@@ -426,7 +427,9 @@ def resolve_discover_method(
             f"method {AUTO_TRAINED}: the FOUND-style head, trained on {train_images} (the best "
             "measured method; --method spectral for the training-free cut)"
         )
-    n = n_images if n_images is not None else len(resolve_inputs(images, BatchReport()))
+    n = n_images
+    if n is None:  # images: given when n_images is not
+        n = len(ImageListing.of(images).usable(BatchReport()))  # type: ignore[arg-type]
     if n >= MIN_TRAIN_IMAGES:
         return AUTO_TRAINED, (
             f"method {AUTO_TRAINED}: the FOUND-style head, trained on these {n} images without "
@@ -480,7 +483,7 @@ class MaskSource(NamedTuple):
 
 
 def mask_source(
-    discover: str, images: str | Path | None = None, n_images: int | None = None
+    discover: str, images: str | Path | ImageListing | None = None, n_images: int | None = None
 ) -> MaskSource:
     """The discover method, its options (:data:`MASK_SOURCE_OPTIONS`; None: discover's
     defaults) and why, for the masks a method trains on (MaskContrast), from the ``discover``

@@ -50,7 +50,7 @@ from unseg.pipelines.backbone import (
 )
 from unseg.pipelines.embeddings import EmbeddedFeatures, EmbeddingSource, open_embeddings
 from unseg.pipelines.fitting import build_config, extras_for, fit_estimator, training_inputs
-from unseg.pipelines.kind import DEFAULT_SIZE, FitResult, Kind, Prediction, Session, Settings
+from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.label_maps import CHUNK, PredictSettings, refined_probabilities
 from unseg.pipelines.pseudo_labels import compute_pseudo_labels, pseudo_label_dir
 from unseg.proposals.primaps import PriMaPsConfig
@@ -167,12 +167,12 @@ def _embedding_backbone(settings: Settings) -> Settings:
             f"--size {settings.size}: the embeddings of {settings.embeddings} were trained at "
             f"feature size {run_size}; leave --size out"
         )
-    size = run_size if run_size is not None else settings.size
+    size = int(run_size) if run_size is not None else settings.feature_size
     logger.info("feature size %s of the embedding run is used", size)
     return replace(
         settings, backbone=meta.get("backbone"), tap=meta.get("tap"),
         weights=settings.weights or meta.get("weights_path"),
-        size=int(size if size is not None else DEFAULT_SIZE), max_side=max_side,
+        size=size, max_side=max_side,
     )
 
 
@@ -185,8 +185,8 @@ def _method(
     _check(spec, num_classes, settings)
     if settings.embeddings:
         settings = _embedding_backbone(settings)
-    elif settings.size is None:
-        settings = replace(settings, size=DEFAULT_SIZE)
+    else:
+        settings = replace(settings, size=settings.feature_size)
     backbone = resolve_backbone_name(settings.backbone)
     if not settings.embeddings:  # the embedding run's size was checked when it was fitted
         check_resolution(settings.size, settings.max_side, backbone, settings.tap)
