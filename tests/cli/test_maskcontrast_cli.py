@@ -774,6 +774,8 @@ def test_a_discovery_that_empties_every_mask_loses_no_earlier_output(tmp_path, c
     assert main([*base, "--overwrite", "--discover", "spectral", "--max-side", "32"]) == 2
     err = capsys.readouterr().err
     assert "all 6 masks are empty" in err and "nothing was deleted" in err
+    assert "the discovery run before the fit (spectral) gave no usable mask" in err
+    assert "larger --max-side" in err
     assert {p.relative_to(out).as_posix(): p.read_bytes()
             for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert {"masks", "overlays", "run", "report.html"} <= {p.name for p in out.iterdir()}

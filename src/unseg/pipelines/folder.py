@@ -34,6 +34,7 @@ from unseg.pipelines.kind import FitResult, Kind, Prediction, Session, Settings
 from unseg.pipelines.kinds import create_kind, run_kind
 from unseg.pipelines.label_maps import gather_report, overlay_image
 from unseg.pipelines.saliency import MaskSource, mask_source, mask_source_context
+from unseg.proposals.saliency_masks import NoUsableMasks
 from unseg.utils import dist
 from unseg.utils.batch import BatchReport
 from unseg.utils.io import atomic_write, save_png_atomic, write_json_atomic
@@ -150,18 +151,33 @@ def segment(
     out = Path(out_dir)
     listing = ImageListing.of(images)
     with kind.session() as session:
-        if kind.needs_masks:
+        chained = kind.needs_masks
+        if chained:
+            source = source or mask_source(kind.settings.discover, listing)
             with session.timings.stage("discover"):
                 found = _discover_masks(listing, out / DISCOVER_DIR, kind.settings, source)
             session.report.merge(BatchReport(failed=found.failed))
             kind.use_masks(out / DISCOVER_DIR / MASKS_DIR, listing.names_root)
         inputs = list_images(listing, kind, session.report)
-        fitted = kind.fit(inputs, listing.root, out / RUN_DIR, session)
+        try:
+            fitted = kind.fit(inputs, listing.root, out / RUN_DIR, session)
+        except NoUsableMasks as exc:
+            if not chained:
+                raise
+            assert source is not None
+            raise UnsegError(_no_object_found(source.method, exc)) from None
         report = _predict_into(kind, fitted, kind.fitted_inputs(fitted, inputs), session, out,
                                listing.root, reuse=True)
         kind.save(fitted, out / RUN_DIR, session)
         dist.barrier()
         return _finish(kind, fitted, report)
+
+
+def _no_object_found(method: str, exc: NoUsableMasks) -> str:
+    """Why a fit chained after its own discovery (``method``) had no mask to train on."""
+    return (f"the discovery run before the fit ({method}) gave no usable mask: "
+            f"{exc}. Try a larger --max-side (or none), another --discover, or masks of "
+            "your own with --saliency DIR")
 
 
 def _discovery_settings(settings: Settings) -> Settings:

@@ -148,7 +148,7 @@ def load_mask_proposals(
         _keep(image, raw, threshold, min_area, kept, report)
     report.kept = len(kept.paths)
     if not kept.paths:
-        raise UnsegError(_nothing_left(mask_dir, len(images), report, min_area))
+        raise NoUsableMasks(_nothing_left(mask_dir, len(images), report, min_area))
     logger.info("%s", report.summary())
     return kept, report
 
@@ -181,6 +181,10 @@ def mask_proposals(
         raise UnsegError(f"no usable saliency mask for any of the {len(images)} image(s): "
                          f"{report.summary()}")
     return kept, report
+
+
+class NoUsableMasks(UnsegError):
+    """No image of a mask folder kept a proposal (all empty, unreadable or colour maps)."""
 
 
 def _nothing_left(mask_dir: Path, n: int, report: ProposalReport, min_area: float) -> str:
