@@ -33,7 +33,9 @@ and deletes them when the command ends; a command that fails (an error, not an i
 loses nothing: its own files are removed and the previous outputs and manifest put back, as
 some errors show only midway (MaskContrast's discovery finding no object at a tiny
 ``--max-side``). An interrupted one keeps its files for ``--resume``; a ``kill -9`` leaves
-the folder set aside, which the next command deletes with the killed one's files.
+the folder set aside, which the next command deletes with the killed one's files. Stopped
+while it sets them aside (before its own manifest entry is written), nothing is lost: a
+Ctrl-C puts them back at once, and after a ``kill -9`` the next command does.
 """
 
 from __future__ import annotations
@@ -372,11 +374,31 @@ def _set_aside(folder: Path, paths: Sequence[str]) -> list[str]:
     try:
         _move(folder, [rel for rel in paths if not _set_aside_file(rel)], folder,
               folder / SET_ASIDE, moved)
-    except OSError as exc:
+    except BaseException as exc:  # a Ctrl-C midway too: its manifest still records them here
         _put_back(folder, moved)
+        if not isinstance(exc, OSError):
+            raise
         raise UnsegError(f"{folder}: --overwrite could not set the previous outputs aside in "
                          f"{SET_ASIDE} ({exc}); nothing was deleted") from None
     return moved
+
+
+def _recover(folder: Path, commands: list[dict[str, Any]], files: Mapping[str, Signature]
+             ) -> bool:
+    """Put back the previous outputs that an ``--overwrite`` killed while it set them aside
+    left in ``folder/SET_ASIDE``: its manifest entry was never written, so the manifest records
+    them at their places (and no command records them where they are). A place taken since is
+    left as it is. Returns whether any was put back."""
+    recorded = {f for entry in commands for f in entry.get("files", [])}
+    stranded = [place for rel in files if _set_aside_file(rel) and rel not in recorded
+                and (place := rel.removeprefix(f"{SET_ASIDE}/")) in recorded
+                and place not in files]
+    if not stranded:
+        return False
+    logger.warning("%s: putting back %s that a killed --overwrite had set aside in %s",
+                   folder, summarize(stranded), SET_ASIDE)
+    _put_back(folder, stranded)
+    return True
 
 
 def _put_back(folder: Path, paths: Sequence[str]) -> None:
@@ -583,6 +605,8 @@ def claim(
     previous_manifest, previous = b"", ""
     if manifest is not None:
         _check_not_in_use(folder, manifest["commands"])
+        if _recover(folder, manifest["commands"], files):
+            files = scan(folder)
         ours, unrecorded = _attribute(manifest["commands"], files)
         if ours:
             if mode == "overwrite":
@@ -622,9 +646,10 @@ def claim(
     try:
         make_folder(folder)
         write_json_atomic(folder / MANIFEST_FILE, record.manifest)
-    except (OSError, UnsegError):
+    except BaseException:  # a Ctrl-C too: the previous outputs stay, with their manifest
         if aside:
             _put_back(folder, aside)
+            write_bytes_atomic(folder / MANIFEST_FILE, previous_manifest)
         raise
     return record
 

@@ -325,3 +325,51 @@ def test_an_interrupted_or_killed_overwrite_keeps_its_own_files(tmp_path: Path) 
         _write(tmp_path, "masks/c.png")
         _run(tmp_path, ["masks/d.png"], mode=mode)
         assert _on_disk(tmp_path) == left, mode
+
+
+@pytest.mark.parametrize("when", [3, 5])  # the third of four moves; the manifest's write
+def test_an_interrupt_while_setting_aside_loses_nothing(tmp_path: Path, monkeypatch,
+                                                        when: int) -> None:
+    """A Ctrl-C (or SIGTERM) while ``--overwrite`` moved the previous outputs into
+    .unseg-overwritten, before its manifest entry was written, left some of them there: the
+    manifest still recorded them at their places, so a later --overwrite refused the folder as
+    holding '.unseg-overwritten/ files that unseg did not write', --resume left them there for
+    good, and the outputs looked half gone. Now the interrupt puts them back, with their
+    manifest, before it goes on."""
+    _run(tmp_path, ["masks/a.png", "masks/b.png", "overlays/a.jpg", "run/config.json"])
+    before = _bytes(tmp_path)
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == when:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        claim(tmp_path, "segment", {**SETTINGS, "--num-classes": 4}, "overwrite")
+    monkeypatch.setattr(os, "replace", replace)
+    assert _bytes(tmp_path) == before and not (tmp_path / ".unseg-overwritten").exists()
+
+
+def test_a_set_aside_killed_before_its_claim_is_put_back(tmp_path: Path) -> None:
+    """A ``kill -9`` while ``--overwrite`` moved the previous outputs aside, before its manifest
+    entry was written, leaves the manifest recording them at their places and some of them in
+    .unseg-overwritten: the next command puts those back (it refused the folder as holding
+    files unseg did not write, whatever the flags)."""
+    _run(tmp_path, ["masks/a.png", "masks/b.png", "run/config.json"])
+    before = _bytes(tmp_path)
+    for rel in ("masks/a.png", "run/config.json"):  # what the killed command had moved
+        (tmp_path / ".unseg-overwritten" / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path / rel, tmp_path / ".unseg-overwritten" / rel)
+    with pytest.raises(UnsegError, match=r"already holds the outputs of `unseg segment` "
+                       r"\(finished .*: 3 file\(s\): masks/ \(2\), run/ \(1\)\. Give --resume"):
+        claim(tmp_path, "segment", SETTINGS)
+    assert _bytes(tmp_path) == before and not (tmp_path / ".unseg-overwritten").exists()
+    _write(tmp_path, ".unseg-overwritten/masks/b.png")  # the place is taken: left there
+    with pytest.raises(UnsegError, match=r"1 file\(s\): \.unseg-overwritten/ \(1\) that unseg "
+                       "did not write"):
+        claim(tmp_path, "segment", SETTINGS, "overwrite")
+    assert _on_disk(tmp_path) == {"masks/a.png", "masks/b.png", "run/config.json",
+                                  ".unseg-overwritten/masks/b.png"}
