@@ -32,7 +32,8 @@ are all the unrecorded files present when the next command starts.
 and deletes them when the command ends; a command that fails (an error, not an interrupt)
 loses nothing: its own files are removed and the previous outputs and manifest put back, as
 some errors show only midway (MaskContrast's discovery finding no object at a tiny
-``--max-side``). An interrupted one keeps its files for ``--resume``; a ``kill -9`` leaves
+``--max-side``). An interrupted one keeps its files for ``--resume`` (one interrupted before
+it wrote a file puts the previous outputs back, as a failed one); a ``kill -9`` leaves
 the folder set aside, which the next command deletes with the killed one's files. Stopped
 while it sets them aside (before its own manifest entry is written), nothing is lost: a
 Ctrl-C puts them back at once, and after a ``kill -9`` the next command does.
@@ -465,15 +466,21 @@ class CommandRecord:
         :attr:`exit_code` and :attr:`timings`; forget files that are gone. A manifest that
         records no file is removed (with the folder, when the claim created it and it is
         empty). The previous outputs ``--overwrite`` set aside are deleted, or, when
-        ``status`` is ``failed``, put back in place of the command's own files, with their
-        manifest."""
-        if self.aside and status == "failed":
-            self._restore()
+        ``status`` is ``failed`` (or ``interrupted`` before the command wrote a file), put
+        back in place of the command's own files, with their manifest."""
+        after = scan(self.folder)
+        own = [rel for rel in after if not _set_aside_file(rel)]
+        if self.aside and (status == "failed" or (status == "interrupted" and not own)):
+            self._restore()  # interrupted before it wrote a file: nothing to --resume
             return
         if self.aside:
             shutil.rmtree(self.folder / SET_ASIDE, ignore_errors=True)
             self.aside = []
-        after = scan(self.folder)
+            if status == "interrupted":
+                logger.warning("%s: the outputs of %s that --overwrite set aside are deleted; "
+                               "this command's %s are kept for --resume", self.folder,
+                               self.previous, summarize(own))
+            after = {rel: after[rel] for rel in own}
         self.entry.update(
             status=status, exit_code=self.exit_code, finished=_now(),
             seconds=round(self.seconds, 3), timings=self.timings.as_dict(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +374,28 @@ def test_a_set_aside_killed_before_its_claim_is_put_back(tmp_path: Path) -> None
         claim(tmp_path, "segment", SETTINGS, "overwrite")
     assert _on_disk(tmp_path) == {"masks/a.png", "masks/b.png", "run/config.json",
                                   ".unseg-overwritten/masks/b.png"}
+
+
+def test_an_overwrite_interrupted_before_writing_anything_loses_nothing(
+        tmp_path: Path, caplog) -> None:
+    """A Ctrl-C in the first seconds of ``--overwrite`` (the backbone still loading) deleted the
+    previous outputs and left an empty folder, with nothing for --resume to continue, while the
+    CLI said 'interrupted; finished outputs are kept'. Now a command interrupted before it wrote
+    a file puts them back, as a failed one does; one that wrote some keeps those for --resume
+    and says that the previous outputs are deleted."""
+    _run(tmp_path, ["masks/a.png", "run/config.json"])
+    before = _bytes(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with recorded(tmp_path, "segment", {**SETTINGS, "--num-classes": 4}, "overwrite"):
+            raise KeyboardInterrupt
+    assert _bytes(tmp_path) == before and not (tmp_path / ".unseg-overwritten").exists()
+    assert "nothing was deleted" in caplog.text
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        with recorded(tmp_path, "segment", {**SETTINGS, "--num-classes": 4}, "overwrite"):
+            _write(tmp_path, "run/cache/a.bin")
+            raise KeyboardInterrupt
+    assert _on_disk(tmp_path) == {"run/cache/a.bin"}
+    assert re.search(r"the outputs of `unseg segment` \(finished .*\) that --overwrite set aside "
+                     r"are deleted; this command's 1 file\(s\): run/ \(1\) are kept for --resume",
+                     caplog.text)
