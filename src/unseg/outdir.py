@@ -554,10 +554,13 @@ def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: l
     if mode == "new":
         resume = ("this command's configuration is the same" if not diffs
                   else "not possible here, the configuration differs: " + "; ".join(diffs))
+        aside = "" if not any(map(_set_aside_file, ours)) else (
+            f" ({SET_ASIDE} holds the outputs it was replacing when it was stopped: --resume "
+            f"and --overwrite delete them; move that folder out of {folder} to keep them)")
         raise UnsegError(
-            f"{folder}: already holds the outputs of {_describe(last)}: {summarize(ours)}. "
-            f"Give --resume to continue it ({resume}), or --overwrite to delete those files "
-            "and start again, or choose another --out"
+            f"{folder}: already holds the outputs of {_describe(last)}: {summarize(ours)}"
+            f"{aside}. Give --resume to continue it ({resume}), or --overwrite to delete those "
+            "files and start again, or choose another --out"
         )
     if mode == "resume":
         if diffs:
@@ -571,10 +574,14 @@ def _reuse(folder: Path, last: Mapping[str, Any], ours: list[str], unrecorded: l
                            summarize(unrecorded))
         # a killed command could not remove the temporary files of the writes it was in,
         # nor, after --overwrite, the previous outputs it had set aside
-        temps = [rel for rel in ours if is_temp_file(rel) or _set_aside_file(rel)]
+        temps = [rel for rel in ours if is_temp_file(rel) and not _set_aside_file(rel)]
         if temps:
             logger.info("%s: deleting %s that a killed command left", folder, summarize(temps))
-            _remove(folder, temps)
+        aside = [rel for rel in ours if _set_aside_file(rel)]
+        if aside:
+            logger.warning("%s: deleting %s, the outputs that a killed --overwrite was "
+                           "replacing", folder, summarize(aside))
+        _remove(folder, [*temps, *aside])
         return []
     if unrecorded:
         raise _foreign(folder, unrecorded, True)

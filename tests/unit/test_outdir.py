@@ -399,3 +399,25 @@ def test_an_overwrite_interrupted_before_writing_anything_loses_nothing(
     assert re.search(r"the outputs of `unseg segment` \(finished .*\) that --overwrite set aside "
                      r"are deleted; this command's 1 file\(s\): run/ \(1\) are kept for --resume",
                      caplog.text)
+
+
+def test_after_a_killed_overwrite_the_refusal_says_what_is_set_aside(tmp_path: Path,
+                                                                     caplog) -> None:
+    """After a ``kill -9`` of ``--overwrite``, a plain run was refused with '.unseg-overwritten/
+    (N)' among the killed command's files and no word of what that was; ``--resume`` then
+    deleted the previous outputs there with an INFO line nobody sees. Both now say it."""
+    _run(tmp_path, ["masks/a.png"])
+    record = claim(tmp_path, "segment", SETTINGS, "overwrite")  # then kill -9
+    record.entry["pid"] = _dead_pid()
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(record.manifest))
+    _write(tmp_path, "masks/b.png")
+    with pytest.raises(UnsegError, match=r"2 file\(s\): \.unseg-overwritten/ \(1\), masks/ "
+                       r"\(1\) \(\.unseg-overwritten holds the outputs it was replacing when it "
+                       r"was stopped: --resume and --overwrite delete them; move that folder "
+                       r"out of .* to keep them\)\. Give --resume"):
+        claim(tmp_path, "segment", SETTINGS)
+    with caplog.at_level("WARNING"):
+        claim(tmp_path, "segment", SETTINGS, "resume")
+    assert re.search(r"deleting 1 file\(s\): \.unseg-overwritten/ \(1\), the outputs that a "
+                     r"killed --overwrite was replacing", caplog.text)
+    assert _on_disk(tmp_path) == {"masks/b.png"}
