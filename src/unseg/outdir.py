@@ -36,11 +36,13 @@ some errors show only midway (MaskContrast's discovery finding no object at a ti
 it wrote a file puts the previous outputs back, as a failed one); a ``kill -9`` leaves
 the folder set aside, which the next command deletes with the killed one's files. Stopped
 while it sets them aside (before its own manifest entry is written), nothing is lost: a
-Ctrl-C puts them back at once, and after a ``kill -9`` the next command does.
+Ctrl-C puts them back at once, and after a ``kill -9`` the next command does. Kept until the
+end, they take room a full disk may lack: the error says so.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -441,6 +443,7 @@ class CommandRecord:
     previous_manifest: bytes = b""
     previous: str = ""
     restored: str = ""  # after a failure put them back: what the error should add
+    restored_bytes: int = 0  # and how much room they take
 
     @property
     def seconds(self) -> float:
@@ -508,10 +511,32 @@ class CommandRecord:
                            "aside (%s); they are in %s", folder, self.previous, exc,
                            folder / SET_ASIDE)
             raise
+        self.restored_bytes = sum(sig[0] for rel, sig in scan(folder).items()
+                                  if rel in set(self.aside))
         self.aside = []
         self.restored = (f"nothing was deleted: the outputs of {self.previous} that "
                          "--overwrite set aside are back in place, and this command's removed")
         logger.info("%s: %s", folder, self.restored)
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from or while handling, is a full disk or
+    quota (safetensors says so only in its message)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
+                or "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in kB, MB or GB (decimal), one decimal."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def _attribute(commands: list[dict[str, Any]], files: Mapping[str, Signature]
@@ -693,6 +718,12 @@ def recorded(
                 record.close("interrupted" if interrupted else "failed")
             except OSError as problem:  # the command's own error is the one to report
                 logger.warning("%s: could not record the command's end (%s)", folder, problem)
+            if record.restored and not interrupted and _no_space(exc):  # they hold the room
+                raise UnsegError(
+                    f"{exc} ({folder}: {record.restored}; --overwrite keeps them "
+                    f"({_size(record.restored_bytes)}) until the command ends: free that much "
+                    "space, or delete them yourself and run again without --overwrite)"
+                ) from exc
             if record.restored and isinstance(exc, UnsegError):
                 exc.args = (f"{exc} ({folder}: {record.restored})",)  # on the error's line
             elif record.restored:

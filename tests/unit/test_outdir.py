@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -421,3 +422,24 @@ def test_after_a_killed_overwrite_the_refusal_says_what_is_set_aside(tmp_path: P
     assert re.search(r"deleting 1 file\(s\): \.unseg-overwritten/ \(1\), the outputs that a "
                      r"killed --overwrite was replacing", caplog.text)
     assert _on_disk(tmp_path) == {"masks/b.png"}
+
+
+def test_an_overwrite_out_of_disk_space_says_the_previous_outputs_hold_it(tmp_path: Path) -> None:
+    """``--overwrite`` keeps the previous outputs until the command ends, so on a disk with room
+    for one run and not two it now fails where it succeeded when it deleted them first; the
+    failure put them back but ended in a traceback of 'No space left on device'. Now one line
+    says that the previous outputs, back in place, take that room, and what to do."""
+    _run(tmp_path, ["masks/a.png", "run/weights.safetensors"], text="x" * 1500)
+    before = _bytes(tmp_path)
+    with pytest.raises(UnsegError, match=r"No space left on device.*: nothing was deleted: "
+                       r"the outputs of `unseg segment` .* are back in place, and this "
+                       r"command's removed; --overwrite keeps them \(3.0 kB\) until the command "
+                       r"ends: free that much space, or delete them yourself and run again "
+                       r"without --overwrite"):
+        with recorded(tmp_path, "segment", SETTINGS, "overwrite"):
+            _write(tmp_path, "masks/a.png")
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as exc:  # as safetensors reports it: another error, from it
+                raise RuntimeError("I/O error: No space left on device (os error 28)") from exc
+    assert _bytes(tmp_path) == before
