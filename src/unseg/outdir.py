@@ -516,7 +516,7 @@ class CommandRecord:
         self.aside = []
         self.restored = (f"nothing was deleted: the outputs of {self.previous} that "
                          "--overwrite set aside are back in place, and this command's removed")
-        logger.info("%s: %s", folder, self.restored)
+        logger.debug("%s: %s", folder, self.restored)  # :func:`recorded` says it once
 
 
 def _no_space(exc: BaseException | None) -> bool:

@@ -309,6 +309,25 @@ def test_a_failing_overwrite_loses_nothing(tmp_path: Path) -> None:
     assert [e["files"] for e in manifest["commands"]] == [["masks/z.png"]]
 
 
+def test_a_failing_overwrite_says_its_restore_once(tmp_path: Path, caplog) -> None:
+    """The restore was logged at INFO by the record and again on the error's line or as a
+    warning by :func:`recorded`, so ``-v`` printed it twice; now once, wherever it ends."""
+    import logging
+
+    for error, where in ((UnsegError("no mask"), "error"), (RuntimeError("bug"), "log")):
+        _run(tmp_path / where, ["masks/a.png"])
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="unseg"):
+            with pytest.raises(type(error)) as raised:
+                with recorded(tmp_path / where, "segment", SETTINGS, "overwrite"):
+                    _write(tmp_path / where, "masks/a.png", "new")
+                    raise error
+        said = [r for r in caplog.records
+                if r.levelno >= logging.INFO and "nothing was deleted" in r.getMessage()]
+        assert len(said) + ("nothing was deleted" in str(raised.value)) == 1, where
+        assert (where == "error") == ("nothing was deleted" in str(raised.value))
+
+
 def test_an_interrupted_or_killed_overwrite_keeps_its_own_files(tmp_path: Path) -> None:
     """An interrupted ``--overwrite`` keeps what it wrote (for --resume), not the previous
     outputs; a killed one leaves them set aside, and the next command deletes them."""
