@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ from unseg.backbones.base import Backbone, FeatureKind
 from unseg.errors import UnsegError
 from unseg.utils.batch import BatchReport
 from unseg.utils.hashing import settings_key
-from unseg.utils.io import atomic_write, write_json_atomic
+from unseg.utils.io import atomic_temp_pattern, atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +37,7 @@ CACHE_FORMAT = 3  # 2: images resized in uint8; 3: big JPEGs decoded at a reduce
 EXTRAS: tuple[str, ...] = ("flipped", "image", "student")
 # the temp files unseg.utils.io.atomic_path makes for the store's files: ".<sha256>[.<extra>]
 # .safetensors.<mkstemp's random part>.tmp" and ".index.json.<random>.tmp"
-TEMP_FILE = re.compile(
-    r"\.(?:[0-9a-f]{64}(?:\.[A-Za-z0-9_-]+)?\.safetensors|index\.json)\.[A-Za-z0-9_]+\.tmp"
-)
+TEMP_FILE = atomic_temp_pattern(r"[0-9a-f]{64}(?:\.[A-Za-z0-9_-]+)?\.safetensors|index\.json")
 STALE_TEMP_SECONDS = 3600  # a temp file untouched this long has no live writer (see below)
 
 

@@ -62,7 +62,12 @@ from typing import Any, Literal
 from unseg._version import __version__
 from unseg.errors import InputFileError, UnsegError
 from unseg.layout import MANIFEST_FILE, MASKS_DIR
-from unseg.utils.io import make_folder, write_bytes_atomic, write_json_atomic
+from unseg.utils.io import (
+    atomic_temp_pattern,
+    make_folder,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from unseg.utils.timing import Timings, collect
 
 logger = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ def _is_manifest(rel: str) -> bool:
 
 # the temporary file of an atomic write: unseg's ``.NAME.RANDOM.tmp`` (``unseg.utils.io``) and
 # the one safetensors writes inside it (``.tmpRANDOM``); a kill -9 leaves it behind
-_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+_TEMP_FILE = re.compile(rf"{atomic_temp_pattern('.+').pattern}|\.tmp[A-Za-z0-9]{{6}}")
 
 
 def _set_aside_file(rel: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -55,6 +56,12 @@ def make_folder(folder: str | Path) -> Path:
     except OSError as exc:
         raise UnsegError(f"{folder}: cannot create this folder ({_why_not(folder, exc)})") from None
     return folder
+
+
+def atomic_temp_pattern(names: str) -> re.Pattern[str]:
+    """The names :func:`atomic_path` gives the temp files of files whose names match the regex
+    ``names``: ``.<name>.<mkstemp's 8 random characters>.tmp``."""
+    return re.compile(rf"\.(?:{names})\.[a-z0-9_]{{8}}\.tmp")
 
 
 @contextmanager
