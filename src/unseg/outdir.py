@@ -516,8 +516,8 @@ class CommandRecord:
                            "aside (%s); they are in %s", folder, self.previous, exc,
                            folder / SET_ASIDE)
             raise
-        self.restored_bytes = sum(sig[0] for rel, sig in scan(folder).items()
-                                  if rel in set(self.aside))
+        aside = set(self.aside)
+        self.restored_bytes = sum(sig[0] for rel, sig in scan(folder).items() if rel in aside)
         self.aside = []
         self.restored = (f"nothing was deleted: the outputs of {self.previous} that "
                          "--overwrite set aside are back in place, and this command's removed")
