@@ -198,8 +198,7 @@ def load_image(
     """
     path = Path(path)
     if is_mat(path):
-        h, w = mat_size(path)
-        _check_size(path, w, h, max_pixels)
+        image_size(path, max_pixels)  # the pixel limit, from the header before the data
         return mat_rgb(path)
     img = _open(path, max_pixels)
     _note_frames(path, img)
